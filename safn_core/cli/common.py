@@ -1,0 +1,96 @@
+"""What every safn command shares: ``--config``, ``--set``, ``--out``, and clean error exits.
+
+A user's mistake (`SafnError`) is printed as one line on stderr with exit status 2, never as a
+traceback; Ctrl-C exits with 130. Output folders are created fresh: an existing non-empty folder
+is never written into, so no earlier run or user file is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from safn_core.config import SafnConfig, load_config
+from safn_core.errors import SafnError
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def base_parser(prog: str, description: str, *, default_config: str | None = None,
+                out: bool = True) -> argparse.ArgumentParser:
+    """An argument parser with the options every command takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="FILE", default=default_config,
+                        help="YAML configuration (see configs/); defaults apply where absent")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        dest="overrides",
+                        help="override one config key, e.g. --set data.min_cell=10 (repeatable)")
+    if out:
+        parser.add_argument("--out", metavar="DIR", type=Path,
+                            help="folder for this command's outputs (must be new or empty)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SafnConfig:
+    return load_config(args.config, args.overrides)
+
+
+def fresh_output_dir(path: Path, what: str = "--out") -> Path:
+    """Create ``path`` for outputs; refuse a non-empty existing folder or an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SafnError(f"{what} {path}: a file of that name exists; choose another folder name")
+    if path.is_dir() and any(path.iterdir()):
+        raise SafnError(f"{what} {path}: folder exists and is not empty; nothing was written. "
+                        "Choose a new folder or remove this one yourself")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a command's body; turn user errors into a one-line message and exit status."""
+    try:
+        code = fn(argv)
+        return int(code or 0)
+    except SafnError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+def entry(fn: Callable[[list[str] | None], int | None]) -> Callable[[], None]:
+    """Wrap a command body as a console-script entry point."""
+    def main(argv: list[str] | None = None) -> None:
+        sys.exit(run_main(fn, argv))
+    return main

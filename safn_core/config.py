@@ -1,0 +1,210 @@
+"""The one configuration schema of safn: typed, validated at load, defaults in one place.
+
+Every command reads a YAML file into `SafnConfig` (sections it does not use keep their defaults),
+applies ``--set dotted.key=value`` overrides and validates the result. An unknown key, a wrong type
+or a missing required field is a `ConfigError` that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from safn_core.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(Section):
+    """The built-in synthetic PPMI-style cohort (`safn-synth`).
+
+    ``n_pd`` and ``n_hc`` count participants with all four modalities; the generator adds
+    participants without MRI and SWEDD/prodromal participants around them, as a real download has.
+    """
+
+    seed: int = 0
+    n_pd: int = Field(570, ge=2)
+    n_hc: int = Field(133, ge=2)
+    n_without_mri: int = Field(297, ge=0, description="PD/HC participants with no baseline MRI")
+    n_swedd: int = Field(64, ge=0)
+    n_prodromal: int = Field(65, ge=0)
+    n_sites: int = Field(5, ge=1, le=200)
+    site_size_alpha: float = Field(2.0, gt=0, description="Dirichlet concentration of site sizes")
+    min_site_size: int = Field(40, ge=1, description="floor on complete participants per site")
+    site_ratio_spread: float = Field(0.35, ge=0, description="SD of the site's PD/HC log-odds shift")
+    scanner_effects: bool = True
+    naming: Literal["2023", "legacy"] = "2023"
+    per_site: bool = Field(False, description="write one download per site instead of one")
+
+
+class DataConfig(Section):
+    """Where a cohort comes from and how it is read."""
+
+    source: Literal["synthetic", "ppmi", "table"] = "synthetic"
+    path: Path | None = Field(None, description="PPMI download folder, or the CSV/Parquet table")
+    mapping: Path | None = Field(None, description="YAML column mapping for source: table")
+    exclude_motor: bool = Field(False, description="drop MDS-UPDRS I-III totals and H&Y")
+    require_all_modalities: bool = Field(
+        True, description="keep only participants with every modality (the paper's cohort)")
+    normalise_volumes_by_etiv: bool = False
+    min_cell: int = Field(5, ge=1, description="smallest group a statistic may describe")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.source in ("ppmi", "table") and self.path is None:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.source == "table" and self.mapping is None:
+            raise ValueError("data.mapping is required when data.source is 'table'")
+        return self
+
+
+class ModelConfig(Section):
+    """The SAFN model and its loss (docs/safn-model.md); every ablation is a switch here.
+
+    Ablations: ``cross_attention: false`` (tokens skip the cross-attention, FFN sublayer only),
+    ``sparsity_lambda: 0`` (no entropy penalty on the gate), ``loss: ce`` (plain cross-entropy),
+    ``gate: sparsemax | entmax15`` (sparse gates with exact zeros).
+    """
+
+    d_model: int = Field(64, ge=1, description="token width D of every modality encoder")
+    n_heads: int = Field(4, ge=1, description="attention heads; must divide d_model")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    encoder_hidden: int = Field(128, ge=1, description="hidden width of each modality encoder")
+    ffn_hidden: int = Field(128, ge=1, description="hidden width of the attention blocks' FFN")
+    cross_attention: bool = Field(
+        True, description="false = ablation 'no cross-attention' (FFN sublayer only)")
+    gate: Literal["softmax", "sparsemax", "entmax15"] = "softmax"
+    sparsity_lambda: float = Field(
+        0.01, ge=0.0, description="weight of the mean gate entropy; 0 = no sparsity penalty")
+    loss: Literal["cb_focal", "ce"] = "cb_focal"
+    focal_gamma: float = Field(1.5, ge=0.0)
+    cb_beta: float = Field(0.999, ge=0.0, lt=1.0, description="class-balanced beta, in [0, 1)")
+    head_hidden: int = Field(64, ge=1, description="hidden width of the classification head")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model}); "
+                f"e.g. d_model {self.n_heads * max(1, round(self.d_model / self.n_heads))} "
+                f"or n_heads 1")
+        return self
+
+
+class SafnConfig(Section):
+    """The whole configuration; each command uses the sections it needs."""
+
+    data: DataConfig = DataConfig()
+    synth: SynthConfig = SynthConfig()
+    model: ModelConfig = ModelConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; save the config as UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                          f"(e.g. 'data:'), not a {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``dotted.key=value``; the value is read as YAML (``3``, ``true``, ``[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. data.min_cell=10")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key is empty; write e.g. data.min_cell=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(tree: dict[str, Any], parts: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'; check its spelling against configs/ or docs")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"'{key}': {msg}{shown}" if key != "(top level)" else msg)
+    return f"{origin}: " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                model: type[Section] = SafnConfig) -> SafnConfig:
+    """Read ``path`` (or the defaults), apply ``--set`` overrides, validate, return the schema."""
+    tree: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    origin = str(path) if path is not None else "configuration"
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value, f"--set {text}")
+    if overrides:
+        origin += " (with --set overrides)"
+    try:
+        cfg = model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    return _resolve_paths(cfg, base)
+
+
+def _resolve_paths(cfg: SafnConfig, base: Path) -> SafnConfig:
+    """Relative data paths in a config file are relative to that file's folder."""
+    for name in ("path", "mapping"):
+        value = getattr(cfg.data, name, None)
+        if value is not None and not Path(value).is_absolute():
+            candidate = (base / value)
+            if not Path(value).exists() and candidate.exists():
+                setattr(cfg.data, name, candidate)
+    return cfg
+
+
+def dump_config(cfg: Section) -> str:
+    """The configuration as YAML, for the run folder (paths as strings)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,249 @@
+"""Any heterogeneous tabular cohort: a CSV or Parquet table plus a YAML column mapping.
+
+SAFN is a model of named groups of columns, so a table with one row per participant can be used
+directly. The mapping names the participant id column, the label column and its positive value,
+an optional site column, and the modalities as lists of column names or glob patterns::
+
+    id: subject
+    site: centre                    # optional
+    label: {column: diagnosis, positive: PD, negative: HC}
+    modalities:
+      imaging:  {side: imaging,  columns: ["ct_*", "vol_*"]}
+      clinical: {side: clinical, columns: [updrs3, moca]}
+    ranges: {moca: [0, 30]}         # optional plausible ranges for the data contract
+
+Rows whose label is neither value are excluded and counted in the load report, as PPMI's other
+cohorts are.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from safn_core.data.cohort import ID, LABEL, SITE, Cohort, LoadReport, Modality
+from safn_core.errors import DataError
+
+MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "none", "."}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelMapping(_Strict):
+    column: str
+    positive: str | int | float | bool
+    negative: str | int | float | bool | None = Field(
+        None, description="the negative class value; absent = every other non-empty value")
+    names: tuple[str, str] | None = Field(None, description="display names of (negative, positive)")
+
+
+class ModalityMapping(_Strict):
+    side: Literal["imaging", "clinical"] = "clinical"
+    columns: list[str] = Field(min_length=1)
+
+
+class TableMapping(_Strict):
+    id: str
+    label: LabelMapping
+    site: str | None = None
+    modalities: dict[str, ModalityMapping] = Field(min_length=1)
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    @field_validator("modalities")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        for name in v:
+            if not str(name).strip():
+                raise ValueError("a modality needs a non-empty name")
+        return v
+
+
+def read_mapping(path: Path) -> TableMapping:
+    """Read and validate a mapping YAML; errors name the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: mapping file not found; write a YAML mapping (see docs/data.md)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DataError(f"{path}: mapping is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: mapping must be a YAML mapping with keys id, label, modalities")
+    try:
+        return TableMapping.model_validate(raw)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                parts.append(f"unknown key '{key}'")
+            elif err["type"] == "missing":
+                parts.append(f"missing required key '{key}'")
+            else:
+                parts.append(f"'{key}': {err['msg']}")
+        raise DataError(f"{path}: " + "; ".join(parts)) from None
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV (UTF-8, BOM allowed) or Parquet table with every column as text or native."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: table not found; point data.path / --data at a CSV or Parquet file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            sep = "\t" if suffix == ".tsv" else ","
+            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
+                               encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; export the table as UTF-8 CSV") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot be read as a table ({first})") from None
+    raise DataError(f"{path}: unsupported table format '{suffix}'; use .csv, .tsv or .parquet")
+
+
+def _resolve_columns(patterns: list[str], columns: list[str], where: str, path: Path) -> list[str]:
+    out: list[str] = []
+    for pat in patterns:
+        if any(ch in pat for ch in "*?["):
+            hits = [c for c in columns if fnmatch.fnmatchcase(c, pat)]
+            if not hits:
+                raise DataError(f"{path}: pattern '{pat}' of {where} matches no column")
+        else:
+            if pat not in columns:
+                raise DataError(f"{path}: column '{pat}' of {where} is not in the table "
+                                f"(columns are: {', '.join(columns[:12])}{' …' if len(columns) > 12 else ''})")
+            hits = [pat]
+        out.extend(h for h in hits if h not in out)
+    return out
+
+
+def _is_missing(values: pd.Series) -> pd.Series:
+    if values.dtype == object or pd.api.types.is_string_dtype(values):
+        return values.isna() | values.astype(str).str.strip().str.lower().isin(MISSING_TOKENS)
+    return values.isna()
+
+
+def _to_numeric(values: pd.Series, column: str, path: Path, line_numbers: pd.Series) -> pd.Series:
+    """Numbers, with empty/NA tokens as missing; any other text is an error naming the rows."""
+    if pd.api.types.is_bool_dtype(values):
+        return values.astype(float)
+    if pd.api.types.is_numeric_dtype(values):
+        return values.astype(float)
+    missing = _is_missing(values)
+    numbers = pd.to_numeric(values.where(~missing), errors="coerce")
+    bad = numbers.isna() & ~missing
+    if bad.any():
+        rows = line_numbers[bad].tolist()
+        examples = values[bad].astype(str).head(3).tolist()
+        raise DataError(
+            f"{path}: column '{column}' must be numeric but has text in {int(bad.sum())} row(s) "
+            f"(file lines {', '.join(map(str, rows[:8]))}{' …' if len(rows) > 8 else ''}; "
+            f"e.g. {examples}); encode it as numbers or leave the cell empty for missing")
+    return numbers.astype(float)
+
+
+def _value_matches(values: pd.Series, target) -> pd.Series:
+    text = values.astype(str).str.strip()
+    candidates = {str(target).strip()}
+    if isinstance(target, bool):
+        candidates |= {str(int(target)), str(target).lower()}
+    elif isinstance(target, (int, float)):
+        candidates |= {str(int(target)) if float(target).is_integer() else str(target),
+                       f"{float(target)}"}
+    return text.isin(candidates)
+
+
+def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
+    """Load a generic table into a `Cohort` following its mapping."""
+    path = Path(path)
+    if not isinstance(mapping, TableMapping):
+        mapping = read_mapping(Path(mapping))
+    df = read_table(path)
+    if df.empty:
+        raise DataError(f"{path}: the table has no rows")
+    columns = [str(c) for c in df.columns]
+    df.columns = columns
+    # CSV line of each row: header is line 1.
+    lines = pd.Series(np.arange(2, len(df) + 2), index=df.index)
+    report = LoadReport(source=str(path), tables={"table": str(path)})
+
+    for key, col in (("id", mapping.id), ("label.column", mapping.label.column),
+                     ("site", mapping.site)):
+        if col is not None and col not in columns:
+            raise DataError(f"{path}: column '{col}' named by mapping key '{key}' is not in the table")
+
+    modalities = []
+    used: dict[str, str] = {}
+    for name, mod in mapping.modalities.items():
+        cols = _resolve_columns(mod.columns, columns, f"modality '{name}'", path)
+        for c in cols:
+            if c in (mapping.id, mapping.label.column, mapping.site):
+                raise DataError(f"{path}: column '{c}' is the id, label or site column and cannot "
+                                f"be a feature of modality '{name}'")
+            if c in used:
+                raise DataError(f"{path}: column '{c}' is in both modality '{used[c]}' and "
+                                f"'{name}'; a column belongs to one modality")
+            used[c] = name
+        modalities.append(Modality(str(name), tuple(cols), mod.side))
+
+    ids = df[mapping.id]
+    id_missing = _is_missing(ids)
+    if id_missing.any():
+        rows = lines[id_missing].tolist()
+        raise DataError(f"{path}: column '{mapping.id}' (participant id) is empty in file lines "
+                        f"{', '.join(map(str, rows[:8]))}; every row needs an id")
+    ids = ids.astype(str).str.strip()
+    dup = ids.duplicated(keep=False)
+    if dup.any():
+        first = ids[dup].iloc[0]
+        rows = lines[ids == first].tolist()
+        raise DataError(f"{path}: duplicate participant ids in column '{mapping.id}' "
+                        f"({int(ids[dup].nunique())} ids repeated; e.g. '{first}' in file lines "
+                        f"{', '.join(map(str, rows))}); keep one row per participant")
+
+    label_raw = df[mapping.label.column]
+    is_pos = _value_matches(label_raw, mapping.label.positive)
+    if mapping.label.negative is not None:
+        is_neg = _value_matches(label_raw, mapping.label.negative)
+    else:
+        is_neg = ~is_pos & ~_is_missing(label_raw)
+    keep = is_pos | is_neg
+    for value, count in label_raw[~keep].astype(str).str.strip().replace("", "(empty)") \
+            .value_counts().items():
+        report.excluded[f"label {value}"] = int(count)
+    neg_name, pos_name = mapping.label.names or (
+        str(mapping.label.negative) if mapping.label.negative is not None else "negative",
+        str(mapping.label.positive))
+    report.cohorts = {pos_name: int(is_pos.sum()), neg_name: int(is_neg.sum()),
+                      **{k.removeprefix("label "): v for k, v in report.excluded.items()}}
+
+    table = pd.DataFrame(index=pd.Index(ids[keep].to_numpy(), name=ID))
+    table[SITE] = (df.loc[keep, mapping.site].astype(str).str.strip().to_numpy()
+                   if mapping.site else "all")
+    table[LABEL] = is_pos[keep].astype(np.int64).to_numpy()
+    feats = {}
+    for mod in modalities:
+        for c in mod.features:
+            feats[c] = _to_numeric(df.loc[keep, c], c, path, lines[keep]).to_numpy()
+    table = pd.concat([table, pd.DataFrame(feats, index=table.index)], axis=1)
+
+    cohort = Cohort(table, tuple(modalities), report, label_names=(neg_name, pos_name),
+                    plausible_ranges={k: tuple(v) for k, v in mapping.ranges.items()})
+    present = cohort.modality_present()
+    report.modality_present = {m: int(present[m].sum()) for m in present.columns}
+    report.missing_rate = table[cohort.features].isna().mean().to_dict()
+    return cohort
