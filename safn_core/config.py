@@ -98,12 +98,38 @@ class ModelConfig(Section):
         return self
 
 
+class TrainConfig(Section):
+    """Local training of SAFN (every engine) and the centralised evaluation (`safn-train`)."""
+
+    seed: int = 0
+    max_epochs: int = Field(150, ge=1, description="upper bound; early stopping usually ends sooner")
+    patience: int = Field(15, ge=1, description="epochs without validation improvement to stop")
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    val_fraction: float = Field(0.2, gt=0, lt=0.5,
+                                description="inner validation split for early stopping/threshold")
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(3, ge=1)
+    workers: int = Field(2, ge=1, description="parallel fold fits (processes)")
+    feature_sets: list[Literal["all", "no_motor", "imaging_demographics"]] = Field(
+        default_factory=lambda: ["all", "no_motor", "imaging_demographics"])
+    baselines: list[Literal["majority", "logistic_regression", "random_forest",
+                            "hist_gradient_boosting", "mlp"]] = Field(
+        default_factory=lambda: ["majority", "logistic_regression", "random_forest",
+                                 "hist_gradient_boosting", "mlp"])
+    ablations: list[Literal["no_cross_attention", "no_sparsity", "plain_ce"]] = Field(
+        default_factory=lambda: ["no_cross_attention", "no_sparsity", "plain_ce"])
+    modality_drop: bool = Field(True, description="modality-drop ablation at test time")
+
+
 class SafnConfig(Section):
     """The whole configuration; each command uses the sections it needs."""
 
     data: DataConfig = DataConfig()
     synth: SynthConfig = SynthConfig()
     model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
 
 
 # --------------------------------------------------------------------------------------------

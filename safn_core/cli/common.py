@@ -20,7 +20,8 @@ from rich.console import Console
 from safn_core.config import SafnConfig, load_config
 from safn_core.errors import SafnError
 
-console = Console(stderr=False, highlight=False)
+# Wide when writing to a file or pipe (CI logs, README captures) so tables are not cut.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
 err_console = Console(stderr=True, highlight=False)
 
 

@@ -1,0 +1,166 @@
+"""``safn-train``: centralised cross-validated evaluation of SAFN against baselines.
+
+The pooled reference every federated result is compared against: repeated subject-wise
+stratified K-fold CV, SAFN + ablations + baselines on the same folds, feature sets with and
+without motor scales, then a final fit saved as a model bundle.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from safn_core.cli.common import (base_parser, config_from_args, console, entry,
+                                  fresh_output_dir, write_atomic, write_json)
+from safn_core.config import dump_config
+from safn_core.data.contract import check_cohort
+from safn_core.errors import DataError
+from safn_core.metrics import METRICS, summarise
+
+TABLE_METRICS = ("balanced_accuracy", "roc_auc", "pr_auc_pd", "pr_auc_hc", "mcc", "sensitivity",
+                 "specificity", "accuracy", "f1", "brier")
+SHORT = {"balanced_accuracy": "bal acc", "roc_auc": "ROC-AUC", "pr_auc_pd": "PR-AUC PD",
+         "pr_auc_hc": "PR-AUC HC", "mcc": "MCC", "sensitivity": "sens", "specificity": "spec",
+         "accuracy": "acc", "f1": "F1", "brier": "Brier"}
+
+
+def summary_table(folds: pd.DataFrame) -> pd.DataFrame:
+    """Mean and SD of every metric per (feature set, model), in first-seen order."""
+    rows = []
+    for (fs, model), group in folds.groupby(["feature_set", "model"], sort=False):
+        s = summarise(group.to_dict("records"), METRICS)
+        row = {"feature_set": fs, "model": model, "n_folds": len(group)}
+        for k in METRICS:
+            row[f"{k}_mean"], row[f"{k}_sd"] = s[k]["mean"], s[k]["sd"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_summary(summary: pd.DataFrame, title: str) -> None:
+    t = Table(title=title, show_lines=False)
+    t.add_column("feature set")
+    t.add_column("model")
+    for k in TABLE_METRICS:
+        t.add_column(SHORT[k], justify="right")
+    last_fs = None
+    for _, r in summary.iterrows():
+        if last_fs is not None and r.feature_set != last_fs:
+            t.add_section()
+        last_fs = r.feature_set
+        t.add_row(r.feature_set, r.model,
+                  *[f"{r[f'{k}_mean']:.3f} ± {r[f'{k}_sd']:.3f}" for k in TABLE_METRICS])
+    console.print(t)
+
+
+def markdown_table(summary: pd.DataFrame, metrics=TABLE_METRICS[:6]) -> str:
+    head = "| feature set | model | " + " | ".join(SHORT[k] for k in metrics) + " |"
+    sep = "|---|---|" + "---:|" * len(metrics)
+    lines = [head, sep]
+    for _, r in summary.iterrows():
+        lines.append(f"| {r.feature_set} | {r.model} | " + " | ".join(
+            f"{r[f'{k}_mean']:.3f} ± {r[f'{k}_sd']:.3f}" for k in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = base_parser(
+        "safn-train",
+        "Centralised evaluation: repeated subject-wise stratified K-fold CV of SAFN, its "
+        "ablations and baselines on the same folds; saves the final model bundle.",
+        default_config=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 folds x 1 repeat, 20 epochs, feature set 'all' only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.overrides = ["train.folds=3", "train.repeats=1", "train.max_epochs=20",
+                          "train.feature_sets=[all]", *args.overrides]
+    cfg = config_from_args(args)
+    out = fresh_output_dir(args.out or Path("runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}")
+
+    from safn_core.data.sources import load_cohort
+    from safn_core.training.crossval import cross_validate, final_fit
+
+    t0 = time.perf_counter()
+    cohort = load_cohort(cfg.data, cfg.synth)
+    contract = check_cohort(cohort, cfg.data.min_cell)
+    if not contract.ok:
+        raise DataError(f"{cohort.report.source}: the data fails the site data contract: "
+                        f"{contract.fatal[0].describe()} (run safn-check for the full report)")
+    n_pos = int(cohort.y.sum())
+    console.print(f"[bold]cohort[/]: {cohort.report.source}: {len(cohort)} participants, "
+                  f"{n_pos} {cohort.label_names[1]} / {len(cohort) - n_pos} "
+                  f"{cohort.label_names[0]}; modalities "
+                  + ", ".join(f"{m.name} ({len(m.features)})" for m in cohort.modalities))
+    write_atomic(out / "config.yaml", dump_config(cfg))
+    write_json(out / "load_report.json", cohort.report.to_dict())
+
+    with Progress(TextColumn("[bold]cross-validation"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("folds"), TimeElapsedColumn(), console=console,
+                  transient=False) as bar:
+        task = bar.add_task("cv", total=cfg.train.folds * cfg.train.repeats)
+        res = cross_validate(cohort, cfg, lambda done, total: bar.update(task, completed=done))
+
+    folds = res["folds"]
+    summary = summary_table(folds)
+    majority = float(max(n_pos, len(cohort) - n_pos) / len(cohort))
+    print_summary(summary, f"{cfg.train.folds}-fold x {cfg.train.repeats} CV, mean ± SD "
+                           f"(majority-class accuracy {majority:.3f})")
+    folds.to_csv(out / "folds.csv", index=False)
+    summary.to_csv(out / "results.csv", index=False)
+    res["predictions"].to_csv(out / "predictions.csv", index=False)
+    write_atomic(out / "results.md", markdown_table(summary))
+
+    weights, drops = res["weights"], res["modality_drop"]
+    mods = [m.name for m in cohort.modalities]
+    w_all = weights[weights.feature_set == "all"] if not weights.empty else weights
+    d_all = drops[drops.feature_set == "all"] if not drops.empty else drops
+    if not w_all.empty:
+        weights.to_csv(out / "modality_weights.csv", index=False)
+        line = ", ".join(f"{m} {w_all[m].mean():.2f}" for m in mods)
+        console.print(f"mean SAFN modality weights (feature set all): {line}")
+    if not d_all.empty:
+        drops.to_csv(out / "modality_drop.csv", index=False)
+        line = ", ".join(f"{m} {d_all[m].mean():+.3f}" for m in mods)
+        console.print(f"ROC-AUC lost when a modality is replaced by its training mean: {line}")
+
+    from safn_core import plots
+
+    preds = res["predictions"]
+    first = preds[(preds.repeat == 0) & (preds.feature_set == "all")]
+    plots.roc_pr_curves(first, list(dict.fromkeys(first.model)), out / "roc_pr.png",
+                        "out-of-fold predictions, repeat 1, all features")
+    if not w_all.empty:
+        plots.modality_weights(w_all, d_all, out / "modality_weights.png")
+
+    console.print("final fit of SAFN on all participants …")
+    fit, pre, threshold, counts = final_fit(cohort, cfg)
+    safn_row = summary[(summary.feature_set == "all") & (summary.model == "SAFN")]
+    cv_metrics = {k: {"mean": float(safn_row[f"{k}_mean"].iloc[0]),
+                      "sd": float(safn_row[f"{k}_sd"].iloc[0])}
+                  for k in METRICS} if not safn_row.empty else {}
+    from safn_core.bundle import save_bundle
+
+    save_bundle(out / "model", fit.model, pre, cfg, threshold=threshold, class_counts=counts,
+                label_names=cohort.label_names, kind="centralised",
+                metrics={"cross_validation": cv_metrics},
+                extra={"training": {"participants": len(cohort), "epochs": fit.epochs_run,
+                                    "sites": sorted(set(cohort.sites))}})
+    elapsed = time.perf_counter() - t0
+    write_json(out / "results.json", {
+        "cohort": {"n": len(cohort), "positive": n_pos, "majority_accuracy": majority},
+        "summary": summary.replace({np.nan: None}).to_dict("records"),
+        "modality_weights": {m: float(w_all[m].mean()) for m in mods} if not w_all.empty else {},
+        "modality_drop_auc": {m: float(d_all[m].mean()) for m in mods} if not d_all.empty else {},
+        "seconds": elapsed,
+    })
+    console.print(f"run folder: {out} ({elapsed:.0f} s)")
+    return 0
+
+
+main = entry(run)

@@ -1,0 +1,109 @@
+"""The metrics every safn evaluation reports, and their summary over folds or sites.
+
+`binary_metrics` is the full set of `safn-model.md`: accuracy, balanced accuracy, sensitivity,
+specificity, ROC-AUC, PR-AUC with the positive class (PD) and with the negative class (HC) as
+positive, F1, MCC and Brier score. Score histograms let a federation compute pooled ROC/PR curves
+from per-site counts, without any participant-level score leaving a site.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (average_precision_score, balanced_accuracy_score, brier_score_loss,
+                             f1_score, matthews_corrcoef, roc_auc_score)
+
+METRICS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "roc_auc",
+           "pr_auc_pd", "pr_auc_hc", "f1", "mcc", "brier")
+"""Metric keys in report order."""
+
+HEADLINE = ("balanced_accuracy", "roc_auc", "pr_auc_pd", "pr_auc_hc", "mcc")
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The probability threshold maximising balanced accuracy (Youden's J) on validation data."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
+    if y.min() == y.max():
+        return 0.5
+    candidates = np.unique(p)
+    best_t, best = 0.5, -np.inf
+    pos, neg = y == 1, y == 0
+    for t in candidates:
+        pred = p >= t
+        j = pred[pos].mean() + (~pred[neg]).mean()
+        if j > best + 1e-12:
+            best, best_t = j, float(t)
+    return best_t
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """The full metric set for labels ``y`` (1 = PD) and predicted P(PD) ``p``."""
+    y = np.asarray(y).astype(int)
+    p = np.clip(np.asarray(p, dtype=float), 0.0, 1.0)
+    pred = (p >= threshold).astype(int)
+    pos, neg = y == 1, y == 0
+    both = pos.any() and neg.any()
+    out = {
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if both else np.nan,
+        "sensitivity": float(pred[pos].mean()) if pos.any() else np.nan,
+        "specificity": float((1 - pred[neg]).mean()) if neg.any() else np.nan,
+        "roc_auc": float(roc_auc_score(y, p)) if both else np.nan,
+        "pr_auc_pd": float(average_precision_score(y, p)) if both else np.nan,
+        "pr_auc_hc": float(average_precision_score(1 - y, 1 - p)) if both else np.nan,
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "mcc": float(matthews_corrcoef(y, pred)) if both else np.nan,
+        "brier": float(brier_score_loss(y, p)) if both else float(np.mean((p - y) ** 2)),
+    }
+    return out
+
+
+def summarise(rows: list[dict[str, float]], keys=METRICS) -> dict[str, dict[str, float]]:
+    """Mean and sample SD of each metric over folds/repeats (NaNs ignored)."""
+    out = {}
+    for k in keys:
+        vals = np.array([r[k] for r in rows if k in r], dtype=float)
+        vals = vals[~np.isnan(vals)]
+        out[k] = {"mean": float(vals.mean()) if len(vals) else np.nan,
+                  "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                  "n": int(len(vals))}
+    return out
+
+
+# -------------------------------------------------------------------------------- histograms
+
+DEFAULT_BINS = 1000
+
+
+def score_histogram(y: np.ndarray, p: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Counts of scores per class in ``bins`` equal bins on [0, 1]: shape (2, bins), row = label."""
+    y = np.asarray(y).astype(int)
+    idx = np.clip((np.asarray(p, dtype=float) * bins).astype(int), 0, bins - 1)
+    hist = np.zeros((2, bins), dtype=np.int64)
+    np.add.at(hist, (y, idx), 1)
+    return hist
+
+
+def auc_from_histogram(hist: np.ndarray) -> dict[str, float]:
+    """ROC-AUC and PR-AUC (both classes) from summed per-class score histograms.
+
+    Ties within a bin count one half (the trapezoid rule), so the error against the exact AUC is
+    bounded by the share of positive/negative pairs that fall in the same bin.
+    """
+    neg, pos = hist[0].astype(float), hist[1].astype(float)
+    n_neg, n_pos = neg.sum(), pos.sum()
+    if n_neg == 0 or n_pos == 0:
+        return {"roc_auc": np.nan, "pr_auc_pd": np.nan, "pr_auc_hc": np.nan}
+    neg_below = np.cumsum(neg) - neg  # negatives in lower bins
+    roc = float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+    def ap(pos_counts, neg_counts):
+        # thresholds from the top bin down; average precision = Σ ΔR · P
+        tp = np.cumsum(pos_counts[::-1])
+        fp = np.cumsum(neg_counts[::-1])
+        recall = tp / pos_counts.sum()
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
+        d_recall = np.diff(np.concatenate([[0.0], recall]))
+        return float((d_recall * precision).sum())
+
+    return {"roc_auc": roc, "pr_auc_pd": ap(pos, neg), "pr_auc_hc": ap(neg[::-1], pos[::-1])}

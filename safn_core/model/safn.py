@@ -1,0 +1,259 @@
+"""SAFN: modality encoders → symmetric imaging/clinical cross-attention → sparse gating → head.
+
+Reference design: docs/safn-model.md (shared). For modalities m = 1..M (any number, each on the
+"imaging" or the "clinical" side)::
+
+    h_m = Enc_m(x_m)                      Enc = Linear → LayerNorm → GELU → Dropout → Linear(D)
+    I = [h_m : imaging],  C = [h_m : clinical]
+    I' = Block(q=I, kv=C);  C' = Block(q=C, kv=I)        two blocks of the same shape
+    Z = [I'; C']  (kept in modality order)
+    α = gate(Z) (B, M), f = Σ_m α_m z_m, logits = Head(f) (B, 2)
+
+Missing modalities are *masked*, never dropped: an absent modality's input is replaced by zeros
+(so NaNs or any values there cannot leak), its token is excluded from every attention key set and
+it gets gate weight α = 0 exactly. Its token still exists as a query (so every layer sees the same
+shapes and every parameter gets a per-sample gradient under Opacus), but nothing downstream reads
+it. A sample whose whole other side is absent attends to nothing in the cross-attention (the
+attention output is zero, the residual passes the token through).
+
+Fallbacks and ablations:
+  * if one side has no modality at all (e.g. a purely clinical table), there is nothing to cross
+    with: a single self-attention block over all tokens (``block_all``) replaces the two
+    cross-attention blocks;
+  * ``cfg.cross_attention = False`` ("no cross-attention" ablation) replaces every attention block
+    by its token-wise sublayer ``LN(x + FFN(x))``, so tokens never exchange information before the
+    gate.
+
+Differential privacy: only ``nn.Linear`` and ``nn.LayerNorm`` hold parameters (no BatchNorm, no
+``nn.MultiheadAttention``) and every layer sees a batch-first input, so Opacus' GradSampleModule
+computes exact per-sample gradients and the parameter names/shapes are the same with or without DP.
+The forward may take several tensors (or a dict); Opacus only needs each *layer's* input to be
+batch-first. Under Opacus the model is wrapped (``GradSampleModule``): attributes such as
+``last_weights`` and ``modality_weights`` live on ``wrapped._module``; ``return_weights=True``
+works through the wrapper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from safn_core.config import ModelConfig
+from safn_core.model.attention import CrossAttentionBlock, FeedForwardBlock
+from safn_core.model.gating import GatingFusion
+
+SIDES = ("imaging", "clinical")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What the model needs to know about one modality."""
+
+    name: str
+    n_features: int
+    side: str
+
+
+def _spec(m) -> ModalitySpec:
+    """A `safn_core.data.cohort.Modality`, a `ModalitySpec` or a (name, n_features, side) tuple."""
+    if isinstance(m, ModalitySpec):
+        spec = m
+    elif hasattr(m, "features") and hasattr(m, "name"):
+        spec = ModalitySpec(str(m.name), len(m.features), str(getattr(m, "side", "clinical")))
+    else:
+        try:
+            name, n_features, side = m
+        except (TypeError, ValueError):
+            raise ValueError(f"modality {m!r}: expected a Modality or a (name, n_features, side) "
+                             f"tuple") from None
+        spec = ModalitySpec(str(name), int(n_features), str(side))
+    if spec.side not in SIDES:
+        raise ValueError(f"modality '{spec.name}': side must be 'imaging' or 'clinical', "
+                         f"got {spec.side!r}")
+    if spec.n_features < 1:
+        raise ValueError(f"modality '{spec.name}' has {spec.n_features} features; it needs >= 1")
+    return spec
+
+
+def _encoder(n_features: int, cfg: ModelConfig) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(n_features, cfg.encoder_hidden),
+        nn.LayerNorm(cfg.encoder_hidden),
+        nn.GELU(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(cfg.encoder_hidden, cfg.d_model),
+    )
+
+
+class SAFN(nn.Module):
+    """The SAFN classifier.
+
+    Args:
+        modalities: in modality order; each a ``Modality`` (cohort), a ``ModalitySpec`` or a
+            ``(name, n_features, side)`` tuple with side "imaging" or "clinical".
+        cfg: the ``model`` section of the configuration (defaults if None).
+        seed: if given, parameters are initialised from this seed without touching the global
+            RNG (same seed → identical initial weights).
+        n_classes: number of logits (2: HC = 0, PD = 1).
+
+    Forward: ``model(x, mask=None, return_weights=False)``; see `forward`.
+    """
+
+    def __init__(self, modalities: Sequence, cfg: ModelConfig | None = None,
+                 seed: int | None = None, n_classes: int = 2) -> None:
+        super().__init__()
+        cfg = cfg if cfg is not None else ModelConfig()
+        specs = tuple(_spec(m) for m in modalities)
+        if not specs:
+            raise ValueError("SAFN needs at least one modality")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"modality names must be unique, got {names}")
+        self.cfg = cfg
+        self.specs = specs
+        self.modality_names: tuple[str, ...] = tuple(names)
+        self.n_features: tuple[int, ...] = tuple(s.n_features for s in specs)
+        self.imaging_idx = [i for i, s in enumerate(specs) if s.side == "imaging"]
+        self.clinical_idx = [i for i, s in enumerate(specs) if s.side == "clinical"]
+        self.cross = bool(self.imaging_idx) and bool(self.clinical_idx)
+        order = self.imaging_idx + self.clinical_idx
+        self._inverse = [order.index(i) for i in range(len(specs))]
+        self.last_weights: Tensor | None = None
+
+        if seed is None:
+            self._build(cfg, n_classes)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self._build(cfg, n_classes)
+
+    def _build(self, cfg: ModelConfig, n_classes: int) -> None:
+        d = cfg.d_model
+        self.encoders = nn.ModuleList(_encoder(n, cfg) for n in self.n_features)
+
+        def block() -> nn.Module:
+            if cfg.cross_attention:
+                return CrossAttentionBlock(d, cfg.n_heads, cfg.ffn_hidden, cfg.dropout)
+            return FeedForwardBlock(d, cfg.ffn_hidden, cfg.dropout)
+
+        if self.cross:
+            self.block_imaging = block()   # queries: imaging tokens; keys/values: clinical
+            self.block_clinical = block()  # queries: clinical tokens; keys/values: imaging
+        else:
+            self.block_all = block()       # one side is empty: self-attention over all tokens
+        self.gate = GatingFusion(d, d, cfg.gate)
+        self.head = nn.Sequential(
+            nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.head_hidden, n_classes),
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Inputs
+    # ----------------------------------------------------------------------------------------
+
+    def _split_inputs(self, x, mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        ref = next(self.parameters())
+        m_count = len(self.specs)
+        absent: list[int] = []
+        if isinstance(x, Tensor):
+            if x.dim() != 2 or x.shape[1] != sum(self.n_features):
+                raise ValueError(f"a single input tensor must be (batch, {sum(self.n_features)}) "
+                                 f"= the modalities' features concatenated in order "
+                                 f"{list(self.modality_names)}; got {tuple(x.shape)}")
+            xs = list(torch.split(x, list(self.n_features), dim=1))
+        elif isinstance(x, Mapping):
+            unknown = set(x) - set(self.modality_names)
+            if unknown:
+                raise ValueError(f"unknown modalities {sorted(unknown)}; the model has "
+                                 f"{list(self.modality_names)}")
+            if not any(name in x for name in self.modality_names):
+                raise ValueError("the input dict has none of the model's modalities")
+            batch = next(x[n] for n in self.modality_names if n in x).shape[0]
+            xs = []
+            for i, spec in enumerate(self.specs):
+                if spec.name in x:
+                    xs.append(x[spec.name])
+                else:  # a whole modality absent from the batch: masked for every sample
+                    absent.append(i)
+                    xs.append(torch.zeros(batch, spec.n_features, device=ref.device))
+        elif isinstance(x, Sequence):
+            if len(x) != m_count:
+                raise ValueError(f"expected {m_count} input tensors in the order "
+                                 f"{list(self.modality_names)}, got {len(x)}")
+            xs = list(x)
+        else:
+            raise TypeError(f"x must be a tensor, a list of tensors or a dict, got {type(x)}")
+
+        batch = xs[0].shape[0]
+        for spec, xm in zip(self.specs, xs):
+            if xm.dim() != 2 or xm.shape != (batch, spec.n_features):
+                raise ValueError(f"modality '{spec.name}': expected shape ({batch}, "
+                                 f"{spec.n_features}), got {tuple(xm.shape)}")
+        xs = [xm.to(device=ref.device, dtype=ref.dtype) for xm in xs]
+
+        if mask is None:
+            mask = torch.ones(batch, m_count, dtype=torch.bool, device=ref.device)
+        else:
+            if mask.shape != (batch, m_count):
+                raise ValueError(f"mask must be (batch, n_modalities) = ({batch}, {m_count}), "
+                                 f"got {tuple(mask.shape)}")
+            mask = mask.to(device=ref.device, dtype=torch.bool)
+        if absent:
+            mask = mask.clone()
+            mask[:, absent] = False
+        return xs, mask
+
+    # ----------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------
+
+    def forward(self, x, mask: Tensor | None = None, return_weights: bool = False):
+        """Logits (B, n_classes), and with ``return_weights`` also α (B, M).
+
+        ``x``: a dict {modality name: (B, n_m)} (a modality missing from the dict is masked for
+        every sample), a list of (B, n_m) tensors in modality order, or one (B, Σ n_m) tensor of
+        the modalities' features concatenated in modality order. ``mask``: (B, M) bool, True =
+        the participant has that modality; None = all present. ``α`` is in modality order,
+        exactly 0 for masked modalities, Σα = 1 per sample. The latest α is also kept, detached,
+        in ``self.last_weights``.
+        """
+        xs, mask = self._split_inputs(x, mask)
+        tokens = []
+        for m, (enc, xm) in enumerate(zip(self.encoders, xs)):
+            xm = torch.where(mask[:, m:m + 1], xm, torch.zeros_like(xm))  # absent → 0, NaN-safe
+            tokens.append(enc(xm))
+        t = torch.stack(tokens, dim=1)  # (B, M, D)
+
+        if self.cross:
+            img, cli = t[:, self.imaging_idx], t[:, self.clinical_idx]
+            if self.cfg.cross_attention:
+                img_out = self.block_imaging(img, cli, mask[:, self.clinical_idx])
+                cli_out = self.block_clinical(cli, img, mask[:, self.imaging_idx])
+            else:
+                img_out, cli_out = self.block_imaging(img), self.block_clinical(cli)
+            z = torch.cat([img_out, cli_out], dim=1)[:, self._inverse]  # back to modality order
+        else:
+            z = self.block_all(t, t, mask) if self.cfg.cross_attention else self.block_all(t)
+
+        f, alpha = self.gate(z, mask)
+        logits = self.head(f)
+        self.last_weights = alpha.detach()
+        return (logits, alpha) if return_weights else logits
+
+    @torch.no_grad()
+    def modality_weights(self, x, mask: Tensor | None = None) -> Tensor:
+        """Per-sample gate weights α (B, M) in modality order, in eval mode (no dropout)."""
+        was_training = self.training
+        self.eval()
+        try:
+            _, alpha = self.forward(x, mask, return_weights=True)
+        finally:
+            self.train(was_training)
+        return alpha
+
+    def extra_repr(self) -> str:
+        mods = ", ".join(f"{s.name}:{s.n_features}:{s.side}" for s in self.specs)
+        return f"modalities=[{mods}], gate={self.cfg.gate}, cross_attention={self.cfg.cross_attention}"

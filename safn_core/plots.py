@@ -1,0 +1,65 @@
+"""Figures of a run (matplotlib, Agg backend: no display needed, no network resources)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+
+def roc_pr_curves(preds: pd.DataFrame, models: list[str], path: Path, title: str = "") -> Path:
+    """ROC and PR (PD positive) curves from out-of-fold predictions, one line per model."""
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for name in models:
+        d = preds[preds.model == name]
+        if d.empty or d.y.nunique() < 2:
+            continue
+        fpr, tpr, _ = roc_curve(d.y, d.p)
+        prec, rec, _ = precision_recall_curve(d.y, d.p)
+        ax_roc.plot(fpr, tpr, label=name, lw=1.4)
+        ax_pr.plot(rec, prec, label=name, lw=1.4)
+    if not preds.empty:
+        prevalence = float(preds.y.mean())
+        ax_pr.axhline(prevalence, color="grey", ls=":", lw=1, label=f"chance ({prevalence:.3f})")
+    ax_roc.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    ax_roc.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC")
+    ax_pr.set(xlabel="recall (PD)", ylabel="precision (PD)", title="Precision–recall, PD positive")
+    for ax in (ax_roc, ax_pr):
+        ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def modality_weights(weights: pd.DataFrame, drops: pd.DataFrame | None, path: Path) -> Path:
+    """Mean gate weight per modality (± SD over folds) beside the modality-drop AUC loss."""
+    cols = [c for c in weights.columns if c not in ("repeat", "fold", "feature_set")]
+    n = 2 if drops is not None and not drops.empty else 1
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4))
+    axes = np.atleast_1d(axes)
+    mean, sd = weights[cols].mean(), weights[cols].std(ddof=1).fillna(0)
+    axes[0].bar(cols, mean, yerr=sd, capsize=4, color="#4c72b0")
+    axes[0].set(ylabel="mean gate weight α", title="SAFN modality weights")
+    if n == 2:
+        dcols = [c for c in cols if c in drops.columns]
+        axes[1].bar(dcols, drops[dcols].mean(), yerr=drops[dcols].std(ddof=1).fillna(0),
+                    capsize=4, color="#dd8452")
+        axes[1].set(ylabel="ROC-AUC lost", title="Modality replaced by its training mean")
+        axes[1].axhline(0, color="grey", lw=0.8)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

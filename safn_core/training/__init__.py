@@ -1,0 +1,1 @@
+"""Training SAFN: local epochs (shared by every engine) and centralised cross-validation."""

@@ -1,0 +1,199 @@
+"""Centralised evaluation: subject-wise repeated stratified K-fold cross-validation.
+
+For every repeat and outer fold the training fold is split once more (stratified, seeded) into an
+inner training part and a validation part. Preprocessing is fitted on the inner training part
+only; SAFN early-stops and every model picks its decision threshold on the validation part; the
+test fold is touched only to score. SAFN, its ablations and the baselines all see the same splits
+and the same preprocessed features, so the table compares models, not data.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from safn_core.baselines import fit_predict
+from safn_core.config import ModelConfig, SafnConfig
+from safn_core.data.cohort import LABEL, Cohort, Modality
+from safn_core.data.ppmi_catalog import MOTOR_FEATURES
+from safn_core.metrics import binary_metrics, choose_threshold
+from safn_core.preprocess import Preprocessor
+from safn_core.training.local import Arrays, fit_with_early_stopping, predict
+
+ABLATIONS: dict[str, dict] = {
+    "no_cross_attention": {"cross_attention": False},
+    "no_sparsity": {"sparsity_lambda": 0.0},
+    "plain_ce": {"loss": "ce"},
+}
+
+
+def feature_set(cohort: Cohort, name: str) -> tuple[Modality, ...] | None:
+    """The modalities of a named feature set, or None where it does not apply to this cohort.
+
+    ``all``: every modality. ``no_motor``: without MDS-UPDRS I-III and H&Y (near label-defining
+    in PPMI). ``imaging_demographics``: imaging-side modalities plus ``demographics``.
+    """
+    mods = cohort.modalities
+    if name == "all":
+        return mods
+    if name == "no_motor":
+        out = tuple(Modality(m.name, tuple(f for f in m.features if f not in MOTOR_FEATURES),
+                             m.side) for m in mods)
+        if sum(len(m.features) for m in out) == sum(len(m.features) for m in mods):
+            return None  # no motor scale in this cohort: identical to "all"
+        return tuple(m for m in out if m.features)
+    if name == "imaging_demographics":
+        out = tuple(m for m in mods if m.side == "imaging" or m.name == "demographics")
+        if not any(m.side == "imaging" for m in out) or len(out) == len(mods):
+            return None
+        return out
+    raise ValueError(f"unknown feature set '{name}'")
+
+
+@dataclass
+class Split:
+    repeat: int
+    fold: int
+    train: np.ndarray  # participant ids, inner training part
+    val: np.ndarray  # inner validation part
+    test: np.ndarray
+
+
+def make_splits(cohort: Cohort, folds: int, repeats: int, val_fraction: float,
+                seed: int) -> list[Split]:
+    """Participant-level stratified splits; the cohort has one row per participant."""
+    ids, y = cohort.ids, cohort.y
+    splits = []
+    for r in range(repeats):
+        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + r)
+        for k, (tr, te) in enumerate(skf.split(ids, y)):
+            inner_tr, inner_val = train_test_split(
+                tr, test_size=val_fraction, stratify=y[tr], random_state=seed + 1000 * r + k)
+            splits.append(Split(r, k, ids[inner_tr], ids[inner_val], ids[te]))
+    return splits
+
+
+def _arrays(pre: Preprocessor, table: pd.DataFrame) -> Arrays:
+    blocks, mask = pre.transform(table)
+    return Arrays.from_blocks(blocks, mask, table[LABEL].to_numpy())
+
+
+def _score(y, p_val, y_val, p_test) -> tuple[dict, float]:
+    t = choose_threshold(y_val, p_val)
+    m = binary_metrics(y, p_test, t)
+    m["threshold"] = t
+    return m, t
+
+
+def _modality_drop(model, test: Arrays, modalities, base_auc: float) -> dict[str, float]:
+    """ROC-AUC lost when one modality is replaced by its training mean (0 after scaling)."""
+    out, start = {}, 0
+    for m in modalities:
+        stop = start + len(m.features)
+        x = test.x.copy()
+        x[:, start:stop] = 0.0
+        p, _ = predict(model, Arrays(x, test.mask, test.y))
+        out[m.name] = base_auc - binary_metrics(test.y, p)["roc_auc"]
+        start = stop
+    return out
+
+
+def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig) -> dict:
+    """Every model variant on one split; returns metric rows and test predictions."""
+    torch.set_num_threads(1)
+    table = cohort.table
+    rows, preds, weights, drops = [], [], [], []
+    seed = cfg.train.seed + 7919 * split.repeat + 31 * split.fold
+
+    def record(model_name, fs_name, p_val, y_val, p_test, y_test, extra=None):
+        m, _ = _score(y_test, p_val, y_val, p_test)
+        rows.append({"repeat": split.repeat, "fold": split.fold, "feature_set": fs_name,
+                     "model": model_name, **m, **(extra or {})})
+        preds.append(pd.DataFrame({"repeat": split.repeat, "fold": split.fold,
+                                   "feature_set": fs_name, "model": model_name,
+                                   "participant_id": split.test, "y": y_test, "p": p_test}))
+
+    for fs_name in cfg.train.feature_sets:
+        mods = feature_set(cohort, fs_name)
+        if mods is None:
+            continue
+        pre = Preprocessor(mods).fit(table.loc[split.train])
+        tr, va, te = (_arrays(pre, table.loc[ids]) for ids in (split.train, split.val, split.test))
+        variants = [("SAFN", cfg.model)]
+        if fs_name == "all":
+            variants += [(f"SAFN ({a.replace('_', ' ')})", cfg.model.model_copy(update=upd))
+                         for a, upd in ABLATIONS.items() if a in cfg.train.ablations]
+        for name, model_cfg in variants:
+            fit = fit_with_early_stopping(tr, va, mods, model_cfg, cfg.train, seed)
+            p_val, _ = predict(fit.model, va)
+            p_test, alpha = predict(fit.model, te)
+            record(name, fs_name, p_val, va.y, p_test, te.y, {"epochs": fit.epochs_run})
+            if name == "SAFN":
+                weights.append({"repeat": split.repeat, "fold": split.fold,
+                                "feature_set": fs_name,
+                                **{m.name: float(a) for m, a in zip(mods, alpha.mean(0))}})
+                if cfg.train.modality_drop:
+                    base = binary_metrics(te.y, p_test)["roc_auc"]
+                    drops.append({"repeat": split.repeat, "fold": split.fold,
+                                  "feature_set": fs_name,
+                                  **_modality_drop(fit.model, te, mods, base)})
+        for b in cfg.train.baselines:
+            p_val, p_test = fit_predict(b, tr.x, tr.y, [va.x, te.x], seed)
+            record(b, fs_name, p_val, va.y, p_test, te.y)
+    return {"rows": rows, "preds": pd.concat(preds, ignore_index=True), "weights": weights,
+            "drops": drops}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def cross_validate(cohort: Cohort, cfg: SafnConfig,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run every split (in parallel worker processes); gather metrics and predictions."""
+    splits = make_splits(cohort, cfg.train.folds, cfg.train.repeats, cfg.train.val_fraction,
+                         cfg.train.seed)
+    results = [None] * len(splits)
+    if cfg.train.workers > 1 and len(splits) > 1:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(cfg.train.workers, mp_context=ctx,
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(run_fold, cohort, s, cfg): i for i, s in enumerate(splits)}
+            for done, fut in enumerate(as_completed(futures), 1):
+                results[futures[fut]] = fut.result()
+                if progress:
+                    progress(done, len(splits))
+    else:
+        for i, s in enumerate(splits):
+            results[i] = run_fold(cohort, s, cfg)
+            if progress:
+                progress(i + 1, len(splits))
+    return {
+        "folds": pd.DataFrame([r for res in results for r in res["rows"]]),
+        "predictions": pd.concat([res["preds"] for res in results], ignore_index=True),
+        "weights": pd.DataFrame([w for res in results for w in res["weights"]]),
+        "modality_drop": pd.DataFrame([d for res in results for d in res["drops"]]),
+        "n_splits": len(splits),
+    }
+
+
+def final_fit(cohort: Cohort, cfg: SafnConfig, model_cfg: ModelConfig | None = None):
+    """The model to ship: SAFN on all participants (validation part for stopping/threshold)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ids, y = cohort.ids, cohort.y
+    tr, va = train_test_split(ids, test_size=cfg.train.val_fraction, stratify=y,
+                              random_state=cfg.train.seed)
+    pre = Preprocessor(cohort.modalities).fit(cohort.table.loc[tr])
+    tr_a, va_a = _arrays(pre, cohort.table.loc[tr]), _arrays(pre, cohort.table.loc[va])
+    fit = fit_with_early_stopping(tr_a, va_a, cohort.modalities, model_cfg or cfg.model,
+                                  cfg.train, cfg.train.seed)
+    p_val, _ = predict(fit.model, va_a)
+    threshold = choose_threshold(va_a.y, p_val)
+    return fit, pre, threshold, tr_a.class_counts()
