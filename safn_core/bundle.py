@@ -96,9 +96,13 @@ def load_bundle(path: Path) -> Bundle:
             raise ValueError("unknown format")
         pre = Preprocessor.from_state(json.loads((path / "preprocessing.json").read_text()))
         config = SafnConfig.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
-        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, yaml.YAMLError) as exc:
         raise DataError(f"{path}: the model bundle is incomplete or damaged ({exc})") from None
+    try:
+        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means a damaged file  # noqa: BLE001
+        raise DataError(f"{path}: the model bundle is incomplete or damaged (weights.pt: "
+                        f"{type(exc).__name__})") from None
     model = SAFN([(m.name, len(m.features), m.side) for m in pre.modalities], config.model)
     try:
         model.load_state_dict(state)

@@ -1,0 +1,47 @@
+"""Small cohorts built in memory for fast tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from safn_core.data.table_loader import load_table
+
+MAPPING = """\
+id: subject
+site: centre
+label: {column: dx, positive: PD, negative: HC}
+modalities:
+  imaging: {side: imaging, columns: ["ct_*"]}
+  clinical: {side: clinical, columns: ["cl_*"]}
+  demographics: {side: clinical, columns: [age]}
+"""
+
+
+def toy_table(n: int = 240, seed: int = 0, effect: float = 1.0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.75).astype(int)
+    df = pd.DataFrame({"subject": [f"S{i:04d}" for i in range(n)],
+                       "centre": rng.choice(["A", "B", "C"], n),
+                       "dx": np.where(y == 1, "PD", "HC")})
+    for j in range(6):
+        df[f"ct_{j}"] = rng.normal(2.5, 0.2, n) + 0.05 * y
+    for j in range(3):
+        df[f"cl_{j}"] = rng.normal(10, 3, n) + 3 * effect * y
+    df["age"] = rng.normal(60, 10, n)
+    df.loc[rng.random(n) < 0.1, "cl_0"] = np.nan
+    return df
+
+
+def write_toy(tmp_path: Path, **kw) -> tuple[Path, Path]:
+    csv, mapping = tmp_path / "cohort.csv", tmp_path / "mapping.yaml"
+    toy_table(**kw).to_csv(csv, index=False)
+    mapping.write_text(MAPPING)
+    return csv, mapping
+
+
+def toy_cohort(tmp_path: Path, **kw):
+    csv, mapping = write_toy(tmp_path, **kw)
+    return load_table(csv, mapping)
