@@ -22,6 +22,7 @@ import yaml
 from safn_core.config import SafnConfig, dump_config
 from safn_core.errors import DataError
 from safn_core.model import SAFN
+from safn_core.modelcard import model_card
 from safn_core.preprocess import Preprocessor
 
 FORMAT = "safn-bundle"
@@ -76,6 +77,7 @@ def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: Saf
             "metrics": metrics or {}, **(extra or {}),
         }
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2, default=float))
+        (tmp / "model_card.md").write_text(model_card(meta, config))
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

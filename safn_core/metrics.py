@@ -107,3 +107,58 @@ def auc_from_histogram(hist: np.ndarray) -> dict[str, float]:
         return float((d_recall * precision).sum())
 
     return {"roc_auc": roc, "pr_auc_pd": ap(pos, neg), "pr_auc_hc": ap(neg[::-1], pos[::-1])}
+
+
+# -------------------------------------------------------------------------------- uncertainty
+
+
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95,
+                 keys=METRICS) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals of each metric (participants resampled,
+    stratified by class so that every resample holds both classes)."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    draws = {k: [] for k in keys}
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) \
+            if len(pos) and len(neg) else rng.choice(len(y), len(y))
+        m = binary_metrics(y[idx], p[idx], threshold)
+        for k in keys:
+            draws[k].append(m[k])
+    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for k, vals in draws.items():
+        vals = np.asarray(vals, dtype=float)
+        vals = vals[~np.isnan(vals)]
+        out[k] = (float(np.percentile(vals, lo_q)), float(np.percentile(vals, hi_q))) \
+            if len(vals) else (np.nan, np.nan)
+    return out
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
+    """Reliability curve (equal-width bins), expected calibration error, calibration slope and
+    intercept (logistic recalibration of y on logit(p): slope 1 and intercept 0 are ideal)."""
+    y = np.asarray(y).astype(int)
+    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    curve, ece = [], 0.0
+    for b in range(bins):
+        sel = idx == b
+        if not sel.any():
+            continue
+        mean_p, frac = float(p[sel].mean()), float(y[sel].mean())
+        curve.append({"bin": b, "lower": float(edges[b]), "upper": float(edges[b + 1]),
+                      "n": int(sel.sum()), "mean_predicted": mean_p, "observed": frac})
+        ece += sel.mean() * abs(mean_p - frac)
+    slope = intercept = np.nan
+    if y.min() != y.max():
+        from sklearn.linear_model import LogisticRegression
+
+        logit = np.log(p / (1 - p)).reshape(-1, 1)
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(logit, y)
+        slope, intercept = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    return {"curve": curve, "ece": float(ece), "slope": slope, "intercept": intercept}

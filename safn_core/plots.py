@@ -63,3 +63,22 @@ def modality_weights(weights: pd.DataFrame, drops: pd.DataFrame | None, path: Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def reliability(calib: dict, path: Path, title: str = "Calibration") -> Path:
+    """Reliability diagram from `metrics.calibration` output, with slope, intercept and ECE."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    curve = calib["curve"]
+    if curve:
+        ax.plot([c["mean_predicted"] for c in curve], [c["observed"] for c in curve], "o-",
+                color="#4c72b0", label="SAFN")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="ideal")
+    ax.set(xlabel="mean predicted P(PD)", ylabel="observed fraction PD", xlim=(0, 1), ylim=(0, 1),
+           title=f"{title}\nslope {calib['slope']:.2f}, intercept {calib['intercept']:.2f}, "
+                 f"ECE {calib['ece']:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -72,3 +72,30 @@ def test_summarise_mean_and_sd():
     s = summarise(rows, ["roc_auc"])["roc_auc"]
     assert s["mean"] == pytest.approx(0.85) and s["sd"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
     assert s["n"] == 2
+
+
+def test_bootstrap_ci_brackets_point_estimate(scores):
+    from safn_core.metrics import bootstrap_ci
+    y, p = scores
+    ci = bootstrap_ci(y, p, 0.5, n_boot=200, seed=1)
+    point = binary_metrics(y, p, 0.5)
+    for k in ("roc_auc", "balanced_accuracy", "brier"):
+        lo, hi = ci[k]
+        assert lo < point[k] < hi and hi - lo < 0.2
+    assert bootstrap_ci(y, p, 0.5, n_boot=200, seed=1) == ci
+
+
+def test_calibration_of_calibrated_and_overconfident_scores():
+    from safn_core.metrics import calibration
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.02, 0.98, 20000)
+    y = (rng.random(p.size) < p).astype(int)
+    good = calibration(y, p)
+    assert good["ece"] < 0.02
+    assert good["slope"] == pytest.approx(1.0, abs=0.08)
+    assert good["intercept"] == pytest.approx(0.0, abs=0.08)
+    logit = np.log(p / (1 - p))
+    over = 1 / (1 + np.exp(-3 * logit))  # same ranking, overconfident
+    bad = calibration(y, over)
+    assert bad["ece"] > 0.05 and bad["slope"] < 0.5
+    assert sum(b["n"] for b in bad["curve"]) == p.size

@@ -8,10 +8,7 @@ is never written into, so no earlier run or user file is overwritten.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from rich.console import Console
 
 from safn_core.config import SafnConfig, load_config
 from safn_core.errors import SafnError
+from safn_core.io import write_atomic, write_json  # noqa: F401  (re-exported for commands)
 
 # Wide when writing to a file or pipe (CI logs, README captures) so tables are not cut.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
@@ -54,27 +52,6 @@ def fresh_output_dir(path: Path, what: str = "--out") -> Path:
                         "Choose a new folder or remove this one yourself")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file via a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -68,6 +68,51 @@ def markdown_table(summary: pd.DataFrame, metrics=TABLE_METRICS[:6]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(out: Path, cfg, cohort, summary, preds, weights, drops, majority: float,
+                 elapsed: float) -> Path:
+    """The run's HTML page: data, results table, curves, calibration, modality weights."""
+    from safn_core import plots
+    from safn_core.metrics import calibration
+    from safn_core.report import Report
+
+    rep = Report("safn-train: centralised cross-validated evaluation",
+                 f"{cohort.report.source}; {cfg.train.folds}-fold x {cfg.train.repeats} "
+                 f"subject-wise stratified CV; {elapsed:.0f} s")
+    rep.heading("Data")
+    n_pos = int(cohort.y.sum())
+    rep.table({"participants": len(cohort), cohort.label_names[1]: n_pos,
+               cohort.label_names[0]: len(cohort) - n_pos,
+               "majority-class accuracy": majority,
+               **{f"modality {m.name} ({m.side})": f"{len(m.features)} features"
+                  for m in cohort.modalities}})
+    if cohort.report.excluded:
+        rep.table(cohort.report.excluded, "excluded participants")
+    rep.heading("Results (mean ± SD over folds and repeats)")
+    rep.text(f"The majority class gives accuracy {majority:.3f} and PR-AUC (PD positive) "
+             f"{majority if n_pos >= len(cohort) - n_pos else 1 - majority:.3f}: a model must "
+             "beat these by a visible margin.", note=True)
+    shown = summary[["feature_set", "model"]].copy()
+    for k in TABLE_METRICS:
+        shown[SHORT[k]] = [f"{m:.3f} ± {s:.3f}" for m, s in
+                           zip(summary[f"{k}_mean"], summary[f"{k}_sd"])]
+    rep.table(shown)
+    rep.heading("ROC and precision-recall curves")
+    rep.figure(out / "roc_pr.png", "out-of-fold predictions of repeat 1, all features")
+    safn = preds[preds.model == "SAFN"]
+    if not safn.empty:
+        calib = calibration(safn.y.to_numpy(), safn.p.to_numpy())
+        plots.reliability(calib, out / "calibration.png", "SAFN, out-of-fold (repeat 1)")
+        rep.heading("Calibration")
+        rep.figure(out / "calibration.png", "reliability curve of SAFN's out-of-fold predictions")
+    if not weights.empty:
+        rep.heading("Modality weights")
+        rep.figure(out / "modality_weights.png",
+                   "gate weights are not attributions: compare with the modality-drop ablation")
+    rep.heading("Configuration")
+    rep.code(dump_config(cfg))
+    return rep.write(out / "report.html")
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = base_parser(
         "safn-train",
@@ -150,7 +195,8 @@ def run(argv: list[str] | None = None) -> int:
                 label_names=cohort.label_names, kind="centralised",
                 metrics={"cross_validation": cv_metrics},
                 extra={"training": {"participants": len(cohort), "epochs": fit.epochs_run,
-                                    "sites": sorted(set(cohort.sites))}})
+                                    "sites": pd.Series(cohort.sites).value_counts()
+                                    .sort_index().to_dict()}})
     elapsed = time.perf_counter() - t0
     write_json(out / "results.json", {
         "cohort": {"n": len(cohort), "positive": n_pos, "majority_accuracy": majority},
@@ -159,7 +205,8 @@ def run(argv: list[str] | None = None) -> int:
         "modality_drop_auc": {m: float(d_all[m].mean()) for m in mods} if not d_all.empty else {},
         "seconds": elapsed,
     })
-    console.print(f"run folder: {out} ({elapsed:.0f} s)")
+    write_report(out, cfg, cohort, summary, first, w_all, d_all, majority, elapsed)
+    console.print(f"run folder: {out} ({elapsed:.0f} s); report: {out / 'report.html'}")
     return 0
 
 
