@@ -109,6 +109,12 @@ def drop_incomplete(cohort: Cohort) -> Cohort:
         first = next(m for m in present.columns if not present.at[pid, m])
         reason = f"missing modality {first}"
         cohort.report.excluded[reason] = cohort.report.excluded.get(reason, 0) + 1
+    if not keep.any():
+        from safn_core.errors import DataError
+
+        reasons = ", ".join(f"{n} {r}" for r, n in cohort.report.excluded.items())
+        raise DataError(f"{cohort.report.source}: no participant has every modality ({reasons}); "
+                        "provide the missing data or set data.require_all_modalities=false")
     kept = cohort.subset(present.index[keep])
     kept.report.missing_rate = kept.table[kept.features].isna().mean().to_dict()
     kept.report.modality_present = {m: int(present.loc[keep, m].sum()) for m in present.columns}

@@ -74,11 +74,6 @@ def check_cohort(cohort: Cohort, min_cell: int = 5) -> ContractReport:
         add(Problem("fatal", f"{len(set(dup))} participant id(s) appear more than once; "
                     "keep one baseline row per participant", rows=sorted(map(str, set(dup)))))
 
-    for name, n in counts.items():
-        if n < min_cell:
-            add(Problem("fatal", f"class {name} has {n} participant(s), fewer than min_cell = "
-                        f"{min_cell}; a site needs at least min_cell people of each class"))
-
     for mod in cohort.modalities:
         block = table[list(mod.features)]
         if block.notna().sum().sum() == 0:
@@ -86,6 +81,11 @@ def check_cohort(cohort: Cohort, min_cell: int = 5) -> ContractReport:
                         f"{len(mod.features)} feature(s) has a value (e.g. "
                         f"{', '.join(mod.features[:3])}); provide its table or remove the "
                         "modality from the configuration"))
+
+    for name, n in counts.items():
+        if n < min_cell:
+            add(Problem("fatal", f"class {name} has {n} participant(s), fewer than min_cell = "
+                        f"{min_cell}; a site needs at least min_cell people of each class"))
 
     for col in cohort.features:
         values = table[col]

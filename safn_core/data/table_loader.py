@@ -222,6 +222,11 @@ def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
     else:
         is_neg = ~is_pos & ~_is_missing(label_raw)
     keep = is_pos | is_neg
+    if not keep.any():
+        found = ", ".join(map(str, label_raw.astype(str).str.strip().unique()[:6]))
+        raise DataError(f"{path}: no row of column '{mapping.label.column}' holds the label values "
+                        f"of the mapping (positive {mapping.label.positive!r}, negative "
+                        f"{mapping.label.negative!r}); values found: {found}")
     for value, count in label_raw[~keep].astype(str).str.strip().replace("", "(empty)") \
             .value_counts().items():
         report.excluded[f"label {value}"] = int(count)
