@@ -104,7 +104,7 @@ class TrainConfig(Section):
     seed: int = 0
     max_epochs: int = Field(150, ge=1, description="upper bound; early stopping usually ends sooner")
     patience: int = Field(15, ge=1, description="epochs without validation improvement to stop")
-    batch_size: int = Field(32, ge=2)
+    batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     val_fraction: float = Field(0.2, gt=0, lt=0.5,

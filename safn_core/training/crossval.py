@@ -152,7 +152,11 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig) -> dict:
 
 
 def _worker_init() -> None:
+    """One thread per worker process: two workers on two cores, no oversubscription."""
+    from threadpoolctl import threadpool_limits
+
     torch.set_num_threads(1)
+    threadpool_limits(1)
 
 
 def cross_validate(cohort: Cohort, cfg: SafnConfig,
