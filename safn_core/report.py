@@ -22,7 +22,7 @@ h1{font-size:1.6rem;border-bottom:2px solid #4c72b0;padding-bottom:.3rem}
 h2{font-size:1.2rem;margin-top:2rem;color:#2b4a7d}
 table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}
 th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}
-th{background:#eef2f8}td:first-child,th:first-child{text-align:left}
+th{background:#eef2f8}td:first-child,th:first-child,td.t{text-align:left}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:.85rem;color:#555}
 pre{background:#f6f8fa;padding:.7rem;overflow:auto;font-size:.8rem}
@@ -34,6 +34,13 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return "—" if value != value else f"{value:.3f}"
     return html.escape(str(value))
+
+
+def _cell(value) -> str:
+    """Numbers (and "0.9 ± 0.1" figures) right-aligned, text left-aligned."""
+    text = _fmt(value)
+    numeric = isinstance(value, (int, float)) or text[:1].isdigit() or text[:1] in "-+—"
+    return f"<td>{text}</td>" if numeric else f'<td class="t">{text}</td>'
 
 
 class Report:
@@ -58,7 +65,7 @@ class Report:
             data = pd.DataFrame({"": list(data.keys()), "value": list(data.values())})
         df = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-        rows = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
+        rows = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>"
                        for row in df.itertuples(index=False))
         cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
         self.parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
