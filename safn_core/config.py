@@ -123,6 +123,40 @@ class TrainConfig(Section):
     modality_drop: bool = Field(True, description="modality-drop ablation at test time")
 
 
+class FederationConfig(Section):
+    """A federated run: strategy, rounds, local work, sites' splits (every engine)."""
+
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    rounds: int = Field(20, ge=1)
+    local_epochs: int = Field(2, ge=1)
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx μ (strategy fedprox)")
+    server_lr: float = Field(0.01, gt=0, description="η of FedAdam/FedYogi")
+    tau: float = Field(1e-3, gt=0, description="adaptivity τ of FedAdam/FedYogi")
+    beta_1: float = Field(0.9, ge=0, lt=1)
+    beta_2: float = Field(0.99, ge=0, lt=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, gt=0, le=1)
+    min_sites: int = Field(2, ge=1, description="sites needed to train or evaluate a round")
+    split_seed: int = Field(0, description="seed of every site's train/val/test split")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    histogram_bins: int = Field(1000, ge=10, description="score histogram bins for pooled AUC")
+    round_timeout: float = Field(600, gt=0, description="seconds to wait for a round's replies")
+
+
+class SimulationConfig(Section):
+    """Virtual sites on one machine (`safn-sim`): partitioning and the Ray backend."""
+
+    partition: Literal["natural", "iid", "dirichlet", "size_skew"] = "natural"
+    n_sites: int = Field(5, ge=1, description="virtual sites (ignored by 'natural')")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="label skew; smaller = more skewed")
+    size_skew: float = Field(1.0, gt=0, description="Dirichlet α of site sizes; smaller = more skewed")
+    seed: int = 0
+    compare: bool = Field(True, description="also train pooled and local-only models")
+    num_cpus_per_site: float = Field(1.0, gt=0, description="Ray CPUs per ClientApp")
+    ray_address: str | None = Field(None, description="an existing Ray cluster, e.g. 'auto'")
+
+
 class SafnConfig(Section):
     """The whole configuration; each command uses the sections it needs."""
 
@@ -130,6 +164,8 @@ class SafnConfig(Section):
     synth: SynthConfig = SynthConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    simulation: SimulationConfig = SimulationConfig()
 
 
 # --------------------------------------------------------------------------------------------

@@ -162,3 +162,46 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
         lr = LogisticRegression(C=1e6, max_iter=1000).fit(logit, y)
         slope, intercept = float(lr.coef_[0, 0]), float(lr.intercept_[0])
     return {"curve": curve, "ece": float(ece), "slope": slope, "intercept": intercept}
+
+
+def threshold_from_histogram(hist: np.ndarray) -> float:
+    """The bin edge that maximises balanced accuracy on (pooled) validation histograms."""
+    neg, pos = hist[0].astype(float), hist[1].astype(float)
+    if neg.sum() == 0 or pos.sum() == 0:
+        return 0.5
+    bins = hist.shape[1]
+    # predicting positive from bin b upwards: sensitivity = pos[b:]/P, specificity = neg[:b]/N
+    sens = np.cumsum(pos[::-1])[::-1] / pos.sum()
+    spec = (np.cumsum(neg) - neg) / neg.sum()
+    best = int(np.argmax(sens + spec))
+    return best / bins
+
+
+def metrics_from_histogram(hist: np.ndarray, threshold: float) -> dict[str, float]:
+    """The metric set from per-class score histograms (pooled over sites).
+
+    Threshold metrics are exact for thresholds on bin edges; the Brier score uses bin centres
+    (error below half a bin width); ROC/PR-AUC as in `auc_from_histogram`.
+    """
+    bins = hist.shape[1]
+    neg, pos = hist[0].astype(float), hist[1].astype(float)
+    n_neg, n_pos = neg.sum(), pos.sum()
+    cut = int(round(threshold * bins))
+    tp, fn = pos[cut:].sum(), pos[:cut].sum()
+    tn, fp = neg[:cut].sum(), neg[cut:].sum()
+    n = n_neg + n_pos
+    sens = tp / n_pos if n_pos else np.nan
+    spec = tn / n_neg if n_neg else np.nan
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    centres = (np.arange(bins) + 0.5) / bins
+    out = {
+        "accuracy": float((tp + tn) / n) if n else np.nan,
+        "balanced_accuracy": float((sens + spec) / 2),
+        "sensitivity": float(sens), "specificity": float(spec),
+        "f1": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0,
+        "mcc": float((tp * tn - fp * fn) / denom) if denom else 0.0,
+        "brier": float(((centres - 1) ** 2 * pos).sum() + (centres ** 2 * neg).sum()) / n
+        if n else np.nan,
+        **auc_from_histogram(hist),
+    }
+    return {k: out[k] for k in METRICS}

@@ -1,0 +1,131 @@
+"""What one site does, on its own data: split, describe, train a round, evaluate.
+
+Only aggregate statistics, model weights and score histograms leave these functions; a site with
+fewer than ``min_cell`` people of a class in the part it would describe sends nothing about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+
+from safn_core.config import ModelConfig, SafnConfig
+from safn_core.data.cohort import LABEL, Cohort
+from safn_core.metrics import score_histogram
+from safn_core.preprocess import FeatureStats, Preprocessor
+from safn_core.training.local import (Arrays, make_loader, make_model, make_optimizer, predict,
+                                      run_epochs)
+
+
+class SmallCell(Exception):
+    """A statistic would describe fewer than ``min_cell`` people: the site withholds it."""
+
+
+@dataclass
+class SiteSplit:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_participants(ids: np.ndarray, y: np.ndarray, val_fraction: float,
+                       test_fraction: float, seed: int) -> SiteSplit:
+    """Participant-level train/val/test split, stratified when both classes allow it."""
+    def strat(labels):
+        counts = np.bincount(labels, minlength=2)
+        return labels if counts.min() >= 2 else None
+
+    rest, test = train_test_split(ids, test_size=test_fraction, stratify=strat(y),
+                                  random_state=seed)
+    y_rest = pd.Series(y, index=ids).loc[rest].to_numpy()
+    train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
+                                  stratify=strat(y_rest), random_state=seed + 1)
+    return SiteSplit(np.sort(train), np.sort(val), np.sort(test))
+
+
+def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+class Site:
+    """A site's cohort and split, and the steps of the federated protocol."""
+
+    def __init__(self, name: str, cohort: Cohort, cfg: SafnConfig):
+        self.name = name
+        self.cohort = cohort
+        self.cfg = cfg
+        fed = cfg.federation
+        self.split = split_participants(cohort.ids, cohort.y, fed.val_fraction,
+                                        fed.test_fraction, fed.split_seed)
+        self._arrays: dict[tuple, Arrays] = {}
+
+    @property
+    def min_cell(self) -> int:
+        return self.cfg.data.min_cell
+
+    def _class_counts(self, ids) -> list[int]:
+        return np.bincount(self.cohort.table.loc[ids, LABEL].to_numpy(), minlength=2).tolist()
+
+    def describe(self) -> tuple[FeatureStats, list[int]]:
+        """Sufficient statistics and class counts of the TRAIN split (never val/test)."""
+        counts = self._class_counts(self.split.train)
+        if min(counts) < self.min_cell:
+            raise SmallCell(f"site {self.name}: its training split has {counts[0]} / {counts[1]} "
+                            f"participants per class, fewer than min_cell = {self.min_cell}")
+        stats = FeatureStats.from_frame(self.cohort.table.loc[self.split.train],
+                                        self.cohort.features)
+        # a feature observed in fewer than min_cell people would describe them: withhold it
+        small = (stats.count > 0) & (stats.count < self.min_cell)
+        for arr in (stats.count, stats.total, stats.total_sq):
+            arr[small] = 0.0
+        return stats, counts
+
+    def arrays(self, pre: Preprocessor, part: str) -> Arrays:
+        key = (part, id(pre))
+        if key not in self._arrays:
+            ids = getattr(self.split, part)
+            table = self.cohort.table.loc[ids]
+            blocks, mask = pre.transform(table)
+            self._arrays = {k: v for k, v in self._arrays.items() if k[1] == id(pre)}
+            self._arrays[key] = Arrays.from_blocks(blocks, mask, table[LABEL].to_numpy())
+        return self._arrays[key]
+
+    def train(self, state: dict, pre: Preprocessor, class_counts: list[int], *,
+              model_cfg: ModelConfig, epochs: int, seed: int,
+              proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], int, float]:
+        """One round of local training from the global weights; returns new weights."""
+        torch.manual_seed(seed)
+        data = self.arrays(pre, "train")
+        model = make_model(pre.modalities, model_cfg, seed)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        global_params = [p.detach().clone() for p in model.parameters()]
+        optimizer = make_optimizer(model, self.cfg.train)
+        loader = make_loader(data, self.cfg.train.batch_size, seed)
+        loss = run_epochs(model, loader, optimizer, epochs, model_cfg, class_counts,
+                          proximal_mu=proximal_mu, global_params=global_params)
+        return state_to_numpy(model), len(data), loss
+
+    def evaluate(self, state: dict, pre: Preprocessor, model_cfg: ModelConfig,
+                 bins: int) -> dict:
+        """Score histograms of the validation and test splits (per class), and sizes.
+
+        A split with fewer than ``min_cell`` people of a class is withheld (zeros, flagged).
+        """
+        model = make_model(pre.modalities, model_cfg, 0)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        out = {}
+        for part in ("val", "test"):
+            data = self.arrays(pre, part)
+            counts = np.bincount(data.y, minlength=2)
+            if counts.min() < self.min_cell:
+                out[part] = np.zeros((2, bins), dtype=np.int64)
+                out[f"{part}_withheld"] = True
+                continue
+            p, _ = predict(model, data)
+            out[part] = score_histogram(data.y, p, bins)
+            out[f"{part}_withheld"] = False
+        return out
