@@ -150,6 +150,9 @@ def run(argv: list[str] | None = None) -> int:
 
     if args.resume:
         run_dir = args.resume
+        if args.overrides or args.config or args.out:
+            raise SafnError("--resume continues a run with its own saved configuration: drop "
+                            "--config, --set and --out")
         if not (run_dir / "config.yaml").is_file():
             raise SafnError(f"--resume {run_dir}: not a safn-sim run folder (no config.yaml)")
         cfg = load_run_config(run_dir)
