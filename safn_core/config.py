@@ -157,6 +157,38 @@ class SimulationConfig(Section):
     ray_address: str | None = Field(None, description="an existing Ray cluster, e.g. 'auto'")
 
 
+class SiteConfig(Section):
+    """One hospital's side of a deployment (`safn-client --site site.yaml`)."""
+
+    name: str = Field(..., min_length=1, description="the site's name, as the coordinator knows it")
+    superlink: str = Field("127.0.0.1:9092", description="the coordinator's Fleet API address")
+    root_certificates: Path | None = Field(None, description="the federation CA (ca.pem)")
+    private_key: Path | None = Field(None, description="this site's key (SuperNode authentication)")
+    insecure: bool = Field(False, description="plain text; only for local tests, never real data")
+    approved_apps: list[str] = Field(
+        default_factory=list, description="sha256 hashes of app bundles this site runs")
+    trusted_entities: Path | None = Field(None, description="Flower trusted-entities YAML")
+    state_dir: Path = Field(Path("safn-site-state"), description="site-local state and logs")
+    clientappio_port: int = Field(9094, ge=1, le=65535, description="local ClientAppIo port")
+
+
+class ServerConfig(Section):
+    """The coordinator (`safn-server --config server.yaml`)."""
+
+    host: str = "127.0.0.1"
+    fleet_port: int = Field(9092, ge=1, le=65535, description="where sites connect (Fleet API)")
+    control_port: int = Field(9093, ge=1, le=65535, description="run submission; keep private")
+    serverappio_port: int = Field(9091, ge=1, le=65535)
+    certificates: Path | None = Field(None, description="folder with ca.pem, superlink.pem/.key")
+    insecure: bool = False
+    sites: dict[str, Path] = Field(default_factory=dict,
+                                   description="expected sites: name -> public key file")
+    min_sites: int = Field(2, ge=1)
+    wait_for_sites: float = Field(300, gt=0, description="seconds to wait for min_sites")
+    run_dir: Path = Field(Path("runs/federation"), description="the run folder on the coordinator")
+    database: Path | None = Field(None, description="SuperLink state database (default in run_dir)")
+
+
 class SafnConfig(Section):
     """The whole configuration; each command uses the sections it needs."""
 
@@ -166,6 +198,8 @@ class SafnConfig(Section):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     simulation: SimulationConfig = SimulationConfig()
+    site: SiteConfig | None = None
+    server: ServerConfig = ServerConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,13 +291,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _resolve_paths(cfg: SafnConfig, base: Path) -> SafnConfig:
-    """Relative data paths in a config file are relative to that file's folder."""
-    for name in ("path", "mapping"):
-        value = getattr(cfg.data, name, None)
-        if value is not None and not Path(value).is_absolute():
-            candidate = (base / value)
-            if not Path(value).exists() and candidate.exists():
-                setattr(cfg.data, name, candidate)
+    """Relative paths written in a config file are relative to that file's folder.
+
+    A relative path that exists from the current folder (e.g. given with ``--set``) is kept.
+    """
+    def fix(value):
+        if isinstance(value, Path) and not value.is_absolute() and not value.exists():
+            return base / value
+        return value
+
+    for section in (cfg.data, cfg.site, cfg.server):
+        if section is None:
+            continue
+        for name in type(section).model_fields:
+            value = getattr(section, name)
+            if isinstance(value, Path):
+                setattr(section, name, fix(value))
+            elif isinstance(value, dict) and any(isinstance(v, Path) for v in value.values()):
+                setattr(section, name, {k: fix(v) for k, v in value.items()})
     return cfg
 
 
