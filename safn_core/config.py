@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from safn_core.errors import ConfigError
 
@@ -153,8 +154,15 @@ class SimulationConfig(Section):
     size_skew: float = Field(1.0, gt=0, description="Dirichlet α of site sizes; smaller = more skewed")
     seed: int = 0
     compare: bool = Field(True, description="also train pooled and local-only models")
+    loso: bool = Field(False, description="leave-one-site-out: one federation per held-out site")
     num_cpus_per_site: float = Field(1.0, gt=0, description="Ray CPUs per ClientApp")
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="CPUs Ray may use in all (None = every core); with "
+                                "num_cpus_per_site it bounds the concurrent ClientApp actors")
+    ray_object_store_mb: int = Field(256, ge=80, description="Ray object store size (MiB)")
     ray_address: str | None = Field(None, description="an existing Ray cluster, e.g. 'auto'")
+    fast_polling: bool = Field(True, description="poll Flower's in-memory message queues every "
+                                                 "10 ms instead of 100 ms (idle time per round)")
 
 
 class SiteConfig(Section):
@@ -189,6 +197,91 @@ class ServerConfig(Section):
     database: Path | None = Field(None, description="SuperLink state database (default in run_dir)")
 
 
+class PrivacyConfig(Section):
+    """A site's differential privacy (docs/privacy.md): DP-SGD through Opacus, its own budget.
+
+    The site decides: the coordinator may ask for DP for a run but can never weaken these
+    settings (`safn_core.privacy.resolve_privacy`). ``epsilon`` is the site's TOTAL budget over
+    every run ever trained on its data, kept in a persistent ledger; the noise multiplier is
+    calibrated once per run so that the run's planned rounds fit what is left of it.
+    In simulation, ``privacy.sites.<site name>`` gives one virtual site its own settings (the
+    top level applies to every virtual site not listed).
+    """
+
+    mode: Literal["off", "dp-sgd"] = "off"
+    epsilon: float | None = Field(
+        None, gt=0, description="total ε budget of the site's ledger; required for dp-sgd")
+    delta: float | None = Field(
+        None, gt=0, lt=1,
+        description="δ of the guarantee; default 1/(10·n_train), must be < 1/n_train")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm C")
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant: rdp (Rényi DP) or prv (numerical, tighter)")
+    ledger: Path | None = Field(
+        None, description="privacy ledger file; default <site state folder>/privacy_ledger.json "
+                          "(a relative path is taken from the site state folder)")
+    accept_ledger_change: bool = Field(
+        False, description="continue a ledger written for other training data, another "
+                           "accountant or another δ (its recorded spend still counts)")
+    statistics: Literal["exact", "gaussian"] = Field(
+        "exact", description="statistics round: exact (outside the DP guarantee) or gaussian "
+                             "(noised, spends statistics_epsilon from the same ledger)")
+    statistics_epsilon: float | None = Field(
+        None, gt=0, description="share of epsilon spent on the statistics round (gaussian)")
+    sites: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="simulation only: per-virtual-site overrides of the keys above")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false: `mode: off` must still mean "off"
+        return "off" if value is False else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrivacyConfig":
+        if self.mode == "dp-sgd" and self.epsilon is None:
+            raise ValueError("privacy.epsilon is required when privacy.mode is 'dp-sgd' "
+                             "(the site's total budget, e.g. epsilon: 3.0)")
+        if self.statistics == "gaussian":
+            if self.mode != "dp-sgd":
+                raise ValueError("privacy.statistics 'gaussian' needs privacy.mode 'dp-sgd' "
+                                 "(its spend is kept in the DP ledger)")
+            if self.statistics_epsilon is None:
+                raise ValueError("privacy.statistics_epsilon is required when "
+                                 "privacy.statistics is 'gaussian' (e.g. 0.1 · epsilon)")
+            if self.epsilon is not None and self.statistics_epsilon >= self.epsilon:
+                raise ValueError(f"privacy.statistics_epsilon ({self.statistics_epsilon}) must "
+                                 f"be below privacy.epsilon ({self.epsilon}): the rest of the "
+                                 f"budget trains the model")
+        for name in self.sites:
+            self.for_site(name)  # every override must give a valid configuration
+        return self
+
+    def for_site(self, name: str | None) -> "PrivacyConfig":
+        """The settings of site ``name``: the top level updated by its ``sites`` entry."""
+        base = self.model_dump(exclude={"sites"})
+        override = self.sites.get(name) if name is not None else None
+        if not override:
+            return PrivacyConfig.model_validate(base)
+        if not isinstance(override, dict):
+            raise ValueError(f"privacy.sites.{name} must be a mapping of privacy keys")
+        if "sites" in override:
+            raise ValueError(f"privacy.sites.{name}.sites: per-site settings cannot nest")
+        try:
+            return PrivacyConfig.model_validate({**base, **override})
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden":
+                    msg = "unknown key; check its spelling"
+                problems.append(f"privacy.sites.{name}.{key}: {msg}" if key else
+                                f"privacy.sites.{name}: {msg}")
+            raise ValueError("; ".join(problems)) from None
+
+
 class SafnConfig(Section):
     """The whole configuration; each command uses the sections it needs."""
 
@@ -198,6 +291,7 @@ class SafnConfig(Section):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     simulation: SimulationConfig = SimulationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     site: SiteConfig | None = None
     server: ServerConfig = ServerConfig()
 

@@ -1,0 +1,472 @@
+"""`SitePrivacy`: one site's DP-SGD, budget and ledger behind one object (an Opacus
+``PrivacyEngine`` that remembers across rounds, processes and runs).
+
+Per run, a client app does::
+
+    sp = SitePrivacy(privacy_cfg, train_arrays, train_cfg, rounds=R, local_epochs=E,
+                     run_id=run_id, fingerprint=data_fingerprint(train_ids, features),
+                     state_dir=site_state_dir, site=name)
+    # per round (a fresh process per message is fine: everything lives in the ledger)
+    try:
+        sp.check_round(server_round)                     # BudgetExhausted before anything runs
+        state, report = sp.train_round(global_state, modalities, model_cfg, class_counts,
+                                       server_round=server_round, seed=seed)
+    except BudgetExhausted as exc:
+        ...  # reply "refused" with str(exc); the federation goes on without this site
+    metrics = report.metrics()                           # ε spent so far, δ, σ, steps
+
+With ``privacy.mode: off`` the same calls train exactly as a non-DP site does (same model, same
+loader and optimizer, same `run_epochs`), so DP and non-DP sites share one parameter layout and
+one code path.
+
+What happens in a DP round:
+
+1. The run's **plan** is fetched from the ledger, or made once: σ calibrated so that the ledger's
+   earlier spend composed with ``rounds × local_epochs × steps_per_epoch`` steps meets the site's
+   ε at δ (`calibration.calibrate_noise`). Every later round and every restarted process of the
+   same run reuses that σ.
+2. Under the ledger lock, the round's steps are checked against the budget and **reserved**
+   (written to disk) *before* training; a round that would not fit raises `BudgetExhausted`.
+3. Opacus' ``PrivacyEngine.make_private`` wraps the SAFN model (``GradSampleModule``), the AdamW
+   optimizer (``DPOptimizer``: per-sample clipping at ``max_grad_norm``, Gaussian noise σ·C) and the
+   loader (``DPDataLoader``: Poisson sampling at rate q); `run_epochs` trains them. An empty
+   Poisson batch still takes its noise-only step (as Opacus' accounting assumes), so the steps
+   taken always equal the steps reserved.
+4. The reservation is **confirmed** with the steps Opacus' own accountant counted; the weights
+   leave with their plain names (no ``_module.`` prefix); ε spent so far is reported.
+
+The noise and the Poisson sampling use generators seeded from the operating system's entropy,
+never from the run's seed: a coordinator that knew the seed could regenerate the noise and the
+batches and remove the protection. DP rounds are therefore not bit-reproducible, by design.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from safn_core.config import ModelConfig, PrivacyConfig, TrainConfig
+from safn_core.data.cohort import Modality
+from safn_core.preprocess import FeatureStats
+from safn_core.privacy.accountant import Accountant
+from safn_core.privacy.calibration import (calibrate_noise, gaussian_noise_multiplier,
+                                           sample_rate_for, steps_per_epoch)
+from safn_core.privacy.errors import BudgetExhausted, PrivacyError
+from safn_core.privacy.ledger import PrivacyLedger, now, resolve_ledger_path
+from safn_core.privacy.stats import privatise_statistics
+from safn_core.training import local
+from safn_core.training.local import Arrays, make_loader, make_model, make_optimizer
+
+MODULE_PREFIX = "_module."
+
+
+# ------------------------------------------------------------------------- parameter names
+
+
+def strip_module_prefix(state: Mapping[str, object]) -> dict[str, object]:
+    """State-dict keys as the federation knows them (Opacus' ``_module.`` removed)."""
+    return {k[len(MODULE_PREFIX):] if k.startswith(MODULE_PREFIX) else k: v
+            for k, v in state.items()}
+
+
+def add_module_prefix(state: Mapping[str, object]) -> dict[str, object]:
+    """State-dict keys of a ``GradSampleModule`` (``_module.`` added where missing)."""
+    return {k if k.startswith(MODULE_PREFIX) else MODULE_PREFIX + k: v for k, v in state.items()}
+
+
+def federation_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """The weights of ``model`` (plain or Opacus-wrapped) as plain-named numpy arrays."""
+    inner = getattr(model, "_module", model)
+    return {k: v.detach().cpu().numpy().copy() for k, v in inner.state_dict().items()}
+
+
+def load_federation_state(model: nn.Module, state: Mapping[str, object]) -> None:
+    """Load plain-named (or ``_module.``-named) weights into ``model`` (plain or wrapped)."""
+    inner = getattr(model, "_module", model)
+    inner.load_state_dict({k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v
+                           for k, v in strip_module_prefix(state).items()})
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclass
+class RoundReport:
+    """What a round did to the site's privacy. ``metrics()`` is what may leave the site."""
+
+    dp: bool
+    epsilon: float | None  # spent so far at delta, this round included (None: no DP)
+    delta: float | None
+    epsilon_budget: float | None
+    noise_multiplier: float | None
+    sample_rate: float | None
+    steps: int  # DP-SGD steps of this round
+    total_steps: int  # every step the ledger charges
+    n_train: int
+    train_loss: float  # for the site's own log: NOT released by a DP site (outside ε)
+
+    def metrics(self) -> dict[str, int | float]:
+        """Flower-ready metrics, the same keys for DP and non-DP sites.
+
+        ``epsilon`` is -1 for a site without DP (no guarantee, i.e. ε = ∞). The training loss
+        is not included: it is an exact statistic of the training split (add it only for non-DP
+        sites).
+        """
+        return {"dp": int(self.dp),
+                "epsilon": float(self.epsilon) if self.epsilon is not None else -1.0,
+                "delta": float(self.delta or 0.0),
+                "epsilon-budget": float(self.epsilon_budget) if self.epsilon_budget else -1.0,
+                "noise-multiplier": float(self.noise_multiplier or 0.0),
+                "dp-steps": int(self.steps)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _NoiseStepOnEmptyBatch:
+    """Iterate a DP loader; on an empty Poisson batch take Opacus' noise-only step first.
+
+    `run_epochs` skips empty batches. Under DP-SGD a step must still happen (the sampled-Gaussian
+    accounting counts every step and the mechanism releases noise when nothing was sampled), so
+    the step is taken here with zero-size per-sample gradients: DPOptimizer clips nothing, adds
+    N(0, σ²C²) noise and steps, and its accountant hook counts it.
+    """
+
+    def __init__(self, loader, optimizer):
+        self.loader = loader
+        self.optimizer = optimizer
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if len(batch[-1]) == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+                for p in self.optimizer.params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                self.optimizer.step()
+            yield batch
+
+
+def _private_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+# ------------------------------------------------------------------------------ the facade
+
+
+class SitePrivacy:
+    """A site's differential privacy for one run: plan, budget checks, DP rounds, ledger.
+
+    Parameters
+    ----------
+    cfg: the site's effective privacy settings (`resolve_privacy` of site.yaml and the request).
+    train: the preprocessed TRAINING split (the data DP-SGD protects and samples from).
+    train_cfg: batch size, learning rate, weight decay (the same as a non-DP site).
+    rounds, local_epochs: what this run plans (the rounds still to come when resuming a run).
+    run_id: identifies the run; its plan (σ) is stored in the ledger under this id.
+    fingerprint: `data_fingerprint(train participant ids, features)`; required for DP.
+    ledger_path / state_dir: where the ledger lives (``privacy.ledger`` wins, relative to
+        ``state_dir``; default ``<state_dir>/privacy_ledger.json``).
+    """
+
+    def __init__(self, cfg: PrivacyConfig, train: Arrays, train_cfg: TrainConfig, *,
+                 rounds: int, local_epochs: int, run_id: str | int,
+                 fingerprint: str | None = None, ledger_path: str | Path | None = None,
+                 state_dir: str | Path | None = None, site: str = "",
+                 lock_timeout: float = 60.0):
+        self.cfg = cfg.for_site(None) if cfg.sites else cfg
+        self.train = train
+        self.train_cfg = train_cfg
+        self.rounds = int(rounds)
+        self.local_epochs = int(local_epochs)
+        self.run_id = str(run_id)
+        self.site = site
+        self.n_train = len(train)
+        self.enabled = self.cfg.mode == "dp-sgd"
+        self.ledger: PrivacyLedger | None = None
+        self._plan: dict | None = None
+        who = self._who = f"site {site}: " if site else ""
+        if not self.enabled:
+            return
+        if self.n_train < 2:
+            raise PrivacyError(f"{who}DP-SGD needs a training split of at least 2 participants")
+        if not fingerprint:
+            raise PrivacyError(f"{who}a DP site needs the fingerprint of its training split "
+                               f"(data_fingerprint(participant ids, features))")
+        self.delta = (float(self.cfg.delta) if self.cfg.delta is not None
+                      else 1.0 / (10 * self.n_train))
+        if self.delta >= 1.0 / self.n_train:
+            raise PrivacyError(
+                f"{who}privacy.delta = {self.delta:g} is not below 1/n_train = 1/{self.n_train}: "
+                f"such a δ allows releasing a participant's record outright; use e.g. "
+                f"{1.0 / (10 * self.n_train):.2g} (the default, 1/(10·n_train))")
+        self.epsilon_budget = float(self.cfg.epsilon)
+        self.sample_rate = sample_rate_for(self.n_train, train_cfg.batch_size)
+        self.steps_per_epoch = steps_per_epoch(self.n_train, self.sample_rate)
+        self.accountant = Accountant(self.cfg.accountant, self.delta)
+        path = Path(ledger_path) if ledger_path is not None else \
+            resolve_ledger_path(self.cfg.ledger, state_dir)
+        self.ledger = PrivacyLedger.open(path, fingerprint=fingerprint,
+                                         accountant=self.cfg.accountant, delta=self.delta,
+                                         site=site, accept_changes=self.cfg.accept_ledger_change,
+                                         lock_timeout=lock_timeout)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def epsilon(self) -> float | None:
+        """ε spent so far by everything in the ledger, at δ (None without DP)."""
+        if not self.enabled:
+            return None
+        return self.accountant.epsilon(self.ledger.history())
+
+    def metrics_now(self) -> dict[str, int | float]:
+        """The `RoundReport.metrics` keys for a round that trained nothing (e.g. a refusal):
+        ε spent so far, no steps."""
+        if not self.enabled:
+            return RoundReport(False, None, None, None, None, None, 0, 0, self.n_train,
+                               float("nan")).metrics()
+        plan = self.ledger.plan(self.run_id)
+        return RoundReport(True, self.epsilon(), self.delta, self.epsilon_budget,
+                           plan["noise_multiplier"] if plan else None, self.sample_rate, 0,
+                           self.ledger.charged_steps(), self.n_train, float("nan")).metrics()
+
+    def steps_per_round(self, epochs: int | None = None) -> int:
+        return (epochs or self.local_epochs) * self.steps_per_epoch
+
+    def status(self) -> dict:
+        """A summary for logs and reports (what the site may publish about its privacy)."""
+        if not self.enabled:
+            return {"mode": "off"}
+        plan = self.ledger.plan(self.run_id)
+        return {"mode": "dp-sgd", "epsilon_spent": self.epsilon(),
+                "epsilon_budget": self.epsilon_budget, "delta": self.delta,
+                "accountant": self.cfg.accountant, "max_grad_norm": self.cfg.max_grad_norm,
+                "sample_rate": self.sample_rate, "steps_per_epoch": self.steps_per_epoch,
+                "ledger": str(self.ledger.path), "run_id": self.run_id,
+                "noise_multiplier": plan["noise_multiplier"] if plan else None,
+                "charged_steps": self.ledger.charged_steps()}
+
+    # -- the run's plan ---------------------------------------------------------------------------
+
+    def plan(self) -> dict:
+        """This run's calibrated plan (σ for all its rounds), made once and kept in the ledger."""
+        self._require_dp()
+        if self._plan is not None:
+            return self._plan
+        with self.ledger.transaction():
+            plan = self.ledger.plan(self.run_id)
+            if plan is None:
+                total = self.rounds * self.steps_per_round()
+                history = self.ledger.history()
+                try:
+                    sigma = calibrate_noise(target_epsilon=self.epsilon_budget, delta=self.delta,
+                                            sample_rate=self.sample_rate, steps=total,
+                                            accountant=self.cfg.accountant, prior=history)
+                except BudgetExhausted as exc:
+                    raise BudgetExhausted(
+                        f"{self._who}privacy budget exhausted, the site does not train in run "
+                        f"{self.run_id}: {exc}. Its ledger {self.ledger.path} keeps every earlier "
+                        f"release; only the site may raise privacy.epsilon, if its governance "
+                        f"allows", spent=exc.spent, budget=exc.budget) from None
+                plan = {"run_id": self.run_id, "created": now(), "noise_multiplier": sigma,
+                        "sample_rate": self.sample_rate, "steps_per_epoch": self.steps_per_epoch,
+                        "local_epochs": self.local_epochs, "rounds": self.rounds,
+                        "planned_steps": total, "n_train": self.n_train,
+                        "batch_size": self.train_cfg.batch_size,
+                        "max_grad_norm": self.cfg.max_grad_norm,
+                        "epsilon_budget": self.epsilon_budget, "delta": self.delta,
+                        "accountant": self.cfg.accountant,
+                        "epsilon_before": self.accountant.epsilon(history),
+                        "epsilon_planned": self.accountant.epsilon(
+                            history + [(sigma, self.sample_rate, total)])}
+                self.ledger.set_plan(self.run_id, plan)
+        for key, mine in (("sample_rate", self.sample_rate),
+                          ("steps_per_epoch", self.steps_per_epoch),
+                          ("max_grad_norm", self.cfg.max_grad_norm)):
+            if plan[key] != mine:
+                raise PrivacyError(
+                    f"{self._who}run {self.run_id} was planned with {key} = {plan[key]} but now "
+                    f"has {mine} (training split or batch size changed mid-run); start a new run")
+        self._plan = plan
+        return plan
+
+    @property
+    def noise_multiplier(self) -> float:
+        return float(self.plan()["noise_multiplier"])
+
+    # -- before a round --------------------------------------------------------------------------
+
+    def check_round(self, server_round: int | None = None,
+                    epochs: int | None = None) -> float | None:
+        """Raise `BudgetExhausted` if this round would not fit; else return ε after it.
+
+        Nothing is spent. (`train_round` checks again under the ledger lock before reserving.)
+        """
+        if not self.enabled:
+            return None
+        sigma = self.noise_multiplier
+        history = self.ledger.history()
+        return self._fit_or_raise(history, sigma, self.steps_per_round(epochs), server_round)
+
+    def would_fit(self, epochs: int | None = None) -> bool:
+        """Whether the next round fits the budget (True without DP); spends nothing."""
+        try:
+            self.check_round(None, epochs)
+        except BudgetExhausted:
+            return False
+        return True
+
+    def _fit_or_raise(self, history, sigma: float, steps: int, server_round) -> float:
+        after = self.accountant.epsilon_after(history, [(sigma, self.sample_rate, steps)])
+        if after > self.epsilon_budget:
+            spent = self.accountant.epsilon(history)
+            rnd = f"round {server_round}" if server_round is not None else "the next round"
+            raise BudgetExhausted(
+                f"{self._who}privacy budget exhausted: ε spent so far {spent:.4g} of "
+                f"{self.epsilon_budget:g} (δ = {self.delta:.3g}, {self.cfg.accountant} "
+                f"accountant); {rnd} would take {steps} more DP-SGD steps (σ = {sigma:.4g}, "
+                f"q = {self.sample_rate:.4g}) and bring ε to {after:.4g}. The site stops "
+                f"training; the other sites go on. Ledger: {self.ledger.path}",
+                spent=spent, budget=self.epsilon_budget, needed=after)
+        return after
+
+    # -- a round ----------------------------------------------------------------------------------
+
+    def train_round(self, state: Mapping[str, object], modalities: Sequence[Modality],
+                    model_cfg: ModelConfig, class_counts, *, server_round: int | None,
+                    seed: int, proximal_mu: float = 0.0,
+                    epochs: int | None = None) -> tuple[dict[str, np.ndarray], RoundReport]:
+        """One round of local training from the global weights ``state``.
+
+        Returns the new weights (plain parameter names, identical layout with or without DP) and
+        the round's `RoundReport`. A DP round that does not fit raises `BudgetExhausted` before
+        anything is trained or spent.
+        """
+        epochs = int(epochs or self.local_epochs)
+        torch.manual_seed(seed)
+        model = make_model(tuple(modalities), model_cfg, seed)
+        load_federation_state(model, state)
+        optimizer = make_optimizer(model, self.train_cfg)
+        if not self.enabled:
+            loader = make_loader(self.train, self.train_cfg.batch_size, seed)
+            global_params = [p.detach().clone() for p in model.parameters()]
+            loss = local.run_epochs(model, loader, optimizer, epochs, model_cfg, class_counts,
+                                    proximal_mu=proximal_mu, global_params=global_params)
+            return federation_state(model), RoundReport(
+                False, None, None, None, None, None, 0, 0, self.n_train, float(loss))
+        return self._train_dp(model, optimizer, model_cfg, class_counts, server_round, epochs,
+                              proximal_mu)
+
+    def _train_dp(self, model, optimizer, model_cfg, class_counts, server_round, epochs,
+                  proximal_mu):
+        from opacus import PrivacyEngine
+
+        plan = self.plan()
+        sigma, q = float(plan["noise_multiplier"]), self.sample_rate
+        steps = self.steps_per_round(epochs)
+        with self.ledger.transaction():  # check and reserve atomically, BEFORE training
+            self._fit_or_raise(self.ledger.history(), sigma, steps, server_round)
+            seq = self.ledger.reserve(kind="train", run_id=self.run_id, round=server_round,
+                                      noise_multiplier=sigma, sample_rate=q, steps=steps)
+        # From here a failure leaves the reservation charged in full.
+        global_params = {id(p): p.detach().clone() for p in model.parameters()}
+        # a private seed: the coordinator must not be able to regenerate the Poisson batches
+        loader = make_loader(self.train, self.train_cfg.batch_size, secrets.randbits(63))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            engine = PrivacyEngine(accountant=self.cfg.accountant)
+            dp_model, dp_opt, dp_loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+                max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True,
+                noise_generator=_private_generator())
+        if abs(dp_loader.sample_rate - q) > 1e-15 or len(dp_loader) != self.steps_per_epoch:
+            raise PrivacyError(f"{self._who}Opacus samples at q = {dp_loader.sample_rate} with "
+                               f"{len(dp_loader)} steps per epoch, the plan at q = {q} with "
+                               f"{self.steps_per_epoch}; refusing to train off-plan")
+        if proximal_mu > 0:
+            # FedProx under DP: μ(w − w_global) is data-independent, so it is added to the
+            # privatised gradient after clipping and noise (it never enters per-sample clipping)
+            account = dp_opt.step_hook
+
+            def hook(opt, _account=account):
+                _account(opt)
+                for p in opt.params:
+                    p.grad.add_(p.detach() - global_params[id(p)], alpha=proximal_mu)
+
+            dp_opt.attach_step_hook(hook)
+        with warnings.catch_warnings():
+            # Opacus' hooks on the first layers, whose inputs need no gradient: harmless
+            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+            loss = local.run_epochs(dp_model, _NoiseStepOnEmptyBatch(dp_loader, dp_opt), dp_opt,
+                                    epochs, model_cfg, class_counts)
+        taken = [(float(s), float(r), int(n)) for s, r, n in engine.accountant.history]
+        if any(s != sigma or r != q for s, r, _ in taken):
+            raise PrivacyError(f"{self._who}Opacus accounted releases {taken} that differ from "
+                               f"the plan (σ = {sigma}, q = {q})")
+        steps_taken = sum(n for _, _, n in taken)
+        self.ledger.confirm(seq, steps_taken)
+        new_state = federation_state(dp_model)
+        return new_state, RoundReport(
+            True, self.epsilon(), self.delta, self.epsilon_budget, sigma, q, steps_taken,
+            self.ledger.charged_steps(), self.n_train, float(loss))
+
+    # -- the statistics round ----------------------------------------------------------------------
+
+    @property
+    def statistics_private(self) -> bool:
+        """Whether the statistics round spends budget (``statistics: gaussian``)."""
+        return self.enabled and self.cfg.statistics == "gaussian"
+
+    def release_statistics(self, frame: pd.DataFrame, features: Sequence[str], labels,
+                           ranges: Mapping[str, tuple[float, float]]
+                           ) -> tuple[FeatureStats, list[float], dict]:
+        """The statistics round through the Gaussian mechanism, charged to the ledger first.
+
+        Only with ``privacy.statistics: gaussian``; must come before the run's first training
+        round (whose plan composes with it). Returns the noisy `FeatureStats`, noisy class counts
+        and a small report (σ, ε spent so far).
+        """
+        if not self.statistics_private:
+            raise PrivacyError(f"{self._who}the statistics round is "
+                               f"exact at this site (privacy.statistics: exact); use the "
+                               f"site's exact statistics")
+        if self.ledger.plan(self.run_id) is not None:
+            raise PrivacyError(f"{self._who}run {self.run_id} already planned its training "
+                               f"budget; the statistics round must come before training")
+        sigma = gaussian_noise_multiplier(target_epsilon=float(self.cfg.statistics_epsilon),
+                                          delta=self.delta, accountant=self.cfg.accountant)
+        with self.ledger.transaction():
+            history = self.ledger.history()
+            after = self.accountant.epsilon_after(history, [(sigma, 1.0, 1)])
+            if after > self.epsilon_budget:
+                spent = self.accountant.epsilon(history)
+                raise BudgetExhausted(
+                    f"{self._who}privacy budget exhausted: ε spent so far {spent:.4g} of "
+                    f"{self.epsilon_budget:g}; the noised statistics round would bring it to "
+                    f"{after:.4g}. The site sends no statistics. Ledger: {self.ledger.path}",
+                    spent=spent, budget=self.epsilon_budget, needed=after)
+            seq = self.ledger.reserve(kind="statistics", run_id=self.run_id, round=0,
+                                      noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                                      note=f"{len(features)} features, Gaussian mechanism")
+        rng = np.random.default_rng(secrets.randbits(128))
+        stats, counts = privatise_statistics(frame, features, np.asarray(labels), ranges,
+                                             sigma, rng)
+        self.ledger.confirm(seq, 1)
+        return stats, counts, {"noise_multiplier": sigma, "epsilon": self.epsilon(),
+                               "delta": self.delta}
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _require_dp(self) -> None:
+        if not self.enabled:
+            raise PrivacyError("privacy.mode is 'off' at this site: there is no DP plan")

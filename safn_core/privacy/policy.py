@@ -1,0 +1,75 @@
+"""Who decides: the site. The coordinator may ask for DP, never weaken a site's settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from safn_core.config import PrivacyConfig
+from safn_core.privacy.errors import PrivacyError
+
+REQUESTABLE = ("mode", "epsilon", "delta", "max_grad_norm", "statistics", "statistics_epsilon")
+"""Keys a coordinator's request may carry; the ledger, accountant and ledger-change acceptance
+are the site's alone."""
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def parse_request(requested: PrivacyConfig | Mapping[str, Any] | None) -> PrivacyConfig | None:
+    """A coordinator's request as a `PrivacyConfig` (a mapping may use ``privacy.``-prefixed,
+    flattened keys as they arrive in a Flower ConfigRecord)."""
+    if requested is None or isinstance(requested, PrivacyConfig):
+        return requested
+    flat = {str(k).removeprefix("privacy."): v for k, v in requested.items()}
+    extra = sorted(set(flat) - set(REQUESTABLE))
+    if extra:
+        raise PrivacyError(f"the coordinator's privacy request sets {', '.join(extra)}: only "
+                           f"{', '.join(REQUESTABLE)} may be requested; a site's ledger and "
+                           f"accountant are its own")
+    try:
+        return PrivacyConfig.model_validate(flat)
+    except ValidationError as exc:
+        msg = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'privacy'}: "
+                        f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise PrivacyError(f"invalid privacy request from the coordinator: {msg}") from None
+
+
+def resolve_privacy(site: PrivacyConfig,
+                    requested: PrivacyConfig | Mapping[str, Any] | None = None) -> PrivacyConfig:
+    """The settings a site trains with: its own, tightened by the coordinator's request.
+
+    - A request for ``mode: off`` never turns a site's DP off.
+    - A request for ``dp-sgd`` turns DP on at a site that has it off (the request's ε, δ and
+      clipping norm), and at a DP site can only lower ε and δ (the smaller of the two wins).
+    - ``statistics: gaussian`` may be requested (its ε share is the smaller one).
+    - The ledger location, the accountant and ``accept_ledger_change`` are always the site's.
+    """
+    site = site.model_copy(update={"sites": {}})
+    req = parse_request(requested)
+    if req is None or req.mode == "off":
+        return site
+    if site.mode == "off":
+        update = {"mode": "dp-sgd", "epsilon": req.epsilon, "delta": req.delta,
+                  "max_grad_norm": req.max_grad_norm}
+    else:
+        update = {"epsilon": _min(site.epsilon, req.epsilon), "delta": _min(site.delta, req.delta)}
+    if req.statistics == "gaussian" or site.statistics == "gaussian":
+        share = _min(site.statistics_epsilon if site.statistics == "gaussian" else None,
+                     req.statistics_epsilon if req.statistics == "gaussian" else None)
+        update.update(statistics="gaussian", statistics_epsilon=share)
+    merged = site.model_dump()
+    merged.update(update)
+    try:
+        return PrivacyConfig.model_validate(merged)
+    except ValidationError as exc:
+        msg = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise PrivacyError(f"the coordinator's privacy request cannot be combined with this "
+                           f"site's settings: {msg}") from None

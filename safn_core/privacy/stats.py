@@ -1,0 +1,94 @@
+"""The statistics round under DP (``privacy.statistics: gaussian``): the Gaussian mechanism.
+
+What a site releases in the statistics round is the vector, over its TRAINING split,
+
+    per feature f:  c_f = #observed,  s_f = Σ x'_f,  q_f = Σ x'_f²        and the class counts k_0, k_1
+
+where ``x'_f = clip((x_f − mid_f) / half_f, −1, 1)`` rescales feature f by its *public* plausible
+range ``[mid_f − half_f, mid_f + half_f]`` (the data contract's ranges; never computed from data).
+Adding or removing one participant changes each c_f by ≤ 1, each s_f by ≤ 1 in absolute value, each
+q_f by ≤ 1 and one class count by 1, so the L2 sensitivity of the whole vector is
+
+    Δ = sqrt(3·F + 1)                                   (F = number of features)
+
+Every component gets independent N(0, (σΔ)²) noise: one release of the Gaussian mechanism with
+noise multiplier σ, which is exactly a subsampled Gaussian with sampling rate 1 and one step, so
+the ledger records it as ``(σ, 1.0, 1)`` and Opacus' accountant composes it with DP-SGD.
+Everything after the noise (clipping counts at 0, converting back to raw units, the coordinator's
+sums) is post-processing and costs nothing more.
+
+No small-cell suppression may run *before* the noise (a data-dependent suppression changes the
+sensitivity); the noise replaces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from safn_core.preprocess import FeatureStats
+from safn_core.privacy.errors import PrivacyError
+
+
+def statistics_sensitivity(n_features: int) -> float:
+    """L2 sensitivity of the released vector (add/remove one participant): sqrt(3F + 1)."""
+    return float(np.sqrt(3 * n_features + 1))
+
+
+def _ranges(features: Sequence[str], ranges: Mapping[str, tuple[float, float]]):
+    missing = [f for f in features if f not in ranges]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
+        raise PrivacyError(
+            f"privacy.statistics 'gaussian' needs a public plausible range for every feature; "
+            f"{len(missing)} have none ({shown}). Add them to the table mapping's ranges or use "
+            f"privacy.statistics: exact")
+    lo = np.array([float(ranges[f][0]) for f in features])
+    hi = np.array([float(ranges[f][1]) for f in features])
+    bad = [f for f, a, b in zip(features, lo, hi)
+           if not (np.isfinite(a) and np.isfinite(b) and b > a)]
+    if bad:
+        raise PrivacyError(f"plausible range of {bad[0]!r} is not a finite interval lo < hi")
+    return (lo + hi) / 2, (hi - lo) / 2
+
+
+def exact_clipped_statistics(frame: pd.DataFrame, features: Sequence[str], labels: np.ndarray,
+                             ranges: Mapping[str, tuple[float, float]]):
+    """The noise-free vector (c, s, q, k) in range units, before the Gaussian mechanism."""
+    mid, half = _ranges(features, ranges)
+    x = frame[list(features)].to_numpy(dtype=np.float64)
+    observed = ~np.isnan(x)
+    z = np.clip((np.where(observed, x, mid) - mid) / half, -1.0, 1.0) * observed
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2)[:2].astype(np.float64)
+    return observed.sum(0).astype(np.float64), z.sum(0), (z * z).sum(0), counts, mid, half
+
+
+def privatise_statistics(frame: pd.DataFrame, features: Sequence[str], labels: np.ndarray,
+                         ranges: Mapping[str, tuple[float, float]], noise_multiplier: float,
+                         rng: np.random.Generator) -> tuple[FeatureStats, list[float]]:
+    """The statistics of ``frame`` (the TRAINING split) through the Gaussian mechanism.
+
+    Returns `FeatureStats` in raw units (additive across sites, as the exact ones) and the noisy
+    class counts. The caller must record ``(noise_multiplier, 1.0, 1)`` in the site's ledger
+    *before* releasing the result (`SitePrivacy.release_statistics` does both).
+    """
+    if not noise_multiplier > 0:
+        raise ValueError("the noise multiplier must be > 0")
+    features = list(features)
+    c, s, q, k, mid, half = exact_clipped_statistics(frame, features, labels, ranges)
+    std = noise_multiplier * statistics_sensitivity(len(features))
+    c = c + rng.normal(0.0, std, c.shape)
+    s = s + rng.normal(0.0, std, s.shape)
+    q = q + rng.normal(0.0, std, q.shape)
+    k = k + rng.normal(0.0, std, k.shape)
+    # post-processing: project onto what real statistics can be
+    c = np.clip(c, 0.0, None)
+    s = np.clip(s, -c, c)
+    q = np.clip(q, s * s / np.maximum(c, 1e-12), c)  # Cauchy-Schwarz: s² ≤ c·q, and q ≤ c
+    q = np.where(c > 0, q, 0.0)
+    k = np.clip(k, 1.0, None)  # the class-balanced loss needs every class count > 0
+    total = c * mid + half * s
+    total_sq = c * mid * mid + 2 * mid * half * s + half * half * q
+    return FeatureStats(tuple(features), c, total, total_sq), k.tolist()
