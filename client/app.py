@@ -2,21 +2,30 @@
 
 Three message types, each answered from the site's own data:
 
-- ``query`` / describe: training-split statistics and class counts (the statistics round);
-- ``train``: local epochs from the global weights with the global preprocessing;
-- ``evaluate``: per-class score histograms of the validation and test splits.
+- ``query`` (describe): training-split statistics, class counts and the data structure (the
+  statistics round); refused with a reason when a class has fewer than ``min_cell`` people;
+- ``train``: local epochs from the global weights with the global preprocessing (sent by the
+  server in the train config), FedProx's proximal term when the strategy asks for it;
+- ``evaluate``: per-class score histograms of the validation and test splits (zeros and a flag
+  when a class has fewer than ``min_cell`` people there).
 
-Nothing participant-level is ever put in a reply.
+Nothing participant-level is ever put in a reply. A site is found from the node config: in
+simulation ``partition-id`` (a virtual site written by safn-sim into the run folder); in
+deployment ``data-config`` (the site's own YAML: its data section and its ``min_cell``).
+Sites are cached per process: a Ray actor builds each site's split and arrays once per run.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from safn_core.federation.aggregate import modalities_to_record
+from safn_core.federation.loop import site_seed
 from safn_core.federation.runfiles import load_run_config, load_sim_site, run_dir_from
 from safn_core.federation.site import Site, SmallCell
 from safn_core.preprocess import Preprocessor
@@ -25,36 +34,59 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=256)
-def _site(run_dir, partition_id: int) -> Site:
+def _sim_site(run_dir: Path, partition_id: int) -> Site:
     cfg = load_run_config(run_dir)
     name, cohort = load_sim_site(run_dir, partition_id)
     return Site(name, cohort, cfg)
 
 
+@lru_cache(maxsize=4)
+def _deployed_site(run_dir: Path, data_config: str, site_name: str) -> Site:
+    """A real site: its data section and min_cell from its own file, the rest from the run."""
+    from safn_core.config import load_config
+    from safn_core.data.sources import load_cohort
+
+    own = load_config(data_config)
+    cfg = load_run_config(run_dir).model_copy(deep=True)
+    cfg.data = own.data.model_copy(update={"min_cell": max(own.data.min_cell,
+                                                           cfg.data.min_cell)})
+    cohort = load_cohort(cfg.data, own.synth)
+    return Site(site_name or Path(data_config).stem, cohort, cfg)
+
+
 def site_for(context: Context) -> Site:
-    """This node's site: in simulation, the virtual site of its partition id."""
+    """This node's site and its partition id (the per-site seed offset)."""
     import torch
 
     torch.set_num_threads(1)
     run_dir = run_dir_from(dict(context.run_config))
-    return _site(run_dir, int(context.node_config["partition-id"]))
+    node = context.node_config
+    if "data-config" in node:
+        return _deployed_site(run_dir, str(node["data-config"]), str(node.get("site-name", "")))
+    return _sim_site(run_dir, int(node["partition-id"]))
 
 
-def _preprocessor(site: Site, config: ConfigRecord) -> Preprocessor:
-    pre = Preprocessor(site.cohort.modalities)
-    pre.mean_ = np.asarray(config["pre-mean"], dtype=np.float64)
-    pre.scale_ = np.asarray(config["pre-scale"], dtype=np.float64)
-    return _cached_pre(site, pre)
+def _partition(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
 
 
 _PRE_CACHE: dict = {}
 
 
-def _cached_pre(site: Site, pre: Preprocessor) -> Preprocessor:
-    """Reuse one Preprocessor object per (site, parameters) so the site caches its arrays."""
-    key = (site.name, pre.mean_.tobytes(), pre.scale_.tobytes())
+def _preprocessor(site: Site, config: ConfigRecord) -> Preprocessor:
+    """The global preprocessing sent with the model; one object per parameters, so the site's
+    preprocessed arrays are computed once per run, not once per round."""
+    mean = np.asarray(config["pre-mean"], dtype=np.float64)
+    scale = np.asarray(config["pre-scale"], dtype=np.float64)
+    if len(mean) != len(site.cohort.features):
+        raise ValueError(f"site {site.name}: the server's preprocessing has {len(mean)} features, "
+                         f"this site {len(site.cohort.features)}")
+    key = (site.name, mean.tobytes(), scale.tobytes())
     if key not in _PRE_CACHE:
-        _PRE_CACHE.clear()
+        if len(_PRE_CACHE) > 64:
+            _PRE_CACHE.clear()
+        pre = Preprocessor(site.cohort.modalities)
+        pre.mean_, pre.scale_ = mean, scale
         _PRE_CACHE[key] = pre
     return _PRE_CACHE[key]
 
@@ -73,7 +105,9 @@ def describe(msg: Message, context: Context) -> Message:
             "site": ConfigRecord({"name": site.name, "ok": False, "reason": str(exc)})}),
             reply_to=msg)
     return Message(RecordDict({
-        "site": ConfigRecord({"name": site.name, "ok": True, "features": list(stats.features)}),
+        "site": ConfigRecord({"name": site.name, "ok": True,
+                              "label-names": list(site.cohort.label_names),
+                              **modalities_to_record(site.cohort.modalities)}),
         "stats": ArrayRecord({"count": Array(stats.count), "total": Array(stats.total),
                               "total_sq": Array(stats.total_sq)}),
         "metrics": MetricRecord({"n-train": int(sum(counts)), "class-0": int(counts[0]),
@@ -84,14 +118,12 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = site_for(context)
-    cfg = site.cfg
     config = msg.content["config"]
-    pre = _preprocessor(site, config)
-    server_round = int(config["server-round"])
-    seed = int(config["seed"]) + 1000 * server_round + int(context.node_config["partition-id"])
     weights, n, loss = site.train(
-        _weights(msg.content["arrays"]), pre, list(config["class-counts"]),
-        model_cfg=cfg.model, epochs=int(config["local-epochs"]), seed=seed,
+        _weights(msg.content["arrays"]), _preprocessor(site, config),
+        list(config["class-counts"]), model_cfg=site.cfg.model,
+        epochs=int(config["local-epochs"]),
+        seed=site_seed(int(config["seed"]), int(config["server-round"]), _partition(context)),
         proximal_mu=float(config.get("proximal-mu", 0.0)))
     return Message(RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
@@ -103,12 +135,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_for(context)
     config = msg.content["config"]
-    pre = _preprocessor(site, config)
-    bins = int(config["histogram-bins"])
-    res = site.evaluate(_weights(msg.content["arrays"]), pre, site.cfg.model, bins)
+    res = site.evaluate(_weights(msg.content["arrays"]), _preprocessor(site, config),
+                        site.cfg.model, int(config["histogram-bins"]))
     return Message(RecordDict({"metrics": MetricRecord({
         "num-examples": int(res["test"].sum()),
         "val-neg": res["val"][0].tolist(), "val-pos": res["val"][1].tolist(),
         "test-neg": res["test"][0].tolist(), "test-pos": res["test"][1].tolist(),
-        "withheld": int(res["val_withheld"] or res["test_withheld"]),
+        "withheld": int(res["withheld"]),
     })}), reply_to=msg)

@@ -82,3 +82,29 @@ def reliability(calib: dict, path: Path, title: str = "Calibration") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def learning_curves(history: list[dict], path: Path) -> Path:
+    """Pooled ROC-AUC and balanced accuracy per round, and each site's ROC-AUC."""
+    fig, (ax_p, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
+    rounds = [h["round"] for h in history if h.get("pooled")]
+    for key, label in (("roc_auc", "ROC-AUC"), ("balanced_accuracy", "balanced accuracy"),
+                       ("pr_auc_hc", "PR-AUC (HC positive)")):
+        ax_p.plot(rounds, [h["pooled"][key] for h in history if h.get("pooled")], marker=".",
+                  label=label)
+    ax_p.set(xlabel="round", ylabel="pooled metric", title="Pooled (from summed histograms)")
+    sites = sorted({s for h in history for s in h.get("sites", {})})
+    for s in sites:
+        vals = [(h["round"], h["sites"][s]["roc_auc"]) for h in history
+                if h.get("sites", {}).get(s)]
+        if vals:
+            ax_s.plot(*zip(*vals), marker=".", label=s)
+    ax_s.set(xlabel="round", ylabel="ROC-AUC", title="Per site (test split)")
+    for ax in (ax_p, ax_s):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

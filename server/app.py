@@ -1,28 +1,35 @@
 """The SAFN ServerApp: the coordinator's side of a run, thin over `safn_core.federation`.
 
-A run: wait for the sites, a statistics round (Grid query messages; the sites' training-split
-sums build one global preprocessing and the loss's class counts), then the strategy's rounds;
-after each round, pooled and per-site metrics from the sites' score histograms and a checkpoint.
-A run folder that already holds checkpoints is resumed from its last complete round.
+A run: wait (bounded) for ``min_sites`` sites, a statistics round (Grid QUERY messages; the sites'
+training-split sums build one global preprocessing and the loss's class counts), then the
+strategy's rounds; after each round, pooled and per-site metrics from the sites' score
+histograms and a checkpoint. A run folder that already holds checkpoints is resumed from its
+last complete round. At the end the model bundle (same format as safn-train) is written to
+``<run folder>/model``.
+
+The run folder comes from the run config key ``run-dir`` (deployment: ``flwr run --run-config``)
+or the ``SAFN_RUN_DIR`` environment variable (``run_simulation``, whose run config is empty); it
+holds the resolved ``config.yaml``.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from safn_core.config import SafnConfig
-from safn_core.data.cohort import Modality
-from safn_core.federation.aggregate import global_preprocessing, round_metrics
+from safn_core.errors import SafnError
+from safn_core.federation.aggregate import (global_preprocessing, modalities_from_record,
+                                            round_line, round_metrics)
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
-from safn_core.federation.runfiles import load_run_config, run_dir_from
+from safn_core.federation.runfiles import expected_sites, load_run_config, run_dir_from
 from safn_core.federation.site import state_to_numpy
 from safn_core.io import write_json
 from safn_core.preprocess import FeatureStats, Preprocessor
@@ -30,18 +37,17 @@ from safn_core.training.local import make_model
 from server.strategies import make_strategy
 
 app = ServerApp()
-log = logging.getLogger("safn.server")
 
 
-class SitesMissing(RuntimeError):
-    """Fewer than ``min_sites`` sites connected within the configured wait."""
+class SitesMissing(SafnError):
+    """Fewer than ``min_sites`` sites connected, or none could describe its data."""
 
 
 def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
     """Node ids once ``min_sites`` are connected; Flower's own wait has no upper bound."""
     deadline = time.monotonic() + timeout
     while True:
-        nodes = list(grid.get_node_ids())
+        nodes = sorted(grid.get_node_ids())
         if len(nodes) >= min_sites:
             return nodes
         if time.monotonic() > deadline:
@@ -50,44 +56,49 @@ def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
         time.sleep(0.2)
 
 
-def statistics_round(grid: Grid, nodes: list[int], cfg: SafnConfig, timeout: float):
-    """Ask every site for its training-split statistics; build the global preprocessing."""
+class Described:
+    """What the statistics round returned: per-site sums, names, data structure, refusals."""
+
+    def __init__(self):
+        self.stats: list[FeatureStats] = []
+        self.counts: list[list[int]] = []
+        self.names: dict[int, str] = {}
+        self.eligible: set[int] = set()
+        self.refused: dict[str, str] = {}
+        self.structure: ConfigRecord | None = None
+
+
+def statistics_round(grid: Grid, nodes: list[int], timeout: float,
+                     min_sites: int = 1) -> Described:
+    """Ask every site for its training-split statistics (a QUERY message, before training)."""
     messages = [Message(RecordDict({"config": ConfigRecord({"task": "describe"})}),
                         dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
-    replies = grid.send_and_receive(messages, timeout=timeout)
-    stats, counts, names, refused = [], [], {}, {}
-    modalities = None
-    for reply in replies:
+    out = Described()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
         nid = reply.metadata.src_node_id
         if reply.has_error():
-            refused[nid] = reply.error.reason
+            out.refused[f"node {nid}"] = reply.error.reason
             continue
         site = reply.content["site"]
-        names[nid] = str(site["name"])
+        out.names[nid] = name = str(site["name"])
         if not site["ok"]:
-            refused[nid] = str(site["reason"])
+            out.refused[name] = str(site["reason"])
             continue
+        if out.structure is None:
+            out.structure = site
+        elif list(site["features"]) != list(out.structure["features"]):
+            raise SitesMissing(f"site {name} describes other features than the first site; "
+                               "sites must share one data contract to federate")
         arr = reply.content["stats"]
-        features = tuple(site["features"])
-        stats.append(FeatureStats(features, arr["count"].numpy(), arr["total"].numpy(),
-                                  arr["total_sq"].numpy()))
+        out.stats.append(FeatureStats(tuple(site["features"]), arr["count"].numpy(),
+                                      arr["total"].numpy(), arr["total_sq"].numpy()))
         m = reply.content["metrics"]
-        counts.append([int(m["class-0"]), int(m["class-1"])])
-    if not stats:
-        raise SitesMissing("no site sent statistics: " + "; ".join(refused.values()))
-    if len({s.features for s in stats}) != 1:
-        raise RuntimeError("sites describe different feature lists; they cannot federate")
-    return stats, counts, names, refused
-
-
-def _modalities(cfg: SafnConfig, run_dir: Path, features: tuple[str, ...]) -> tuple[Modality, ...]:
-    import json
-
-    meta = run_dir / "sim" / "sites.json"
-    if meta.is_file():
-        mods = json.loads(meta.read_text())["modalities"]
-        return tuple(Modality(m["name"], tuple(m["features"]), m["side"]) for m in mods)
-    raise RuntimeError("the run folder does not describe the modalities")
+        out.counts.append([int(m["class-0"]), int(m["class-1"])])
+        out.eligible.add(nid)
+    if len(out.stats) < min_sites:
+        raise SitesMissing(f"{len(out.stats)} sites sent statistics, fewer than min_sites = "
+                           f"{min_sites}" + "".join(f"; {k}: {v}" for k, v in out.refused.items()))
+    return out
 
 
 class Coordinator:
@@ -97,83 +108,135 @@ class Coordinator:
         self.grid, self.cfg, self.run_dir, self.report = grid, cfg, Path(run_dir), report
         self.fed = cfg.federation
 
+    # -- phases ------------------------------------------------------------------------------
+
     def run(self) -> RunState:
         fed = self.fed
-        random.seed(self.cfg.train.seed)  # Flower samples nodes with random.sample
-        nodes = wait_for_sites(self.grid, fed.min_sites, fed.round_timeout)
-        stats, counts, names, refused = statistics_round(self.grid, nodes, self.cfg,
-                                                         fed.round_timeout)
-        for nid, why in refused.items():
-            self.report(f"site {names.get(nid, nid)} withheld its statistics: {why}")
-        modalities = _modalities(self.cfg, self.run_dir, stats[0].features)
+        random.seed(self.cfg.train.seed)  # anything left to Flower's random.sample is seeded
+        t0 = time.perf_counter()
+        # a simulation waits for every virtual site (they register one by one), a deployment
+        # for min_sites
+        wanted = max(fed.min_sites, expected_sites(self.run_dir) or 0)
+        nodes = wait_for_sites(self.grid, wanted, fed.round_timeout)
+        desc = statistics_round(self.grid, nodes, fed.round_timeout, fed.min_sites)
+        self.timing = {"statistics_round_s": time.perf_counter() - t0}
+        self._t_last = time.perf_counter()
+        for name, why in desc.refused.items():
+            self.report(f"site {name} withheld its statistics: {why}")
+        self.modalities = modalities_from_record(desc.structure)
+        self.label_names = tuple(desc.structure["label-names"])
+        self.state = self._initial_state(desc)
+        self.state.sites = {str(k): v for k, v in desc.names.items()}
+        if self.state.round < fed.rounds:
+            self._train(desc)
+        self._finish()
+        return self.state
+
+    def _initial_state(self, desc: Described) -> RunState:
+        pre, class_counts = global_preprocessing(self.modalities, desc.stats, desc.counts)
         state = load_checkpoint(self.run_dir)
         if state is None:
-            pre, class_counts = global_preprocessing(modalities, stats, counts)
-            model = make_model(modalities, self.cfg.model, self.cfg.train.seed)
-            state = RunState(0, state_to_numpy(model), pre.state_dict(), class_counts)
-            self.report(f"statistics round: {sum(map(sum, counts))} training participants at "
-                        f"{len(stats)} sites; class counts {class_counts}")
-        else:
-            self.report(f"resuming after round {state.round} of {fed.rounds}")
-        state.sites = {str(k): v for k, v in names.items()}
-        if state.round >= fed.rounds:
-            return state
-        self.state = state
-        self.pre = Preprocessor.from_state(state.preprocessing)
-        strategy = make_strategy(fed, len(nodes))
-        strategy.round_offset = state.round
-        strategy.site_names = names
-        strategy.set_state(state.strategy_state)
+            model = make_model(self.modalities, self.cfg.model, self.cfg.train.seed)
+            self.report(f"statistics round: {sum(map(sum, desc.counts))} training participants "
+                        f"at {len(desc.stats)} sites; class counts {class_counts}")
+            return RunState(0, state_to_numpy(model), pre.state_dict(), class_counts)
+        self.report(f"resuming after round {state.round} of {self.fed.rounds}")
+        saved = np.asarray(state.preprocessing["mean"])
+        if saved.shape != pre.mean_.shape or not np.allclose(pre.mean_, saved):
+            self.report("note: the sites' data changed since the checkpoint; the run keeps the "
+                        "checkpoint's preprocessing")
+        return state
+
+    def _train(self, desc: Described) -> None:
+        fed = self.fed
+        pre = Preprocessor.from_state(self.state.preprocessing)
+        strategy = make_strategy(fed, self.cfg.train.seed)
+        strategy.round_offset = self.state.round
+        strategy.site_names = dict(desc.names)
+        strategy.eligible = set(desc.eligible)
+        strategy.set_state(self.state.strategy_state)
         self.strategy = strategy
         config = ConfigRecord({
-            "pre-mean": self.pre.mean_.tolist(), "pre-scale": self.pre.scale_.tolist(),
-            "class-counts": [int(c) for c in state.class_counts],
+            "pre-mean": pre.mean_.tolist(), "pre-scale": pre.scale_.tolist(),
+            "class-counts": [int(c) for c in self.state.class_counts],
             "local-epochs": fed.local_epochs, "seed": self.cfg.train.seed,
             "histogram-bins": fed.histogram_bins,
         })
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.weights.items()})
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v))
+                              for k, v in self.state.weights.items()})
         strategy.start(grid=self.grid, initial_arrays=arrays,
-                       num_rounds=fed.rounds - state.round, timeout=fed.round_timeout,
+                       num_rounds=fed.rounds - self.state.round, timeout=fed.round_timeout,
                        train_config=config, evaluate_config=ConfigRecord(dict(config)),
                        evaluate_fn=self._end_of_round)
-        return self.state
 
     def _end_of_round(self, server_round: int, arrays: ArrayRecord):
         """After each round: pooled/per-site metrics from histograms, then a checkpoint."""
         if server_round == 0:
             return None
-        r = self.strategy.round_offset + server_round
-        site_hists = {}
-        for nid, m in self.strategy.last_evaluate.items():
-            name = self.strategy.site_names.get(nid, str(nid))
-            site_hists[name] = {
-                "val": np.array([m["val-neg"], m["val-pos"]], dtype=np.int64),
-                "test": np.array([m["test-neg"], m["test-pos"]], dtype=np.int64),
-                "val_withheld": bool(m["withheld"]), "test_withheld": bool(m["withheld"]),
-            }
-        entry = {"round": r, "sites_evaluated": len(site_hists),
-                 "rejected": [x for x in self.strategy.rejected if x["round"] == r]}
-        if site_hists:
-            entry.update(round_metrics(site_hists))
+        s = self.strategy
+        r = s.round_offset + server_round
+        entry: dict = {"round": r}
+        if s.last_train:
+            n = [float(m["num-examples"]) for m in s.last_train.values()]
+            loss = [float(m["train-loss"]) for m in s.last_train.values()]
+            entry["train_loss"] = float(np.average(loss, weights=n))
+            entry["sites_trained"] = sorted(s.last_train)
+        hists = {name: {"val": np.array([m["val-neg"], m["val-pos"]], dtype=np.int64),
+                        "test": np.array([m["test-neg"], m["test-pos"]], dtype=np.int64),
+                        "withheld": bool(m["withheld"])}
+                 for name, m in s.last_evaluate.items()}
+        if hists:
+            entry.update(round_metrics(hists))
+        entry["rejected"] = [x for x in s.rejected if x["round"] == r]
+        now = time.perf_counter()
+        entry["seconds"], self._t_last = now - self._t_last, now
         self.state = RunState(r, {k: a.numpy() for k, a in arrays.items()},
-                              self.state.preprocessing, self.state.class_counts,
-                              self.strategy.get_state(), self.state.history + [entry],
-                              self.state.sites)
+                              self.state.preprocessing, self.state.class_counts, s.get_state(),
+                              self.state.history + [entry], self.state.sites)
         save_checkpoint(self.run_dir, self.state)
-        self.report(_round_line(entry, self.fed.rounds))
+        write_json(self.run_dir / "history.json", self.state.history)
+        self.report(round_line(entry, self.fed.rounds))
         return None
 
+    def _finish(self) -> None:
+        """The model bundle (weights + preprocessing + config + metrics) and per-round tables."""
+        write_json(self.run_dir / "history.json", self.state.history)
+        write_json(self.run_dir / "timing.json", self.timing)
+        rounds_table(self.state.history).to_csv(self.run_dir / "rounds.csv", index=False)
+        if (self.run_dir / "model").exists():
+            return
+        from safn_core.bundle import save_bundle
 
-def _round_line(entry: dict, rounds: int) -> str:
-    text = f"round {entry['round']:>3}/{rounds}"
-    if "pooled" in entry:
-        p = entry["pooled"]
-        text += (f"  pooled ROC-AUC {p['roc_auc']:.3f}  PR-AUC {p['pr_auc_pd']:.3f}  "
-                 f"bal acc {p['balanced_accuracy']:.3f}  ({entry['sites_evaluated']} sites, "
-                 f"{entry['n_test']} test participants)")
-    for x in entry.get("rejected", []):
-        text += f"\n  rejected update from site {x['site']}: {x['reason']}"
-    return text
+        pre = Preprocessor.from_state(self.state.preprocessing)
+        model = make_model(pre.modalities, self.cfg.model, 0)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in self.state.weights.items()})
+        last = self.state.history[-1] if self.state.history else {}
+        pooled = last.get("pooled") or {}
+        save_bundle(self.run_dir / "model", model, pre, self.cfg,
+                    threshold=last.get("threshold", 0.5), class_counts=self.state.class_counts,
+                    label_names=self.label_names, kind="federated",
+                    metrics={"federated_pooled_test": {k: {"mean": v, "sd": None}
+                                                       for k, v in pooled.items()}},
+                    extra={"training": {
+                        "participants": int(sum(self.state.class_counts)),
+                        "sites": sorted(self.state.sites.values()), "rounds": self.state.round,
+                        "strategy": self.fed.strategy, "local_epochs": self.fed.local_epochs,
+                        "evaluated_on": f"{last.get('n_test', 0)} test participants at "
+                                        f"{last.get('sites_reported', 0)} sites (score "
+                                        "histograms; sites below min_cell withheld)"}})
+
+
+def rounds_table(history: list[dict]) -> pd.DataFrame:
+    """One row per round and site ('pooled' included): the metric history as a table."""
+    rows = []
+    for e in history:
+        base = {"round": e["round"], "train_loss": e.get("train_loss"),
+                "threshold": e.get("threshold")}
+        if e.get("pooled"):
+            rows.append({**base, "site": "pooled", "n_test": e.get("n_test"), **e["pooled"]})
+        for site, m in (e.get("sites") or {}).items():
+            rows.append({**base, "site": site, **(m or {"withheld": True})})
+    return pd.DataFrame(rows)
 
 
 @app.main()
@@ -191,7 +254,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         state = Coordinator(grid, cfg, run_dir, report).run()
     except SitesMissing as exc:
-        report(f"run stopped: {exc}; checkpoint kept in {run_dir / 'checkpoints'}")
+        report(f"run stopped: {exc}; checkpoints kept in {run_dir / 'checkpoints'}")
         write_json(run_dir / "federation_status.json", {"status": "failed", "reason": str(exc)})
         return
     write_json(run_dir / "federation_status.json", {"status": "completed", "round": state.round})

@@ -1,4 +1,8 @@
-"""Server-side aggregation of what sites send: statistics, class counts, score histograms."""
+"""Server-side aggregation of what sites send: statistics, class counts, weights, histograms.
+
+Everything here is plain NumPy so that the Flower ServerApp, the in-process loop of
+`safn_core.federation.loop` and the tests compute exactly the same thing.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,16 @@ from safn_core.data.cohort import Modality
 from safn_core.metrics import metrics_from_histogram, threshold_from_histogram
 from safn_core.preprocess import FeatureStats, Preprocessor
 
+# ------------------------------------------------------------------ statistics round
+
 
 def global_preprocessing(modalities: tuple[Modality, ...], stats: list[FeatureStats],
                          class_counts: list[list[int]]) -> tuple[Preprocessor, list[int]]:
-    """One preprocessing for the whole federation, from the sum of the sites' statistics."""
+    """One preprocessing for the whole federation, from the sum of the sites' statistics.
+
+    Sums of counts, sums and sums of squares are exactly the pooled training split's, so the
+    means and SDs equal a centralised fit on all sites' training data (up to float rounding).
+    """
     total = stats[0]
     for s in stats[1:]:
         total = total + s
@@ -20,18 +30,124 @@ def global_preprocessing(modalities: tuple[Modality, ...], stats: list[FeatureSt
     return pre, counts
 
 
+def modalities_to_record(modalities: tuple[Modality, ...]) -> dict:
+    """Flat lists (Flower ConfigRecord values) describing the modality groups."""
+    return {"modality-names": [m.name for m in modalities],
+            "modality-sides": [m.side for m in modalities],
+            "modality-sizes": [len(m.features) for m in modalities],
+            "features": [f for m in modalities for f in m.features]}
+
+
+def modalities_from_record(rec) -> tuple[Modality, ...]:
+    """Inverse of `modalities_to_record`."""
+    features = list(rec["features"])
+    out, start = [], 0
+    for name, side, size in zip(rec["modality-names"], rec["modality-sides"],
+                                rec["modality-sizes"]):
+        out.append(Modality(str(name), tuple(features[start:start + int(size)]), str(side)))
+        start += int(size)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ weights
+
+
+def weighted_mean(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    """FedAvg: the examples-weighted mean of the sites' weights (Flower's formula)."""
+    total = float(sum(n for _, n in updates))
+    keys = updates[0][0].keys()
+    return {k: sum(w[k] * (n / total) for w, n in updates).astype(updates[0][0][k].dtype)
+            for k in keys}
+
+
+class ServerOptimizer:
+    """The server update of FedAvg / FedProx / FedAdam / FedYogi, as Flower 1.42 computes it.
+
+    The Flower apps use Flower's own strategies; this class lets the in-process loop (benchmark
+    baseline, tests) apply the same update without Flower. ``m_t``/``v_t`` are the adaptive
+    moments, checkpointed under the same names as the Flower strategies' attributes.
+    """
+
+    def __init__(self, strategy: str, eta: float = 0.01, tau: float = 1e-3,
+                 beta_1: float = 0.9, beta_2: float = 0.99):
+        self.strategy, self.eta, self.tau = strategy, eta, tau
+        self.beta_1, self.beta_2 = beta_1, beta_2
+        self.m_t: dict[str, np.ndarray] | None = None
+        self.v_t: dict[str, np.ndarray] | None = None
+
+    def step(self, server_round: int, current: dict[str, np.ndarray],
+             updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+        avg = weighted_mean(updates)
+        if self.strategy in ("fedavg", "fedprox"):
+            return avg
+        delta = {k: avg[k] - current[k] for k in avg}
+        if not self.m_t:
+            self.m_t = {k: np.zeros_like(v) for k, v in avg.items()}
+        self.m_t = {k: self.beta_1 * v + (1 - self.beta_1) * delta[k] for k, v in self.m_t.items()}
+        if not self.v_t:
+            self.v_t = {k: np.zeros_like(v) for k, v in avg.items()}
+        if self.strategy == "fedadam":
+            self.v_t = {k: self.beta_2 * v + (1 - self.beta_2) * delta[k] ** 2
+                        for k, v in self.v_t.items()}
+            eta = (self.eta * np.sqrt(1 - np.power(self.beta_2, server_round + 1.0))
+                   / (1 - np.power(self.beta_1, server_round + 1.0)))
+        elif self.strategy == "fedyogi":
+            self.v_t = {k: v - (1.0 - self.beta_2) * delta[k] ** 2 * np.sign(v - delta[k] ** 2)
+                        for k, v in self.v_t.items()}
+            eta = self.eta
+        else:
+            raise ValueError(f"unknown strategy {self.strategy}")
+        return {k: np.asarray(x + eta * self.m_t[k] / (np.sqrt(self.v_t[k]) + self.tau))
+                for k, x in current.items()}
+
+    def get_state(self) -> dict[str, dict[str, np.ndarray]]:
+        return {name: dict(v) for name in ("m_t", "v_t") if (v := getattr(self, name))}
+
+    def set_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        for name, value in state.items():
+            setattr(self, name, {k: np.asarray(v) for k, v in value.items()})
+
+
+# ------------------------------------------------------------------ evaluation
+
+
 def round_metrics(site_hists: dict[str, dict]) -> dict:
     """Pooled metrics (threshold from the pooled validation histogram) and per-site metrics.
 
-    ``site_hists``: site → {"val": (2, bins), "test": (2, bins), "val_withheld", "test_withheld"}.
-    Pooled AUCs come from the SUM of the sites' histograms, never from averaging site AUCs.
+    ``site_hists``: site → {"val": (2, bins), "test": (2, bins), "withheld": bool}. A withheld
+    site (fewer than min_cell people of a class in a split) sent zeros and has no per-site
+    metrics. Pooled AUCs come from the SUM of the histograms, never from averaging site AUCs;
+    pooled accuracy / sensitivity / specificity from the summed confusion counts at the threshold.
     """
-    first = next(iter(site_hists.values()))
-    val = sum((h["val"] for h in site_hists.values()), np.zeros_like(first["val"]))
-    test = sum((h["test"] for h in site_hists.values()), np.zeros_like(first["test"]))
+    reported = {k: h for k, h in site_hists.items() if not h["withheld"]}
+    bins = next(iter(site_hists.values()))["test"].shape[1]
+    val = sum((h["val"] for h in reported.values()), np.zeros((2, bins), dtype=np.int64))
+    test = sum((h["test"] for h in reported.values()), np.zeros((2, bins), dtype=np.int64))
     threshold = threshold_from_histogram(val)
-    pooled = metrics_from_histogram(test, threshold)
-    per_site = {name: (None if h["test_withheld"] else metrics_from_histogram(h["test"], threshold))
+    pooled = metrics_from_histogram(test, threshold) if test.sum() else None
+    per_site = {name: (None if h["withheld"] else metrics_from_histogram(h["test"], threshold))
                 for name, h in site_hists.items()}
     return {"threshold": threshold, "pooled": pooled, "sites": per_site,
+            "sites_reported": len(reported),
+            "sites_withheld": sorted(set(site_hists) - set(reported)),
             "n_test": int(test.sum()), "n_val": int(val.sum())}
+
+
+def round_line(entry: dict, rounds: int) -> str:
+    """One readable progress line per round (pooled metrics, sites that reported)."""
+    text = f"round {entry['round']:>3}/{rounds}"
+    if "train_loss" in entry:
+        text += f"  train loss {entry['train_loss']:.4f}"
+    p = entry.get("pooled")
+    if p:
+        text += (f"  pooled ROC-AUC {p['roc_auc']:.3f}  PR-AUC {p['pr_auc_pd']:.3f}  "
+                 f"bal acc {p['balanced_accuracy']:.3f}  ({entry['n_test']} test participants "
+                 f"at {entry['sites_reported']} sites")
+        if entry.get("sites_withheld"):
+            text += f"; {len(entry['sites_withheld'])} below min_cell"
+        text += ")"
+    elif "sites_reported" in entry:
+        text += "  no site could report test metrics (all below min_cell)"
+    for x in entry.get("rejected", []):
+        text += f"\n  rejected update from site {x['site']}: {x['reason']}"
+    return text

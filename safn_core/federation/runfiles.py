@@ -50,6 +50,14 @@ def write_sim_sites(run_dir: Path, cohort: Cohort, sites: dict) -> None:
                        for m in cohort.modalities]})
 
 
+def expected_sites(run_dir: Path) -> int | None:
+    """How many sites a simulation has (all must join); None outside simulation."""
+    meta = Path(run_dir) / "sim" / "sites.json"
+    if not meta.is_file():
+        return None
+    return len(json.loads(meta.read_text())["sites"])
+
+
 @lru_cache(maxsize=256)
 def load_sim_site(run_dir: Path, partition_id: int) -> tuple[str, Cohort]:
     meta = json.loads((Path(run_dir) / "sim" / "sites.json").read_text())

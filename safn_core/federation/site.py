@@ -101,7 +101,7 @@ class Site:
         torch.manual_seed(seed)
         data = self.arrays(pre, "train")
         model = make_model(pre.modalities, model_cfg, seed)
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
         global_params = [p.detach().clone() for p in model.parameters()]
         optimizer = make_optimizer(model, self.cfg.train)
         loader = make_loader(data, self.cfg.train.batch_size, seed)
@@ -111,12 +111,13 @@ class Site:
 
     def evaluate(self, state: dict, pre: Preprocessor, model_cfg: ModelConfig,
                  bins: int) -> dict:
-        """Score histograms of the validation and test splits (per class), and sizes.
+        """Score histograms of the validation and test splits (per class).
 
-        A split with fewer than ``min_cell`` people of a class is withheld (zeros, flagged).
+        A split with fewer than ``min_cell`` people of a class is withheld (zeros, flagged);
+        ``withheld`` flags a site whose histograms the coordinator must not use (either split).
         """
         model = make_model(pre.modalities, model_cfg, 0)
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
         out = {}
         for part in ("val", "test"):
             data = self.arrays(pre, part)
@@ -128,4 +129,5 @@ class Site:
             p, _ = predict(model, data)
             out[part] = score_histogram(data.y, p, bins)
             out[f"{part}_withheld"] = False
+        out["withheld"] = out["val_withheld"] or out["test_withheld"]
         return out

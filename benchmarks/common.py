@@ -1,0 +1,127 @@
+"""Shared set-up of the federation benchmarks: a run folder with virtual sites, both engines."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safn_core.config import SafnConfig, dump_config, load_config  # noqa: E402
+from safn_core.data.sources import load_cohort  # noqa: E402
+from safn_core.federation.partition import partition  # noqa: E402
+from safn_core.federation.runfiles import load_sim_site, write_config, write_sim_sites  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(overrides: list[str]) -> SafnConfig:
+    return load_config(ROOT / "configs" / "simulation.yaml", overrides)
+
+
+def prepare(cfg: SafnConfig, cohort=None) -> tuple[Path, dict]:
+    """A fresh run folder holding the config and the virtual sites; returns (folder, parts)."""
+    cohort = cohort if cohort is not None else load_cohort(cfg.data, cfg.synth)
+    s = cfg.simulation
+    parts = partition(cohort, s.partition, s.n_sites, alpha=s.dirichlet_alpha,
+                      size_alpha=s.size_skew, seed=s.seed)
+    run_dir = Path(tempfile.mkdtemp(prefix="safn-bench-")).resolve()
+    write_config(run_dir, dump_config(cfg))
+    write_sim_sites(run_dir, cohort, parts)
+    return run_dir, parts
+
+
+def sites_of(run_dir: Path, n: int) -> dict:
+    return dict(load_sim_site(run_dir, i) for i in range(n))
+
+
+def flower(run_dir: Path, cfg: SafnConfig, n_sites: int) -> dict:
+    """safn-sim's Flower run (same function); wall time and its breakdown."""
+    from safn_core.cli.sim import run_flower_simulation
+
+    wall = run_flower_simulation(run_dir, cfg, n_sites)
+    history = json.loads((run_dir / "history.json").read_text())
+    timing = json.loads((run_dir / "timing.json").read_text())
+    rounds = [e["seconds"] for e in history]
+    return {"wall_s": wall, "rounds_s": sum(rounds), "per_round_s": sum(rounds) / len(rounds),
+            "statistics_round_s": timing["statistics_round_s"],
+            "startup_and_teardown_s": wall - sum(rounds) - timing["statistics_round_s"],
+            "history": history}
+
+
+def in_process(run_dir: Path, cfg: SafnConfig, n_sites: int) -> dict:
+    """The plain loop over the same safn_core functions (sites loaded from the same files)."""
+    import torch
+
+    from safn_core.federation.loop import run_in_process
+
+    torch.set_num_threads(1)
+    ckpt = Path(tempfile.mkdtemp(prefix="safn-bench-loop-"))
+    t0 = time.perf_counter()
+    # checkpoints every round as the ServerApp does: same work on both sides
+    state = run_in_process(sites_of(run_dir, n_sites), cfg, ckpt, report=lambda line: None)
+    wall = time.perf_counter() - t0
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {"wall_s": wall, "per_round_s": sum(e["seconds"] for e in state.history) / len(
+        state.history), "state": state}
+
+
+def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def tree_rss_mb(root: int) -> float:
+    """Resident memory of a process and all its descendants (Ray's GCS, raylet, actors)."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo, page = 0, [root], os.sysconf("SC_PAGE_SIZE")
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * page
+        except OSError:
+            pass
+    return total / 2**20
+
+
+class PeakMemory:
+    """Samples the process tree's resident memory in a thread; ``peak_mb`` after the block."""
+
+    def __init__(self, interval: float = 0.25):
+        import os
+        import threading
+
+        self.interval, self.peak_mb, self.root = interval, 0.0, os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.root))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()

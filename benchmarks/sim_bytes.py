@@ -1,0 +1,118 @@
+"""Bytes sent per site per round, against the model's size.
+
+Runs a short safn-sim federation on Flower (Ray backend) with the ClientApp's three handlers
+wrapped to record the size of every message a site receives and sends, serialised with Flower's
+own protobuf serde (what the Deployment Engine puts on the wire, before TLS/HTTP framing).
+
+    .venv/bin/python benchmarks/sim_bytes.py
+    .venv/bin/python benchmarks/sim_bytes.py --set federation.histogram_bins=200
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from common import config, prepare
+
+LOG = os.path.join(tempfile.gettempdir(), f"safn-bytes-{os.getpid()}")
+
+
+def size(content) -> int:
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).ByteSize()
+
+
+def parts_of(content) -> dict[str, int]:
+    """Bytes per record of a RecordDict (arrays, config, metrics ...)."""
+    from flwr.app import RecordDict
+
+    return {k: size(RecordDict({k: v})) for k, v in content.items()}
+
+
+def wrapped(fn, kind: str):
+    @functools.wraps(fn)
+    def handler(msg, context):
+        reply = fn(msg, context)
+        row = {"kind": kind, "round": int(msg.content["config"].get("server-round", 0))
+               if "config" in msg.content else 0,
+               "received": size(msg.content), "sent": size(reply.content),
+               "received_parts": parts_of(msg.content), "sent_parts": parts_of(reply.content)}
+        with open(f"{LOG}-{os.getpid()}.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return reply
+    return handler
+
+
+def instrumented_client_app():
+    """The real ClientApp's handlers, each wrapped to log its message sizes."""
+    from flwr.clientapp import ClientApp
+
+    import client.app as real
+
+    app = ClientApp()
+    app.query()(wrapped(real.describe, "statistics"))
+    app.train()(wrapped(real.train, "train"))
+    app.evaluate()(wrapped(real.evaluate, "evaluate"))
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    args = ap.parse_args()
+    cfg = config(["simulation.compare=false", "federation.rounds=2", *args.overrides])
+    run_dir, parts = prepare(cfg)
+    os.environ["SAFN_BYTES_LOG"] = LOG
+    import client.app as real
+
+    real.app = instrumented_client_app()  # run_flower_simulation imports `app` from here
+    from safn_core.cli.sim import run_flower_simulation
+
+    try:
+        run_flower_simulation(run_dir, cfg, len(parts))
+        from safn_core.federation.checkpoint import load_checkpoint
+
+        weights = load_checkpoint(run_dir).weights
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    rows = []
+    for f in glob.glob(f"{LOG}-*.jsonl"):
+        rows += [json.loads(line) for line in open(f)]
+        os.unlink(f)
+    n_params = sum(v.size for v in weights.values())
+    model_bytes = sum(v.nbytes for v in weights.values())
+    print(f"model: {n_params:,} parameters, {model_bytes / 1e3:.1f} kB as float32; "
+          f"{len(parts)} sites, {cfg.federation.histogram_bins} histogram bins")
+    print(f"{'message':<12}{'site receives':>16}{'site sends':>14}   largest parts")
+    per_round = {"received": 0.0, "sent": 0.0}
+    for kind in ("statistics", "train", "evaluate"):
+        sel = [r for r in rows if r["kind"] == kind]
+        if not sel:
+            continue
+        rec = sum(r["received"] for r in sel) / len(sel)
+        sent = sum(r["sent"] for r in sel) / len(sel)
+        big = {**{f"in:{k}": v for k, v in sel[0]["received_parts"].items()},
+               **{f"out:{k}": v for k, v in sel[0]["sent_parts"].items()}}
+        top = ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in
+                        sorted(big.items(), key=lambda kv: -kv[1])[:3])
+        print(f"{kind:<12}{rec / 1e3:>13.1f} kB{sent / 1e3:>11.1f} kB   {top}")
+        if kind != "statistics":
+            per_round["received"] += rec
+            per_round["sent"] += sent
+    total = per_round["received"] + per_round["sent"]
+    print(f"per site per round (train + evaluate): receives {per_round['received'] / 1e3:.1f} kB, "
+          f"sends {per_round['sent'] / 1e3:.1f} kB, {total / 1e3:.1f} kB in all = "
+          f"{total / model_bytes:.2f} x the model's size")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

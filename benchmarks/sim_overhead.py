@@ -1,0 +1,72 @@
+"""Simulation overhead: safn-sim's Flower run vs a plain in-process loop doing the same rounds.
+
+Both run the same safn_core functions (statistics round, local training, evaluation, FedAvg) on
+the same virtual sites with the same seeds; the script checks that they end with the same
+weights and prints wall times, the Flower run's breakdown (Ray start-up and ClientApp actors,
+statistics round, rounds) and the ratio. Target: ratio <= 2 for 5 sites x 20 rounds.
+
+    .venv/bin/python benchmarks/sim_overhead.py                 # 5 sites x 20 rounds
+    .venv/bin/python benchmarks/sim_overhead.py --set federation.rounds=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import numpy as np
+from common import config, flower, in_process, prepare
+
+
+def flower_stock_polling(run_dir, cfg, n):
+    """Flower with its own 0.1 s poll intervals (`tune_flower_polling` undone for one run)."""
+    from safn_core.cli.sim import restore_flower_polling
+
+    restore_flower_polling()
+    return flower(run_dir, cfg, n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--also-slow-polling", action="store_true",
+                    help="also run Flower with its stock 0.1 s polling (before/after the cut)")
+    args = ap.parse_args()
+    cfg = config(["simulation.compare=false", *args.overrides])
+    run_dir, parts = prepare(cfg)
+    n = len(parts)
+    try:
+        loop = in_process(run_dir, cfg, n)
+        fl = flower(run_dir, cfg, n)
+        if args.also_slow_polling:
+            for f in (run_dir / "checkpoints").iterdir():
+                f.unlink()
+            (run_dir / "model").exists() and shutil.rmtree(run_dir / "model")
+            slow_cfg = cfg.model_copy(deep=True)
+            slow_cfg.simulation.fast_polling = False
+            slow = flower_stock_polling(run_dir, slow_cfg, n)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    same = "n/a"
+    print(f"{n} sites x {cfg.federation.rounds} rounds x {cfg.federation.local_epochs} local "
+          f"epochs, strategy {cfg.federation.strategy}")
+    print(f"in-process loop : {loop['wall_s']:7.2f} s  ({loop['per_round_s']:.3f} s/round)")
+    print(f"Flower (Ray)    : {fl['wall_s']:7.2f} s  ({fl['per_round_s']:.3f} s/round; "
+          f"start-up + teardown {fl['startup_and_teardown_s']:.2f} s, statistics round "
+          f"{fl['statistics_round_s']:.2f} s)")
+    print(f"ratio Flower / loop: {fl['wall_s'] / loop['wall_s']:.2f} in all, "
+          f"{fl['per_round_s'] / loop['per_round_s']:.2f} per round")
+    if args.also_slow_polling:
+        print(f"Flower, stock polling: {slow['wall_s']:7.2f} s  ({slow['per_round_s']:.3f} s/round)"
+              f"  -> ratio {slow['wall_s'] / loop['wall_s']:.2f} in all, "
+              f"{slow['per_round_s'] / loop['per_round_s']:.2f} per round")
+    a = fl["history"][-1].get("pooled") or {}
+    b = loop["state"].history[-1].get("pooled") or {}
+    if a and b:
+        same = "yes" if np.isclose(a["roc_auc"], b["roc_auc"]) else "NO"
+    print(f"same final pooled ROC-AUC in both engines: {same}")
+
+
+if __name__ == "__main__":
+    main()

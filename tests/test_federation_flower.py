@@ -1,0 +1,165 @@
+"""End to end through Flower's Simulation Engine (Ray backend): safn-sim on a small table cohort,
+the Flower run against the in-process loop, and a resume from a checkpoint (~40 s in all)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from safn_core.bundle import load_bundle
+from safn_core.federation.checkpoint import load_checkpoint
+from safn_core.federation.loop import run_in_process
+from safn_core.federation.runfiles import load_run_config, load_sim_site
+from tests.helpers import write_toy
+
+pytestmark = pytest.mark.timeout(300)
+
+SMALL = ["model.d_model=16", "model.n_heads=2", "model.encoder_hidden=16", "model.ffn_hidden=16",
+         "model.head_hidden=16", "federation.local_epochs=1", "data.min_cell=3", "train.lr=0.005",
+         "train.max_epochs=10", "train.patience=3", "simulation.num_cpus_per_site=1"]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cohort")
+    csv, mapping = write_toy(folder, n=400)
+    return ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}"]
+
+
+BIN = Path(sys.executable).parent
+
+
+class Done:
+    def __init__(self, proc):
+        self.code, self.err = proc.returncode, proc.stderr
+        self.out = " ".join(proc.stdout.split())  # rich wraps table titles
+
+
+def run(args) -> Done:
+    """The safn-sim console script, as a user runs it."""
+    return Done(subprocess.run([str(BIN / "safn-sim"), *args], capture_output=True, text=True,
+                               timeout=240))
+
+
+def argv(table, out, *extra):
+    sets = [x for s in (table + SMALL + list(extra)) for x in ("--set", s)]
+    return [*sets, "--out", str(out)]
+
+
+def test_safn_sim_end_to_end(table, tmp_path):
+    out = tmp_path / "run"
+    done = run(argv(table, out, "federation.rounds=3"))
+    assert done.code == 0, done.out[-3000:] + done.err[-3000:]
+    text = done.out
+    assert "INFO" not in text and "Traceback" not in done.err  # no Flower/Ray log flood
+    assert "virtual sites (natural partition of 400 participants)" in text
+    assert text.count("pooled ROC-AUC") == 3 and "round 3/3" in text
+    assert "union of the 3 sites' test splits" in text
+    bundle = load_bundle(out / "model")
+    assert bundle.meta["kind"] == "federated" and bundle.meta["training"]["rounds"] == 3
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert list(comparison.kind) == ["pooled", "federated", "local", "local", "local",
+                                     "best-local"]
+    assert comparison.roc_auc.between(0, 1).all()
+    results = json.loads((out / "results.json").read_text())
+    assert "pooled test set" in results["comparison"]["evaluated_on"]
+    history = json.loads((out / "history.json").read_text())
+    assert [e["round"] for e in history] == [1, 2, 3]
+    assert set(history[-1]["sites"]) == {"site_A", "site_B", "site_C"}
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert set(rounds.site) == {"pooled", "site_A", "site_B", "site_C"}
+
+    # the Flower apps add nothing to the maths: the in-process loop gives the same weights
+    # (bit for bit, with one torch thread as in every ClientApp)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_run_config(out.resolve())
+        sites = dict(load_sim_site(out.resolve(), i) for i in range(3))
+        loop = run_in_process(sites, cfg, report=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    flower = load_checkpoint(out)
+    for k, v in loop.weights.items():
+        np.testing.assert_array_equal(flower.weights[k], v)
+    assert history[-1]["pooled"] == pytest.approx(loop.history[-1]["pooled"])
+
+    # a run folder is never overwritten
+    again = run(argv(table, out, "federation.rounds=3"))
+    assert again.code == 2 and "not empty" in again.err and "Traceback" not in again.err
+
+
+def stop_after(src, dst, keep_round: int) -> None:
+    """A copy of a finished run folder as it was when its coordinator stopped after a round."""
+    shutil.copytree(src, dst)
+    for name in ("model", "results.json", "history.json", "rounds.csv",
+                 "federation_status.json", "comparison.csv"):
+        path = dst / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    folder = dst / "checkpoints"
+    for f in folder.glob("round_*"):
+        if int(f.stem.split("_")[1]) > keep_round:
+            f.unlink()
+    (folder / "latest.json").write_text(json.dumps({"round": keep_round,
+                                                    "stem": f"round_{keep_round:04d}"}))
+
+
+def test_resume_through_flower_gives_the_same_model(table, tmp_path):
+    full = tmp_path / "full"
+    done = run(argv(table, full, "federation.rounds=4", "federation.strategy=fedadam",
+                    "simulation.compare=false"))
+    assert done.code == 0, done.err[-3000:]
+    stop_after(full, tmp_path / "resumed", 2)
+    done = run(["--resume", str(tmp_path / "resumed")])
+    assert done.code == 0, done.err[-3000:]
+    text = done.out
+    assert "resuming after round 2 of 4" in text and "round 1/4" not in text
+    assert "round 3/4" in text and "round 4/4" in text
+    a, b = load_checkpoint(full), load_checkpoint(tmp_path / "resumed")
+    assert a.round == b.round == 4
+    for k in a.weights:
+        np.testing.assert_array_equal(a.weights[k], b.weights[k])
+    for group in ("m_t", "v_t"):
+        for k in a.strategy_state[group]:
+            np.testing.assert_array_equal(a.strategy_state[group][k],
+                                          b.strategy_state[group][k])
+    assert load_bundle(tmp_path / "resumed" / "model").meta["training"]["rounds"] == 4
+
+
+def test_leave_one_site_out_through_flower(tmp_path):
+    """Every site is held out once; its model never saw it; metrics carry CIs; report renders."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    out = tmp_path / "loso"
+    small = ["--set", "synth.n_pd=90", "--set", "synth.n_hc=60", "--set", "synth.n_without_mri=0",
+             "--set", "synth.n_swedd=0", "--set", "synth.n_prodromal=0", "--set", "synth.n_sites=3",
+             "--set", "synth.min_site_size=30", "--set", "federation.rounds=2",
+             "--set", "federation.local_epochs=1", "--set", "simulation.compare=false",
+             "--set", "model.d_model=16", "--set", "model.n_heads=2"]
+    proc = subprocess.run([str(Path(sys.executable).parent / "safn-sim"), "--out", str(out),
+                           "--loso", *small], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    loso = pd.read_csv(out / "loso.csv")
+    sites = pd.read_csv(out / "sites.csv")
+    assert sorted(loso.held_out) == sorted(sites.site)
+    assert (loso.n.to_numpy() == sites.set_index("site").loc[loso.held_out].participants.to_numpy()).all()
+    for held in loso.held_out:
+        trained_on = json.loads((out / "loso" / held / "sim" / "sites.json").read_text())["sites"]
+        assert held not in {s["name"] for s in trained_on.values()}
+    summary = json.loads((out / "loso.json").read_text())["summary"]
+    assert abs(summary["roc_auc"]["mean"] - loso.roc_auc.mean()) < 1e-9
+    first = json.loads((out / "loso.json").read_text())["sites"][0]
+    assert first["roc_auc_ci"][0] <= first["roc_auc"] <= first["roc_auc_ci"][1]
+    html = (out / "report.html").read_text()
+    assert "Leave-one-site-out" in html and html.count("data:image/png;base64,") >= 1
