@@ -69,3 +69,40 @@ def test_not_a_bundle(tmp_path, capsys):
                                str(mapping)])
     err = capsys.readouterr().err
     assert code == 2 and "not a safn model bundle" in err
+
+
+def test_validate_sim_and_train_bundles_on_a_fresh_synthetic_site(tmp_path):
+    """The issue's path: bundles from safn-sim and safn-train, a new site written by safn-synth."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_ = Path(sys.executable).parent
+    small = ["--set", "synth.n_pd=90", "--set", "synth.n_hc=60", "--set", "synth.n_without_mri=0",
+             "--set", "synth.n_swedd=0", "--set", "synth.n_prodromal=0", "--set", "synth.n_sites=3",
+             "--set", "synth.min_site_size=30", "--set", "model.d_model=16",
+             "--set", "model.n_heads=2"]
+
+    def ok(*cmd):
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc
+
+    ok(bin_ / "safn-sim", "--out", tmp_path / "sim", *small, "--set", "federation.rounds=2",
+       "--set", "federation.local_epochs=1", "--set", "simulation.compare=false")
+    ok(bin_ / "safn-train", "--quick", "--out", tmp_path / "train", *small,
+       "--set", "train.max_epochs=5", "--set", "train.workers=1")
+    # a fresh site: another seed, its own download
+    ok(bin_ / "safn-synth", "--out", tmp_path / "site", "--seed", "42",
+       "--set", "synth.n_pd=60", "--set", "synth.n_hc=40", "--set", "synth.n_sites=1")
+    for kind in ("sim", "train"):
+        out = tmp_path / f"val-{kind}"
+        ok(bin_ / "safn-validate", "--model", tmp_path / kind / "model", "--data",
+           tmp_path / "site", "--out", out, "--bootstrap", "100")
+        res = json.loads((out / "validation.json").read_text())
+        preds = pd.read_csv(out / "predictions.csv")
+        assert res["n"] == 100 and len(preds) == 100
+        assert res["metrics"]["roc_auc"]["value"] == pytest.approx(roc_auc_score(preds.y, preds.p))
+        assert res["metrics"]["balanced_accuracy"]["value"] == pytest.approx(
+            balanced_accuracy_score(preds.y, preds.p >= res["threshold"]))
+        assert (out / "report.html").is_file()
