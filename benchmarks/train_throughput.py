@@ -14,7 +14,6 @@ import argparse
 import time
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 

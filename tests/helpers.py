@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,19 @@ def write_toy(tmp_path: Path, **kw) -> tuple[Path, Path]:
 def toy_cohort(tmp_path: Path, **kw):
     csv, mapping = write_toy(tmp_path, **kw)
     return load_table(csv, mapping)
+
+
+SMALL_MODEL = ["model.d_model=16", "model.n_heads=2", "model.encoder_hidden=16",
+               "model.ffn_hidden=16", "model.head_hidden=16", "federation.local_epochs=1",
+               "data.min_cell=3"]
+"""Config overrides for a small, fast federation in tests."""
+
+
+def truncate_checkpoints(run_dir: Path, keep_round: int) -> None:
+    """Make a run folder look as if its coordinator stopped after ``keep_round``."""
+    folder = Path(run_dir) / "checkpoints"
+    for f in folder.glob("round_*"):
+        if int(f.stem.split("_")[1]) > keep_round:
+            f.unlink()
+    (folder / "latest.json").write_text(json.dumps({"round": keep_round,
+                                                    "stem": f"round_{keep_round:04d}"}))

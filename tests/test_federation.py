@@ -1,7 +1,6 @@
 """Federated SAFN without Flower: partitions, splits, statistics round, pooled metrics, small
 cells, server updates, checkpoints and resume (the in-process loop over the same functions)."""
 
-import json
 import shutil
 
 import numpy as np
@@ -20,10 +19,9 @@ from safn_core.federation.partition import partition, summary
 from safn_core.federation.site import Site, SmallCell, split_participants
 from safn_core.metrics import binary_metrics, metrics_from_histogram, score_histogram
 from safn_core.preprocess import Preprocessor
-from tests.helpers import toy_cohort
+from tests.helpers import SMALL_MODEL, toy_cohort, truncate_checkpoints
 
-SMALL = ["model.d_model=16", "model.n_heads=2", "model.encoder_hidden=16", "model.ffn_hidden=16",
-         "model.head_hidden=16", "federation.local_epochs=1", "data.min_cell=3"]
+SMALL = SMALL_MODEL
 
 
 def cfg_of(*extra):
@@ -243,12 +241,7 @@ def test_checkpoints_are_never_overwritten(tmp_path):
 def truncate_run(src, dst, keep_round: int) -> None:
     """A copy of a run folder as if it had stopped after ``keep_round``."""
     shutil.copytree(src, dst)
-    folder = dst / "checkpoints"
-    for f in folder.glob("round_*"):
-        if int(f.stem.split("_")[1]) > keep_round:
-            f.unlink()
-    (folder / "latest.json").write_text(json.dumps({"round": keep_round,
-                                                    "stem": f"round_{keep_round:04d}"}))
+    truncate_checkpoints(dst, keep_round)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])

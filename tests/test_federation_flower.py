@@ -16,13 +16,12 @@ from safn_core.bundle import load_bundle
 from safn_core.federation.checkpoint import load_checkpoint
 from safn_core.federation.loop import run_in_process
 from safn_core.federation.runfiles import load_run_config, load_sim_site
-from tests.helpers import write_toy
+from tests.helpers import SMALL_MODEL, truncate_checkpoints, write_toy
 
 pytestmark = pytest.mark.timeout(300)
 
-SMALL = ["model.d_model=16", "model.n_heads=2", "model.encoder_hidden=16", "model.ffn_hidden=16",
-         "model.head_hidden=16", "federation.local_epochs=1", "data.min_cell=3", "train.lr=0.005",
-         "train.max_epochs=10", "train.patience=3", "simulation.num_cpus_per_site=1"]
+SMALL = SMALL_MODEL + ["train.lr=0.005", "train.max_epochs=10", "train.patience=3",
+                       "simulation.num_cpus_per_site=1"]
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +101,7 @@ def stop_after(src, dst, keep_round: int) -> None:
                  "federation_status.json", "comparison.csv"):
         path = dst / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    folder = dst / "checkpoints"
-    for f in folder.glob("round_*"):
-        if int(f.stem.split("_")[1]) > keep_round:
-            f.unlink()
-    (folder / "latest.json").write_text(json.dumps({"round": keep_round,
-                                                    "stem": f"round_{keep_round:04d}"}))
+    truncate_checkpoints(dst, keep_round)
 
 
 def test_resume_through_flower_gives_the_same_model(table, tmp_path):

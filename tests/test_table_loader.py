@@ -1,6 +1,5 @@
 """Generic tabular cohorts: mapping, label coding, column patterns, and clear errors."""
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

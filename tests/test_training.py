@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from safn_core.bundle import load_bundle, save_bundle
 from safn_core.config import load_config

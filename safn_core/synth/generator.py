@@ -760,7 +760,6 @@ def _clinical(P: pd.DataFrame, z: dict, bl: dict, flags: dict,
               rng: np.random.Generator) -> dict[str, pd.DataFrame]:
     tables: dict[str, pd.DataFrame] = {}
     coh = P["cohort"].to_numpy()
-    n = len(P)
 
     # ---- MDS-UPDRS I (rater + patient questionnaire), one visit row set for both tables
     fl = flags["updrs1"]
