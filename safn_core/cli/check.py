@@ -10,7 +10,7 @@ from safn_core.cli.common import (base_parser, config_from_args, console, entry,
                                   write_json)
 from safn_core.data.cohort import Cohort
 from safn_core.data.contract import ContractReport, check_cohort
-from safn_core.errors import DataError, SafnError
+from safn_core.errors import SafnError
 
 
 def print_load_report(cohort: Cohort) -> None:
@@ -91,10 +91,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.export is not None:
         write_atomic(args.export, cohort.export().to_csv(index=False))
         console.print(f"participant table written to {args.export}")
-    if not report.ok:
-        first = report.fatal[0]
-        raise DataError(f"{cohort.report.source}: the data fails the site data contract "
-                        f"({len(report.fatal)} fatal problem(s); first: {first.describe()})")
+    report.raise_if_failed()
     return 0
 
 

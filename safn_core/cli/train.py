@@ -20,7 +20,6 @@ from safn_core.cli.common import (base_parser, config_from_args, console, entry,
                                   fresh_output_dir, write_atomic, write_json)
 from safn_core.config import dump_config
 from safn_core.data.contract import check_cohort
-from safn_core.errors import DataError
 from safn_core.metrics import METRICS, summarise
 
 TABLE_METRICS = ("balanced_accuracy", "roc_auc", "pr_auc_pd", "pr_auc_hc", "mcc", "sensitivity",
@@ -133,10 +132,7 @@ def run(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
-    contract = check_cohort(cohort, cfg.data.min_cell)
-    if not contract.ok:
-        raise DataError(f"{cohort.report.source}: the data fails the site data contract: "
-                        f"{contract.fatal[0].describe()} (run safn-check for the full report)")
+    check_cohort(cohort, cfg.data.min_cell).raise_if_failed("run safn-check for the full report")
     n_pos = int(cohort.y.sum())
     console.print(f"[bold]cohort[/]: {cohort.report.source}: {len(cohort)} participants, "
                   f"{n_pos} {cohort.label_names[1]} / {len(cohort) - n_pos} "

@@ -86,10 +86,7 @@ def run(argv: list[str] | None = None) -> int:
     out = fresh_output_dir(args.out or Path("runs") / f"validate-{datetime.now():%Y%m%d-%H%M%S}")
 
     cohort = load_path(path, data_cfg)
-    contract = check_cohort(cohort, data_cfg.min_cell)
-    if not contract.ok:
-        raise DataError(f"{cohort.report.source}: the data fails the site data contract: "
-                        f"{contract.fatal[0].describe()} (run safn-check for the full report)")
+    check_cohort(cohort, data_cfg.min_cell).raise_if_failed("run safn-check for the full report")
     table = align_to_bundle(cohort, bundle.preprocessor.features, cohort.report.source)
     res = evaluate(bundle, table, n_boot=args.bootstrap)
 

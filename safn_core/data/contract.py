@@ -53,6 +53,16 @@ class ContractReport:
     def ok(self) -> bool:
         return not self.fatal
 
+    def raise_if_failed(self, hint: str = "") -> None:
+        """Stop with one line naming the first fatal problem (a `DataError`), if there is one."""
+        if self.ok:
+            return
+        from safn_core.errors import DataError
+
+        raise DataError(f"{self.source}: the data fails the site data contract "
+                        f"({len(self.fatal)} fatal problem(s); first: {self.fatal[0].describe()})"
+                        + (f"; {hint}" if hint else ""))
+
     def to_dict(self) -> dict:
         return {
             "source": self.source, "ok": self.ok, "n_participants": self.n_participants,
