@@ -20,8 +20,7 @@ from torch import nn
 from safn_core.config import SafnConfig
 from safn_core.data.sources import load_cohort
 from safn_core.preprocess import Preprocessor
-from safn_core.training.crossval import _arrays
-from safn_core.training.local import make_loader, make_model, make_optimizer, run_epochs
+from safn_core.training.local import Arrays, make_loader, make_model, make_optimizer, run_epochs
 
 
 def time_safn(arrays, cohort, cfg, epochs):
@@ -76,7 +75,7 @@ def main() -> None:
     cfg = SafnConfig()
     cohort = load_cohort(cfg.data, cfg.synth)
     pre = Preprocessor(cohort.modalities).fit(cohort.table)
-    arrays = _arrays(pre, cohort.table)
+    arrays = Arrays.from_table(pre, cohort.table)
     print(f"data: {len(arrays)} participants x {arrays.x.shape[1]} features, "
           f"{len(cohort.modalities)} modalities; {args.epochs} epochs, batch "
           f"{cfg.train.batch_size}, {args.threads} thread(s)")

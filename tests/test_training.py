@@ -14,7 +14,7 @@ from safn_core.errors import DataError
 from safn_core.preprocess import FeatureStats, Preprocessor
 from safn_core.training import crossval
 from safn_core.training.crossval import cross_validate, make_splits, run_fold
-from safn_core.training.local import predict
+from safn_core.training.local import Arrays, predict
 from tests.helpers import toy_cohort, write_toy
 
 
@@ -131,7 +131,7 @@ def test_bundle_round_trip_and_no_overwrite(tmp_path):
     dest = save_bundle(tmp_path / "model", fit.model, pre, cfg, threshold=threshold,
                        class_counts=counts, kind="centralised")
     bundle = load_bundle(dest)
-    arrays = crossval._arrays(bundle.preprocessor, cohort.table)
+    arrays = Arrays.from_table(bundle.preprocessor, cohort.table)
     p1, w1 = predict(fit.model, arrays)
     p2, w2 = predict(bundle.model, arrays)
     np.testing.assert_allclose(p1, p2, rtol=1e-6)

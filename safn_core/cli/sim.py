@@ -190,8 +190,7 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
     from safn_core.federation.site import Site
     from safn_core.metrics import binary_metrics, choose_threshold
     from safn_core.preprocess import Preprocessor
-    from safn_core.training.crossval import _arrays
-    from safn_core.training.local import fit_with_early_stopping, predict
+    from safn_core.training.local import Arrays, fit_with_early_stopping, predict
 
     torch.set_num_threads(1)
     sites = {name: Site(name, cohort.subset(ids), cfg) for name, ids in parts.items()}
@@ -201,7 +200,8 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
     rows = []
 
     def score(name, kind, model, pre, val_ids, n_train, sites_used):
-        val, test = _arrays(pre, table.loc[val_ids]), _arrays(pre, table.loc[ids["test"]])
+        val = Arrays.from_table(pre, table.loc[val_ids])
+        test = Arrays.from_table(pre, table.loc[ids["test"]])
         p_val, _ = predict(model, val)
         p_test, _ = predict(model, test)
         t = choose_threshold(val.y, p_val)
@@ -209,8 +209,8 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
                      "threshold": t, **binary_metrics(test.y, p_test, t)})
 
     pooled_pre = Preprocessor(cohort.modalities).fit(table.loc[ids["train"]])
-    tr = _arrays(pooled_pre, table.loc[ids["train"]])
-    va = _arrays(pooled_pre, table.loc[ids["val"]])
+    tr = Arrays.from_table(pooled_pre, table.loc[ids["train"]])
+    va = Arrays.from_table(pooled_pre, table.loc[ids["val"]])
     fit = fit_with_early_stopping(tr, va, cohort.modalities, cfg.model, cfg.train, cfg.train.seed)
     score("pooled (all training splits together)", "pooled", fit.model, pooled_pre, ids["val"],
           len(tr), len(sites))
@@ -222,8 +222,8 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
         if counts.min() < 2 or len(np.unique(table.loc[site.split.val, "label"])) < 2:
             continue
         pre = Preprocessor(cohort.modalities).fit(table.loc[site.split.train])
-        tr_s = _arrays(pre, table.loc[site.split.train])
-        va_s = _arrays(pre, table.loc[site.split.val])
+        tr_s = Arrays.from_table(pre, table.loc[site.split.train])
+        va_s = Arrays.from_table(pre, table.loc[site.split.val])
         fit = fit_with_early_stopping(tr_s, va_s, cohort.modalities, cfg.model, cfg.train,
                                       cfg.train.seed)
         score(f"local-only {name}", "local", fit.model, pre, site.split.val, len(tr_s), 1)

@@ -34,10 +34,9 @@ def align_to_bundle(cohort: Cohort, features: list[str], source: str) -> pd.Data
 
 def evaluate(bundle, table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
     """Predictions and every reported figure for one evaluation set."""
-    from safn_core.training.crossval import _arrays
-    from safn_core.training.local import predict
+    from safn_core.training.local import Arrays, predict
 
-    arrays = _arrays(bundle.preprocessor, table)
+    arrays = Arrays.from_table(bundle.preprocessor, table)
     p, alpha = predict(bundle.model, arrays)
     y = arrays.y
     point = binary_metrics(y, p, bundle.threshold)

@@ -22,8 +22,7 @@ from safn_core.federation.checkpoint import load_checkpoint
 from safn_core.federation.runfiles import write_config, write_sim_sites
 from safn_core.metrics import METRICS, binary_metrics, bootstrap_ci
 from safn_core.preprocess import Preprocessor
-from safn_core.training.crossval import _arrays
-from safn_core.training.local import make_model, predict
+from safn_core.training.local import Arrays, make_model, predict
 
 
 def evaluate_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
@@ -33,7 +32,7 @@ def evaluate_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
     pre = Preprocessor.from_state(state.preprocessing)
     model = make_model(pre.modalities, cfg.model, 0)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.weights.items()})
-    data = _arrays(pre, table)
+    data = Arrays.from_table(pre, table)
     p, _ = predict(model, data)
     threshold = float(state.history[-1].get("threshold", 0.5))
     point = binary_metrics(data.y, p, threshold)

@@ -87,11 +87,9 @@ class Site:
     def arrays(self, pre: Preprocessor, part: str) -> Arrays:
         key = (part, id(pre))
         if key not in self._arrays:
-            ids = getattr(self.split, part)
-            table = self.cohort.table.loc[ids]
-            blocks, mask = pre.transform(table)
+            table = self.cohort.table.loc[getattr(self.split, part)]
             self._arrays = {k: v for k, v in self._arrays.items() if k[1] == id(pre)}
-            self._arrays[key] = Arrays.from_blocks(blocks, mask, table[LABEL].to_numpy())
+            self._arrays[key] = Arrays.from_table(pre, table)
         return self._arrays[key]
 
     def train(self, state: dict, pre: Preprocessor, class_counts: list[int], *,

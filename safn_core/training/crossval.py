@@ -21,7 +21,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from safn_core.baselines import fit_predict
 from safn_core.config import ModelConfig, SafnConfig
-from safn_core.data.cohort import LABEL, Cohort, Modality
+from safn_core.data.cohort import Cohort, Modality
 from safn_core.data.ppmi_catalog import MOTOR_FEATURES
 from safn_core.metrics import binary_metrics, choose_threshold
 from safn_core.preprocess import Preprocessor
@@ -80,11 +80,6 @@ def make_splits(cohort: Cohort, folds: int, repeats: int, val_fraction: float,
     return splits
 
 
-def _arrays(pre: Preprocessor, table: pd.DataFrame) -> Arrays:
-    blocks, mask = pre.transform(table)
-    return Arrays.from_blocks(blocks, mask, table[LABEL].to_numpy())
-
-
 def _score(y, p_val, y_val, p_test) -> tuple[dict, float]:
     t = choose_threshold(y_val, p_val)
     m = binary_metrics(y, p_test, t)
@@ -125,7 +120,8 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig) -> dict:
         if mods is None:
             continue
         pre = Preprocessor(mods).fit(table.loc[split.train])
-        tr, va, te = (_arrays(pre, table.loc[ids]) for ids in (split.train, split.val, split.test))
+        tr, va, te = (Arrays.from_table(pre, table.loc[ids])
+                      for ids in (split.train, split.val, split.test))
         variants = [("SAFN", cfg.model)]
         if fs_name == "all":
             variants += [(f"SAFN ({a.replace('_', ' ')})", cfg.model.model_copy(update=upd))
@@ -195,7 +191,8 @@ def final_fit(cohort: Cohort, cfg: SafnConfig, model_cfg: ModelConfig | None = N
     tr, va = train_test_split(ids, test_size=cfg.train.val_fraction, stratify=y,
                               random_state=cfg.train.seed)
     pre = Preprocessor(cohort.modalities).fit(cohort.table.loc[tr])
-    tr_a, va_a = _arrays(pre, cohort.table.loc[tr]), _arrays(pre, cohort.table.loc[va])
+    tr_a = Arrays.from_table(pre, cohort.table.loc[tr])
+    va_a = Arrays.from_table(pre, cohort.table.loc[va])
     fit = fit_with_early_stopping(tr_a, va_a, cohort.modalities, model_cfg or cfg.model,
                                   cfg.train, cfg.train.seed)
     p_val, _ = predict(fit.model, va_a)

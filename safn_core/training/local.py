@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from safn_core.config import ModelConfig, TrainConfig
-from safn_core.data.cohort import Modality
+from safn_core.data.cohort import LABEL, Modality
 from safn_core.model import SAFN, total_loss
 from safn_core.model.losses import classification_loss
 
@@ -36,6 +36,12 @@ class Arrays:
     def from_blocks(cls, blocks: list[np.ndarray], mask: np.ndarray, y: np.ndarray) -> "Arrays":
         return cls(np.concatenate(blocks, axis=1).astype(np.float32), np.array(mask, dtype=bool),
                    np.array(y, dtype=np.int64))
+
+    @classmethod
+    def from_table(cls, pre, table) -> "Arrays":
+        """Participants of ``table`` (with its label column) through the fitted ``pre``."""
+        blocks, mask = pre.transform(table)
+        return cls.from_blocks(blocks, mask, table[LABEL].to_numpy())
 
     def dataset(self) -> TensorDataset:
         return TensorDataset(torch.from_numpy(self.x), torch.from_numpy(self.mask),
