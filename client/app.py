@@ -11,8 +11,10 @@ Three message types, each answered from the site's own data:
 
 Nothing participant-level is ever put in a reply. A site is found from the node config: in
 simulation ``partition-id`` (a virtual site written by safn-sim into the run folder); in
-deployment ``data-config`` (the site's own YAML: its data section and its ``min_cell``).
-Sites are cached per process: a Ray actor builds each site's split and arrays once per run.
+deployment ``site-config`` (the site's own site.yaml: data, split seed, privacy, min_cell). The
+run's shared settings (model, local training, federation) arrive in every message as
+``safn-config``, so a site never reads the coordinator's files. Sites are cached per process: a
+Ray actor builds each site's split and arrays once per run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from flwr.clientapp import ClientApp
 
 from safn_core.federation.aggregate import modalities_to_record
 from safn_core.federation.loop import site_seed
-from safn_core.federation.runfiles import load_run_config, load_sim_site, run_dir_from
+from safn_core.federation.runfiles import (load_sim_site, run_dir_from, shared_config,
+                                          site_run_config)
 from safn_core.federation.site import Site, SmallCell
 from safn_core.preprocess import Preprocessor
 
@@ -34,36 +37,42 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=256)
-def _sim_site(run_dir: Path, partition_id: int) -> Site:
-    cfg = load_run_config(run_dir)
+def _sim_site(run_dir: Path, partition_id: int, shared_text: str) -> Site:
+    """A virtual site: its table from the simulation's run folder (standing in for its disk)."""
     name, cohort = load_sim_site(run_dir, partition_id)
-    return Site(name, cohort, cfg)
+    return Site(name, cohort, shared_config(shared_text))
 
 
 @lru_cache(maxsize=4)
-def _deployed_site(run_dir: Path, data_config: str, site_name: str) -> Site:
-    """A real site: its data section and min_cell from its own file, the rest from the run."""
+def _deployed_site(site_file: str, shared_text: str) -> Site:
+    """A real site: its own file (data, split seed, privacy, min_cell) + the run's settings."""
     from safn_core.config import load_config
     from safn_core.data.sources import load_cohort
 
-    own = load_config(data_config)
-    cfg = load_run_config(run_dir).model_copy(deep=True)
-    cfg.data = own.data.model_copy(update={"min_cell": max(own.data.min_cell,
-                                                           cfg.data.min_cell)})
+    own = load_config(site_file)
+    if own.site is None:
+        raise ValueError(f"{site_file}: no 'site:' section; a SuperNode's site-config must be "
+                         "the site's own site.yaml")
+    cfg = site_run_config(shared_config(shared_text), own)
     cohort = load_cohort(cfg.data, own.synth)
-    return Site(site_name or Path(data_config).stem, cohort, cfg)
+    return Site(own.site.name, cohort, cfg)
 
 
-def site_for(context: Context) -> Site:
-    """This node's site and its partition id (the per-site seed offset)."""
+def site_for(context: Context, config: ConfigRecord) -> Site:
+    """This node's site, from the node config, with the run's settings from the message.
+
+    Deployment: ``site-config`` (the site's own site.yaml, set by safn-client). Simulation:
+    ``partition-id`` (a virtual site written by safn-sim into the run folder).
+    """
     import torch
 
     torch.set_num_threads(1)
-    run_dir = run_dir_from(dict(context.run_config))
+    shared_text = str(config["safn-config"])
     node = context.node_config
-    if "data-config" in node:
-        return _deployed_site(run_dir, str(node["data-config"]), str(node.get("site-name", "")))
-    return _sim_site(run_dir, int(node["partition-id"]))
+    if "site-config" in node:
+        return _deployed_site(str(node["site-config"]), shared_text)
+    run_dir = run_dir_from(dict(context.run_config))
+    return _sim_site(run_dir, int(node["partition-id"]), shared_text)
 
 
 def _partition(context: Context) -> int:
@@ -97,7 +106,7 @@ def _weights(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    site = site_for(context)
+    site = site_for(context, msg.content["config"])
     try:
         stats, counts = site.describe()
     except SmallCell as exc:
@@ -117,8 +126,8 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = site_for(context)
     config = msg.content["config"]
+    site = site_for(context, config)
     weights, n, loss = site.train(
         _weights(msg.content["arrays"]), _preprocessor(site, config),
         list(config["class-counts"]), model_cfg=site.cfg.model,
@@ -133,8 +142,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = site_for(context)
     config = msg.content["config"]
+    site = site_for(context, config)
     res = site.evaluate(_weights(msg.content["arrays"]), _preprocessor(site, config),
                         site.cfg.model, int(config["histogram-bins"]))
     return Message(RecordDict({"metrics": MetricRecord({

@@ -169,7 +169,8 @@ class SiteConfig(Section):
     """One hospital's side of a deployment (`safn-client --site site.yaml`)."""
 
     name: str = Field(..., min_length=1, description="the site's name, as the coordinator knows it")
-    superlink: str = Field("127.0.0.1:9092", description="the coordinator's Fleet API address")
+    superlink: str = Field("127.0.0.1:9092", description="the coordinator's SuperLink (host:port)")
+    split_seed: int = Field(0, description="seed of this site's train/validation/test split")
     root_certificates: Path | None = Field(None, description="the federation CA (ca.pem)")
     private_key: Path | None = Field(None, description="this site's key (SuperNode authentication)")
     insecure: bool = Field(False, description="plain text; only for local tests, never real data")
@@ -183,10 +184,9 @@ class SiteConfig(Section):
 class ServerConfig(Section):
     """The coordinator (`safn-server --config server.yaml`)."""
 
-    host: str = "127.0.0.1"
-    fleet_port: int = Field(9092, ge=1, le=65535, description="where sites connect (Fleet API)")
-    control_port: int = Field(9093, ge=1, le=65535, description="run submission; keep private")
-    serverappio_port: int = Field(9091, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="interface the SuperLink listens on")
+    port: int = Field(9092, ge=1, le=65535,
+                      description="the SuperLink's one HTTPS port (Fleet, Control, Runtime APIs)")
     certificates: Path | None = Field(None, description="folder with ca.pem, superlink.pem/.key")
     insecure: bool = False
     sites: dict[str, Path] = Field(default_factory=dict,

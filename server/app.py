@@ -29,7 +29,8 @@ from safn_core.errors import SafnError
 from safn_core.federation.aggregate import (global_preprocessing, modalities_from_record,
                                             round_line, round_metrics)
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
-from safn_core.federation.runfiles import expected_sites, load_run_config, run_dir_from
+from safn_core.federation.runfiles import (expected_sites, load_run_config, run_dir_from,
+                                          shared_config_text)
 from safn_core.federation.site import state_to_numpy
 from safn_core.io import write_json
 from safn_core.preprocess import FeatureStats, Preprocessor
@@ -68,10 +69,11 @@ class Described:
         self.structure: ConfigRecord | None = None
 
 
-def statistics_round(grid: Grid, nodes: list[int], timeout: float,
+def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: str,
                      min_sites: int = 1) -> Described:
     """Ask every site for its training-split statistics (a QUERY message, before training)."""
-    messages = [Message(RecordDict({"config": ConfigRecord({"task": "describe"})}),
+    config = {"task": "describe", "safn-config": shared_text}
+    messages = [Message(RecordDict({"config": ConfigRecord(config)}),
                         dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
     out = Described()
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -107,6 +109,7 @@ class Coordinator:
     def __init__(self, grid: Grid, cfg: SafnConfig, run_dir: Path, report=print):
         self.grid, self.cfg, self.run_dir, self.report = grid, cfg, Path(run_dir), report
         self.fed = cfg.federation
+        self.shared_text = shared_config_text(cfg)  # what every message tells the sites
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -118,7 +121,8 @@ class Coordinator:
         # for min_sites
         wanted = max(fed.min_sites, expected_sites(self.run_dir) or 0)
         nodes = wait_for_sites(self.grid, wanted, fed.round_timeout)
-        desc = statistics_round(self.grid, nodes, fed.round_timeout, fed.min_sites)
+        desc = statistics_round(self.grid, nodes, fed.round_timeout, self.shared_text,
+                                fed.min_sites)
         self.timing = {"statistics_round_s": time.perf_counter() - t0}
         self._t_last = time.perf_counter()
         for name, why in desc.refused.items():
@@ -160,7 +164,7 @@ class Coordinator:
             "pre-mean": pre.mean_.tolist(), "pre-scale": pre.scale_.tolist(),
             "class-counts": [int(c) for c in self.state.class_counts],
             "local-epochs": fed.local_epochs, "seed": self.cfg.train.seed,
-            "histogram-bins": fed.histogram_bins,
+            "histogram-bins": fed.histogram_bins, "safn-config": self.shared_text,
         })
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v))
                               for k, v in self.state.weights.items()})
