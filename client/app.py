@@ -29,8 +29,9 @@ from flwr.clientapp import ClientApp
 from safn_core.federation.aggregate import modalities_to_record
 from safn_core.federation.loop import site_seed
 from safn_core.federation.runfiles import (load_sim_site, run_dir_from, shared_config,
-                                          site_run_config)
+                                          sim_site_state_dir, site_run_config)
 from safn_core.federation.site import Site, SmallCell
+from safn_core.federation.site_privacy import train_round
 from safn_core.preprocess import Preprocessor
 
 app = ClientApp()
@@ -124,19 +125,39 @@ def describe(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
+def _state_dir(site: Site, context: Context) -> Path:
+    """Where the site keeps its own state (privacy ledger): a deployed site's
+    ``site.state_dir``; a virtual site's folder outside the run folder (`sim_site_state_dir`)."""
+    if site.cfg.site is not None:
+        return Path(site.cfg.site.state_dir)
+    return sim_site_state_dir(run_dir_from(dict(context.run_config)), site.name)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A training round under the site's privacy settings (`site_privacy.train_round`): the same
+    metric keys from every site; a refusal (budget exhausted, ledger problem) carries no arrays,
+    only its metrics (ε so far) and its one-line reason."""
     config = msg.content["config"]
     site = site_for(context, config)
-    weights, n, loss = site.train(
-        _weights(msg.content["arrays"]), _preprocessor(site, config),
-        list(config["class-counts"]), model_cfg=site.cfg.model,
-        epochs=int(config["local-epochs"]),
-        seed=site_seed(int(config["seed"]), int(config["server-round"]), _partition(context)),
+    server_round = int(config["server-round"])
+    out = train_round(
+        site, _weights(msg.content["arrays"]), _preprocessor(site, config),
+        list(config["class-counts"]), request=shared_config(str(config["safn-config"])).privacy,
+        state_dir=_state_dir(site, context),
+        run_id=str(config.get("run-id", f"flower-run-{msg.metadata.run_id}")),
+        rounds=site.cfg.federation.rounds, epochs=int(config["local-epochs"]),
+        server_round=server_round,
+        seed=site_seed(int(config["seed"]), server_round, _partition(context)),
         proximal_mu=float(config.get("proximal-mu", 0.0)))
+    if out.refusal is not None:
+        print(f"site {site.name}, round {server_round}: not training: {out.refusal}", flush=True)
+        return Message(RecordDict({"metrics": MetricRecord(out.metrics),
+                                   "refusal": ConfigRecord({"reason": out.refusal})}),
+                       reply_to=msg)
     return Message(RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-        "metrics": MetricRecord({"num-examples": int(n), "train-loss": float(loss)}),
+        "arrays": ArrayRecord({k: Array(v) for k, v in out.weights.items()}),
+        "metrics": MetricRecord(out.metrics),
     }), reply_to=msg)
 
 

@@ -25,36 +25,56 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from safn_core.config import SafnConfig
-from safn_core.errors import SafnError
 from safn_core.federation.aggregate import (global_preprocessing, modalities_from_record,
                                             round_line, round_metrics)
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
+from safn_core.federation.privacy_report import central_entry, privacy_entry, privacy_summary
 from safn_core.federation.runfiles import (expected_sites, load_run_config, run_dir_from,
-                                          shared_config_text)
+                                          run_identity, shared_config_text)
 from safn_core.federation.site import state_to_numpy
 from safn_core.io import write_json
 from safn_core.preprocess import FeatureStats, Preprocessor
 from safn_core.training.local import make_model
-from server.strategies import make_strategy
+from server.strategies import SitesMissing, make_strategy, wait_for_nodes, with_central_dp
 
 app = ServerApp()
 
 
-class SitesMissing(SafnError):
-    """Fewer than ``min_sites`` sites connected, or none could describe its data."""
-
-
-def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
-    """Node ids once ``min_sites`` are connected; Flower's own wait has no upper bound."""
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_for_sites(grid: Grid, expected: int, min_sites: int, timeout: float,
+                   report=print) -> list[int]:
+    """Node ids once all ``expected`` sites are connected, or, when ``timeout`` passes first,
+    the ``min_sites`` or more that are; Flower's own wait has no upper bound."""
+    try:
+        return wait_for_nodes(grid, expected, timeout, lambda nid: True,
+                              "at the start of the run")
+    except SitesMissing:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= min_sites:
-            return nodes
-        if time.monotonic() > deadline:
-            raise SitesMissing(f"only {len(nodes)} of the {min_sites} sites needed connected "
-                               f"within {timeout:.0f} s")
-        time.sleep(0.2)
+        if len(nodes) < min_sites:
+            raise
+        report(f"{len(nodes)} of {expected} expected sites connected after {timeout:.0f} s; "
+               f"starting with them (min_sites = {min_sites})")
+        return nodes
+
+
+def fast_polling(interval: float) -> None:
+    """Deployment: the Grid polls the SuperLink for replies with a hard-coded ``sleep(3)``;
+    poll every ``interval`` seconds instead (the largest share of a small model's round)."""
+    import flwr.superlink.grid.http_grid as http_grid
+
+    http_grid.time = _PollClock(interval)
+
+
+class _PollClock:
+    """The ``time`` module with sleeps capped at ``interval`` (for Flower's polling loops)."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.interval))
+
+    def __getattr__(self, name):
+        return getattr(time, name)
 
 
 class Described:
@@ -118,9 +138,10 @@ class Coordinator:
         random.seed(self.cfg.train.seed)  # anything left to Flower's random.sample is seeded
         t0 = time.perf_counter()
         # a simulation waits for every virtual site (they register one by one), a deployment
-        # for min_sites
-        wanted = max(fed.min_sites, expected_sites(self.run_dir) or 0)
-        nodes = wait_for_sites(self.grid, wanted, fed.round_timeout)
+        # for every listed site, or min_sites once federation.wait_for_sites has passed
+        expected = max(fed.min_sites, expected_sites(self.run_dir) or len(self.cfg.server.sites))
+        nodes = wait_for_sites(self.grid, expected, fed.min_sites, fed.wait_for_sites,
+                               self.report)
         desc = statistics_round(self.grid, nodes, fed.round_timeout, self.shared_text,
                                 fed.min_sites)
         self.timing = {"statistics_round_s": time.perf_counter() - t0}
@@ -160,15 +181,20 @@ class Coordinator:
         strategy.eligible = set(desc.eligible)
         strategy.set_state(self.state.strategy_state)
         self.strategy = strategy
+        # central DP wraps the strategy (Flower's server-side clipping + noise); the wrapper
+        # reads and records through `strategy`, which the history below keeps using
+        runner = with_central_dp(strategy, fed, len(desc.eligible))
         config = ConfigRecord({
             "pre-mean": pre.mean_.tolist(), "pre-scale": pre.scale_.tolist(),
             "class-counts": [int(c) for c in self.state.class_counts],
             "local-epochs": fed.local_epochs, "seed": self.cfg.train.seed,
             "histogram-bins": fed.histogram_bins, "safn-config": self.shared_text,
+            # stable across a resume (unlike Flower's run id): DP sites key their plan on it
+            "run-id": run_identity(self.run_dir),
         })
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v))
                               for k, v in self.state.weights.items()})
-        strategy.start(grid=self.grid, initial_arrays=arrays,
+        runner.start(grid=self.grid, initial_arrays=arrays,
                        num_rounds=fed.rounds - self.state.round, timeout=fed.round_timeout,
                        train_config=config, evaluate_config=ConfigRecord(dict(config)),
                        evaluate_fn=self._end_of_round)
@@ -181,10 +207,23 @@ class Coordinator:
         r = s.round_offset + server_round
         entry: dict = {"round": r}
         if s.last_train:
-            n = [float(m["num-examples"]) for m in s.last_train.values()]
-            loss = [float(m["train-loss"]) for m in s.last_train.values()]
-            entry["train_loss"] = float(np.average(loss, weights=n))
+            # a DP site withholds its training loss (−1): outside its ε
+            losses = [(float(m["num-examples"]), float(m["train-loss"]))
+                      for m in s.last_train.values() if float(m["train-loss"]) >= 0]
+            if losses:
+                entry["train_loss"] = float(np.average([lo for _, lo in losses],
+                                                       weights=[n for n, _ in losses]))
             entry["sites_trained"] = sorted(s.last_train)
+        privacy = privacy_entry(s.last_privacy)
+        if privacy:
+            entry["privacy"] = privacy  # ε per site (spent so far), never averaged
+        refused = sorted(({"site": x["site"], "reason": x["reason"]} for x in s.refusals
+                          if x["round"] == r), key=lambda x: x["site"])
+        if refused:
+            entry["refused"] = refused
+        if r in s.central:
+            entry["central_dp"] = central_entry(s.central[r], self.state.history,
+                                                self.fed.central_dp.delta)
         hists = {name: {"val": np.array([m["val-neg"], m["val-pos"]], dtype=np.int64),
                         "test": np.array([m["test-neg"], m["test-pos"]], dtype=np.int64),
                         "withheld": bool(m["withheld"])}
@@ -221,7 +260,9 @@ class Coordinator:
                     label_names=self.label_names, kind="federated",
                     metrics={"federated_pooled_test": {k: {"mean": v, "sd": None}
                                                        for k, v in pooled.items()}},
-                    extra={"training": {
+                    extra={"privacy": privacy_summary(self.state.history),
+                           "run_id": run_identity(self.run_dir),
+                           "training": {
                         "participants": int(sum(self.state.class_counts)),
                         "sites": sorted(self.state.sites.values()), "rounds": self.state.round,
                         "strategy": self.fed.strategy, "local_epochs": self.fed.local_epochs,
@@ -238,8 +279,11 @@ def rounds_table(history: list[dict]) -> pd.DataFrame:
                 "threshold": e.get("threshold")}
         if e.get("pooled"):
             rows.append({**base, "site": "pooled", "n_test": e.get("n_test"), **e["pooled"]})
+        privacy = e.get("privacy") or {}
         for site, m in (e.get("sites") or {}).items():
-            rows.append({**base, "site": site, **(m or {"withheld": True})})
+            eps = (privacy.get(site) or {}).get("epsilon")
+            rows.append({**base, "site": site, **(m or {"withheld": True}),
+                         **({"epsilon": eps} if privacy else {})})
     return pd.DataFrame(rows)
 
 
@@ -249,6 +293,8 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = run_dir_from(dict(context.run_config))
     cfg = load_run_config(run_dir)
     progress = run_dir / "progress.log"
+    if "run-dir" in context.run_config:  # deployment (flwr run), not run_simulation
+        fast_polling(cfg.server.poll_interval)
 
     def report(line: str) -> None:
         with progress.open("a") as fh:

@@ -15,28 +15,87 @@
   acceptable replies leaves the model unchanged;
 - the evaluation replies kept by site, so the coordinator computes pooled and per-site metrics
   from score histograms (Flower would weight-average every key, which is wrong for counts);
+- each site's privacy metrics (ε spent so far, δ, σ, steps) kept by site, never averaged, and a
+  site's refusal to train (budget exhausted, ledger problem) recorded with its reason and left
+  out of the aggregate while the other sites' updates are used;
+- optional central DP (`with_central_dp`): Flower's `DifferentialPrivacyServerSideFixedClipping`
+  around the strategy, fed only with screened replies, its site-level noise recorded per round;
 - the adaptive optimisers' moments exposed for checkpoints (`get_state` / `set_state`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Message, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg,
+                                     FedProx, FedYogi)
 
 from safn_core.config import FederationConfig
+from safn_core.errors import SafnError
 from safn_core.federation.loop import sample_sites
 
 
+class SitesMissing(SafnError):
+    """Fewer than ``min_sites`` sites connected for longer than the configured wait, or too few
+    could describe their data: the run stops, its last checkpoint intact."""
+
+
+def wait_for_nodes(grid, min_sites: int, timeout: float, usable: Callable[[int], bool],
+                   when: str) -> list[int]:
+    """The usable connected node ids once there are ``min_sites`` of them, polling the Grid.
+
+    Flower's own wait for ``min_available_nodes`` has no upper bound; this one raises
+    `SitesMissing` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(n for n in grid.get_node_ids() if usable(n))
+        if len(nodes) >= min_sites:
+            return nodes
+        if time.monotonic() > deadline:
+            raise SitesMissing(f"only {len(nodes)} of the {min_sites} sites needed (min_sites) "
+                               f"were connected {when}, for {timeout:.0f} s "
+                               "(federation.wait_for_sites)")
+        time.sleep(0.2)
+
+
 def train_metrics(replies, weighted_by_key: str) -> MetricRecord:
-    """Train metrics: examples summed, loss weighted by examples (not every key averaged)."""
+    """Train metrics: examples summed, loss weighted by examples over the sites that report one
+    (a DP site withholds its loss as −1), never ε or any other privacy key averaged."""
     n = [float(r["metrics"]["num-examples"]) for r in replies]
     loss = [float(r["metrics"]["train-loss"]) for r in replies]
     total = sum(n)
+    reported = [(w, lo) for w, lo in zip(n, loss) if lo >= 0]
+    weight = sum(w for w, _ in reported)
     return MetricRecord({"num-examples": int(total),
-                         "train-loss": float(np.dot(n, loss) / total) if total else 0.0})
+                         "train-loss": (float(sum(w * lo for w, lo in reported) / weight)
+                                        if weight else -1.0)})
+
+
+PRIVACY_KEYS = {"dp": "dp", "epsilon": "epsilon", "delta": "delta",
+                "epsilon-budget": "epsilon_budget", "noise-multiplier": "noise_multiplier",
+                "dp-steps": "dp_steps", "refused": "refused"}
+
+
+def privacy_of(metrics) -> dict | None:
+    """A site's privacy report from its training metrics (None for a reply without one)."""
+    if metrics is None or "dp" not in metrics:
+        return None
+    out = {name: metrics[key] for key, name in PRIVACY_KEYS.items() if key in metrics}
+    out["dp"] = bool(int(out.get("dp", 0)))
+    out["refused"] = bool(int(out.get("refused", 0)))
+    for key in ("epsilon", "epsilon_budget"):
+        if key in out and float(out[key]) < 0:
+            out[key] = None  # no guarantee (a site without DP)
+    return out
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def evaluate_metrics(replies, weighted_by_key: str) -> MetricRecord:
@@ -65,12 +124,17 @@ class SafnStrategyMixin:
     fraction: tuple[float, float] = (1.0, 1.0)
     expected: dict[str, tuple] | None = None
     eligible: set[int] | None = None
+    wait_for_sites: float = 300.0
 
     def _init_safn(self) -> None:
         self.site_names: dict[int, str] = {}
         self.rejected: list[dict] = []
+        self.refusals: list[dict] = []
         self.last_train: dict[str, dict] = {}
+        self.last_privacy: dict[str, dict] = {}
         self.last_evaluate: dict[str, dict] = {}
+        self.central: dict[int, dict] = {}  # round -> central DP release (with_central_dp)
+        self._prescreened = False
 
     def _site(self, msg: Message) -> str:
         nid = msg.metadata.src_node_id
@@ -79,7 +143,9 @@ class SafnStrategyMixin:
     def _choose(self, grid, fraction: float, seed: int, server_round: int) -> _OnlyNodes:
         """The round's sites, drawn among connected sites that passed the statistics round
         (a site that withheld its statistics for small cells takes no part in the run)."""
-        nodes = [n for n in grid.get_node_ids() if self.eligible is None or n in self.eligible]
+        nodes = wait_for_nodes(grid, self.min_sites, self.wait_for_sites,
+                               lambda n: self.eligible is None or n in self.eligible,
+                               f"in round {server_round}")
         by_name = {self.site_names.get(n, f"node {n}"): n for n in nodes}
         names = sample_sites(list(by_name), fraction, self.min_sites, seed, server_round)
         return _OnlyNodes(grid, [by_name[n] for n in names])
@@ -100,16 +166,53 @@ class SafnStrategyMixin:
 
     # -- aggregation: screened, ordered ------------------------------------------------------
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        r = server_round + self.round_offset
-        replies = [m for m in replies if not m.has_error()]
-        kept = sorted((m for m in replies if self._acceptable(r, m)), key=self._site)
+    def screen_train(self, r: int, replies: Iterable[Message]) -> list[Message]:
+        """The round's usable training replies, sorted by site, arrays in the global order.
+
+        Records each site's privacy report (``last_privacy``, refused sites included), its
+        refusal with the site's reason (``refusals``), failed sites and unusable updates
+        (``rejected``), and the kept sites' metrics (``last_train``).
+        """
+        self.last_privacy = {}
+        kept = []
+        for m in replies:
+            site = self._site(m)
+            if m.has_error():
+                self.rejected.append({"round": r, "site": site, "reason":
+                                      f"the site failed: {_one_line(m.error.reason)}"})
+                continue
+            metrics = m.content.metric_records.get("metrics")
+            report = privacy_of(metrics)
+            if report is not None:
+                self.last_privacy[site] = report
+            if metrics is not None and int(metrics.get("refused", 0)) == 1:
+                why = m.content.config_records.get("refusal")
+                self.refusals.append({"round": r, "site": site, "reason": _one_line(
+                    why["reason"] if why is not None and "reason" in why else "no reason given")})
+                continue
+            if self._acceptable(r, m):
+                kept.append(m)
+        kept.sort(key=self._site)
+        for m in kept:  # Flower's DP clipping pairs arrays with the global ones by position
+            arrays = m.content["arrays"]
+            if self.expected is not None and list(arrays.keys()) != list(self.expected):
+                m.content["arrays"] = ArrayRecord({k: arrays[k] for k in self.expected})
         self.last_train = {self._site(m): {k: v for k, v in m.content["metrics"].items()}
                            for m in kept}
-        if len(kept) < self.min_sites:
-            self.rejected.append({"round": r, "site": "-", "reason":
-                                  f"only {len(kept)} acceptable updates, fewer than min_sites "
-                                  f"= {self.min_sites}: the model is unchanged this round"})
+        return kept
+
+    def too_few(self, r: int, kept: list[Message]) -> bool:
+        if len(kept) >= self.min_sites:
+            return False
+        self.rejected.append({"round": r, "site": "-", "reason":
+                              f"only {len(kept)} acceptable updates, fewer than min_sites "
+                              f"= {self.min_sites}: the model is unchanged this round"})
+        return True
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        r = server_round + self.round_offset
+        kept = list(replies) if self._prescreened else self.screen_train(r, replies)
+        if not self._prescreened and self.too_few(r, kept):
             return None, None
         return super().aggregate_train(r, kept)
 
@@ -184,5 +287,59 @@ def make_strategy(fed: FederationConfig, seed: int):
     strategy._init_safn()
     strategy.seed = seed
     strategy.min_sites = fed.min_sites
+    strategy.wait_for_sites = fed.wait_for_sites
     strategy.fraction = (fed.fraction_train, fed.fraction_evaluate)
     return strategy
+
+
+class SafnCentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Central DP: Flower's server-side fixed clipping + Gaussian noise around a SAFN strategy.
+
+    Flower's wrapper clips each reply's update (new − global weights) to ``clipping_norm``, lets
+    the strategy aggregate, and adds N(0, (σ·C/m)²) to the result, m = sites per round. What it
+    does not do, and this class adds: only screened replies reach it (a refusal, a failed site or
+    a malformed update would otherwise make it skip the whole round or fail to clip), and every
+    release is recorded (``strategy.central[round]``) with its *effective* noise multiplier
+    z = σ / (m · max_i w_i), w_i the FedAvg weights (n_i / Σ n): removing one site's update
+    changes the weighted average by at most C·max_i w_i, and the noise std is σ·C/m. With equal
+    weights and every site replying, z = σ. The coordinator turns the z's into ε
+    (`server.app.central_epsilon`, Opacus' RDP accountant, no sampling amplification).
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        inner = self.strategy
+        r = server_round + inner.round_offset
+        kept = inner.screen_train(r, replies)
+        if inner.too_few(r, kept):
+            return None, None
+        inner._prescreened = True
+        try:
+            arrays, metrics = super().aggregate_train(server_round, kept)
+        finally:
+            inner._prescreened = False
+        if arrays is not None:
+            n = np.array([float(m.content["metrics"]["num-examples"]) for m in kept])
+            w_max = float(n.max() / n.sum())
+            inner.central[r] = {
+                "noise_multiplier": float(self.noise_multiplier),
+                "clipping_norm": float(self.clipping_norm),
+                "sites_per_round": int(self.num_sampled_clients), "sites_aggregated": len(kept),
+                "max_weight": w_max,
+                "effective_noise_multiplier": float(self.noise_multiplier)
+                / (self.num_sampled_clients * w_max)}
+        return arrays, metrics
+
+
+def sites_per_round(n_sites: int, fraction: float, min_sites: int) -> int:
+    """How many sites `sample_sites` draws per round among ``n_sites``."""
+    return len(sample_sites([str(i) for i in range(n_sites)], fraction, min_sites, 0, 1))
+
+
+def with_central_dp(strategy, fed: FederationConfig, n_sites: int):
+    """The strategy to ``start``: ``strategy`` itself, or wrapped for central DP when
+    ``federation.central_dp.enabled`` (the wrapper reads and records through ``strategy``)."""
+    cdp = fed.central_dp
+    if not cdp.enabled:
+        return strategy
+    return SafnCentralDP(strategy, cdp.noise_multiplier, cdp.clipping_norm,
+                         sites_per_round(n_sites, fed.fraction_train, fed.min_sites))

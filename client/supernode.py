@@ -1,0 +1,131 @@
+"""A Flower SuperNode that runs only app bundles its site approved (``python -m client.supernode``).
+
+`safn-client` starts this module instead of the bare ``flower-supernode`` console script. It is
+the same SuperNode (same arguments, same Fleet protocol), with one addition made before any
+message is handled: every app bundle (FAB) the coordinator announces is checked against the
+site's approval *in the SuperNode process*, before the FAB is stored and before any ClientApp
+process starts. A bundle is approved when its sha256 is in ``site.approved_apps``, or when it
+carries a signature by one of the site's Flower trusted entities. Anything else gets Flower's own
+"FAB could not be verified" error reply (the coordinator sees it per site) and never executes.
+
+Why a hook rather than ``--trusted-entities`` alone: the open-source SuperLink never marks a FAB
+as verifiable (``valid_license``), so Flower's own check refuses every bundle from it; a hash
+allowlist is the approval a hospital can actually give (the coordinator publishes the hash,
+``safn-server --app-hash``, and the site pastes it into site.yaml).
+
+The approval list comes from the environment (``SAFN_APPROVED_APPS``: comma-separated hashes,
+``SAFN_TRUSTED_ENTITIES``: a YAML file), set by `safn-client` from site.yaml.
+
+``SAFN_POLL_INTERVAL`` (seconds, default 3 = Flower's own) sets how long an idle SuperNode waits
+between two pulls from the SuperLink; Flower hard-codes 3 s, which dominates the time per round
+of a small model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time as _time
+from logging import ERROR, INFO
+
+APPROVED_ENV = "SAFN_APPROVED_APPS"
+TRUSTED_ENV = "SAFN_TRUSTED_ENTITIES"
+POLL_ENV = "SAFN_POLL_INTERVAL"
+
+
+def approved_hashes() -> set[str]:
+    raw = os.environ.get(APPROVED_ENV, "")
+    return {h.strip().lower() for h in raw.split(",") if h.strip()}
+
+
+def _trusted_entities() -> dict[str, str]:
+    path = os.environ.get(TRUSTED_ENV)
+    if not path:
+        return {}
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        return {str(k): str(v) for k, v in (yaml.safe_load(fh) or {}).items()}
+
+
+class _PollClock:
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: the idle wait between
+    two pulls (a hard-coded ``time.sleep(3)``) becomes ``SAFN_POLL_INTERVAL``."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+
+    def sleep(self, seconds: float) -> None:
+        _time.sleep(min(seconds, self.interval) if seconds == 3 else seconds)
+
+    def __getattr__(self, name):
+        return getattr(_time, name)
+
+
+def install_app_approval(approved: set[str], trusted: dict[str, str]) -> None:
+    """Make the SuperNode verify every FAB against this site's approval before storing it."""
+    from flwr.common.logger import log
+    from flwr.supernode import start_client_internal as sci
+
+    flower_verify = sci._verify_fab
+    flower_pull = sci._pull_and_store_message
+
+    def verify(fab, _trusted_entities) -> bool:
+        digest = hashlib.sha256(fab.content).hexdigest()
+        if digest in approved:
+            log(INFO, "safn: app bundle sha256 %s is approved by this site (site.approved_apps)",
+                digest)
+            return True
+        if trusted and fab.verifications.get("safn-superlink-license") \
+                and flower_verify(fab, trusted):
+            log(INFO, "safn: app bundle sha256 %s is signed by a trusted entity", digest)
+            return True
+        log(ERROR, "safn: REFUSED app bundle sha256 %s: not in site.approved_apps%s; it was "
+                   "not run. If the coordinator's new app is expected, add this hash to "
+                   "site.approved_apps and restart safn-client", digest,
+            " and not signed by a trusted entity" if trusted else "")
+        return False
+
+    def pull(**kwargs):
+        get_fab = kwargs["get_fab"]
+
+        def get_fab_checked(fab_hash, run_id):
+            fab = get_fab(fab_hash, run_id)
+            # Flower only verifies FABs from a SuperLink that marks them verifiable; remember
+            # whether it did, then let our `verify` decide for every FAB.
+            if fab.verifications.get("valid_license"):
+                fab.verifications["safn-superlink-license"] = "1"
+            fab.verifications["valid_license"] = "safn-approval"
+            return fab
+
+        kwargs["get_fab"] = get_fab_checked
+        kwargs["trusted_entities"] = {"safn-approval": ""}  # always enter Flower's check
+        return flower_pull(**kwargs)
+
+    sci._verify_fab = verify
+    sci._pull_and_store_message = pull
+
+
+def install_poll_interval(interval: float) -> None:
+    from flwr.supernode import start_client_internal as sci
+
+    sci.time = _PollClock(interval)
+
+
+def main() -> None:
+    approved = approved_hashes()
+    trusted = _trusted_entities()
+    if not approved and not trusted:
+        sys.exit("safn: no approved app (SAFN_APPROVED_APPS) and no trusted entities "
+                 "(SAFN_TRUSTED_ENTITIES): refusing to start a SuperNode that would run any app")
+    install_app_approval(approved, trusted)
+    install_poll_interval(float(os.environ.get(POLL_ENV, "3")))
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv[0] = "flower-supernode"
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

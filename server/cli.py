@@ -1,0 +1,234 @@
+"""``safn-server``: the coordinator's front door to a multi-site SAFN run.
+
+    safn-server --config server.yaml            start the SuperLink, admit the listed sites,
+                                                submit the run, follow it to the end
+    safn-server --config server.yaml --resume   continue an interrupted run from its checkpoint
+    safn-server --config server.yaml --status   what the run folder says (and the SuperLink, if up)
+    safn-server --app-hash                      the app bundle's sha256, for sites to approve
+
+The run itself is the same ServerApp as in simulation (`server.app`), submitted with the stock
+``flwr run``; the run folder (``server.run_dir``) receives config.yaml, progress.log,
+checkpoints/, history.json, rounds.csv, the model bundle, and the SuperLink's log and database.
+While it runs, ``FLWR_HOME=<run_dir>/flower flwr list|log|stop safn`` work as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from safn_core.cli.common import base_parser, config_from_args, console, entry, err_console
+from safn_core.config import SafnConfig, dump_config
+from safn_core.errors import ConfigError, SafnError
+from safn_core.io import write_json
+from safn_core.processes import LogFollower
+from server.fab import app_dir, app_hash
+from server.superlink import DeploymentError, SuperLink, refusal
+
+INSECURE_WARNING = ("WARNING: --insecure: TLS and site authentication are OFF. Anyone who can "
+                    "reach this port can join as a site or submit code. Use only on a private "
+                    "test machine, never with real data.")
+
+
+def validate_server(cfg: SafnConfig, origin: str, insecure: bool) -> None:
+    server, fed = cfg.server, cfg.federation
+    if not insecure and not server.sites:
+        raise ConfigError(f"{origin}: 'server.sites' is empty; list every site that may join "
+                          "as name: path/to/<site>.pub (deploy/make_certs.py writes the keys)")
+    for name, key in server.sites.items():
+        if not Path(key).is_file():
+            raise ConfigError(f"{origin}: 'server.sites.{name}' = {key}: public key file not "
+                              "found; it is the <site>.pub that deploy/make_certs.py wrote")
+    unknown = [s for s in server.held_out_sites if server.sites and s not in server.sites]
+    if unknown:
+        raise ConfigError(f"{origin}: 'server.held_out_sites' names {', '.join(unknown)}, not "
+                          "listed under server.sites")
+    trainers = len(server.sites) - len(server.held_out_sites)
+    if server.sites and fed.min_sites > trainers:
+        raise ConfigError(f"{origin}: 'federation.min_sites' = {fed.min_sites} but only "
+                          f"{trainers} training sites are listed under server.sites")
+
+
+class Deployment:
+    """One coordinator session: SuperLink up, sites registered, run submitted and followed."""
+
+    def __init__(self, cfg: SafnConfig, origin: str, insecure: bool, resume: bool):
+        self.cfg, self.origin, self.insecure, self.resume = cfg, origin, insecure, resume
+        self.run_dir = Path(cfg.server.run_dir).resolve()
+        self.link: SuperLink | None = None
+
+    # -- the run folder -------------------------------------------------------------------
+
+    def prepare_run_dir(self) -> None:
+        has_run = (self.run_dir / "config.yaml").is_file()
+        if self.resume:
+            if not has_run:
+                raise ConfigError(f"--resume: {self.run_dir} holds no run (no config.yaml); "
+                                  "start it without --resume")
+            done = _read_json(self.run_dir / "federation_status.json")
+            if done.get("status") == "completed":
+                raise SafnError(f"{self.run_dir}: this run already completed (round "
+                                f"{done.get('round')}); nothing to resume")
+            return
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise SafnError(f"server.run_dir {self.run_dir} is not empty; nothing was touched. "
+                            "Pass --resume to continue the run in it, or choose a new run_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+
+    # -- the session ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        if self.insecure:
+            err_console.print(f"[bold red]{INSECURE_WARNING}[/]")
+        self.prepare_run_dir()
+        self.link = SuperLink(self.cfg.server, self.run_dir, self.insecure, self.origin)
+        self.superlink_log = LogFollower(self.link.log, from_end=True)
+        try:
+            self.link.start()
+            console.print(f"SuperLink listening on {self.link.address} "
+                          f"({'INSECURE' if self.insecure else 'TLS, site authentication on'}); "
+                          f"log: {self.link.log}")
+            self.register_sites()
+            run_id = self.submit()
+            return self.follow(run_id)
+        finally:
+            self.link.stop()
+
+    def register_sites(self) -> None:
+        if self.insecure:
+            return
+        for name, key in self.cfg.server.sites.items():
+            new, detail = self.link.cli.register(Path(key).resolve(), name)
+            console.print(f"site {name}: {'registered, node ' + detail if new else detail}")
+
+    def submit(self) -> str:
+        app = app_dir(self.run_dir)
+        run_id = self.link.cli.submit(app, f"run-dir={json.dumps(str(self.run_dir))}")
+        runs = _read_json(self.run_dir / "flower_runs.json").get("runs", [])
+        runs.append({"run_id": run_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "resume": self.resume, "app_sha256": app_hash(app)})
+        write_json(self.run_dir / "flower_runs.json", {"runs": runs})
+        console.print(f"run {run_id} submitted (app sha256 {runs[-1]['app_sha256']}); waiting "
+                      f"for at least {self.cfg.federation.min_sites} sites")
+        return run_id
+
+    def follow(self, run_id: str) -> int:
+        """Print progress until the run finishes; the exit status says how it ended."""
+        progress = LogFollower(self.run_dir / "progress.log", from_end=True)
+        history_seen = len(_read_json(self.run_dir / "history.json", []))
+        online: set[str] = set()
+        last_check = 0.0
+        while True:
+            for line in progress.lines():
+                console.print(line, soft_wrap=True)
+            history = _read_json(self.run_dir / "history.json", [])
+            for entry in history[history_seen:]:
+                console.print(site_line(entry), soft_wrap=True)
+            history_seen = max(history_seen, len(history))
+            for line in self.superlink_log.lines():
+                note = refusal(line)
+                if note:
+                    err_console.print(f"[bold yellow]{note}[/]", soft_wrap=True)
+            if time.monotonic() - last_check > 3:
+                last_check = time.monotonic()
+                online = self._report_nodes(online)
+                info = self.link.cli.run_info(run_id)
+                if info and str(info.get("status", "")).startswith("finished"):
+                    break
+                if not self.link.child.alive():
+                    raise DeploymentError(f"the SuperLink stopped unexpectedly; see "
+                                          f"{self.link.log}. Resume with --resume")
+            time.sleep(0.3)
+        for line in progress.lines():
+            console.print(line, soft_wrap=True)
+        return self._outcome(info)
+
+    def _report_nodes(self, before: set[str]) -> set[str]:
+        now = {n["node-id"] for n in self.link.cli.nodes() if n.get("status") == "online"}
+        if now != before:
+            console.print(f"sites online: {len(now)}")
+        return now
+
+    def _outcome(self, info: dict) -> int:
+        status = _read_json(self.run_dir / "federation_status.json")
+        flower = str(info.get("status"))
+        if status.get("status") == "completed" and flower == "finished:completed":
+            console.print(f"[green]run completed[/] after round {status.get('round')}: model "
+                          f"bundle in {self.run_dir / 'model'}")
+            return 0
+        reason = status.get("reason") or info.get("status-details") or flower
+        err_console.print(f"[bold red]run ended without completing[/] ({flower}): {reason}. "
+                          f"Checkpoints are kept in {self.run_dir / 'checkpoints'}; continue "
+                          "with --resume")
+        return 1
+
+
+def site_line(entry: dict) -> str:
+    """Per-site participation of one round, from the run's history."""
+    trained = entry.get("sites_trained") or []
+    parts = [f"{s} trained" for s in trained]
+    for site, m in (entry.get("sites") or {}).items():
+        if m and "roc_auc" in m:
+            parts.append(f"{site} ROC-AUC {m['roc_auc']:.3f}")
+        else:
+            parts.append(f"{site} below min_cell")
+    return f"  round {entry.get('round')} sites: " + (", ".join(parts) or "none reported")
+
+
+def show_status(cfg: SafnConfig) -> int:
+    run_dir = Path(cfg.server.run_dir).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"server.run_dir {run_dir}: no run there yet")
+    status = _read_json(run_dir / "federation_status.json")
+    history = _read_json(run_dir / "history.json", [])
+    runs = _read_json(run_dir / "flower_runs.json").get("runs", [])
+    rounds = cfg.federation.rounds
+    state = status.get("status") or ("running or interrupted" if runs else "not started")
+    console.print(f"run folder {run_dir}: {state}; {len(history)} of {rounds} rounds recorded"
+                  + (f"; last Flower run {runs[-1]['run_id']}" if runs else ""))
+    if history:
+        from safn_core.federation.aggregate import round_line
+
+        console.print(round_line(history[-1], rounds), soft_wrap=True)
+    if (run_dir / "model").is_dir():
+        console.print(f"model bundle: {run_dir / 'model'}")
+    return 0
+
+
+def _read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {} if default is None else default
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = base_parser("safn-server", "Coordinate a multi-site SAFN run: a Flower SuperLink "
+                                        "with TLS and site authentication, the SAFN ServerApp, "
+                                        "progress per round and site.", out=False)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in server.run_dir from its checkpoint")
+    parser.add_argument("--status", action="store_true", help="show the run's state and exit")
+    parser.add_argument("--app-hash", action="store_true",
+                        help="print the sha256 of the SAFN app bundle (sites approve it) and exit")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS, no site authentication (local experiments only)")
+    args = parser.parse_args(argv)
+    if args.app_hash:
+        print(app_hash())
+        return 0
+    if args.config is None:
+        raise ConfigError("safn-server needs --config server.yaml (see deploy/server.example.yaml)")
+    cfg = config_from_args(args)
+    if args.status:
+        return show_status(cfg)
+    validate_server(cfg, args.config, args.insecure)
+    # SIGTERM (e.g. docker stop) ends like Ctrl-C: the SuperLink is stopped, checkpoints stay
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    return Deployment(cfg, args.config, args.insecure, args.resume).run()
+
+
+main = entry(run)

@@ -1,0 +1,192 @@
+"""The coordinator's Flower SuperLink and the stock ``flwr`` CLI, driven from `safn-server`.
+
+`SuperLink` starts ``flower-superlink`` (TLS and SuperNode authentication on unless the
+coordinator explicitly runs ``--insecure``; no runtime ``uv sync``; a state database so node
+registrations survive a restart) and writes the ``flwr`` CLI's connection file into the run
+folder's Flower home, so ``FLWR_HOME=<run>/flower flwr list safn`` works against it too.
+`FlwrCli` calls the stock CLI with ``--format json`` and reads its answers (Flower reports some
+failures with exit status 0 and ``"success": false``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from safn_core.config import ServerConfig
+from safn_core.errors import ConfigError, SafnError
+from safn_core.io import write_atomic
+from safn_core.processes import Child, flower_env
+
+CONNECTION = "safn"
+CERT_FILES = ("ca.pem", "superlink.pem", "superlink.key")
+
+
+class DeploymentError(SafnError):
+    """The SuperLink or the Flower CLI failed in a way the coordinator must fix."""
+
+
+def certificate_paths(server: ServerConfig, origin: str) -> dict[str, Path]:
+    if server.certificates is None:
+        raise ConfigError(f"{origin}: 'server.certificates' is not set; it must name the folder "
+                          "that deploy/make_certs.py wrote (ca.pem, superlink.pem, superlink.key)"
+                          ", or run safn-server --insecure for a local experiment")
+    paths = {name: (Path(server.certificates) / name).resolve() for name in CERT_FILES}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{origin}: 'server.certificates' = {server.certificates}: missing "
+                          f"{', '.join(missing)}; create them with deploy/make_certs.py")
+    return paths
+
+
+class FlwrCli:
+    """The stock ``flwr`` CLI against this coordinator's SuperLink."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+
+    def __call__(self, *args: str, timeout: float = 60) -> dict:
+        cmd = [str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"]
+        try:
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DeploymentError(f"`flwr {' '.join(args)}` did not answer in {timeout:.0f} s")
+        text = done.stdout.strip()
+        start = text.find("{")
+        try:
+            return json.loads(text[start:]) if start >= 0 else {
+                "success": False, "error-message": (done.stderr or text).strip()[-500:]}
+        except json.JSONDecodeError:
+            return {"success": False, "error-message": text[-500:]}
+
+    def register(self, public_key: Path, name: str) -> tuple[bool, str]:
+        """(newly registered, node id or reason); an already registered key is fine."""
+        out = self("supernode", "register", str(public_key), CONNECTION, "--name", name)
+        if out.get("success"):
+            return True, str(out.get("node-id"))
+        reason = str(out.get("error-message", ""))
+        if "already in use" in reason:
+            return False, "already registered"
+        raise DeploymentError(f"registering site {name} ({public_key}) failed: "
+                              f"{reason.splitlines()[-1] if reason else 'no answer'}")
+
+    def nodes(self) -> list[dict]:
+        out = self("supernode", "list", CONNECTION)
+        return list(out.get("nodes", [])) if out.get("success") else []
+
+    def submit(self, app: Path, run_config: str) -> str:
+        out = self("run", str(app), CONNECTION, "--run-config", run_config, timeout=120)
+        if not out.get("success"):
+            raise DeploymentError("submitting the SAFN run failed: "
+                                  + str(out.get("error-message", "no answer")).strip()[-400:])
+        return str(out["run-id"])
+
+    def run_info(self, run_id: str) -> dict | None:
+        out = self("list", CONNECTION, "--run-id", str(run_id))
+        runs = out.get("runs") or []
+        return runs[0] if out.get("success") and runs else None
+
+
+class SuperLink:
+    """``flower-superlink`` for one run folder."""
+
+    def __init__(self, server: ServerConfig, run_dir: Path, insecure: bool, origin: str):
+        self.server, self.run_dir, self.insecure = server, Path(run_dir), insecure
+        self.home = self.run_dir / "flower"
+        self.log = self.run_dir / "superlink.log"
+        self.certs = None if insecure else certificate_paths(server, origin)
+        self.env = flower_env(self.home, server.poll_interval)
+        self.cli = FlwrCli(self.env)
+        self.child: Child | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.server.host}:{self.server.port}"
+
+    def command(self) -> list[str]:
+        db = self.server.database or self.run_dir / "superlink.db"
+        cmd = [str(Path(sys.executable).parent / "flower-superlink"),
+               "--host", self.server.host, "--port", str(self.server.port),
+               "--database", str(Path(db).resolve()),
+               "--disable-runtime-dependency-installation"]
+        if self.insecure:
+            return cmd + ["--insecure"]
+        return cmd + ["--ssl-ca-certfile", str(self.certs["ca.pem"]),
+                      "--ssl-certfile", str(self.certs["superlink.pem"]),
+                      "--ssl-keyfile", str(self.certs["superlink.key"]),
+                      "--enable-supernode-auth"]
+
+    def write_connection(self) -> None:
+        """``$FLWR_HOME/config.toml``: the ``safn`` connection for the stock ``flwr`` CLI."""
+        host = "127.0.0.1" if self.server.host in ("0.0.0.0", "::") else self.server.host
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "",
+                 f"[superlink.{CONNECTION}]", f'address = "{host}:{self.server.port}"']
+        lines.append("insecure = true" if self.insecure else
+                     f'root-certificates = "{self.certs["ca.pem"]}"')
+        write_atomic(self.home / "config.toml", "\n".join(lines) + "\n")
+        self._health_host = host
+
+    def start(self, timeout: float = 60) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.write_connection()
+        self.child = Child("superlink", self.command(), self.env, self.log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.child.alive():
+                raise DeploymentError(f"flower-superlink exited at start (status "
+                                      f"{self.child.proc.returncode}); last lines of "
+                                      f"{self.log}: {tail(self.log, 3)}")
+            if self.healthy():
+                return
+            time.sleep(0.2)
+        raise DeploymentError(f"flower-superlink did not answer on {self.address} within "
+                              f"{timeout:.0f} s; see {self.log}")
+
+    def healthy(self) -> bool:
+        scheme = "http" if self.insecure else "https"
+        ctx = None if self.insecure else ssl.create_default_context(
+            cafile=str(self.certs["ca.pem"]))
+        try:
+            with urllib.request.urlopen(f"{scheme}://{self._health_host}:{self.server.port}"
+                                        "/health", timeout=2, context=ctx) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+
+
+REFUSED = re.compile(r"activate-node\]\[ApiError:2004\].*?(No SuperNode found with the given "
+                     r"public key|could not be activated)")
+KEY = re.compile(r"-----BEGIN PUBLIC KEY-----(?:\\n|\s)*([A-Za-z0-9+/=]{16})")
+
+
+def refusal(line: str) -> str | None:
+    """A readable note when a SuperLink log line shows a site refused at activation."""
+    m = REFUSED.search(line)
+    if not m:
+        return None
+    key = KEY.search(line)
+    who = f"key {key.group(1)}…" if key else "a key"
+    if m.group(1).startswith("No SuperNode"):
+        return (f"REFUSED a site: {who} is not registered (not listed under server.sites); "
+                "its SuperNode was turned away")
+    return (f"refused to re-activate a site ({who}): its previous connection has not timed out "
+            "yet; it will be accepted once it has")
+
+
+def tail(path: Path, n: int) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(lines[-n:])
