@@ -26,15 +26,16 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_mod
 from safn_core.federation.aggregate import modalities_to_record
 from safn_core.federation.loop import site_seed
-from safn_core.federation.runfiles import (load_sim_site, run_dir_from, shared_config,
-                                          sim_site_state_dir, site_run_config)
+from safn_core.federation.runfiles import (load_sim_site, load_site_cohort, run_dir_from,
+                                          shared_config, sim_site_state_dir, site_run_config)
 from safn_core.federation.site import Site, SmallCell
 from safn_core.federation.site_privacy import train_round
 from safn_core.preprocess import Preprocessor
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])  # the site's audit trail of what leaves it
 
 
 @lru_cache(maxsize=256)
@@ -46,16 +47,16 @@ def _sim_site(run_dir: Path, partition_id: int, shared_text: str) -> Site:
 
 @lru_cache(maxsize=4)
 def _deployed_site(site_file: str, shared_text: str) -> Site:
-    """A real site: its own file (data, split seed, privacy, min_cell) + the run's settings."""
+    """A real site: its own file (split seed, privacy, min_cell) + the run's settings, and the
+    cohort that safn-client checked against the data contract and prepared at start."""
     from safn_core.config import load_config
-    from safn_core.data.sources import load_cohort
 
     own = load_config(site_file)
     if own.site is None:
         raise ValueError(f"{site_file}: no 'site:' section; a SuperNode's site-config must be "
                          "the site's own site.yaml")
     cfg = site_run_config(shared_config(shared_text), own)
-    cohort = load_cohort(cfg.data, own.synth)
+    cohort = load_site_cohort(Path(own.site.state_dir).resolve() / "cohort" / "cohort.json")
     return Site(own.site.name, cohort, cfg)
 
 

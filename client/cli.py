@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -26,8 +27,9 @@ from pathlib import Path
 from safn_core.cli.common import console, entry, err_console
 from safn_core.config import dump_config, load_config
 from safn_core.errors import ConfigError, SafnError
+from safn_core.federation.runfiles import save_site_cohort
 from safn_core.io import write_atomic
-from safn_core.processes import flower_env
+from safn_core.processes import end_with_parent, flower_env
 
 INSECURE_WARNING = ("WARNING: --insecure: this site talks to the coordinator WITHOUT TLS and "
                     "without authenticating. Use only for a local test, never with real data.")
@@ -42,11 +44,18 @@ def supernode_command(cfg, site_file: Path, insecure: bool) -> list[str]:
     site = cfg.site
     cmd = [sys.executable, "-m", "client.supernode", "--superlink", site.superlink,
            "--host", "127.0.0.1", "--port", str(site.local_port),
-           "--node-config", f"site-config={_toml_string(str(site_file))}", "--max-retries", "20"]
+           "--node-config", f"site-config={_toml_string(str(site_file))} "
+                            f"audit-log={_toml_string(str(audit_log(cfg)))}",
+           "--max-retries", "20"]
     if insecure:
         return cmd + ["--insecure"]
     return cmd + ["--root-certificates", str(Path(site.root_certificates).resolve()),
                   "--auth-supernode-private-key", str(Path(site.private_key).resolve())]
+
+
+def audit_log(cfg) -> Path:
+    """Where the ClientApp records every reply that leaves the site (client/audit.py)."""
+    return Path(cfg.site.state_dir).resolve() / "audit" / "outgoing.jsonl"
 
 
 def _toml_string(text: str) -> str:
@@ -92,41 +101,51 @@ class SiteNode:
             time.sleep(min(5.0, max(0.5, wait - waited)))
 
     def _run_once(self) -> tuple[int, bool]:
+        """One SuperNode process, its output echoed and logged, until it exits.
+
+        The SuperNode's own children (SuperExec, ClientApps) share its output pipe and may
+        outlive it; they are ended with it, so a refused SuperNode can be restarted at once.
+        """
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        refused = False
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True, errors="replace", start_new_session=True)
-            for line in self.proc.stdout:
-                log.write(line)
-                log.flush()
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                refused = refused or REFUSED_MARK in line
-            code = self.proc.wait()
-        return code, refused
+        refused = threading.Event()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, errors="replace", start_new_session=True,
+                                     preexec_fn=end_with_parent)
+        write_atomic(Path(self.cfg.site.state_dir) / "supernode.pid", f"{self.proc.pid}\n")
+
+        def pump(stream, log_path=self.log):
+            with log_path.open("a") as log:
+                for line in stream:
+                    log.write(line)
+                    log.flush()
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                    if REFUSED_MARK in line:
+                        refused.set()
+
+        reader = threading.Thread(target=pump, args=(self.proc.stdout,), daemon=True)
+        reader.start()
+        code = self.proc.wait()
+        _kill_group(self.proc.pid)
+        reader.join(5)
+        return code, refused.is_set()
 
     def stop(self, *_args) -> None:
         """SIGTERM to the SuperNode's group: it tells the SuperLink it leaves, then exits."""
         self.stopping = True
         if self.proc is not None and self.proc.poll() is None:
-            import os
+            _kill_group(self.proc.pid, signal.SIGTERM)
+            timer = threading.Timer(15, _kill_group, args=(self.proc.pid,))
+            timer.daemon = True
+            timer.start()
 
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            threading.Timer(15, self._kill).start()
 
-    def _kill(self) -> None:
-        import os
-
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def _kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -169,6 +188,7 @@ def run(argv: list[str] | None = None) -> int:
     state = Path(site.state_dir).resolve()
     site_file = state / "site-config.yaml"
     write_atomic(site_file, dump_config(cfg))
+    save_site_cohort(state / "cohort", found.cohort)
     node = SiteNode(cfg, site_file, args.insecure)
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)

@@ -23,6 +23,7 @@ class Preflight:
     participants: int
     label_counts: tuple[int, int]
     privacy: str
+    cohort: object
 
 
 def require_site(cfg: SafnConfig, path: Path) -> None:
@@ -100,4 +101,4 @@ def preflight(cfg: SafnConfig, origin: Path, insecure: bool) -> Preflight:
     report.raise_if_failed(f"site {cfg.site.name} does not join; `safn-check --config {origin}` "
                            "prints the full report")
     n_pos = int(cohort.y.sum())
-    return Preflight(len(cohort), (len(cohort) - n_pos, n_pos), privacy)
+    return Preflight(len(cohort), (len(cohort) - n_pos, n_pos), privacy, cohort)

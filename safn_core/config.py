@@ -124,6 +124,19 @@ class TrainConfig(Section):
     modality_drop: bool = Field(True, description="modality-drop ablation at test time")
 
 
+class CentralDPConfig(Section):
+    """Central DP at the coordinator (docs/privacy.md): Flower's server-side fixed clipping of
+    each site's update and Gaussian noise on the average. Site-level DP for whoever receives the
+    global model; the coordinator itself sees the unnoised updates. No per-site ε."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(
+        1.0, gt=0, description="σ: noise std on the average is σ·clipping_norm / sites per round")
+    clipping_norm: float = Field(
+        1.0, gt=0, description="L2 bound on each site's update (new weights − global weights)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported site-level ε")
+
+
 class FederationConfig(Section):
     """A federated run: strategy, rounds, local work, sites' splits (every engine)."""
 
@@ -143,6 +156,21 @@ class FederationConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     histogram_bins: int = Field(1000, ge=10, description="score histogram bins for pooled AUC")
     round_timeout: float = Field(600, gt=0, description="seconds to wait for a round's replies")
+    wait_for_sites: float = Field(
+        300, gt=0, description="seconds a run waits for min_sites connected sites, at the start "
+                               "and whenever fewer remain; then it stops with its checkpoint")
+    central_dp: CentralDPConfig = Field(
+        default_factory=CentralDPConfig,
+        description="central DP: server-side clipping + noise (strategies fedavg / fedprox)")
+
+    @model_validator(mode="after")
+    def _central_dp_strategy(self) -> "FederationConfig":
+        if self.central_dp.enabled and self.strategy not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"federation.central_dp needs strategy fedavg or fedprox, not "
+                f"'{self.strategy}': its noise is calibrated to the average of clipped updates, "
+                f"which FedAdam/FedYogi transform afterwards")
+        return self
 
 
 class SimulationConfig(Section):
@@ -163,22 +191,53 @@ class SimulationConfig(Section):
     ray_address: str | None = Field(None, description="an existing Ray cluster, e.g. 'auto'")
     fast_polling: bool = Field(True, description="poll Flower's in-memory message queues every "
                                                  "10 ms instead of 100 ms (idle time per round)")
+    site_state_dir: Path | None = Field(
+        None, description="virtual sites' own state (privacy ledgers), one subfolder per site; "
+                          "outside any run folder so later runs find the spent budget (default "
+                          "<parent of the run folder>/sim-site-state)")
 
 
 class SiteConfig(Section):
-    """One hospital's side of a deployment (`safn-client --site site.yaml`)."""
+    """One hospital's side of a deployment (`safn-client --site site.yaml`).
+
+    TLS and SuperNode authentication are always on; only ``safn-client --insecure`` (a flag,
+    never a config key) turns them off, for local experiments without real data.
+    """
 
     name: str = Field(..., min_length=1, description="the site's name, as the coordinator knows it")
     superlink: str = Field("127.0.0.1:9092", description="the coordinator's SuperLink (host:port)")
     split_seed: int = Field(0, description="seed of this site's train/validation/test split")
     root_certificates: Path | None = Field(None, description="the federation CA (ca.pem)")
     private_key: Path | None = Field(None, description="this site's key (SuperNode authentication)")
-    insecure: bool = Field(False, description="plain text; only for local tests, never real data")
     approved_apps: list[str] = Field(
-        default_factory=list, description="sha256 hashes of app bundles this site runs")
-    trusted_entities: Path | None = Field(None, description="Flower trusted-entities YAML")
-    state_dir: Path = Field(Path("safn-site-state"), description="site-local state and logs")
-    clientappio_port: int = Field(9094, ge=1, le=65535, description="local ClientAppIo port")
+        default_factory=list,
+        description="sha256 hashes of the app bundles (FABs) this site agrees to run")
+    trusted_entities: Path | None = Field(
+        None, description="Flower trusted-entities YAML: run FABs signed by these keys")
+    state_dir: Path = Field(Path("safn-site-state"),
+                            description="site-local state: privacy ledger, logs")
+    local_port: int = Field(9094, ge=1, le=65535,
+                            description="the SuperNode's local Runtime API port (127.0.0.1 "
+                                        "only; distinct per site on one host)")
+    poll_interval: float = Field(
+        0.2, ge=0.05, le=3, description="seconds an idle SuperNode waits between two pulls from "
+                                        "the SuperLink (Flower's own: 3)")
+    activation_wait: float = Field(
+        90, ge=0, description="seconds to keep retrying when the SuperLink refuses to activate "
+                              "this site (its key unknown, or its last connection not yet "
+                              "timed out after a crash)")
+
+    @field_validator("approved_apps")
+    @classmethod
+    def _hashes(cls, value: list[str]) -> list[str]:
+        out = []
+        for h in value:
+            h = str(h).strip().lower().removeprefix("sha256:")
+            if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+                raise ValueError(f"site.approved_apps: {h!r} is not a sha256 hash (64 hex "
+                                 "digits); copy the hash that safn-server prints for its app")
+            out.append(h)
+        return out
 
 
 class ServerConfig(Section):
@@ -187,13 +246,18 @@ class ServerConfig(Section):
     host: str = Field("127.0.0.1", description="interface the SuperLink listens on")
     port: int = Field(9092, ge=1, le=65535,
                       description="the SuperLink's one HTTPS port (Fleet, Control, Runtime APIs)")
-    certificates: Path | None = Field(None, description="folder with ca.pem, superlink.pem/.key")
-    insecure: bool = False
+    certificates: Path | None = Field(
+        None, description="folder with ca.pem, superlink.pem and superlink.key (deploy/make_certs.py)")
     sites: dict[str, Path] = Field(default_factory=dict,
-                                   description="expected sites: name -> public key file")
-    min_sites: int = Field(2, ge=1)
-    wait_for_sites: float = Field(300, gt=0, description="seconds to wait for min_sites")
+                                   description="the sites allowed to join: name -> public key "
+                                               "file (SuperNode authentication)")
+    held_out_sites: list[str] = Field(
+        default_factory=list, description="sites that only evaluate (external validation): "
+                                          "they neither train nor shape the preprocessing")
     run_dir: Path = Field(Path("runs/federation"), description="the run folder on the coordinator")
+    poll_interval: float = Field(
+        0.2, ge=0.05, le=3, description="seconds between the ServerApp's polls for replies "
+                                        "(Flower's own: 3)")
     database: Path | None = Field(None, description="SuperLink state database (default in run_dir)")
 
 
@@ -394,7 +458,7 @@ def _resolve_paths(cfg: SafnConfig, base: Path) -> SafnConfig:
             return base / value
         return value
 
-    for section in (cfg.data, cfg.site, cfg.server):
+    for section in (cfg.data, cfg.site, cfg.server, cfg.simulation):
         if section is None:
             continue
         for name in type(section).model_fields:

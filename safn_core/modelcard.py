@@ -24,6 +24,35 @@ def _metric_lines(metrics: dict, indent: str = "") -> list[str]:
     return lines
 
 
+def _privacy_lines(privacy: dict | None) -> list[str]:
+    """ε per site (DP-SGD at the sites) and central DP, as recorded in the run's history."""
+    if not privacy:
+        return ["- no differential privacy: the model's weights are not covered by any ε"]
+    lines = []
+    site_dp = privacy.get("site_dp")
+    if site_dp:
+        lines.append(f"- {site_dp['mechanism']}:")
+        for name, s in sorted(site_dp["sites"].items()):
+            if not s.get("dp"):
+                lines.append(f"  - {name}: no DP")
+                continue
+            eps = s.get("epsilon")
+            budget = s.get("epsilon_budget")
+            lines.append(f"  - {name}: ε {eps:.3f} of {budget:g} at δ {s.get('delta', 0):.2g}; "
+                         f"{s['rounds_trained']} rounds trained, {s['rounds_refused']} refused"
+                         if eps is not None else
+                         f"  - {name}: DP-SGD, no round trained ({s['rounds_refused']} refused)")
+    central = privacy.get("central_dp")
+    if central:
+        lines.append(f"- {central['mechanism']}: ε {central['epsilon']:.3f} at δ "
+                     f"{central['delta']:.2g} (site-level, for whoever receives the model; "
+                     f"σ {central['noise_multiplier']:g}, clipping norm "
+                     f"{central['clipping_norm']:g}, {central['releases']} releases)")
+    lines.append("- not covered: the statistics round (unless `privacy.statistics: gaussian`) "
+                 "and the evaluation histograms (docs/privacy.md)")
+    return lines
+
+
 def model_card(meta: dict, config: SafnConfig) -> str:
     """Markdown model card from a bundle's metadata and configuration."""
     data = config.data
@@ -70,6 +99,7 @@ def model_card(meta: dict, config: SafnConfig) -> str:
     ]
     metric_lines = _metric_lines(meta.get("metrics", {}))
     lines += metric_lines or ["- no evaluation recorded in this bundle"]
+    lines += ["", "## Privacy", *_privacy_lines(meta.get("privacy"))]
     lines += [
         "",
         "## Known limits",

@@ -108,3 +108,39 @@ def learning_curves(history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def epsilon_per_round(history: list[dict], path: Path) -> Path | None:
+    """ε spent so far per site per round (DP-SGD sites, refused rounds marked ×, each site's
+    budget dotted) and the central-DP ε when the run used it. None when there is nothing to
+    plot."""
+    sites = sorted({s for h in history for s, r in (h.get("privacy") or {}).items()
+                    if r.get("dp")})
+    central = [(h["round"], h["central_dp"]["epsilon"]) for h in history if h.get("central_dp")]
+    if not sites and not central:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, s in enumerate(sites):
+        color = f"C{i % 10}"
+        pts = [(h["round"], h["privacy"][s]) for h in history
+               if (h.get("privacy") or {}).get(s, {}).get("epsilon") is not None]
+        if not pts:
+            continue
+        ax.plot([r for r, _ in pts], [p["epsilon"] for _, p in pts], marker=".", color=color,
+                label=s)
+        refused = [(r, p["epsilon"]) for r, p in pts if p.get("refused")]
+        if refused:
+            ax.scatter(*zip(*refused), marker="x", color=color, s=40, zorder=3)
+        budgets = {p.get("epsilon_budget") for _, p in pts if p.get("epsilon_budget")}
+        for b in budgets:
+            ax.axhline(b, color=color, ls=":", lw=0.8)
+    if central:
+        ax.plot(*zip(*central), marker="s", color="black", label="central DP (site-level)")
+    ax.set(xlabel="round", ylabel="ε spent so far",
+           title="Privacy spend per site (× refused; dotted: budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

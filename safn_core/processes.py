@@ -29,7 +29,9 @@ def flower_env(flwr_home: Path, poll_interval: float | None = None,
     env = dict(os.environ)
     env.update(FLOWER_QUIET)
     env["FLWR_HOME"] = str(Path(flwr_home).resolve())
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    here = str(Path(sys.executable).parent)
+    if here not in env.get("PATH", "").split(os.pathsep):  # Flower starts its tools by name
+        env["PATH"] = here + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     if poll_interval is not None:
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(max(0.01, poll_interval))
@@ -41,13 +43,17 @@ class Child:
     """One long-running child process (and its descendants), output appended to a log file."""
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path,
-                 stdout=None):
+                 pid_file: Path | None = None):
         self.name, self.cmd, self.log = name, cmd, Path(log)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self.log.open("ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=stdout if stdout is not None else self._fh,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._fh,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=end_with_parent)
+        if pid_file is not None:
+            from safn_core.io import write_atomic
+
+            write_atomic(pid_file, f"{self.proc.pid}\n")
 
     @property
     def pid(self) -> int:
@@ -72,6 +78,29 @@ class Child:
             pass
         self._fh.close()
         return self.proc.returncode
+
+
+def end_with_parent() -> None:
+    """Run in a child before it starts (Linux): SIGTERM it when its parent dies, so no
+    SuperLink or SuperNode outlives the front door that started it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _signal_group(pid: int, sig: int) -> None:

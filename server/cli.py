@@ -25,7 +25,7 @@ from safn_core.errors import ConfigError, SafnError
 from safn_core.io import write_json
 from safn_core.processes import LogFollower
 from server.fab import app_dir, app_hash
-from server.superlink import DeploymentError, SuperLink, refusal
+from server.superlink import DeploymentError, SuperLink, openssh_fingerprint, refusal
 
 INSECURE_WARNING = ("WARNING: --insecure: TLS and site authentication are OFF. Anyone who can "
                     "reach this port can join as a site or submit code. Use only on a private "
@@ -102,7 +102,8 @@ class Deployment:
             return
         for name, key in self.cfg.server.sites.items():
             new, detail = self.link.cli.register(Path(key).resolve(), name)
-            console.print(f"site {name}: {'registered, node ' + detail if new else detail}")
+            console.print(f"site {name}: {'registered, node ' + detail if new else detail} "
+                          f"(key {openssh_fingerprint(Path(key))})")
 
     def submit(self) -> str:
         app = app_dir(self.run_dir)
@@ -120,7 +121,7 @@ class Deployment:
         progress = LogFollower(self.run_dir / "progress.log", from_end=True)
         history_seen = len(_read_json(self.run_dir / "history.json", []))
         online: set[str] = set()
-        last_check = 0.0
+        last_check, started = 0.0, time.time()
         while True:
             for line in progress.lines():
                 console.print(line, soft_wrap=True)
@@ -132,7 +133,11 @@ class Deployment:
                 note = refusal(line)
                 if note:
                     err_console.print(f"[bold yellow]{note}[/]", soft_wrap=True)
-            if time.monotonic() - last_check > 3:
+            finished = (self.run_dir / "federation_status.json").stat().st_mtime \
+                if (self.run_dir / "federation_status.json").exists() else 0
+            # each `flwr` call is a Python process: ask the SuperLink every 10 s, or at once
+            # when the ServerApp has written its final status
+            if time.monotonic() - last_check > 10 or finished > started:
                 last_check = time.monotonic()
                 online = self._report_nodes(online)
                 info = self.link.cli.run_info(run_id)
@@ -153,6 +158,8 @@ class Deployment:
         return now
 
     def _outcome(self, info: dict) -> int:
+        # Flower's own account of the run: status, network traffic, compute seconds
+        write_json(self.run_dir / "flower_run.json", info or {})
         status = _read_json(self.run_dir / "federation_status.json")
         flower = str(info.get("status"))
         if status.get("status") == "completed" and flower == "finished:completed":

@@ -22,7 +22,7 @@ from pathlib import Path
 from safn_core.config import ServerConfig
 from safn_core.errors import ConfigError, SafnError
 from safn_core.io import write_atomic
-from safn_core.processes import Child, flower_env
+from safn_core.processes import Child, flower_env, port_in_use
 
 CONNECTION = "safn"
 CERT_FILES = ("ca.pem", "superlink.pem", "superlink.key")
@@ -134,9 +134,14 @@ class SuperLink:
         self._health_host = host
 
     def start(self, timeout: float = 60) -> None:
+        if port_in_use(self.server.host, self.server.port):
+            raise DeploymentError(f"port {self.address} is already in use (another SuperLink? "
+                                  f"see {self.run_dir / 'superlink.pid'}); stop it or choose "
+                                  "another server.port")
         self.home.mkdir(parents=True, exist_ok=True)
         self.write_connection()
-        self.child = Child("superlink", self.command(), self.env, self.log)
+        self.child = Child("superlink", self.command(), self.env, self.log,
+                           pid_file=self.run_dir / "superlink.pid")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.child.alive():
@@ -167,7 +172,38 @@ class SuperLink:
 
 REFUSED = re.compile(r"activate-node\]\[ApiError:2004\].*?(No SuperNode found with the given "
                      r"public key|could not be activated)")
-KEY = re.compile(r"-----BEGIN PUBLIC KEY-----(?:\\n|\s)*([A-Za-z0-9+/=]{16})")
+PEM = re.compile(r"-----BEGIN PUBLIC KEY-----(.*?)-----END PUBLIC KEY-----")
+
+
+def key_fingerprint(pem_body: str) -> str | None:
+    """The OpenSSH fingerprint (as ``ssh-keygen -lf <site>.pub`` prints it) of a key that
+    the SuperLink logged in PEM form."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        der = base64.b64decode(re.sub(r"\\n|\s", "", pem_body))
+        key = serialization.load_der_public_key(der)
+        blob = key.public_bytes(serialization.Encoding.OpenSSH,
+                                serialization.PublicFormat.OpenSSH).split()[1]
+        digest = hashlib.sha256(base64.b64decode(blob)).digest()
+    except (ValueError, TypeError, IndexError):
+        return None
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def openssh_fingerprint(public_key: Path) -> str:
+    """``ssh-keygen -lf``'s fingerprint of an OpenSSH public key file."""
+    import base64
+    import hashlib
+
+    try:
+        blob = base64.b64decode(Path(public_key).read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return "unreadable"
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def refusal(line: str) -> str | None:
@@ -175,8 +211,9 @@ def refusal(line: str) -> str | None:
     m = REFUSED.search(line)
     if not m:
         return None
-    key = KEY.search(line)
-    who = f"key {key.group(1)}…" if key else "a key"
+    pem = PEM.search(line)
+    fingerprint = key_fingerprint(pem.group(1)) if pem else None
+    who = f"key {fingerprint}" if fingerprint else "a key"
     if m.group(1).startswith("No SuperNode"):
         return (f"REFUSED a site: {who} is not registered (not listed under server.sites); "
                 "its SuperNode was turned away")

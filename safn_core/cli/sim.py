@@ -260,6 +260,28 @@ def print_sites(cohort, cfg: SafnConfig, summ: pd.DataFrame) -> None:
     console.print(t)
 
 
+def print_privacy(history: list[dict], cfg: SafnConfig) -> None:
+    """ε per site per round (DP-SGD sites) and central DP, when the run used DP."""
+    from safn_core.federation.privacy_report import CENTRAL_DP, epsilon_wide, privacy_summary
+
+    summary = privacy_summary(history)
+    if not summary:
+        return
+    wide = epsilon_wide(history)
+    if not wide.empty:
+        t = Table(title="DP-SGD at the sites: ε spent so far per round (every run in each "
+                        f"site's ledger; ledgers under {cfg.simulation.site_state_dir})")
+        for c in wide.columns:
+            t.add_column(str(c), justify="right")
+        for row in wide.itertuples(index=False):
+            t.add_row(*map(str, row))
+        console.print(t)
+    central = summary.get("central_dp")
+    if central:
+        console.print(f"{CENTRAL_DP}: ε {central['epsilon']:.3f} at δ {central['delta']:g} "
+                      f"(site-level) after {central['releases']} releases")
+
+
 def load_federated(run_dir: Path):
     """The finished federation's model and preprocessing, from its bundle."""
     from safn_core.bundle import load_bundle
@@ -317,7 +339,8 @@ def run(argv: list[str] | None = None) -> int:
     from safn_core.data.sources import load_cohort
     from safn_core.federation.checkpoint import load_checkpoint
     from safn_core.federation.partition import summary
-    from safn_core.federation.runfiles import load_run_config, write_config, write_sim_sites
+    from safn_core.federation.runfiles import (SIM_SITE_STATE, load_run_config, write_config,
+                                              write_sim_sites)
 
     if args.resume:
         run_dir = args.resume
@@ -330,6 +353,10 @@ def run(argv: list[str] | None = None) -> int:
     else:
         cfg = config_from_args(args)
         run_dir = fresh_output_dir(args.out or Path("runs") / f"sim-{datetime.now():%Y%m%d-%H%M%S}")
+        # the virtual sites' ledgers live outside the run folder (a later run finds the spent
+        # budget); fixed as an absolute path in config.yaml so resume and LOSO use the same
+        ledgers = cfg.simulation.site_state_dir or run_dir.resolve().parent / SIM_SITE_STATE
+        cfg.simulation.site_state_dir = Path(ledgers).resolve()
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
     parts = build_sites(cohort, cfg)
@@ -351,6 +378,7 @@ def run(argv: list[str] | None = None) -> int:
                         f"see {run_dir / 'progress.log'}; resume with safn-sim --resume {run_dir}")
     console.print(f"federated training finished in {flower_s:.1f} s; model bundle: "
                   f"{run_dir / 'model'}")
+    print_privacy(state.history, cfg)
     results = {"run_dir": str(run_dir), "flower_seconds": flower_s, "rounds": state.round,
                "strategy": fed.strategy, "sites": summ.to_dict("records"),
                "federated_last_round": state.history[-1] if state.history else None}

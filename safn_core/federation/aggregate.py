@@ -134,7 +134,8 @@ def round_metrics(site_hists: dict[str, dict]) -> dict:
 
 
 def round_line(entry: dict, rounds: int) -> str:
-    """One readable progress line per round (pooled metrics, sites that reported)."""
+    """One readable progress line per round (pooled metrics, sites that reported), then
+    indented lines for ε per site, central DP, refusals and rejected updates."""
     text = f"round {entry['round']:>3}/{rounds}"
     if "train_loss" in entry:
         text += f"  train loss {entry['train_loss']:.4f}"
@@ -148,6 +149,10 @@ def round_line(entry: dict, rounds: int) -> str:
         text += ")"
     elif "sites_reported" in entry:
         text += "  no site could report test metrics (all below min_cell)"
+    from safn_core.federation.privacy_report import privacy_lines
+
+    for line in privacy_lines(entry):  # ε per site, central DP, refusals
+        text += "\n" + line
     for x in entry.get("rejected", []):
         text += f"\n  rejected update from site {x['site']}: {x['reason']}"
     return text

@@ -86,6 +86,31 @@ def write_sim_sites(run_dir: Path, cohort: Cohort, sites: dict) -> None:
                        for m in cohort.modalities]})
 
 
+def save_site_cohort(folder: Path, cohort: Cohort) -> Path:
+    """A deployed site's checked cohort, prepared once by safn-client for its ClientApp (which
+    runs in a fresh process per message and must not re-read a PPMI download each time)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = folder / "cohort.parquet"
+    tmp = table.with_suffix(".parquet.tmp")
+    cohort.table.to_parquet(tmp)
+    tmp.replace(table)
+    write_json(folder / "cohort.json", {
+        "source": cohort.report.source, "table": table.name,
+        "label_names": list(cohort.label_names),
+        "modalities": [{"name": m.name, "features": list(m.features), "side": m.side}
+                       for m in cohort.modalities]})
+    return folder / "cohort.json"
+
+
+@lru_cache(maxsize=4)
+def load_site_cohort(meta_path: Path) -> Cohort:
+    meta = json.loads(Path(meta_path).read_text())
+    table = pd.read_parquet(Path(meta_path).parent / meta["table"])
+    mods = tuple(Modality(m["name"], tuple(m["features"]), m["side"]) for m in meta["modalities"])
+    return Cohort(table, mods, LoadReport(meta["source"]), tuple(meta["label_names"]))
+
+
 def expected_sites(run_dir: Path) -> int | None:
     """How many sites a simulation has (all must join); None outside simulation."""
     meta = Path(run_dir) / "sim" / "sites.json"
@@ -107,3 +132,45 @@ def load_sim_site(run_dir: Path, partition_id: int) -> tuple[str, Cohort]:
 
 def write_config(run_dir: Path, text: str) -> None:
     write_atomic(Path(run_dir) / "config.yaml", text)
+
+
+RUN_ID_FILE = "run_id"
+
+
+def run_identity(run_dir: Path) -> str:
+    """The run's identity for the sites' privacy ledgers: made once per run folder, kept there.
+
+    A DP site stores its noise plan (σ for all planned rounds) under this id, so every round and
+    every restarted process of the run reuses it. It must survive a coordinator resume, which
+    Flower's own run id does not (a resume is a new Flower run); it must differ between two runs
+    (each calibrates on what earlier runs left). Hence a random id written into the run folder
+    the first time (``<run folder>/run_id``, created exclusively) and read back on resume.
+    """
+    path = Path(run_dir) / RUN_ID_FILE
+    if not path.is_file():
+        import secrets
+
+        value = f"{Path(run_dir).resolve().name}-{secrets.token_hex(6)}"
+        try:
+            with open(path, "x", encoding="utf-8") as fh:
+                fh.write(value + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except FileExistsError:  # another process made it first: use theirs
+            pass
+    return path.read_text(encoding="utf-8").strip()
+
+
+SIM_SITE_STATE = "sim-site-state"
+
+
+def sim_site_state_dir(run_dir: Path, site_name: str) -> Path:
+    """A virtual site's own state folder (its privacy ledger): ``simulation.site_state_dir``
+    (safn-sim writes it into config.yaml as an absolute path), by default
+    ``<parent of the run folder>/sim-site-state``; one subfolder per site. Outside the run
+    folder, so that a later run on the same virtual sites finds the budget already spent."""
+    run_dir = Path(run_dir).resolve()
+    base = load_run_config(run_dir).simulation.site_state_dir
+    if base is None:
+        base = run_dir.parent / SIM_SITE_STATE
+    return Path(base) / site_name

@@ -34,6 +34,7 @@ def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.Data
         rejected = [x for h in history for x in h.get("rejected", [])]
         if rejected:
             rep.heading("Rejected updates").table(pd.DataFrame(rejected))
+        privacy_section(rep, history, run_dir)
     if comparison is not None and not comparison.empty:
         rep.heading("Pooled vs federated vs local-only (pooled test set)")
         rep.table(comparison[["model", "n_train", *METRICS]])
@@ -46,3 +47,36 @@ def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.Data
         rep.table(shown, "per held-out site, bootstrap 95 % CI in brackets")
     rep.heading("Configuration").code(dump_config(cfg))
     return rep.write(run_dir / "report.html")
+
+
+def privacy_section(rep: Report, history: list[dict], run_dir: Path) -> None:
+    """ε per site per round (table and plot), refusals and central DP, when the run used DP."""
+    from safn_core.federation.privacy_report import (CENTRAL_DP, epsilon_table, epsilon_wide,
+                                                     privacy_summary)
+
+    summary = privacy_summary(history)
+    if not summary:
+        return
+    rep.heading("Differential privacy")
+    rep.text("ε per site is what each DP-SGD site reports: spent so far over every run recorded "
+             "in its own ledger, at its δ (Opacus accountant). The statistics round and the "
+             "evaluation histograms are outside the guarantee by default (docs/privacy.md).")
+    png = plots.epsilon_per_round(history, Path(run_dir) / "epsilon.png")
+    if png is not None:
+        rep.figure(png, "ε spent so far per site and round; × marks a refused round; dotted "
+                        "lines are the sites' budgets")
+    wide = epsilon_wide(history)
+    if not wide.empty:
+        rep.table(wide, "ε per site per round ('off': no DP at that site)")
+        rep.table(epsilon_table(history), "per site and round: δ, budget, noise multiplier σ, "
+                                          "DP-SGD steps, refusals")
+    refused = [{"round": h["round"], **x} for h in history for x in h.get("refused", [])]
+    if refused:
+        rep.table(pd.DataFrame(refused), "rounds a site did not train, with its reason")
+    central = [{"round": h["round"], **{k: h["central_dp"][k] for k in (
+        "noise_multiplier", "clipping_norm", "sites_aggregated", "effective_noise_multiplier",
+        "epsilon", "delta")}} for h in history if h.get("central_dp")]
+    if central:
+        rep.table(pd.DataFrame(central), f"{CENTRAL_DP}: site-level ε of the released model "
+                                         "after each round (Opacus RDP, no sampling "
+                                         "amplification)")

@@ -1,0 +1,151 @@
+"""Deployment overhead: seconds per round of a real 3-site federation on 127.0.0.1 against the
+local compute of a round, and where the rest goes.
+
+Starts safn-server and three safn-client processes exactly as tests/test_deploy.py does (TLS,
+SuperNode authentication, the sites' app approval; a small SAFN model), once per variant:
+
+- ``safn``: safn's defaults (warm ClientApps forked from a pre-imported SuperExec, 0.2 s polling
+  of SuperNodes and ServerApp, 10 s heartbeats);
+- ``stock``: Flower's own behaviour (a fresh ``flwr-clientapp`` process per message, 3 s polls).
+
+The baseline, measured in this process on the same sites' prepared cohorts with the run's
+settings: one site's local training + evaluation (the limit of a round when sites run in
+parallel on their own machines), and the three sites' sum (the limit on this one host).
+
+    .venv/bin/python benchmarks/deploy_overhead.py                  # both variants, 5 rounds
+    .venv/bin/python benchmarks/deploy_overhead.py --variants safn --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.deploy_harness import SITES, Federation, make_material  # noqa: E402
+
+VARIANTS = {
+    "safn": ({}, {}),
+    "stock": ({"poll_interval": 3.0}, {"SAFN_WARM_CLIENTAPPS": "0", "SAFN_POLL_INTERVAL": "3"}),
+}
+
+
+def run_variant(material: dict, folder: Path, rounds: int, variant: str) -> dict:
+    server_extra, site_env = VARIANTS[variant]
+    fed = Federation(material, folder, rounds=rounds)
+    if server_extra:
+        import yaml
+
+        cfg = yaml.safe_load(fed.server_yaml.read_text())
+        cfg["server"].update(server_extra)
+        fed.server_yaml.write_text(yaml.safe_dump(cfg))
+    try:
+        t0 = time.perf_counter()
+        server = fed.server()
+        while "submitted" not in server.output():
+            time.sleep(0.2)
+        from tests.deploy_harness import BIN, Proc
+
+        for name in SITES:
+            poll = site_env.get("SAFN_POLL_INTERVAL")
+            path = fed.site_yaml(name, **({"poll_interval": float(poll)} if poll else {}))
+            fed.procs.append(Proc(name, [str(BIN / "safn-client"), "--site", str(path)],
+                                  fed.folder / f"{name}.log", site_env))
+        code = server.wait(1800)
+        wall = time.perf_counter() - t0
+    finally:
+        fed.stop_all()
+    if code != 0:
+        raise SystemExit(f"{variant}: safn-server exited {code}:\n{server.output()[-3000:]}")
+    history = json.loads((fed.run_dir / "history.json").read_text())
+    timing = json.loads((fed.run_dir / "timing.json").read_text())
+    flower = json.loads((fed.run_dir / "flower_run.json").read_text())
+    seconds = [e["seconds"] for e in history]
+    return {"fed": fed, "wall_s": wall, "rounds_s": seconds,
+            "statistics_round_s": timing["statistics_round_s"], "flower": flower}
+
+
+def local_compute(fed: Federation, rounds: int) -> dict:
+    """One round of each site's local work (train + evaluate), in this process."""
+    import numpy as np
+    import torch
+
+    from safn_core.config import load_config
+    from safn_core.federation.runfiles import (load_run_config, load_site_cohort,
+                                               shared_config, shared_config_text,
+                                               site_run_config)
+    from safn_core.federation.site import Site, state_to_numpy
+    from safn_core.preprocess import Preprocessor
+    from safn_core.training.local import make_model
+
+    torch.set_num_threads(1)
+    run_cfg = load_run_config(fed.run_dir.resolve())
+    shared = shared_config(shared_config_text(run_cfg))
+    ckpt_pre = json.loads((fed.run_dir / "model" / "preprocessing.json").read_text())
+    pre = Preprocessor.from_state(ckpt_pre)
+    counts = json.loads((fed.run_dir / "model" / "bundle.json").read_text())["class_counts"]
+    state = state_to_numpy(make_model(pre.modalities, shared.model, 0))
+    per_site = {}
+    for name in SITES:
+        own = load_config(fed.site_yaml(name))
+        cfg = site_run_config(shared, own)
+        cohort = load_site_cohort(Path(own.site.state_dir).resolve() / "cohort" / "cohort.json")
+        site = Site(name, cohort, cfg)
+        times = []
+        for r in range(rounds):
+            t = time.perf_counter()
+            weights, _, _ = site.train(state, pre, counts, model_cfg=cfg.model,
+                                       epochs=cfg.federation.local_epochs, seed=r)
+            site.evaluate(weights, pre, cfg.model, cfg.federation.histogram_bins)
+            times.append(time.perf_counter() - t)
+        per_site[name] = float(np.median(times))
+    return {"max_s": max(per_site.values()), "sum_s": sum(per_site.values()),
+            "per_site_s": per_site}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="safn-deploy-bench-"))
+    material = make_material(root / "material")
+    results = {v: run_variant(material, root / v, args.rounds, v) for v in args.variants}
+    local = local_compute(next(iter(results.values()))["fed"], args.rounds)
+    print(f"3 sites on 127.0.0.1, TLS + SuperNode authentication, {args.rounds} rounds, "
+          f"small SAFN model (d_model 16)")
+    print(f"local compute of a round (train 1 epoch + evaluate), measured in-process: "
+          f"one site {local['max_s']:.2f} s (slowest), three sites {local['sum_s']:.2f} s "
+          f"({', '.join(f'{k} {v:.2f}' for k, v in local['per_site_s'].items())})")
+    header = (f"{'variant':<8} {'s/round (median)':>17} {'overhead vs 1 site':>19} "
+              f"{'vs 3 sites':>11} {'statistics round':>17} {'wall':>7} "
+              f"{'ClientApp CPU s':>16} {'ServerApp s':>12} {'MB sent+recv':>13}")
+    print(header)
+    base = None
+    for name, r in results.items():
+        med = statistics.median(r["rounds_s"])
+        flower = r["flower"]
+        compute = flower.get("compute-time", {})
+        traffic = flower.get("network-traffic", {})
+        mb = sum(v for v in traffic.values() if isinstance(v, (int, float))) / 1e6
+        print(f"{name:<8} {med:>17.2f} {med - local['max_s']:>19.2f} "
+              f"{med - local['sum_s']:>11.2f} {r['statistics_round_s']:>17.2f} "
+              f"{r['wall_s']:>7.1f} {compute.get('clientapp-seconds', float('nan')):>16.1f} "
+              f"{compute.get('serverapp-seconds', float('nan')):>12.1f} {mb:>13.2f}")
+        base = base or (name, med)
+    if len(results) > 1:
+        (b, bmed), (o, omed) = base, next((k, statistics.median(v["rounds_s"]))
+                                          for k, v in results.items() if k != base[0])
+        print(f"ratio {o} / {b} seconds per round: {omed / bmed:.2f}")
+    print("rounds (s): " + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in v["rounds_s"])
+                                     for k, v in results.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The site's Flower SuperExec with warm ClientApps (``python -m client.superexec``).
+
+Flower's SuperExec starts a fresh ``flwr-clientapp`` process for every message, so every train
+and evaluate message pays for starting Python and importing Flower, PyTorch and safn (2-3 s of
+CPU on a small machine; several times the compute of a round of the SAFN model). This SuperExec
+imports them once and starts each ClientApp as a fork of itself: the same ``flwr-clientapp``
+code with the same arguments, one process per message as before (a crash or leak in one
+message's ClientApp cannot affect the next), without the start-up cost.
+
+`client.supernode` makes the SuperNode start this module instead of ``flower-superexec``;
+everything else (task polling, tokens, the FAB, the ClientApp protocol) is Flower's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+
+def preload() -> None:
+    """Import what every ClientApp imports, before any thread is started."""
+    import torch
+
+    torch.set_num_threads(1)
+    import client.app  # noqa: F401  (Flower, PyTorch, safn_core)
+    import flwr.supernode.cli  # noqa: F401
+
+
+def reap() -> None:
+    """Collect ClientApp children that have exited (no zombies)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def run_clientapp(args: list[str]) -> int:
+    """In the forked child: Flower's own ``flwr-clientapp`` entry point with ``args``."""
+    from flwr.supernode.cli import flwr_clientapp
+
+    sys.argv = list(args)
+    try:
+        flwr_clientapp()
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001  (the child must always end with a status)
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _ours(command: str) -> bool:
+    """True when ``command`` on PATH is this environment's own (a site that put its own
+    wrapper first on PATH keeps it, started as a subprocess)."""
+    import shutil
+    from pathlib import Path
+
+    found = shutil.which(command)
+    return found is not None and Path(found).parent == Path(sys.executable).parent
+
+
+def install_forking_executor() -> None:
+    from flwr.supercore.constant import (TASK_TYPE_TO_APPIO_API_ADDRESS_ARG,
+                                         TASK_TYPE_TO_COMMAND, TaskType)
+    from flwr.supercore.superexec.executor import factory
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import LaunchResult
+
+    class ForkingExecutor(SubprocessExecutor):
+        """Flower's subprocess executor, with ClientApps forked from this warm process."""
+
+        def launch(self, spec):
+            command = TASK_TYPE_TO_COMMAND[spec.task_type]
+            if (spec.task_type != TaskType.CLIENT_APP or spec.runtime_dependency_install
+                    or not _ours(command)):
+                return super().launch(spec)
+            args = [command, TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+                    spec.runtime_api_address, "--token", spec.token]
+            if spec.insecure:
+                args.append("--insecure")
+            elif spec.root_certificates_path is not None:
+                args += ["--root-certificates", spec.root_certificates_path]
+            if spec.parent_pid is not None:
+                args += ["--parent-pid", str(spec.parent_pid)]
+            reap()
+            pid = os.fork()
+            if pid == 0:  # the ClientApp
+                os._exit(run_clientapp(args))
+            return LaunchResult.accepted()
+
+    factory.SubprocessExecutor = ForkingExecutor
+
+
+def main() -> None:
+    preload()
+    install_forking_executor()
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    sys.argv[0] = "flower-superexec"
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""A site's training round with its privacy settings, budget and ledger (no Flower here).
+
+The ClientApp calls `train_round` for every training message. It decides the site's effective
+privacy settings, finds its ledger, trains (DP-SGD through `SitePrivacy`, or the plain path of a
+non-DP site) and returns what may leave the site: the new weights and metrics with the SAME keys
+for every site, DP or not, trained or refused (Flower's strategies require identical keys):
+
+=================  =====================================================================
+``num-examples``   size of the training split (public, as in Opacus); 0 when refused
+``train-loss``     mean training loss of a non-DP site; −1 (withheld) for a DP site, whose
+                   loss is an exact statistic of its training split, outside its ε
+``dp``             1 when the site trains with DP-SGD, else 0
+``epsilon``        ε spent so far at ``delta`` (every run in the ledger, this round
+                   included); −1 for a site without DP (no guarantee, ε = ∞)
+``delta``          δ of that ε (0 without DP)
+``epsilon-budget`` the site's total ε budget (−1 without DP)
+``noise-multiplier`` σ of the run's plan (0 without DP or before a plan exists)
+``dp-steps``       DP-SGD steps taken this round (0 without DP or when refused)
+``refused``        1 when the site did not train this round (its reason travels separately)
+=================  =====================================================================
+
+Who decides (`effective_privacy`): a deployed site's own ``privacy:`` (its site.yaml), tightened
+by the coordinator's request (the run's shared ``privacy:`` section) through `resolve_privacy`;
+a virtual site of a simulation has no separate request: the simulation's ``privacy:`` section,
+with its ``sites.<name>`` override, *is* that virtual site's own file.
+
+A site refuses a round (nothing trained, nothing spent, the other sites go on) when its budget
+cannot pay for the round (`BudgetExhausted`) or when its privacy settings or ledger cannot be
+trusted (any other `PrivacyError`, e.g. a ledger for other data). The reason is one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from typing import TYPE_CHECKING
+
+from safn_core.config import PrivacyConfig
+from safn_core.errors import SafnError
+from safn_core.federation.site import Site
+from safn_core.preprocess import Preprocessor
+
+if TYPE_CHECKING:
+    from safn_core.privacy import SitePrivacy
+
+# safn_core.privacy (Opacus) is imported only where DP is used: a deployed site pays the import
+# in every message's fresh process, and a non-DP site should not pay it at all.
+
+METRIC_KEYS = ("num-examples", "train-loss", "dp", "epsilon", "delta", "epsilon-budget",
+               "noise-multiplier", "dp-steps", "refused")
+"""The keys of every training reply's metrics (DP or not, trained or refused)."""
+
+WITHHELD = -1.0
+"""``train-loss`` of a DP site and ``epsilon`` of a non-DP site: not a number to average."""
+
+
+@dataclass
+class RoundOutcome:
+    weights: dict[str, np.ndarray] | None  # None when refused
+    metrics: dict[str, int | float]
+    refusal: str | None = None  # the one-line reason, when refused
+    loss: float = float("nan")  # for the site's own log (never sent by a DP site)
+
+
+def effective_privacy(site: Site, request: PrivacyConfig | None) -> PrivacyConfig:
+    """The privacy settings a site trains with in this run (see the module docstring)."""
+    if site.cfg.site is not None:  # a deployed site: its own file, tightened by the request
+        from safn_core.privacy import resolve_privacy
+
+        return resolve_privacy(site.cfg.privacy.for_site(None), request)
+    return site.cfg.privacy.for_site(site.name)  # a virtual site: the simulation's settings
+
+
+def _off_metrics(n: int, loss: float) -> dict[str, int | float]:
+    return {"num-examples": int(n), "train-loss": float(loss), "dp": 0, "epsilon": WITHHELD,
+            "delta": 0.0, "epsilon-budget": WITHHELD, "noise-multiplier": 0.0, "dp-steps": 0,
+            "refused": 0}
+
+
+def _reason(site: Site, exc: Exception) -> str:
+    """The exception as one line, without the core's "site X: " prefix (the coordinator
+    names the site itself)."""
+    return " ".join(str(exc).split()).removeprefix(f"site {site.name}: ")
+
+
+def _refused(reason: str, sp: "SitePrivacy | None", dp: bool) -> RoundOutcome:
+    metrics = _off_metrics(0, WITHHELD)
+    metrics["dp"] = int(dp)
+    if sp is not None:
+        try:
+            metrics.update(sp.metrics_now())
+        except SafnError:  # the ledger itself is the problem: report no ε
+            pass
+    metrics.update({"num-examples": 0, "train-loss": WITHHELD, "dp-steps": 0, "refused": 1})
+    return RoundOutcome(None, metrics, reason)
+
+
+def train_round(site: Site, state: dict, pre: Preprocessor, class_counts: list[int], *,
+                request: PrivacyConfig | None, state_dir: Path | None, run_id: str, rounds: int,
+                epochs: int, server_round: int, seed: int,
+                proximal_mu: float = 0.0) -> RoundOutcome:
+    """One round of local training at ``site`` under its effective privacy settings (its own,
+    tightened by the coordinator's ``request``; `effective_privacy`).
+
+    A non-DP site trains exactly as before (`Site.train`: same seeds, same weights as the
+    in-process loop). A DP site opens its ledger under ``state_dir`` (``privacy.ledger`` wins),
+    makes or reuses the run's plan under ``run_id`` (σ for ``rounds`` × ``epochs`` × steps per
+    epoch), checks and reserves the round, trains with DP-SGD and confirms the steps taken.
+    """
+    try:
+        privacy = effective_privacy(site, request)
+    except (SafnError, ValueError) as exc:  # PrivacyError is a SafnError
+        return _refused(_reason(site, exc), None, True)
+    if privacy.mode != "dp-sgd":
+        weights, n, loss = site.train(state, pre, class_counts, model_cfg=site.cfg.model,
+                                      epochs=epochs, seed=seed, proximal_mu=proximal_mu)
+        return RoundOutcome(weights, _off_metrics(n, loss), None, loss)
+    from safn_core.privacy import PrivacyError, SitePrivacy, data_fingerprint
+
+    sp = None
+    try:
+        sp = SitePrivacy(privacy, site.arrays(pre, "train"), site.cfg.train, rounds=rounds,
+                         local_epochs=epochs, run_id=run_id,
+                         fingerprint=data_fingerprint(site.split.train, site.cohort.features),
+                         state_dir=state_dir, site=site.name)
+        sp.check_round(server_round)
+        weights, report = sp.train_round(state, pre.modalities, site.cfg.model, class_counts,
+                                         server_round=server_round, seed=seed,
+                                         proximal_mu=proximal_mu)
+    except PrivacyError as exc:
+        return _refused(_reason(site, exc), sp, True)
+    metrics = _off_metrics(report.n_train, WITHHELD)  # a DP site's loss stays at the site
+    metrics.update(report.metrics())
+    return RoundOutcome(weights, metrics, None, report.train_loss)

@@ -1,0 +1,201 @@
+"""A coordinator and sites on 127.0.0.1 for the deployment tests: real `safn-server` and
+`safn-client` processes, certificates and keys from deploy/make_certs.py, per-site synthetic
+downloads from safn-synth. Every process is started in its own process group and the whole group
+is killed when the test ends, also when it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SITES = ("site_a", "site_b", "site_c")
+SMALL = {"model": {"d_model": 16, "n_heads": 2, "encoder_hidden": 16, "ffn_hidden": 16,
+                   "head_hidden": 16}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
+             COLUMNS="200")
+    return e
+
+
+def make_material(root: Path) -> dict:
+    """Keys for three sites and an intruder, and one synthetic download per site."""
+    subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), "--out",
+                    str(root / "certs"), "--sites", *SITES, "intruder", "--hosts", "127.0.0.1",
+                    "localhost"], check=True, capture_output=True, env=env())
+    subprocess.run([str(BIN / "safn-synth"), "--out", str(root / "data"), "--per-site",
+                    "--set", "synth.n_sites=3", "--set", "synth.min_site_size=60"],
+                   check=True, capture_output=True, env=env())
+    downloads = sorted(p for p in (root / "data").iterdir() if p.is_dir())
+    app_hash = subprocess.run([str(BIN / "safn-server"), "--app-hash"], check=True,
+                              capture_output=True, text=True, env=env()).stdout.strip()
+    return {"root": root, "certs": root / "certs", "downloads": dict(zip(SITES, downloads)),
+            "app_hash": app_hash}
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], log: Path, extra_env: dict | None = None):
+        self.name, self.log = name, log
+        self._fh = log.open("ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env={**env(), **(extra_env or {})})
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not finish within {timeout:.0f} s; "
+                                 f"output:\n{self.output()[-4000:]}")
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        self.signal_group(signal.SIGKILL)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._fh.close()
+
+
+def kill_site(fed: "Federation", proc: Proc) -> None:
+    """A site host dies: SIGKILL to safn-client's group and to its SuperNode's group."""
+    pid_file = fed.folder / f"state_{proc.name}" / "supernode.pid"
+    supernode = int(pid_file.read_text()) if pid_file.exists() else None
+    proc.kill()
+    if supernode:
+        try:
+            os.killpg(supernode, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def kill_coordinator(fed: "Federation", proc: Proc) -> None:
+    """The coordinator host dies: SIGKILL to safn-server's group and the SuperLink's group."""
+    pid_file = fed.run_dir / "superlink.pid"
+    superlink = int(pid_file.read_text()) if pid_file.exists() else None
+    proc.kill()
+    if superlink:
+        try:
+            os.killpg(superlink, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Federation:
+    """Config files for one coordinator and its sites under ``folder``, and their processes."""
+
+    def __init__(self, material: dict, folder: Path, listed=SITES, **federation):
+        self.m, self.folder = material, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.procs: list[Proc] = []
+        self.run_dir = folder / "run"
+        certs = material["certs"]
+        fed = {"rounds": 2, "local_epochs": 1, "min_sites": 2, "wait_for_sites": 120,
+               "round_timeout": 120, **federation}
+        self.server_yaml = folder / "server.yaml"
+        self.server_yaml.write_text(yaml.safe_dump({
+            "server": {"host": "127.0.0.1", "port": self.port, "certificates": str(certs),
+                       "sites": {s: str(certs / "sites" / f"{s}.pub") for s in listed},
+                       "run_dir": str(self.run_dir)},
+            "federation": fed, "data": {"min_cell": 3}, **SMALL}))
+
+    def site_yaml(self, name: str, **site) -> Path:
+        path = self.folder / f"{name}.yaml"
+        if path.exists() and not site:
+            return path
+        certs = self.m["certs"]
+        download = self.m["downloads"].get(name, self.m["downloads"]["site_a"])
+        path.write_text(yaml.safe_dump({
+            "site": {"name": name, "superlink": f"127.0.0.1:{self.port}",
+                     "root_certificates": str(certs / "ca.pem"),
+                     "private_key": str(certs / "sites" / f"{name}.key"),
+                     "approved_apps": [self.m["app_hash"]],
+                     "state_dir": str(self.folder / f"state_{name}"),
+                     "local_port": free_port(), "activation_wait": 60, **site},
+            "data": {"source": "ppmi", "path": str(download), "min_cell": 3}}))
+        return path
+
+    def server(self, *args: str) -> Proc:
+        p = Proc("safn-server", [str(BIN / "safn-server"), "--config", str(self.server_yaml),
+                                 *args], self.folder / f"server{len(self.procs)}.log")
+        self.procs.append(p)
+        return p
+
+    def site(self, name: str, *args: str, **site) -> Proc:
+        p = Proc(name, [str(BIN / "safn-client"), "--site", str(self.site_yaml(name, **site)),
+                        *args], self.folder / f"{name}{len(self.procs)}.log")
+        self.procs.append(p)
+        return p
+
+    def start(self, sites=SITES) -> tuple[Proc, list[Proc]]:
+        """The coordinator, then (once it has registered the sites' keys) the sites."""
+        server = self.server()
+        deadline = time.monotonic() + 60
+        while "submitted" not in server.output():
+            if server.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"safn-server did not submit its run:\n{server.output()}")
+            time.sleep(0.2)
+        return server, [self.site(s) for s in sites]
+
+    def history(self) -> list[dict]:
+        try:
+            return json.loads((self.run_dir / "history.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return []
+
+    def wait_for_round(self, r: int, timeout: float, server: Proc | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.history()) >= r:
+                return
+            if server is not None and server.proc.poll() is not None:
+                raise AssertionError(f"safn-server exited early:\n{server.output()[-3000:]}")
+            time.sleep(0.5)
+        raise AssertionError(f"round {r} not reached in {timeout:.0f} s; server output:\n"
+                             + (server.output()[-3000:] if server else ""))
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            p.signal_group(signal.SIGTERM)
+            pid_file = self.folder / f"state_{p.name}" / "supernode.pid"
+            if pid_file.exists():
+                try:
+                    os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            p.kill()

@@ -1,0 +1,195 @@
+"""Deployment on 127.0.0.1: real safn-server (flower-superlink with TLS and SuperNode
+authentication) and real safn-client processes (flower-supernode with the site's app approval),
+with certificates and keys from deploy/make_certs.py. Each test ends every process it started."""
+
+from __future__ import annotations
+
+import json
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.deploy_harness import (BIN, SITES, Federation, env, kill_coordinator, kill_site,
+                                  make_material)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    return make_material(tmp_path_factory.mktemp("federation"))
+
+
+@pytest.fixture
+def federation(material, tmp_path):
+    feds: list[Federation] = []
+
+    def make(**kwargs) -> Federation:
+        fed = Federation(material, tmp_path / f"f{len(feds)}", **kwargs)
+        feds.append(fed)
+        return fed
+
+    yield make
+    for fed in feds:
+        fed.stop_all()
+
+
+def _audit(fed: Federation, site: str) -> list[dict]:
+    path = fed.folder / f"state_{site}" / "audit" / "outgoing.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
+    fed = federation(rounds=2)
+    server, sites = fed.start()
+    assert server.wait(300) == 0, server.output()[-4000:]
+    out = server.output()
+    assert "TLS, site authentication on" in out
+    assert "run completed after round 2" in out
+    assert "round 2 sites:" in out  # progress per site
+    history = fed.history()
+    assert [e["round"] for e in history] == [1, 2]
+    assert all(sorted(e["sites_trained"]) == list(SITES) for e in history)
+
+    from safn_core.bundle import load_bundle
+
+    bundle = load_bundle(fed.run_dir / "model")
+    assert bundle.meta["kind"] == "federated"
+    assert sorted(bundle.meta["training"]["sites"]) == list(SITES)
+
+    # the stock Flower CLI works against the coordinator's SuperLink... once it is up; here
+    # the run folder records the Flower run and the app the sites approved
+    runs = json.loads((fed.run_dir / "flower_runs.json").read_text())["runs"]
+    assert runs[0]["app_sha256"] == fed.m["app_hash"]
+
+    # nothing participant-level left a site: every reply a site sent is model arrays shaped
+    # like the model, per-feature sums, class counts, or score histograms of histogram_bins
+    state = bundle.model.state_dict()
+    shapes = {k: list(v.shape) for k, v in state.items()}
+    n_features = len(bundle.preprocessor.mean_)
+    for site in SITES:
+        entries = _audit(fed, site)
+        assert {e["type"] for e in entries} >= {"query", "train", "evaluate"}
+        for e in entries:
+            assert "error" not in e, e
+            for name, rec in e["records"].items():
+                if rec["kind"] == "arrays":
+                    for k, a in rec["arrays"].items():
+                        assert a["shape"] in (shapes.get(k), [n_features]), (site, k, a)
+                elif rec["kind"] == "metrics":
+                    for k, v in rec["values"].items():
+                        if isinstance(v, dict):
+                            assert v["list_length"] == 1000, (site, k, v)
+                        else:
+                            assert isinstance(v, (int, float)), (site, k, v)
+                else:
+                    for k, v in rec["values"].items():
+                        if isinstance(v, dict):  # lists: labels, features, modality layout
+                            assert v["list_length"] <= max(n_features, 2), (site, k, v)
+
+    status = subprocess.run([str(BIN / "safn-server"), "--config", str(fed.server_yaml),
+                             "--status"], capture_output=True, text=True, env=env())
+    assert status.returncode == 0 and "completed" in status.stdout
+
+
+def test_a_site_with_an_unlisted_key_is_refused(federation):
+    fed = federation(listed=("site_a", "site_b"))
+    server = fed.server()
+    intruder = fed.site("site_c", activation_wait=4)  # site_c's key is not in server.sites
+    assert intruder.wait(120) != 0
+    assert "refused to activate" in intruder.output()
+    deadline = time.monotonic() + 20
+    while "REFUSED a site" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "REFUSED a site" in server.output(), server.output()[-3000:]
+    assert "is not registered" in server.output()
+
+
+def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins(federation):
+    fed = federation(rounds=5)
+    server, sites = fed.start()
+    fed.wait_for_round(1, 240, server)
+    kill_site(fed, sites[2])  # site_c's host dies: SIGKILL to safn-client and its SuperNode
+    fed.wait_for_round(2, 240, server)
+    fed.site("site_c")  # ...and comes back
+    assert server.wait(600) == 0, server.output()[-4000:]
+    trained = [set(e["sites_trained"]) for e in fed.history()]
+    assert len(trained) == 5
+    missed = [i for i, t in enumerate(trained) if "site_c" not in t]
+    assert missed, "site_c was killed but trained in every round"
+    assert "site_c" in trained[-1], f"site_c did not rejoin: {trained}"
+    assert all({"site_a", "site_b"} <= t for t in trained)
+
+
+def test_a_killed_coordinator_resumes_without_losing_or_repeating_a_round(federation):
+    fed = federation(rounds=3)
+    server, sites = fed.start()
+    fed.wait_for_round(1, 240, server)
+    kill_coordinator(fed, server)  # the coordinator host dies: safn-server, SuperLink, ServerApp
+    done = len(fed.history())
+    assert done < 3
+    resumed = fed.server("--resume")
+    assert resumed.wait(600) == 0, resumed.output()[-4000:]
+    assert f"resuming after round {done}" in resumed.output()
+    assert [e["round"] for e in fed.history()] == [1, 2, 3]
+    ckpts = sorted(p.name for p in (fed.run_dir / "checkpoints").iterdir())
+    assert len(ckpts) >= 3
+
+
+POISON = '''#!{python}
+"""flwr-clientapp of a malicious site: honest training, then NaN in every array it returns."""
+import sys
+import numpy as np
+from flwr.app import Array, ArrayRecord
+import client.app as ca
+
+key = next(k for k in ca.app._registered_funcs if k.startswith("train"))
+honest = ca.app._registered_funcs[key]
+
+def poisoned(msg, ctx):
+    reply = honest(msg, ctx)
+    arrays = reply.content["arrays"]
+    reply.content["arrays"] = ArrayRecord(
+        {{k: Array(np.full(a.shape, np.nan, dtype=a.numpy().dtype)) for k, a in arrays.items()}})
+    return reply
+
+ca.app._registered_funcs[key] = poisoned
+from flwr.supernode.cli import flwr_clientapp
+sys.argv[0] = "flwr-clientapp"
+flwr_clientapp()
+'''
+
+
+def test_a_nan_update_is_rejected_and_reported_by_site(federation, tmp_path):
+    shim = tmp_path / "poison-bin"
+    shim.mkdir()
+    script = shim / "flwr-clientapp"
+    script.write_text(POISON.format(python=sys.executable))
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    fed = federation(rounds=2)
+    server = fed.server()
+    fed.site("site_a")
+    fed.site("site_b")
+    # site_c's SuperNode starts the poisoned ClientApp (found first on its PATH)
+    from tests.deploy_harness import Proc
+
+    path = f"{shim}:{BIN}:{env()['PATH']}"
+    fed.procs.append(Proc("site_c", [str(BIN / "safn-client"), "--site",
+                                     str(fed.site_yaml("site_c"))],
+                          fed.folder / "site_c_poisoned.log", {"PATH": path}))
+    assert server.wait(300) == 0, server.output()[-4000:]
+    out = server.output()
+    assert "rejected update from site site_c: non-finite values" in out
+    for entry in fed.history():
+        assert [x["site"] for x in entry["rejected"]] == ["site_c"]
+        assert "site_c" not in entry.get("sites_trained", [])
+    from safn_core.bundle import load_bundle
+
+    weights = load_bundle(fed.run_dir / "model").model.state_dict()
+    assert all(np.isfinite(v.numpy()).all() for v in weights.values())
