@@ -31,7 +31,10 @@ from safn_core.federation.aggregate import modalities_to_record
 from safn_core.federation.loop import site_seed
 from safn_core.federation.runfiles import (load_sim_site, load_site_cohort, run_dir_from,
                                           shared_config, sim_site_state_dir, site_run_config)
-from safn_core.federation.site import Site, SmallCell
+from safn_core.federation.site import Site, SmallCell, state_to_numpy
+from safn_core.federation.wire import KEY as WIRE_KEY
+from safn_core.federation.wire import Layout
+from safn_core.training.local import make_model
 from safn_core.federation.site_privacy import train_round
 from safn_core.preprocess import Preprocessor
 
@@ -102,8 +105,22 @@ def _preprocessor(site: Site, config: ConfigRecord) -> Preprocessor:
     return _PRE_CACHE[key]
 
 
-def _weights(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in record.items()}
+@lru_cache(maxsize=8)
+def _layout(site: Site, fingerprint: str) -> Layout:
+    """This site's model layout (built from its own model), checked against the coordinator's."""
+    layout = Layout.of(state_to_numpy(make_model(site.cohort.modalities, site.cfg.model, 0)))
+    layout.check(fingerprint)
+    return layout
+
+
+def _weights(site: Site, record: ArrayRecord, config: ConfigRecord) -> dict[str, np.ndarray]:
+    """The global model from the message's one vector (`safn_core.federation.wire`)."""
+    return _layout(site, str(config["model-layout"])).unflatten(record[WIRE_KEY].numpy())
+
+
+def _wire(site: Site, weights: dict[str, np.ndarray], config: ConfigRecord) -> ArrayRecord:
+    return ArrayRecord({WIRE_KEY: Array(_layout(site, str(config["model-layout"]))
+                                        .flatten(weights))})
 
 
 @app.query()
@@ -143,7 +160,7 @@ def train(msg: Message, context: Context) -> Message:
     site = site_for(context, config)
     server_round = int(config["server-round"])
     out = train_round(
-        site, _weights(msg.content["arrays"]), _preprocessor(site, config),
+        site, _weights(site, msg.content["arrays"], config), _preprocessor(site, config),
         list(config["class-counts"]), request=shared_config(str(config["safn-config"])).privacy,
         state_dir=_state_dir(site, context),
         run_id=str(config.get("run-id", f"flower-run-{msg.metadata.run_id}")),
@@ -157,7 +174,7 @@ def train(msg: Message, context: Context) -> Message:
                                    "refusal": ConfigRecord({"reason": out.refusal})}),
                        reply_to=msg)
     return Message(RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in out.weights.items()}),
+        "arrays": _wire(site, out.weights, config),
         "metrics": MetricRecord(out.metrics),
     }), reply_to=msg)
 
@@ -166,7 +183,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     site = site_for(context, config)
-    res = site.evaluate(_weights(msg.content["arrays"]), _preprocessor(site, config),
+    res = site.evaluate(_weights(site, msg.content["arrays"], config),
+                        _preprocessor(site, config),
                         site.cfg.model, int(config["histogram-bins"]))
     return Message(RecordDict({"metrics": MetricRecord({
         "num-examples": int(res["test"].sum()),

@@ -3,7 +3,7 @@
 A Flower mod on the whole ClientApp: after each handler (describe, train, evaluate), it appends
 to the JSON-lines file named by the node config key ``audit-log`` (safn-client sets
 ``<site.state_dir>/audit/outgoing.jsonl``) the reply's records: array names, shapes and dtypes,
-metric names with their scalar values or list lengths, config keys with their types. Values of
+metric names with their scalar values or list lengths, config keys with their types, and the seconds the handler took. Values of
 arrays and histogram lists are not copied (the audit must not become a second copy of what was
 sent); a site's data-protection officer can read what kind of thing left, when, for which run.
 In simulation there is no ``audit-log`` and the mod does nothing.
@@ -47,10 +47,14 @@ def describe_reply(msg: Message, reply: Message) -> dict:
 
 def audit_mod(msg: Message, context: Context, call_next) -> Message:
     """Append a description of the reply to the site's audit log, if it keeps one."""
+    started = time.perf_counter()
     reply = call_next(msg, context)
+    seconds = time.perf_counter() - started
     path = context.node_config.get("audit-log")
     if path:
-        line = json.dumps(describe_reply(msg, reply)) + "\n"
+        entry = describe_reply(msg, reply)
+        entry["handler_seconds"] = round(seconds, 4)
+        line = json.dumps(entry) + "\n"
         Path(str(path)).parent.mkdir(parents=True, exist_ok=True)
         # one write of one line in append mode: lines of concurrent processes never interleave
         fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -25,6 +25,10 @@ def preload() -> None:
     torch.set_num_threads(1)
     import client.app  # noqa: F401  (Flower, PyTorch, safn_core)
     import flwr.supernode.cli  # noqa: F401
+    import safn_core.privacy  # noqa: F401  (Opacus, for DP rounds)
+    from server.latency import fast_object_pulls
+
+    fast_object_pulls()
 
 
 def reap() -> None:

@@ -29,8 +29,9 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import time as _time
 from logging import ERROR, INFO
+
+from server.latency import PollClock, fast_object_pulls
 
 APPROVED_ENV = "SAFN_APPROVED_APPS"
 TRUSTED_ENV = "SAFN_TRUSTED_ENTITIES"
@@ -51,20 +52,6 @@ def _trusted_entities() -> dict[str, str]:
 
     with open(path, encoding="utf-8") as fh:
         return {str(k): str(v) for k, v in (yaml.safe_load(fh) or {}).items()}
-
-
-class _PollClock:
-    """Stands in for the ``time`` module inside Flower's SuperNode loop: the idle wait between
-    two pulls (a hard-coded ``time.sleep(3)``) becomes ``SAFN_POLL_INTERVAL``."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-
-    def sleep(self, seconds: float) -> None:
-        _time.sleep(min(seconds, self.interval) if seconds == 3 else seconds)
-
-    def __getattr__(self, name):
-        return getattr(_time, name)
 
 
 def install_app_approval(approved: set[str], trusted: dict[str, str]) -> None:
@@ -114,7 +101,7 @@ def install_app_approval(approved: set[str], trusted: dict[str, str]) -> None:
 def install_poll_interval(interval: float) -> None:
     from flwr.supernode import start_client_internal as sci
 
-    sci.time = _PollClock(interval)
+    sci.time = PollClock(interval)
 
 
 HEARTBEAT_INTERVAL = 10
@@ -164,6 +151,7 @@ def main() -> None:
     install_app_approval(approved, trusted)
     install_poll_interval(float(os.environ.get(POLL_ENV, "3")))
     install_heartbeat()
+    fast_object_pulls()
     if os.environ.get(WARM_ENV, "1") != "0":
         install_warm_superexec()
     from flwr.supernode.cli import flower_supernode

@@ -32,6 +32,8 @@ from safn_core.federation.privacy_report import central_entry, privacy_entry, pr
 from safn_core.federation.runfiles import (expected_sites, load_run_config, run_dir_from,
                                           run_identity, shared_config_text)
 from safn_core.federation.site import state_to_numpy
+from safn_core.federation.wire import KEY as WIRE_KEY
+from safn_core.federation.wire import Layout
 from safn_core.io import write_json
 from safn_core.preprocess import FeatureStats, Preprocessor
 from safn_core.training.local import make_model
@@ -54,27 +56,6 @@ def wait_for_sites(grid: Grid, expected: int, min_sites: int, timeout: float,
         report(f"{len(nodes)} of {expected} expected sites connected after {timeout:.0f} s; "
                f"starting with them (min_sites = {min_sites})")
         return nodes
-
-
-def fast_polling(interval: float) -> None:
-    """Deployment: the Grid polls the SuperLink for replies with a hard-coded ``sleep(3)``;
-    poll every ``interval`` seconds instead (the largest share of a small model's round)."""
-    import flwr.superlink.grid.http_grid as http_grid
-
-    http_grid.time = _PollClock(interval)
-
-
-class _PollClock:
-    """The ``time`` module with sleeps capped at ``interval`` (for Flower's polling loops)."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.interval))
-
-    def __getattr__(self, name):
-        return getattr(time, name)
 
 
 class Described:
@@ -192,12 +173,13 @@ class Coordinator:
             # stable across a resume (unlike Flower's run id): DP sites key their plan on it
             "run-id": run_identity(self.run_dir),
         })
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v))
-                              for k, v in self.state.weights.items()})
+        self.layout = Layout.of(self.state.weights)  # the model travels as one vector
+        config["model-layout"] = self.layout.fingerprint()
+        arrays = ArrayRecord({WIRE_KEY: Array(self.layout.flatten(self.state.weights))})
         runner.start(grid=self.grid, initial_arrays=arrays,
-                       num_rounds=fed.rounds - self.state.round, timeout=fed.round_timeout,
-                       train_config=config, evaluate_config=ConfigRecord(dict(config)),
-                       evaluate_fn=self._end_of_round)
+                     num_rounds=fed.rounds - self.state.round, timeout=fed.round_timeout,
+                     train_config=config, evaluate_config=ConfigRecord(dict(config)),
+                     evaluate_fn=self._end_of_round)
 
     def _end_of_round(self, server_round: int, arrays: ArrayRecord):
         """After each round: pooled/per-site metrics from histograms, then a checkpoint."""
@@ -233,7 +215,7 @@ class Coordinator:
         entry["rejected"] = [x for x in s.rejected if x["round"] == r]
         now = time.perf_counter()
         entry["seconds"], self._t_last = now - self._t_last, now
-        self.state = RunState(r, {k: a.numpy() for k, a in arrays.items()},
+        self.state = RunState(r, self.layout.unflatten(arrays[WIRE_KEY].numpy()),
                               self.state.preprocessing, self.state.class_counts, s.get_state(),
                               self.state.history + [entry], self.state.sites)
         save_checkpoint(self.run_dir, self.state)
@@ -294,7 +276,10 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_run_config(run_dir)
     progress = run_dir / "progress.log"
     if "run-dir" in context.run_config:  # deployment (flwr run), not run_simulation
-        fast_polling(cfg.server.poll_interval)
+        from server.latency import fast_grid_polling, fast_object_pulls
+
+        fast_grid_polling(cfg.server.poll_interval)
+        fast_object_pulls()
 
     def report(line: str) -> None:
         with progress.open("a") as fh:

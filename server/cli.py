@@ -25,7 +25,8 @@ from safn_core.errors import ConfigError, SafnError
 from safn_core.io import write_json
 from safn_core.processes import LogFollower
 from server.fab import app_dir, app_hash
-from server.superlink import DeploymentError, SuperLink, openssh_fingerprint, refusal
+from server.superlink import (DeploymentError, SuperLink, certificate_paths,
+                              openssh_fingerprint, refusal)
 
 INSECURE_WARNING = ("WARNING: --insecure: TLS and site authentication are OFF. Anyone who can "
                     "reach this port can join as a site or submit code. Use only on a private "
@@ -34,6 +35,8 @@ INSECURE_WARNING = ("WARNING: --insecure: TLS and site authentication are OFF. A
 
 def validate_server(cfg: SafnConfig, origin: str, insecure: bool) -> None:
     server, fed = cfg.server, cfg.federation
+    if not insecure:
+        certificate_paths(server, origin)
     if not insecure and not server.sites:
         raise ConfigError(f"{origin}: 'server.sites' is empty; list every site that may join "
                           "as name: path/to/<site>.pub (deploy/make_certs.py writes the keys)")

@@ -1,0 +1,159 @@
+"""Unit tests of the deployment parts that need no running federation: the model's wire format,
+the coordinator's reading of refusals, the site's pre-flight checks and the CLIs' input errors."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from safn_core.errors import ConfigError
+from safn_core.federation.wire import Layout, LayoutMismatch
+from tests.deploy_harness import BIN, ROOT, env
+
+
+def test_the_model_vector_round_trips_exactly_and_refuses_another_layout():
+    rng = np.random.default_rng(0)
+    state = {"a.weight": rng.normal(size=(3, 4)).astype(np.float32),
+             "a.bias": rng.normal(size=4).astype(np.float32),
+             "b": rng.normal(size=(2, 2, 2)).astype(np.float32)}
+    layout = Layout.of(state)
+    vec = layout.flatten(state)
+    assert vec.shape == (12 + 4 + 8,) and vec.dtype == np.float32
+    back = layout.unflatten(vec)
+    assert list(back) == list(state)
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k])
+    # float64 (after an adaptive server step) is kept, never rounded to float32
+    wide = {k: v.astype(np.float64) + 1e-12 for k, v in state.items()}
+    assert layout.flatten(wide).dtype == np.float64
+    np.testing.assert_array_equal(layout.unflatten(layout.flatten(wide))["b"], wide["b"])
+    with pytest.raises(LayoutMismatch):
+        layout.unflatten(vec[:-1])
+    other = Layout.of({**state, "b": np.zeros((2, 4), np.float32)})
+    assert other.fingerprint() != layout.fingerprint()
+    with pytest.raises(LayoutMismatch, match="safn version"):
+        other.check(layout.fingerprint())
+    with pytest.raises(LayoutMismatch):
+        layout.flatten({"a.bias": state["a.bias"], **state})
+    with pytest.raises(TypeError, match="not floating point"):
+        Layout.of({"steps": np.zeros(1, np.int64)})
+
+
+def _pem_line(openssh_pub: str) -> tuple[str, str]:
+    """A SuperLink refusal log line for a key, and that key's ssh-keygen fingerprint."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_public_key(openssh_pub.encode())
+    pem = key.public_bytes(serialization.Encoding.PEM,
+                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    logged = pem.replace("\n", "\\n")
+    line = ("ERROR : [/v1/fleet/activate-node][ApiError:2004] Attempted to register SuperNode "
+            f"with public key: b'{logged}' , exception: No SuperNode found with the given "
+            "public key.")
+    fp = subprocess.run(["ssh-keygen", "-lf", "/dev/stdin"], input=openssh_pub, text=True,
+                        capture_output=True).stdout.split()[1]
+    return line, fp
+
+
+def test_a_refusal_in_the_superlink_log_names_the_key_as_ssh_keygen_does(tmp_path):
+    from server.superlink import openssh_fingerprint, refusal
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
+                    str(tmp_path / "k")], check=True)
+    pub = (tmp_path / "k.pub").read_text()
+    line, fp = _pem_line(pub)
+    note = refusal(line)
+    assert note.startswith("REFUSED a site") and fp in note
+    assert openssh_fingerprint(tmp_path / "k.pub") == fp
+    again = line.replace("No SuperNode found with the given public key",
+                         "SuperNode with node ID 7 could not be activated")
+    assert "not timed out" in refusal(again)
+    assert refusal("INFO : [Fleet.ActivateNode] Activated node_id=1") is None
+    assert base64  # (imported for readers: fingerprints are base64 without padding)
+
+
+def _site_file(tmp_path: Path, **site) -> Path:
+    key = tmp_path / "site.key"
+    key.write_text("key")
+    key.chmod(0o600)
+    (tmp_path / "ca.pem").write_text("ca")
+    body = {"site": {"name": "s", "root_certificates": "ca.pem", "private_key": "site.key",
+                     "approved_apps": ["a" * 64], "state_dir": "state", **site}}
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def _check(path: Path, insecure: bool = False):
+    from client.preflight import check_security, require_site
+    from safn_core.config import load_config
+
+    cfg = load_config(path)
+    require_site(cfg, path)
+    check_security(cfg, path, insecure)
+
+
+def test_site_preflight_names_the_key_to_fix(tmp_path):
+    _check(_site_file(tmp_path))  # all present: no error
+    with pytest.raises(ConfigError, match="site.private_key.*file not found"):
+        _check(_site_file(tmp_path, private_key="missing.key"))
+    path = _site_file(tmp_path)
+    (tmp_path / "site.key").chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        _check(path)
+    with pytest.raises(ConfigError, match="approved_apps.*trusted_entities"):
+        _check(_site_file(tmp_path, approved_apps=[]))
+    with pytest.raises(ConfigError, match="root_certificates' is not set"):
+        _check(_site_file(tmp_path, root_certificates=None))
+    _check(_site_file(tmp_path, root_certificates=None, private_key=None), insecure=True)
+    with pytest.raises(ConfigError, match="not a sha256"):
+        _check(_site_file(tmp_path, approved_apps=["abc"]))
+    (tmp_path / "nosite.yaml").write_text("data: {min_cell: 5}\n")
+    with pytest.raises(ConfigError, match="no 'site:' section"):
+        _check(tmp_path / "nosite.yaml")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True,
+                          cwd=cwd, env=env(), timeout=120)
+
+
+def test_cli_mistakes_are_one_line_and_exit_2(tmp_path):
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump({"server": {"sites": {}}}))
+    out = _cli("safn-server", "--config", "server.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "server.certificates" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
+    for name in ("ca.pem", "superlink.pem", "superlink.key"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump({"server": {"certificates": "."}}))
+    out = _cli("safn-server", "--config", "server.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "'server.sites' is empty" in out.stderr
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump(
+        {"server": {"certificates": ".", "sites": {"a": "a.pub"}}}))
+    out = _cli("safn-server", "--config", "server.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "server.sites.a" in out.stderr and "not found" in out.stderr
+    out = _cli("safn-client", cwd=tmp_path)
+    assert out.returncode == 2 and "--site" in out.stderr
+    path = _site_file(tmp_path, approved_apps=[])
+    out = _cli("safn-client", "--site", str(path), cwd=tmp_path)
+    assert out.returncode == 2 and "approved_apps" in out.stderr and "Traceback" not in out.stderr
+    out = _cli("safn-client", "--site", str(path), "--insecure", cwd=tmp_path)
+    assert "WARNING: --insecure" in out.stderr
+
+
+def test_the_app_hash_is_the_bundle_flower_builds_and_needs_no_config():
+    from server.fab import APP_SOURCE, app_hash
+
+    out = subprocess.run([str(BIN / "safn-server"), "--app-hash"], capture_output=True,
+                         text=True, env=env())
+    assert out.returncode == 0 and out.stdout.strip() == app_hash(APP_SOURCE)
+    assert len(out.stdout.strip()) == 64
+    text = (ROOT / "server" / "flwr_app" / "safn" / "pyproject.toml").read_text()
+    assert 'serverapp = "server.app:app"' in text and 'clientapp = "client.app:app"' in text
+    assert sys.executable  # the components resolve to this installation's packages
