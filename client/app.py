@@ -125,7 +125,15 @@ def _wire(site: Site, weights: dict[str, np.ndarray], config: ConfigRecord) -> A
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    site = site_for(context, msg.content["config"])
+    config = msg.content["config"]
+    site = site_for(context, config)
+    if site.name in list(config.get("held-out-sites", [])):
+        # external validation only: the site's data shapes neither preprocessing nor training,
+        # so it sends its name and data structure and no statistics
+        return Message(RecordDict({"site": ConfigRecord({
+            "name": site.name, "ok": True, "held-out": True,
+            "label-names": list(site.cohort.label_names),
+            **modalities_to_record(site.cohort.modalities)})}), reply_to=msg)
     try:
         stats, counts = site.describe()
     except SmallCell as exc:
@@ -184,8 +192,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     site = site_for(context, config)
     res = site.evaluate(_weights(site, msg.content["arrays"], config),
-                        _preprocessor(site, config),
-                        site.cfg.model, int(config["histogram-bins"]))
+                        _preprocessor(site, config), site.cfg.model,
+                        int(config["histogram-bins"]),
+                        held_out=site.name in list(config.get("held-out-sites", [])))
     return Message(RecordDict({"metrics": MetricRecord({
         "num-examples": int(res["test"].sum()),
         "val-neg": res["val"][0].tolist(), "val-pos": res["val"][1].tolist(),

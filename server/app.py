@@ -25,8 +25,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from safn_core.config import SafnConfig
-from safn_core.federation.aggregate import (global_preprocessing, modalities_from_record,
-                                            round_line, round_metrics)
+from safn_core.federation.aggregate import (global_preprocessing, held_out_metrics,
+                                            modalities_from_record, round_line,
+                                            round_metrics)
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.privacy_report import central_entry, privacy_entry, privacy_summary
 from safn_core.federation.runfiles import (expected_sites, load_run_config, run_dir_from,
@@ -68,12 +69,14 @@ class Described:
         self.eligible: set[int] = set()
         self.refused: dict[str, str] = {}
         self.structure: ConfigRecord | None = None
+        self.held_out: set[int] = set()  # nodes that only evaluate (external validation)
 
 
 def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: str,
-                     min_sites: int = 1) -> Described:
+                     min_sites: int = 1, held_out_sites: tuple[str, ...] = ()) -> Described:
     """Ask every site for its training-split statistics (a QUERY message, before training)."""
-    config = {"task": "describe", "safn-config": shared_text}
+    config = {"task": "describe", "safn-config": shared_text,
+              "held-out-sites": list(held_out_sites)}
     messages = [Message(RecordDict({"config": ConfigRecord(config)}),
                         dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
     out = Described()
@@ -92,6 +95,9 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
         elif list(site["features"]) != list(out.structure["features"]):
             raise SitesMissing(f"site {name} describes other features than the first site; "
                                "sites must share one data contract to federate")
+        if site.get("held-out", False):
+            out.held_out.add(nid)
+            continue
         arr = reply.content["stats"]
         out.stats.append(FeatureStats(tuple(site["features"]), arr["count"].numpy(),
                                       arr["total"].numpy(), arr["total_sq"].numpy()))
@@ -124,7 +130,10 @@ class Coordinator:
         nodes = wait_for_sites(self.grid, expected, fed.min_sites, fed.wait_for_sites,
                                self.report)
         desc = statistics_round(self.grid, nodes, fed.round_timeout, self.shared_text,
-                                fed.min_sites)
+                                fed.min_sites, tuple(self.cfg.server.held_out_sites))
+        self.held_out = {desc.names[n] for n in desc.held_out}
+        if self.held_out:
+            self.report("held-out sites (evaluation only): " + ", ".join(sorted(self.held_out)))
         self.timing = {"statistics_round_s": time.perf_counter() - t0}
         self._t_last = time.perf_counter()
         for name, why in desc.refused.items():
@@ -160,6 +169,7 @@ class Coordinator:
         strategy.round_offset = self.state.round
         strategy.site_names = dict(desc.names)
         strategy.eligible = set(desc.eligible)
+        strategy.evaluators = set(desc.eligible) | set(desc.held_out)
         strategy.set_state(self.state.strategy_state)
         self.strategy = strategy
         # central DP wraps the strategy (Flower's server-side clipping + noise); the wrapper
@@ -170,6 +180,7 @@ class Coordinator:
             "class-counts": [int(c) for c in self.state.class_counts],
             "local-epochs": fed.local_epochs, "seed": self.cfg.train.seed,
             "histogram-bins": fed.histogram_bins, "safn-config": self.shared_text,
+            "held-out-sites": sorted(self.held_out),
             # stable across a resume (unlike Flower's run id): DP sites key their plan on it
             "run-id": run_identity(self.run_dir),
         })
@@ -210,8 +221,11 @@ class Coordinator:
                         "test": np.array([m["test-neg"], m["test-pos"]], dtype=np.int64),
                         "withheld": bool(m["withheld"])}
                  for name, m in s.last_evaluate.items()}
+        external = {k: hists.pop(k) for k in list(hists) if k in self.held_out}
         if hists:
             entry.update(round_metrics(hists))
+        if external:  # external validation at the pooled threshold of the training sites
+            entry["held_out"] = held_out_metrics(external, entry.get("threshold", 0.5))
         entry["rejected"] = [x for x in s.rejected if x["round"] == r]
         now = time.perf_counter()
         entry["seconds"], self._t_last = now - self._t_last, now
@@ -241,12 +255,16 @@ class Coordinator:
                     threshold=last.get("threshold", 0.5), class_counts=self.state.class_counts,
                     label_names=self.label_names, kind="federated",
                     metrics={"federated_pooled_test": {k: {"mean": v, "sd": None}
-                                                       for k, v in pooled.items()}},
+                                                       for k, v in pooled.items()},
+                             **{f"held_out_{name}": {k: {"mean": v, "sd": None}
+                                                     for k, v in (m or {}).items()}
+                                for name, m in (last.get("held_out") or {}).items()}},
                     extra={"privacy": privacy_summary(self.state.history),
                            "run_id": run_identity(self.run_dir),
                            "training": {
                         "participants": int(sum(self.state.class_counts)),
-                        "sites": sorted(self.state.sites.values()), "rounds": self.state.round,
+                        "sites": sorted(set(self.state.sites.values()) - self.held_out),
+                        "held_out_sites": sorted(self.held_out), "rounds": self.state.round,
                         "strategy": self.fed.strategy, "local_epochs": self.fed.local_epochs,
                         "evaluated_on": f"{last.get('n_test', 0)} test participants at "
                                         f"{last.get('sites_reported', 0)} sites (score "

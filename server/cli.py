@@ -160,9 +160,26 @@ class Deployment:
             console.print(f"sites online: {len(now)}")
         return now
 
+    def write_report(self, info: dict | None) -> None:
+        """report.html in the run folder (learning curves, final and held-out metrics, ε)."""
+        from safn_core.federation.runfiles import load_run_config
+        from safn_core.federation.sim_report import write_server_report
+
+        history = _read_json(self.run_dir / "history.json", [])
+        if not history:
+            return
+        cfg = load_run_config(self.run_dir)
+        seen = {s for h in history for s in (h.get("sites_trained") or [])}
+        seen |= {s for h in history for s in (h.get("sites") or {})}
+        seen |= {s for h in history for s in (h.get("held_out") or {})}
+        path = write_server_report(self.run_dir, cfg, history,
+                                   sorted(set(cfg.server.sites) | seen), info)
+        console.print(f"report: {path}")
+
     def _outcome(self, info: dict) -> int:
         # Flower's own account of the run: status, network traffic, compute seconds
         write_json(self.run_dir / "flower_run.json", info or {})
+        self.write_report(info)
         status = _read_json(self.run_dir / "federation_status.json")
         flower = str(info.get("status"))
         if status.get("status") == "completed" and flower == "finished:completed":

@@ -124,6 +124,7 @@ class SafnStrategyMixin:
     fraction: tuple[float, float] = (1.0, 1.0)
     expected: dict[str, tuple] | None = None
     eligible: set[int] | None = None
+    evaluators: set[int] | None = None  # eligible + held-out sites (evaluation only)
     wait_for_sites: float = 300.0
 
     def _init_safn(self) -> None:
@@ -140,11 +141,13 @@ class SafnStrategyMixin:
         nid = msg.metadata.src_node_id
         return self.site_names.get(nid, f"node {nid}")
 
-    def _choose(self, grid, fraction: float, seed: int, server_round: int) -> _OnlyNodes:
+    def _choose(self, grid, fraction: float, seed: int, server_round: int,
+                allowed: set[int] | None = None) -> _OnlyNodes:
         """The round's sites, drawn among connected sites that passed the statistics round
         (a site that withheld its statistics for small cells takes no part in the run)."""
+        allowed = self.eligible if allowed is None else allowed
         nodes = wait_for_nodes(grid, self.min_sites, self.wait_for_sites,
-                               lambda n: self.eligible is None or n in self.eligible,
+                               lambda n: allowed is None or n in allowed,
                                f"in round {server_round}")
         by_name = {self.site_names.get(n, f"node {n}"): n for n in nodes}
         names = sample_sites(list(by_name), fraction, self.min_sites, seed, server_round)
@@ -161,8 +164,12 @@ class SafnStrategyMixin:
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         r = server_round + self.round_offset
-        return super().configure_evaluate(r, arrays, config,
-                                          self._choose(grid, self.fraction[1], self.seed + 1, r))
+        chosen = self._choose(grid, self.fraction[1], self.seed + 1, r)
+        held_out = sorted((self.evaluators or set()) - (self.eligible or set()))
+        connected = set(grid.get_node_ids())
+        chosen = _OnlyNodes(grid, chosen.get_node_ids()
+                            + [n for n in held_out if n in connected])  # always evaluate
+        return super().configure_evaluate(r, arrays, config, chosen)
 
     # -- aggregation: screened, ordered ------------------------------------------------------
 

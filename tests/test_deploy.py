@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
 from tests.deploy_harness import (BIN, SITES, Federation, env, kill_coordinator, kill_site,
                                   make_material)
@@ -193,3 +195,31 @@ def test_a_nan_update_is_rejected_and_reported_by_site(federation, tmp_path):
 
     weights = load_bundle(fed.run_dir / "model").model.state_dict()
     assert all(np.isfinite(v.numpy()).all() for v in weights.values())
+
+
+def test_a_held_out_site_only_evaluates_and_is_reported_as_external(federation):
+    fed = federation(rounds=2)
+    cfg = yaml.safe_load(fed.server_yaml.read_text())
+    cfg["server"]["held_out_sites"] = ["site_c"]
+    fed.server_yaml.write_text(yaml.safe_dump(cfg))
+    server, _ = fed.start()
+    assert server.wait(300) == 0, server.output()[-4000:]
+    out = server.output()
+    assert "held-out sites (evaluation only): site_c" in out
+    assert "held-out site_c: ROC-AUC" in out
+    history = fed.history()
+    n_c = len(pd.read_parquet(fed.folder / "state_site_c" / "cohort" / "cohort.parquet"))
+    for entry in history:
+        assert "site_c" not in entry["sites_trained"]
+        assert "site_c" not in (entry.get("sites") or {})  # not in the pooled test set
+        assert entry["held_out"]["site_c"]["n"] == n_c  # all its participants
+    # the held-out site sent no statistics and was never asked to train
+    audit = _audit(fed, "site_c")
+    assert {e["type"] for e in audit} == {"query", "evaluate"}
+    assert all("stats" not in e["records"] for e in audit)
+    from safn_core.bundle import load_bundle
+
+    meta = load_bundle(fed.run_dir / "model").meta
+    assert "held_out_site_c" in meta["metrics"]
+    assert sorted(meta["training"]["sites"]) == ["site_a", "site_b"]
+    assert (fed.run_dir / "report.html").is_file()

@@ -133,6 +133,15 @@ def round_metrics(site_hists: dict[str, dict]) -> dict:
             "n_test": int(test.sum()), "n_val": int(val.sum())}
 
 
+def held_out_metrics(site_hists: dict[str, dict], threshold: float) -> dict:
+    """External validation: each held-out site's metrics on all its participants at the
+    training sites' threshold (None where it withheld them for small cells)."""
+    return {name: (None if h["withheld"] else
+                   {**metrics_from_histogram(h["test"], threshold),
+                    "n": int(h["test"].sum())})
+            for name, h in site_hists.items()}
+
+
 def round_line(entry: dict, rounds: int) -> str:
     """One readable progress line per round (pooled metrics, sites that reported), then
     indented lines for ε per site, central DP, refusals and rejected updates."""
@@ -149,6 +158,11 @@ def round_line(entry: dict, rounds: int) -> str:
         text += ")"
     elif "sites_reported" in entry:
         text += "  no site could report test metrics (all below min_cell)"
+    for name, m in (entry.get("held_out") or {}).items():
+        text += (f"\n  held-out {name}: " + (
+            f"ROC-AUC {m['roc_auc']:.3f}  bal acc {m['balanced_accuracy']:.3f}  "
+            f"sens {m['sensitivity']:.3f}  spec {m['specificity']:.3f}  ({m['n']} participants)"
+            if m else "below min_cell, withheld"))
     from safn_core.federation.privacy_report import privacy_lines
 
     for line in privacy_lines(entry):  # ε per site, central DP, refusals

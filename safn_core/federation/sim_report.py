@@ -80,3 +80,52 @@ def privacy_section(rep: Report, history: list[dict], run_dir: Path) -> None:
         rep.table(pd.DataFrame(central), f"{CENTRAL_DP}: site-level ε of the released model "
                                          "after each round (Opacus RDP, no sampling "
                                          "amplification)")
+
+
+def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
+                        sites: list[str], flower: dict | None = None) -> Path:
+    """The HTML report of a deployed run (`safn-server`): sites, learning curves per round
+    (pooled and per site), the final metrics, external validation at held-out sites, ε per
+    site where DP is on, rejected updates, Flower's account of traffic and compute."""
+    run_dir = Path(run_dir)
+    fed = cfg.federation
+    rep = Report("safn-server: federated run",
+                 f"{len(sites)} sites ({', '.join(sites)}); {fed.strategy}, "
+                 f"{len(history)} of {fed.rounds} rounds × {fed.local_epochs} local epochs")
+    held = cfg.server.held_out_sites
+    rows = [{"site": s, "role": "held out (evaluation only)" if s in held else "training",
+             "rounds trained": sum(s in (h.get("sites_trained") or []) for h in history)}
+            for s in sites]
+    rep.heading("Sites").table(pd.DataFrame(rows))
+    if history:
+        plots.learning_curves(history, run_dir / "learning_curves.png")
+        rep.heading("Learning curves")
+        rep.figure(run_dir / "learning_curves.png",
+                   "pooled metrics from summed score histograms of the training sites' test "
+                   "splits; per-site ROC-AUC (sites below min_cell withhold theirs)")
+        last = history[-1]
+        if last.get("pooled"):
+            rep.table(dict(last["pooled"]),
+                      f"final round, pooled test ({last.get('n_test')} participants at "
+                      f"{last.get('sites_reported')} sites), threshold {last.get('threshold')}")
+        external = last.get("held_out") or {}
+        if external:
+            rep.heading("External validation at held-out sites")
+            rep.table(pd.DataFrame([{"site": k, **(v or {"withheld": True})}
+                                    for k, v in external.items()]),
+                      "all participants of each held-out site, at the training sites' "
+                      "threshold (the held-out site can run safn-validate for CIs)")
+        rejected = [x for h in history for x in h.get("rejected", [])]
+        if rejected:
+            rep.heading("Rejected updates").table(pd.DataFrame(rejected))
+        privacy_section(rep, history, run_dir)
+    if flower:
+        traffic = flower.get("network-traffic") or {}
+        compute = flower.get("compute-time") or {}
+        rep.heading("Flower's account of the run").table(
+            {"status": flower.get("status"), "run id": flower.get("run-id"),
+             "app sha256": flower.get("fab-hash"), **{f"traffic {k}": v for k, v in
+                                                       traffic.items()},
+             **{f"compute {k}": v for k, v in compute.items()}})
+    rep.heading("Configuration").code(dump_config(cfg))
+    return rep.write(run_dir / "report.html")

@@ -85,9 +85,11 @@ class Site:
         return stats, counts
 
     def arrays(self, pre: Preprocessor, part: str) -> Arrays:
+        """Preprocessed arrays of a split (``train``, ``val``, ``test``) or of ``all``."""
         key = (part, id(pre))
         if key not in self._arrays:
-            table = self.cohort.table.loc[getattr(self.split, part)]
+            ids = self.cohort.ids if part == "all" else getattr(self.split, part)
+            table = self.cohort.table.loc[ids]
             self._arrays = {k: v for k, v in self._arrays.items() if k[1] == id(pre)}
             self._arrays[key] = Arrays.from_table(pre, table)
         return self._arrays[key]
@@ -108,17 +110,21 @@ class Site:
         return state_to_numpy(model), len(data), loss
 
     def evaluate(self, state: dict, pre: Preprocessor, model_cfg: ModelConfig,
-                 bins: int) -> dict:
+                 bins: int, held_out: bool = False) -> dict:
         """Score histograms of the validation and test splits (per class).
 
         A split with fewer than ``min_cell`` people of a class is withheld (zeros, flagged);
         ``withheld`` flags a site whose histograms the coordinator must not use (either split).
+        A held-out site (external validation) is tested on all its participants and sends no
+        validation histogram (the threshold is chosen on the training sites only).
         """
         model = make_model(pre.modalities, model_cfg, 0)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
         out = {}
-        for part in ("val", "test"):
-            data = self.arrays(pre, part)
+        if held_out:
+            out["val"], out["val_withheld"] = np.zeros((2, bins), dtype=np.int64), False
+        for part in ("test",) if held_out else ("val", "test"):
+            data = self.arrays(pre, "all" if held_out else part)
             counts = np.bincount(data.y, minlength=2)
             if counts.min() < self.min_cell:
                 out[part] = np.zeros((2, bins), dtype=np.int64)
