@@ -279,6 +279,9 @@ class PrivacyConfig(Section):
         None, gt=0, lt=1,
         description="δ of the guarantee; default 1/(10·n_train), must be < 1/n_train")
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm C")
+    max_noise_multiplier: float = Field(
+        10.0, gt=0, description="refuse a run whose calibrated σ would exceed this: what is "
+                                "left of the budget would buy updates that are mostly noise")
     accountant: Literal["rdp", "prv"] = Field(
         "rdp", description="Opacus accountant: rdp (Rényi DP) or prv (numerical, tighter)")
     ledger: Path | None = Field(

@@ -157,3 +157,44 @@ def test_the_app_hash_is_the_bundle_flower_builds_and_needs_no_config():
     text = (ROOT / "server" / "flwr_app" / "safn" / "pyproject.toml").read_text()
     assert 'serverapp = "server.app:app"' in text and 'clientapp = "client.app:app"' in text
     assert sys.executable  # the components resolve to this installation's packages
+
+
+class _Grid:
+    """A Grid whose connected nodes change over time (a site leaving)."""
+
+    def __init__(self, schedule):
+        self.schedule, self.calls = schedule, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return self.schedule(self.calls)
+
+
+def test_a_run_below_min_sites_for_longer_than_the_wait_stops_with_a_message():
+    from server.strategies import SitesMissing, wait_for_nodes
+
+    # two sites stay: no wait
+    assert wait_for_nodes(_Grid(lambda c: [1, 2]), 2, 5, lambda n: True, "in round 3") == [1, 2]
+    # a site comes back within the wait
+    grid = _Grid(lambda c: [1] if c < 3 else [1, 2])
+    assert wait_for_nodes(grid, 2, 5, lambda n: True, "in round 3") == [1, 2]
+    # one site only, for longer than the wait
+    with pytest.raises(SitesMissing, match=r"only 1 of the 2 sites needed were connected in "
+                                           r"round 3, for 0 s \(federation.wait_for_sites\)"):
+        wait_for_nodes(_Grid(lambda c: [1]), 2, 0.3, lambda n: True, "in round 3")
+    # a connected node that is not usable (e.g. withheld its statistics) does not count
+    with pytest.raises(SitesMissing):
+        wait_for_nodes(_Grid(lambda c: [1, 9]), 2, 0.3, lambda n: n != 9, "in round 1")
+
+
+def test_the_strategy_waits_for_eligible_sites_then_stops_the_run():
+    from safn_core.config import FederationConfig
+    from server.strategies import SitesMissing, make_strategy
+
+    strategy = make_strategy(FederationConfig(min_sites=2, wait_for_sites=0.3), seed=0)
+    strategy.eligible = {1, 2}
+    strategy.site_names = {1: "a", 2: "b"}
+    chosen = strategy._choose(_Grid(lambda c: [1, 2]), 1.0, 0, 1)
+    assert sorted(chosen.get_node_ids()) == [1, 2]
+    with pytest.raises(SitesMissing, match="in round 4"):
+        strategy._choose(_Grid(lambda c: [1, 3]), 1.0, 0, 4)

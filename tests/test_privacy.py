@@ -202,12 +202,13 @@ def test_restart_does_not_reset_and_second_run_starts_from_spent_budget(tmp_path
     _, r2 = train(again, 2)
     assert r1.epsilon < r2.epsilon <= 3.0
     # a second run on the same ledger starts from the spent budget and plans on what is left
-    second = site(tmp_path, run_id="run-2", rounds=2)
+    # (the site raised its total budget to 4: with 3 nothing useful would be left)
+    second = site(tmp_path, dp_cfg(epsilon=4.0), run_id="run-2", rounds=2)
     assert second.epsilon() == pytest.approx(r2.epsilon, rel=1e-12)
     plan = second.plan()
     assert plan["epsilon_before"] == pytest.approx(r2.epsilon, rel=1e-12)
     assert plan["noise_multiplier"] > first.noise_multiplier
-    assert r2.epsilon < plan["epsilon_planned"] <= 3.0
+    assert r2.epsilon < plan["epsilon_planned"] <= 4.0
     _, r3 = train(second, 1)
     assert r2.epsilon < r3.epsilon <= plan["epsilon_planned"]
 
@@ -412,3 +413,19 @@ def test_gaussian_statistics_round_is_accounted_in_the_same_ledger(tmp_path):
         sp.release_statistics(frame, FEATURES, labels, ranges)
     with pytest.raises(PrivacyError, match="exact"):
         site(tmp_path / "x").release_statistics(frame, FEATURES, labels, ranges)
+
+
+
+def test_a_run_the_remaining_budget_could_only_buy_noise_is_refused(tmp_path):
+    first = site(tmp_path, dp_cfg(epsilon=2.0), rounds=1)
+    _, report = train(first, 1)
+    # a new run on the same ledger with a sliver of budget left: σ would be huge
+    later = site(tmp_path, dp_cfg(epsilon=report.epsilon + 0.02), run_id="run-2", rounds=5)
+    with pytest.raises(BudgetExhausted, match="max_noise_multiplier = 10"):
+        later.check_round(1)
+    entries = later.ledger.entries
+    # the site may accept noisier updates: then the same run is planned and trains
+    lenient = site(tmp_path, dp_cfg(epsilon=report.epsilon + 0.02, max_noise_multiplier=1e6),
+                   run_id="run-3", rounds=5)
+    assert lenient.noise_multiplier > 10
+    assert later.ledger.entries[:len(entries)] == entries

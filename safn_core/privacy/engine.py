@@ -278,6 +278,17 @@ class SitePrivacy:
                         f"{self.run_id}: {exc}. Its ledger {self.ledger.path} keeps every earlier "
                         f"release; only the site may raise privacy.epsilon, if its governance "
                         f"allows", spent=exc.spent, budget=exc.budget) from None
+                if sigma > self.cfg.max_noise_multiplier:
+                    spent = self.accountant.epsilon(history)
+                    raise BudgetExhausted(
+                        f"{self._who}privacy budget nearly exhausted, the site does not train "
+                        f"in run {self.run_id}: ε spent so far {spent:.4g} of "
+                        f"{self.epsilon_budget:g}; the {total} DP-SGD steps of this run would "
+                        f"need noise σ = {sigma:.3g}, above privacy.max_noise_multiplier = "
+                        f"{self.cfg.max_noise_multiplier:g}, so its updates would be mostly "
+                        f"noise. Plan fewer rounds or local epochs, or (if the site's "
+                        f"governance allows) raise privacy.epsilon. Ledger: {self.ledger.path}",
+                        spent=spent, budget=self.epsilon_budget)
                 plan = {"run_id": self.run_id, "created": now(), "noise_multiplier": sigma,
                         "sample_rate": self.sample_rate, "steps_per_epoch": self.steps_per_epoch,
                         "local_epochs": self.local_epochs, "rounds": self.rounds,
