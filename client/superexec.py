@@ -17,6 +17,9 @@ import os
 import sys
 import traceback
 
+SITE_ENV = "SAFN_SITE_CONFIG"
+"""The site's resolved site.yaml (set by safn-client): its cohort is loaded before forking."""
+
 
 def preload() -> None:
     """Import what every ClientApp imports, before any thread is started."""
@@ -29,6 +32,20 @@ def preload() -> None:
     from server.latency import fast_object_pulls
 
     fast_object_pulls()
+    # the first optimizer of a process imports torch._dynamo (about a second): pay it here
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    site_file = os.environ.get(SITE_ENV)
+    if site_file:  # the site's prepared cohort, read once for every message
+        from pathlib import Path
+
+        from safn_core.config import load_config
+        from safn_core.federation.runfiles import load_site_cohort
+
+        own = load_config(site_file)
+        if own.site is not None:
+            meta = Path(own.site.state_dir).resolve() / "cohort" / "cohort.json"
+            if meta.is_file():
+                load_site_cohort(meta)
 
 
 def reap() -> None:

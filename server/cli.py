@@ -124,10 +124,11 @@ class Deployment:
         progress = LogFollower(self.run_dir / "progress.log", from_end=True)
         history_seen = len(_read_json(self.run_dir / "history.json", []))
         online: set[str] = set()
-        last_check, started = 0.0, time.time()
+        last_check, started, training = 0.0, time.time(), False
         while True:
             for line in progress.lines():
                 console.print(line, soft_wrap=True)
+                training = training or line.startswith("statistics round")
             history = _read_json(self.run_dir / "history.json", [])
             for entry in history[history_seen:]:
                 console.print(site_line(entry), soft_wrap=True)
@@ -136,19 +137,21 @@ class Deployment:
                 note = refusal(line)
                 if note:
                     err_console.print(f"[bold yellow]{note}[/]", soft_wrap=True)
-            finished = (self.run_dir / "federation_status.json").stat().st_mtime \
-                if (self.run_dir / "federation_status.json").exists() else 0
-            # each `flwr` call is a Python process: ask the SuperLink every 10 s, or at once
-            # when the ServerApp has written its final status
-            if time.monotonic() - last_check > 10 or finished > started:
+            if not self.link.child.alive():
+                raise DeploymentError(f"the SuperLink stopped unexpectedly; see "
+                                      f"{self.link.log}. Resume with --resume")
+            status = self.run_dir / "federation_status.json"
+            finished = status.stat().st_mtime if status.exists() else 0
+            # each `flwr` call is a Python process (about a CPU second): list the sites only
+            # while waiting for them, ask for the run's state every 30 s (a ServerApp crash
+            # writes no status file), and at once when the ServerApp wrote its final status
+            if time.monotonic() - last_check > (30 if training else 5) or finished > started:
                 last_check = time.monotonic()
-                online = self._report_nodes(online)
+                if not training:
+                    online = self._report_nodes(online)
                 info = self.link.cli.run_info(run_id)
                 if info and str(info.get("status", "")).startswith("finished"):
                     break
-                if not self.link.child.alive():
-                    raise DeploymentError(f"the SuperLink stopped unexpectedly; see "
-                                          f"{self.link.log}. Resume with --resume")
             time.sleep(0.3)
         for line in progress.lines():
             console.print(line, soft_wrap=True)
