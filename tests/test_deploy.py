@@ -65,7 +65,6 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
     assert bundle.meta["kind"] == "federated"
     assert sorted(bundle.meta["training"]["sites"]) == list(SITES)
 
-    # the stock Flower CLI works against the coordinator's SuperLink... once it is up; here
     # the run folder records the Flower run and the app the sites approved
     runs = json.loads((fed.run_dir / "flower_runs.json").read_text())["runs"]
     assert runs[0]["app_sha256"] == fed.m["app_hash"]
@@ -117,6 +116,13 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins(federation):
     fed = federation(rounds=5)
     server, sites = fed.start()
     fed.wait_for_round(1, 240, server)
+    # the stock Flower CLI works against the coordinator's SuperLink while the run goes on
+    listed = subprocess.run([str(BIN / "flwr"), "list", "safn", "--format", "json"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**env(), "FLWR_HOME": str(fed.run_dir / "flower")})
+    run_id = json.loads((fed.run_dir / "flower_runs.json").read_text())["runs"][0]["run_id"]
+    runs = json.loads(listed.stdout[listed.stdout.index("{"):])["runs"]
+    assert [r["status"] for r in runs if r["run-id"] == run_id] == ["running"]
     kill_site(fed, sites[2])  # site_c's host dies: SIGKILL to safn-client and its SuperNode
     fed.wait_for_round(2, 240, server)
     fed.site("site_c")  # ...and comes back
