@@ -128,9 +128,9 @@ class Federation:
                        "run_dir": str(self.run_dir)},
             "federation": fed, "data": {"min_cell": 3}, **SMALL}))
 
-    def site_yaml(self, name: str, **site) -> Path:
+    def site_yaml(self, name: str, privacy: dict | None = None, **site) -> Path:
         path = self.folder / f"{name}.yaml"
-        if path.exists() and not site:
+        if path.exists() and not site and privacy is None:
             return path
         certs = self.m["certs"]
         download = self.m["downloads"].get(name, self.m["downloads"]["site_a"])
@@ -141,7 +141,8 @@ class Federation:
                      "approved_apps": [self.m["app_hash"]],
                      "state_dir": str(self.folder / f"state_{name}"),
                      "local_port": free_port(), "activation_wait": 60, **site},
-            "data": {"source": "ppmi", "path": str(download), "min_cell": 3}}))
+            "data": {"source": "ppmi", "path": str(download), "min_cell": 3},
+            "privacy": privacy or {"mode": "off"}}))
         return path
 
     def server(self, *args: str) -> Proc:

@@ -203,11 +203,13 @@ def test_a_nan_update_is_rejected_and_reported_by_site(federation, tmp_path):
     assert all(np.isfinite(v.numpy()).all() for v in weights.values())
 
 
-def test_a_held_out_site_only_evaluates_and_is_reported_as_external(federation):
+def test_a_held_out_site_only_evaluates_and_a_dp_site_reports_its_epsilon(federation):
     fed = federation(rounds=2)
     cfg = yaml.safe_load(fed.server_yaml.read_text())
     cfg["server"]["held_out_sites"] = ["site_c"]
     fed.server_yaml.write_text(yaml.safe_dump(cfg))
+    # site_a decides on DP-SGD in its own site.yaml; site_b does not (a mixed federation)
+    fed.site_yaml("site_a", privacy={"mode": "dp-sgd", "epsilon": 8.0, "delta": 1e-5})
     server, _ = fed.start()
     assert server.wait(300) == 0, server.output()[-4000:]
     out = server.output()
@@ -229,3 +231,11 @@ def test_a_held_out_site_only_evaluates_and_is_reported_as_external(federation):
     assert "held_out_site_c" in meta["metrics"]
     assert sorted(meta["training"]["sites"]) == ["site_a", "site_b"]
     assert (fed.run_dir / "report.html").is_file()
+
+    # ε per site per round: site_a's own budget, spent from its ledger on its own disk
+    eps = [e["privacy"]["site_a"]["epsilon"] for e in history]
+    assert 0 < eps[0] < eps[1] <= 8.0
+    assert all(not e["privacy"]["site_b"]["dp"] for e in history)
+    assert (fed.folder / "state_site_a" / "privacy_ledger.json").is_file()
+    assert not (fed.folder / "state_site_b" / "privacy_ledger.json").exists()
+    assert "Differential privacy" in (fed.run_dir / "report.html").read_text()
