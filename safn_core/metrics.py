@@ -205,3 +205,30 @@ def metrics_from_histogram(hist: np.ndarray, threshold: float) -> dict[str, floa
         **auc_from_histogram(hist),
     }
     return {k: out[k] for k in METRICS}
+
+
+def bootstrap_histogram_ci(hist: np.ndarray, threshold: float, n_boot: int = 500,
+                           seed: int = 0, level: float = 0.95,
+                           keys=METRICS) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs from per-class score histograms alone (a held-out site's
+    evaluation reply): resampling participants with replacement within each class is drawing
+    each class's histogram from a multinomial over its bins, so no participant's score is needed.
+    Agrees with `bootstrap_ci` on the binned scores."""
+    hist = np.asarray(hist, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    draws = {k: [] for k in keys}
+    probs = [h / h.sum() if h.sum() else None for h in hist]
+    for _ in range(n_boot):
+        sample = np.stack([rng.multinomial(int(h.sum()), pr) if pr is not None else h
+                           for h, pr in zip(hist, probs)])
+        m = metrics_from_histogram(sample, threshold)
+        for k in keys:
+            draws[k].append(m[k])
+    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for k, vals in draws.items():
+        vals = np.asarray(vals, dtype=float)
+        vals = vals[~np.isnan(vals)]
+        out[k] = (float(np.percentile(vals, lo_q)), float(np.percentile(vals, hi_q))) \
+            if len(vals) else (np.nan, np.nan)
+    return out

@@ -36,6 +36,7 @@ from safn_core.federation.site import state_to_numpy
 from safn_core.federation.wire import KEY as WIRE_KEY
 from safn_core.federation.wire import Layout
 from safn_core.io import write_json
+from safn_core.metrics import METRICS
 from safn_core.preprocess import FeatureStats, Preprocessor
 from safn_core.training.local import make_model
 from server.strategies import SitesMissing, make_strategy, wait_for_nodes, with_central_dp
@@ -256,9 +257,9 @@ class Coordinator:
                     label_names=self.label_names, kind="federated",
                     metrics={"federated_pooled_test": {k: {"mean": v, "sd": None}
                                                        for k, v in pooled.items()},
-                             **{f"held_out_{name}": {k: {"mean": v, "sd": None}
-                                                     for k, v in (m or {}).items()}
-                                for name, m in (last.get("held_out") or {}).items()}},
+                             **{f"held_out_{name}": {k: {"value": m[k], "ci": m["ci"][k]}
+                                                     for k in METRICS}
+                                for name, m in (last.get("held_out") or {}).items() if m}},
                     extra={"privacy": privacy_summary(self.state.history),
                            "run_id": run_identity(self.run_dir),
                            "training": {

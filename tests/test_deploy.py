@@ -220,7 +220,10 @@ def test_a_held_out_site_only_evaluates_and_a_dp_site_reports_its_epsilon(federa
     for entry in history:
         assert "site_c" not in entry["sites_trained"]
         assert "site_c" not in (entry.get("sites") or {})  # not in the pooled test set
-        assert entry["held_out"]["site_c"]["n"] == n_c  # all its participants
+        external = entry["held_out"]["site_c"]
+        assert external["n"] == n_c  # all its participants
+        lo, hi = external["ci"]["roc_auc"]  # bootstrap 95 % CI from its histograms
+        assert lo <= external["roc_auc"] <= hi
     # the held-out site sent no statistics and was never asked to train
     audit = _audit(fed, "site_c")
     assert {e["type"] for e in audit} == {"query", "evaluate"}
@@ -228,7 +231,8 @@ def test_a_held_out_site_only_evaluates_and_a_dp_site_reports_its_epsilon(federa
     from safn_core.bundle import load_bundle
 
     meta = load_bundle(fed.run_dir / "model").meta
-    assert "held_out_site_c" in meta["metrics"]
+    assert set(meta["metrics"]["held_out_site_c"]["roc_auc"]) == {"value", "ci"}
+    assert "held out site c" in (fed.run_dir / "model" / "model_card.md").read_text()
     assert sorted(meta["training"]["sites"]) == ["site_a", "site_b"]
     assert (fed.run_dir / "report.html").is_file()
 

@@ -99,3 +99,18 @@ def test_calibration_of_calibrated_and_overconfident_scores():
     bad = calibration(y, over)
     assert bad["ece"] > 0.05 and bad["slope"] < 0.5
     assert sum(b["n"] for b in bad["curve"]) == p.size
+
+
+def test_histogram_bootstrap_matches_the_participant_bootstrap_on_binned_scores():
+    from safn_core.metrics import bootstrap_ci, bootstrap_histogram_ci, score_histogram
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(150) < 0.7).astype(int)
+    p = np.clip(0.3 + 0.35 * y + rng.normal(0, 0.2, 150), 0, 1)
+    hist = score_histogram(y, p, 1000)
+    binned = (np.minimum(np.floor(p * 1000), 999) + 0.5) / 1000
+    a = bootstrap_histogram_ci(hist, 0.5, n_boot=1500, seed=1)
+    b = bootstrap_ci(y, binned, 0.5, n_boot=1500, seed=2)
+    for k in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity"):
+        assert a[k][0] < a[k][1]
+        assert abs(a[k][0] - b[k][0]) < 0.03 and abs(a[k][1] - b[k][1]) < 0.03, (k, a[k], b[k])

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from safn_core.data.cohort import Modality
-from safn_core.metrics import metrics_from_histogram, threshold_from_histogram
+from safn_core.metrics import (bootstrap_histogram_ci, metrics_from_histogram,
+                                threshold_from_histogram)
 from safn_core.preprocess import FeatureStats, Preprocessor
 
 # ------------------------------------------------------------------ statistics round
@@ -135,11 +136,17 @@ def round_metrics(site_hists: dict[str, dict]) -> dict:
 
 def held_out_metrics(site_hists: dict[str, dict], threshold: float) -> dict:
     """External validation: each held-out site's metrics on all its participants at the
-    training sites' threshold (None where it withheld them for small cells)."""
-    return {name: (None if h["withheld"] else
-                   {**metrics_from_histogram(h["test"], threshold),
-                    "n": int(h["test"].sum())})
-            for name, h in site_hists.items()}
+    training sites' threshold, with bootstrap 95 % CIs from its histograms (`ci`: metric →
+    [low, high]); None where it withheld them for small cells."""
+    out = {}
+    for name, h in site_hists.items():
+        if h["withheld"]:
+            out[name] = None
+            continue
+        ci = bootstrap_histogram_ci(h["test"], threshold)
+        out[name] = {**metrics_from_histogram(h["test"], threshold), "n": int(h["test"].sum()),
+                     "ci": {k: list(v) for k, v in ci.items()}}
+    return out
 
 
 def round_line(entry: dict, rounds: int) -> str:
@@ -160,7 +167,8 @@ def round_line(entry: dict, rounds: int) -> str:
         text += "  no site could report test metrics (all below min_cell)"
     for name, m in (entry.get("held_out") or {}).items():
         text += (f"\n  held-out {name}: " + (
-            f"ROC-AUC {m['roc_auc']:.3f}  bal acc {m['balanced_accuracy']:.3f}  "
+            f"ROC-AUC {m['roc_auc']:.3f} [{m['ci']['roc_auc'][0]:.3f}, "
+            f"{m['ci']['roc_auc'][1]:.3f}]  bal acc {m['balanced_accuracy']:.3f}  "
             f"sens {m['sensitivity']:.3f}  spec {m['specificity']:.3f}  ({m['n']} participants)"
             if m else "below min_cell, withheld"))
     from safn_core.federation.privacy_report import privacy_lines

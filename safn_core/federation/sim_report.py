@@ -111,10 +111,18 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
         external = last.get("held_out") or {}
         if external:
             rep.heading("External validation at held-out sites")
-            rep.table(pd.DataFrame([{"site": k, **(v or {"withheld": True})}
-                                    for k, v in external.items()]),
+            rows = []
+            for site, m in external.items():
+                row = {"site": site, "n": (m or {}).get("n")}
+                for k in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity",
+                          "pr_auc_pd", "mcc"):
+                    row[k] = (f"{m[k]:.3f} [{m['ci'][k][0]:.3f}, {m['ci'][k][1]:.3f}]"
+                              if m else "withheld (min_cell)")
+                rows.append(row)
+            rep.table(pd.DataFrame(rows),
                       "all participants of each held-out site, at the training sites' "
-                      "threshold (the held-out site can run safn-validate for CIs)")
+                      "threshold; bootstrap 95 % CI in brackets (participants resampled within "
+                      "each class, from the site's score histograms)")
         rejected = [x for h in history for x in h.get("rejected", [])]
         if rejected:
             rep.heading("Rejected updates").table(pd.DataFrame(rejected))
