@@ -80,20 +80,10 @@ def tree_rss_mb(root: int) -> float:
     """Resident memory of a process and all its descendants (Ray's GCS, raylet, actors)."""
     import os
 
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, todo, page = 0, [root], os.sysconf("SC_PAGE_SIZE")
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
+    from safn_core.processes import descendants
+
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    for pid in [root, *descendants(root)]:
         try:
             with open(f"/proc/{pid}/statm") as fh:
                 total += int(fh.read().split()[1]) * page

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from safn_core.config import dump_config, load_config
 from safn_core.errors import ConfigError, SafnError
 from safn_core.federation.runfiles import save_site_cohort
 from safn_core.io import write_atomic
-from safn_core.processes import end_with_parent, flower_env
+from safn_core.processes import end_with_parent, flower_env, signal_group
 
 INSECURE_WARNING = ("WARNING: --insecure: this site talks to the coordinator WITHOUT TLS and "
                     "without authenticating. Use only for a local test, never with real data.")
@@ -129,7 +128,7 @@ class SiteNode:
         reader = threading.Thread(target=pump, args=(self.proc.stdout,), daemon=True)
         reader.start()
         code = self.proc.wait()
-        _kill_group(self.proc.pid)
+        signal_group(self.proc.pid)
         reader.join(5)
         return code, refused.is_set()
 
@@ -137,17 +136,10 @@ class SiteNode:
         """SIGTERM to the SuperNode's group: it tells the SuperLink it leaves, then exits."""
         self.stopping = True
         if self.proc is not None and self.proc.poll() is None:
-            _kill_group(self.proc.pid, signal.SIGTERM)
-            timer = threading.Timer(15, _kill_group, args=(self.proc.pid,))
+            signal_group(self.proc.pid, signal.SIGTERM)
+            timer = threading.Timer(15, signal_group, args=(self.proc.pid,))
             timer.daemon = True
             timer.start()
-
-
-def _kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -171,7 +163,7 @@ def run(argv: list[str] | None = None) -> int:
         print(app_hash())
         return 0
     if args.site is None:
-        raise ConfigError("safn-client needs --site site.yaml (see deploy/site.example.yaml)")
+        raise ConfigError("safn-client needs --site site.yaml (see deploy/examples/site_a.yaml)")
     cfg = load_config(args.site, args.overrides)
     from client.preflight import preflight
 

@@ -30,7 +30,7 @@ def require_site(cfg: SafnConfig, path: Path) -> None:
     if cfg.site is None:
         raise ConfigError(f"{path}: no 'site:' section; a site file needs at least site.name, "
                           "site.superlink, site.root_certificates and site.private_key "
-                          "(see deploy/site.example.yaml)")
+                          "(see deploy/examples/site_a.yaml)")
 
 
 def _readable(path: Path | None, key: str, what: str, origin: Path) -> Path:

@@ -112,6 +112,19 @@ def auc_from_histogram(hist: np.ndarray) -> dict[str, float]:
 # -------------------------------------------------------------------------------- uncertainty
 
 
+def _percentile_intervals(draws: dict[str, list[float]],
+                          level: float) -> dict[str, tuple[float, float]]:
+    """Percentile interval of each metric's bootstrap draws (undefined draws left out)."""
+    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for k, vals in draws.items():
+        vals = np.asarray(vals, dtype=float)
+        vals = vals[~np.isnan(vals)]
+        out[k] = (float(np.percentile(vals, lo_q)), float(np.percentile(vals, hi_q))) \
+            if len(vals) else (np.nan, np.nan)
+    return out
+
+
 def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, n_boot: int = 1000,
                  seed: int = 0, level: float = 0.95,
                  keys=METRICS) -> dict[str, tuple[float, float]]:
@@ -128,14 +141,7 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, n_boot: i
         m = binary_metrics(y[idx], p[idx], threshold)
         for k in keys:
             draws[k].append(m[k])
-    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    out = {}
-    for k, vals in draws.items():
-        vals = np.asarray(vals, dtype=float)
-        vals = vals[~np.isnan(vals)]
-        out[k] = (float(np.percentile(vals, lo_q)), float(np.percentile(vals, hi_q))) \
-            if len(vals) else (np.nan, np.nan)
-    return out
+    return _percentile_intervals(draws, level)
 
 
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
@@ -224,11 +230,4 @@ def bootstrap_histogram_ci(hist: np.ndarray, threshold: float, n_boot: int = 500
         m = metrics_from_histogram(sample, threshold)
         for k in keys:
             draws[k].append(m[k])
-    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    out = {}
-    for k, vals in draws.items():
-        vals = np.asarray(vals, dtype=float)
-        vals = vals[~np.isnan(vals)]
-        out[k] = (float(np.percentile(vals, lo_q)), float(np.percentile(vals, hi_q))) \
-            if len(vals) else (np.nan, np.nan)
-    return out
+    return _percentile_intervals(draws, level)

@@ -65,13 +65,13 @@ class Child:
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM to the group, then SIGKILL after ``grace`` seconds; returns the exit code."""
         if self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
+            signal_group(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
         # descendants (superexec, app processes) may outlive the leader
-        _signal_group(self.proc.pid, signal.SIGKILL)
+        signal_group(self.proc.pid, signal.SIGKILL)
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -103,7 +103,8 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to the process group led by ``pid`` (gone already: nothing to do)."""
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -128,6 +129,25 @@ class LogFollower:
         text = self._partial + data.decode("utf-8", "replace")
         *complete, self._partial = text.split("\n")
         return complete
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux: read from /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:

@@ -19,9 +19,11 @@ import signal
 import time
 from pathlib import Path
 
-from safn_core.cli.common import base_parser, config_from_args, console, entry, err_console
+from safn_core.cli.common import (base_parser, config_from_args, console, entry, err_console,
+                                  fresh_output_dir)
 from safn_core.config import SafnConfig, dump_config
 from safn_core.errors import ConfigError, SafnError
+from safn_core.federation.runfiles import write_config
 from safn_core.io import write_json
 from safn_core.processes import LogFollower
 from server.fab import app_dir, app_hash
@@ -75,11 +77,9 @@ class Deployment:
                 raise SafnError(f"{self.run_dir}: this run already completed (round "
                                 f"{done.get('round')}); nothing to resume")
             return
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise SafnError(f"server.run_dir {self.run_dir} is not empty; nothing was touched. "
-                            "Pass --resume to continue the run in it, or choose a new run_dir")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        fresh_output_dir(self.run_dir, "server.run_dir",
+                         "Pass --resume to continue the run in it, or choose a new run_dir")
+        write_config(self.run_dir, dump_config(self.cfg))
 
     # -- the session ----------------------------------------------------------------------
 
@@ -130,8 +130,8 @@ class Deployment:
                 console.print(line, soft_wrap=True)
                 training = training or line.startswith("statistics round")
             history = _read_json(self.run_dir / "history.json", [])
-            for entry in history[history_seen:]:
-                console.print(site_line(entry), soft_wrap=True)
+            for record in history[history_seen:]:
+                console.print(site_line(record), soft_wrap=True)
             history_seen = max(history_seen, len(history))
             for line in self.superlink_log.lines():
                 note = refusal(line)
@@ -251,7 +251,7 @@ def run(argv: list[str] | None = None) -> int:
         print(app_hash())
         return 0
     if args.config is None:
-        raise ConfigError("safn-server needs --config server.yaml (see deploy/server.example.yaml)")
+        raise ConfigError("safn-server needs --config server.yaml (see deploy/examples/server.yaml)")
     cfg = config_from_args(args)
     if args.status:
         return show_status(cfg)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from safn_core.processes import signal_group
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SITES = ("site_a", "site_b", "site_c")
@@ -71,10 +73,7 @@ class Proc:
                                  f"output:\n{self.output()[-4000:]}")
 
     def signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        signal_group(self.proc.pid, sig)
 
     def kill(self) -> None:
         self.signal_group(signal.SIGKILL)
@@ -85,28 +84,24 @@ class Proc:
         self._fh.close()
 
 
-def kill_site(fed: "Federation", proc: Proc) -> None:
-    """A site host dies: SIGKILL to safn-client's group and to its SuperNode's group."""
-    pid_file = fed.folder / f"state_{proc.name}" / "supernode.pid"
-    supernode = int(pid_file.read_text()) if pid_file.exists() else None
+def kill_host(proc: Proc, pid_file: Path) -> None:
+    """A host dies: SIGKILL to ``proc``'s group and to the group of the Flower process whose
+    leader's pid is in ``pid_file`` (each front door starts its SuperLink / SuperNode in a
+    group of its own)."""
+    leader = int(pid_file.read_text()) if pid_file.exists() else None
     proc.kill()
-    if supernode:
-        try:
-            os.killpg(supernode, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    if leader:
+        signal_group(leader, signal.SIGKILL)
+
+
+def kill_site(fed: "Federation", proc: Proc) -> None:
+    """A site host dies: safn-client and its SuperNode."""
+    kill_host(proc, fed.folder / f"state_{proc.name}" / "supernode.pid")
 
 
 def kill_coordinator(fed: "Federation", proc: Proc) -> None:
-    """The coordinator host dies: SIGKILL to safn-server's group and the SuperLink's group."""
-    pid_file = fed.run_dir / "superlink.pid"
-    superlink = int(pid_file.read_text()) if pid_file.exists() else None
-    proc.kill()
-    if superlink:
-        try:
-            os.killpg(superlink, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """The coordinator host dies: safn-server and its SuperLink (with the ServerApp)."""
+    kill_host(proc, fed.run_dir / "superlink.pid")
 
 
 class Federation:
@@ -189,10 +184,7 @@ class Federation:
             p.signal_group(signal.SIGTERM)
             pid_file = self.folder / f"state_{p.name}" / "supernode.pid"
             if pid_file.exists():
-                try:
-                    os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
+                signal_group(int(pid_file.read_text()), signal.SIGTERM)
         deadline = time.monotonic() + 10
         for p in self.procs:
             try:

@@ -31,6 +31,7 @@ from safn_core.federation.runfiles import load_run_config, load_sim_site
 from safn_core.federation.site import Site
 from safn_core.federation.site_privacy import METRIC_KEYS, effective_privacy
 from safn_core.privacy import PrivacyLedger
+from safn_core.processes import descendants
 from safn_core.training.local import make_model
 from server.strategies import make_strategy, with_central_dp
 from tests.helpers import SMALL_MODEL, write_toy
@@ -86,25 +87,6 @@ def opacus_epsilon(releases, delta: float) -> float:
         for _ in range(steps):
             acc.step(noise_multiplier=sigma, sample_rate=q)
     return acc.get_epsilon(delta=delta)
-
-
-def descendants(root: int) -> list[int]:
-    """Every process below ``root`` (read from /proc), children first found first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
 
 
 def site_reports(hist: list[dict], site: str) -> list[dict]:

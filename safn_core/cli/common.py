@@ -42,14 +42,16 @@ def config_from_args(args: argparse.Namespace) -> SafnConfig:
     return load_config(args.config, args.overrides)
 
 
-def fresh_output_dir(path: Path, what: str = "--out") -> Path:
-    """Create ``path`` for outputs; refuse a non-empty existing folder or an existing file."""
+def fresh_output_dir(path: Path, what: str = "--out", hint: str = "") -> Path:
+    """Create ``path`` for outputs; refuse a non-empty existing folder or an existing file.
+
+    ``hint`` replaces the default advice in the refusal (e.g. how to continue a run there)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SafnError(f"{what} {path}: a file of that name exists; choose another folder name")
     if path.is_dir() and any(path.iterdir()):
         raise SafnError(f"{what} {path}: folder exists and is not empty; nothing was written. "
-                        "Choose a new folder or remove this one yourself")
+                        + (hint or "Choose a new folder or remove this one yourself"))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -71,6 +71,19 @@ def site_run_config(shared: SafnConfig, own: SafnConfig) -> SafnConfig:
     return cfg
 
 
+def _structure(cohort: Cohort) -> dict:
+    """A cohort's label names and modalities, as the JSON next to its Parquet table keeps them."""
+    return {"label_names": list(cohort.label_names),
+            "modalities": [{"name": m.name, "features": list(m.features), "side": m.side}
+                           for m in cohort.modalities]}
+
+
+def _cohort(table: pd.DataFrame, meta: dict, source: str) -> Cohort:
+    """A cohort from its table and what `_structure` wrote."""
+    mods = tuple(Modality(m["name"], tuple(m["features"]), m["side"]) for m in meta["modalities"])
+    return Cohort(table, mods, LoadReport(source), tuple(meta["label_names"]))
+
+
 def write_sim_sites(run_dir: Path, cohort: Cohort, sites: dict) -> None:
     """Write each virtual site's participants (simulation only: they stand for sites' disks)."""
     folder = Path(run_dir) / "sim"
@@ -80,10 +93,7 @@ def write_sim_sites(run_dir: Path, cohort: Cohort, sites: dict) -> None:
         path = folder / f"{name}.parquet"
         cohort.table.loc[ids].to_parquet(path)
         index[str(i)] = {"name": name, "table": path.name}
-    write_json(folder / "sites.json", {
-        "sites": index, "label_names": list(cohort.label_names),
-        "modalities": [{"name": m.name, "features": list(m.features), "side": m.side}
-                       for m in cohort.modalities]})
+    write_json(folder / "sites.json", {"sites": index, **_structure(cohort)})
 
 
 def save_site_cohort(folder: Path, cohort: Cohort) -> Path:
@@ -95,11 +105,8 @@ def save_site_cohort(folder: Path, cohort: Cohort) -> Path:
     tmp = table.with_suffix(".parquet.tmp")
     cohort.table.to_parquet(tmp)
     tmp.replace(table)
-    write_json(folder / "cohort.json", {
-        "source": cohort.report.source, "table": table.name,
-        "label_names": list(cohort.label_names),
-        "modalities": [{"name": m.name, "features": list(m.features), "side": m.side}
-                       for m in cohort.modalities]})
+    write_json(folder / "cohort.json", {"source": cohort.report.source, "table": table.name,
+                                        **_structure(cohort)})
     return folder / "cohort.json"
 
 
@@ -107,8 +114,7 @@ def save_site_cohort(folder: Path, cohort: Cohort) -> Path:
 def load_site_cohort(meta_path: Path) -> Cohort:
     meta = json.loads(Path(meta_path).read_text())
     table = pd.read_parquet(Path(meta_path).parent / meta["table"])
-    mods = tuple(Modality(m["name"], tuple(m["features"]), m["side"]) for m in meta["modalities"])
-    return Cohort(table, mods, LoadReport(meta["source"]), tuple(meta["label_names"]))
+    return _cohort(table, meta, meta["source"])
 
 
 def expected_sites(run_dir: Path) -> int | None:
@@ -124,9 +130,7 @@ def load_sim_site(run_dir: Path, partition_id: int) -> tuple[str, Cohort]:
     meta = json.loads((Path(run_dir) / "sim" / "sites.json").read_text())
     entry = meta["sites"][str(partition_id)]
     table = pd.read_parquet(Path(run_dir) / "sim" / entry["table"])
-    mods = tuple(Modality(m["name"], tuple(m["features"]), m["side"]) for m in meta["modalities"])
-    cohort = Cohort(table, mods, LoadReport(f"virtual site {entry['name']}"),
-                    tuple(meta["label_names"]))
+    cohort = _cohort(table, meta, f"virtual site {entry['name']}")
     return entry["name"], cohort
 
 

@@ -22,19 +22,13 @@ def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.Data
                  f"{cfg.federation.local_epochs} local epochs")
     rep.heading("Virtual sites").table(sites)
     if history:
-        plots.learning_curves(history, run_dir / "learning_curves.png")
-        rep.heading("Learning curves")
-        rep.figure(run_dir / "learning_curves.png",
-                   "pooled metrics from summed score histograms; per-site ROC-AUC on each "
-                   "site's test split (sites below min_cell withhold theirs)")
         last = history[-1]
-        if last.get("pooled"):
-            rep.table({k: v for k, v in last["pooled"].items()},
-                      f"final round, pooled test ({last.get('n_test')} participants reported)")
-        rejected = [x for h in history for x in h.get("rejected", [])]
-        if rejected:
-            rep.heading("Rejected updates").table(pd.DataFrame(rejected))
-        privacy_section(rep, history, run_dir)
+        learning_section(rep, history, run_dir,
+                         "pooled metrics from summed score histograms; per-site ROC-AUC on each "
+                         "site's test split (sites below min_cell withhold theirs)",
+                         f"final round, pooled test ({last.get('n_test')} participants "
+                         "reported)")
+        rejected_and_privacy(rep, history, run_dir)
     if comparison is not None and not comparison.empty:
         rep.heading("Pooled vs federated vs local-only (pooled test set)")
         rep.table(comparison[["model", "n_train", *METRICS]])
@@ -47,6 +41,24 @@ def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.Data
         rep.table(shown, "per held-out site, bootstrap 95 % CI in brackets")
     rep.heading("Configuration").code(dump_config(cfg))
     return rep.write(run_dir / "report.html")
+
+
+def learning_section(rep: Report, history: list[dict], run_dir: Path, curves_caption: str,
+                     final_caption: str) -> None:
+    """Learning curves per round (pooled and per site) and the final round's pooled metrics."""
+    plots.learning_curves(history, Path(run_dir) / "learning_curves.png")
+    rep.heading("Learning curves")
+    rep.figure(Path(run_dir) / "learning_curves.png", curves_caption)
+    if history[-1].get("pooled"):
+        rep.table(dict(history[-1]["pooled"]), final_caption)
+
+
+def rejected_and_privacy(rep: Report, history: list[dict], run_dir: Path) -> None:
+    """Updates the coordinator rejected, by site and round; then ε per site (when DP was on)."""
+    rejected = [x for h in history for x in h.get("rejected", [])]
+    if rejected:
+        rep.heading("Rejected updates").table(pd.DataFrame(rejected))
+    privacy_section(rep, history, run_dir)
 
 
 def privacy_section(rep: Report, history: list[dict], run_dir: Path) -> None:
@@ -98,16 +110,12 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
             for s in sites]
     rep.heading("Sites").table(pd.DataFrame(rows))
     if history:
-        plots.learning_curves(history, run_dir / "learning_curves.png")
-        rep.heading("Learning curves")
-        rep.figure(run_dir / "learning_curves.png",
-                   "pooled metrics from summed score histograms of the training sites' test "
-                   "splits; per-site ROC-AUC (sites below min_cell withhold theirs)")
         last = history[-1]
-        if last.get("pooled"):
-            rep.table(dict(last["pooled"]),
-                      f"final round, pooled test ({last.get('n_test')} participants at "
-                      f"{last.get('sites_reported')} sites), threshold {last.get('threshold')}")
+        learning_section(rep, history, run_dir,
+                         "pooled metrics from summed score histograms of the training sites' "
+                         "test splits; per-site ROC-AUC (sites below min_cell withhold theirs)",
+                         f"final round, pooled test ({last.get('n_test')} participants at "
+                         f"{last.get('sites_reported')} sites), threshold {last.get('threshold')}")
         external = last.get("held_out") or {}
         if external:
             rep.heading("External validation at held-out sites")
@@ -123,10 +131,7 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
                       "all participants of each held-out site, at the training sites' "
                       "threshold; bootstrap 95 % CI in brackets (participants resampled within "
                       "each class, from the site's score histograms)")
-        rejected = [x for h in history for x in h.get("rejected", [])]
-        if rejected:
-            rep.heading("Rejected updates").table(pd.DataFrame(rejected))
-        privacy_section(rep, history, run_dir)
+        rejected_and_privacy(rep, history, run_dir)
     if flower:
         traffic = flower.get("network-traffic") or {}
         compute = flower.get("compute-time") or {}
