@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from safn_core.config import SafnConfig, dump_config, load_config  # noqa: E402
 from safn_core.data.sources import load_cohort  # noqa: E402
-from safn_core.federation.partition import partition  # noqa: E402
-from safn_core.federation.runfiles import load_sim_site, write_config, write_sim_sites  # noqa: E402
+from simulations.partition import partition  # noqa: E402
+from safn_core.federation.run_folder import write_config  # noqa: E402
+from simulations.virtual_sites import load_virtual_site, write_virtual_sites  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,17 +32,17 @@ def prepare(cfg: SafnConfig, cohort=None) -> tuple[Path, dict]:
                       size_alpha=s.size_skew, seed=s.seed)
     run_dir = Path(tempfile.mkdtemp(prefix="safn-bench-")).resolve()
     write_config(run_dir, dump_config(cfg))
-    write_sim_sites(run_dir, cohort, parts)
+    write_virtual_sites(run_dir, cohort, parts)
     return run_dir, parts
 
 
 def sites_of(run_dir: Path, n: int) -> dict:
-    return dict(load_sim_site(run_dir, i) for i in range(n))
+    return dict(load_virtual_site(run_dir, i) for i in range(n))
 
 
 def flower(run_dir: Path, cfg: SafnConfig, n_sites: int) -> dict:
     """safn-sim's Flower run (same function); wall time and its breakdown."""
-    from safn_core.cli.sim import run_flower_simulation
+    from simulations.engine import run_flower_simulation
 
     wall = run_flower_simulation(run_dir, cfg, n_sites)
     history = json.loads((run_dir / "history.json").read_text())

@@ -89,9 +89,10 @@ def local_compute(fed: Federation, rounds: int) -> dict:
     import torch
 
     from safn_core.config import load_config
-    from safn_core.federation.runfiles import (load_run_config, load_site_cohort,
-                                               shared_config, shared_config_text,
-                                               site_run_config)
+    from safn_core.data.cohort_store import read_cohort
+    from safn_core.federation.run_folder import load_run_config
+    from safn_core.federation.shared_config import (shared_config, shared_config_text,
+                                                    site_run_config)
     from safn_core.federation.site import Site, state_to_numpy
     from safn_core.preprocess import Preprocessor
     from safn_core.training.local import make_model
@@ -107,7 +108,7 @@ def local_compute(fed: Federation, rounds: int) -> dict:
     for name in SITES:
         own = load_config(fed.site_yaml(name))
         cfg = site_run_config(shared, own)
-        cohort = load_site_cohort(Path(own.site.state_dir).resolve() / "cohort" / "cohort.json")
+        cohort = read_cohort(Path(own.site.state_dir).resolve() / "cohort" / "cohort.json")
         site = Site(name, cohort, cfg)
         times = []
         for r in range(rounds):

@@ -47,7 +47,8 @@ def score(run_dir: Path) -> dict:
     import torch
 
     from safn_core.bundle import load_bundle
-    from safn_core.federation.runfiles import expected_sites, load_run_config, load_sim_site
+    from safn_core.federation.run_folder import load_run_config
+    from simulations.virtual_sites import load_virtual_site, virtual_site_names
     from safn_core.federation.site import Site
     from safn_core.metrics import binary_metrics, choose_threshold
     from safn_core.training.local import Arrays, predict
@@ -57,8 +58,8 @@ def score(run_dir: Path) -> dict:
     cfg = load_run_config(run_dir)
     bundle = load_bundle(run_dir / "model")
     parts = {"val": [], "test": []}
-    for i in range(expected_sites(run_dir)):
-        name, cohort = load_sim_site(run_dir, i)
+    for i in range(len(virtual_site_names(run_dir))):
+        name, cohort = load_virtual_site(run_dir, i)
         site = Site(name, cohort, cfg)
         for part in parts:
             parts[part].append(cohort.table.loc[getattr(site.split, part)])

@@ -74,7 +74,7 @@ def main() -> None:
     import client.app as real
 
     real.app = instrumented_client_app()  # run_flower_simulation imports `app` from here
-    from safn_core.cli.sim import run_flower_simulation
+    from simulations.engine import run_flower_simulation
 
     try:
         run_flower_simulation(run_dir, cfg, len(parts))

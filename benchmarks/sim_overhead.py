@@ -19,11 +19,14 @@ from common import config, flower, in_process, prepare
 
 
 def flower_stock_polling(run_dir, cfg, n):
-    """Flower with its own 0.1 s poll intervals (`tune_flower_polling` undone for one run)."""
-    from safn_core.cli.sim import restore_flower_polling
+    """Flower with its own 0.1 s poll intervals (the `safn_flower.patches.SIM` patches undone
+    and not re-applied for this run)."""
+    from safn_flower import patches
 
-    restore_flower_polling()
-    return flower(run_dir, cfg, n)
+    patches.restore(patches.SIM)
+    stock = cfg.model_copy(deep=True)
+    stock.simulation.fast_polling = False
+    return flower(run_dir, stock, n)
 
 
 def main() -> None:

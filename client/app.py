@@ -29,8 +29,9 @@ from flwr.clientapp import ClientApp
 from client.audit import audit_mod
 from safn_core.federation.aggregate import modalities_to_record
 from safn_core.federation.loop import site_seed
-from safn_core.federation.runfiles import (load_sim_site, load_site_cohort, run_dir_from,
-                                          shared_config, sim_site_state_dir, site_run_config)
+from safn_core.data.cohort_store import read_cohort
+from safn_core.federation.run_folder import run_dir_from
+from safn_core.federation.shared_config import shared_config, site_run_config
 from safn_core.federation.site import Site, SmallCell, state_to_numpy
 from safn_core.federation.wire import KEY as WIRE_KEY
 from safn_core.federation.wire import Layout
@@ -44,7 +45,9 @@ app = ClientApp(mods=[audit_mod])  # the site's audit trail of what leaves it
 @lru_cache(maxsize=256)
 def _sim_site(run_dir: Path, partition_id: int, shared_text: str) -> Site:
     """A virtual site: its table from the simulation's run folder (standing in for its disk)."""
-    name, cohort = load_sim_site(run_dir, partition_id)
+    from simulations.virtual_sites import load_virtual_site
+
+    name, cohort = load_virtual_site(run_dir, partition_id)
     return Site(name, cohort, shared_config(shared_text))
 
 
@@ -59,7 +62,7 @@ def _deployed_site(site_file: str, shared_text: str) -> Site:
         raise ValueError(f"{site_file}: no 'site:' section; a SuperNode's site-config must be "
                          "the site's own site.yaml")
     cfg = site_run_config(shared_config(shared_text), own)
-    cohort = load_site_cohort(Path(own.site.state_dir).resolve() / "cohort" / "cohort.json")
+    cohort = read_cohort(Path(own.site.state_dir).resolve() / "cohort" / "cohort.json")
     return Site(own.site.name, cohort, cfg)
 
 
@@ -153,10 +156,12 @@ def describe(msg: Message, context: Context) -> Message:
 
 def _state_dir(site: Site, context: Context) -> Path:
     """Where the site keeps its own state (privacy ledger): a deployed site's
-    ``site.state_dir``; a virtual site's folder outside the run folder (`sim_site_state_dir`)."""
+    ``site.state_dir``; a virtual site's folder outside the run folder (`simulations.virtual_sites`)."""
     if site.cfg.site is not None:
         return Path(site.cfg.site.state_dir)
-    return sim_site_state_dir(run_dir_from(dict(context.run_config)), site.name)
+    from simulations.virtual_sites import virtual_site_state_dir
+
+    return virtual_site_state_dir(run_dir_from(dict(context.run_config)), site.name)
 
 
 @app.train()

@@ -26,7 +26,7 @@ from pathlib import Path
 from safn_core.cli.common import console, entry, err_console
 from safn_core.config import dump_config, load_config
 from safn_core.errors import ConfigError, SafnError
-from safn_core.federation.runfiles import save_site_cohort
+from safn_core.data.cohort_store import write_cohort
 from safn_core.io import write_atomic
 from safn_core.processes import end_with_parent, flower_env, signal_group
 
@@ -158,7 +158,7 @@ def run(argv: list[str] | None = None) -> int:
                         help="no TLS, no authentication (local tests only)")
     args = parser.parse_args(argv)
     if args.app_hash:
-        from server.fab import app_hash
+        from safn_flower.fab import app_hash
 
         print(app_hash())
         return 0
@@ -182,7 +182,7 @@ def run(argv: list[str] | None = None) -> int:
     state = Path(site.state_dir).resolve()
     site_file = state / "site-config.yaml"
     write_atomic(site_file, dump_config(cfg))
-    save_site_cohort(state / "cohort", found.cohort)
+    write_cohort(state / "cohort", found.cohort)
     node = SiteNode(cfg, site_file, args.insecure)
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)
@@ -193,7 +193,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _note_app_approval(site) -> None:
-    from server.fab import app_hash
+    from safn_flower.fab import app_hash
 
     own = app_hash()
     if site.approved_apps and own not in site.approved_apps:

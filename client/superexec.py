@@ -17,6 +17,8 @@ import os
 import sys
 import traceback
 
+from safn_flower import patches
+
 SITE_ENV = "SAFN_SITE_CONFIG"
 """The site's resolved site.yaml (set by safn-client): its cohort is loaded before forking."""
 
@@ -29,9 +31,6 @@ def preload() -> None:
     import client.app  # noqa: F401  (Flower, PyTorch, safn_core)
     import flwr.supernode.cli  # noqa: F401
     import safn_core.privacy  # noqa: F401  (Opacus, for DP rounds)
-    from server.latency import fast_object_pulls
-
-    fast_object_pulls()
     # the first optimizer of a process imports torch._dynamo (about a second): pay it here
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     site_file = os.environ.get(SITE_ENV)
@@ -39,13 +38,13 @@ def preload() -> None:
         from pathlib import Path
 
         from safn_core.config import load_config
-        from safn_core.federation.runfiles import load_site_cohort
+        from safn_core.data.cohort_store import read_cohort
 
         own = load_config(site_file)
         if own.site is not None:
             meta = Path(own.site.state_dir).resolve() / "cohort" / "cohort.json"
             if meta.is_file():
-                load_site_cohort(meta)
+                read_cohort(meta)
 
 
 def reap() -> None:
@@ -87,41 +86,22 @@ def _ours(command: str) -> bool:
     return found is not None and Path(found).parent == Path(sys.executable).parent
 
 
-def install_forking_executor() -> None:
-    from flwr.supercore.constant import (TASK_TYPE_TO_APPIO_API_ADDRESS_ARG,
-                                         TASK_TYPE_TO_COMMAND, TaskType)
-    from flwr.supercore.superexec.executor import factory
-    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
-    from flwr.supercore.superexec.executor.types import LaunchResult
-
-    class ForkingExecutor(SubprocessExecutor):
-        """Flower's subprocess executor, with ClientApps forked from this warm process."""
-
-        def launch(self, spec):
-            command = TASK_TYPE_TO_COMMAND[spec.task_type]
-            if (spec.task_type != TaskType.CLIENT_APP or spec.runtime_dependency_install
-                    or not _ours(command)):
-                return super().launch(spec)
-            args = [command, TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
-                    spec.runtime_api_address, "--token", spec.token]
-            if spec.insecure:
-                args.append("--insecure")
-            elif spec.root_certificates_path is not None:
-                args += ["--root-certificates", spec.root_certificates_path]
-            if spec.parent_pid is not None:
-                args += ["--parent-pid", str(spec.parent_pid)]
-            reap()
-            pid = os.fork()
-            if pid == 0:  # the ClientApp
-                os._exit(run_clientapp(args))
-            return LaunchResult.accepted()
-
-    factory.SubprocessExecutor = ForkingExecutor
+def fork_clientapp(args: list[str]) -> bool:
+    """Start one ClientApp as a fork of this warm process; False (Flower starts a subprocess)
+    when ``flwr-clientapp`` on PATH is not this environment's own."""
+    if not _ours(args[0]):
+        return False
+    reap()
+    pid = os.fork()
+    if pid == 0:  # the ClientApp
+        os._exit(run_clientapp(args))
+    return True
 
 
 def main() -> None:
     preload()
-    install_forking_executor()
+    patches.apply({"object_pull_backoff": {},
+                   "superexec_forking_executor": {"launch_clientapp": fork_clientapp}})
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     sys.argv[0] = "flower-superexec"

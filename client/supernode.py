@@ -31,7 +31,7 @@ import os
 import sys
 from logging import ERROR, INFO
 
-from server.latency import PollClock, fast_object_pulls
+from safn_flower import patches
 
 APPROVED_ENV = "SAFN_APPROVED_APPS"
 TRUSTED_ENV = "SAFN_TRUSTED_ENTITIES"
@@ -54,15 +54,12 @@ def _trusted_entities() -> dict[str, str]:
         return {str(k): str(v) for k, v in (yaml.safe_load(fh) or {}).items()}
 
 
-def install_app_approval(approved: set[str], trusted: dict[str, str]) -> None:
-    """Make the SuperNode verify every FAB against this site's approval before storing it."""
+def app_approval(approved: set[str], trusted: dict[str, str]):
+    """The site's decision on one app bundle: approved by sha256, or signed by a trusted entity
+    (through Flower's own check); anything else is refused and never runs."""
     from flwr.common.logger import log
-    from flwr.supernode import start_client_internal as sci
 
-    flower_verify = sci._verify_fab
-    flower_pull = sci._pull_and_store_message
-
-    def verify(fab, _trusted_entities) -> bool:
+    def verify(fab, flower_verify) -> bool:
         digest = hashlib.sha256(fab.content).hexdigest()
         if digest in approved:
             log(INFO, "safn: app bundle sha256 %s is approved by this site (site.approved_apps)",
@@ -78,68 +75,18 @@ def install_app_approval(approved: set[str], trusted: dict[str, str]) -> None:
             " and not signed by a trusted entity" if trusted else "")
         return False
 
-    def pull(**kwargs):
-        get_fab = kwargs["get_fab"]
-
-        def get_fab_checked(fab_hash, run_id):
-            fab = get_fab(fab_hash, run_id)
-            # Flower only verifies FABs from a SuperLink that marks them verifiable; remember
-            # whether it did, then let our `verify` decide for every FAB.
-            if fab.verifications.get("valid_license"):
-                fab.verifications["safn-superlink-license"] = "1"
-            fab.verifications["valid_license"] = "safn-approval"
-            return fab
-
-        kwargs["get_fab"] = get_fab_checked
-        kwargs["trusted_entities"] = {"safn-approval": ""}  # always enter Flower's check
-        return flower_pull(**kwargs)
-
-    sci._verify_fab = verify
-    sci._pull_and_store_message = pull
+    return verify
 
 
-def install_poll_interval(interval: float) -> None:
-    from flwr.supernode import start_client_internal as sci
-
-    sci.time = PollClock(interval)
-
-
-HEARTBEAT_INTERVAL = 10
-"""Seconds between the SuperNode's heartbeats as it announces them (Flower: 30; the SuperLink
-accepts 10 to 1800). A site that crashed is then seen offline within 2 x 10 s instead of 60 s,
-so a round stops waiting for it sooner and the site can reconnect sooner."""
-
-
-def install_heartbeat(interval: int = HEARTBEAT_INTERVAL) -> None:
-    from flwr.supercore import heartbeat
-    from flwr.supernode import fleet_http_connection
-
-    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval
-    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = interval
-
-
-class _WarmSuperExec:
-    """Stands in for ``subprocess`` inside Flower's SuperNode: the SuperExec it starts is
-    `client.superexec` (warm ClientApps) instead of ``flower-superexec``."""
-
-    def __init__(self):
-        import subprocess
-
-        self._subprocess = subprocess
-
-    def Popen(self, command, *args, **kwargs):  # noqa: N802  (mirrors subprocess.Popen)
-        if command and command[0] == "flower-superexec":
-            command = [sys.executable, "-m", "client.superexec", *command[1:]]
-        return self._subprocess.Popen(command, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._subprocess, name)
-
-
-def install_warm_superexec() -> None:
-    from flwr.supernode import start_client_internal as sci
-
-    sci.subprocess = _WarmSuperExec()
+def supernode_patches(approved: set[str], trusted: dict[str, str], poll_interval: float,
+                      warm: bool) -> dict[str, dict]:
+    """The Flower patches this SuperNode runs with (`safn_flower.patches`), with settings."""
+    out = {"supernode_app_approval": {"verify": app_approval(approved, trusted)},
+           "supernode_poll_interval": {"interval": poll_interval},
+           "supernode_heartbeat": {}, "object_pull_backoff": {}}
+    if warm:
+        out["supernode_warm_superexec"] = {"command": [sys.executable, "-m", "client.superexec"]}
+    return out
 
 
 def main() -> None:
@@ -148,12 +95,8 @@ def main() -> None:
     if not approved and not trusted:
         sys.exit("safn: no approved app (SAFN_APPROVED_APPS) and no trusted entities "
                  "(SAFN_TRUSTED_ENTITIES): refusing to start a SuperNode that would run any app")
-    install_app_approval(approved, trusted)
-    install_poll_interval(float(os.environ.get(POLL_ENV, "3")))
-    install_heartbeat()
-    fast_object_pulls()
-    if os.environ.get(WARM_ENV, "1") != "0":
-        install_warm_superexec()
+    patches.apply(supernode_patches(approved, trusted, float(os.environ.get(POLL_ENV, "3")),
+                                    os.environ.get(WARM_ENV, "1") != "0"))
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

@@ -30,8 +30,9 @@ from safn_core.federation.aggregate import (global_preprocessing, held_out_metri
                                             round_metrics)
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.privacy_report import central_entry, privacy_entry, privacy_summary
-from safn_core.federation.runfiles import (expected_sites, load_run_config, run_dir_from,
-                                          run_identity, shared_config_text)
+from safn_core.federation.run_folder import (expected_sites, load_run_config, run_dir_from,
+                                            run_identity)
+from safn_core.federation.shared_config import shared_config_text
 from safn_core.federation.site import state_to_numpy
 from safn_core.federation.wire import KEY as WIRE_KEY
 from safn_core.federation.wire import Layout
@@ -127,7 +128,7 @@ class Coordinator:
         t0 = time.perf_counter()
         # a simulation waits for every virtual site (they register one by one), a deployment
         # for every listed site, or min_sites once federation.wait_for_sites has passed
-        expected = max(fed.min_sites, expected_sites(self.run_dir) or len(self.cfg.server.sites))
+        expected = max(fed.min_sites, len(expected_sites(self.run_dir) or self.cfg.server.sites))
         nodes = wait_for_sites(self.grid, expected, fed.min_sites, fed.wait_for_sites,
                                self.report)
         desc = statistics_round(self.grid, nodes, fed.round_timeout, self.shared_text,
@@ -295,10 +296,10 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_run_config(run_dir)
     progress = run_dir / "progress.log"
     if "run-dir" in context.run_config:  # deployment (flwr run), not run_simulation
-        from server.latency import fast_grid_polling, fast_object_pulls
+        from safn_flower import patches
 
-        fast_grid_polling(cfg.server.poll_interval)
-        fast_object_pulls()
+        patches.apply({"serverapp_grid_polling": {"interval": cfg.server.poll_interval},
+                       "object_pull_backoff": {}})
 
     def report(line: str) -> None:
         with progress.open("a") as fh:

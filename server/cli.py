@@ -23,10 +23,10 @@ from safn_core.cli.common import (base_parser, config_from_args, console, entry,
                                   fresh_output_dir)
 from safn_core.config import SafnConfig, dump_config
 from safn_core.errors import ConfigError, SafnError
-from safn_core.federation.runfiles import write_config
+from safn_core.federation.run_folder import write_config
 from safn_core.io import write_json
 from safn_core.processes import LogFollower
-from server.fab import app_dir, app_hash
+from safn_flower.fab import app_dir, app_hash
 from server.superlink import (DeploymentError, SuperLink, certificate_paths,
                               openssh_fingerprint, refusal)
 
@@ -165,8 +165,8 @@ class Deployment:
 
     def write_report(self, info: dict | None) -> None:
         """report.html in the run folder (learning curves, final and held-out metrics, ε)."""
-        from safn_core.federation.runfiles import load_run_config
-        from safn_core.federation.sim_report import write_server_report
+        from safn_core.federation.run_folder import load_run_config
+        from safn_core.federation.run_report import write_server_report
 
         history = _read_json(self.run_dir / "history.json", [])
         if not history:

@@ -148,13 +148,13 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path):
 
 
 def test_the_app_hash_is_the_bundle_flower_builds_and_needs_no_config():
-    from server.fab import APP_SOURCE, app_hash
+    from safn_flower.fab import APP_SOURCE, app_hash
 
     out = subprocess.run([str(BIN / "safn-server"), "--app-hash"], capture_output=True,
                          text=True, env=env())
     assert out.returncode == 0 and out.stdout.strip() == app_hash(APP_SOURCE)
     assert len(out.stdout.strip()) == 64
-    text = (ROOT / "server" / "flwr_app" / "safn" / "pyproject.toml").read_text()
+    text = (ROOT / "safn_flower" / "flwr_app" / "safn" / "pyproject.toml").read_text()
     assert 'serverapp = "server.app:app"' in text and 'clientapp = "client.app:app"' in text
     assert sys.executable  # the components resolve to this installation's packages
 

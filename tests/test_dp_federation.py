@@ -27,7 +27,8 @@ from safn_core.bundle import load_bundle
 from safn_core.config import load_config
 from safn_core.errors import ConfigError
 from safn_core.federation.checkpoint import load_checkpoint
-from safn_core.federation.runfiles import load_run_config, load_sim_site
+from safn_core.federation.run_folder import load_run_config
+from simulations.virtual_sites import load_virtual_site
 from safn_core.federation.site import Site
 from safn_core.federation.site_privacy import METRIC_KEYS, effective_privacy
 from safn_core.privacy import PrivacyLedger
@@ -73,7 +74,7 @@ def sample_rate(run_dir: Path, site: str) -> float:
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
     for i in range(3):
-        name, cohort = load_sim_site(run_dir, i)
+        name, cohort = load_virtual_site(run_dir, i)
         if name == site:
             n = len(Site(name, cohort, cfg).split.train)
             return 1.0 / math.ceil(n / cfg.train.batch_size)

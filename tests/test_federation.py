@@ -15,7 +15,7 @@ from safn_core.federation.aggregate import (ServerOptimizer, global_preprocessin
                                             round_metrics, weighted_mean)
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.loop import run_in_process, sample_sites
-from safn_core.federation.partition import partition, summary
+from simulations.partition import partition, summary
 from safn_core.federation.site import Site, SmallCell, split_participants
 from safn_core.metrics import binary_metrics, metrics_from_histogram, score_histogram
 from safn_core.preprocess import Preprocessor

@@ -15,7 +15,8 @@ import torch
 from safn_core.bundle import load_bundle
 from safn_core.federation.checkpoint import load_checkpoint
 from safn_core.federation.loop import run_in_process
-from safn_core.federation.runfiles import load_run_config, load_sim_site
+from safn_core.federation.run_folder import load_run_config
+from simulations.virtual_sites import load_virtual_site, virtual_site_names
 from tests.helpers import SMALL_MODEL, truncate_checkpoints, write_toy
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,7 +81,7 @@ def test_safn_sim_end_to_end(table, tmp_path):
     torch.set_num_threads(1)
     try:
         cfg = load_run_config(out.resolve())
-        sites = dict(load_sim_site(out.resolve(), i) for i in range(3))
+        sites = dict(load_virtual_site(out.resolve(), i) for i in range(3))
         loop = run_in_process(sites, cfg, report=lambda s: None)
     finally:
         torch.set_num_threads(threads)
@@ -149,8 +150,8 @@ def test_leave_one_site_out_through_flower(tmp_path):
     assert sorted(loso.held_out) == sorted(sites.site)
     assert (loso.n.to_numpy() == sites.set_index("site").loc[loso.held_out].participants.to_numpy()).all()
     for held in loso.held_out:
-        trained_on = json.loads((out / "loso" / held / "sim" / "sites.json").read_text())["sites"]
-        assert held not in {s["name"] for s in trained_on.values()}
+        trained_on = virtual_site_names(out / "loso" / held)
+        assert held not in trained_on and len(trained_on) == len(sites) - 1
     summary = json.loads((out / "loso.json").read_text())["summary"]
     assert abs(summary["roc_auc"]["mean"] - loso.roc_auc.mean()) < 1e-9
     first = json.loads((out / "loso.json").read_text())["sites"][0]

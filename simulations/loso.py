@@ -19,7 +19,8 @@ import torch
 from safn_core.config import SafnConfig, dump_config
 from safn_core.data.cohort import Cohort
 from safn_core.federation.checkpoint import load_checkpoint
-from safn_core.federation.runfiles import write_config, write_sim_sites
+from safn_core.federation.run_folder import write_config
+from simulations.virtual_sites import write_virtual_sites
 from safn_core.metrics import METRICS, binary_metrics, bootstrap_ci
 from safn_core.preprocess import Preprocessor
 from safn_core.training.local import Arrays, make_model, predict
@@ -51,7 +52,7 @@ def leave_one_site_out(cohort: Cohort, parts: dict[str, np.ndarray], cfg: SafnCo
         sub = Path(run_dir) / "loso" / held
         sub.mkdir(parents=True, exist_ok=False)
         write_config(sub, dump_config(cfg))
-        write_sim_sites(sub, cohort, train_parts)
+        write_virtual_sites(sub, cohort, train_parts)
         report(f"leave-one-site-out: training on {len(train_parts)} sites, holding out {held}")
         run_federation(sub, cfg, len(train_parts))
         res = evaluate_held_out(sub, cfg, cohort.table.loc[ids], seed=cfg.train.seed)

@@ -1,0 +1,47 @@
+"""A checked cohort on a site's disk: one Parquet table and the JSON of its structure.
+
+safn-client prepares a deployed site's cohort once (its ClientApp runs in a fresh process per
+message and must not re-read a PPMI download each time); a simulation writes each virtual site
+in the same format (`simulations.virtual_sites`). Both are read back by `read_cohort`.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+from safn_core.data.cohort import Cohort, LoadReport, Modality
+from safn_core.io import write_json
+
+META = "cohort.json"
+TABLE = "cohort.parquet"
+
+
+def write_cohort(folder: Path, cohort: Cohort, source: str | None = None) -> Path:
+    """Write ``cohort`` into ``folder`` (table first, atomically; then its structure); returns
+    the path of its ``cohort.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = folder / TABLE
+    tmp = table.with_suffix(".parquet.tmp")
+    cohort.table.to_parquet(tmp)
+    tmp.replace(table)
+    write_json(folder / META, {
+        "source": source or cohort.report.source, "table": table.name,
+        "label_names": list(cohort.label_names),
+        "modalities": [{"name": m.name, "features": list(m.features), "side": m.side}
+                       for m in cohort.modalities]})
+    return folder / META
+
+
+@lru_cache(maxsize=256)
+def read_cohort(meta_path: Path) -> Cohort:
+    """The cohort `write_cohort` wrote (cached per process: a Ray actor or warm SuperExec
+    reads each site once)."""
+    meta = json.loads(Path(meta_path).read_text())
+    table = pd.read_parquet(Path(meta_path).parent / meta["table"])
+    mods = tuple(Modality(m["name"], tuple(m["features"]), m["side"]) for m in meta["modalities"])
+    return Cohort(table, mods, LoadReport(meta["source"]), tuple(meta["label_names"]))

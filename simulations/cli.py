@@ -1,0 +1,201 @@
+"""``safn-sim``: a federated simulation on Flower's Simulation Engine (Ray backend).
+
+The cohort is sharded into virtual sites (`simulations.partition`, written by
+`simulations.virtual_sites`); the same ServerApp and ClientApp that a deployment runs train SAFN
+across them (`simulations.engine`). In the same run and on the same per-site splits it also trains
+the pooled model and one local-only model per site (`simulations.compare`), and prints one
+comparison table on the pooled test set (the union of the sites' test splits).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+
+from safn_core.cli.common import (base_parser, config_from_args, console, entry,
+                                  fresh_output_dir, write_json)
+from safn_core.config import SafnConfig, dump_config
+from safn_core.errors import SafnError
+from simulations.compare import build_sites, compare
+from simulations.engine import run_flower_simulation
+
+SHOWN = ("roc_auc", "pr_auc_pd", "pr_auc_hc", "balanced_accuracy", "sensitivity", "specificity",
+         "f1", "mcc", "brier")
+
+
+def print_comparison(df: pd.DataFrame, n_test: int, n_sites: int) -> None:
+    t = Table(title=f"Evaluated on the pooled test set: the union of the {n_sites} sites' test "
+                    f"splits ({n_test} participants). Each model's threshold from its own "
+                    "validation data.")
+    t.add_column("model")
+    t.add_column("n train", justify="right")
+    for k in SHOWN:
+        t.add_column(k, justify="right")
+    for _, r in df.iterrows():
+        t.add_row(str(r.model), str(r.n_train), *[f"{float(r[k]):.3f}" for k in SHOWN])
+    console.print(t)
+
+
+def print_sites(cohort, cfg: SafnConfig, summ: pd.DataFrame) -> None:
+    t = Table(title=f"virtual sites ({cfg.simulation.partition} partition of {len(cohort)} "
+                    "participants)")
+    for c in summ.columns:
+        t.add_column(str(c), justify="left" if c == "site" else "right")
+    for row in summ.itertuples(index=False):
+        t.add_row(*map(str, row))
+    console.print(t)
+
+
+def print_privacy(history: list[dict], cfg: SafnConfig) -> None:
+    """ε per site per round (DP-SGD sites) and central DP, when the run used DP."""
+    from safn_core.federation.privacy_report import CENTRAL_DP, epsilon_wide, privacy_summary
+
+    summary = privacy_summary(history)
+    if not summary:
+        return
+    wide = epsilon_wide(history)
+    if not wide.empty:
+        t = Table(title="DP-SGD at the sites: ε spent so far per round (every run in each "
+                        f"site's ledger; ledgers under {cfg.simulation.site_state_dir})")
+        for c in wide.columns:
+            t.add_column(str(c), justify="right")
+        for row in wide.itertuples(index=False):
+            t.add_row(*map(str, row))
+        console.print(t)
+    central = summary.get("central_dp")
+    if central:
+        console.print(f"{CENTRAL_DP}: ε {central['epsilon']:.3f} at δ {central['delta']:g} "
+                      f"(site-level) after {central['releases']} releases")
+
+
+def load_federated(run_dir: Path):
+    """The finished federation's model and preprocessing, from its bundle."""
+    from safn_core.bundle import load_bundle
+
+    bundle = load_bundle(run_dir / "model")
+    return bundle.model, bundle.preprocessor
+
+
+def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.DataFrame:
+    """Leave-one-site-out: one federation per held-out site, then the external table."""
+    from simulations.loso import leave_one_site_out, summarise_loso
+
+    loso = leave_one_site_out(cohort, parts, cfg, run_dir, run_flower_simulation,
+                              report=console.print)
+    cols = ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "sensitivity",
+            "specificity")
+    t = Table(title="leave-one-site-out: federation trained on the other sites, tested on all "
+                    "of the held-out site (bootstrap 95% CI)")
+    for c in ("held-out site", "n", *cols):
+        t.add_column(c, justify="left" if c == "held-out site" else "right")
+    for _, r in loso.iterrows():
+        t.add_row(r.held_out, str(r.n), *[f"{r[k]:.3f} [{r[k + '_ci'][0]:.2f}, "
+                                          f"{r[k + '_ci'][1]:.2f}]" for k in cols])
+    summ = summarise_loso(loso)
+    t.add_section()
+    t.add_row("mean ± SD across held-out sites", str(int(loso.n.sum())),
+              *[f"{summ[k]['mean']:.3f} ± {summ[k]['sd']:.3f}" for k in cols])
+    if comparison is not None:
+        for kind in ("pooled", "federated", "best-local"):
+            row = comparison[comparison.kind == kind]
+            if not row.empty:
+                r = row.iloc[0]
+                t.add_row(f"{r.model} (pooled test)", "", *[f"{float(r[k]):.3f}" for k in cols])
+    console.print(t)
+    loso.to_csv(run_dir / "loso.csv", index=False)
+    write_json(run_dir / "loso.json", {"sites": loso.replace({np.nan: None}).to_dict("records"),
+                                       "summary": summ})
+    return loso
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = base_parser(
+        "safn-sim",
+        "Federated simulation: shard a cohort into virtual sites and train SAFN across them on "
+        "Flower's Simulation Engine, next to pooled and local-only models.",
+        default_config=None)
+    parser.add_argument("--resume", metavar="RUN_DIR", type=Path,
+                        help="continue an interrupted run from its last checkpoint")
+    parser.add_argument("--loso", action="store_true",
+                        help="also run leave-one-site-out external validation "
+                             "(shortcut for --set simulation.loso=true)")
+    args = parser.parse_args(argv)
+    if args.loso and not args.resume:
+        args.overrides.append("simulation.loso=true")
+    from safn_core.data.sources import load_cohort
+    from safn_core.federation.checkpoint import load_checkpoint
+    from safn_core.federation.run_folder import load_run_config, write_config
+    from simulations.partition import summary
+    from simulations.virtual_sites import SIM_SITE_STATE, write_virtual_sites
+
+    if args.resume:
+        run_dir = args.resume
+        if not (run_dir / "config.yaml").is_file():
+            raise SafnError(f"--resume {run_dir}: not a safn-sim run folder (no config.yaml)")
+        if args.config or args.overrides or args.out:
+            raise SafnError("--resume continues a run with its own config.yaml; do not combine "
+                            "it with --config, --set or --out")
+        cfg = load_run_config(run_dir.resolve())
+    else:
+        cfg = config_from_args(args)
+        run_dir = fresh_output_dir(args.out or Path("runs") / f"sim-{datetime.now():%Y%m%d-%H%M%S}")
+        # the virtual sites' ledgers live outside the run folder (a later run finds the spent
+        # budget); fixed as an absolute path in config.yaml so resume and LOSO use the same
+        ledgers = cfg.simulation.site_state_dir or run_dir.resolve().parent / SIM_SITE_STATE
+        cfg.simulation.site_state_dir = Path(ledgers).resolve()
+    t0 = time.perf_counter()
+    cohort = load_cohort(cfg.data, cfg.synth)
+    parts = build_sites(cohort, cfg)
+    summ = summary(cohort, parts)
+    print_sites(cohort, cfg, summ)
+    if not args.resume:
+        write_config(run_dir, dump_config(cfg))
+        write_virtual_sites(run_dir, cohort, parts)
+        summ.to_csv(run_dir / "sites.csv", index=False)
+    fed = cfg.federation
+    console.print(f"federated training: {fed.strategy}, {fed.rounds} rounds x "
+                  f"{fed.local_epochs} local epochs, {len(parts)} sites (Flower Simulation "
+                  f"Engine, Ray backend, {cfg.simulation.num_cpus_per_site:g} CPU per site)")
+    flower_s = run_flower_simulation(run_dir, cfg, len(parts))
+    state = load_checkpoint(run_dir)
+    if state is None or state.round < fed.rounds or not (run_dir / "model").is_dir():
+        done = 0 if state is None else state.round
+        raise SafnError(f"{run_dir}: the federation stopped after round {done} of {fed.rounds}; "
+                        f"see {run_dir / 'progress.log'}; resume with safn-sim --resume {run_dir}")
+    console.print(f"federated training finished in {flower_s:.1f} s; model bundle: "
+                  f"{run_dir / 'model'}")
+    print_privacy(state.history, cfg)
+    results = {"run_dir": str(run_dir), "flower_seconds": flower_s, "rounds": state.round,
+               "strategy": fed.strategy, "sites": summ.to_dict("records"),
+               "federated_last_round": state.history[-1] if state.history else None}
+    if cfg.simulation.compare:
+        console.print("training the pooled and local-only models on the same splits ...")
+        df, n_test = compare(cohort, parts, cfg, load_federated(run_dir))
+        print_comparison(df, n_test, len(parts))
+        if not (run_dir / "comparison.csv").exists():
+            df.to_csv(run_dir / "comparison.csv", index=False)
+        results["comparison"] = {"evaluated_on": f"pooled test set: union of the {len(parts)} "
+                                                 f"sites' test splits ({n_test} participants)",
+                                 "rows": df.replace({np.nan: None}).to_dict("records")}
+    loso = None
+    if cfg.simulation.loso and not (run_dir / "loso.csv").exists():
+        loso = run_loso(cohort, parts, cfg, run_dir, df if cfg.simulation.compare else None)
+        results["loso"] = json.loads((run_dir / "loso.json").read_text())
+    from simulations.report import write_sim_report
+
+    write_sim_report(run_dir, cfg, cohort.report.source, summ, state.history,
+                     df if cfg.simulation.compare else None, loso)
+    results["seconds"] = time.perf_counter() - t0
+    write_json(run_dir / "results.json", results)
+    console.print(f"run folder: {run_dir} ({results['seconds']:.0f} s); report: "
+                  f"{run_dir / 'report.html'}")
+    return 0
+
+
+main = entry(run)

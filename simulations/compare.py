@@ -1,0 +1,77 @@
+"""The simulation's comparison: pooled, federated and local-only models on the same splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from safn_core.config import SafnConfig
+
+
+def build_sites(cohort, cfg: SafnConfig) -> dict[str, np.ndarray]:
+    from simulations.partition import partition
+
+    s = cfg.simulation
+    return partition(cohort, s.partition, s.n_sites, alpha=s.dirichlet_alpha,
+                     size_alpha=s.size_skew, seed=s.seed)
+
+
+def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.DataFrame, int]:
+    """Pooled, federated and local-only models scored on the pooled test set.
+
+    All use the sites' own train/validation/test splits (the federation's): the pooled model
+    trains on the union of the training splits with preprocessing fitted there, each local-only
+    model on one site's training split with its own preprocessing; each early-stops and picks
+    its threshold on its own validation data (pooled: all sites'; local: its site's; federated:
+    all sites', the threshold the federation also picks from pooled validation histograms).
+    """
+    import torch
+
+    from safn_core.federation.site import Site
+    from safn_core.metrics import binary_metrics, choose_threshold
+    from safn_core.preprocess import Preprocessor
+    from safn_core.training.local import Arrays, fit_with_early_stopping, predict
+
+    torch.set_num_threads(1)
+    sites = {name: Site(name, cohort.subset(ids), cfg) for name, ids in parts.items()}
+    ids = {part: np.concatenate([getattr(s.split, part) for s in sites.values()])
+           for part in ("train", "val", "test")}
+    table = cohort.table
+    rows = []
+
+    def score(name, kind, model, pre, val_ids, n_train, sites_used):
+        val = Arrays.from_table(pre, table.loc[val_ids])
+        test = Arrays.from_table(pre, table.loc[ids["test"]])
+        p_val, _ = predict(model, val)
+        p_test, _ = predict(model, test)
+        t = choose_threshold(val.y, p_val)
+        rows.append({"model": name, "kind": kind, "n_train": int(n_train), "sites": sites_used,
+                     "threshold": t, **binary_metrics(test.y, p_test, t)})
+
+    pooled_pre = Preprocessor(cohort.modalities).fit(table.loc[ids["train"]])
+    tr = Arrays.from_table(pooled_pre, table.loc[ids["train"]])
+    va = Arrays.from_table(pooled_pre, table.loc[ids["val"]])
+    fit = fit_with_early_stopping(tr, va, cohort.modalities, cfg.model, cfg.train, cfg.train.seed)
+    score("pooled (all training splits together)", "pooled", fit.model, pooled_pre, ids["val"],
+          len(tr), len(sites))
+    if federated is not None:
+        model, pre = federated
+        score("federated", "federated", model, pre, ids["val"], len(tr), len(sites))
+    for name, site in sites.items():
+        counts = np.bincount(table.loc[site.split.train, "label"], minlength=2)
+        if counts.min() < 2 or len(np.unique(table.loc[site.split.val, "label"])) < 2:
+            continue
+        pre = Preprocessor(cohort.modalities).fit(table.loc[site.split.train])
+        tr_s = Arrays.from_table(pre, table.loc[site.split.train])
+        va_s = Arrays.from_table(pre, table.loc[site.split.val])
+        fit = fit_with_early_stopping(tr_s, va_s, cohort.modalities, cfg.model, cfg.train,
+                                      cfg.train.seed)
+        score(f"local-only {name}", "local", fit.model, pre, site.split.val, len(tr_s), 1)
+    df = pd.DataFrame(rows)
+    local = df[df.kind == "local"]
+    if not local.empty:
+        best = local.loc[local.roc_auc.idxmax()].copy()
+        best["model"] = f"best local-only ({best['model'].removeprefix('local-only ')})"
+        best["kind"] = "best-local"
+        df = pd.concat([df, best.to_frame().T], ignore_index=True)
+    return df, len(ids["test"])

@@ -1,0 +1,105 @@
+"""The simulation engine: the ServerApp/ClientApp pair on Flower's Simulation Engine (Ray).
+
+How Flower is launched, and why: `flwr.simulation.run_simulation` with the app objects, in this
+process. `flwr run` would start a detached SuperLink that outlives the run, build and ship an app
+bundle and poll every few seconds (7-10 s fixed cost per run on this machine); `run_simulation`
+runs the ServerApp in a thread next to an in-memory Grid and the ClientApps in Ray actors, with
+nothing left running afterwards. Its run config is empty, so the apps find the run folder (and its
+resolved ``config.yaml``) through the ``SAFN_RUN_DIR`` environment variable, which Ray's workers
+inherit; a deployment passes ``run-dir`` in the run config instead. The app code is the same.
+Flower's 0.1 s simulation polling loops are shortened by `safn_flower.patches` (``SIM``) when
+``simulation.fast_polling`` is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from safn_core.config import SafnConfig
+from safn_core.federation.run_folder import RUN_DIR_ENV
+from safn_flower import patches
+
+
+def quiet_flower() -> None:
+    """Flower and Ray log every message at INFO; the user wants one line per round."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name in ("flwr", "ray", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Flower's own DeprecationWarnings stay visible: they are about the internals patched in
+    # `safn_flower.patches`. Only a known, harmless NumPy notice from Ray is hidden.
+    warnings.filterwarnings("ignore", message=".*NumPy array is not writable.*")
+
+
+def backend_config(cfg: SafnConfig) -> dict:
+    """Ray backend: one CPU per ClientApp actor, a small object store, no dashboard."""
+    s = cfg.simulation
+    init_args = {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False,
+                 "object_store_memory": int(s.ray_object_store_mb) * 1024 * 1024}
+    if s.ray_num_cpus:
+        init_args["num_cpus"] = int(s.ray_num_cpus)
+    if s.ray_address:
+        init_args = {"address": s.ray_address, "logging_level": "ERROR",
+                     "log_to_driver": False}
+    return {"client_resources": {"num_cpus": s.num_cpus_per_site, "num_gpus": 0.0},
+            "init_args": init_args}
+
+
+def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float:
+    """Run the ServerApp/ClientApp pair on the Ray backend; returns wall seconds."""
+    quiet_flower()
+    os.environ[RUN_DIR_ENV] = str(Path(run_dir).resolve())
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    quiet_flower()  # again: importing Flower resets its logger to INFO
+    if cfg.simulation.fast_polling:
+        patches.apply({name: {} for name in patches.SIM})
+    t0 = time.perf_counter()
+    backend = backend_config(cfg)
+    try:
+        start_ray(backend["init_args"])
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
+                       backend_config=backend, verbose_logging=False)
+    finally:
+        _stop_ray()
+    return time.perf_counter() - t0
+
+
+def start_ray(init_args: dict) -> None:
+    """Start Ray as Flower would, but pass the import path by environment, not runtime_env.
+
+    Why: Flower's backend calls ``ray.init(runtime_env={"env_vars": {"PYTHONPATH": ...}})``,
+    and a runtime_env costs ~1 s more at start-up and ~0.5 s more per actor on this machine;
+    Ray's workers inherit the driver's environment anyway. Flower skips its own ``ray.init``
+    when Ray is already running, and shuts it down at the end as usual.
+    """
+    import ray
+
+    if ray.is_initialized() or "address" in init_args:
+        return
+    paths = [p for p in (*sys.path, os.environ.get("PYTHONPATH", "")) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    ray.init(**init_args)
+
+
+def _stop_ray() -> None:
+    """Flower shuts Ray down at the end; make sure, even after an error."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:  # pragma: no cover
+        pass

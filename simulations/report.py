@@ -1,0 +1,43 @@
+"""The HTML report of a federated simulation: sites, learning curves, comparisons, LOSO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from safn_core.config import SafnConfig, dump_config
+from safn_core.federation.run_report import learning_section, rejected_and_privacy
+from safn_core.metrics import METRICS
+from safn_core.report import Report
+
+
+def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.DataFrame,
+                     history: list[dict], comparison: pd.DataFrame | None,
+                     loso: pd.DataFrame | None) -> Path:
+    run_dir = Path(run_dir)
+    rep = Report("safn-sim: federated simulation",
+                 f"{source}; {cfg.simulation.partition} partition into {len(sites)} sites; "
+                 f"{cfg.federation.strategy}, {cfg.federation.rounds} rounds × "
+                 f"{cfg.federation.local_epochs} local epochs")
+    rep.heading("Virtual sites").table(sites)
+    if history:
+        last = history[-1]
+        learning_section(rep, history, run_dir,
+                         "pooled metrics from summed score histograms; per-site ROC-AUC on each "
+                         "site's test split (sites below min_cell withhold theirs)",
+                         f"final round, pooled test ({last.get('n_test')} participants "
+                         "reported)")
+        rejected_and_privacy(rep, history, run_dir)
+    if comparison is not None and not comparison.empty:
+        rep.heading("Pooled vs federated vs local-only (pooled test set)")
+        rep.table(comparison[["model", "n_train", *METRICS]])
+    if loso is not None and not loso.empty:
+        rep.heading("Leave-one-site-out external validation")
+        shown = loso[["held_out", "n", "positive"]].copy()
+        for k in ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "mcc"):
+            shown[k] = [f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" for v, ci in
+                        zip(loso[k], loso[f"{k}_ci"])]
+        rep.table(shown, "per held-out site, bootstrap 95 % CI in brackets")
+    rep.heading("Configuration").code(dump_config(cfg))
+    return rep.write(run_dir / "report.html")

@@ -1,0 +1,76 @@
+"""The package boundaries hold: safn_core never imports Flower or the apps; the site side never
+imports the coordinator's package."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def _modules(package: str) -> list[str]:
+    pkg = __import__(package)
+    return [package] + [m.name for m in pkgutil.walk_packages(pkg.__path__, f"{package}.")]
+
+
+BLOCKER = """
+import sys, importlib.abc
+BLOCKED = {blocked!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            raise ImportError(f'blocked import of {{name}}')
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_every_safn_core_module_imports_without_flower_or_the_apps():
+    modules = _modules("safn_core")
+    assert "safn_core.federation.run_folder" in modules and len(modules) > 40
+    code = BLOCKER.format(blocked=["flwr", "server", "client", "simulations", "safn_flower"]) + (
+        "import importlib\n"
+        f"for m in {modules!r}:\n"
+        "    importlib.import_module(m)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in BLOCKED]\n"
+        "assert not bad, bad\n"
+        "print('ok', len(%r))\n" % modules)
+    out = _run(code)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+
+
+def test_the_blocker_itself_catches_a_flower_import():
+    out = _run(BLOCKER.format(blocked=["flwr"]) + "import server.strategies\n")
+    assert out.returncode != 0 and "blocked import of flwr" in out.stderr
+
+
+def test_the_site_side_never_imports_the_coordinators_package():
+    modules = [m for m in _modules("client")]
+    code = BLOCKER.format(blocked=["server"]) + (
+        "import importlib\n"
+        f"for m in {modules!r}:\n"
+        "    importlib.import_module(m)\n"
+        "import client.cli, client.app, client.supernode, client.superexec\n"
+        "print('ok')\n")
+    out = _run(code)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+
+
+def test_no_module_outside_safn_flower_patches_flower_privates():
+    """Assignments into Flower modules live in safn_flower/patches.py only."""
+    offenders = []
+    for folder in ("safn_core", "server", "client", "simulations"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            for needle in ("__kwdefaults__ =", "__defaults__ =", "sci.", "http_grid.time",
+                           "factory.SubprocessExecutor =", "HEARTBEAT_DEFAULT_INTERVAL ="):
+                if needle in text:
+                    offenders.append(f"{path.relative_to(ROOT)}: {needle}")
+    assert not offenders, offenders
