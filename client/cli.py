@@ -26,7 +26,6 @@ from pathlib import Path
 from safn_core.cli.common import console, entry, err_console
 from safn_core.config import dump_config, load_config
 from safn_core.errors import ConfigError, SafnError
-from safn_core.data.cohort_store import write_cohort
 from safn_core.io import write_atomic
 from safn_core.processes import end_with_parent, flower_env, signal_group
 
@@ -164,6 +163,9 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.site is None:
         raise ConfigError("safn-client needs --site site.yaml (see deploy/examples/site_a.yaml)")
+    if not args.site.is_file():
+        raise ConfigError(f"--site {args.site}: file not found; pass the site's own YAML "
+                          "(see deploy/examples/site_a.yaml)")
     cfg = load_config(args.site, args.overrides)
     from client.preflight import preflight
 
@@ -177,11 +179,17 @@ def run(argv: list[str] | None = None) -> int:
     _note_app_approval(site)
     if args.check:
         return 0
+    from safn_core.deploy_checks import check_can_listen
+
+    check_can_listen("127.0.0.1", site.local_port, str(args.site), "site.local_port",
+                     "site.local_port", "another site's SuperNode, or an earlier safn-client")
     # the ClientApp reads the site's settings from this resolved copy (absolute paths, --set
     # applied), so what the site checked is what it serves
     state = Path(site.state_dir).resolve()
     site_file = state / "site-config.yaml"
     write_atomic(site_file, dump_config(cfg))
+    from safn_core.data.cohort_store import write_cohort  # (pandas: only when joining)
+
     write_cohort(state / "cohort", found.cohort)
     node = SiteNode(cfg, site_file, args.insecure)
     signal.signal(signal.SIGTERM, node.stop)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safn_core.config import SafnConfig
-from safn_core.errors import ConfigError
+from safn_core.deploy_checks import (check_address, check_site_name, check_site_private_key,
+                                     load_certificates)
+from safn_core.errors import ConfigError, DataError, SafnError
 
 
 @dataclass
@@ -31,6 +33,8 @@ def require_site(cfg: SafnConfig, path: Path) -> None:
         raise ConfigError(f"{path}: no 'site:' section; a site file needs at least site.name, "
                           "site.superlink, site.root_certificates and site.private_key "
                           "(see deploy/examples/site_a.yaml)")
+    check_site_name(cfg.site.name, "site.name", str(path))
+    check_address(cfg.site.superlink, "site.superlink", str(path))
 
 
 def _readable(path: Path | None, key: str, what: str, origin: Path) -> Path:
@@ -47,13 +51,12 @@ def check_security(cfg: SafnConfig, origin: Path, insecure: bool) -> None:
     """TLS CA and authentication key present (not with --insecure); app approval configured."""
     site = cfg.site
     if not insecure:
-        _readable(site.root_certificates, "site.root_certificates",
-                  "the federation's CA certificate (ca.pem from the coordinator)", origin)
+        ca = _readable(site.root_certificates, "site.root_certificates",
+                       "the federation's CA certificate (ca.pem from the coordinator)", origin)
+        load_certificates(ca, "site.root_certificates", str(origin))
         key = _readable(site.private_key, "site.private_key",
                         "this site's private key (<site>.key from deploy/make_certs.py)", origin)
-        if key.stat().st_mode & 0o077:
-            raise ConfigError(f"{origin}: 'site.private_key' = {key}: readable by other users; "
-                              f"run `chmod 600 {key}` first")
+        check_site_private_key(key, "site.private_key", str(origin))
     if not site.approved_apps and site.trusted_entities is None:
         raise ConfigError(f"{origin}: neither 'site.approved_apps' nor 'site.trusted_entities' "
                           "is set, so this site would run whatever app code the coordinator "
@@ -64,27 +67,55 @@ def check_security(cfg: SafnConfig, origin: Path, insecure: bool) -> None:
                   "a Flower trusted-entities YAML file", origin)
 
 
-def check_data(cfg: SafnConfig):
+def check_data(cfg: SafnConfig, origin: Path):
     """Load the site's data and run the data contract; raise with the report if unfit."""
     from safn_core.data.contract import check_cohort
     from safn_core.data.sources import load_cohort
 
-    cohort = load_cohort(cfg.data, cfg.synth)
+    try:
+        cohort = load_cohort(cfg.data, cfg.synth)
+    except SafnError as exc:
+        raise DataError(f"{origin}: {exc}") from None
     report = check_cohort(cohort, cfg.data.min_cell)
     return cohort, report
 
 
-def check_privacy(cfg: SafnConfig) -> str:
-    """The site's privacy settings in one line; the ledger folder must be writable."""
+def check_state_dir(state: Path, origin: Path) -> None:
+    """``site.state_dir`` is a writable folder, or can be made one (nothing is created here)."""
+    if state.exists() and not state.is_dir():
+        raise ConfigError(f"{origin}: 'site.state_dir' = {state}: a file of that name exists; "
+                          "it must name a folder (the privacy ledger and logs go there)")
+    parent = state
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{origin}: 'site.state_dir' = {state}: cannot be created, {parent} "
+                          "is a file; choose a folder this user can write")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{origin}: 'site.state_dir' = {state}: {parent} is not writable by "
+                          "this user; choose a folder this user can write")
+
+
+def check_ledger(cfg: SafnConfig, origin: Path) -> None:
+    """An existing privacy ledger must be readable (it is read, never written, here)."""
+    if cfg.privacy.ledger is None and not Path(cfg.site.state_dir).is_dir():
+        return  # no ledger yet (and no need to import the DP libraries to say so)
+    from safn_core.privacy.errors import LedgerError
+    from safn_core.privacy.ledger import PrivacyLedger, resolve_ledger_path
+
+    path = resolve_ledger_path(cfg.privacy.ledger, cfg.site.state_dir)
+    if path.exists():
+        try:
+            PrivacyLedger.read(path)
+        except LedgerError as exc:
+            key = "privacy.ledger" if cfg.privacy.ledger is not None else "site.state_dir"
+            raise ConfigError(f"{origin}: '{key}': {exc}") from None
+
+
+def check_privacy(cfg: SafnConfig, origin: Path) -> str:
+    """The site's privacy settings in one line; an existing ledger must be readable."""
     p = cfg.privacy
-    state = Path(cfg.site.state_dir)
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"site.state_dir = {state}: cannot be created ({exc.strerror}); "
-                          "choose a folder this user can write") from None
-    if not os.access(state, os.W_OK):
-        raise ConfigError(f"site.state_dir = {state}: not writable by this user")
+    check_ledger(cfg, origin)
     if p.mode == "off":
         return "off (the coordinator may still ask for DP; this site would then apply it)"
     return (f"DP-SGD, total budget ε = {p.epsilon:g}"
@@ -96,9 +127,10 @@ def preflight(cfg: SafnConfig, origin: Path, insecure: bool) -> Preflight:
     """Every check a site runs before joining; the data contract failing is a `SafnError`."""
     require_site(cfg, origin)
     check_security(cfg, origin, insecure)
-    privacy = check_privacy(cfg)
-    cohort, report = check_data(cfg)
+    check_state_dir(Path(cfg.site.state_dir), origin)
+    cohort, report = check_data(cfg, origin)
     report.raise_if_failed(f"site {cfg.site.name} does not join; `safn-check --config {origin}` "
                            "prints the full report")
+    privacy = check_privacy(cfg, origin)  # (last: reading a ledger loads the DP libraries)
     n_pos = int(cohort.y.sum())
     return Preflight(len(cohort), (len(cohort) - n_pos, n_pos), privacy, cohort)

@@ -22,6 +22,8 @@ from pathlib import Path
 from safn_core.cli.common import (base_parser, config_from_args, console, entry, err_console,
                                   fresh_output_dir)
 from safn_core.config import SafnConfig, dump_config
+from safn_core.deploy_checks import (check_can_listen, check_host, check_server_tls,
+                                     check_site_name, load_site_public_key)
 from safn_core.errors import ConfigError, SafnError
 from safn_core.federation.run_folder import write_config
 from safn_core.io import write_json
@@ -36,13 +38,16 @@ INSECURE_WARNING = ("WARNING: --insecure: TLS and site authentication are OFF. A
 
 
 def validate_server(cfg: SafnConfig, origin: str, insecure: bool) -> None:
+    """Every check of the coordinator's inputs that needs no process; it writes nothing, and
+    `Deployment.run` touches the run folder only after it passed."""
     server, fed = cfg.server, cfg.federation
-    if not insecure:
-        certificate_paths(server, origin)
+    check_host(server.host, "server.host", origin)
+    certs = None if insecure else certificate_paths(server, origin)
     if not insecure and not server.sites:
         raise ConfigError(f"{origin}: 'server.sites' is empty; list every site that may join "
                           "as name: path/to/<site>.pub (deploy/make_certs.py writes the keys)")
     for name, key in server.sites.items():
+        check_site_name(name, f"server.sites.{name}", origin)
         if not Path(key).is_file():
             raise ConfigError(f"{origin}: 'server.sites.{name}' = {key}: public key file not "
                               "found; it is the <site>.pub that deploy/make_certs.py wrote")
@@ -54,6 +59,23 @@ def validate_server(cfg: SafnConfig, origin: str, insecure: bool) -> None:
     if server.sites and fed.min_sites > trainers:
         raise ConfigError(f"{origin}: 'federation.min_sites' = {fed.min_sites} but only "
                           f"{trainers} training sites are listed under server.sites")
+    if certs is not None:
+        check_server_tls(certs["ca.pem"], certs["superlink.pem"], certs["superlink.key"], origin)
+        owners: dict[bytes, str] = {}
+        for name, key in server.sites.items():
+            blob = load_site_public_key(Path(key), f"server.sites.{name}", origin)
+            if blob in owners:
+                raise ConfigError(f"{origin}: 'server.sites.{name}' = {key}: the same key as "
+                                  f"server.sites.{owners[blob]}; Flower registers a key for one "
+                                  "site only. Give each site its own key pair")
+            owners[blob] = name
+    if Path(server.run_dir).exists() and not Path(server.run_dir).is_dir():
+        raise ConfigError(f"{origin}: 'server.run_dir' = {server.run_dir}: a file of that name "
+                          "exists; the run folder must be a folder (choose another name)")
+    if server.database is not None and Path(server.database).is_dir():
+        raise ConfigError(f"{origin}: 'server.database' = {server.database}: a folder; it names "
+                          "the SuperLink's database file (e.g. superlink.db), or leave it out")
+    check_can_listen(server.host, server.port, origin)
 
 
 class Deployment:
@@ -70,14 +92,16 @@ class Deployment:
         has_run = (self.run_dir / "config.yaml").is_file()
         if self.resume:
             if not has_run:
-                raise ConfigError(f"--resume: {self.run_dir} holds no run (no config.yaml); "
-                                  "start it without --resume")
+                raise ConfigError(f"{self.origin}: --resume, but 'server.run_dir' = "
+                                  f"{self.run_dir} holds no run (no config.yaml); start it "
+                                  "without --resume")
             done = _read_json(self.run_dir / "federation_status.json")
             if done.get("status") == "completed":
-                raise SafnError(f"{self.run_dir}: this run already completed (round "
-                                f"{done.get('round')}); nothing to resume")
+                raise SafnError(f"{self.origin}: 'server.run_dir' = {self.run_dir}: this run "
+                                f"already completed (round {done.get('round')}); nothing to "
+                                "resume (choose a new run_dir for a new run)")
             return
-        fresh_output_dir(self.run_dir, "server.run_dir",
+        fresh_output_dir(self.run_dir, f"{self.origin}: server.run_dir",
                          "Pass --resume to continue the run in it, or choose a new run_dir")
         write_config(self.run_dir, dump_config(self.cfg))
 

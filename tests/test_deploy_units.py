@@ -79,10 +79,15 @@ def test_a_refusal_in_the_superlink_log_names_the_key_as_ssh_keygen_does(tmp_pat
 
 
 def _site_file(tmp_path: Path, **site) -> Path:
+    certs = tmp_path / "certs"  # real material: the pre-flight reads the CA and the key
+    if not certs.exists():
+        subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), "--out",
+                        str(certs), "--sites", "s", "--hosts", "127.0.0.1"], check=True,
+                       capture_output=True)
     key = tmp_path / "site.key"
-    key.write_text("key")
+    key.write_bytes((certs / "sites" / "s.key").read_bytes())
     key.chmod(0o600)
-    (tmp_path / "ca.pem").write_text("ca")
+    (tmp_path / "ca.pem").write_bytes((certs / "ca.pem").read_bytes())
     body = {"site": {"name": "s", "root_certificates": "ca.pem", "private_key": "site.key",
                      "approved_apps": ["a" * 64], "state_dir": "state", **site}}
     path = tmp_path / "site.yaml"
