@@ -37,11 +37,23 @@ def parts_of(content) -> dict[str, int]:
     return {k: size(RecordDict({k: v})) for k, v in content.items()}
 
 
+def kind_of(msg, default: str) -> str:
+    """train / evaluate, or for QUERY messages the statistics round (describe, its secure sums)
+    and a secure sum's redone phases after a dropout."""
+    if default != "query":
+        return default
+    config = msg.content["config"]
+    task = str(config.get("task", "describe"))
+    if task == "describe" or "statistics" in str(config.get("secagg-context", "")):
+        return "statistics"
+    return f"secagg-retry ({task})"
+
+
 def wrapped(fn, kind: str):
     @functools.wraps(fn)
     def handler(msg, context):
         reply = fn(msg, context)
-        row = {"kind": kind, "round": int(msg.content["config"].get("server-round", 0))
+        row = {"kind": kind_of(msg, kind), "round": int(msg.content["config"].get("server-round", 0))
                if "config" in msg.content else 0,
                "received": size(msg.content), "sent": size(reply.content),
                "received_parts": parts_of(msg.content), "sent_parts": parts_of(reply.content)}
@@ -58,7 +70,7 @@ def instrumented_client_app():
     import client.app as real
 
     app = ClientApp()
-    app.query()(wrapped(real.describe, "statistics"))
+    app.query()(wrapped(real.query, "query"))
     app.train()(wrapped(real.train, "train"))
     app.evaluate()(wrapped(real.evaluate, "evaluate"))
     return app

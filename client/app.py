@@ -26,18 +26,22 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure_aggregation as secure
 from client.audit import audit_mod
 from safn_core.federation.aggregate import modalities_to_record
 from safn_core.federation.loop import site_seed
 from safn_core.data.cohort_store import read_cohort
 from safn_core.federation.run_folder import run_dir_from
+from safn_core.federation.secure_records import (evaluate_values, released_scaled,
+                                                 released_values, scaled_values,
+                                                 statistics_values, train_values)
 from safn_core.federation.shared_config import shared_config, site_run_config
-from safn_core.federation.site import Site, SmallCell, state_to_numpy
+from safn_core.federation.site import Site, state_to_numpy
 from safn_core.federation.wire import KEY as WIRE_KEY
 from safn_core.federation.wire import Layout
 from safn_core.training.local import make_model
-from safn_core.federation.site_privacy import train_round
-from safn_core.preprocess import Preprocessor
+from safn_core.federation.site_privacy import site_statistics, train_round
+from safn_core.preprocess import FeatureStats, Preprocessor
 
 app = ClientApp(mods=[audit_mod])  # the site's audit trail of what leaves it
 
@@ -127,9 +131,91 @@ def _wire(site: Site, weights: dict[str, np.ndarray], config: ConfigRecord) -> A
 
 
 @app.query()
+def query(msg: Message, context: Context) -> Message:
+    """QUERY messages: the statistics round's ``describe``, and the two phases of a secure sum
+    the coordinator redoes or runs on its own (``secagg-keys``, ``secagg-mask``)."""
+    task = str(msg.content["config"].get("task", "describe"))
+    if task == "secagg-keys":
+        return _secagg_keys(msg, context)
+    if task == "secagg-mask":
+        return _secagg_mask(msg, context)
+    return describe(msg, context)
+
+
+def _session(site: Site, context: Context):
+    return secure.session(_state_dir(site, context), context.node_id)
+
+
+def _secagg_keys(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    site = site_for(context, config)
+    key = _session(site, context).public_key(secure.context_of(str(config[secure.CONTEXT])))
+    return Message(RecordDict({secure.RECORD: ConfigRecord({"public-key": key})}), reply_to=msg)
+
+
+def _secagg_mask(msg: Message, context: Context) -> Message:
+    """Mask this site's values for one secure sum: the statistics are computed here (the first
+    time; kept on the site's disk for a retry); training and evaluation values were kept when
+    the site trained or evaluated, so a retry after a dropout repeats neither."""
+    config = msg.content["config"]
+    site = site_for(context, config)
+    sess, state = _session(site, context), _state_dir(site, context)
+    ctx = secure.context_of(str(config[secure.CONTEXT]))
+    content = {}
+    try:
+        vector = secure.remask(sess, state, config)
+    except ValueError:
+        if ctx.name not in ("statistics", "statistics-scaled"):
+            raise
+        values, mechanism = _statistics_values(msg, context, site, config, ctx.name)
+        content["statistics"] = ConfigRecord(mechanism)  # the site's own privacy report
+        vector = secure.mask(sess, state, config, values)
+    return Message(RecordDict({"arrays": ArrayRecord({"masked": Array(vector)}),
+                               secure.RECORD: secure.announce(sess, config), **content}),
+                   reply_to=msg)
+
+
+def _statistics_values(msg: Message, context: Context, site: Site, config: ConfigRecord,
+                       name: str) -> tuple[dict, dict]:
+    """What the site puts into the statistics' two secure sums: its exact training-split
+    statistics, or (``privacy.statistics: gaussian``) its one Gaussian release of them, charged
+    to its ledger once per run (`site_privacy.site_statistics`); a site that cannot release
+    them (a ledger problem, an exhausted budget) contributes zeros and says why."""
+    out = site_statistics(
+        site, request=shared_config(str(config["safn-config"])).privacy,
+        state_dir=_state_dir(site, context),
+        run_id=str(config.get("run-id", f"flower-run-{msg.metadata.run_id}")),
+        seed=site_seed(site.cfg.train.seed, 0, _partition(context)), check_cells=False)
+    frame = site.cohort.table.loc[site.split.train, list(site.cohort.features)]
+    scales = (np.asarray(config["secagg-scales"], dtype=np.float64)
+              if name == "statistics-scaled" else None)
+    if out.refusal is not None:
+        n = len(site.cohort.features)
+        zeros = FeatureStats(tuple(site.cohort.features), np.zeros(n), np.zeros(n), np.zeros(n))
+        values = (released_values(zeros, [0, 0]) | {"sites": 0} if scales is None
+                  else released_scaled(zeros, scales))
+        return values, {"statistics": "refused", "reason": out.refusal}
+    if out.mechanism["statistics"] == "exact":
+        values = (statistics_values(out.stats, [int(c) for c in out.counts], frame)
+                  if scales is None else scaled_values(frame, scales))
+    else:
+        values = (released_values(out.stats, out.counts) if scales is None
+                  else released_scaled(out.stats, scales))
+    return values, {k: v for k, v in out.mechanism.items()}
+
+
 def describe(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     site = site_for(context, config)
+    if bool(config.get("secure-aggregation", False)) \
+            and site.name not in list(config.get("held-out-sites", [])):
+        # under secure aggregation the statistics travel only masked (`_secagg_mask`): here the
+        # site sends its name, data structure and public key for the statistics' secure sum
+        return Message(RecordDict({
+            "site": ConfigRecord({"name": site.name, "ok": True,
+                                  "label-names": list(site.cohort.label_names),
+                                  **modalities_to_record(site.cohort.modalities)}),
+            secure.RECORD: secure.announce(_session(site, context), config)}), reply_to=msg)
     if site.name in list(config.get("held-out-sites", [])):
         # external validation only: the site's data shapes neither preprocessing nor training,
         # so it sends its name and data structure and no statistics
@@ -137,20 +223,30 @@ def describe(msg: Message, context: Context) -> Message:
             "name": site.name, "ok": True, "held-out": True,
             "label-names": list(site.cohort.label_names),
             **modalities_to_record(site.cohort.modalities)})}), reply_to=msg)
-    try:
-        stats, counts = site.describe()
-    except SmallCell as exc:
+    # exact statistics, or (privacy.statistics: gaussian) the same fields through the Gaussian
+    # mechanism, charged to the site's ledger (`site_privacy.site_statistics`)
+    out = site_statistics(
+        site, request=shared_config(str(config["safn-config"])).privacy,
+        state_dir=_state_dir(site, context),
+        run_id=str(config.get("run-id", f"flower-run-{msg.metadata.run_id}")),
+        seed=site_seed(site.cfg.train.seed, 0, _partition(context)))
+    if out.refusal is not None:
         return Message(RecordDict({
-            "site": ConfigRecord({"name": site.name, "ok": False, "reason": str(exc)})}),
+            "site": ConfigRecord({"name": site.name, "ok": False, "reason": out.refusal})}),
             reply_to=msg)
+    stats, counts = out.stats, out.counts
+    exact = out.mechanism["statistics"] == "exact"
+    count = int if exact else float  # noised class counts are not integers
     return Message(RecordDict({
         "site": ConfigRecord({"name": site.name, "ok": True,
                               "label-names": list(site.cohort.label_names),
-                              **modalities_to_record(site.cohort.modalities)}),
+                              **modalities_to_record(site.cohort.modalities),
+                              **{f"statistics-{k}" if k != "statistics" else k: v
+                                 for k, v in out.mechanism.items()}}),
         "stats": ArrayRecord({"count": Array(stats.count), "total": Array(stats.total),
                               "total_sq": Array(stats.total_sq)}),
-        "metrics": MetricRecord({"n-train": int(sum(counts)), "class-0": int(counts[0]),
-                                 "class-1": int(counts[1])}),
+        "metrics": MetricRecord({"n-train": count(sum(counts)), "class-0": count(counts[0]),
+                                 "class-1": count(counts[1])}),
     }), reply_to=msg)
 
 
@@ -181,6 +277,8 @@ def train(msg: Message, context: Context) -> Message:
         server_round=server_round,
         seed=site_seed(int(config["seed"]), server_round, _partition(context)),
         proximal_mu=float(config.get("proximal-mu", 0.0)))
+    if secure.is_secure(config):
+        return _secure_train_reply(msg, context, site, config, out)
     if out.refusal is not None:
         print(f"site {site.name}, round {server_round}: not training: {out.refusal}", flush=True)
         return Message(RecordDict({"metrics": MetricRecord(out.metrics),
@@ -192,17 +290,80 @@ def train(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
+PLAIN_ONLY = ("num-examples", "train-loss")
+"""Training metrics that would be per-site statistics: under secure aggregation they travel
+inside the masked vector, never beside it."""
+
+
+def _secure_train_reply(msg: Message, context: Context, site: Site, config: ConfigRecord,
+                        out) -> Message:
+    """The update as ``n · w`` and ``n`` inside one masked vector. A site that does not train
+    (a refusal, or an update it finds non-finite: it screens itself, since the coordinator
+    cannot) sends masked zeros, so every other site's masks still cancel."""
+    refusal, vector = out.refusal, None
+    n, loss = int(out.metrics.get("num-examples", 0)), float(out.metrics.get("train-loss", -1))
+    if refusal is None:
+        vector = _layout(site, str(config["model-layout"])).flatten(out.weights)
+        if not np.all(np.isfinite(vector)):
+            refusal, vector = "its update has non-finite values (NaN/Inf); not sent", None
+    if vector is None:
+        print(f"site {site.name}, round {config['server-round']}: not training: {refusal}",
+              flush=True)
+        vector = np.zeros(_layout(site, str(config["model-layout"])).size)
+        n = 0
+    fed = shared_config(str(config["safn-config"])).federation
+    weight = None
+    if fed.central_dp.enabled and n > 0:
+        # central DP: the update clipped here (the coordinator never sees it), equal weights
+        update = vector - _layout(site, str(config["model-layout"])).flatten(
+            _weights(site, msg.content["arrays"], config))
+        norm = float(np.linalg.norm(update))
+        vector = update * min(1.0, fed.central_dp.clipping_norm / max(norm, 1e-12))
+        weight = 1
+    sess = _session(site, context)
+    masked = secure.mask(sess, _state_dir(site, context), config,
+                         train_values(vector, n, loss, fed.secagg.weight_bound, weight))
+    metrics = {k: v for k, v in out.metrics.items() if k not in PLAIN_ONLY}
+    if refusal is not None:
+        metrics["refused"] = 1
+    content = {"arrays": ArrayRecord({"masked": Array(masked)}),
+               "metrics": MetricRecord(metrics), secure.RECORD: secure.announce(sess, config)}
+    if refusal is not None:
+        content["refusal"] = ConfigRecord({"reason": refusal})
+    return Message(RecordDict(content), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     site = site_for(context, config)
+    held_out = site.name in list(config.get("held-out-sites", []))
+    safe = secure.is_secure(config) and not held_out
     res = site.evaluate(_weights(site, msg.content["arrays"], config),
                         _preprocessor(site, config), site.cfg.model,
-                        int(config["histogram-bins"]),
-                        held_out=site.name in list(config.get("held-out-sites", [])))
+                        int(config["histogram-bins"]), held_out=held_out, withhold=not safe)
+    if safe:
+        return _secure_evaluate_reply(msg, context, site, config, res)
     return Message(RecordDict({"metrics": MetricRecord({
         "num-examples": int(res["test"].sum()),
         "val-neg": res["val"][0].tolist(), "val-pos": res["val"][1].tolist(),
         "test-neg": res["test"][0].tolist(), "test-pos": res["test"][1].tolist(),
         "withheld": int(res["withheld"]),
     })}), reply_to=msg)
+
+
+def _secure_evaluate_reply(msg: Message, context: Context, site: Site, config: ConfigRecord,
+                           res: dict) -> Message:
+    """Histograms and the validation loss sum inside one masked vector; beside it only this
+    site's own ROC-AUC and test size, and only where its own counts pass ``min_cell``."""
+    from safn_core.metrics import metrics_from_histogram
+
+    sess = _session(site, context)
+    masked = secure.mask(sess, _state_dir(site, context), config, evaluate_values(res))
+    own = {}
+    if not res["test_withheld"]:
+        own = {"site-roc-auc": float(metrics_from_histogram(res["test"], 0.5)["roc_auc"]),
+               "site-n": int(res["test"].sum())}
+    return Message(RecordDict({"arrays": ArrayRecord({"masked": Array(masked)}),
+                               "metrics": MetricRecord({"site-reported": int(bool(own)), **own}),
+                               secure.RECORD: secure.announce(sess, config)}), reply_to=msg)

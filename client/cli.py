@@ -65,12 +65,14 @@ class SiteNode:
 
     def __init__(self, cfg, site_file: Path, insecure: bool):
         from client.superexec import SITE_ENV
-        from client.supernode import APPROVED_ENV, POLL_ENV, TRUSTED_ENV
+        from client.supernode import APPROVED_ENV, NODE_ID_ENV, POLL_ENV, TRUSTED_ENV
 
         site = cfg.site
         self.cfg, self.log = cfg, Path(site.state_dir) / "supernode.log"
         extra = {APPROVED_ENV: ",".join(site.approved_apps), POLL_ENV: str(site.poll_interval),
-                 SITE_ENV: str(site_file)}
+                 SITE_ENV: str(site_file),
+                 # a restarted SuperNode ends its own previous session (client/supernode.py)
+                 NODE_ID_ENV: str(Path(site.state_dir).resolve() / "node_id")}
         if site.trusted_entities is not None:
             extra[TRUSTED_ENV] = str(Path(site.trusted_entities).resolve())
         self.env = flower_env(Path(site.state_dir) / "flower", site.poll_interval, extra)

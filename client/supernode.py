@@ -22,6 +22,11 @@ The approval list comes from the environment (``SAFN_APPROVED_APPS``: comma-sepa
 ``SAFN_POLL_INTERVAL`` (seconds, default 3 = Flower's own) sets how long an idle SuperNode waits
 between two pulls from the SuperLink; Flower hard-codes 3 s, which dominates the time per round
 of a small model.
+
+``SAFN_NODE_ID_FILE`` (set by `safn-client`: ``<site.state_dir>/node_id``) keeps the node id of
+the site's last activation, so that a SuperNode restarted after a crash ends its own previous
+session and is active again within seconds, instead of being refused until that session has
+missed its heartbeats (`safn_flower.patches`, ``supernode_session_takeover``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ APPROVED_ENV = "SAFN_APPROVED_APPS"
 TRUSTED_ENV = "SAFN_TRUSTED_ENTITIES"
 POLL_ENV = "SAFN_POLL_INTERVAL"
 WARM_ENV = "SAFN_WARM_CLIENTAPPS"
+NODE_ID_ENV = "SAFN_NODE_ID_FILE"
 
 
 def approved_hashes() -> set[str]:
@@ -79,11 +85,13 @@ def app_approval(approved: set[str], trusted: dict[str, str]):
 
 
 def supernode_patches(approved: set[str], trusted: dict[str, str], poll_interval: float,
-                      warm: bool) -> dict[str, dict]:
+                      warm: bool, node_id_file: str | None = None) -> dict[str, dict]:
     """The Flower patches this SuperNode runs with (`safn_flower.patches`), with settings."""
     out = {"supernode_app_approval": {"verify": app_approval(approved, trusted)},
            "supernode_poll_interval": {"interval": poll_interval},
            "supernode_heartbeat": {}, "object_pull_backoff": {}}
+    if node_id_file:
+        out["supernode_session_takeover"] = {"node_id_file": node_id_file}
     if warm:
         out["supernode_warm_superexec"] = {"command": [sys.executable, "-m", "client.superexec"]}
     return out
@@ -96,7 +104,8 @@ def main() -> None:
         sys.exit("safn: no approved app (SAFN_APPROVED_APPS) and no trusted entities "
                  "(SAFN_TRUSTED_ENTITIES): refusing to start a SuperNode that would run any app")
     patches.apply(supernode_patches(approved, trusted, float(os.environ.get(POLL_ENV, "3")),
-                                    os.environ.get(WARM_ENV, "1") != "0"))
+                                    os.environ.get(WARM_ENV, "1") != "0",
+                                    os.environ.get(NODE_ID_ENV)))
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

@@ -125,9 +125,11 @@ class TrainConfig(Section):
 
 
 class CentralDPConfig(Section):
-    """Central DP at the coordinator (docs/privacy.md): Flower's server-side fixed clipping of
-    each site's update and Gaussian noise on the average. Site-level DP for whoever receives the
-    global model; the coordinator itself sees the unnoised updates. No per-site ε."""
+    """Central DP (docs/privacy.md): each site's update clipped to ``clipping_norm`` and
+    Gaussian noise on the average. Site-level DP for whoever receives the global model; no
+    per-site ε. Without secure aggregation Flower's server-side fixed clipping does it (the
+    coordinator sees the unnoised updates); with it the sites clip and the mean of the clipped
+    updates, which is all the coordinator sees, gets the noise."""
 
     enabled: bool = False
     noise_multiplier: float = Field(
@@ -135,6 +137,17 @@ class CentralDPConfig(Section):
     clipping_norm: float = Field(
         1.0, gt=0, description="L2 bound on each site's update (new weights − global weights)")
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported site-level ε")
+
+
+class SecAggConfig(Section):
+    """Bounds of secure aggregation's fixed-point encoding (docs/secure-aggregation.md): values
+    beyond them are clipped at the site (the federation-wide clip count is reported); with them
+    no 64-bit sum can overflow."""
+
+    weight_bound: float = Field(1e3, gt=0, description="largest |model weight| a site sends")
+    feature_bound: float = Field(1e9, gt=0, description="largest |feature value| (statistics)")
+    max_site_examples: int = Field(100_000, ge=1, description="most participants at one site")
+    max_attempts: int = Field(3, ge=1, le=10, description="aggregations redone after a dropout")
 
 
 class FederationConfig(Section):
@@ -159,9 +172,19 @@ class FederationConfig(Section):
     wait_for_sites: float = Field(
         300, gt=0, description="seconds a run waits for min_sites connected sites, at the start "
                                "and whenever fewer remain; then it stops with its checkpoint")
+    rejoin_wait: float = Field(
+        60, ge=0, description="seconds a training round waits, at its start, for sites of the "
+                              "run that are not connected (e.g. restarting after a crash); a "
+                              "site still away after a whole wait is not waited for again "
+                              "until it is back; 0: never wait")
     central_dp: CentralDPConfig = Field(
         default_factory=CentralDPConfig,
         description="central DP: server-side clipping + noise (strategies fedavg / fedprox)")
+    secure_aggregation: bool = Field(
+        True, description="the coordinator sees only federation-wide sums of statistics, "
+                          "updates and histograms (pairwise masking); needs 3 or more sites")
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig,
+                                 description="bounds of secure aggregation's encoding")
 
     @model_validator(mode="after")
     def _central_dp_strategy(self) -> "FederationConfig":
@@ -295,6 +318,9 @@ class PrivacyConfig(Section):
                              "(noised, spends statistics_epsilon from the same ledger)")
     statistics_epsilon: float | None = Field(
         None, gt=0, description="share of epsilon spent on the statistics round (gaussian)")
+    secure_rng: bool = Field(
+        False, description="Opacus' secure mode (a CSPRNG for noise and sampling; needs "
+                           "torchcsprng, refused where it cannot be imported)")
     sites: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="simulation only: per-virtual-site overrides of the keys above")
@@ -321,6 +347,13 @@ class PrivacyConfig(Section):
                 raise ValueError(f"privacy.statistics_epsilon ({self.statistics_epsilon}) must "
                                  f"be below privacy.epsilon ({self.epsilon}): the rest of the "
                                  f"budget trains the model")
+        if self.secure_rng:
+            from safn_core.privacy.randomness import secure_rng_unavailable
+
+            why = secure_rng_unavailable()
+            if why:
+                raise ValueError(f"privacy.secure_rng: true cannot be turned on here: {why}; "
+                                 f"set privacy.secure_rng: false (docs/privacy.md, Randomness)")
         for name in self.sites:
             self.for_site(name)  # every override must give a valid configuration
         return self
@@ -361,6 +394,17 @@ class SafnConfig(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     site: SiteConfig | None = None
     server: ServerConfig = ServerConfig()
+
+    @model_validator(mode="after")
+    def _secure_aggregation_sites(self) -> "SafnConfig":
+        training = set(self.server.sites) - set(self.server.held_out_sites)
+        if self.federation.secure_aggregation and self.server.sites and len(training) < 3:
+            raise ValueError(
+                f"federation.secure_aggregation needs at least 3 training sites, server.sites "
+                f"lists {len(training)} (held-out sites do not count): with 2, a sum reveals "
+                "each site's values to the other. Add sites, or set "
+                "federation.secure_aggregation: false explicitly if you accept that exposure")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,8 +48,15 @@ def _privacy_lines(privacy: dict | None) -> list[str]:
                      f"{central['delta']:.2g} (site-level, for whoever receives the model; "
                      f"σ {central['noise_multiplier']:g}, clipping norm "
                      f"{central['clipping_norm']:g}, {central['releases']} releases)")
-    lines.append("- not covered: the statistics round (unless `privacy.statistics: gaussian`) "
-                 "and the evaluation histograms (docs/privacy.md)")
+    stats = (privacy.get("statistics_dp") or {}).get("sites") or {}
+    if stats:
+        lines.append("- statistics round through the Gaussian mechanism (`privacy.statistics: "
+                     "gaussian`, in the site's ε above) at: " + ", ".join(
+                         f"{name} (σ {s['noise_multiplier']:.3g})"
+                         for name, s in sorted(stats.items())))
+    exact = "the statistics round of every other site" if stats else "the statistics round"
+    lines.append(f"- not covered: {exact} (exact sums; `privacy.statistics: gaussian` covers "
+                 "it) and the evaluation histograms (docs/privacy.md)")
     return lines
 
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 FLOWER_SERIES = "1.42."
 """The Flower release series every target below was checked against."""
@@ -36,10 +38,27 @@ FLOWER_SERIES = "1.42."
 OBJECT_PULL_BACKOFF = (0.02, 0.25)
 """First retry of a message object after 20 ms, doubling up to 250 ms (Flower: 1 s up to 10 s)."""
 
+REPLY_UPLOAD_WAIT = 30.0
+"""Seconds a deployed ServerApp keeps trying to pull the objects of a reply that is still being
+uploaded (Flower: 7200). A site killed while sending its update leaves a reply whose model object
+never arrives, and Flower's Grid pulls the replies of a round one after the other: without a
+bound, every other site's reply waits until the SuperLink drops the upload (3 minutes) and is
+lost when that runs past ``federation.round_timeout``. With it, that one reply becomes an error
+("Reply message objects are unavailable"), the round goes on with the others. A live site's
+upload of a few MB takes well under a second on any link where a federation is usable."""
+
 HEARTBEAT_INTERVAL = 10
 """Seconds between a SuperNode's heartbeats (Flower: 30; the SuperLink accepts 10 to 1800). A
 site that crashed is then seen offline within 2 x 10 s instead of 60 s, so a round stops waiting
 for it sooner and the site can reconnect sooner."""
+
+
+SESSION_TAKEOVER_GRACE = 5.0
+"""Seconds a restarted SuperNode waits between ending its previous session and activating a new
+one. A message the SuperLink delivered to the old session is never delivered again, and the
+ServerApp fails it only when it polls while the node is offline; the grace is longer than the
+coordinator's slowest poll (``server.poll_interval`` <= 3 s), so it always does, instead of
+waiting ``federation.round_timeout`` for a reply nobody will send."""
 
 
 class FlowerPatchError(RuntimeError):
@@ -114,6 +133,21 @@ def _is_subprocess(value) -> str | None:
         f"is {value!r}, expected the subprocess module"
 
 
+def _fleet_client(value) -> str | None:
+    """Flower's Fleet HTTP client class, looked up by name when the connection is opened."""
+    from flwr.supernode import fleet_http_connection as conn
+
+    if not inspect.isclass(value):
+        return f"is {value!r}, expected a class"
+    missing = [m for m in ("ActivateNode", "DeactivateNode", "from_server_address")
+               if not callable(getattr(value, m, None))]
+    if missing:
+        return f"lacks {missing}"
+    if "FleetHttpClient" not in conn.http_request_response.__wrapped__.__code__.co_names:
+        return "is no longer what http_request_response opens its connection with"
+    return None
+
+
 def _is_class(name: str) -> Callable[[object], str | None]:
     def check(value) -> str | None:
         return None if inspect.isclass(value) and hasattr(value, "launch") else \
@@ -164,6 +198,11 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
               _kwdefaults("initial_backoff", "backoff_cap", "max_tries_per_object")),
            _t("flwr.supercore.inflatable.inflatable_utils", "pull_and_inflate_object_from_tree",
               _kwdefaults("initial_backoff", "backoff_cap", "max_tries_per_object")))),
+    Patch("serverapp_reply_upload_wait",
+          "a deployed ServerApp waits up to 2 h for the objects of a reply whose sender died "
+          "while uploading it, and meanwhile pulls no other site's reply",
+          (_t("flwr.superlink.grid.http_grid", "pull_objects",
+              lambda v: _kwdefaults("max_time")(getattr(v, "__wrapped__", v))),)),
     Patch("serverapp_grid_polling",
           "a deployed ServerApp's Grid sleeps 3 s between polls for replies",
           (_t("flwr.superlink.grid.http_grid", "time", _is_time_module),)),
@@ -179,6 +218,12 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
     Patch("supernode_heartbeat", "a SuperNode announces a heartbeat every 30 s",
           (_t("flwr.supercore.heartbeat", "HEARTBEAT_DEFAULT_INTERVAL", _is_int),
            _t("flwr.supernode.fleet_http_connection", "HEARTBEAT_DEFAULT_INTERVAL", _is_int))),
+    Patch("supernode_session_takeover",
+          "a restarted SuperNode is refused activation while its previous session has not timed "
+          "out (2 heartbeats), and exits",
+          (_t("flwr.supernode.fleet_http_connection", "FleetHttpClient", _fleet_client),
+           _t("flwr.proto.fleet_pb2", "DeactivateNodeRequest", lambda v: None
+              if "node_id" in v.DESCRIPTOR.fields_by_name else "has no node_id field"))),
     Patch("supernode_warm_superexec",
           "the SuperNode starts stock flower-superexec, which starts a fresh Python per message",
           (_t(_SCI, "subprocess", _is_subprocess),)),
@@ -193,9 +238,9 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
 )}
 
 SIM = ("sim_grid_pull_interval", "sim_dispatch_interval")
-SERVERAPP = ("serverapp_grid_polling", "object_pull_backoff")
+SERVERAPP = ("serverapp_grid_polling", "serverapp_reply_upload_wait", "object_pull_backoff")
 SUPERNODE = ("supernode_app_approval", "supernode_poll_interval", "supernode_heartbeat",
-             "object_pull_backoff", "supernode_warm_superexec")
+             "supernode_session_takeover", "object_pull_backoff", "supernode_warm_superexec")
 SUPEREXEC = ("object_pull_backoff", "superexec_forking_executor")
 
 _ORIGINALS: dict[str, list[tuple[object, str, object]]] = {}
@@ -290,6 +335,21 @@ def _object_pull_backoff(initial: float = OBJECT_PULL_BACKOFF[0],
         _set("object_pull_backoff", fn, "__kwdefaults__", defaults)
 
 
+def _serverapp_reply_upload_wait(seconds: float = REPLY_UPLOAD_WAIT) -> None:
+    """The Grid's pulls of reply objects give up after ``seconds`` (other pulls unchanged)."""
+    import flwr.superlink.grid.http_grid as http_grid
+
+    pull_objects = http_grid.pull_objects
+
+    def pull_reply_objects(*args, **kwargs):
+        kwargs.setdefault("max_time", seconds)
+        return pull_objects(*args, **kwargs)
+
+    pull_reply_objects.__wrapped__ = pull_objects
+
+    _set("serverapp_reply_upload_wait", http_grid, "pull_objects", pull_reply_objects)
+
+
 def _serverapp_grid_polling(interval: float = 0.2) -> None:
     import flwr.superlink.grid.http_grid as http_grid
 
@@ -339,6 +399,68 @@ def _supernode_heartbeat(interval: int = HEARTBEAT_INTERVAL) -> None:
 
     _set("supernode_heartbeat", heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", interval)
     _set("supernode_heartbeat", fleet_http_connection, "HEARTBEAT_DEFAULT_INTERVAL", interval)
+
+
+def read_node_id(path: Path) -> int | None:
+    """The node id a SuperNode of this site last activated as (None: never, or unreadable)."""
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def write_node_id(path: Path, node_id: int) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{node_id}\n")
+    os.replace(tmp, path)
+
+
+def _supernode_session_takeover(node_id_file: str, grace: float = SESSION_TAKEOVER_GRACE,
+                                sleep: Callable[[float], None] = time.sleep) -> None:
+    """A SuperNode restarted after a crash ends its own previous session, then activates.
+
+    Flower's SuperLink activates a node only when it is offline, and a killed SuperNode stays
+    online until it has missed its heartbeats (up to 2 x `HEARTBEAT_INTERVAL`); a restarted one
+    is refused meanwhile and exits. Every activation records the node id in ``node_id_file``;
+    before the next one, the SuperNode sends that id a DeactivateNode (the Fleet call a SuperNode
+    makes when it stops cleanly; the SuperLink accepts it only signed with the node's own key),
+    waits ``grace`` seconds (`SESSION_TAKEOVER_GRACE`) and activates. An id that is not this
+    key's node (a new federation) is answered 401 and skipped without waiting."""
+    from logging import INFO
+
+    import httpx
+    from flwr.common.logger import log
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+    from flwr.supernode import fleet_http_connection as conn
+
+    path = Path(node_id_file)
+
+    class TakeoverClient(conn.FleetHttpClient):  # noqa: N802 (Flower's method names)
+        previous_ended = False
+
+        def ActivateNode(self, request):  # noqa: N802
+            previous = read_node_id(path)
+            if previous is not None and not self.previous_ended:
+                self._end_session(previous)  # a transport error: Flower's retry calls us again
+                self.previous_ended = True
+            response = super().ActivateNode(request)
+            write_node_id(path, response.node_id)
+            return response
+
+        def _end_session(self, node_id: int) -> None:
+            try:
+                self.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+                what = "ended this site's previous session, which had not timed out"
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code == httpx.codes.UNAUTHORIZED:
+                    return  # not this key's node at this SuperLink: no session of ours to end
+                what = "this site's previous session had already ended"
+            log(INFO, "safn: %s (node %s); activating in %.0f s", what, node_id, grace)
+            sleep(grace)
+
+    _set("supernode_session_takeover", conn, "FleetHttpClient", TakeoverClient)
 
 
 class _SuperExecSwap:
@@ -402,9 +524,11 @@ _APPLY: dict[str, Callable[..., None]] = {
     "sim_dispatch_interval": _sim_dispatch_interval,
     "object_pull_backoff": _object_pull_backoff,
     "serverapp_grid_polling": _serverapp_grid_polling,
+    "serverapp_reply_upload_wait": _serverapp_reply_upload_wait,
     "supernode_app_approval": _supernode_app_approval,
     "supernode_poll_interval": _supernode_poll_interval,
     "supernode_heartbeat": _supernode_heartbeat,
+    "supernode_session_takeover": _supernode_session_takeover,
     "supernode_warm_superexec": _supernode_warm_superexec,
     "superexec_forking_executor": _superexec_forking_executor,
 }

@@ -27,7 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 from safn_core.config import SafnConfig
 from safn_core.federation.aggregate import (global_preprocessing, held_out_metrics,
                                             modalities_from_record, round_line,
-                                            round_metrics)
+                                            round_metrics, secure_round_metrics)
+from safn_core.federation.secure_records import (evaluate_packing, scaled_packing,
+                                                 scales_from_sum, statistics_from_sum,
+                                                 statistics_packing, train_packing)
+from safn_core.secagg import SecureAggregationRefused, SecureSumFailed
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.privacy_report import central_entry, privacy_entry, privacy_summary
 from safn_core.federation.run_folder import (expected_sites, load_run_config, run_dir_from,
@@ -72,13 +76,33 @@ class Described:
         self.refused: dict[str, str] = {}
         self.structure: ConfigRecord | None = None
         self.held_out: set[int] = set()  # nodes that only evaluate (external validation)
+        # sites whose statistics came through the Gaussian mechanism (privacy.statistics:
+        # gaussian): their σ and ε spent so far
+        self.gaussian: dict[str, dict] = {}
+
+
+def refuse_if_too_few_for_secure_sum(n: int, what: str) -> None:
+    if n < 3:
+        raise SecureAggregationRefused(
+            f"secure aggregation needs at least 3 contributing sites, but only {n} {what}: "
+            "with 2, a sum reveals each site's values to the other. Add sites, or set "
+            "federation.secure_aggregation: false explicitly if you accept that exposure")
 
 
 def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: str,
-                     min_sites: int = 1, held_out_sites: tuple[str, ...] = ()) -> Described:
-    """Ask every site for its training-split statistics (a QUERY message, before training)."""
+                     min_sites: int = 1, held_out_sites: tuple[str, ...] = (), secure=None,
+                     next_ctx=None, run_id: str | None = None) -> Described:
+    """Ask every site for its training-split statistics (a QUERY message, before training);
+    under secure aggregation (``secure``) only for its data structure and a public key for the
+    statistics' secure sum (``next_ctx``), the sums following in `Coordinator`."""
     config = {"task": "describe", "safn-config": shared_text,
               "held-out-sites": list(held_out_sites)}
+    if run_id:  # a DP site charges a noised statistics round to this run (privacy.statistics)
+        config["run-id"] = run_id
+    if secure is not None:
+        from server.secure_aggregation import NEXT, _ctx_json
+
+        config.update({"secure-aggregation": True, NEXT: _ctx_json(next_ctx)})
     messages = [Message(RecordDict({"config": ConfigRecord(config)}),
                         dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
     out = Described()
@@ -100,11 +124,17 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
         if site.get("held-out", False):
             out.held_out.add(nid)
             continue
+        if secure is not None:
+            secure.note(nid, reply.content)
+            continue
         arr = reply.content["stats"]
         out.stats.append(FeatureStats(tuple(site["features"]), arr["count"].numpy(),
                                       arr["total"].numpy(), arr["total_sq"].numpy()))
         m = reply.content["metrics"]
-        out.counts.append([int(m["class-0"]), int(m["class-1"])])
+        out.counts.append([float(m["class-0"]), float(m["class-1"])])  # noised: not integers
+        if site.get("statistics") == "gaussian":
+            out.gaussian[name] = {k: float(site[f"statistics-{k}"])
+                                  for k in ("noise-multiplier", "epsilon", "delta")}
         out.eligible.add(nid)
     if len(out.stats) < min_sites:
         raise SitesMissing(f"{len(out.stats)} sites sent statistics, fewer than min_sites = "
@@ -115,9 +145,13 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
 class Coordinator:
     """One federated run on a Grid, with checkpoints after every round."""
 
-    def __init__(self, grid: Grid, cfg: SafnConfig, run_dir: Path, report=print):
+    def __init__(self, grid: Grid, cfg: SafnConfig, run_dir: Path, report=print,
+                 simulation: bool = False):
         self.grid, self.cfg, self.run_dir, self.report = grid, cfg, Path(run_dir), report
         self.fed = cfg.federation
+        # a simulation seeds central DP's noise from the run's seed (reproducible); a
+        # deployment never does (the seed is public: the noise could be regenerated)
+        self.simulation = simulation
         self.shared_text = shared_config_text(cfg)  # what every message tells the sites
 
     # -- phases ------------------------------------------------------------------------------
@@ -131,8 +165,12 @@ class Coordinator:
         expected = max(fed.min_sites, len(expected_sites(self.run_dir) or self.cfg.server.sites))
         nodes = wait_for_sites(self.grid, expected, fed.min_sites, fed.wait_for_sites,
                                self.report)
-        desc = statistics_round(self.grid, nodes, fed.round_timeout, self.shared_text,
-                                fed.min_sites, tuple(self.cfg.server.held_out_sites))
+        if fed.secure_aggregation:
+            desc = self._secure_statistics_round(nodes)
+        else:
+            desc = statistics_round(self.grid, nodes, fed.round_timeout, self.shared_text,
+                                    fed.min_sites, tuple(self.cfg.server.held_out_sites),
+                                    run_id=run_identity(self.run_dir))
         self.held_out = {desc.names[n] for n in desc.held_out}
         if self.held_out:
             self.report("held-out sites (evaluation only): " + ", ".join(sorted(self.held_out)))
@@ -140,6 +178,11 @@ class Coordinator:
         self._t_last = time.perf_counter()
         for name, why in desc.refused.items():
             self.report(f"site {name} withheld its statistics: {why}")
+        self.desc = desc
+        for name, g in sorted(desc.gaussian.items()):
+            self.report(f"site {name} sent noised statistics (Gaussian mechanism, σ "
+                        f"{g['noise-multiplier']:.3g}; its ε spent so far {g['epsilon']:.3g} at "
+                        f"δ {g['delta']:.2g})")
         self.modalities = modalities_from_record(desc.structure)
         self.label_names = tuple(desc.structure["label-names"])
         self.state = self._initial_state(desc)
@@ -149,13 +192,74 @@ class Coordinator:
         self._finish()
         return self.state
 
+    def _secure_statistics_round(self, nodes: list[int]) -> Described:
+        """The statistics round under secure aggregation: each site describes its data
+        structure and announces a key (QUERY ``describe``), then the training sites' counts,
+        sums and sums of squares are summed securely; ``min_cell`` applies to the sums."""
+        from server.secure_aggregation import SecureAggregation
+
+        fed = self.fed
+        held = tuple(self.cfg.server.held_out_sites)
+        self.secure = SecureAggregation(
+            self.grid, run_identity(self.run_dir), fed.round_timeout,
+            {"safn-config": self.shared_text, "held-out-sites": list(held),
+             "run-id": run_identity(self.run_dir)}, fed.min_sites,
+            fed.secagg.max_attempts, self.report)
+        ctx = self.secure.context(0, "statistics")
+        desc = statistics_round(self.grid, nodes, fed.round_timeout, self.shared_text,
+                                0, held, secure=self.secure, next_ctx=ctx)
+        training = sorted(set(desc.names) - desc.held_out - set(
+            n for n, name in desc.names.items() if name in desc.refused))
+        refuse_if_too_few_for_secure_sum(len(training), "sites described their data")
+        saved = load_checkpoint(self.run_dir)
+        first = (saved.round if saved is not None else 0) + 1
+        from server.secure_aggregation import NEXT, _ctx_json
+
+        features = tuple(desc.structure["features"])
+        scaled_ctx = self.secure.context(0, "statistics-scaled")
+        result = self.secure.sum_now(ctx, statistics_packing(len(features), fed, len(training)),
+                                     training, {NEXT: _ctx_json(scaled_ctx)})
+        for nid, content in self.secure.last_contents.items():
+            rec = content.config_records.get("statistics")
+            if rec is None:
+                continue
+            if rec.get("statistics") == "gaussian":
+                desc.gaussian[desc.names[nid]] = {k: float(rec[k]) for k in
+                                                  ("noise-multiplier", "epsilon", "delta")}
+            elif rec.get("statistics") == "refused":
+                desc.refused[desc.names[nid]] = str(rec.get("reason", "no reason given"))
+        scales = scales_from_sum(result.values)
+        second = self.secure.sum_now(
+            scaled_ctx, scaled_packing(len(features), fed, len(result.contributors)),
+            list(result.contributors), {NEXT: _ctx_json(self.secure.context(first, "train")),
+                                        "secagg-scales": scales.tolist()})
+        clipped = {k: v for r in (result, second) for k, v in r.clipped.items() if v}
+        if clipped:
+            self.report(f"secure aggregation: statistics values clipped to the configured "
+                        f"bounds (federation.secagg): {clipped}")
+        stats, counts, withheld = statistics_from_sum(features, result.values, second.values,
+                                                      scales, self.cfg.data.min_cell)
+        result = second
+        if min(counts) < self.cfg.data.min_cell:
+            raise SitesMissing(f"the federation's training splits have {counts[0]} / "
+                               f"{counts[1]} participants per class, fewer than min_cell = "
+                               f"{self.cfg.data.min_cell}: nothing can be trained safely")
+        if withheld:
+            self.report(f"{len(withheld)} features observed in fewer than min_cell people "
+                        "across the federation are withheld")
+        desc.stats, desc.counts = [stats], [counts]
+        desc.eligible = set(result.contributors)
+        self.report(f"secure aggregation: statistics summed over {len(result.contributors)} "
+                    "sites; the coordinator sees only federation-wide sums")
+        return desc
+
     def _initial_state(self, desc: Described) -> RunState:
         pre, class_counts = global_preprocessing(self.modalities, desc.stats, desc.counts)
         state = load_checkpoint(self.run_dir)
         if state is None:
             model = make_model(self.modalities, self.cfg.model, self.cfg.train.seed)
-            self.report(f"statistics round: {sum(map(sum, desc.counts))} training participants "
-                        f"at {len(desc.stats)} sites; class counts {class_counts}")
+            self.report(f"statistics round: {sum(class_counts)} training participants "
+                        f"at {len(desc.eligible)} sites; class counts {class_counts}")
             return RunState(0, state_to_numpy(model), pre.state_dict(), class_counts)
         self.report(f"resuming after round {state.round} of {self.fed.rounds}")
         saved = np.asarray(state.preprocessing["mean"])
@@ -170,13 +274,31 @@ class Coordinator:
         strategy = make_strategy(fed, self.cfg.train.seed)
         strategy.round_offset = self.state.round
         strategy.site_names = dict(desc.names)
+        strategy.report = self.report  # rejoin waits are progress lines
         strategy.eligible = set(desc.eligible)
         strategy.evaluators = set(desc.eligible) | set(desc.held_out)
         strategy.set_state(self.state.strategy_state)
         self.strategy = strategy
+        if self.fed.secure_aggregation:
+            strategy.secure = self.secure
+            parties = len(desc.eligible)
+            strategy.packings = {
+                "train": train_packing(Layout.of(self.state.weights).size, fed, parties),
+                "evaluate": evaluate_packing(fed.histogram_bins, fed, parties)}
+            if fed.central_dp.enabled:  # clipped at the sites, noised here (strategies.py)
+                from server.strategies import sites_per_round
+
+                strategy.central_dp = fed.central_dp
+                strategy.central_sites_per_round = sites_per_round(
+                    parties, fed.fraction_train, fed.min_sites)
+                strategy.noise_seed = self.cfg.train.seed if self.simulation else None
         # central DP wraps the strategy (Flower's server-side clipping + noise); the wrapper
         # reads and records through `strategy`, which the history below keeps using
-        runner = with_central_dp(strategy, fed, len(desc.eligible))
+        # (under secure aggregation the sites clip and the strategy adds the noise itself)
+        runner = strategy if fed.secure_aggregation else with_central_dp(strategy, fed,
+                                                                          len(desc.eligible))
+        if runner is not strategy and self.simulation:
+            runner.noise_seed = self.cfg.train.seed
         config = ConfigRecord({
             "pre-mean": pre.mean_.tolist(), "pre-scale": pre.scale_.tolist(),
             "class-counts": [int(c) for c in self.state.class_counts],
@@ -201,7 +323,11 @@ class Coordinator:
         s = self.strategy
         r = s.round_offset + server_round
         entry: dict = {"round": r}
-        if s.last_train:
+        if s.secure is not None and s.last_secure_train is not None:
+            if "train_loss" in s.last_secure_train:
+                entry["train_loss"] = s.last_secure_train["train_loss"]
+            entry["sites_trained"] = sorted(s.last_train)
+        elif s.last_train:
             # a DP site withholds its training loss (−1): outside its ε
             losses = [(float(m["num-examples"]), float(m["train-loss"]))
                       for m in s.last_train.values() if float(m["train-loss"]) >= 0]
@@ -224,11 +350,19 @@ class Coordinator:
                         "withheld": bool(m["withheld"])}
                  for name, m in s.last_evaluate.items()}
         external = {k: hists.pop(k) for k in list(hists) if k in self.held_out}
-        if hists:
+        if s.secure is not None and s.last_secure_evaluate is not None:
+            entry.update(secure_round_metrics(s.last_secure_evaluate, s.last_site_metrics,
+                                              self.cfg.data.min_cell))
+        elif hists:
             entry.update(round_metrics(hists))
         if external:  # external validation at the pooled threshold of the training sites
             entry["held_out"] = held_out_metrics(external, entry.get("threshold", 0.5))
         entry["rejected"] = [x for x in s.rejected if x["round"] == r]
+        if s.secure is not None:
+            entry["secure_sum"] = {
+                "sites_trained": (s.last_secure_train or {}).get("sites"),
+                "sites_evaluated": int((s.last_secure_evaluate or {}).get("sites", 0)),
+                "retries": [x for x in s.secure.retries if x["round"] == r]}
         now = time.perf_counter()
         entry["seconds"], self._t_last = now - self._t_last, now
         self.state = RunState(r, self.layout.unflatten(arrays[WIRE_KEY].numpy()),
@@ -246,6 +380,9 @@ class Coordinator:
         rounds_table(self.state.history).to_csv(self.run_dir / "rounds.csv", index=False)
         if (self.run_dir / "model").exists():
             return
+        if not any(e.get("sites_trained") for e in self.state.history):
+            raise NoSiteTrained(no_site_trained_reason(self.state.history, self.desc.refused,
+                                                       self.fed.rounds))
         from safn_core.bundle import save_bundle
 
         pre = Preprocessor.from_state(self.state.preprocessing)
@@ -261,7 +398,8 @@ class Coordinator:
                              **{f"held_out_{name}": {k: {"value": m[k], "ci": m["ci"][k]}
                                                      for k in METRICS}
                                 for name, m in (last.get("held_out") or {}).items() if m}},
-                    extra={"privacy": privacy_summary(self.state.history),
+                    extra={"privacy": privacy_summary(self.state.history,
+                                                      self.desc.gaussian),
                            "run_id": run_identity(self.run_dir),
                            "training": {
                         "participants": int(sum(self.state.class_counts)),
@@ -271,6 +409,26 @@ class Coordinator:
                         "evaluated_on": f"{last.get('n_test', 0)} test participants at "
                                         f"{last.get('sites_reported', 0)} sites (score "
                                         "histograms; sites below min_cell withheld)"}})
+
+
+class NoSiteTrained(SitesMissing):
+    """No site trained in any round (each refused, failed or was rejected): there is no model,
+    and the run ends as failed instead of writing an untrained bundle."""
+
+
+def no_site_trained_reason(history: list[dict], withheld: dict[str, str], rounds: int) -> str:
+    """One line: no site trained, and each site's last reason (refusal, rejected update,
+    withheld statistics)."""
+    why: dict[str, str] = {f"site {k}": f"withheld its statistics: {v}"
+                           for k, v in withheld.items()}
+    for e in history:
+        for x in e.get("rejected", []):
+            if x.get("site") not in (None, "-"):
+                why[f"site {x['site']}"] = f"update rejected: {x['reason']}"
+        for x in e.get("refused", []):
+            why[f"site {x['site']}"] = f"refused: {x['reason']}"
+    return (f"no site trained in any of the {rounds} rounds, so there is no model (no bundle "
+            "written)" + "".join(f"; {k} {v}" for k, v in sorted(why.items())))
 
 
 def rounds_table(history: list[dict]) -> pd.DataFrame:
@@ -299,7 +457,7 @@ def main(grid: Grid, context: Context) -> None:
         from safn_flower import patches
 
         patches.apply({"serverapp_grid_polling": {"interval": cfg.server.poll_interval},
-                       "object_pull_backoff": {}})
+                       "serverapp_reply_upload_wait": {}, "object_pull_backoff": {}})
 
     def report(line: str) -> None:
         with progress.open("a") as fh:
@@ -307,8 +465,9 @@ def main(grid: Grid, context: Context) -> None:
         print(line, flush=True)
 
     try:
-        state = Coordinator(grid, cfg, run_dir, report).run()
-    except SitesMissing as exc:
+        state = Coordinator(grid, cfg, run_dir, report,
+                            simulation="run-dir" not in context.run_config).run()
+    except (SitesMissing, SecureAggregationRefused, SecureSumFailed) as exc:
         report(f"run stopped: {exc}; checkpoints kept in {run_dir / 'checkpoints'}")
         write_json(run_dir / "federation_status.json", {"status": "failed", "reason": str(exc)})
         return

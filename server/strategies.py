@@ -3,6 +3,9 @@
 `make_strategy` returns Flower's FedAvg / FedProx / FedAdam / FedYogi extended by
 `SafnStrategyMixin`, which adds what a clinical federation needs and Flower leaves out:
 
+- a bounded wait at the start of each training round for sites of the run that are
+  reconnecting (`await_rejoin`, ``federation.rejoin_wait``), so a restarted site takes part in
+  the round it came back for;
 - a round offset, so that a resumed run continues its round numbers (FedAdam's bias correction
   and the sites' seeds depend on them) although `Strategy.start` always counts from 1;
 - reproducible participation: the sites of a round are drawn by `sample_sites` (seeded per
@@ -29,7 +32,8 @@ import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
+                      RecordDict)
 from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg,
                                      FedProx, FedYogi)
 
@@ -60,6 +64,45 @@ def wait_for_nodes(grid, min_sites: int, timeout: float, usable: Callable[[int],
                                f"connected {when}, for {timeout:.0f} s "
                                "(federation.wait_for_sites)")
         time.sleep(0.2)
+
+
+def await_rejoin(grid, expected: dict[int, str], away: set[int], timeout: float, when: str,
+                 report: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep, interval: float = 0.2) -> set[int]:
+    """At the start of a round: wait up to ``timeout`` seconds for the sites of the run
+    (``expected``: node id -> site name) that are not connected, and return the connected ids.
+
+    A site that was part of the run and is restarting (a crash, a reboot) thus takes part in the
+    round it comes back for, instead of missing rounds while the others race on. ``away`` (kept
+    across rounds by the caller) bounds the cost of a site that left for good: a site still
+    missing after a whole wait is added to it and not waited for again; once it is connected at
+    the start of a round it leaves ``away`` and is waited for again if it disappears again.
+    Each wait, reconnection and give-up is reported in one line (``report``).
+    """
+    connected = set(grid.get_node_ids())
+    away -= connected
+    missing = set(expected) - connected - away
+    if not missing or timeout <= 0:
+        return connected
+
+    def names(ids) -> str:
+        return ", ".join(sorted(expected[n] for n in ids))
+
+    report(f"{when}: waiting up to {timeout:.0f} s for {names(missing)} to reconnect "
+           "(federation.rejoin_wait)")
+    start = clock()
+    while missing and clock() - start < timeout:
+        sleep(interval)
+        connected = set(grid.get_node_ids())
+        back = missing & connected
+        if back:
+            report(f"{when}: {names(back)} reconnected after {clock() - start:.0f} s")
+            missing -= back
+    if missing:
+        away |= missing
+        report(f"{when}: {names(missing)} did not reconnect within {timeout:.0f} s; going on "
+               "without it (not waited for again until it is back)")
+    return connected
 
 
 def train_metrics(replies, weighted_by_key: str) -> MetricRecord:
@@ -126,9 +169,13 @@ class SafnStrategyMixin:
     eligible: set[int] | None = None
     evaluators: set[int] | None = None  # eligible + held-out sites (evaluation only)
     wait_for_sites: float = 300.0
+    rejoin_wait: float = 0.0
 
     def _init_safn(self) -> None:
         self.site_names: dict[int, str] = {}
+        self.away: set[int] = set()  # sites of the run no longer waited for (await_rejoin)
+        self._sent: list[Message] = []  # this round's training instructions (ids once sent)
+        self.report: Callable[[str], None] = print
         self.rejected: list[dict] = []
         self.refusals: list[dict] = []
         self.last_train: dict[str, dict] = {}
@@ -136,9 +183,17 @@ class SafnStrategyMixin:
         self.last_evaluate: dict[str, dict] = {}
         self.central: dict[int, dict] = {}  # round -> central DP release (with_central_dp)
         self._prescreened = False
+        self._secure_round: dict[str, tuple] = {}
+        self.last_secure_train: dict | None = None
+        self.last_secure_evaluate: dict | None = None
+        self.last_site_metrics: dict = {}
 
     def _site(self, msg: Message) -> str:
-        nid = msg.metadata.src_node_id
+        # a training reply is for the node its instruction went to, also when the SuperLink
+        # wrote it (src: the SuperLink) because that node went away
+        nid = next((m.metadata.dst_node_id for m in self._sent
+                    if m.metadata.message_id == msg.metadata.reply_to_message_id),
+                   msg.metadata.src_node_id)
         return self.site_names.get(nid, f"node {nid}")
 
     def _choose(self, grid, fraction: float, seed: int, server_round: int,
@@ -153,25 +208,175 @@ class SafnStrategyMixin:
         names = sample_sites(list(by_name), fraction, self.min_sites, seed, server_round)
         return _OnlyNodes(grid, [by_name[n] for n in names])
 
+    def await_rejoin(self, grid, r: int) -> None:
+        """Before a training round: a bounded wait for the run's sites that are reconnecting."""
+        if self.eligible and self.rejoin_wait > 0:
+            await_rejoin(grid, {n: self.site_names.get(n, f"node {n}") for n in self.eligible},
+                         self.away, self.rejoin_wait, f"round {r}", self.report)
+
     # -- rounds: offset, sampling ------------------------------------------------------------
 
     def configure_train(self, server_round, arrays, config, grid):
         r = server_round + self.round_offset
         if self.expected is None:
             self.expected = {k: tuple(a.shape) for k, a in arrays.items()}
-        return super().configure_train(r, arrays, config,
-                                       self._choose(grid, self.fraction[0], self.seed, r))
+        self.await_rejoin(grid, r)
+        chosen = self._choose(grid, self.fraction[0], self.seed, r)
+        self._current_vector = np.asarray(next(iter(arrays.values())).numpy(), dtype=np.float64)
+        if self.secure is not None:
+            chosen = self.secure_start(grid, "train", r, chosen.get_node_ids(), config,
+                                       next_name="evaluate")
+        self._sent = list(super().configure_train(r, arrays, config, chosen))
+        return self._sent
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         r = server_round + self.round_offset
         chosen = self._choose(grid, self.fraction[1], self.seed + 1, r)
         held_out = sorted((self.evaluators or set()) - (self.eligible or set()))
         connected = set(grid.get_node_ids())
+        if self.secure is not None:
+            chosen = self.secure_start(grid, "evaluate", r, chosen.get_node_ids(), config,
+                                       next_name="train", next_round=r + 1)
         chosen = _OnlyNodes(grid, chosen.get_node_ids()
                             + [n for n in held_out if n in connected])  # always evaluate
-        return super().configure_evaluate(r, arrays, config, chosen)
+        messages = list(super().configure_evaluate(r, arrays, config, chosen))
+        if self.secure is not None:  # held-out sites evaluate alone, in plain text
+            # (Flower's messages share one RecordDict: a held-out site gets its own)
+            plain = ConfigRecord({k: v for k, v in config.items() if not k.startswith("secagg-")})
+            messages = [Message(RecordDict({"arrays": m.content["arrays"], "config": plain}),
+                                dst_node_id=m.metadata.dst_node_id,
+                                message_type=m.metadata.message_type)
+                        if m.metadata.dst_node_id in held_out else m for m in messages]
+        return messages
+
+    # -- secure aggregation (server.secure_aggregation) -------------------------------------
+
+    secure = None  # a SecureAggregation when federation.secure_aggregation is on
+    packings: dict | None = None  # aggregation name -> Packing
+
+    def secure_start(self, grid, name: str, r: int, nodes: list[int], config, next_name: str,
+                     next_round: int | None = None) -> _OnlyNodes:
+        """Put aggregation ``name`` of round ``r`` into ``config`` (context, packing, every
+        participant's public key, the next aggregation); the round's sites are those whose key
+        the coordinator has (at least 3, else the round cannot be summed securely)."""
+        ctx = self.secure.context(r, name)
+        nxt = self.secure.context(r if next_round is None else next_round, next_name)
+        entries, ids = self.secure.start(ctx, self.packings[name], nodes, nxt)
+        if len(ids) < self.secure.min_parties:
+            raise SitesMissing(f"round {r}: only {len(ids)} sites can take part in the secure "
+                               f"{name} sum, fewer than {self.secure.min_parties}; secure "
+                               "aggregation needs 3 or more contributing sites")
+        for k, v in entries.items():
+            config[k] = v
+        self._secure_round[name] = (ctx, ids)
+        return _OnlyNodes(grid, ids)
+
+    def _secure_sum(self, name: str, replies: list[Message]):
+        ctx, ids = self._secure_round[name]
+        vectors = {}
+        for m in replies:
+            if m.has_error():
+                continue
+            self.secure.note(m.metadata.src_node_id, m.content)
+            arr = m.content.array_records.get("arrays")
+            if arr is not None and "masked" in arr:
+                vectors[m.metadata.src_node_id] = arr["masked"].numpy()
+        return self.secure.finish(ctx, self.packings[name], ids, vectors)
+
+    def secure_aggregate_train(self, r: int, replies: list[Message]):
+        """FedAvg's example-weighted mean from the sum of the sites' ``n·w`` and ``n``, then the
+        strategy's own step (FedAdam/FedYogi) on it, as if one site had sent the mean."""
+        self.last_privacy, self.last_train = {}, {}
+        for m in replies:
+            if self._note_train_reply(r, m):
+                self.last_train[self._site(m)] = {}
+        total = self._secure_sum("train", replies).values
+        self.last_secure_train = {"sites": int(total["sites"]),
+                                  "examples": int(total["examples"])}
+        if int(total["loss_examples"]) > 0:
+            self.last_secure_train["train_loss"] = (float(total["loss_sum"])
+                                                    / int(total["loss_examples"]))
+        if int(total["sites"]) < self.min_sites or int(total["weight"]) <= 0:
+            self.too_few(r, [None] * int(total["sites"]))
+            return None, None
+        mean = total["weighted"] / int(total["weight"])
+        if self.central_dp is not None:
+            mean = self._central_release(r, mean, int(total["sites"]))
+        key = next(iter(self.expected))
+        dtype = np.float32
+        reply = Message(RecordDict({
+            "arrays": ArrayRecord({key: Array(mean.astype(dtype))}),
+            "metrics": MetricRecord({"num-examples": int(total["examples"]),
+                                     "train-loss": self.last_secure_train.get("train_loss", -1.0)})}),
+            dst_node_id=0, message_type=MessageType.TRAIN)
+        self._prescreened = True
+        try:
+            return super().aggregate_train(r, [reply])
+        finally:
+            self._prescreened = False
+
+    central_dp = None  # CentralDPConfig when central DP runs under secure aggregation
+    central_sites_per_round: int = 1
+    noise_seed: int | None = None  # a simulation's seed (reproducible noise); None: OS entropy
+
+    def _central_release(self, r: int, mean_update: np.ndarray, k: int) -> np.ndarray:
+        """Central DP under secure aggregation: the sites clipped their updates to L2 norm C and
+        sent them with equal weights; the mean of k of them, plus N(0, (σ·C/m)²), m the sites
+        per round, is added to the global model. One site changes the mean by at most C/k, so
+        the effective noise multiplier is σ·k/m (σ when every drawn site replied)."""
+        from safn_core.privacy.randomness import numpy_generator
+
+        cdp, m = self.central_dp, self.central_sites_per_round
+        rng = numpy_generator(None if self.noise_seed is None else [self.noise_seed, r], 3)
+        std = cdp.noise_multiplier * cdp.clipping_norm / m
+        noisy = mean_update + rng.normal(0.0, std, size=mean_update.shape)
+        self.central[r] = {
+            "noise_multiplier": float(cdp.noise_multiplier),
+            "clipping_norm": float(cdp.clipping_norm), "sites_per_round": int(m),
+            "sites_aggregated": int(k), "max_weight": 1.0 / k,
+            "effective_noise_multiplier": float(cdp.noise_multiplier) * k / m,
+            "clipped_at": "sites (secure aggregation)"}
+        return self._current_vector + noisy
+
+    def secure_aggregate_evaluate(self, r: int, replies: list[Message]):
+        held_out = (self.evaluators or set()) - (self.eligible or set())
+        plain = [m for m in replies if m.metadata.src_node_id in held_out]
+        masked = [m for m in replies if m.metadata.src_node_id not in held_out]
+        self.last_evaluate = {self._site(m): m.content["metrics"] for m in plain
+                              if not m.has_error()}
+        self.last_secure_evaluate = self._secure_sum("evaluate", masked).values
+        own = {}
+        for m in masked:
+            if m.has_error():
+                continue
+            met = m.content["metrics"]
+            own[self._site(m)] = ({"roc_auc": float(met["site-roc-auc"]),
+                                   "n": int(met["site-n"])}
+                                  if int(met.get("site-reported", 0)) else None)
+        self.last_site_metrics = own
+        return MetricRecord({"num-examples": int(np.asarray(
+            self.last_secure_evaluate["test"]).sum())})
 
     # -- aggregation: screened, ordered ------------------------------------------------------
+
+    def _note_train_reply(self, r: int, m: Message) -> bool:
+        """Record a training reply's failure, privacy report or refusal (with the site's
+        reason); True when it carries an update to use."""
+        site = self._site(m)
+        if m.has_error():
+            self.rejected.append({"round": r, "site": site, "reason":
+                                  f"the site failed: {_one_line(m.error.reason)}"})
+            return False
+        metrics = m.content.metric_records.get("metrics")
+        report = privacy_of(metrics)
+        if report is not None:
+            self.last_privacy[site] = report
+        if metrics is not None and int(metrics.get("refused", 0)) == 1:
+            why = m.content.config_records.get("refusal")
+            self.refusals.append({"round": r, "site": site, "reason": _one_line(
+                why["reason"] if why is not None and "reason" in why else "no reason given")})
+            return False
+        return True
 
     def screen_train(self, r: int, replies: Iterable[Message]) -> list[Message]:
         """The round's usable training replies, sorted by site, arrays in the global order.
@@ -183,19 +388,7 @@ class SafnStrategyMixin:
         self.last_privacy = {}
         kept = []
         for m in replies:
-            site = self._site(m)
-            if m.has_error():
-                self.rejected.append({"round": r, "site": site, "reason":
-                                      f"the site failed: {_one_line(m.error.reason)}"})
-                continue
-            metrics = m.content.metric_records.get("metrics")
-            report = privacy_of(metrics)
-            if report is not None:
-                self.last_privacy[site] = report
-            if metrics is not None and int(metrics.get("refused", 0)) == 1:
-                why = m.content.config_records.get("refusal")
-                self.refusals.append({"round": r, "site": site, "reason": _one_line(
-                    why["reason"] if why is not None and "reason" in why else "no reason given")})
+            if not self._note_train_reply(r, m):
                 continue
             if self._acceptable(r, m):
                 kept.append(m)
@@ -218,12 +411,17 @@ class SafnStrategyMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         r = server_round + self.round_offset
+        if self.secure is not None and not self._prescreened:
+            return self.secure_aggregate_train(r, list(replies))
         kept = list(replies) if self._prescreened else self.screen_train(r, replies)
         if not self._prescreened and self.too_few(r, kept):
             return None, None
         return super().aggregate_train(r, kept)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        if self.secure is not None:
+            return self.secure_aggregate_evaluate(server_round + self.round_offset,
+                                                  list(replies))
         replies = [m for m in replies if not m.has_error()]
         self.last_evaluate = {self._site(m): m.content["metrics"] for m in replies}
         return super().aggregate_evaluate(server_round + self.round_offset, replies)
@@ -295,6 +493,7 @@ def make_strategy(fed: FederationConfig, seed: int):
     strategy.seed = seed
     strategy.min_sites = fed.min_sites
     strategy.wait_for_sites = fed.wait_for_sites
+    strategy.rejoin_wait = fed.rejoin_wait
     strategy.fraction = (fed.fraction_train, fed.fraction_evaluate)
     return strategy
 
@@ -311,7 +510,14 @@ class SafnCentralDP(DifferentialPrivacyServerSideFixedClipping):
     changes the weighted average by at most C·max_i w_i, and the noise std is σ·C/m. With equal
     weights and every site replying, z = σ. The coordinator turns the z's into ε
     (`server.app.central_epsilon`, Opacus' RDP accountant, no sampling amplification).
+
+    Flower draws the noise from NumPy's global generator. With ``noise_seed`` set (a simulation)
+    it is seeded per round from the run's seed and the generator restored afterwards, so a
+    simulation reproduces; a deployment leaves it None: the seed is in the bundle's config, and
+    noise anyone can regenerate could be subtracted from the released model.
     """
+
+    noise_seed: int | None = None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         inner = self.strategy
@@ -320,10 +526,15 @@ class SafnCentralDP(DifferentialPrivacyServerSideFixedClipping):
         if inner.too_few(r, kept):
             return None, None
         inner._prescreened = True
+        saved = np.random.get_state() if self.noise_seed is not None else None
+        if saved is not None:
+            np.random.seed([int(self.noise_seed) % 2**32, r])
         try:
             arrays, metrics = super().aggregate_train(server_round, kept)
         finally:
             inner._prescreened = False
+            if saved is not None:
+                np.random.set_state(saved)
         if arrays is not None:
             n = np.array([float(m.content["metrics"]["num-examples"]) for m in kept])
             w_max = float(n.max() / n.sum())

@@ -86,6 +86,12 @@ def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.Da
     """Leave-one-site-out: one federation per held-out site, then the external table."""
     from simulations.loso import leave_one_site_out, summarise_loso
 
+    if cfg.federation.secure_aggregation and len(parts) - 1 < 3:
+        from safn_core.errors import ConfigError
+
+        raise ConfigError(f"leave-one-site-out with {len(parts)} sites trains each federation "
+                          f"on {len(parts) - 1}: federation.secure_aggregation needs at least 3; "
+                          "set federation.secure_aggregation=false explicitly, or use more sites")
     loso = leave_one_site_out(cohort, parts, cfg, run_dir, run_flower_simulation,
                               report=console.print)
     cols = ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "sensitivity",
@@ -152,6 +158,20 @@ def run(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
     parts = build_sites(cohort, cfg)
+    if cfg.federation.secure_aggregation and cfg.simulation.loso and len(parts) == 3:
+        from safn_core.errors import ConfigError
+
+        raise ConfigError("leave-one-site-out with 3 sites trains each federation on 2: "
+                          "federation.secure_aggregation needs at least 3; set "
+                          "federation.secure_aggregation=false explicitly, or use more sites")
+    if cfg.federation.secure_aggregation and len(parts) < 3:
+        from safn_core.errors import ConfigError
+
+        raise ConfigError(f"federation.secure_aggregation needs at least 3 sites; the "
+                          f"{cfg.simulation.partition} partition made {len(parts)}: with 2, a "
+                          "sum reveals each site's values to the other. Add sites, or set "
+                          "federation.secure_aggregation=false explicitly if you accept that "
+                          "exposure")
     summ = summary(cohort, parts)
     print_sites(cohort, cfg, summ)
     if not args.resume:
@@ -164,6 +184,10 @@ def run(argv: list[str] | None = None) -> int:
                   f"Engine, Ray backend, {cfg.simulation.num_cpus_per_site:g} CPU per site)")
     flower_s = run_flower_simulation(run_dir, cfg, len(parts))
     state = load_checkpoint(run_dir)
+    status_file = run_dir / "federation_status.json"
+    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    if status.get("status") == "failed":  # the ServerApp's reason, e.g. no site ever trained
+        raise SafnError(f"{run_dir}: the federation failed: {status.get('reason')}")
     if state is None or state.round < fed.rounds or not (run_dir / "model").is_dir():
         done = 0 if state is None else state.round
         raise SafnError(f"{run_dir}: the federation stopped after round {done} of {fed.rounds}; "

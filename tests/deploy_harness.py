@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from safn_core.processes import signal_group
+from safn_core.processes import descendants, signal_group
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,6 +73,27 @@ class Proc:
             raise AssertionError(f"{self.name} did not finish within {timeout:.0f} s; "
                                  f"output:\n{self.output()[-4000:]}")
 
+    def wait_for_output(self, pattern: str, timeout: float) -> re.Match:
+        """The first match of the regular expression ``pattern`` in this process's output, once
+        it has printed it (an event, not a delay); fails when the process exits without it or
+        ``timeout`` (a bound for a failure, never a synchronisation) passes."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = regex.search(self.output())
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                found = regex.search(self.output())  # its last words
+                if found:
+                    return found
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) without "
+                                     f"printing {pattern!r}:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not print {pattern!r} within "
+                                     f"{timeout:.0f} s:\n{self.output()[-4000:]}")
+            time.sleep(0.2)
+
     def signal_group(self, sig: int) -> None:
         signal_group(self.proc.pid, sig)
 
@@ -84,14 +106,50 @@ class Proc:
         self._fh.close()
 
 
+def _alive(pid: int) -> bool:
+    """Still running (a zombie has stopped: it can no longer write anything)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def kill_host(proc: Proc, pid_file: Path) -> None:
-    """A host dies: SIGKILL to ``proc``'s group and to the group of the Flower process whose
-    leader's pid is in ``pid_file`` (each front door starts its SuperLink / SuperNode in a
-    group of its own)."""
+    """A host dies: every process of it stops at once, returning when none runs any more.
+
+    That is ``proc``, the Flower process whose pid is in ``pid_file`` (each front door starts its
+    SuperLink / SuperNode in a group of its own) and everything below them: Flower starts the
+    SuperLink's SuperExec in a session of its own, so killing process groups alone would leave
+    the ServerApp running (and writing checkpoints) after its host "died". The whole tree is
+    frozen first (SIGSTOP, again until no new process appears), then killed."""
     leader = int(pid_file.read_text()) if pid_file.exists() else None
+    roots = [proc.proc.pid] + ([leader] if leader else [])
+    frozen: set[int] = set()
+    while True:
+        tree = {p for r in roots for p in (r, *descendants(r))} - frozen
+        if not tree:
+            break
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        frozen |= tree
+    for pid in frozen:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.kill()
     if leader:
         signal_group(leader, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in frozen):  # SIGKILL takes effect at once; a bound for failure
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes of {proc.name}'s host survived SIGKILL: "
+                                 f"{sorted(p for p in frozen if _alive(p))}")
+        time.sleep(0.05)
 
 
 def kill_site(fed: "Federation", proc: Proc) -> None:
@@ -155,11 +213,7 @@ class Federation:
     def start(self, sites=SITES) -> tuple[Proc, list[Proc]]:
         """The coordinator, then (once it has registered the sites' keys) the sites."""
         server = self.server()
-        deadline = time.monotonic() + 60
-        while "submitted" not in server.output():
-            if server.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"safn-server did not submit its run:\n{server.output()}")
-            time.sleep(0.2)
+        server.wait_for_output(r"run \d+ submitted", 240)
         return server, [self.site(s) for s in sites]
 
     def history(self) -> list[dict]:

@@ -233,6 +233,10 @@ CASES = {
     "server: held-out site not listed": Case(
         "server", ("'server.held_out_sites'", "site_d", "not listed under server.sites"),
         S(held_out_sites=["site_d"])),
+    "server: secure aggregation with two training sites": Case(
+        "server", ("federation.secure_aggregation", "at least 3 training sites",
+                   "federation.secure_aggregation: false"),
+        S(held_out_sites=["site_c"])),
     "server: min_sites above the listed sites": Case(
         "server", ("'federation.min_sites' = 4", "only 3 training sites"),
         lambda c, f, m: c["federation"].update(min_sites=4)),

@@ -140,7 +140,8 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path):
     out = _cli("safn-server", "--config", "server.yaml", cwd=tmp_path)
     assert out.returncode == 2 and "'server.sites' is empty" in out.stderr
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(
-        {"server": {"certificates": ".", "sites": {"a": "a.pub"}}}))
+        {"server": {"certificates": ".", "sites": {"a": "a.pub"}},
+         "federation": {"secure_aggregation": False}}))
     out = _cli("safn-server", "--config", "server.yaml", cwd=tmp_path)
     assert out.returncode == 2 and "server.sites.a" in out.stderr and "not found" in out.stderr
     out = _cli("safn-client", cwd=tmp_path)
@@ -203,3 +204,135 @@ def test_the_strategy_waits_for_eligible_sites_then_stops_the_run():
     assert sorted(chosen.get_node_ids()) == [1, 2]
     with pytest.raises(SitesMissing, match="in round 4"):
         strategy._choose(_Grid(lambda c: [1, 3]), 1.0, 0, 4)
+
+
+class _Clock:
+    """A fake monotonic clock that only the fake sleep moves: waits take no real time."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_a_round_waits_for_a_reconnecting_site_of_the_run_and_reports_it():
+    from server.strategies import await_rejoin
+
+    sites = {1: "site_a", 2: "site_b", 3: "site_c"}
+    lines, clock, away = [], _Clock(), set()
+
+    def wait(grid, timeout=60):
+        return await_rejoin(grid, sites, away, timeout, "round 3", lines.append, clock,
+                            clock.sleep, interval=1.0)
+
+    # every site connected: no wait, nothing said
+    assert wait(_Grid(lambda c: [1, 2, 3])) == {1, 2, 3}
+    assert lines == [] and clock.sleeps == []
+    # site_c is back at the 5th look: the round waits for it, and says so
+    assert wait(_Grid(lambda c: [1, 2] if c < 5 else [1, 2, 3])) == {1, 2, 3}
+    assert lines == ["round 3: waiting up to 60 s for site_c to reconnect "
+                     "(federation.rejoin_wait)", "round 3: site_c reconnected after 4 s"]
+    assert clock.now == 4 and away == set()
+    # a node that is not part of the run (never sent statistics) is not waited for
+    lines.clear()
+    assert await_rejoin(_Grid(lambda c: [1, 2]), {1: "site_a", 2: "site_b"}, away, 60,
+                        "round 3", lines.append, clock, clock.sleep) == {1, 2}
+    assert lines == [] and clock.now == 4
+    # rejoin_wait 0: never wait
+    assert wait(_Grid(lambda c: [1, 2]), timeout=0) == {1, 2} and lines == []
+
+
+def test_a_site_that_stays_away_costs_one_wait_then_is_waited_for_again_once_back():
+    from server.strategies import await_rejoin
+
+    sites = {1: "site_a", 2: "site_b", 3: "site_c"}
+    lines, clock, away = [], _Clock(), set()
+
+    def wait(grid, when):
+        return await_rejoin(grid, sites, away, 30, when, lines.append, clock, clock.sleep,
+                            interval=1.0)
+
+    assert wait(_Grid(lambda c: [1, 2]), "round 4") == {1, 2}
+    assert clock.now == 30 and away == {3}  # the whole wait, bounded
+    assert lines[-1] == ("round 4: site_c did not reconnect within 30 s; going on without it "
+                         "(not waited for again until it is back)")
+    # the next rounds go on at once
+    n = len(lines)
+    assert wait(_Grid(lambda c: [1, 2]), "round 5") == {1, 2}
+    assert clock.now == 30 and len(lines) == n
+    # it came back (connected at a round's start): it is part of the run again...
+    assert wait(_Grid(lambda c: [1, 2, 3]), "round 6") == {1, 2, 3} and away == set()
+    # ...so when it disappears again, a round waits for it again
+    assert wait(_Grid(lambda c: [1, 2] if c < 3 else [1, 2, 3]), "round 7") == {1, 2, 3}
+    assert lines[-1] == "round 7: site_c reconnected after 2 s"
+    # two sites away: one wait for both, each reported when back
+    lines.clear()
+    wait(_Grid(lambda c: [1] if c < 2 else [1, 3] if c < 4 else [1, 2, 3]), "round 8")
+    assert lines == ["round 8: waiting up to 30 s for site_b, site_c to reconnect "
+                     "(federation.rejoin_wait)", "round 8: site_c reconnected after 1 s",
+                     "round 8: site_b reconnected after 3 s"]
+
+
+def test_the_strategy_waits_for_a_reconnecting_site_before_it_draws_a_training_round(
+        monkeypatch):
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from safn_core.config import FederationConfig
+    from server.strategies import make_strategy
+
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+    assert FederationConfig().rejoin_wait == 60
+    strategy = make_strategy(FederationConfig(min_sites=2, rejoin_wait=30), seed=0)
+    assert strategy.rejoin_wait == 30
+    strategy.eligible = {1, 2, 3}
+    strategy.site_names = {1: "site_a", 2: "site_b", 3: "site_c"}
+    lines = []
+    strategy.report = lines.append
+    grid = _Grid(lambda c: [1, 2] if c < 2 else [1, 2, 3])  # site_c back at the second look
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord({}), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+    assert lines == ["round 2: waiting up to 30 s for site_c to reconnect "
+                     "(federation.rejoin_wait)", "round 2: site_c reconnected after 0 s"]
+    # evaluation does not wait: it takes the sites connected now
+    lines.clear()
+    messages = list(strategy.configure_evaluate(2, arrays, ConfigRecord({}),
+                                                _Grid(lambda c: [1, 2])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2] and lines == []
+
+
+def test_a_site_gone_mid_round_is_named_in_the_rejections(monkeypatch):
+    """The SuperLink answers for a node that stopped heartbeating (src: the SuperLink itself);
+    the rejection still names the site the instruction was for."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message)
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from safn_core.config import FederationConfig
+    from server.strategies import make_strategy
+
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp
+        monkeypatch.setattr(TaskIdentity, key, value)
+    strategy = make_strategy(FederationConfig(min_sites=2, rejoin_wait=0), seed=0)
+    strategy.eligible = {11, 12, 13}
+    strategy.site_names = {11: "site_a", 12: "site_b", 13: "site_c"}
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    sent = list(strategy.configure_train(4, arrays, ConfigRecord({}),
+                                         _Grid(lambda c: [11, 12, 13])))
+    for m in sent:  # what pushing them does (flwr.superlink.grid.http_grid)
+        m.metadata.__dict__["_message_id"] = m.object_id
+    to_c = next(m for m in sent if m.metadata.dst_node_id == 13)
+    gone = create_message_error_unavailable_res_message(to_c.metadata, "node_unavail")
+    assert gone.metadata.src_node_id not in strategy.site_names
+    strategy.screen_train(4, [gone])
+    assert [(x["round"], x["site"]) for x in strategy.rejected] == [(4, "site_c")]
+    assert "Node Unavailable" in strategy.rejected[0]["reason"]

@@ -145,6 +145,7 @@ def _metrics(n, *, dp=0, eps=-1.0, refused=0, loss=0.5):
 
 def test_refusals_are_recorded_not_averaged_and_central_dp_clips_and_records():
     cfg = load_config(None, ["federation.central_dp.enabled=true",
+                             "federation.secure_aggregation=false",
                              "federation.central_dp.noise_multiplier=1e-6",
                              "federation.central_dp.clipping_norm=0.1"])
     strategy = make_strategy(cfg.federation, 0)
@@ -225,7 +226,9 @@ def test_dp_federation_epsilon_ledger_and_mixed_sites(table, tmp_path):
         assert budget - 0.02 <= reps[-1]["epsilon"] <= budget  # the plan spends the budget
     assert site_reports(hist, "site_C")[0]["delta"] == 1e-5
     ledger_a = ledgers / "site_A" / "privacy_ledger.json"
-    assert ledger_a.is_file() and not (ledgers / "site_B").exists()
+    assert ledger_a.is_file() and not (ledgers / "site_B" / "privacy_ledger.json").exists()
+    # DP-SGD sites under secure aggregation (the default): only sums reached the coordinator
+    assert "securely summed" in out and all(e["secure_sum"]["sites_trained"] == 3 for e in hist)
     assert not list(first.rglob("privacy_ledger.json"))  # never inside a run folder
     rounds = pd.read_csv(first / "rounds.csv")
     assert "epsilon" in rounds.columns
@@ -320,7 +323,7 @@ def test_killed_run_resumes_without_resetting_epsilon(table, tmp_path):
 def test_central_dp_runs_and_is_reported(table, tmp_path):
     run_dir = tmp_path / "central"
     out = sim(argv(table, run_dir, tmp_path / "ledgers", "federation.rounds=2",
-                   "federation.central_dp.enabled=true",
+                   "federation.central_dp.enabled=true", "federation.secure_aggregation=false",
                    "federation.central_dp.noise_multiplier=0.8",
                    "federation.central_dp.clipping_norm=0.5"))
     hist = history(run_dir)
@@ -372,3 +375,111 @@ def test_every_reply_has_the_same_metric_keys(table, tmp_path):
     assert refused.weights is None and refused.metrics["refused"] == 1
     assert refused.refusal.startswith("privacy budget exhausted: ε spent so far")
     assert refused.metrics["epsilon"] == pytest.approx(a.metrics["epsilon"])
+
+
+# ------------------------------------------------------------------ promises that must hold
+
+
+RANGES = "ranges:\n" + "".join(f"  ct_{j}: [0.0, 5.0]\n" for j in range(6)) + "".join(
+    f"  cl_{j}: [-10.0, 40.0]\n" for j in range(3)) + "  age: [18.0, 100.0]\n"
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
+def test_gaussian_statistics_round_is_noised_charged_and_the_run_completes(table, tmp_path,
+                                                                           secure):
+    """privacy.statistics: gaussian through Flower: the coordinator builds its preprocessing
+    and class counts from noised statistics (not the exact ones), each site's ledger records
+    the release before its training, ε composes both, and the run completes; with secure
+    aggregation the same release is what the sites sum (charged once, not once per sum)."""
+    from safn_core.federation.aggregate import global_preprocessing
+
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text(Path(table[2].split("=", 1)[1]).read_text() + RANGES)
+    data = [table[0], table[1], f"data.mapping={mapping}"]
+    ledgers, run_dir = tmp_path / "ledgers", tmp_path / "run"
+    out = sim(argv(data, run_dir, ledgers, "federation.rounds=2",
+                   f"federation.secure_aggregation={str(secure).lower()}", "privacy.mode=dp-sgd",
+                   "privacy.epsilon=4", "privacy.statistics=gaussian",
+                   "privacy.statistics_epsilon=0.5"))
+    hist = history(run_dir)
+    assert [e["round"] for e in hist] == [1, 2]
+    assert all(e["sites_trained"] == ["site_A", "site_B", "site_C"] for e in hist)
+    assert "site site_A sent noised statistics (Gaussian mechanism" in out
+
+    # what the coordinator used differs from what the exact statistics would have given
+    cfg = load_run_config(run_dir.resolve())
+    sites = [Site(*load_virtual_site(run_dir.resolve(), i), cfg) for i in range(3)]
+    exact = [s.describe() for s in sites]
+    pre, counts = global_preprocessing(sites[0].cohort.modalities, [s for s, _ in exact],
+                                       [c for _, c in exact])
+    used = load_checkpoint(run_dir)
+    assert used.class_counts != counts
+    assert not np.allclose(used.preprocessing["mean"], pre.mean_)
+
+    for site in ("site_A", "site_B", "site_C"):
+        ledger = PrivacyLedger.read(ledgers / site / "privacy_ledger.json")
+        first, *rounds = ledger.entries
+        assert (first["kind"], first["sample_rate"], first["steps"], first["round"]) == \
+            ("statistics", 1.0, 1, 0)
+        assert [e["kind"] for e in rounds] == ["train", "train"]
+        assert [e["kind"] for e in ledger.events].count("statistics_released") == 1
+        plan = next(iter(ledger.snapshot()["plans"].values()))
+        delta = ledger.delta
+        assert plan["epsilon_before"] == pytest.approx(
+            opacus_epsilon([(first["noise_multiplier"], 1.0, 1)], delta), rel=1e-9)
+        assert 0.49 <= plan["epsilon_before"] <= 0.5
+        # the ε a site reports composes the statistics release with its DP-SGD steps
+        last = site_reports(hist, site)[-1]
+        releases = [(first["noise_multiplier"], 1.0, 1)] + [
+            (e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in rounds]
+        assert last["epsilon"] == pytest.approx(opacus_epsilon(releases, delta), rel=1e-9)
+        assert last["epsilon"] <= 4.0
+    meta = load_bundle(run_dir / "model").meta
+    assert set(meta["privacy"]["statistics_dp"]["sites"]) == {"site_A", "site_B", "site_C"}
+    card = (run_dir / "model" / "model_card.md").read_text()
+    assert "statistics round through the Gaussian mechanism" in card
+    assert "the statistics round of every other site" in card
+
+
+def test_a_run_in_which_no_site_trained_fails_with_each_sites_reason(table, tmp_path):
+    """Every site's budget is too small for the run (σ above max_noise_multiplier): every site
+    refuses every round; the run ends as failed with each site's reason, writes no bundle, and
+    safn-sim exits non-zero with that one-line message and no traceback."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [str(BIN / "safn-sim"), *argv(table, run_dir, tmp_path / "ledgers",
+                                      "federation.rounds=2", "privacy.mode=dp-sgd",
+                                      "privacy.epsilon=0.05", "privacy.max_noise_multiplier=2",
+                                      "federation.secure_aggregation=false")],
+        capture_output=True, text=True, timeout=240)
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert "the federation failed: no site trained in any of the 2 rounds, so there is no " \
+           "model (no bundle written)" in err
+    for site in ("site_A", "site_B", "site_C"):
+        assert f"site {site} refused: privacy budget nearly exhausted" in err
+    assert "privacy.max_noise_multiplier = 2" in err
+    status = json.loads((run_dir / "federation_status.json").read_text())
+    assert status["status"] == "failed" and "no site trained" in status["reason"]
+    assert not (run_dir / "model").exists()
+
+
+def test_dp_simulations_reproduce_bit_for_bit_for_a_seed(table, tmp_path):
+    """Two identical DP simulations (DP-SGD at every site, central DP at the coordinator),
+    each on fresh ledgers: the same final weights and the same ε, bit for bit."""
+    runs = []
+    for name in ("one", "two"):
+        sim(argv(table, tmp_path / name, tmp_path / f"ledgers-{name}", "federation.rounds=2",
+                 "federation.secure_aggregation=false", "privacy.mode=dp-sgd",
+                 "privacy.epsilon=3", "federation.central_dp.enabled=true",
+                 "federation.central_dp.noise_multiplier=0.5",
+                 "federation.central_dp.clipping_norm=1.0"))
+        runs.append((load_checkpoint(tmp_path / name), history(tmp_path / name)))
+    (a, ha), (b, hb) = runs
+    assert set(a.weights) == set(b.weights)
+    for k in a.weights:
+        np.testing.assert_array_equal(a.weights[k], b.weights[k])
+    assert [e["privacy"] for e in ha] == [e["privacy"] for e in hb]
+    assert [e["central_dp"]["epsilon"] for e in ha] == [e["central_dp"]["epsilon"] for e in hb]
+    assert all(r["dp_steps"] > 0 for e in ha for r in e["privacy"].values())

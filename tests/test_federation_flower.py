@@ -54,7 +54,9 @@ def argv(table, out, *extra):
 
 def test_safn_sim_end_to_end(table, tmp_path):
     out = tmp_path / "run"
-    done = run(argv(table, out, "federation.rounds=3"))
+    # plain aggregation, so that the in-process loop below must match bit for bit; secure
+    # aggregation end to end: tests/test_secure_federation.py (and the resume test below)
+    done = run(argv(table, out, "federation.rounds=3", "federation.secure_aggregation=false"))
     assert done.code == 0, done.out[-3000:] + done.err[-3000:]
     text = done.out
     assert "INFO" not in text and "Traceback" not in done.err  # no Flower/Ray log flood
@@ -91,7 +93,7 @@ def test_safn_sim_end_to_end(table, tmp_path):
     assert history[-1]["pooled"] == pytest.approx(loop.history[-1]["pooled"])
 
     # a run folder is never overwritten
-    again = run(argv(table, out, "federation.rounds=3"))
+    again = run(argv(table, out, "federation.rounds=3", "federation.secure_aggregation=false"))
     assert again.code == 2 and "not empty" in again.err and "Traceback" not in again.err
 
 
@@ -141,7 +143,9 @@ def test_leave_one_site_out_through_flower(tmp_path):
              "--set", "synth.n_swedd=0", "--set", "synth.n_prodromal=0", "--set", "synth.n_sites=3",
              "--set", "synth.min_site_size=30", "--set", "federation.rounds=2",
              "--set", "federation.local_epochs=1", "--set", "simulation.compare=false",
-             "--set", "model.d_model=16", "--set", "model.n_heads=2"]
+             "--set", "model.d_model=16", "--set", "model.n_heads=2",
+             # each leave-one-site-out federation has 2 sites: too few to sum securely
+             "--set", "federation.secure_aggregation=false"]
     proc = subprocess.run([str(Path(sys.executable).parent / "safn-sim"), "--out", str(out),
                            "--loso", *small], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

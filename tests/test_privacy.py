@@ -26,10 +26,11 @@ from safn_core.data.cohort import Modality
 from safn_core.errors import ConfigError
 from safn_core.preprocess import FeatureStats
 from safn_core.privacy import (BudgetExhausted, LedgerError, LedgerLocked, LedgerMismatch,
-                               LedgerRewind, PrivacyError, PrivacyLedger, SitePrivacy,
-                               calibrate_noise, data_fingerprint, epsilon,
+                               LedgerRewind, PrivacyError, PrivacyLedger, SiteBudget,
+                               SitePrivacy, calibrate_noise, data_fingerprint, epsilon,
                                exact_clipped_statistics, federation_state,
-                               load_federation_state, privatise_statistics, resolve_privacy)
+                               load_federation_state, privatise_statistics, release_statistics,
+                               resolve_privacy)
 from safn_core.privacy import engine as engine_mod
 from safn_core.training.local import Arrays, make_loader, make_model, make_optimizer, run_epochs
 
@@ -118,17 +119,24 @@ def test_privacy_config_validation_names_the_key(tmp_path):
 
 
 def test_coordinator_can_ask_for_dp_but_never_weaken_a_site():
-    strict = dp_cfg(epsilon=2.0, delta=1e-5, max_grad_norm=0.5)
-    assert resolve_privacy(strict, {"mode": "off"}) == strict
-    assert resolve_privacy(strict, {"privacy.mode": "dp-sgd", "privacy.epsilon": 8.0}) == strict
-    tighter = resolve_privacy(strict, {"mode": "dp-sgd", "epsilon": 1.0, "delta": 1e-6})
+    strict = dp_cfg(epsilon=2.0, delta=1e-5, max_grad_norm=0.5, ledger="mine.json")
+    assert resolve_privacy(strict, PrivacyConfig(mode="off")) == strict
+    assert resolve_privacy(strict, None) == strict
+    assert resolve_privacy(strict, dp_cfg(epsilon=8.0)) == strict
+    tighter = resolve_privacy(strict, dp_cfg(epsilon=1.0, delta=1e-6))
     assert (tighter.epsilon, tighter.delta, tighter.max_grad_norm) == (1.0, 1e-6, 0.5)
-    opened = resolve_privacy(PrivacyConfig(), {"mode": "dp-sgd", "epsilon": 4.0})
+    opened = resolve_privacy(PrivacyConfig(), dp_cfg(epsilon=4.0))
     assert (opened.mode, opened.epsilon) == ("dp-sgd", 4.0)
-    with pytest.raises(PrivacyError, match="ledger"):
-        resolve_privacy(strict, {"mode": "dp-sgd", "epsilon": 1.0, "ledger": "/tmp/x.json"})
-    with pytest.raises(PrivacyError, match="epsilon is required"):
-        resolve_privacy(PrivacyConfig(), {"mode": "dp-sgd"})
+    # the ledger, the accountant and the noise cap are the site's, whatever the request says
+    asked = resolve_privacy(strict, dp_cfg(epsilon=1.0, ledger="/tmp/x.json", accountant="prv",
+                                           max_noise_multiplier=1e6))
+    assert (str(asked.ledger), asked.accountant, asked.max_noise_multiplier) == \
+        ("mine.json", "rdp", 10.0)
+    stats = resolve_privacy(strict, dp_cfg(statistics="gaussian", statistics_epsilon=0.2))
+    assert (stats.statistics, stats.statistics_epsilon) == ("gaussian", 0.2)
+    with pytest.raises(PrivacyError, match="cannot be combined"):
+        resolve_privacy(dp_cfg(epsilon=0.1), dp_cfg(statistics="gaussian",
+                                                    statistics_epsilon=0.5))
 
 
 # --------------------------------------------------------------------------------- accounting
@@ -279,9 +287,6 @@ def test_exhausted_budget_refuses_before_training_with_a_clear_message(tmp_path)
     # a later run whose budget is already spent is refused at once, with no training
     with pytest.raises(BudgetExhausted, match="does not train in run run-9"):
         site(tmp_path, dp_cfg(epsilon=report.epsilon), run_id="run-9").check_round(1)
-    # a non-DP site of the same federation trains on regardless
-    _, other = train(site(tmp_path / "B", PrivacyConfig()), 2, state)
-    assert other.metrics()["dp"] == 0 and other.metrics()["epsilon"] == -1.0
 
 
 def test_ledger_is_atomic_append_only_and_never_rewound(tmp_path):
@@ -339,16 +344,28 @@ def test_lock_stops_a_second_process_spending_concurrently(tmp_path):
 # ----------------------------------------------------------------------------------- training
 
 
+def plain_train(state, seed=1):
+    """What a non-DP site does (`Site.train`): the same model, loader, optimizer and loop."""
+    torch.manual_seed(seed)
+    model = make_model(MODS, MODEL, seed)
+    load_federation_state(model, state)
+    run_epochs(model, make_loader(DATA, TRAIN.batch_size, seed), make_optimizer(model, TRAIN),
+               1, MODEL, DATA.class_counts())
+    return federation_state(model)
+
+
 def test_dp_and_non_dp_sites_share_one_layout_and_dp_training_moves_weights(tmp_path):
     start = init_state()
-    plain, rp = train(site(tmp_path / "plain", PrivacyConfig()), 1, start)
+    plain = plain_train(start)
     private, rd = train(site(tmp_path / "dp"), 1, start, proximal_mu=0.1)
+    with pytest.raises(PrivacyError, match="privacy.mode is 'off'"):
+        site(tmp_path / "plain", PrivacyConfig())  # a non-DP site has no SitePrivacy
     reference = make_model(MODS, MODEL, 0).state_dict()
     for state in (plain, private):
         assert list(state) == list(reference)  # no `_module.` prefix, same order
         assert all(state[k].shape == tuple(reference[k].shape) for k in reference)
         assert all(np.isfinite(v).all() for v in state.values())
-    assert rp.dp is False and rd.dp is True and rd.steps > 0
+    assert rd.dp is True and rd.steps > 0
     moved = max(float(np.abs(private[k] - start[k]).max()) for k in start)
     assert moved > 1e-4
     # the federation averages them like any two sites, and either loads into a fresh model
@@ -399,21 +416,42 @@ def test_gaussian_statistics_round_is_accounted_in_the_same_ledger(tmp_path):
         privatise_statistics(frame, FEATURES, labels, {"ct_0": (0, 1)}, 1.0, rng)
 
     cfg = dp_cfg(statistics="gaussian", statistics_epsilon=0.5)
-    sp = site(tmp_path, cfg)
-    noisy, _, info = sp.release_statistics(frame, FEATURES, labels, ranges)
-    [entry] = sp.ledger.entries
+    budget = SiteBudget(cfg, len(DATA), fingerprint=FP, state_dir=tmp_path, site="A")
+    noisy, noisy_counts, info = release_statistics(budget, "run-1", frame, FEATURES, labels,
+                                                   ranges, seed_material=(7,))
+    [entry] = budget.ledger.entries
     assert (entry["kind"], entry["sample_rate"], entry["steps"]) == ("statistics", 1.0, 1)
     assert info["epsilon"] == pytest.approx(
-        opacus_epsilon("rdp", [(info["noise_multiplier"], 1.0, 1)], sp.delta), rel=1e-12)
-    assert 0.49 <= info["epsilon"] <= 0.5
+        opacus_epsilon("rdp", [(info["noise_multiplier"], 1.0, 1)], budget.delta), rel=1e-12)
+    assert 0.49 <= info["epsilon"] <= 0.5 and not info["repeated"]
+    assert not np.allclose(noisy.total, exact.total)  # the coordinator never sees the sums
+    assert noisy_counts != pytest.approx(DATA.class_counts())
+    # asked again for the same run (a resumed run), the site re-sends what it released: the
+    # same numbers, no new charge
+    again, again_counts, info2 = release_statistics(budget, "run-1", frame, FEATURES, labels,
+                                                    ranges, seed_material=(7,))
+    assert info2["repeated"] and len(budget.ledger.entries) == 1
+    assert np.array_equal(again.total_sq, noisy.total_sq) and again_counts == noisy_counts
+    # a simulation's seeded release reproduces on a fresh ledger; the OS-entropy one does not
+    fresh = SiteBudget(cfg, len(DATA), fingerprint=FP, state_dir=tmp_path / "f", site="A")
+    same, _, _ = release_statistics(fresh, "run-1", frame, FEATURES, labels, ranges,
+                                    seed_material=(7,))
+    assert np.array_equal(same.total, noisy.total)
+    other = SiteBudget(cfg, len(DATA), fingerprint=FP, state_dir=tmp_path / "o", site="A")
+    unseeded, _, _ = release_statistics(other, "run-1", frame, FEATURES, labels, ranges)
+    assert not np.array_equal(unseeded.total, noisy.total)
+    sp = site(tmp_path, cfg)
     plan = sp.plan()  # training is planned on what the statistics left
     assert plan["epsilon_before"] == pytest.approx(info["epsilon"])
     assert plan["epsilon_planned"] <= 3.0
+    planned = site(tmp_path / "p", cfg, run_id="run-p")
+    planned.plan()
     with pytest.raises(PrivacyError, match="before training"):
-        sp.release_statistics(frame, FEATURES, labels, ranges)
+        release_statistics(planned, "run-p", frame, FEATURES, labels, ranges)
     with pytest.raises(PrivacyError, match="exact"):
-        site(tmp_path / "x").release_statistics(frame, FEATURES, labels, ranges)
-
+        release_statistics(SiteBudget(dp_cfg(), len(DATA), fingerprint=FP,
+                                      state_dir=tmp_path / "x"), "r", frame, FEATURES, labels,
+                           ranges)
 
 
 def test_a_run_the_remaining_budget_could_only_buy_noise_is_refused(tmp_path):
@@ -429,3 +467,56 @@ def test_a_run_the_remaining_budget_could_only_buy_noise_is_refused(tmp_path):
                    run_id="run-3", rounds=5)
     assert lenient.noise_multiplier > 10
     assert later.ledger.entries[:len(entries)] == entries
+
+
+# -------------------------------------------------------------------------------- randomness
+
+
+def test_seeded_dp_rounds_reproduce_and_unseeded_ones_do_not(tmp_path):
+    """A simulation's virtual site (seeded) reproduces bit for bit on a fresh ledger; a
+    deployed site (OS entropy) does not; a second release on one ledger never reuses noise."""
+    start = init_state()
+    a, ra = train(site(tmp_path / "a", seeded=True), 1, start)
+    b, rb = train(site(tmp_path / "b", seeded=True), 1, start)
+    assert all(np.array_equal(a[k], b[k]) for k in start) and ra.epsilon == rb.epsilon
+    c, _ = train(site(tmp_path / "c"), 1, start)
+    d, _ = train(site(tmp_path / "d"), 1, start)
+    assert not all(np.array_equal(c[k], d[k]) for k in start)
+    # same seed, same ledger, a later run: the ledger entry differs, so the noise does too
+    again = site(tmp_path / "a", dp_cfg(epsilon=6.0), run_id="run-2", seeded=True)
+    e, _ = train(again, 1, start)
+    assert not all(np.array_equal(a[k], e[k]) for k in start)
+
+
+def test_secure_rng_is_refused_without_torchcsprng_and_used_with_it(tmp_path, monkeypatch):
+    import types
+
+    import safn_core.privacy.randomness as randomness
+
+    monkeypatch.setitem(sys.modules, "torchcsprng", None)  # not importable, as with torch 2.13
+    assert "torchcsprng" in randomness.secure_rng_unavailable()
+    with pytest.raises(ConfigError, match=r"privacy\.secure_rng: true cannot be turned on here: "
+                                          r"Opacus' secure mode needs the torchcsprng package"):
+        load_config(None, ["privacy.mode=dp-sgd", "privacy.epsilon=3", "privacy.secure_rng=true"])
+    with pytest.raises(ConfigError, match=r"privacy\.sites\.B.*secure_rng"):
+        load_config(None, ["privacy.mode=dp-sgd", "privacy.epsilon=3",
+                           "privacy.sites={B: {secure_rng: true}}"])
+
+    # where torchcsprng exists, secure_rng runs Opacus' secure mode (its generator for noise
+    # and Poisson sampling; no seed passed), even at a seeded (virtual) site
+    made = []
+
+    def create_random_device_generator(path):
+        made.append(path)
+        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+    monkeypatch.setitem(sys.modules, "torchcsprng", types.SimpleNamespace(
+        create_random_device_generator=create_random_device_generator))
+    cfg = load_config(None, ["privacy.mode=dp-sgd", "privacy.epsilon=3",
+                             "privacy.secure_rng=true"]).privacy
+    start = init_state()
+    a, ra = train(site(tmp_path / "a", cfg, seeded=True), 1, start)
+    b, _ = train(site(tmp_path / "b", cfg, seeded=True), 1, start)
+    assert made == ["/dev/urandom", "/dev/urandom"] and ra.steps > 0
+    assert not all(np.array_equal(a[k], b[k]) for k in start)
+    assert resolve_privacy(dp_cfg(), cfg).secure_rng  # a coordinator may ask for it

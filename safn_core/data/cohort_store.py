@@ -33,7 +33,10 @@ def write_cohort(folder: Path, cohort: Cohort, source: str | None = None) -> Pat
         "source": source or cohort.report.source, "table": table.name,
         "label_names": list(cohort.label_names),
         "modalities": [{"name": m.name, "features": list(m.features), "side": m.side}
-                       for m in cohort.modalities]})
+                       for m in cohort.modalities],
+        # public plausible ranges (the data contract's; `privacy.statistics: gaussian` needs them)
+        "plausible_ranges": {k: [float(lo), float(hi)]
+                             for k, (lo, hi) in cohort.plausible_ranges.items()}})
     return folder / META
 
 
@@ -44,4 +47,6 @@ def read_cohort(meta_path: Path) -> Cohort:
     meta = json.loads(Path(meta_path).read_text())
     table = pd.read_parquet(Path(meta_path).parent / meta["table"])
     mods = tuple(Modality(m["name"], tuple(m["features"]), m["side"]) for m in meta["modalities"])
-    return Cohort(table, mods, LoadReport(meta["source"]), tuple(meta["label_names"]))
+    ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in
+              meta.get("plausible_ranges", {}).items()}
+    return Cohort(table, mods, LoadReport(meta["source"]), tuple(meta["label_names"]), ranges)

@@ -27,7 +27,9 @@ def global_preprocessing(modalities: tuple[Modality, ...], stats: list[FeatureSt
     for s in stats[1:]:
         total = total + s
     pre = Preprocessor(modalities).fit_stats(total)
-    counts = np.sum(np.asarray(class_counts), axis=0).astype(int).tolist()
+    # noised class counts (privacy.statistics: gaussian) are not integers: round the sum
+    summed = np.rint(np.sum(np.asarray(class_counts, dtype=np.float64), axis=0))
+    counts = np.maximum(summed, 1).astype(int).tolist()
     return pre, counts
 
 
@@ -134,6 +136,35 @@ def round_metrics(site_hists: dict[str, dict]) -> dict:
             "n_test": int(test.sum()), "n_val": int(val.sum())}
 
 
+def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
+                         min_cell: int) -> dict:
+    """Pooled metrics from a securely summed evaluation (`safn_core.federation.secure_records`).
+
+    ``pooled``: the federation-wide sums (``val``, ``test`` histograms, ``val_loss_sum``,
+    ``val_examples``, ``sites``); ``min_cell`` applies to the federation-wide class counts of
+    each split. ``site_metrics``: each site's own ROC-AUC and n, which it reports only where its
+    own counts pass ``min_cell`` (None otherwise). No per-site histogram exists here.
+    """
+    val, test = np.asarray(pooled["val"]), np.asarray(pooled["test"])
+    val_ok = val.sum(axis=1).min() >= min_cell
+    test_ok = test.sum(axis=1).min() >= min_cell
+    threshold = threshold_from_histogram(val) if val_ok else 0.5
+    out = {"threshold": threshold, "threshold_from": "pooled validation" if val_ok else
+           "0.5 (pooled validation below min_cell)",
+           "pooled": metrics_from_histogram(test, threshold) if test_ok else None,
+           "sites": {name: ({"roc_auc": m["roc_auc"], "n": m["n"]} if m else None)
+                     for name, m in site_metrics.items()},
+           "sites_reported": int(pooled["sites"]) if test_ok else 0,
+           "sites_withheld": sorted(n for n, m in site_metrics.items() if not m),
+           "n_test": int(test.sum()) if test_ok else 0, "n_val": int(val.sum()) if val_ok else 0,
+           "secure_aggregation": True}
+    if val_ok and int(pooled["val_examples"]) > 0:
+        out["val_loss"] = float(pooled["val_loss_sum"]) / int(pooled["val_examples"])
+    if val_ok:
+        out["val_roc_auc"] = metrics_from_histogram(val, threshold)["roc_auc"]
+    return out
+
+
 def held_out_metrics(site_hists: dict[str, dict], threshold: float) -> dict:
     """External validation: each held-out site's metrics on all its participants at the
     training sites' threshold, with bootstrap 95 % CIs from its histograms (`ci`: metric →
@@ -160,8 +191,13 @@ def round_line(entry: dict, rounds: int) -> str:
         text += (f"  pooled ROC-AUC {p['roc_auc']:.3f}  PR-AUC {p['pr_auc_pd']:.3f}  "
                  f"bal acc {p['balanced_accuracy']:.3f}  ({entry['n_test']} test participants "
                  f"at {entry['sites_reported']} sites")
-        if entry.get("sites_withheld"):
+        if entry.get("sites_withheld") and entry.get("secure_aggregation"):
+            text += (f", securely summed; {len(entry['sites_withheld'])} sites' own metrics "
+                     "below min_cell")
+        elif entry.get("sites_withheld"):
             text += f"; {len(entry['sites_withheld'])} below min_cell"
+        elif entry.get("secure_aggregation"):
+            text += ", securely summed"
         text += ")"
     elif "sites_reported" in entry:
         text += "  no site could report test metrics (all below min_cell)"

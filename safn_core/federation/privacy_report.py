@@ -84,10 +84,12 @@ def epsilon_wide(history: list[dict]) -> pd.DataFrame:
     return wide.reset_index()
 
 
-def privacy_summary(history: list[dict]) -> dict | None:
+def privacy_summary(history: list[dict], statistics: dict[str, dict] | None = None
+                    ) -> dict | None:
     """What a run's bundle says about privacy: per site the last reported ε (spent so far at its
-    δ), budget, rounds trained / refused; central DP's mechanism, σ, C and final ε. None when
-    the run used no DP at all."""
+    δ), budget, rounds trained / refused; central DP's mechanism, σ, C and final ε; the sites
+    whose statistics round went through the Gaussian mechanism (``statistics``: site → σ, ε
+    spent so far after it, δ). None when the run used no DP at all."""
     sites: dict[str, dict] = {}
     for e in history:
         for site, r in (e.get("privacy") or {}).items():
@@ -99,9 +101,15 @@ def privacy_summary(history: list[dict]) -> dict | None:
                          epsilon_budget=r.get("epsilon_budget"),
                          noise_multiplier=r.get("noise_multiplier") or s.get("noise_multiplier"))
     central = [e["central_dp"] for e in history if e.get("central_dp")]
-    if not any(s["dp"] for s in sites.values()) and not central:
+    if not any(s["dp"] for s in sites.values()) and not central and not statistics:
         return None
     out: dict = {}
+    if statistics:
+        out["statistics_dp"] = {
+            "mechanism": "Gaussian mechanism on the statistics round (privacy.statistics: "
+                         "gaussian), charged to the site's ledger",
+            "sites": {k: {"noise_multiplier": v["noise-multiplier"], "epsilon": v["epsilon"],
+                          "delta": v["delta"]} for k, v in sorted(statistics.items())}}
     if sites:
         out["site_dp"] = {
             "mechanism": "DP-SGD at the site (Opacus, Poisson sampling); ε spent so far over "

@@ -70,9 +70,16 @@ class Site:
     def _class_counts(self, ids) -> list[int]:
         return np.bincount(self.cohort.table.loc[ids, LABEL].to_numpy(), minlength=2).tolist()
 
-    def describe(self) -> tuple[FeatureStats, list[int]]:
-        """Sufficient statistics and class counts of the TRAIN split (never val/test)."""
+    def describe(self, check_cells: bool = True) -> tuple[FeatureStats, list[int]]:
+        """Sufficient statistics and class counts of the TRAIN split (never val/test).
+
+        ``check_cells=False`` under secure aggregation: only the federation-wide sum is
+        revealed, and the coordinator applies ``min_cell`` to it."""
         counts = self._class_counts(self.split.train)
+        if not check_cells:
+            stats = FeatureStats.from_frame(self.cohort.table.loc[self.split.train],
+                                            self.cohort.features)
+            return stats, counts
         if min(counts) < self.min_cell:
             raise SmallCell(f"site {self.name}: its training split has {counts[0]} / {counts[1]} "
                             f"participants per class, fewer than min_cell = {self.min_cell}")
@@ -110,13 +117,17 @@ class Site:
         return state_to_numpy(model), len(data), loss
 
     def evaluate(self, state: dict, pre: Preprocessor, model_cfg: ModelConfig,
-                 bins: int, held_out: bool = False) -> dict:
+                 bins: int, held_out: bool = False, withhold: bool = True) -> dict:
         """Score histograms of the validation and test splits (per class).
 
         A split with fewer than ``min_cell`` people of a class is withheld (zeros, flagged);
         ``withheld`` flags a site whose histograms the coordinator must not use (either split).
         A held-out site (external validation) is tested on all its participants and sends no
-        validation histogram (the threshold is chosen on the training sites only).
+        validation histogram (the threshold is chosen on the training sites only). Under secure
+        aggregation (``withhold=False``) the histograms are kept whatever their counts: only
+        their federation-wide sum is revealed, to which ``min_cell`` then applies; the flags
+        still say whether the site's own counts pass, for its own metrics. Also returns the
+        validation split's summed cross-entropy and size (``val_loss_sum``, ``val_examples``).
         """
         model = make_model(pre.modalities, model_cfg, 0)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
@@ -126,12 +137,18 @@ class Site:
         for part in ("test",) if held_out else ("val", "test"):
             data = self.arrays(pre, "all" if held_out else part)
             counts = np.bincount(data.y, minlength=2)
-            if counts.min() < self.min_cell:
+            small = bool(counts.min() < self.min_cell)
+            if small and withhold:
                 out[part] = np.zeros((2, bins), dtype=np.int64)
                 out[f"{part}_withheld"] = True
                 continue
             p, _ = predict(model, data)
             out[part] = score_histogram(data.y, p, bins)
-            out[f"{part}_withheld"] = False
+            out[f"{part}_withheld"] = small
+            if part == "val":
+                q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+                out["val_loss_sum"] = float(-np.sum(data.y * np.log(q)
+                                                    + (1 - data.y) * np.log(1 - q)))
+                out["val_examples"] = int(len(data.y))
         out["withheld"] = out["val_withheld"] or out["test_withheld"]
         return out

@@ -1,6 +1,11 @@
-"""A site's training round with its privacy settings, budget and ledger (no Flower here).
+"""A site's statistics round and training rounds with its privacy settings, budget and ledger
+(no Flower here).
 
-The ClientApp calls `train_round` for every training message. It decides the site's effective
+The ClientApp calls `site_statistics` for the statistics (``describe``) message: the exact
+training-split statistics (`Site.describe`, small cells withheld), or, at a DP site with
+``privacy.statistics: gaussian``, the same fields through the Gaussian mechanism, charged to its
+ledger (`safn_core.privacy.release_statistics`; no small-cell suppression: the noise replaces
+it). It calls `train_round` for every training message. It decides the site's effective
 privacy settings, finds its ledger, trains (DP-SGD through `SitePrivacy`, or the plain path of a
 non-DP site) and returns what may leave the site: the new weights and metrics with the SAME keys
 for every site, DP or not, trained or refused (Flower's strategies require identical keys):
@@ -27,6 +32,10 @@ with its ``sites.<name>`` override, *is* that virtual site's own file.
 A site refuses a round (nothing trained, nothing spent, the other sites go on) when its budget
 cannot pay for the round (`BudgetExhausted`) or when its privacy settings or ledger cannot be
 trusted (any other `PrivacyError`, e.g. a ledger for other data). The reason is one line.
+
+Randomness of the DP releases (`safn_core.privacy.randomness`): a virtual site draws it from the
+round's seed (reproducible simulations), a deployed site from the operating system's entropy
+(the coordinator knows the run's seed), ``privacy.secure_rng`` from Opacus' secure mode.
 """
 
 from __future__ import annotations
@@ -39,9 +48,10 @@ import numpy as np
 from typing import TYPE_CHECKING
 
 from safn_core.config import PrivacyConfig
+from safn_core.data.cohort import LABEL
 from safn_core.errors import SafnError
-from safn_core.federation.site import Site
-from safn_core.preprocess import Preprocessor
+from safn_core.federation.site import Site, SmallCell
+from safn_core.preprocess import FeatureStats, Preprocessor
 
 if TYPE_CHECKING:
     from safn_core.privacy import SitePrivacy
@@ -63,6 +73,19 @@ class RoundOutcome:
     metrics: dict[str, int | float]
     refusal: str | None = None  # the one-line reason, when refused
     loss: float = float("nan")  # for the site's own log (never sent by a DP site)
+
+
+@dataclass
+class StatisticsOutcome:
+    """What a site sends in the statistics round: the training split's per-feature count, sum
+    and sum of squares and its class counts (noised under ``statistics: gaussian``), or the
+    one-line reason it sends none. ``mechanism`` says which: ``{"statistics": "exact"}`` or
+    ``{"statistics": "gaussian", "noise-multiplier", "epsilon" (spent so far), "delta"}``."""
+
+    stats: FeatureStats | None
+    counts: list[float] | None
+    mechanism: dict | None = None
+    refusal: str | None = None
 
 
 def effective_privacy(site: Site, request: PrivacyConfig | None) -> PrivacyConfig:
@@ -98,6 +121,45 @@ def _refused(reason: str, sp: "SitePrivacy | None", dp: bool) -> RoundOutcome:
     return RoundOutcome(None, metrics, reason)
 
 
+def _seeded(site: Site) -> bool:
+    """A virtual site's DP randomness comes from the run's seed (reproducible), a deployed
+    site's never (see the module docstring)."""
+    return site.cfg.site is None
+
+
+def site_statistics(site: Site, *, request: PrivacyConfig | None, state_dir: Path | None,
+                     run_id: str, seed: int, check_cells: bool = True) -> StatisticsOutcome:
+    """The site's reply to the statistics round of run ``run_id`` (see the module docstring).
+
+    ``seed`` seeds a virtual site's Gaussian noise (with the ledger entry's number).
+    ``check_cells=False`` under secure aggregation: the exact statistics are only revealed
+    summed over the federation, where ``min_cell`` then applies."""
+    try:
+        privacy = effective_privacy(site, request)
+    except (SafnError, ValueError) as exc:
+        return StatisticsOutcome(None, None, None, _reason(site, exc))
+    if privacy.mode != "dp-sgd" or privacy.statistics != "gaussian":
+        try:
+            stats, counts = site.describe(check_cells=check_cells)
+        except SmallCell as exc:
+            return StatisticsOutcome(None, None, None, str(exc))
+        return StatisticsOutcome(stats, [float(c) for c in counts], {"statistics": "exact"})
+    from safn_core.privacy import PrivacyError, SiteBudget, data_fingerprint, release_statistics
+
+    train = site.cohort.table.loc[site.split.train]
+    try:
+        budget = SiteBudget(privacy, len(train), state_dir=state_dir, site=site.name,
+                            fingerprint=data_fingerprint(site.split.train, site.cohort.features))
+        stats, counts, info = release_statistics(
+            budget, run_id, train, site.cohort.features, train[LABEL].to_numpy(),
+            site.cohort.plausible_ranges, seed_material=(seed,) if _seeded(site) else None)
+    except PrivacyError as exc:
+        return StatisticsOutcome(None, None, None, _reason(site, exc))
+    return StatisticsOutcome(stats, counts, {
+        "statistics": "gaussian", "noise-multiplier": float(info["noise_multiplier"]),
+        "epsilon": float(info["epsilon"]), "delta": float(info["delta"])})
+
+
 def train_round(site: Site, state: dict, pre: Preprocessor, class_counts: list[int], *,
                 request: PrivacyConfig | None, state_dir: Path | None, run_id: str, rounds: int,
                 epochs: int, server_round: int, seed: int,
@@ -125,7 +187,7 @@ def train_round(site: Site, state: dict, pre: Preprocessor, class_counts: list[i
         sp = SitePrivacy(privacy, site.arrays(pre, "train"), site.cfg.train, rounds=rounds,
                          local_epochs=epochs, run_id=run_id,
                          fingerprint=data_fingerprint(site.split.train, site.cohort.features),
-                         state_dir=state_dir, site=site.name)
+                         state_dir=state_dir, site=site.name, seeded=_seeded(site))
         sp.check_round(server_round)
         weights, report = sp.train_round(state, pre.modalities, site.cfg.model, class_counts,
                                          server_round=server_round, seed=seed,

@@ -15,21 +15,10 @@ from functools import lru_cache
 
 import numpy as np
 from opacus.accountants import create_accountant
-from opacus.accountants.accountant import IAccountant
 
 from safn_core.privacy.ledger import merge_history
 
 History = list[tuple[float, float, int]]
-
-
-def make_accountant(mechanism: str,
-                    history: Iterable[tuple[float, float, int]] = ()) -> IAccountant:
-    """An Opacus accountant (``rdp`` or ``prv``) holding ``history``."""
-    if mechanism not in ("rdp", "prv"):
-        raise ValueError(f"unknown accountant {mechanism!r}; expected 'rdp' or 'prv'")
-    acc = create_accountant(mechanism=mechanism)
-    acc.history = merge_history(history)
-    return acc
 
 
 def epsilon(history: Iterable[tuple[float, float, int]], delta: float, mechanism: str) -> float:
@@ -44,7 +33,10 @@ def epsilon(history: Iterable[tuple[float, float, int]], delta: float, mechanism
 def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, mechanism: str) -> float:
     # ε is a pure function of (history, δ, mechanism); Opacus' RDP sum over ~150 orders costs
     # ~0.1 s, so the same question asked twice in a round is answered once.
-    acc = make_accountant(mechanism, history)
+    if mechanism not in ("rdp", "prv"):
+        raise ValueError(f"unknown accountant {mechanism!r}; expected 'rdp' or 'prv'")
+    acc = create_accountant(mechanism=mechanism)
+    acc.history = list(history)
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         # RDP warns when the best order is the largest one; PRV's log(1-q) at q = 1 (a plain
         # Gaussian release) divides by zero harmlessly. Neither changes the result.
@@ -53,7 +45,7 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, mechan
 
 
 class Accountant:
-    """ε of a ledger (or any history) at a fixed δ, and whether more releases would fit."""
+    """ε of a ledger (or any history) at a fixed δ, and after more releases."""
 
     def __init__(self, mechanism: str, delta: float):
         self.mechanism = mechanism
@@ -64,8 +56,3 @@ class Accountant:
 
     def epsilon_after(self, history: History, planned: Iterable[tuple[float, float, int]]) -> float:
         return self.epsilon(list(history) + list(planned))
-
-    def would_fit(self, history: History, planned: Iterable[tuple[float, float, int]],
-                  budget: float) -> bool:
-        """Whether ``history`` followed by ``planned`` stays within ``budget`` (ε ≤ budget)."""
-        return self.epsilon_after(history, planned) <= budget

@@ -1,5 +1,5 @@
-"""`SitePrivacy`: one site's DP-SGD, budget and ledger behind one object (an Opacus
-``PrivacyEngine`` that remembers across rounds, processes and runs).
+"""`SitePrivacy`: a DP site's DP-SGD rounds for one run (an Opacus ``PrivacyEngine`` that
+remembers across rounds, processes and runs), on top of its `SiteBudget` (settings, ledger, ε).
 
 Per run, a client app does::
 
@@ -15,9 +15,9 @@ Per run, a client app does::
         ...  # reply "refused" with str(exc); the federation goes on without this site
     metrics = report.metrics()                           # ε spent so far, δ, σ, steps
 
-With ``privacy.mode: off`` the same calls train exactly as a non-DP site does (same model, same
-loader and optimizer, same `run_epochs`), so DP and non-DP sites share one parameter layout and
-one code path.
+Only for ``privacy.mode: dp-sgd`` (a non-DP site trains with `Site.train`). A DP round trains
+the same SAFN with the same loader, optimizer and `run_epochs` as a non-DP site, so DP and
+non-DP sites share one parameter layout.
 
 What happens in a DP round:
 
@@ -35,33 +35,30 @@ What happens in a DP round:
 4. The reservation is **confirmed** with the steps Opacus' own accountant counted; the weights
    leave with their plain names (no ``_module.`` prefix); ε spent so far is reported.
 
-The noise and the Poisson sampling use generators seeded from the operating system's entropy,
-never from the run's seed: a coordinator that knew the seed could regenerate the noise and the
-batches and remove the protection. DP rounds are therefore not bit-reproducible, by design.
+The noise and the Poisson sampling draw from `randomness`: Opacus' secure mode with
+``privacy.secure_rng``; else seeded from the round's seed and the ledger entry when ``seeded``
+(a simulation's virtual site: reproducible); else from the operating system's entropy (a
+deployed site: a coordinator that knows the run's seed cannot regenerate the noise).
 """
 
 from __future__ import annotations
 
-import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from safn_core.config import ModelConfig, PrivacyConfig, TrainConfig
 from safn_core.data.cohort import Modality
-from safn_core.preprocess import FeatureStats
-from safn_core.privacy.accountant import Accountant
-from safn_core.privacy.calibration import (calibrate_noise, gaussian_noise_multiplier,
-                                           sample_rate_for, steps_per_epoch)
+from safn_core.privacy.budget import SiteBudget
+from safn_core.privacy.calibration import calibrate_noise, sample_rate_for, steps_per_epoch
 from safn_core.privacy.errors import BudgetExhausted, PrivacyError
-from safn_core.privacy.ledger import PrivacyLedger, now, resolve_ledger_path
-from safn_core.privacy.stats import privatise_statistics
+from safn_core.privacy.ledger import now
+from safn_core.privacy.randomness import NOISE, SAMPLING, torch_generator
 from safn_core.training import local
 from safn_core.training.local import Arrays, make_loader, make_model, make_optimizer
 
@@ -75,11 +72,6 @@ def strip_module_prefix(state: Mapping[str, object]) -> dict[str, object]:
     """State-dict keys as the federation knows them (Opacus' ``_module.`` removed)."""
     return {k[len(MODULE_PREFIX):] if k.startswith(MODULE_PREFIX) else k: v
             for k, v in state.items()}
-
-
-def add_module_prefix(state: Mapping[str, object]) -> dict[str, object]:
-    """State-dict keys of a ``GradSampleModule`` (``_module.`` added where missing)."""
-    return {k if k.startswith(MODULE_PREFIX) else MODULE_PREFIX + k: v for k, v in state.items()}
 
 
 def federation_state(model: nn.Module) -> dict[str, np.ndarray]:
@@ -157,84 +149,46 @@ class _NoiseStepOnEmptyBatch:
             yield batch
 
 
-def _private_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
-
-
 # ------------------------------------------------------------------------------ the facade
 
 
-class SitePrivacy:
-    """A site's differential privacy for one run: plan, budget checks, DP rounds, ledger.
+class SitePrivacy(SiteBudget):
+    """A DP site's DP-SGD for one run: plan, budget checks, DP rounds (its `SiteBudget`: the
+    settings, ledger and ε).
 
-    Parameters
-    ----------
-    cfg: the site's effective privacy settings (`resolve_privacy` of site.yaml and the request).
+    Parameters (besides `SiteBudget`'s)
+    -----------------------------------
     train: the preprocessed TRAINING split (the data DP-SGD protects and samples from).
     train_cfg: batch size, learning rate, weight decay (the same as a non-DP site).
     rounds, local_epochs: what this run plans (the rounds still to come when resuming a run).
     run_id: identifies the run; its plan (σ) is stored in the ledger under this id.
-    fingerprint: `data_fingerprint(train participant ids, features)`; required for DP.
-    ledger_path / state_dir: where the ledger lives (``privacy.ledger`` wins, relative to
-        ``state_dir``; default ``<state_dir>/privacy_ledger.json``).
+    seeded: draw the noise and the Poisson batches from ``train_round``'s ``seed`` and the
+        ledger entry (a simulation's virtual site: reproducible) instead of the operating
+        system's entropy; ignored with ``privacy.secure_rng`` (Opacus' secure mode).
     """
 
     def __init__(self, cfg: PrivacyConfig, train: Arrays, train_cfg: TrainConfig, *,
                  rounds: int, local_epochs: int, run_id: str | int,
                  fingerprint: str | None = None, ledger_path: str | Path | None = None,
                  state_dir: str | Path | None = None, site: str = "",
-                 lock_timeout: float = 60.0):
-        self.cfg = cfg.for_site(None) if cfg.sites else cfg
+                 lock_timeout: float = 60.0, seeded: bool = False):
+        super().__init__(cfg, len(train), fingerprint=fingerprint, ledger_path=ledger_path,
+                         state_dir=state_dir, site=site, lock_timeout=lock_timeout)
         self.train = train
         self.train_cfg = train_cfg
         self.rounds = int(rounds)
         self.local_epochs = int(local_epochs)
         self.run_id = str(run_id)
-        self.site = site
-        self.n_train = len(train)
-        self.enabled = self.cfg.mode == "dp-sgd"
-        self.ledger: PrivacyLedger | None = None
-        self._plan: dict | None = None
-        who = self._who = f"site {site}: " if site else ""
-        if not self.enabled:
-            return
-        if self.n_train < 2:
-            raise PrivacyError(f"{who}DP-SGD needs a training split of at least 2 participants")
-        if not fingerprint:
-            raise PrivacyError(f"{who}a DP site needs the fingerprint of its training split "
-                               f"(data_fingerprint(participant ids, features))")
-        self.delta = (float(self.cfg.delta) if self.cfg.delta is not None
-                      else 1.0 / (10 * self.n_train))
-        if self.delta >= 1.0 / self.n_train:
-            raise PrivacyError(
-                f"{who}privacy.delta = {self.delta:g} is not below 1/n_train = 1/{self.n_train}: "
-                f"such a δ allows releasing a participant's record outright; use e.g. "
-                f"{1.0 / (10 * self.n_train):.2g} (the default, 1/(10·n_train))")
-        self.epsilon_budget = float(self.cfg.epsilon)
+        self.seeded = bool(seeded)
         self.sample_rate = sample_rate_for(self.n_train, train_cfg.batch_size)
         self.steps_per_epoch = steps_per_epoch(self.n_train, self.sample_rate)
-        self.accountant = Accountant(self.cfg.accountant, self.delta)
-        path = Path(ledger_path) if ledger_path is not None else \
-            resolve_ledger_path(self.cfg.ledger, state_dir)
-        self.ledger = PrivacyLedger.open(path, fingerprint=fingerprint,
-                                         accountant=self.cfg.accountant, delta=self.delta,
-                                         site=site, accept_changes=self.cfg.accept_ledger_change,
-                                         lock_timeout=lock_timeout)
+        self._plan: dict | None = None
 
     # -- status ---------------------------------------------------------------------------------
-
-    def epsilon(self) -> float | None:
-        """ε spent so far by everything in the ledger, at δ (None without DP)."""
-        if not self.enabled:
-            return None
-        return self.accountant.epsilon(self.ledger.history())
 
     def metrics_now(self) -> dict[str, int | float]:
         """The `RoundReport.metrics` keys for a round that trained nothing (e.g. a refusal):
         ε spent so far, no steps."""
-        if not self.enabled:
-            return RoundReport(False, None, None, None, None, None, 0, 0, self.n_train,
-                               float("nan")).metrics()
         plan = self.ledger.plan(self.run_id)
         return RoundReport(True, self.epsilon(), self.delta, self.epsilon_budget,
                            plan["noise_multiplier"] if plan else None, self.sample_rate, 0,
@@ -243,24 +197,10 @@ class SitePrivacy:
     def steps_per_round(self, epochs: int | None = None) -> int:
         return (epochs or self.local_epochs) * self.steps_per_epoch
 
-    def status(self) -> dict:
-        """A summary for logs and reports (what the site may publish about its privacy)."""
-        if not self.enabled:
-            return {"mode": "off"}
-        plan = self.ledger.plan(self.run_id)
-        return {"mode": "dp-sgd", "epsilon_spent": self.epsilon(),
-                "epsilon_budget": self.epsilon_budget, "delta": self.delta,
-                "accountant": self.cfg.accountant, "max_grad_norm": self.cfg.max_grad_norm,
-                "sample_rate": self.sample_rate, "steps_per_epoch": self.steps_per_epoch,
-                "ledger": str(self.ledger.path), "run_id": self.run_id,
-                "noise_multiplier": plan["noise_multiplier"] if plan else None,
-                "charged_steps": self.ledger.charged_steps()}
-
     # -- the run's plan ---------------------------------------------------------------------------
 
     def plan(self) -> dict:
         """This run's calibrated plan (σ for all its rounds), made once and kept in the ledger."""
-        self._require_dp()
         if self._plan is not None:
             return self._plan
         with self.ledger.transaction():
@@ -318,19 +258,17 @@ class SitePrivacy:
     # -- before a round --------------------------------------------------------------------------
 
     def check_round(self, server_round: int | None = None,
-                    epochs: int | None = None) -> float | None:
+                    epochs: int | None = None) -> float:
         """Raise `BudgetExhausted` if this round would not fit; else return ε after it.
 
         Nothing is spent. (`train_round` checks again under the ledger lock before reserving.)
         """
-        if not self.enabled:
-            return None
         sigma = self.noise_multiplier
         history = self.ledger.history()
         return self._fit_or_raise(history, sigma, self.steps_per_round(epochs), server_round)
 
     def would_fit(self, epochs: int | None = None) -> bool:
-        """Whether the next round fits the budget (True without DP); spends nothing."""
+        """Whether the next round fits the budget; spends nothing."""
         try:
             self.check_round(None, epochs)
         except BudgetExhausted:
@@ -357,31 +295,19 @@ class SitePrivacy:
                     model_cfg: ModelConfig, class_counts, *, server_round: int | None,
                     seed: int, proximal_mu: float = 0.0,
                     epochs: int | None = None) -> tuple[dict[str, np.ndarray], RoundReport]:
-        """One round of local training from the global weights ``state``.
+        """One DP-SGD round of local training from the global weights ``state``.
 
-        Returns the new weights (plain parameter names, identical layout with or without DP) and
-        the round's `RoundReport`. A DP round that does not fit raises `BudgetExhausted` before
+        Returns the new weights (plain parameter names, the layout of a non-DP site) and the
+        round's `RoundReport`. A round that does not fit raises `BudgetExhausted` before
         anything is trained or spent.
         """
+        from opacus import PrivacyEngine
+
         epochs = int(epochs or self.local_epochs)
         torch.manual_seed(seed)
         model = make_model(tuple(modalities), model_cfg, seed)
         load_federation_state(model, state)
         optimizer = make_optimizer(model, self.train_cfg)
-        if not self.enabled:
-            loader = make_loader(self.train, self.train_cfg.batch_size, seed)
-            global_params = [p.detach().clone() for p in model.parameters()]
-            loss = local.run_epochs(model, loader, optimizer, epochs, model_cfg, class_counts,
-                                    proximal_mu=proximal_mu, global_params=global_params)
-            return federation_state(model), RoundReport(
-                False, None, None, None, None, None, 0, 0, self.n_train, float(loss))
-        return self._train_dp(model, optimizer, model_cfg, class_counts, server_round, epochs,
-                              proximal_mu)
-
-    def _train_dp(self, model, optimizer, model_cfg, class_counts, server_round, epochs,
-                  proximal_mu):
-        from opacus import PrivacyEngine
-
         plan = self.plan()
         sigma, q = float(plan["noise_multiplier"]), self.sample_rate
         steps = self.steps_per_round(epochs)
@@ -391,15 +317,19 @@ class SitePrivacy:
                                       noise_multiplier=sigma, sample_rate=q, steps=steps)
         # From here a failure leaves the reservation charged in full.
         global_params = {id(p): p.detach().clone() for p in model.parameters()}
-        # a private seed: the coordinator must not be able to regenerate the Poisson batches
-        loader = make_loader(self.train, self.train_cfg.batch_size, secrets.randbits(63))
+        secure = bool(self.cfg.secure_rng)
+        material = (seed, seq) if self.seeded and not secure else None
+        # the Poisson sampler draws from the loader's generator (secure mode: Opacus' own)
+        loader = make_loader(self.train, self.train_cfg.batch_size,
+                             torch_generator(material, SAMPLING).initial_seed())
         with warnings.catch_warnings():
+            # Opacus warns when its secure mode is off; docs/privacy.md says why it is here
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-            engine = PrivacyEngine(accountant=self.cfg.accountant)
+            engine = PrivacyEngine(accountant=self.cfg.accountant, secure_mode=secure)
             dp_model, dp_opt, dp_loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                 max_grad_norm=self.cfg.max_grad_norm, poisson_sampling=True,
-                noise_generator=_private_generator())
+                **({} if secure else {"noise_generator": torch_generator(material, NOISE)}))
         if abs(dp_loader.sample_rate - q) > 1e-15 or len(dp_loader) != self.steps_per_epoch:
             raise PrivacyError(f"{self._who}Opacus samples at q = {dp_loader.sample_rate} with "
                                f"{len(dp_loader)} steps per epoch, the plan at q = {q} with "
@@ -430,54 +360,3 @@ class SitePrivacy:
         return new_state, RoundReport(
             True, self.epsilon(), self.delta, self.epsilon_budget, sigma, q, steps_taken,
             self.ledger.charged_steps(), self.n_train, float(loss))
-
-    # -- the statistics round ----------------------------------------------------------------------
-
-    @property
-    def statistics_private(self) -> bool:
-        """Whether the statistics round spends budget (``statistics: gaussian``)."""
-        return self.enabled and self.cfg.statistics == "gaussian"
-
-    def release_statistics(self, frame: pd.DataFrame, features: Sequence[str], labels,
-                           ranges: Mapping[str, tuple[float, float]]
-                           ) -> tuple[FeatureStats, list[float], dict]:
-        """The statistics round through the Gaussian mechanism, charged to the ledger first.
-
-        Only with ``privacy.statistics: gaussian``; must come before the run's first training
-        round (whose plan composes with it). Returns the noisy `FeatureStats`, noisy class counts
-        and a small report (σ, ε spent so far).
-        """
-        if not self.statistics_private:
-            raise PrivacyError(f"{self._who}the statistics round is "
-                               f"exact at this site (privacy.statistics: exact); use the "
-                               f"site's exact statistics")
-        if self.ledger.plan(self.run_id) is not None:
-            raise PrivacyError(f"{self._who}run {self.run_id} already planned its training "
-                               f"budget; the statistics round must come before training")
-        sigma = gaussian_noise_multiplier(target_epsilon=float(self.cfg.statistics_epsilon),
-                                          delta=self.delta, accountant=self.cfg.accountant)
-        with self.ledger.transaction():
-            history = self.ledger.history()
-            after = self.accountant.epsilon_after(history, [(sigma, 1.0, 1)])
-            if after > self.epsilon_budget:
-                spent = self.accountant.epsilon(history)
-                raise BudgetExhausted(
-                    f"{self._who}privacy budget exhausted: ε spent so far {spent:.4g} of "
-                    f"{self.epsilon_budget:g}; the noised statistics round would bring it to "
-                    f"{after:.4g}. The site sends no statistics. Ledger: {self.ledger.path}",
-                    spent=spent, budget=self.epsilon_budget, needed=after)
-            seq = self.ledger.reserve(kind="statistics", run_id=self.run_id, round=0,
-                                      noise_multiplier=sigma, sample_rate=1.0, steps=1,
-                                      note=f"{len(features)} features, Gaussian mechanism")
-        rng = np.random.default_rng(secrets.randbits(128))
-        stats, counts = privatise_statistics(frame, features, np.asarray(labels), ranges,
-                                             sigma, rng)
-        self.ledger.confirm(seq, 1)
-        return stats, counts, {"noise_multiplier": sigma, "epsilon": self.epsilon(),
-                               "delta": self.delta}
-
-    # -- helpers ----------------------------------------------------------------------------------
-
-    def _require_dp(self) -> None:
-        if not self.enabled:
-            raise PrivacyError("privacy.mode is 'off' at this site: there is no DP plan")

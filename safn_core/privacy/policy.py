@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from pydantic import ValidationError
 
 from safn_core.config import PrivacyConfig
 from safn_core.privacy.errors import PrivacyError
-
-REQUESTABLE = ("mode", "epsilon", "delta", "max_grad_norm", "statistics", "statistics_epsilon")
-"""Keys a coordinator's request may carry; the ledger, accountant and ledger-change acceptance
-are the site's alone."""
 
 
 def _min(a: float | None, b: float | None) -> float | None:
@@ -23,37 +16,18 @@ def _min(a: float | None, b: float | None) -> float | None:
     return min(a, b)
 
 
-def parse_request(requested: PrivacyConfig | Mapping[str, Any] | None) -> PrivacyConfig | None:
-    """A coordinator's request as a `PrivacyConfig` (a mapping may use ``privacy.``-prefixed,
-    flattened keys as they arrive in a Flower ConfigRecord)."""
-    if requested is None or isinstance(requested, PrivacyConfig):
-        return requested
-    flat = {str(k).removeprefix("privacy."): v for k, v in requested.items()}
-    extra = sorted(set(flat) - set(REQUESTABLE))
-    if extra:
-        raise PrivacyError(f"the coordinator's privacy request sets {', '.join(extra)}: only "
-                           f"{', '.join(REQUESTABLE)} may be requested; a site's ledger and "
-                           f"accountant are its own")
-    try:
-        return PrivacyConfig.model_validate(flat)
-    except ValidationError as exc:
-        msg = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'privacy'}: "
-                        f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-        raise PrivacyError(f"invalid privacy request from the coordinator: {msg}") from None
-
-
-def resolve_privacy(site: PrivacyConfig,
-                    requested: PrivacyConfig | Mapping[str, Any] | None = None) -> PrivacyConfig:
+def resolve_privacy(site: PrivacyConfig, req: PrivacyConfig | None = None) -> PrivacyConfig:
     """The settings a site trains with: its own, tightened by the coordinator's request.
 
     - A request for ``mode: off`` never turns a site's DP off.
     - A request for ``dp-sgd`` turns DP on at a site that has it off (the request's ε, δ and
       clipping norm), and at a DP site can only lower ε and δ (the smaller of the two wins).
-    - ``statistics: gaussian`` may be requested (its ε share is the smaller one).
-    - The ledger location, the accountant and ``accept_ledger_change`` are always the site's.
+    - ``statistics: gaussian`` may be requested (its ε share is the smaller one), and so may
+      ``secure_rng: true``.
+    - Everything else (the ledger location, the accountant, ``accept_ledger_change``,
+      ``max_noise_multiplier``) is always the site's.
     """
     site = site.model_copy(update={"sites": {}})
-    req = parse_request(requested)
     if req is None or req.mode == "off":
         return site
     if site.mode == "off":
@@ -65,6 +39,8 @@ def resolve_privacy(site: PrivacyConfig,
         share = _min(site.statistics_epsilon if site.statistics == "gaussian" else None,
                      req.statistics_epsilon if req.statistics == "gaussian" else None)
         update.update(statistics="gaussian", statistics_epsilon=share)
+    if req.secure_rng:
+        update["secure_rng"] = True
     merged = site.model_dump()
     merged.update(update)
     try:

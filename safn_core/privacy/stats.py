@@ -19,6 +19,11 @@ sums) is post-processing and costs nothing more.
 
 No small-cell suppression may run *before* the noise (a data-dependent suppression changes the
 sensitivity); the noise replaces it.
+
+`release_statistics` is the statistics round of a DP site: σ for ``statistics_epsilon``, the
+release charged to the site's ledger before it is made, and the released values kept in the
+ledger, so that a resumed run re-sends the same numbers (post-processing, free) instead of
+paying again.
 """
 
 from __future__ import annotations
@@ -29,7 +34,13 @@ import numpy as np
 import pandas as pd
 
 from safn_core.preprocess import FeatureStats
-from safn_core.privacy.errors import PrivacyError
+from safn_core.privacy.budget import SiteBudget
+from safn_core.privacy.calibration import gaussian_noise_multiplier
+from safn_core.privacy.errors import BudgetExhausted, PrivacyError
+from safn_core.privacy.randomness import STATISTICS, numpy_generator
+
+RELEASED = "statistics_released"
+"""The ledger event that keeps a run's released (noised) statistics."""
 
 
 def statistics_sensitivity(n_features: int) -> float:
@@ -72,7 +83,7 @@ def privatise_statistics(frame: pd.DataFrame, features: Sequence[str], labels: n
 
     Returns `FeatureStats` in raw units (additive across sites, as the exact ones) and the noisy
     class counts. The caller must record ``(noise_multiplier, 1.0, 1)`` in the site's ledger
-    *before* releasing the result (`SitePrivacy.release_statistics` does both).
+    *before* releasing the result (`release_statistics` does both).
     """
     if not noise_multiplier > 0:
         raise ValueError("the noise multiplier must be > 0")
@@ -92,3 +103,62 @@ def privatise_statistics(frame: pd.DataFrame, features: Sequence[str], labels: n
     total = c * mid + half * s
     total_sq = c * mid * mid + 2 * mid * half * s + half * half * q
     return FeatureStats(tuple(features), c, total, total_sq), k.tolist()
+
+
+def release_statistics(budget: SiteBudget, run_id: str, frame: pd.DataFrame,
+                       features: Sequence[str], labels,
+                       ranges: Mapping[str, tuple[float, float]], *,
+                       seed_material: Sequence[int] | None = None
+                       ) -> tuple[FeatureStats, list[float], dict]:
+    """The statistics round of run ``run_id`` through the Gaussian mechanism, charged first.
+
+    Only with ``privacy.statistics: gaussian``, and before the run's training is planned (the
+    plan composes with it). A run that already released re-sends what it released (the ledger
+    keeps it; no new charge). Randomness: `randomness` (``seed_material`` for a simulation's
+    virtual site, the ledger entry's number added; None: the operating system's entropy).
+    Returns the noisy `FeatureStats`, the noisy class counts and ``{noise_multiplier,
+    epsilon (spent so far), delta, repeated}``.
+    """
+    who, ledger, features = budget._who, budget.ledger, list(features)
+    if budget.cfg.statistics != "gaussian":
+        raise PrivacyError(f"{who}the statistics round is exact at this site "
+                           f"(privacy.statistics: exact); use the site's exact statistics")
+    for event in reversed(ledger.events):
+        if event.get("kind") == RELEASED and event.get("run_id") == str(run_id):
+            if event["features"] != features:
+                raise PrivacyError(f"{who}run {run_id} released statistics of other features; "
+                                   f"start a new run")
+            stats = FeatureStats(tuple(features), *(np.asarray(event[k], dtype=np.float64)
+                                                    for k in ("count", "total", "total_sq")))
+            return stats, list(event["class_counts"]), {
+                "noise_multiplier": event["noise_multiplier"], "epsilon": budget.epsilon(),
+                "delta": budget.delta, "repeated": True}
+    if ledger.plan(str(run_id)) is not None:
+        raise PrivacyError(f"{who}run {run_id} already planned its training budget; the "
+                           f"statistics round must come before training")
+    sigma = gaussian_noise_multiplier(target_epsilon=float(budget.cfg.statistics_epsilon),
+                                      delta=budget.delta, accountant=budget.cfg.accountant)
+    with ledger.transaction():
+        history = ledger.history()
+        after = budget.accountant.epsilon_after(history, [(sigma, 1.0, 1)])
+        if after > budget.epsilon_budget:
+            spent = budget.accountant.epsilon(history)
+            raise BudgetExhausted(
+                f"{who}privacy budget exhausted: ε spent so far {spent:.4g} of "
+                f"{budget.epsilon_budget:g}; the noised statistics round would bring it to "
+                f"{after:.4g}. The site sends no statistics. Ledger: {ledger.path}",
+                spent=spent, budget=budget.epsilon_budget, needed=after)
+        seq = ledger.reserve(kind="statistics", run_id=str(run_id), round=0,
+                             noise_multiplier=sigma, sample_rate=1.0, steps=1,
+                             note=f"{len(features)} features, Gaussian mechanism")
+    material = None if seed_material is None else (*seed_material, seq)
+    stats, counts = privatise_statistics(frame, features, np.asarray(labels), ranges, sigma,
+                                         numpy_generator(material, STATISTICS))
+    with ledger.transaction():
+        ledger.confirm(seq, 1)
+        ledger.add_event(RELEASED, run_id=str(run_id), seq=seq, noise_multiplier=sigma,
+                         features=features, count=stats.count.tolist(),
+                         total=stats.total.tolist(), total_sq=stats.total_sq.tolist(),
+                         class_counts=[float(c) for c in counts])
+    return stats, counts, {"noise_multiplier": sigma, "epsilon": budget.epsilon(),
+                           "delta": budget.delta, "repeated": False}

@@ -1,0 +1,207 @@
+"""Secure aggregation in the federation: the coordinator sees only federation-wide sums.
+
+One real Ray simulation (4 training sites and a held-out one) with a recorder around the coordinator's Grid: every
+reply the coordinator receives is checked for plain-text per-site statistics, histograms or
+updates; one site's reply is lost in round 2's training (after the key exchange), and the round
+completes with the other three. Plus the aggregation's exactness, and the refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from safn_core.config import load_config
+from safn_core.errors import ConfigError
+from safn_core.federation.secure_records import train_packing, train_values
+from tests.helpers import SMALL_MODEL, write_toy
+
+pytestmark = pytest.mark.timeout(400)
+BIN = Path(sys.executable).parent
+
+PLAIN_PER_SITE = {"num-examples", "train-loss", "val-neg", "val-pos", "test-neg", "test-pos",
+                  "class-0", "class-1", "n-train"}
+
+
+def test_secure_mean_equals_fedavg_within_the_stated_bound():
+    cfg = load_config(None, [])
+    rng = np.random.default_rng(0)
+    for case in range(20):
+        sites, size = int(rng.integers(3, 9)), int(rng.integers(1, 3000))
+        packing = train_packing(size, cfg.federation, sites)
+        weights = [rng.normal(0, rng.choice([1e-3, 1, 30]), size) for _ in range(sites)]
+        n = [int(rng.integers(1, 5000)) for _ in range(sites)]
+        total = sum(packing.encode(train_values(w, k, 0.5, 1e3)).vector for w, k in
+                    zip(weights, n))
+        got = packing.decode(total)
+        mean = got["weighted"] / int(got["examples"])
+        plain = np.average(np.stack(weights), axis=0, weights=n)
+        assert int(got["examples"]) == sum(n) and int(got["sites"]) == sites
+        bound = packing.error_bound("weighted") / sum(n)
+        assert np.max(np.abs(mean - plain)) <= bound
+        assert np.max(np.abs(mean - plain)) <= 1e-6 * max(1.0, np.max(np.abs(plain)))
+
+
+def test_central_dp_under_secure_aggregation_clips_at_the_sites_and_noises_the_mean(tmp_path):
+    """3 virtual sites, central DP on, secure aggregation on (the default): each round records
+    a release with σ, C and the site-level ε; a zero-noise run moves the model by the mean of
+    the sites' clipped updates, so no update's norm exceeds C."""
+    csv, mapping = write_toy(tmp_path, n=240)
+    base = ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}",
+            "federation.rounds=2", "simulation.compare=false",
+            f"simulation.site_state_dir={tmp_path / 'state'}", *SMALL_MODEL,
+            "federation.central_dp.enabled=true", "federation.central_dp.clipping_norm=0.05"]
+    out = tmp_path / "run"
+    proc = subprocess.run([str(BIN / "safn-sim"), "--out", str(out),
+                           *[x for s in base + ["federation.central_dp.noise_multiplier=1e-9"]
+                             for x in ("--set", s)]],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "securely summed" in proc.stdout
+    history = json.loads((out / "history.json").read_text())
+    from safn_core.federation.checkpoint import load_checkpoint
+
+    previous = None
+    for entry in history:
+        c = entry["central_dp"]
+        assert c["clipped_at"] == "sites (secure aggregation)"
+        assert c["sites_aggregated"] == c["sites_per_round"] == 3
+        assert c["effective_noise_multiplier"] == pytest.approx(1e-9)
+        assert c["epsilon"] > 0
+    weights = [np.load(out / "checkpoints" / f"round_000{r}.npz") for r in (1, 2)]
+    step = np.sqrt(sum(float(np.sum((weights[1][k].astype(np.float64)
+                                     - weights[0][k].astype(np.float64)) ** 2))
+                       for k in weights[0].files if k.startswith("w::")))
+    assert 0 < step <= 0.05 * (1 + 1e-4)  # the mean of updates clipped to C moves at most C
+    assert load_checkpoint(out).round == 2
+
+
+def test_two_sites_are_refused_clearly(tmp_path):
+    csv, mapping = write_toy(tmp_path, n=200)
+    proc = subprocess.run([str(BIN / "safn-sim"), "--out", str(tmp_path / "run"),
+                           "--set", "data.source=table", "--set", f"data.path={csv}",
+                           "--set", f"data.mapping={mapping}", "--set", "simulation.partition=iid",
+                           "--set", "simulation.n_sites=2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    message = " ".join((proc.stdout + proc.stderr).split())
+    assert "secure_aggregation needs at least 3 sites" in message
+    assert "federation.secure_aggregation=false" in message
+
+
+class Recorder:
+    """The coordinator's Grid, recording every reply; it loses one site's replies in round 2's
+    training and in the redone aggregation after it (the site dropped after the key exchange)."""
+
+    def __init__(self, grid, lost_site_index: int = 0):
+        self._grid, self.replies, self.lost, self._lost_index = grid, [], None, lost_site_index
+        self.dropped = 0
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *args, **kwargs):
+        messages = list(messages)
+        drop = False
+        for m in messages:
+            cfg = m.content.config_records.get("config")
+            if cfg is None:
+                continue
+            is_train2 = (str(m.metadata.message_type) == "train" and int(cfg.get("server-round", 0)) == 2)
+            ctx = json.loads(str(cfg["secagg-context"])) if "secagg-context" in cfg else {}
+            redo = ctx.get("name") == "train" and ctx.get("round") == 2 and ctx.get("attempt", 0) > 0
+            drop = drop or is_train2 or redo
+        if drop and self.lost is None:
+            self.lost = sorted(m.metadata.dst_node_id for m in messages)[self._lost_index]
+        out = []
+        for reply in self._grid.send_and_receive(messages, *args, **kwargs):
+            if drop and reply.metadata.src_node_id == self.lost:
+                self.dropped += 1
+                continue
+            self.replies.append(reply)
+            out.append(reply)
+        return out
+
+
+def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_round(
+        tmp_path, monkeypatch):
+    import server.app as server_app
+    from safn_core.config import dump_config
+    from safn_core.data.sources import load_cohort
+    from safn_core.federation.run_folder import write_config
+    from simulations.compare import build_sites
+    from simulations.engine import run_flower_simulation
+    from simulations.virtual_sites import write_virtual_sites
+
+    csv, mapping = write_toy(tmp_path, n=320)
+    cfg = load_config(None, ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}",
+                             "simulation.partition=iid", "simulation.n_sites=5",
+                             "server.held_out_sites=[site_05]",
+                             "federation.rounds=3", "federation.local_epochs=1",
+                             f"simulation.site_state_dir={tmp_path / 'state'}",
+                             *SMALL_MODEL])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cohort = load_cohort(cfg.data, cfg.synth)
+    parts = build_sites(cohort, cfg)
+    write_config(run_dir, dump_config(cfg))
+    write_virtual_sites(run_dir, cohort, parts)
+
+    recorders = []
+
+    class Recorded(server_app.Coordinator):
+        def __init__(self, grid, *args, **kwargs):
+            recorders.append(Recorder(grid))
+            super().__init__(recorders[-1], *args, **kwargs)
+
+    monkeypatch.setattr(server_app, "Coordinator", Recorded)
+    run_flower_simulation(run_dir, cfg, len(parts))
+
+    status = json.loads((run_dir / "federation_status.json").read_text())
+    assert status == {"status": "completed", "round": 3}, status
+    rec = recorders[0]
+    assert rec.dropped == 1  # its train reply; the redone aggregation never asks it again
+    history = json.loads((run_dir / "history.json").read_text())
+    second = history[1]
+    assert second["secure_sum"]["sites_trained"] == 3
+    assert second["secure_sum"]["retries"] and second["secure_sum"]["retries"][0]["lost"] == 1
+    assert history[0]["secure_sum"]["sites_trained"] == 4
+    training = [s for s in _sites(cohort, parts, cfg) if s.name != "site_05"]
+    n_test = sum(len(s.split.test) for s in training)
+    for entry in history:  # pooled metrics every round, on every training site's test split
+        assert entry["pooled"] is not None and entry["n_test"] == n_test
+        # the held-out site evaluates alone, on all its participants, in plain text
+        assert entry["held_out"]["site_05"]["n"] == len(parts["site_05"])
+        assert "site_05" not in entry["sites_trained"]
+    # nothing per site in plain text: only masked uint64 vectors, no counts or histograms
+    assert len(rec.replies) > 10
+    held_out = {r.metadata.src_node_id for r in rec.replies
+                if "site" in r.content.config_records
+                and r.content["site"].get("name") == "site_05"}
+    assert len(held_out) == 1
+    for reply in rec.replies:
+        if reply.metadata.src_node_id in held_out:
+            continue
+        content = reply.content
+        assert "stats" not in content.array_records
+        for name, arrays in content.array_records.items():
+            assert list(arrays.keys()) == ["masked"], (name, list(arrays.keys()))
+            assert arrays["masked"].numpy().dtype == np.uint64
+        for metrics in content.metric_records.values():
+            assert not PLAIN_PER_SITE & set(metrics.keys()), set(metrics.keys())
+    from safn_core.bundle import load_bundle
+
+    weights = load_bundle(run_dir / "model").model.state_dict()
+    assert all(np.isfinite(v.numpy()).all() for v in weights.values())
+
+
+def _sites(cohort, parts, cfg):
+    from safn_core.federation.site import Site
+
+    return [Site(name, cohort.subset(ids), cfg) for name, ids in parts.items()]
