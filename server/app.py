@@ -1,9 +1,10 @@
 """The SAFN ServerApp: the coordinator's side of a run, thin over `safn_core.federation`.
 
-A run: wait (bounded) for ``min_sites`` sites, a statistics round (Grid QUERY messages; the sites'
-training-split sums build one global preprocessing and the loss's class counts), then the
-strategy's rounds; after each round, pooled and per-site metrics from the sites' score
-histograms and a checkpoint. A run folder that already holds checkpoints is resumed from its
+A run: wait (bounded) for ``min_sites`` sites, a statistics round (`server.statistics_round`;
+the sites' training-split sums build one global preprocessing and the loss's class counts), then
+the strategy's rounds; after each round, pooled metrics from the sites' summed score histograms
+and a checkpoint. With ``federation.secure_aggregation`` (the default) every sum is a secure sum
+(`server.secure_aggregation`): the coordinator never sees one site's values. A run folder that already holds checkpoints is resumed from its
 last complete round. At the end the model bundle (same format as safn-train) is written to
 ``<run folder>/model``.
 
@@ -21,16 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from safn_core.config import SafnConfig
 from safn_core.federation.aggregate import (global_preprocessing, held_out_metrics,
                                             modalities_from_record, round_line,
                                             round_metrics, secure_round_metrics)
-from safn_core.federation.secure_records import (evaluate_packing, scaled_packing,
-                                                 scales_from_sum, statistics_from_sum,
-                                                 statistics_packing, train_packing)
+from safn_core.federation.secure_records import evaluate_packing, train_packing
 from safn_core.secagg import SecureAggregationRefused, SecureSumFailed
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.privacy_report import central_entry, privacy_entry, privacy_summary
@@ -42,104 +41,14 @@ from safn_core.federation.wire import KEY as WIRE_KEY
 from safn_core.federation.wire import Layout
 from safn_core.io import write_json
 from safn_core.metrics import METRICS
-from safn_core.preprocess import FeatureStats, Preprocessor
+from safn_core.preprocess import Preprocessor
 from safn_core.training.local import make_model
-from server.strategies import SitesMissing, make_strategy, wait_for_nodes, with_central_dp
+from server.site_waits import SitesMissing
+from server.statistics_round import (Described, secure_statistics_round, statistics_round,
+                                     wait_for_sites)
+from server.strategies import make_strategy, with_central_dp
 
 app = ServerApp()
-
-
-def wait_for_sites(grid: Grid, expected: int, min_sites: int, timeout: float,
-                   report=print) -> list[int]:
-    """Node ids once all ``expected`` sites are connected, or, when ``timeout`` passes first,
-    the ``min_sites`` or more that are; Flower's own wait has no upper bound."""
-    try:
-        return wait_for_nodes(grid, expected, timeout, lambda nid: True,
-                              "at the start of the run")
-    except SitesMissing:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) < min_sites:
-            raise
-        report(f"{len(nodes)} of {expected} expected sites connected after {timeout:.0f} s; "
-               f"starting with them (min_sites = {min_sites})")
-        return nodes
-
-
-class Described:
-    """What the statistics round returned: per-site sums, names, data structure, refusals."""
-
-    def __init__(self):
-        self.stats: list[FeatureStats] = []
-        self.counts: list[list[int]] = []
-        self.names: dict[int, str] = {}
-        self.eligible: set[int] = set()
-        self.refused: dict[str, str] = {}
-        self.structure: ConfigRecord | None = None
-        self.held_out: set[int] = set()  # nodes that only evaluate (external validation)
-        # sites whose statistics came through the Gaussian mechanism (privacy.statistics:
-        # gaussian): their σ and ε spent so far
-        self.gaussian: dict[str, dict] = {}
-
-
-def refuse_if_too_few_for_secure_sum(n: int, what: str) -> None:
-    if n < 3:
-        raise SecureAggregationRefused(
-            f"secure aggregation needs at least 3 contributing sites, but only {n} {what}: "
-            "with 2, a sum reveals each site's values to the other. Add sites, or set "
-            "federation.secure_aggregation: false explicitly if you accept that exposure")
-
-
-def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: str,
-                     min_sites: int = 1, held_out_sites: tuple[str, ...] = (), secure=None,
-                     next_ctx=None, run_id: str | None = None) -> Described:
-    """Ask every site for its training-split statistics (a QUERY message, before training);
-    under secure aggregation (``secure``) only for its data structure and a public key for the
-    statistics' secure sum (``next_ctx``), the sums following in `Coordinator`."""
-    config = {"task": "describe", "safn-config": shared_text,
-              "held-out-sites": list(held_out_sites)}
-    if run_id:  # a DP site charges a noised statistics round to this run (privacy.statistics)
-        config["run-id"] = run_id
-    if secure is not None:
-        from server.secure_aggregation import NEXT, _ctx_json
-
-        config.update({"secure-aggregation": True, NEXT: _ctx_json(next_ctx)})
-    messages = [Message(RecordDict({"config": ConfigRecord(config)}),
-                        dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
-    out = Described()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        nid = reply.metadata.src_node_id
-        if reply.has_error():
-            out.refused[f"node {nid}"] = reply.error.reason
-            continue
-        site = reply.content["site"]
-        out.names[nid] = name = str(site["name"])
-        if not site["ok"]:
-            out.refused[name] = str(site["reason"])
-            continue
-        if out.structure is None:
-            out.structure = site
-        elif list(site["features"]) != list(out.structure["features"]):
-            raise SitesMissing(f"site {name} describes other features than the first site; "
-                               "sites must share one data contract to federate")
-        if site.get("held-out", False):
-            out.held_out.add(nid)
-            continue
-        if secure is not None:
-            secure.note(nid, reply.content)
-            continue
-        arr = reply.content["stats"]
-        out.stats.append(FeatureStats(tuple(site["features"]), arr["count"].numpy(),
-                                      arr["total"].numpy(), arr["total_sq"].numpy()))
-        m = reply.content["metrics"]
-        out.counts.append([float(m["class-0"]), float(m["class-1"])])  # noised: not integers
-        if site.get("statistics") == "gaussian":
-            out.gaussian[name] = {k: float(site[f"statistics-{k}"])
-                                  for k in ("noise-multiplier", "epsilon", "delta")}
-        out.eligible.add(nid)
-    if len(out.stats) < min_sites:
-        raise SitesMissing(f"{len(out.stats)} sites sent statistics, fewer than min_sites = "
-                           f"{min_sites}" + "".join(f"; {k}: {v}" for k, v in out.refused.items()))
-    return out
 
 
 class Coordinator:
@@ -193,65 +102,19 @@ class Coordinator:
         return self.state
 
     def _secure_statistics_round(self, nodes: list[int]) -> Described:
-        """The statistics round under secure aggregation: each site describes its data
-        structure and announces a key (QUERY ``describe``), then the training sites' counts,
-        sums and sums of squares are summed securely; ``min_cell`` applies to the sums."""
         from server.secure_aggregation import SecureAggregation
 
         fed = self.fed
-        held = tuple(self.cfg.server.held_out_sites)
         self.secure = SecureAggregation(
             self.grid, run_identity(self.run_dir), fed.round_timeout,
-            {"safn-config": self.shared_text, "held-out-sites": list(held),
+            {"safn-config": self.shared_text,
+             "held-out-sites": list(self.cfg.server.held_out_sites),
              "run-id": run_identity(self.run_dir)}, fed.min_sites,
             fed.secagg.max_attempts, self.report)
-        ctx = self.secure.context(0, "statistics")
-        desc = statistics_round(self.grid, nodes, fed.round_timeout, self.shared_text,
-                                0, held, secure=self.secure, next_ctx=ctx)
-        training = sorted(set(desc.names) - desc.held_out - set(
-            n for n, name in desc.names.items() if name in desc.refused))
-        refuse_if_too_few_for_secure_sum(len(training), "sites described their data")
         saved = load_checkpoint(self.run_dir)
-        first = (saved.round if saved is not None else 0) + 1
-        from server.secure_aggregation import NEXT, _ctx_json
-
-        features = tuple(desc.structure["features"])
-        scaled_ctx = self.secure.context(0, "statistics-scaled")
-        result = self.secure.sum_now(ctx, statistics_packing(len(features), fed, len(training)),
-                                     training, {NEXT: _ctx_json(scaled_ctx)})
-        for nid, content in self.secure.last_contents.items():
-            rec = content.config_records.get("statistics")
-            if rec is None:
-                continue
-            if rec.get("statistics") == "gaussian":
-                desc.gaussian[desc.names[nid]] = {k: float(rec[k]) for k in
-                                                  ("noise-multiplier", "epsilon", "delta")}
-            elif rec.get("statistics") == "refused":
-                desc.refused[desc.names[nid]] = str(rec.get("reason", "no reason given"))
-        scales = scales_from_sum(result.values)
-        second = self.secure.sum_now(
-            scaled_ctx, scaled_packing(len(features), fed, len(result.contributors)),
-            list(result.contributors), {NEXT: _ctx_json(self.secure.context(first, "train")),
-                                        "secagg-scales": scales.tolist()})
-        clipped = {k: v for r in (result, second) for k, v in r.clipped.items() if v}
-        if clipped:
-            self.report(f"secure aggregation: statistics values clipped to the configured "
-                        f"bounds (federation.secagg): {clipped}")
-        stats, counts, withheld = statistics_from_sum(features, result.values, second.values,
-                                                      scales, self.cfg.data.min_cell)
-        result = second
-        if min(counts) < self.cfg.data.min_cell:
-            raise SitesMissing(f"the federation's training splits have {counts[0]} / "
-                               f"{counts[1]} participants per class, fewer than min_cell = "
-                               f"{self.cfg.data.min_cell}: nothing can be trained safely")
-        if withheld:
-            self.report(f"{len(withheld)} features observed in fewer than min_cell people "
-                        "across the federation are withheld")
-        desc.stats, desc.counts = [stats], [counts]
-        desc.eligible = set(result.contributors)
-        self.report(f"secure aggregation: statistics summed over {len(result.contributors)} "
-                    "sites; the coordinator sees only federation-wide sums")
-        return desc
+        return secure_statistics_round(self.secure, nodes, self.cfg, self.shared_text,
+                                       (saved.round if saved is not None else 0) + 1,
+                                       self.report)
 
     def _initial_state(self, desc: Described) -> RunState:
         pre, class_counts = global_preprocessing(self.modalities, desc.stats, desc.counts)

@@ -27,7 +27,7 @@ CONTEXT, PACKING, PEER_IDS, PEER_KEYS, NEXT = (
 RECORD = "secagg"
 
 
-def _ctx_json(ctx: AggregationContext) -> str:
+def context_json(ctx: AggregationContext) -> str:
     return json.dumps(ctx.to_dict(), sort_keys=True)
 
 
@@ -66,7 +66,7 @@ class SecureAggregation:
         known = self.keys.setdefault(ctx.info(), {})
         missing = [n for n in nodes if n not in known]
         if missing:
-            for nid, rec in self._query({n: {"task": "secagg-keys", CONTEXT: _ctx_json(ctx)}
+            for nid, rec in self._query({n: {"task": "secagg-keys", CONTEXT: context_json(ctx)}
                                          for n in missing}).items():
                 try:
                     known[nid] = check_public_key(bytes(rec["public-key"]))
@@ -80,10 +80,10 @@ class SecureAggregation:
         the nodes that can take part (those whose key the coordinator has)."""
         keys = self._keys_for(ctx, sorted(nodes))
         ids = sorted(keys)
-        entries = {CONTEXT: _ctx_json(ctx), PACKING: json.dumps(packing.to_dict()),
+        entries = {CONTEXT: context_json(ctx), PACKING: json.dumps(packing.to_dict()),
                    PEER_IDS: ids, PEER_KEYS: [keys[i] for i in ids]}
         if next_ctx is not None:
-            entries[NEXT] = _ctx_json(next_ctx)
+            entries[NEXT] = context_json(next_ctx)
         return entries, ids
 
     # -- sums ---------------------------------------------------------------------------------

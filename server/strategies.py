@@ -23,86 +23,26 @@
   out of the aggregate while the other sites' updates are used;
 - optional central DP (`with_central_dp`): Flower's `DifferentialPrivacyServerSideFixedClipping`
   around the strategy, fed only with screened replies, its site-level noise recorded per round;
+- secure aggregation (`server.secure_strategy.SecureSumMixin`, when ``secure`` is set): the
+  coordinator sees only the sums; screening then happens at each site;
 - the adaptive optimisers' moments exposed for checkpoints (`get_state` / `set_state`).
+
+The waits themselves (start of run, each round, a reconnecting site) are `server.site_waits`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
-                      RecordDict)
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg,
                                      FedProx, FedYogi)
 
 from safn_core.config import FederationConfig
-from safn_core.errors import SafnError
 from safn_core.federation.loop import sample_sites
-
-
-class SitesMissing(SafnError):
-    """Fewer than ``min_sites`` sites connected for longer than the configured wait, or too few
-    could describe their data: the run stops, its last checkpoint intact."""
-
-
-def wait_for_nodes(grid, min_sites: int, timeout: float, usable: Callable[[int], bool],
-                   when: str) -> list[int]:
-    """The usable connected node ids once there are ``min_sites`` of them, polling the Grid.
-
-    Flower's own wait for ``min_available_nodes`` has no upper bound; this one raises
-    `SitesMissing` after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(n for n in grid.get_node_ids() if usable(n))
-        if len(nodes) >= min_sites:
-            return nodes
-        if time.monotonic() > deadline:
-            raise SitesMissing(f"only {len(nodes)} of the {min_sites} sites needed were "
-                               f"connected {when}, for {timeout:.0f} s "
-                               "(federation.wait_for_sites)")
-        time.sleep(0.2)
-
-
-def await_rejoin(grid, expected: dict[int, str], away: set[int], timeout: float, when: str,
-                 report: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep, interval: float = 0.2) -> set[int]:
-    """At the start of a round: wait up to ``timeout`` seconds for the sites of the run
-    (``expected``: node id -> site name) that are not connected, and return the connected ids.
-
-    A site that was part of the run and is restarting (a crash, a reboot) thus takes part in the
-    round it comes back for, instead of missing rounds while the others race on. ``away`` (kept
-    across rounds by the caller) bounds the cost of a site that left for good: a site still
-    missing after a whole wait is added to it and not waited for again; once it is connected at
-    the start of a round it leaves ``away`` and is waited for again if it disappears again.
-    Each wait, reconnection and give-up is reported in one line (``report``).
-    """
-    connected = set(grid.get_node_ids())
-    away -= connected
-    missing = set(expected) - connected - away
-    if not missing or timeout <= 0:
-        return connected
-
-    def names(ids) -> str:
-        return ", ".join(sorted(expected[n] for n in ids))
-
-    report(f"{when}: waiting up to {timeout:.0f} s for {names(missing)} to reconnect "
-           "(federation.rejoin_wait)")
-    start = clock()
-    while missing and clock() - start < timeout:
-        sleep(interval)
-        connected = set(grid.get_node_ids())
-        back = missing & connected
-        if back:
-            report(f"{when}: {names(back)} reconnected after {clock() - start:.0f} s")
-            missing -= back
-    if missing:
-        away |= missing
-        report(f"{when}: {names(missing)} did not reconnect within {timeout:.0f} s; going on "
-               "without it (not waited for again until it is back)")
-    return connected
+from server.secure_strategy import SecureSumMixin
+from server.site_waits import OnlyNodes, await_rejoin, wait_for_nodes
 
 
 def train_metrics(replies, weighted_by_key: str) -> MetricRecord:
@@ -147,20 +87,7 @@ def evaluate_metrics(replies, weighted_by_key: str) -> MetricRecord:
                                                  for r in replies))})
 
 
-class _OnlyNodes:
-    """A view of the Grid that lists only the nodes chosen for this round."""
-
-    def __init__(self, grid, node_ids: list[int]):
-        self._grid, self._nodes = grid, list(node_ids)
-
-    def get_node_ids(self):
-        return list(self._nodes)
-
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
-
-
-class SafnStrategyMixin:
+class SafnStrategyMixin(SecureSumMixin):
     round_offset: int = 0
     seed: int = 0
     min_sites: int = 1
@@ -197,7 +124,7 @@ class SafnStrategyMixin:
         return self.site_names.get(nid, f"node {nid}")
 
     def _choose(self, grid, fraction: float, seed: int, server_round: int,
-                allowed: set[int] | None = None) -> _OnlyNodes:
+                allowed: set[int] | None = None) -> OnlyNodes:
         """The round's sites, drawn among connected sites that passed the statistics round
         (a site that withheld its statistics for small cells takes no part in the run)."""
         allowed = self.eligible if allowed is None else allowed
@@ -206,7 +133,7 @@ class SafnStrategyMixin:
                                f"in round {server_round}")
         by_name = {self.site_names.get(n, f"node {n}"): n for n in nodes}
         names = sample_sites(list(by_name), fraction, self.min_sites, seed, server_round)
-        return _OnlyNodes(grid, [by_name[n] for n in names])
+        return OnlyNodes(grid, [by_name[n] for n in names])
 
     def await_rejoin(self, grid, r: int) -> None:
         """Before a training round: a bounded wait for the run's sites that are reconnecting."""
@@ -237,7 +164,7 @@ class SafnStrategyMixin:
         if self.secure is not None:
             chosen = self.secure_start(grid, "evaluate", r, chosen.get_node_ids(), config,
                                        next_name="train", next_round=r + 1)
-        chosen = _OnlyNodes(grid, chosen.get_node_ids()
+        chosen = OnlyNodes(grid, chosen.get_node_ids()
                             + [n for n in held_out if n in connected])  # always evaluate
         messages = list(super().configure_evaluate(r, arrays, config, chosen))
         if self.secure is not None:  # held-out sites evaluate alone, in plain text
@@ -248,114 +175,6 @@ class SafnStrategyMixin:
                                 message_type=m.metadata.message_type)
                         if m.metadata.dst_node_id in held_out else m for m in messages]
         return messages
-
-    # -- secure aggregation (server.secure_aggregation) -------------------------------------
-
-    secure = None  # a SecureAggregation when federation.secure_aggregation is on
-    packings: dict | None = None  # aggregation name -> Packing
-
-    def secure_start(self, grid, name: str, r: int, nodes: list[int], config, next_name: str,
-                     next_round: int | None = None) -> _OnlyNodes:
-        """Put aggregation ``name`` of round ``r`` into ``config`` (context, packing, every
-        participant's public key, the next aggregation); the round's sites are those whose key
-        the coordinator has (at least 3, else the round cannot be summed securely)."""
-        ctx = self.secure.context(r, name)
-        nxt = self.secure.context(r if next_round is None else next_round, next_name)
-        entries, ids = self.secure.start(ctx, self.packings[name], nodes, nxt)
-        if len(ids) < self.secure.min_parties:
-            raise SitesMissing(f"round {r}: only {len(ids)} sites can take part in the secure "
-                               f"{name} sum, fewer than {self.secure.min_parties}; secure "
-                               "aggregation needs 3 or more contributing sites")
-        for k, v in entries.items():
-            config[k] = v
-        self._secure_round[name] = (ctx, ids)
-        return _OnlyNodes(grid, ids)
-
-    def _secure_sum(self, name: str, replies: list[Message]):
-        ctx, ids = self._secure_round[name]
-        vectors = {}
-        for m in replies:
-            if m.has_error():
-                continue
-            self.secure.note(m.metadata.src_node_id, m.content)
-            arr = m.content.array_records.get("arrays")
-            if arr is not None and "masked" in arr:
-                vectors[m.metadata.src_node_id] = arr["masked"].numpy()
-        return self.secure.finish(ctx, self.packings[name], ids, vectors)
-
-    def secure_aggregate_train(self, r: int, replies: list[Message]):
-        """FedAvg's example-weighted mean from the sum of the sites' ``n·w`` and ``n``, then the
-        strategy's own step (FedAdam/FedYogi) on it, as if one site had sent the mean."""
-        self.last_privacy, self.last_train = {}, {}
-        for m in replies:
-            if self._note_train_reply(r, m):
-                self.last_train[self._site(m)] = {}
-        total = self._secure_sum("train", replies).values
-        self.last_secure_train = {"sites": int(total["sites"]),
-                                  "examples": int(total["examples"])}
-        if int(total["loss_examples"]) > 0:
-            self.last_secure_train["train_loss"] = (float(total["loss_sum"])
-                                                    / int(total["loss_examples"]))
-        if int(total["sites"]) < self.min_sites or int(total["weight"]) <= 0:
-            self.too_few(r, [None] * int(total["sites"]))
-            return None, None
-        mean = total["weighted"] / int(total["weight"])
-        if self.central_dp is not None:
-            mean = self._central_release(r, mean, int(total["sites"]))
-        key = next(iter(self.expected))
-        dtype = np.float32
-        reply = Message(RecordDict({
-            "arrays": ArrayRecord({key: Array(mean.astype(dtype))}),
-            "metrics": MetricRecord({"num-examples": int(total["examples"]),
-                                     "train-loss": self.last_secure_train.get("train_loss", -1.0)})}),
-            dst_node_id=0, message_type=MessageType.TRAIN)
-        self._prescreened = True
-        try:
-            return super().aggregate_train(r, [reply])
-        finally:
-            self._prescreened = False
-
-    central_dp = None  # CentralDPConfig when central DP runs under secure aggregation
-    central_sites_per_round: int = 1
-    noise_seed: int | None = None  # a simulation's seed (reproducible noise); None: OS entropy
-
-    def _central_release(self, r: int, mean_update: np.ndarray, k: int) -> np.ndarray:
-        """Central DP under secure aggregation: the sites clipped their updates to L2 norm C and
-        sent them with equal weights; the mean of k of them, plus N(0, (σ·C/m)²), m the sites
-        per round, is added to the global model. One site changes the mean by at most C/k, so
-        the effective noise multiplier is σ·k/m (σ when every drawn site replied)."""
-        from safn_core.privacy.randomness import numpy_generator
-
-        cdp, m = self.central_dp, self.central_sites_per_round
-        rng = numpy_generator(None if self.noise_seed is None else [self.noise_seed, r], 3)
-        std = cdp.noise_multiplier * cdp.clipping_norm / m
-        noisy = mean_update + rng.normal(0.0, std, size=mean_update.shape)
-        self.central[r] = {
-            "noise_multiplier": float(cdp.noise_multiplier),
-            "clipping_norm": float(cdp.clipping_norm), "sites_per_round": int(m),
-            "sites_aggregated": int(k), "max_weight": 1.0 / k,
-            "effective_noise_multiplier": float(cdp.noise_multiplier) * k / m,
-            "clipped_at": "sites (secure aggregation)"}
-        return self._current_vector + noisy
-
-    def secure_aggregate_evaluate(self, r: int, replies: list[Message]):
-        held_out = (self.evaluators or set()) - (self.eligible or set())
-        plain = [m for m in replies if m.metadata.src_node_id in held_out]
-        masked = [m for m in replies if m.metadata.src_node_id not in held_out]
-        self.last_evaluate = {self._site(m): m.content["metrics"] for m in plain
-                              if not m.has_error()}
-        self.last_secure_evaluate = self._secure_sum("evaluate", masked).values
-        own = {}
-        for m in masked:
-            if m.has_error():
-                continue
-            met = m.content["metrics"]
-            own[self._site(m)] = ({"roc_auc": float(met["site-roc-auc"]),
-                                   "n": int(met["site-n"])}
-                                  if int(met.get("site-reported", 0)) else None)
-        self.last_site_metrics = own
-        return MetricRecord({"num-examples": int(np.asarray(
-            self.last_secure_evaluate["test"]).sum())})
 
     # -- aggregation: screened, ordered ------------------------------------------------------
 

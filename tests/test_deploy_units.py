@@ -177,7 +177,7 @@ class _Grid:
 
 
 def test_a_run_below_min_sites_for_longer_than_the_wait_stops_with_a_message():
-    from server.strategies import SitesMissing, wait_for_nodes
+    from server.site_waits import SitesMissing, wait_for_nodes
 
     # two sites stay: no wait
     assert wait_for_nodes(_Grid(lambda c: [1, 2]), 2, 5, lambda n: True, "in round 3") == [1, 2]
@@ -195,7 +195,8 @@ def test_a_run_below_min_sites_for_longer_than_the_wait_stops_with_a_message():
 
 def test_the_strategy_waits_for_eligible_sites_then_stops_the_run():
     from safn_core.config import FederationConfig
-    from server.strategies import SitesMissing, make_strategy
+    from server.site_waits import SitesMissing
+    from server.strategies import make_strategy
 
     strategy = make_strategy(FederationConfig(min_sites=2, wait_for_sites=0.3), seed=0)
     strategy.eligible = {1, 2}
@@ -221,7 +222,7 @@ class _Clock:
 
 
 def test_a_round_waits_for_a_reconnecting_site_of_the_run_and_reports_it():
-    from server.strategies import await_rejoin
+    from server.site_waits import await_rejoin
 
     sites = {1: "site_a", 2: "site_b", 3: "site_c"}
     lines, clock, away = [], _Clock(), set()
@@ -248,7 +249,7 @@ def test_a_round_waits_for_a_reconnecting_site_of_the_run_and_reports_it():
 
 
 def test_a_site_that_stays_away_costs_one_wait_then_is_waited_for_again_once_back():
-    from server.strategies import await_rejoin
+    from server.site_waits import await_rejoin
 
     sites = {1: "site_a", 2: "site_b", 3: "site_c"}
     lines, clock, away = [], _Clock(), set()

@@ -9,7 +9,6 @@ import pandas as pd
 
 from safn_core import plots
 from safn_core.config import SafnConfig, dump_config
-from safn_core.metrics import METRICS
 from safn_core.report import Report
 
 

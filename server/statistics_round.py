@@ -1,0 +1,165 @@
+"""The statistics round: before training, what every site describes of its training split.
+
+Plain (`statistics_round`): each site sends its counts, sums and sums of squares (exact, or
+noised by the Gaussian mechanism where the site chose ``privacy.statistics: gaussian``) and
+withholds them below ``min_cell``. Under secure aggregation (`secure_statistics_round`) it sends
+only its data structure and a public key, and the sums follow as secure sums.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from safn_core.config import SafnConfig
+from safn_core.federation.secure_records import (scaled_packing, scales_from_sum,
+                                                 statistics_from_sum, statistics_packing)
+from safn_core.preprocess import FeatureStats
+from safn_core.secagg import SecureAggregationRefused
+from server.secure_aggregation import NEXT, context_json
+from server.site_waits import SitesMissing, wait_for_nodes
+
+
+def wait_for_sites(grid: Grid, expected: int, min_sites: int, timeout: float,
+                   report=print) -> list[int]:
+    """Node ids once all ``expected`` sites are connected, or, when ``timeout`` passes first,
+    the ``min_sites`` or more that are; Flower's own wait has no upper bound."""
+    try:
+        return wait_for_nodes(grid, expected, timeout, lambda nid: True,
+                              "at the start of the run")
+    except SitesMissing:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) < min_sites:
+            raise
+        report(f"{len(nodes)} of {expected} expected sites connected after {timeout:.0f} s; "
+               f"starting with them (min_sites = {min_sites})")
+        return nodes
+
+
+class Described:
+    """What the statistics round returned: per-site sums, names, data structure, refusals."""
+
+    def __init__(self):
+        self.stats: list[FeatureStats] = []
+        self.counts: list[list[int]] = []
+        self.names: dict[int, str] = {}
+        self.eligible: set[int] = set()
+        self.refused: dict[str, str] = {}
+        self.structure: ConfigRecord | None = None
+        self.held_out: set[int] = set()  # nodes that only evaluate (external validation)
+        # sites whose statistics came through the Gaussian mechanism (privacy.statistics:
+        # gaussian): their σ and ε spent so far
+        self.gaussian: dict[str, dict] = {}
+
+
+def refuse_if_too_few_for_secure_sum(n: int, what: str) -> None:
+    if n < 3:
+        raise SecureAggregationRefused(
+            f"secure aggregation needs at least 3 contributing sites, but only {n} {what}: "
+            "with 2, a sum reveals each site's values to the other. Add sites, or set "
+            "federation.secure_aggregation: false explicitly if you accept that exposure")
+
+
+def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: str,
+                     min_sites: int = 1, held_out_sites: tuple[str, ...] = (), secure=None,
+                     next_ctx=None, run_id: str | None = None) -> Described:
+    """Ask every site for its training-split statistics (a QUERY message, before training);
+    under secure aggregation (``secure``) only for its data structure and a public key for the
+    statistics' secure sum (``next_ctx``), the sums following in `Coordinator`."""
+    config = {"task": "describe", "safn-config": shared_text,
+              "held-out-sites": list(held_out_sites)}
+    if run_id:  # a DP site charges a noised statistics round to this run (privacy.statistics)
+        config["run-id"] = run_id
+    if secure is not None:
+        config.update({"secure-aggregation": True, NEXT: context_json(next_ctx)})
+    messages = [Message(RecordDict({"config": ConfigRecord(config)}),
+                        dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
+    out = Described()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        nid = reply.metadata.src_node_id
+        if reply.has_error():
+            out.refused[f"node {nid}"] = reply.error.reason
+            continue
+        site = reply.content["site"]
+        out.names[nid] = name = str(site["name"])
+        if not site["ok"]:
+            out.refused[name] = str(site["reason"])
+            continue
+        if out.structure is None:
+            out.structure = site
+        elif list(site["features"]) != list(out.structure["features"]):
+            raise SitesMissing(f"site {name} describes other features than the first site; "
+                               "sites must share one data contract to federate")
+        if site.get("held-out", False):
+            out.held_out.add(nid)
+            continue
+        if secure is not None:
+            secure.note(nid, reply.content)
+            continue
+        arr = reply.content["stats"]
+        out.stats.append(FeatureStats(tuple(site["features"]), arr["count"].numpy(),
+                                      arr["total"].numpy(), arr["total_sq"].numpy()))
+        m = reply.content["metrics"]
+        out.counts.append([float(m["class-0"]), float(m["class-1"])])  # noised: not integers
+        if site.get("statistics") == "gaussian":
+            out.gaussian[name] = {k: float(site[f"statistics-{k}"])
+                                  for k in ("noise-multiplier", "epsilon", "delta")}
+        out.eligible.add(nid)
+    if len(out.stats) < min_sites:
+        raise SitesMissing(f"{len(out.stats)} sites sent statistics, fewer than min_sites = "
+                           f"{min_sites}" + "".join(f"; {k}: {v}" for k, v in out.refused.items()))
+    return out
+
+
+def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_text: str,
+                            first_round: int, report=print) -> Described:
+    """The statistics round under secure aggregation: each site describes its data structure
+    and announces a key (QUERY ``describe``); then the training sites' counts, sums and sums of
+    absolute values, and (scaled per feature) their sums and sums of squares, are summed
+    securely (`safn_core.federation.secure_records`); ``min_cell`` applies to the sums. The
+    last sum's replies announce the sites' keys for round ``first_round``'s training."""
+    fed = cfg.federation
+    held = tuple(cfg.server.held_out_sites)
+    ctx = secure.context(0, "statistics")
+    desc = statistics_round(secure.grid, nodes, fed.round_timeout, shared_text, 0, held,
+                            secure=secure, next_ctx=ctx)
+    training = sorted(set(desc.names) - desc.held_out - set(
+        n for n, name in desc.names.items() if name in desc.refused))
+    refuse_if_too_few_for_secure_sum(len(training), "sites described their data")
+    features = tuple(desc.structure["features"])
+    scaled_ctx = secure.context(0, "statistics-scaled")
+    result = secure.sum_now(ctx, statistics_packing(len(features), fed, len(training)),
+                            training, {NEXT: context_json(scaled_ctx)})
+    for nid, content in secure.last_contents.items():
+        rec = content.config_records.get("statistics")
+        if rec is None:
+            continue
+        if rec.get("statistics") == "gaussian":
+            desc.gaussian[desc.names[nid]] = {k: float(rec[k]) for k in
+                                              ("noise-multiplier", "epsilon", "delta")}
+        elif rec.get("statistics") == "refused":
+            desc.refused[desc.names[nid]] = str(rec.get("reason", "no reason given"))
+    scales = scales_from_sum(result.values)
+    second = secure.sum_now(
+        scaled_ctx, scaled_packing(len(features), fed, len(result.contributors)),
+        list(result.contributors), {NEXT: context_json(secure.context(first_round, "train")),
+                                    "secagg-scales": scales.tolist()})
+    clipped = {k: v for r in (result, second) for k, v in r.clipped.items() if v}
+    if clipped:
+        report(f"secure aggregation: statistics values clipped to the configured "
+                    f"bounds (federation.secagg): {clipped}")
+    stats, counts, withheld = statistics_from_sum(features, result.values, second.values,
+                                                  scales, cfg.data.min_cell)
+    result = second
+    if min(counts) < cfg.data.min_cell:
+        raise SitesMissing(f"the federation's training splits have {counts[0]} / "
+                           f"{counts[1]} participants per class, fewer than min_cell = "
+                           f"{cfg.data.min_cell}: nothing can be trained safely")
+    if withheld:
+        report(f"{len(withheld)} features observed in fewer than min_cell people "
+                    "across the federation are withheld")
+    desc.stats, desc.counts = [stats], [counts]
+    desc.eligible = set(result.contributors)
+    report(f"secure aggregation: statistics summed over {len(result.contributors)} "
+                "sites; the coordinator sees only federation-wide sums")
+    return desc
