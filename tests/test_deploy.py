@@ -80,10 +80,18 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
     runs = json.loads((fed.run_dir / "flower_runs.json").read_text())["runs"]
     assert runs[0]["app_sha256"] == fed.m["app_hash"]
 
-    # nothing participant-level left a site: every reply a site sent is model arrays shaped
-    # like the model, per-feature sums, class counts, or score histograms of histogram_bins
+    # nothing participant-level left a site: every reply a site sent is a masked vector of one
+    # of the run's secure sums (statistics, scaled statistics, training update, evaluation)
     n_params = sum(v.numel() for v in bundle.model.state_dict().values())
     n_features = len(bundle.preprocessor.mean_)
+    from safn_core.config import load_config
+    from safn_core.federation import secure_records as sr
+
+    fed_cfg = load_config(fed.server_yaml).federation
+    sums = [sr.statistics_packing(n_features, fed_cfg, 3).size,
+            sr.scaled_packing(n_features, fed_cfg, 3).size,
+            sr.train_packing(n_params, fed_cfg, 3).size,
+            sr.evaluate_packing(fed_cfg.histogram_bins, fed_cfg, 3).size]
     for site in SITES:
         entries = _audit(fed, site)
         assert {e["type"] for e in entries} >= {"query", "train", "evaluate"}
@@ -92,8 +100,7 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
             for name, rec in e["records"].items():
                 if rec["kind"] == "arrays":
                     for k, a in rec["arrays"].items():
-                        # the model as one vector (federation/wire.py), or sums per feature
-                        assert a["shape"] in ([n_params], [n_features]), (site, k, a)
+                        assert a["shape"][0] in sums and a["dtype"] == "uint64", (site, k, a)
                 elif rec["kind"] == "metrics":
                     for k, v in rec["values"].items():
                         if isinstance(v, dict):
