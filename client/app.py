@@ -28,19 +28,20 @@ from flwr.clientapp import ClientApp
 
 from client import secure_aggregation as secure
 from client.audit import audit_mod
-from safn_core.federation.aggregate import modalities_to_record
-from safn_core.federation.loop import site_seed
 from safn_core.data.cohort_store import read_cohort
+from safn_core.federation.loop import site_seed
+from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, MODEL, REFUSAL, SITE,
+                                           STATISTICS, STATS, WITHHELD, Aggregation, Config,
+                                           Describe, Layout, Metric, NodeConfig, Task,
+                                           evaluation_to_metrics, modalities_to_record)
 from safn_core.federation.run_folder import run_dir_from
 from safn_core.federation.secure_records import (evaluate_values, released_scaled,
                                                  released_values, scaled_values,
                                                  statistics_values, train_values)
 from safn_core.federation.shared_config import shared_config, site_run_config
 from safn_core.federation.site import Site, state_to_numpy
-from safn_core.federation.wire import KEY as WIRE_KEY
-from safn_core.federation.wire import Layout
-from safn_core.training.local import make_model
 from safn_core.federation.site_privacy import site_statistics, train_round
+from safn_core.training.local import make_model
 from safn_core.preprocess import FeatureStats, Preprocessor
 
 app = ClientApp(mods=[audit_mod])  # the site's audit trail of what leaves it
@@ -79,16 +80,16 @@ def site_for(context: Context, config: ConfigRecord) -> Site:
     import torch
 
     torch.set_num_threads(1)
-    shared_text = str(config["safn-config"])
+    shared_text = str(config[Config.SAFN_CONFIG])
     node = context.node_config
-    if "site-config" in node:
-        return _deployed_site(str(node["site-config"]), shared_text)
+    if NodeConfig.SITE_CONFIG in node:
+        return _deployed_site(str(node[NodeConfig.SITE_CONFIG]), shared_text)
     run_dir = run_dir_from(dict(context.run_config))
-    return _sim_site(run_dir, int(node["partition-id"]), shared_text)
+    return _sim_site(run_dir, int(node[NodeConfig.PARTITION_ID]), shared_text)
 
 
 def _partition(context: Context) -> int:
-    return int(context.node_config.get("partition-id", 0))
+    return int(context.node_config.get(NodeConfig.PARTITION_ID, 0))
 
 
 _PRE_CACHE: dict = {}
@@ -97,8 +98,8 @@ _PRE_CACHE: dict = {}
 def _preprocessor(site: Site, config: ConfigRecord) -> Preprocessor:
     """The global preprocessing sent with the model; one object per parameters, so the site's
     preprocessed arrays are computed once per run, not once per round."""
-    mean = np.asarray(config["pre-mean"], dtype=np.float64)
-    scale = np.asarray(config["pre-scale"], dtype=np.float64)
+    mean = np.asarray(config[Config.PRE_MEAN], dtype=np.float64)
+    scale = np.asarray(config[Config.PRE_SCALE], dtype=np.float64)
     if len(mean) != len(site.cohort.features):
         raise ValueError(f"site {site.name}: the server's preprocessing has {len(mean)} features, "
                          f"this site {len(site.cohort.features)}")
@@ -122,22 +123,22 @@ def _layout(site: Site, fingerprint: str) -> Layout:
 
 def _weights(site: Site, record: ArrayRecord, config: ConfigRecord) -> dict[str, np.ndarray]:
     """The global model from the message's one vector (`safn_core.federation.wire`)."""
-    return _layout(site, str(config["model-layout"])).unflatten(record[WIRE_KEY].numpy())
+    return _layout(site, str(config[Config.MODEL_LAYOUT])).unflatten(record[MODEL].numpy())
 
 
 def _wire(site: Site, weights: dict[str, np.ndarray], config: ConfigRecord) -> ArrayRecord:
-    return ArrayRecord({WIRE_KEY: Array(_layout(site, str(config["model-layout"]))
-                                        .flatten(weights))})
+    return ArrayRecord({MODEL: Array(_layout(site, str(config[Config.MODEL_LAYOUT]))
+                                     .flatten(weights))})
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """QUERY messages: the statistics round's ``describe``, and the two phases of a secure sum
     the coordinator redoes or runs on its own (``secagg-keys``, ``secagg-mask``)."""
-    task = str(msg.content["config"].get("task", "describe"))
-    if task == "secagg-keys":
+    task = str(msg.content[CONFIG].get(Config.TASK, Task.DESCRIBE))
+    if task == Task.SECAGG_KEYS:
         return _secagg_keys(msg, context)
-    if task == "secagg-mask":
+    if task == Task.SECAGG_MASK:
         return _secagg_mask(msg, context)
     return describe(msg, context)
 
@@ -147,17 +148,18 @@ def _session(site: Site, context: Context):
 
 
 def _secagg_keys(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
+    config = msg.content[CONFIG]
     site = site_for(context, config)
     key = _session(site, context).public_key(secure.context_of(str(config[secure.CONTEXT])))
-    return Message(RecordDict({secure.RECORD: ConfigRecord({"public-key": key})}), reply_to=msg)
+    return Message(RecordDict({secure.RECORD: ConfigRecord({Describe.PUBLIC_KEY: key})}),
+                   reply_to=msg)
 
 
 def _secagg_mask(msg: Message, context: Context) -> Message:
     """Mask this site's values for one secure sum: the statistics are computed here (the first
     time; kept on the site's disk for a retry); training and evaluation values were kept when
     the site trained or evaluated, so a retry after a dropout repeats neither."""
-    config = msg.content["config"]
+    config = msg.content[CONFIG]
     site = site_for(context, config)
     sess, state = _session(site, context), _state_dir(site, context)
     ctx = secure.context_of(str(config[secure.CONTEXT]))
@@ -165,12 +167,12 @@ def _secagg_mask(msg: Message, context: Context) -> Message:
     try:
         vector = secure.remask(sess, state, config)
     except ValueError:
-        if ctx.name not in ("statistics", "statistics-scaled"):
+        if ctx.name not in (Aggregation.STATISTICS, Aggregation.STATISTICS_SCALED):
             raise
         values, mechanism = _statistics_values(msg, context, site, config, ctx.name)
-        content["statistics"] = ConfigRecord(mechanism)  # the site's own privacy report
+        content[STATISTICS] = ConfigRecord(mechanism)  # the site's own privacy report
         vector = secure.mask(sess, state, config, values)
-    return Message(RecordDict({"arrays": ArrayRecord({"masked": Array(vector)}),
+    return Message(RecordDict({ARRAYS: ArrayRecord({MASKED: Array(vector)}),
                                secure.RECORD: secure.announce(sess, config), **content}),
                    reply_to=msg)
 
@@ -182,20 +184,20 @@ def _statistics_values(msg: Message, context: Context, site: Site, config: Confi
     to its ledger once per run (`site_privacy.site_statistics`); a site that cannot release
     them (a ledger problem, an exhausted budget) contributes zeros and says why."""
     out = site_statistics(
-        site, request=shared_config(str(config["safn-config"])).privacy,
+        site, request=shared_config(str(config[Config.SAFN_CONFIG])).privacy,
         state_dir=_state_dir(site, context),
-        run_id=str(config.get("run-id", f"flower-run-{msg.metadata.run_id}")),
+        run_id=str(config.get(Config.RUN_ID, f"flower-run-{msg.metadata.run_id}")),
         seed=site_seed(site.cfg.train.seed, 0, _partition(context)), check_cells=False)
     frame = site.cohort.table.loc[site.split.train, list(site.cohort.features)]
-    scales = (np.asarray(config["secagg-scales"], dtype=np.float64)
-              if name == "statistics-scaled" else None)
+    scales = (np.asarray(config[Config.SECAGG_SCALES], dtype=np.float64)
+              if name == Aggregation.STATISTICS_SCALED else None)
     if out.refusal is not None:
         n = len(site.cohort.features)
         zeros = FeatureStats(tuple(site.cohort.features), np.zeros(n), np.zeros(n), np.zeros(n))
         values = (released_values(zeros, [0, 0]) | {"sites": 0} if scales is None
                   else released_scaled(zeros, scales))
-        return values, {"statistics": "refused", "reason": out.refusal}
-    if out.mechanism["statistics"] == "exact":
+        return values, {Describe.STATISTICS: Describe.REFUSED, Describe.REASON: out.refusal}
+    if out.mechanism[Describe.STATISTICS] == Describe.EXACT:
         values = (statistics_values(out.stats, [int(c) for c in out.counts], frame)
                   if scales is None else scaled_values(frame, scales))
     else:
@@ -205,48 +207,50 @@ def _statistics_values(msg: Message, context: Context, site: Site, config: Confi
 
 
 def describe(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
+    config = msg.content[CONFIG]
     site = site_for(context, config)
-    if bool(config.get("secure-aggregation", False)) \
-            and site.name not in list(config.get("held-out-sites", [])):
+    if bool(config.get(Config.SECURE_AGGREGATION, False)) \
+            and site.name not in list(config.get(Config.HELD_OUT_SITES, [])):
         # under secure aggregation the statistics travel only masked (`_secagg_mask`): here the
         # site sends its name, data structure and public key for the statistics' secure sum
         return Message(RecordDict({
-            "site": ConfigRecord({"name": site.name, "ok": True,
-                                  "label-names": list(site.cohort.label_names),
-                                  **modalities_to_record(site.cohort.modalities)}),
+            SITE: ConfigRecord({Describe.NAME: site.name, Describe.OK: True,
+                                Describe.LABEL_NAMES: list(site.cohort.label_names),
+                                **modalities_to_record(site.cohort.modalities)}),
             secure.RECORD: secure.announce(_session(site, context), config)}), reply_to=msg)
-    if site.name in list(config.get("held-out-sites", [])):
+    if site.name in list(config.get(Config.HELD_OUT_SITES, [])):
         # external validation only: the site's data shapes neither preprocessing nor training,
         # so it sends its name and data structure and no statistics
-        return Message(RecordDict({"site": ConfigRecord({
-            "name": site.name, "ok": True, "held-out": True,
-            "label-names": list(site.cohort.label_names),
+        return Message(RecordDict({SITE: ConfigRecord({
+            Describe.NAME: site.name, Describe.OK: True, Describe.HELD_OUT: True,
+            Describe.LABEL_NAMES: list(site.cohort.label_names),
             **modalities_to_record(site.cohort.modalities)})}), reply_to=msg)
     # exact statistics, or (privacy.statistics: gaussian) the same fields through the Gaussian
     # mechanism, charged to the site's ledger (`site_privacy.site_statistics`)
     out = site_statistics(
-        site, request=shared_config(str(config["safn-config"])).privacy,
+        site, request=shared_config(str(config[Config.SAFN_CONFIG])).privacy,
         state_dir=_state_dir(site, context),
-        run_id=str(config.get("run-id", f"flower-run-{msg.metadata.run_id}")),
+        run_id=str(config.get(Config.RUN_ID, f"flower-run-{msg.metadata.run_id}")),
         seed=site_seed(site.cfg.train.seed, 0, _partition(context)))
     if out.refusal is not None:
         return Message(RecordDict({
-            "site": ConfigRecord({"name": site.name, "ok": False, "reason": out.refusal})}),
+            SITE: ConfigRecord({Describe.NAME: site.name, Describe.OK: False,
+                                Describe.REASON: out.refusal})}),
             reply_to=msg)
     stats, counts = out.stats, out.counts
-    exact = out.mechanism["statistics"] == "exact"
+    exact = out.mechanism[Describe.STATISTICS] == Describe.EXACT
     count = int if exact else float  # noised class counts are not integers
     return Message(RecordDict({
-        "site": ConfigRecord({"name": site.name, "ok": True,
-                              "label-names": list(site.cohort.label_names),
-                              **modalities_to_record(site.cohort.modalities),
-                              **{f"statistics-{k}" if k != "statistics" else k: v
-                                 for k, v in out.mechanism.items()}}),
-        "stats": ArrayRecord({"count": Array(stats.count), "total": Array(stats.total),
+        SITE: ConfigRecord({Describe.NAME: site.name, Describe.OK: True,
+                            Describe.LABEL_NAMES: list(site.cohort.label_names),
+                            **modalities_to_record(site.cohort.modalities),
+                            **{k if k == Describe.STATISTICS else Describe.STATISTICS_PREFIX + k: v
+                               for k, v in out.mechanism.items()}}),
+        STATS: ArrayRecord({"count": Array(stats.count), "total": Array(stats.total),
                               "total_sq": Array(stats.total_sq)}),
-        "metrics": MetricRecord({"n-train": count(sum(counts)), "class-0": count(counts[0]),
-                                 "class-1": count(counts[1])}),
+        METRICS: MetricRecord({Metric.N_TRAIN: count(sum(counts)),
+                               Metric.CLASS_0: count(counts[0]),
+                               Metric.CLASS_1: count(counts[1])}),
     }), reply_to=msg)
 
 
@@ -265,32 +269,33 @@ def train(msg: Message, context: Context) -> Message:
     """A training round under the site's privacy settings (`site_privacy.train_round`): the same
     metric keys from every site; a refusal (budget exhausted, ledger problem) carries no arrays,
     only its metrics (ε so far) and its one-line reason."""
-    config = msg.content["config"]
+    config = msg.content[CONFIG]
     site = site_for(context, config)
-    server_round = int(config["server-round"])
+    server_round = int(config[Config.SERVER_ROUND])
     out = train_round(
-        site, _weights(site, msg.content["arrays"], config), _preprocessor(site, config),
-        list(config["class-counts"]), request=shared_config(str(config["safn-config"])).privacy,
+        site, _weights(site, msg.content[ARRAYS], config), _preprocessor(site, config),
+        list(config[Config.CLASS_COUNTS]),
+        request=shared_config(str(config[Config.SAFN_CONFIG])).privacy,
         state_dir=_state_dir(site, context),
-        run_id=str(config.get("run-id", f"flower-run-{msg.metadata.run_id}")),
-        rounds=site.cfg.federation.rounds, epochs=int(config["local-epochs"]),
+        run_id=str(config.get(Config.RUN_ID, f"flower-run-{msg.metadata.run_id}")),
+        rounds=site.cfg.federation.rounds, epochs=int(config[Config.LOCAL_EPOCHS]),
         server_round=server_round,
-        seed=site_seed(int(config["seed"]), server_round, _partition(context)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)))
+        seed=site_seed(int(config[Config.SEED]), server_round, _partition(context)),
+        proximal_mu=float(config.get(Config.PROXIMAL_MU, 0.0)))
     if secure.is_secure(config):
         return _secure_train_reply(msg, context, site, config, out)
     if out.refusal is not None:
         print(f"site {site.name}, round {server_round}: not training: {out.refusal}", flush=True)
-        return Message(RecordDict({"metrics": MetricRecord(out.metrics),
-                                   "refusal": ConfigRecord({"reason": out.refusal})}),
+        return Message(RecordDict({METRICS: MetricRecord(out.metrics),
+                                   REFUSAL: ConfigRecord({Describe.REASON: out.refusal})}),
                        reply_to=msg)
     return Message(RecordDict({
-        "arrays": _wire(site, out.weights, config),
-        "metrics": MetricRecord(out.metrics),
+        ARRAYS: _wire(site, out.weights, config),
+        METRICS: MetricRecord(out.metrics),
     }), reply_to=msg)
 
 
-PLAIN_ONLY = ("num-examples", "train-loss")
+PLAIN_ONLY = (Metric.NUM_EXAMPLES, Metric.TRAIN_LOSS)
 """Training metrics that would be per-site statistics: under secure aggregation they travel
 inside the masked vector, never beside it."""
 
@@ -301,22 +306,23 @@ def _secure_train_reply(msg: Message, context: Context, site: Site, config: Conf
     (a refusal, or an update it finds non-finite: it screens itself, since the coordinator
     cannot) sends masked zeros, so every other site's masks still cancel."""
     refusal, vector = out.refusal, None
-    n, loss = int(out.metrics.get("num-examples", 0)), float(out.metrics.get("train-loss", -1))
+    n = int(out.metrics.get(Metric.NUM_EXAMPLES, 0))
+    loss = float(out.metrics.get(Metric.TRAIN_LOSS, WITHHELD))
     if refusal is None:
-        vector = _layout(site, str(config["model-layout"])).flatten(out.weights)
+        vector = _layout(site, str(config[Config.MODEL_LAYOUT])).flatten(out.weights)
         if not np.all(np.isfinite(vector)):
             refusal, vector = "its update has non-finite values (NaN/Inf); not sent", None
     if vector is None:
-        print(f"site {site.name}, round {config['server-round']}: not training: {refusal}",
+        print(f"site {site.name}, round {config[Config.SERVER_ROUND]}: not training: {refusal}",
               flush=True)
-        vector = np.zeros(_layout(site, str(config["model-layout"])).size)
+        vector = np.zeros(_layout(site, str(config[Config.MODEL_LAYOUT])).size)
         n = 0
-    fed = shared_config(str(config["safn-config"])).federation
+    fed = shared_config(str(config[Config.SAFN_CONFIG])).federation
     weight = None
     if fed.central_dp.enabled and n > 0:
         # central DP: the update clipped here (the coordinator never sees it), equal weights
-        update = vector - _layout(site, str(config["model-layout"])).flatten(
-            _weights(site, msg.content["arrays"], config))
+        update = vector - _layout(site, str(config[Config.MODEL_LAYOUT])).flatten(
+            _weights(site, msg.content[ARRAYS], config))
         norm = float(np.linalg.norm(update))
         vector = update * min(1.0, fed.central_dp.clipping_norm / max(norm, 1e-12))
         weight = 1
@@ -325,31 +331,28 @@ def _secure_train_reply(msg: Message, context: Context, site: Site, config: Conf
                          train_values(vector, n, loss, fed.secagg.weight_bound, weight))
     metrics = {k: v for k, v in out.metrics.items() if k not in PLAIN_ONLY}
     if refusal is not None:
-        metrics["refused"] = 1
-    content = {"arrays": ArrayRecord({"masked": Array(masked)}),
-               "metrics": MetricRecord(metrics), secure.RECORD: secure.announce(sess, config)}
+        metrics[Metric.REFUSED] = 1
+    content = {ARRAYS: ArrayRecord({MASKED: Array(masked)}),
+               METRICS: MetricRecord(metrics), secure.RECORD: secure.announce(sess, config)}
     if refusal is not None:
-        content["refusal"] = ConfigRecord({"reason": refusal})
+        content[REFUSAL] = ConfigRecord({Describe.REASON: refusal})
     return Message(RecordDict(content), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
+    config = msg.content[CONFIG]
     site = site_for(context, config)
-    held_out = site.name in list(config.get("held-out-sites", []))
+    held_out = site.name in list(config.get(Config.HELD_OUT_SITES, []))
     safe = secure.is_secure(config) and not held_out
-    res = site.evaluate(_weights(site, msg.content["arrays"], config),
+    res = site.evaluate(_weights(site, msg.content[ARRAYS], config),
                         _preprocessor(site, config), site.cfg.model,
-                        int(config["histogram-bins"]), held_out=held_out, withhold=not safe)
+                        int(config[Config.HISTOGRAM_BINS]), held_out=held_out,
+                        withhold=not safe)
     if safe:
         return _secure_evaluate_reply(msg, context, site, config, res)
-    return Message(RecordDict({"metrics": MetricRecord({
-        "num-examples": int(res["test"].sum()),
-        "val-neg": res["val"][0].tolist(), "val-pos": res["val"][1].tolist(),
-        "test-neg": res["test"][0].tolist(), "test-pos": res["test"][1].tolist(),
-        "withheld": int(res["withheld"]),
-    })}), reply_to=msg)
+    return Message(RecordDict({METRICS: MetricRecord(evaluation_to_metrics(res))}),
+                   reply_to=msg)
 
 
 def _secure_evaluate_reply(msg: Message, context: Context, site: Site, config: ConfigRecord,
@@ -362,8 +365,9 @@ def _secure_evaluate_reply(msg: Message, context: Context, site: Site, config: C
     masked = secure.mask(sess, _state_dir(site, context), config, evaluate_values(res))
     own = {}
     if not res["test_withheld"]:
-        own = {"site-roc-auc": float(metrics_from_histogram(res["test"], 0.5)["roc_auc"]),
-               "site-n": int(res["test"].sum())}
-    return Message(RecordDict({"arrays": ArrayRecord({"masked": Array(masked)}),
-                               "metrics": MetricRecord({"site-reported": int(bool(own)), **own}),
+        own = {Metric.SITE_ROC_AUC: float(metrics_from_histogram(res["test"], 0.5)["roc_auc"]),
+               Metric.SITE_N: int(res["test"].sum())}
+    return Message(RecordDict({ARRAYS: ArrayRecord({MASKED: Array(masked)}),
+                               METRICS: MetricRecord({Metric.SITE_REPORTED: int(bool(own)),
+                                                      **own}),
                                secure.RECORD: secure.announce(sess, config)}), reply_to=msg)

@@ -18,13 +18,15 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
+from safn_core.federation.protocol import CONFIG, Config
+
 
 def describe_reply(msg: Message, reply: Message) -> dict:
     entry: dict = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": msg.metadata.run_id,
                    "type": msg.metadata.message_type}
-    config = msg.content.config_records.get("config") if msg.has_content() else None
-    if config is not None and "server-round" in config:
-        entry["round"] = int(config["server-round"])
+    config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
+    if config is not None and Config.SERVER_ROUND in config:
+        entry["round"] = int(config[Config.SERVER_ROUND])
     if reply.has_error():
         entry["error"] = reply.error.reason
         return entry

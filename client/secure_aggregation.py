@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord
 
+from safn_core.federation.protocol import SecAgg
 from safn_core.io import write_atomic
 from safn_core.secagg import AggregationContext, Packing, SiteSecret, SiteSession
 
 CONTEXT, PACKING, PEER_IDS, PEER_KEYS, NEXT = (
-    "secagg-context", "secagg-packing", "secagg-peer-ids", "secagg-peer-keys", "secagg-next")
-ANNOUNCED_KEY, ANNOUNCED_CONTEXT = "next-public-key", "next-context"
-RECORD = "secagg"
+    SecAgg.CONTEXT, SecAgg.PACKING, SecAgg.PEER_IDS, SecAgg.PEER_KEYS, SecAgg.NEXT)  # short names
+ANNOUNCED_KEY, ANNOUNCED_CONTEXT = SecAgg.ANNOUNCED_KEY, SecAgg.ANNOUNCED_CONTEXT
+RECORD = SecAgg.RECORD
 
 
 def is_secure(config: ConfigRecord) -> bool:

@@ -164,6 +164,14 @@ class FederationConfig(Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, gt=0, le=1)
     min_sites: int = Field(2, ge=1, description="sites needed to train or evaluate a round")
+    select: Literal["val_loss", "val_roc_auc", "last"] = Field(
+        "val_loss", description="which round's model the run keeps: the best by pooled "
+                                "validation loss, the best by pooled validation ROC-AUC, or "
+                                "the last round; the pooled and local-only comparators of "
+                                "safn-sim select by the same rule")
+    patience: int | None = Field(
+        5, ge=1, description="stop after this many rounds without improvement of the selection "
+                             "metric (null: train every round; ignored with select: last)")
     split_seed: int = Field(0, description="seed of every site's train/val/test split")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)

@@ -89,6 +89,12 @@ def model_card(meta: dict, config: SafnConfig) -> str:
         f"- participants: {training.get('participants', 'n/a')}; class counts used by the loss "
         f"({neg}, {pos}): {meta.get('class_counts')}",
     ]
+    if training.get("selected_round") is not None:
+        sel = training.get("selection") or {}
+        lines.append(f"- federated: {training.get('rounds')} rounds trained; the model is round "
+                     f"{training['selected_round']}, selected by pooled validation "
+                     f"({sel.get('rule')}, patience {sel.get('patience')}"
+                     f"{', stopped early' if sel.get('stopped_early') else ''})")
     if sites:
         lines.append("- sites: " + ", ".join(f"{s} ({n})" if n is not None else str(s)
                                               for s, n in sites.items()))

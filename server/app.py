@@ -2,11 +2,13 @@
 
 A run: wait (bounded) for ``min_sites`` sites, a statistics round (`server.statistics_round`;
 the sites' training-split sums build one global preprocessing and the loss's class counts), then
-the strategy's rounds; after each round, pooled metrics from the sites' summed score histograms
-and a checkpoint. With ``federation.secure_aggregation`` (the default) every sum is a secure sum
+the strategy's rounds; after each round, pooled metrics from the sites' summed score histograms,
+the model selection (`federation.select`: the round with the best pooled validation loss or
+ROC-AUC, or the last; early stopping after `federation.patience` rounds without improvement)
+and a checkpoint that keeps the selected round's weights. With ``federation.secure_aggregation`` (the default) every sum is a secure sum
 (`server.secure_aggregation`): the coordinator never sees one site's values. A run folder that already holds checkpoints is resumed from its
-last complete round. At the end the model bundle (same format as safn-train) is written to
-``<run folder>/model``.
+last complete round. At the end the model bundle (same format as safn-train) of the
+selected round, with that round's threshold and metrics, is written to ``<run folder>/model``.
 
 The run folder comes from the run config key ``run-dir`` (deployment: ``flwr run --run-config``)
 or the ``SAFN_RUN_DIR`` environment variable (``run_simulation``, whose run config is empty); it
@@ -26,23 +28,24 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from safn_core.config import SafnConfig
-from safn_core.federation.aggregate import (global_preprocessing, held_out_metrics,
-                                            modalities_from_record, round_line,
+from safn_core.federation.aggregate import (global_preprocessing, held_out_metrics, round_line,
                                             round_metrics, secure_round_metrics)
 from safn_core.federation.secure_records import evaluate_packing, train_packing
 from safn_core.secagg import SecureAggregationRefused, SecureSumFailed
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.privacy_report import central_entry, privacy_entry, privacy_summary
+from safn_core.federation.protocol import (MODEL, Config, Describe, Layout, Metric,
+                                           evaluation_from_metrics, is_withheld,
+                                           modalities_from_record)
 from safn_core.federation.run_folder import (expected_sites, load_run_config, run_dir_from,
                                             run_identity)
 from safn_core.federation.shared_config import shared_config_text
 from safn_core.federation.site import state_to_numpy
-from safn_core.federation.wire import KEY as WIRE_KEY
-from safn_core.federation.wire import Layout
 from safn_core.io import write_json
 from safn_core.metrics import METRICS
 from safn_core.preprocess import Preprocessor
 from safn_core.training.local import make_model
+from safn_core.training.selection import RoundSelection
 from server.site_waits import SitesMissing
 from server.statistics_round import (Described, secure_statistics_round, statistics_round,
                                      wait_for_sites)
@@ -90,14 +93,21 @@ class Coordinator:
         self.desc = desc
         for name, g in sorted(desc.gaussian.items()):
             self.report(f"site {name} sent noised statistics (Gaussian mechanism, σ "
-                        f"{g['noise-multiplier']:.3g}; its ε spent so far {g['epsilon']:.3g} at "
-                        f"δ {g['delta']:.2g})")
+                        f"{g[Metric.NOISE_MULTIPLIER]:.3g}; its ε spent so far "
+                        f"{g[Metric.EPSILON]:.3g} at δ {g[Metric.DELTA]:.2g})")
         self.modalities = modalities_from_record(desc.structure)
-        self.label_names = tuple(desc.structure["label-names"])
+        self.label_names = tuple(desc.structure[Describe.LABEL_NAMES])
         self.state = self._initial_state(desc)
         self.state.sites = {str(k): v for k, v in desc.names.items()}
-        if self.state.round < fed.rounds:
-            self._train(desc)
+        self.selection = self._selection()
+        if self.selection.should_stop:
+            self.report(f"early stopping had ended this run after round {self.state.round}: "
+                        f"the model is round {self.selection.selected_round}")
+        elif self.state.round < fed.rounds:
+            try:
+                self._train(desc)
+            except StopEarly as stop:
+                self.report(str(stop))
         self._finish()
         return self.state
 
@@ -107,9 +117,9 @@ class Coordinator:
         fed = self.fed
         self.secure = SecureAggregation(
             self.grid, run_identity(self.run_dir), fed.round_timeout,
-            {"safn-config": self.shared_text,
-             "held-out-sites": list(self.cfg.server.held_out_sites),
-             "run-id": run_identity(self.run_dir)}, fed.min_sites,
+            {Config.SAFN_CONFIG: self.shared_text,
+             Config.HELD_OUT_SITES: list(self.cfg.server.held_out_sites),
+             Config.RUN_ID: run_identity(self.run_dir)}, fed.min_sites,
             fed.secagg.max_attempts, self.report)
         saved = load_checkpoint(self.run_dir)
         return secure_statistics_round(self.secure, nodes, self.cfg, self.shared_text,
@@ -130,6 +140,19 @@ class Coordinator:
             self.report("note: the sites' data changed since the checkpoint; the run keeps the "
                         "checkpoint's preprocessing")
         return state
+
+    def _selection(self) -> RoundSelection:
+        """The run's model selection: from the checkpoint when resuming (the same decisions as
+        an uninterrupted run), else new from ``federation.select`` / ``patience``."""
+        fed = self.fed
+        if not self.state.selection:
+            return RoundSelection(fed.select, fed.patience)
+        saved = RoundSelection.from_state(self.state.selection)
+        if (saved.select, saved.patience) != (fed.select, fed.patience):
+            self.report(f"note: the checkpoint selects by {saved.select} (patience "
+                        f"{saved.patience}); the resumed run keeps that rule, not the "
+                        f"configuration's {fed.select} (patience {fed.patience})")
+        return saved
 
     def _train(self, desc: Described) -> None:
         fed = self.fed
@@ -163,17 +186,17 @@ class Coordinator:
         if runner is not strategy and self.simulation:
             runner.noise_seed = self.cfg.train.seed
         config = ConfigRecord({
-            "pre-mean": pre.mean_.tolist(), "pre-scale": pre.scale_.tolist(),
-            "class-counts": [int(c) for c in self.state.class_counts],
-            "local-epochs": fed.local_epochs, "seed": self.cfg.train.seed,
-            "histogram-bins": fed.histogram_bins, "safn-config": self.shared_text,
-            "held-out-sites": sorted(self.held_out),
+            Config.PRE_MEAN: pre.mean_.tolist(), Config.PRE_SCALE: pre.scale_.tolist(),
+            Config.CLASS_COUNTS: [int(c) for c in self.state.class_counts],
+            Config.LOCAL_EPOCHS: fed.local_epochs, Config.SEED: self.cfg.train.seed,
+            Config.HISTOGRAM_BINS: fed.histogram_bins, Config.SAFN_CONFIG: self.shared_text,
+            Config.HELD_OUT_SITES: sorted(self.held_out),
             # stable across a resume (unlike Flower's run id): DP sites key their plan on it
-            "run-id": run_identity(self.run_dir),
+            Config.RUN_ID: run_identity(self.run_dir),
         })
         self.layout = Layout.of(self.state.weights)  # the model travels as one vector
-        config["model-layout"] = self.layout.fingerprint()
-        arrays = ArrayRecord({WIRE_KEY: Array(self.layout.flatten(self.state.weights))})
+        config[Config.MODEL_LAYOUT] = self.layout.fingerprint()
+        arrays = ArrayRecord({MODEL: Array(self.layout.flatten(self.state.weights))})
         runner.start(grid=self.grid, initial_arrays=arrays,
                      num_rounds=fed.rounds - self.state.round, timeout=fed.round_timeout,
                      train_config=config, evaluate_config=ConfigRecord(dict(config)),
@@ -192,8 +215,8 @@ class Coordinator:
             entry["sites_trained"] = sorted(s.last_train)
         elif s.last_train:
             # a DP site withholds its training loss (−1): outside its ε
-            losses = [(float(m["num-examples"]), float(m["train-loss"]))
-                      for m in s.last_train.values() if float(m["train-loss"]) >= 0]
+            losses = [(float(m[Metric.NUM_EXAMPLES]), float(m[Metric.TRAIN_LOSS]))
+                      for m in s.last_train.values() if not is_withheld(m[Metric.TRAIN_LOSS])]
             if losses:
                 entry["train_loss"] = float(np.average([lo for _, lo in losses],
                                                        weights=[n for n, _ in losses]))
@@ -208,10 +231,7 @@ class Coordinator:
         if r in s.central:
             entry["central_dp"] = central_entry(s.central[r], self.state.history,
                                                 self.fed.central_dp.delta)
-        hists = {name: {"val": np.array([m["val-neg"], m["val-pos"]], dtype=np.int64),
-                        "test": np.array([m["test-neg"], m["test-pos"]], dtype=np.int64),
-                        "withheld": bool(m["withheld"])}
-                 for name, m in s.last_evaluate.items()}
+        hists = {name: evaluation_from_metrics(m) for name, m in s.last_evaluate.items()}
         external = {k: hists.pop(k) for k in list(hists) if k in self.held_out}
         if s.secure is not None and s.last_secure_evaluate is not None:
             entry.update(secure_round_metrics(s.last_secure_evaluate, s.last_site_metrics,
@@ -228,13 +248,29 @@ class Coordinator:
                 "retries": [x for x in s.secure.retries if x["round"] == r]}
         now = time.perf_counter()
         entry["seconds"], self._t_last = now - self._t_last, now
-        self.state = RunState(r, self.layout.unflatten(arrays[WIRE_KEY].numpy()),
-                              self.state.preprocessing, self.state.class_counts, s.get_state(),
-                              self.state.history + [entry], self.state.sites)
+        weights = self.layout.unflatten(arrays[MODEL].numpy())
+        best = (None if self.selection.update(r, entry.get("val_loss"), entry.get("val_roc_auc"))
+                else self.state.selected_weights())
+        entry["selected_round"] = self.selection.selected_round
+        self.state = RunState(r, weights, self.state.preprocessing, self.state.class_counts,
+                              s.get_state(), self.state.history + [entry], self.state.sites,
+                              self.selection.state_dict(), best)
         save_checkpoint(self.run_dir, self.state)
         write_json(self.run_dir / "history.json", self.state.history)
         self.report(round_line(entry, self.fed.rounds))
+        if self.selection.should_stop and r < self.fed.rounds:
+            raise StopEarly(
+                f"early stopping after round {r}: {self.selection.patience} rounds without "
+                f"improvement of the pooled {self.selection.select.replace('_', ' ')}; the "
+                f"model is round {self.selection.selected_round}")
         return None
+
+    def selected_entry(self) -> dict:
+        """The history entry of the selected round (its threshold and metrics go in the
+        bundle); the last entry when no round was selected."""
+        chosen = self.selection.selected_round
+        return next((e for e in self.state.history if e["round"] == chosen),
+                    self.state.history[-1] if self.state.history else {})
 
     def _finish(self) -> None:
         """The model bundle (weights + preprocessing + config + metrics) and per-round tables."""
@@ -250,8 +286,9 @@ class Coordinator:
 
         pre = Preprocessor.from_state(self.state.preprocessing)
         model = make_model(pre.modalities, self.cfg.model, 0)
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in self.state.weights.items()})
-        last = self.state.history[-1] if self.state.history else {}
+        model.load_state_dict({k: torch.as_tensor(v)
+                               for k, v in self.state.selected_weights().items()})
+        last = self.selected_entry()  # the selected round: its threshold, its metrics
         pooled = last.get("pooled") or {}
         save_bundle(self.run_dir / "model", model, pre, self.cfg,
                     threshold=last.get("threshold", 0.5), class_counts=self.state.class_counts,
@@ -268,10 +305,21 @@ class Coordinator:
                         "participants": int(sum(self.state.class_counts)),
                         "sites": sorted(set(self.state.sites.values()) - self.held_out),
                         "held_out_sites": sorted(self.held_out), "rounds": self.state.round,
+                        "selected_round": last.get("round"),
+                        "selection": {"rule": self.selection.select,
+                                      "patience": self.selection.patience,
+                                      "stopped_early": self.selection.should_stop
+                                      and self.state.round < self.fed.rounds},
                         "strategy": self.fed.strategy, "local_epochs": self.fed.local_epochs,
                         "evaluated_on": f"{last.get('n_test', 0)} test participants at "
                                         f"{last.get('sites_reported', 0)} sites (score "
                                         "histograms; sites below min_cell withheld)"}})
+
+
+class StopEarly(Exception):
+    """Raised after a round's checkpoint when the model selection stops the run early: it ends
+    Flower's `Strategy.start` loop (which has no other way out) and the run goes on to its
+    bundle. Not an error."""
 
 
 class NoSiteTrained(SitesMissing):

@@ -17,14 +17,15 @@ import json
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from safn_core.federation.protocol import ARRAYS, CONFIG, MASKED, Config, Describe, SecAgg, Task
 from safn_core.secagg import (AggregationContext, Packing, SecureSumResult, secure_sum,
                               unmask_sum)
 from safn_core.secagg.keys import check_public_key
 from safn_core.secagg.protocol import KEYS, MIN_SECURE_PARTIES
 
 CONTEXT, PACKING, PEER_IDS, PEER_KEYS, NEXT = (
-    "secagg-context", "secagg-packing", "secagg-peer-ids", "secagg-peer-keys", "secagg-next")
-RECORD = "secagg"
+    SecAgg.CONTEXT, SecAgg.PACKING, SecAgg.PEER_IDS, SecAgg.PEER_KEYS, SecAgg.NEXT)  # short names
+RECORD = SecAgg.RECORD
 
 
 def context_json(ctx: AggregationContext) -> str:
@@ -52,11 +53,11 @@ class SecureAggregation:
     def note(self, nid: int, content: RecordDict) -> None:
         """Remember the public key a site announced in a reply for the next aggregation."""
         rec = content.config_records.get(RECORD)
-        if rec is None or "next-context" not in rec or "next-public-key" not in rec:
+        if rec is None or SecAgg.ANNOUNCED_CONTEXT not in rec or SecAgg.ANNOUNCED_KEY not in rec:
             return
         try:
-            ctx = AggregationContext.from_dict(json.loads(str(rec["next-context"])))
-            key = check_public_key(bytes(rec["next-public-key"]))
+            ctx = AggregationContext.from_dict(json.loads(str(rec[SecAgg.ANNOUNCED_CONTEXT])))
+            key = check_public_key(bytes(rec[SecAgg.ANNOUNCED_KEY]))
         except (TypeError, ValueError):
             return
         self.keys.setdefault(ctx.info(), {})[int(nid)] = key
@@ -66,10 +67,11 @@ class SecureAggregation:
         known = self.keys.setdefault(ctx.info(), {})
         missing = [n for n in nodes if n not in known]
         if missing:
-            for nid, rec in self._query({n: {"task": "secagg-keys", CONTEXT: context_json(ctx)}
+            for nid, rec in self._query({n: {Config.TASK: Task.SECAGG_KEYS,
+                                             CONTEXT: context_json(ctx)}
                                          for n in missing}).items():
                 try:
-                    known[nid] = check_public_key(bytes(rec["public-key"]))
+                    known[nid] = check_public_key(bytes(rec[Describe.PUBLIC_KEY]))
                 except (KeyError, TypeError, ValueError):
                     continue
         return {n: known[n] for n in nodes if n in known}
@@ -117,15 +119,15 @@ class SecureAggregation:
 
             raise SecureSumFailed(f"secure aggregation {ctx.name}: only {len(ids)} sites sent a "
                                   f"key, fewer than {self.min_parties}")
-        replies = self._query({n: {"task": "secagg-mask", **entries, **(extra or {})}
+        replies = self._query({n: {Config.TASK: Task.SECAGG_MASK, **entries, **(extra or {})}
                                for n in ids}, keep_content=True)
         self.last_contents = replies  # what else the sites said (their privacy reports)
         vectors = {}
         for nid, content in replies.items():
             self.note(nid, content)
-            arr = content.array_records.get("arrays")
-            if arr is not None and "masked" in arr:
-                vectors[nid] = arr["masked"].numpy()
+            arr = content.array_records.get(ARRAYS)
+            if arr is not None and MASKED in arr:
+                vectors[nid] = arr[MASKED].numpy()
         return self.finish(ctx, packing, ids, vectors)
 
     def _request(self, packing: Packing):
@@ -135,23 +137,24 @@ class SecureAggregation:
         def request(phase: str, payloads: dict[int, dict]) -> dict[int, dict]:
             out = {}
             if phase == KEYS:
-                sent = {n: {"task": "secagg-keys",
+                sent = {n: {Config.TASK: Task.SECAGG_KEYS,
                             CONTEXT: json.dumps(p["context"], sort_keys=True)}
                         for n, p in payloads.items()}
                 for nid, rec in self._query(sent).items():
-                    if "public-key" in rec:
-                        out[nid] = {"public_key": bytes(rec["public-key"])}
+                    if Describe.PUBLIC_KEY in rec:
+                        out[nid] = {"public_key": bytes(rec[Describe.PUBLIC_KEY])}
                 return out
             sent = {}
             for n, p in payloads.items():
                 ids = sorted(int(i) for i in p["peers"])
-                sent[n] = {"task": "secagg-mask", CONTEXT: json.dumps(p["context"], sort_keys=True),
+                sent[n] = {Config.TASK: Task.SECAGG_MASK,
+                           CONTEXT: json.dumps(p["context"], sort_keys=True),
                            PACKING: spec, PEER_IDS: ids,
                            PEER_KEYS: [bytes(p["peers"][i]) for i in ids]}
             for nid, content in self._query(sent, keep_content=True).items():
-                arr = content.array_records.get("arrays")
-                if arr is not None and "masked" in arr:
-                    out[nid] = {"masked": arr["masked"].numpy()}
+                arr = content.array_records.get(ARRAYS)
+                if arr is not None and MASKED in arr:
+                    out[nid] = {"masked": arr[MASKED].numpy()}
             return out
 
         return request
@@ -159,7 +162,7 @@ class SecureAggregation:
     def _query(self, payloads: dict[int, dict], keep_content: bool = False) -> dict:
         """One QUERY per node; the answers (config record ``secagg``, or the whole content) of
         the nodes that answered without an error."""
-        messages = [Message(RecordDict({"config": ConfigRecord({**self.base_config, **p})}),
+        messages = [Message(RecordDict({CONFIG: ConfigRecord({**self.base_config, **p})}),
                             dst_node_id=n, message_type=MessageType.QUERY)
                     for n, p in payloads.items()]
         out = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
+from safn_core.federation.protocol import ARRAYS, MASKED, METRICS, WITHHELD, Metric
 from server.site_waits import OnlyNodes, SitesMissing
 
 
@@ -46,9 +47,9 @@ class SecureSumMixin:
             if m.has_error():
                 continue
             self.secure.note(m.metadata.src_node_id, m.content)
-            arr = m.content.array_records.get("arrays")
-            if arr is not None and "masked" in arr:
-                vectors[m.metadata.src_node_id] = arr["masked"].numpy()
+            arr = m.content.array_records.get(ARRAYS)
+            if arr is not None and MASKED in arr:
+                vectors[m.metadata.src_node_id] = arr[MASKED].numpy()
         return self.secure.finish(ctx, self.packings[name], ids, vectors)
 
     def secure_aggregate_train(self, r: int, replies: list[Message]):
@@ -73,9 +74,10 @@ class SecureSumMixin:
         key = next(iter(self.expected))
         dtype = np.float32
         reply = Message(RecordDict({
-            "arrays": ArrayRecord({key: Array(mean.astype(dtype))}),
-            "metrics": MetricRecord({"num-examples": int(total["examples"]),
-                                     "train-loss": self.last_secure_train.get("train_loss", -1.0)})}),
+            ARRAYS: ArrayRecord({key: Array(mean.astype(dtype))}),
+            METRICS: MetricRecord({
+                Metric.NUM_EXAMPLES: int(total["examples"]),
+                Metric.TRAIN_LOSS: self.last_secure_train.get("train_loss", WITHHELD)})}),
             dst_node_id=0, message_type=MessageType.TRAIN)
         self._prescreened = True
         try:
@@ -110,17 +112,17 @@ class SecureSumMixin:
         held_out = (self.evaluators or set()) - (self.eligible or set())
         plain = [m for m in replies if m.metadata.src_node_id in held_out]
         masked = [m for m in replies if m.metadata.src_node_id not in held_out]
-        self.last_evaluate = {self._site(m): m.content["metrics"] for m in plain
+        self.last_evaluate = {self._site(m): m.content[METRICS] for m in plain
                               if not m.has_error()}
         self.last_secure_evaluate = self._secure_sum("evaluate", masked).values
         own = {}
         for m in masked:
             if m.has_error():
                 continue
-            met = m.content["metrics"]
-            own[self._site(m)] = ({"roc_auc": float(met["site-roc-auc"]),
-                                   "n": int(met["site-n"])}
-                                  if int(met.get("site-reported", 0)) else None)
+            met = m.content[METRICS]
+            own[self._site(m)] = ({"roc_auc": float(met[Metric.SITE_ROC_AUC]),
+                                   "n": int(met[Metric.SITE_N])}
+                                  if int(met.get(Metric.SITE_REPORTED, 0)) else None)
         self.last_site_metrics = own
-        return MetricRecord({"num-examples": int(np.asarray(
+        return MetricRecord({Metric.NUM_EXAMPLES: int(np.asarray(
             self.last_secure_evaluate["test"]).sum())})

@@ -12,6 +12,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from safn_core.config import SafnConfig
+from safn_core.federation.protocol import (CONFIG, METRICS, SITE, STATISTICS, STATS, Aggregation,
+                                           Config, Describe, Metric, Task)
 from safn_core.federation.secure_records import (scaled_packing, scales_from_sum,
                                                  statistics_from_sum, statistics_packing)
 from safn_core.preprocess import FeatureStats
@@ -19,6 +21,9 @@ from safn_core.secagg import SecureAggregationRefused
 from server.secure_aggregation import NEXT, context_json
 from server.site_waits import SitesMissing, wait_for_nodes
 
+
+GAUSSIAN_KEYS = (Metric.NOISE_MULTIPLIER, Metric.EPSILON, Metric.DELTA)
+"""What a site reports of its Gaussian release of the statistics."""
 
 def wait_for_sites(grid: Grid, expected: int, min_sites: int, timeout: float,
                    report=print) -> list[int]:
@@ -66,13 +71,13 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
     """Ask every site for its training-split statistics (a QUERY message, before training);
     under secure aggregation (``secure``) only for its data structure and a public key for the
     statistics' secure sum (``next_ctx``), the sums following in `Coordinator`."""
-    config = {"task": "describe", "safn-config": shared_text,
-              "held-out-sites": list(held_out_sites)}
+    config = {Config.TASK: Task.DESCRIBE, Config.SAFN_CONFIG: shared_text,
+              Config.HELD_OUT_SITES: list(held_out_sites)}
     if run_id:  # a DP site charges a noised statistics round to this run (privacy.statistics)
-        config["run-id"] = run_id
+        config[Config.RUN_ID] = run_id
     if secure is not None:
-        config.update({"secure-aggregation": True, NEXT: context_json(next_ctx)})
-    messages = [Message(RecordDict({"config": ConfigRecord(config)}),
+        config.update({Config.SECURE_AGGREGATION: True, NEXT: context_json(next_ctx)})
+    messages = [Message(RecordDict({CONFIG: ConfigRecord(config)}),
                         dst_node_id=nid, message_type=MessageType.QUERY) for nid in nodes]
     out = Described()
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -80,30 +85,31 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
         if reply.has_error():
             out.refused[f"node {nid}"] = reply.error.reason
             continue
-        site = reply.content["site"]
-        out.names[nid] = name = str(site["name"])
-        if not site["ok"]:
-            out.refused[name] = str(site["reason"])
+        site = reply.content[SITE]
+        out.names[nid] = name = str(site[Describe.NAME])
+        if not site[Describe.OK]:
+            out.refused[name] = str(site[Describe.REASON])
             continue
         if out.structure is None:
             out.structure = site
         elif list(site["features"]) != list(out.structure["features"]):
             raise SitesMissing(f"site {name} describes other features than the first site; "
                                "sites must share one data contract to federate")
-        if site.get("held-out", False):
+        if site.get(Describe.HELD_OUT, False):
             out.held_out.add(nid)
             continue
         if secure is not None:
             secure.note(nid, reply.content)
             continue
-        arr = reply.content["stats"]
+        arr = reply.content[STATS]
         out.stats.append(FeatureStats(tuple(site["features"]), arr["count"].numpy(),
                                       arr["total"].numpy(), arr["total_sq"].numpy()))
-        m = reply.content["metrics"]
-        out.counts.append([float(m["class-0"]), float(m["class-1"])])  # noised: not integers
-        if site.get("statistics") == "gaussian":
-            out.gaussian[name] = {k: float(site[f"statistics-{k}"])
-                                  for k in ("noise-multiplier", "epsilon", "delta")}
+        m = reply.content[METRICS]
+        # noised (privacy.statistics: gaussian): not integers
+        out.counts.append([float(m[Metric.CLASS_0]), float(m[Metric.CLASS_1])])
+        if site.get(Describe.STATISTICS) == Describe.GAUSSIAN:
+            out.gaussian[name] = {k: float(site[Describe.STATISTICS_PREFIX + k])
+                                  for k in GAUSSIAN_KEYS}
         out.eligible.add(nid)
     if len(out.stats) < min_sites:
         raise SitesMissing(f"{len(out.stats)} sites sent statistics, fewer than min_sites = "
@@ -120,30 +126,30 @@ def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_te
     last sum's replies announce the sites' keys for round ``first_round``'s training."""
     fed = cfg.federation
     held = tuple(cfg.server.held_out_sites)
-    ctx = secure.context(0, "statistics")
+    ctx = secure.context(0, Aggregation.STATISTICS)
     desc = statistics_round(secure.grid, nodes, fed.round_timeout, shared_text, 0, held,
                             secure=secure, next_ctx=ctx)
     training = sorted(set(desc.names) - desc.held_out - set(
         n for n, name in desc.names.items() if name in desc.refused))
     refuse_if_too_few_for_secure_sum(len(training), "sites described their data")
     features = tuple(desc.structure["features"])
-    scaled_ctx = secure.context(0, "statistics-scaled")
+    scaled_ctx = secure.context(0, Aggregation.STATISTICS_SCALED)
     result = secure.sum_now(ctx, statistics_packing(len(features), fed, len(training)),
                             training, {NEXT: context_json(scaled_ctx)})
     for nid, content in secure.last_contents.items():
-        rec = content.config_records.get("statistics")
+        rec = content.config_records.get(STATISTICS)
         if rec is None:
             continue
-        if rec.get("statistics") == "gaussian":
+        if rec.get(Describe.STATISTICS) == Describe.GAUSSIAN:
             desc.gaussian[desc.names[nid]] = {k: float(rec[k]) for k in
-                                              ("noise-multiplier", "epsilon", "delta")}
-        elif rec.get("statistics") == "refused":
-            desc.refused[desc.names[nid]] = str(rec.get("reason", "no reason given"))
+                                              GAUSSIAN_KEYS}
+        elif rec.get(Describe.STATISTICS) == Describe.REFUSED:
+            desc.refused[desc.names[nid]] = str(rec.get(Describe.REASON, "no reason given"))
     scales = scales_from_sum(result.values)
     second = secure.sum_now(
         scaled_ctx, scaled_packing(len(features), fed, len(result.contributors)),
         list(result.contributors), {NEXT: context_json(secure.context(first_round, "train")),
-                                    "secagg-scales": scales.tolist()})
+                                    Config.SECAGG_SCALES: scales.tolist()})
     clipped = {k: v for r in (result, second) for k, v in r.clipped.items() if v}
     if clipped:
         report(f"secure aggregation: statistics values clipped to the configured "

@@ -41,6 +41,8 @@ from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping,
 
 from safn_core.config import FederationConfig
 from safn_core.federation.loop import sample_sites
+from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, REFUSAL, WITHHELD, Config,
+                                           Describe, Metric, is_withheld)
 from server.secure_strategy import SecureSumMixin
 from server.site_waits import OnlyNodes, await_rejoin, wait_for_nodes
 
@@ -48,30 +50,31 @@ from server.site_waits import OnlyNodes, await_rejoin, wait_for_nodes
 def train_metrics(replies, weighted_by_key: str) -> MetricRecord:
     """Train metrics: examples summed, loss weighted by examples over the sites that report one
     (a DP site withholds its loss as −1), never ε or any other privacy key averaged."""
-    n = [float(r["metrics"]["num-examples"]) for r in replies]
-    loss = [float(r["metrics"]["train-loss"]) for r in replies]
+    n = [float(r[METRICS][Metric.NUM_EXAMPLES]) for r in replies]
+    loss = [float(r[METRICS][Metric.TRAIN_LOSS]) for r in replies]
     total = sum(n)
-    reported = [(w, lo) for w, lo in zip(n, loss) if lo >= 0]
+    reported = [(w, lo) for w, lo in zip(n, loss) if not is_withheld(lo)]
     weight = sum(w for w, _ in reported)
-    return MetricRecord({"num-examples": int(total),
-                         "train-loss": (float(sum(w * lo for w, lo in reported) / weight)
-                                        if weight else -1.0)})
+    return MetricRecord({Metric.NUM_EXAMPLES: int(total),
+                         Metric.TRAIN_LOSS: (float(sum(w * lo for w, lo in reported) / weight)
+                                             if weight else WITHHELD)})
 
 
-PRIVACY_KEYS = {"dp": "dp", "epsilon": "epsilon", "delta": "delta",
-                "epsilon-budget": "epsilon_budget", "noise-multiplier": "noise_multiplier",
-                "dp-steps": "dp_steps", "refused": "refused"}
+PRIVACY_KEYS = {Metric.DP: "dp", Metric.EPSILON: "epsilon", Metric.DELTA: "delta",
+                Metric.EPSILON_BUDGET: "epsilon_budget",
+                Metric.NOISE_MULTIPLIER: "noise_multiplier", Metric.DP_STEPS: "dp_steps",
+                Metric.REFUSED: "refused"}
 
 
 def privacy_of(metrics) -> dict | None:
     """A site's privacy report from its training metrics (None for a reply without one)."""
-    if metrics is None or "dp" not in metrics:
+    if metrics is None or Metric.DP not in metrics:
         return None
     out = {name: metrics[key] for key, name in PRIVACY_KEYS.items() if key in metrics}
     out["dp"] = bool(int(out.get("dp", 0)))
     out["refused"] = bool(int(out.get("refused", 0)))
     for key in ("epsilon", "epsilon_budget"):
-        if key in out and float(out[key]) < 0:
+        if key in out and is_withheld(out[key]):
             out[key] = None  # no guarantee (a site without DP)
     return out
 
@@ -83,8 +86,8 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 def evaluate_metrics(replies, weighted_by_key: str) -> MetricRecord:
     """Evaluation metrics are built by the coordinator from histograms, not averaged here."""
-    return MetricRecord({"num-examples": int(sum(int(r["metrics"]["num-examples"])
-                                                 for r in replies))})
+    return MetricRecord({Metric.NUM_EXAMPLES: int(sum(int(r[METRICS][Metric.NUM_EXAMPLES])
+                                                      for r in replies))})
 
 
 class SafnStrategyMixin(SecureSumMixin):
@@ -169,8 +172,9 @@ class SafnStrategyMixin(SecureSumMixin):
         messages = list(super().configure_evaluate(r, arrays, config, chosen))
         if self.secure is not None:  # held-out sites evaluate alone, in plain text
             # (Flower's messages share one RecordDict: a held-out site gets its own)
-            plain = ConfigRecord({k: v for k, v in config.items() if not k.startswith("secagg-")})
-            messages = [Message(RecordDict({"arrays": m.content["arrays"], "config": plain}),
+            plain = ConfigRecord({k: v for k, v in config.items()
+                                  if not k.startswith(Config.SECAGG_PREFIX)})
+            messages = [Message(RecordDict({ARRAYS: m.content[ARRAYS], CONFIG: plain}),
                                 dst_node_id=m.metadata.dst_node_id,
                                 message_type=m.metadata.message_type)
                         if m.metadata.dst_node_id in held_out else m for m in messages]
@@ -186,14 +190,15 @@ class SafnStrategyMixin(SecureSumMixin):
             self.rejected.append({"round": r, "site": site, "reason":
                                   f"the site failed: {_one_line(m.error.reason)}"})
             return False
-        metrics = m.content.metric_records.get("metrics")
+        metrics = m.content.metric_records.get(METRICS)
         report = privacy_of(metrics)
         if report is not None:
             self.last_privacy[site] = report
-        if metrics is not None and int(metrics.get("refused", 0)) == 1:
-            why = m.content.config_records.get("refusal")
+        if metrics is not None and int(metrics.get(Metric.REFUSED, 0)) == 1:
+            why = m.content.config_records.get(REFUSAL)
             self.refusals.append({"round": r, "site": site, "reason": _one_line(
-                why["reason"] if why is not None and "reason" in why else "no reason given")})
+                why[Describe.REASON] if why is not None and Describe.REASON in why
+                else "no reason given")})
             return False
         return True
 
@@ -213,10 +218,10 @@ class SafnStrategyMixin(SecureSumMixin):
                 kept.append(m)
         kept.sort(key=self._site)
         for m in kept:  # Flower's DP clipping pairs arrays with the global ones by position
-            arrays = m.content["arrays"]
+            arrays = m.content[ARRAYS]
             if self.expected is not None and list(arrays.keys()) != list(self.expected):
-                m.content["arrays"] = ArrayRecord({k: arrays[k] for k in self.expected})
-        self.last_train = {self._site(m): {k: v for k, v in m.content["metrics"].items()}
+                m.content[ARRAYS] = ArrayRecord({k: arrays[k] for k in self.expected})
+        self.last_train = {self._site(m): {k: v for k, v in m.content[METRICS].items()}
                            for m in kept}
         return kept
 
@@ -242,7 +247,7 @@ class SafnStrategyMixin(SecureSumMixin):
             return self.secure_aggregate_evaluate(server_round + self.round_offset,
                                                   list(replies))
         replies = [m for m in replies if not m.has_error()]
-        self.last_evaluate = {self._site(m): m.content["metrics"] for m in replies}
+        self.last_evaluate = {self._site(m): m.content[METRICS] for m in replies}
         return super().aggregate_evaluate(server_round + self.round_offset, replies)
 
     # -- screening ---------------------------------------------------------------------------
@@ -255,9 +260,9 @@ class SafnStrategyMixin(SecureSumMixin):
         return reason is None
 
     def _problem(self, msg: Message) -> str | None:
-        if "arrays" not in msg.content.array_records:
+        if ARRAYS not in msg.content.array_records:
             return "reply has no model arrays"
-        arrays = msg.content["arrays"]
+        arrays = msg.content[ARRAYS]
         if self.expected is not None:
             if set(arrays.keys()) != set(self.expected):
                 odd = sorted(set(arrays.keys()) ^ set(self.expected))[:3]
@@ -268,8 +273,8 @@ class SafnStrategyMixin(SecureSumMixin):
         for k, a in arrays.items():
             if not np.all(np.isfinite(a.numpy())):
                 return f"non-finite values (NaN/Inf) in {k}"
-        metrics = msg.content.metric_records.get("metrics")
-        if metrics is None or int(metrics.get("num-examples", 0)) <= 0:
+        metrics = msg.content.metric_records.get(METRICS)
+        if metrics is None or int(metrics.get(Metric.NUM_EXAMPLES, 0)) <= 0:
             return "no positive num-examples"
         return None
 
@@ -355,7 +360,7 @@ class SafnCentralDP(DifferentialPrivacyServerSideFixedClipping):
             if saved is not None:
                 np.random.set_state(saved)
         if arrays is not None:
-            n = np.array([float(m.content["metrics"]["num-examples"]) for m in kept])
+            n = np.array([float(m.content[METRICS][Metric.NUM_EXAMPLES]) for m in kept])
             w_max = float(n.max() / n.sum())
             inner.central[r] = {
                 "noise_multiplier": float(self.noise_multiplier),

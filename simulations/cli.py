@@ -22,6 +22,8 @@ from safn_core.cli.common import (base_parser, config_from_args, console, entry,
                                   fresh_output_dir, write_json)
 from safn_core.config import SafnConfig, dump_config
 from safn_core.errors import SafnError
+from safn_core.federation.run_report import selected_entry
+from safn_core.training.selection import RoundSelection
 from simulations.compare import build_sites, compare
 from simulations.engine import run_flower_simulation
 
@@ -35,10 +37,13 @@ def print_comparison(df: pd.DataFrame, n_test: int, n_sites: int) -> None:
                     "validation data.")
     t.add_column("model")
     t.add_column("n train", justify="right")
+    t.add_column("round", justify="right")  # the selected round (same rule for every model)
     for k in SHOWN:
         t.add_column(k, justify="right")
     for _, r in df.iterrows():
-        t.add_row(str(r.model), str(r.n_train), *[f"{float(r[k]):.3f}" for k in SHOWN])
+        rnd = r.get("selected_round")
+        t.add_row(str(r.model), str(r.n_train), "-" if pd.isna(rnd) else str(int(rnd)),
+                  *[f"{float(r[k]):.3f}" for k in SHOWN])
     console.print(t)
 
 
@@ -75,11 +80,12 @@ def print_privacy(history: list[dict], cfg: SafnConfig) -> None:
 
 
 def load_federated(run_dir: Path):
-    """The finished federation's model and preprocessing, from its bundle."""
+    """The finished federation's model, preprocessing and selected round, from its bundle."""
     from safn_core.bundle import load_bundle
 
     bundle = load_bundle(run_dir / "model")
-    return bundle.model, bundle.preprocessor
+    training = bundle.meta.get("training") or {}
+    return bundle.model, bundle.preprocessor, training.get("selected_round")
 
 
 def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.DataFrame:
@@ -188,7 +194,10 @@ def run(argv: list[str] | None = None) -> int:
     status = json.loads(status_file.read_text()) if status_file.is_file() else {}
     if status.get("status") == "failed":  # the ServerApp's reason, e.g. no site ever trained
         raise SafnError(f"{run_dir}: the federation failed: {status.get('reason')}")
-    if state is None or state.round < fed.rounds or not (run_dir / "model").is_dir():
+    stopped_early = bool(state is not None and state.selection
+                         and RoundSelection.from_state(state.selection).should_stop)
+    if state is None or (state.round < fed.rounds and not stopped_early) \
+            or not (run_dir / "model").is_dir():
         done = 0 if state is None else state.round
         raise SafnError(f"{run_dir}: the federation stopped after round {done} of {fed.rounds}; "
                         f"see {run_dir / 'progress.log'}; resume with safn-sim --resume {run_dir}")
@@ -197,6 +206,10 @@ def run(argv: list[str] | None = None) -> int:
     print_privacy(state.history, cfg)
     results = {"run_dir": str(run_dir), "flower_seconds": flower_s, "rounds": state.round,
                "strategy": fed.strategy, "sites": summ.to_dict("records"),
+               "selection": {"rule": fed.select, "patience": fed.patience,
+                             "stopped_early": stopped_early},
+               "selected_round": selected_entry(state.history).get("round"),
+               "federated_selected_round": selected_entry(state.history) or None,
                "federated_last_round": state.history[-1] if state.history else None}
     if cfg.simulation.compare:
         console.print("training the pooled and local-only models on the same splits ...")

@@ -21,16 +21,26 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
 
     All use the sites' own train/validation/test splits (the federation's): the pooled model
     trains on the union of the training splits with preprocessing fitted there, each local-only
-    model on one site's training split with its own preprocessing; each early-stops and picks
-    its threshold on its own validation data (pooled: all sites'; local: its site's; federated:
-    all sites', the threshold the federation also picks from pooled validation histograms).
+    model on one site's training split with its own preprocessing. Pooled and local-only models
+    get the federated model's protocol and budget (`fit_by_rounds`): up to
+    ``federation.rounds`` rounds of ``federation.local_epochs`` epochs, the round kept by
+    ``federation.select`` and early stopping after ``federation.patience`` rounds without
+    improvement, the rule the coordinator applies (`RoundSelection`), so that the comparison
+    measures federation and not training recipes (``train.max_epochs`` / ``train.patience`` are
+    cross-validation's, not used here). Each selects its round and picks its threshold on its
+    own validation data (pooled: all sites'; local: its site's; federated: all sites', the
+    threshold the federation also picks from pooled validation histograms).
+
+    ``federated``: ``(model, preprocessor)`` or ``(model, preprocessor, selected_round)``.
+    Each row has the selected round (``selected_round``; ``None`` for a federated model given
+    without it).
     """
     import torch
 
     from safn_core.federation.site import Site
     from safn_core.metrics import binary_metrics, choose_threshold
     from safn_core.preprocess import Preprocessor
-    from safn_core.training.local import Arrays, fit_with_early_stopping, predict
+    from safn_core.training.local import Arrays, fit_by_rounds, predict
 
     torch.set_num_threads(1)
     sites = {name: Site(name, cohort.subset(ids), cfg) for name, ids in parts.items()}
@@ -39,24 +49,34 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
     table = cohort.table
     rows = []
 
-    def score(name, kind, model, pre, val_ids, n_train, sites_used):
+    fed = cfg.federation
+
+    def fit(train, val):
+        return fit_by_rounds(train, val, cohort.modalities, cfg.model, cfg.train, cfg.train.seed,
+                             rounds=fed.rounds, epochs_per_round=fed.local_epochs,
+                             select=fed.select, patience=fed.patience,
+                             val_loss="cross_entropy")  # the federation's validation loss
+
+    def score(name, kind, model, pre, val_ids, n_train, sites_used, selected_round):
         val = Arrays.from_table(pre, table.loc[val_ids])
         test = Arrays.from_table(pre, table.loc[ids["test"]])
         p_val, _ = predict(model, val)
         p_test, _ = predict(model, test)
         t = choose_threshold(val.y, p_val)
         rows.append({"model": name, "kind": kind, "n_train": int(n_train), "sites": sites_used,
-                     "threshold": t, **binary_metrics(test.y, p_test, t)})
+                     "threshold": t, "selected_round": selected_round,
+                     **binary_metrics(test.y, p_test, t)})
 
     pooled_pre = Preprocessor(cohort.modalities).fit(table.loc[ids["train"]])
     tr = Arrays.from_table(pooled_pre, table.loc[ids["train"]])
     va = Arrays.from_table(pooled_pre, table.loc[ids["val"]])
-    fit = fit_with_early_stopping(tr, va, cohort.modalities, cfg.model, cfg.train, cfg.train.seed)
-    score("pooled (all training splits together)", "pooled", fit.model, pooled_pre, ids["val"],
-          len(tr), len(sites))
+    pooled = fit(tr, va)
+    score("pooled (all training splits together)", "pooled", pooled.model, pooled_pre, ids["val"],
+          len(tr), len(sites), pooled.selected_round)
     if federated is not None:
-        model, pre = federated
-        score("federated", "federated", model, pre, ids["val"], len(tr), len(sites))
+        model, pre, *selected = federated
+        score("federated", "federated", model, pre, ids["val"], len(tr), len(sites),
+              selected[0] if selected else None)
     for name, site in sites.items():
         counts = np.bincount(table.loc[site.split.train, "label"], minlength=2)
         if counts.min() < 2 or len(np.unique(table.loc[site.split.val, "label"])) < 2:
@@ -64,9 +84,9 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
         pre = Preprocessor(cohort.modalities).fit(table.loc[site.split.train])
         tr_s = Arrays.from_table(pre, table.loc[site.split.train])
         va_s = Arrays.from_table(pre, table.loc[site.split.val])
-        fit = fit_with_early_stopping(tr_s, va_s, cohort.modalities, cfg.model, cfg.train,
-                                      cfg.train.seed)
-        score(f"local-only {name}", "local", fit.model, pre, site.split.val, len(tr_s), 1)
+        own = fit(tr_s, va_s)
+        score(f"local-only {name}", "local", own.model, pre, site.split.val, len(tr_s), 1,
+              own.selected_round)
     df = pd.DataFrame(rows)
     local = df[df.kind == "local"]
     if not local.empty:

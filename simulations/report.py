@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from safn_core.config import SafnConfig, dump_config
-from safn_core.federation.run_report import learning_section, rejected_and_privacy
+from safn_core.federation.run_report import (learning_section, rejected_and_privacy,
+                                            selected_entry)
 from safn_core.metrics import METRICS
 from safn_core.report import Report
 
@@ -22,16 +23,20 @@ def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.Data
                  f"{cfg.federation.local_epochs} local epochs")
     rep.heading("Virtual sites").table(sites)
     if history:
-        last = history[-1]
+        last = selected_entry(history)
         learning_section(rep, history, run_dir,
                          "pooled metrics from summed score histograms; per-site ROC-AUC on each "
                          "site's test split (sites below min_cell withhold theirs)",
-                         f"final round, pooled test ({last.get('n_test')} participants "
+                         f"selected round {last.get('round')}, pooled test ({last.get('n_test')} participants "
                          "reported)")
         rejected_and_privacy(rep, history, run_dir)
     if comparison is not None and not comparison.empty:
         rep.heading("Pooled vs federated vs local-only (pooled test set)")
-        rep.table(comparison[["model", "n_train", *METRICS]])
+        cols = ["model", "n_train", *(["selected_round"] if "selected_round" in comparison
+                                      else []), *METRICS]
+        rep.table(comparison[cols], f"every model selected by {cfg.federation.select} on its own "
+                                    f"validation data, patience {cfg.federation.patience} rounds "
+                                    f"of {cfg.federation.local_epochs} epochs")
     if loso is not None and not loso.empty:
         rep.heading("Leave-one-site-out external validation")
         shown = loso[["held_out", "n", "positive"]].copy()

@@ -11,8 +11,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from safn_core.config import load_config
 from safn_core.errors import ConfigError, DataError
 from safn_core.federation.aggregate import (ServerOptimizer, global_preprocessing,
-                                            modalities_from_record, modalities_to_record,
                                             round_metrics, weighted_mean)
+from safn_core.federation.protocol import modalities_from_record, modalities_to_record
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.loop import run_in_process, sample_sites
 from simulations.partition import partition, summary

@@ -73,6 +73,11 @@ def test_safn_sim_end_to_end(table, tmp_path):
     assert "pooled test set" in results["comparison"]["evaluated_on"]
     history = json.loads((out / "history.json").read_text())
     assert [e["round"] for e in history] == [1, 2, 3]
+    # plain evaluation replies carry the validation loss sums: the run selects by them
+    assert all(e["val_loss"] > 0 and 0 <= e["val_roc_auc"] <= 1 for e in history)
+    chosen = history[-1]["selected_round"]
+    assert history[chosen - 1]["val_loss"] == min(e["val_loss"] for e in history)
+    assert bundle.meta["training"]["selected_round"] == chosen
     assert set(history[-1]["sites"]) == {"site_A", "site_B", "site_C"}
     rounds = pd.read_csv(out / "rounds.csv")
     assert set(rounds.site) == {"pooled", "site_A", "site_B", "site_C"}
@@ -162,3 +167,56 @@ def test_leave_one_site_out_through_flower(tmp_path):
     assert first["roc_auc_ci"][0] <= first["roc_auc"] <= first["roc_auc_ci"][1]
     html = (out / "report.html").read_text()
     assert "Leave-one-site-out" in html and html.count("data:image/png;base64,") >= 1
+
+
+def _round_weights(run_dir: Path, r: int) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "checkpoints" / f"round_{r:04d}.npz") as npz:
+        return {k[3:]: npz[k] for k in npz.files if k.startswith("w::")}
+
+
+def test_the_bundle_is_the_round_with_the_best_pooled_validation_loss_and_resume_keeps_it(
+        table, tmp_path):
+    """Model selection through Flower (secure aggregation on): the bundle holds the weights of
+    the round with the lowest pooled validation loss, with that round's threshold; the run stops
+    after `patience` rounds without improvement; a run resumed after its best round ends with
+    the same model; the comparators report the round they selected by the same rule."""
+    full = tmp_path / "full"
+    # a high learning rate overfits the toy cohort within a few rounds: validation loss turns
+    done = run(argv(table, full, "federation.rounds=8", "federation.patience=2",
+                    "federation.select=val_loss", "train.lr=0.05"))
+    assert done.code == 0, done.out[-3000:] + done.err[-3000:]
+    history = json.loads((full / "history.json").read_text())
+    losses = {e["round"]: e["val_loss"] for e in history}
+    chosen = history[-1]["selected_round"]
+    assert losses[chosen] == min(losses.values())
+    assert len(history) < 8, "expected early stopping (patience 2, lr 0.05)"
+    assert len(history) == chosen + 2  # stopped exactly `patience` rounds after the best
+    assert f"early stopping after round {len(history)}" in done.out
+    bundle = load_bundle(full / "model")
+    assert bundle.meta["training"]["selected_round"] == chosen
+    assert bundle.meta["training"]["selection"]["stopped_early"] is True
+    assert bundle.threshold == pytest.approx(history[chosen - 1]["threshold"])
+    best = _round_weights(full, chosen)
+    state = bundle.model.state_dict()
+    for k, v in best.items():
+        np.testing.assert_array_equal(state[k].numpy(), v)
+    assert f"round {chosen}, selected by pooled validation" in (
+        full / "model" / "model_card.md").read_text()
+    results = json.loads((full / "results.json").read_text())
+    assert results["selected_round"] == chosen
+    rows = results["comparison"]["rows"]
+    assert all(r["selected_round"] >= 1 for r in rows)
+    assert next(r for r in rows if r["kind"] == "federated")["selected_round"] == chosen
+
+    # stopped one round after its best, resumed: the checkpoint kept the best round's weights,
+    # the resumed run trains one more round, stops, and ends with the same model
+    resumed = tmp_path / "resumed"
+    stop_after(full, resumed, chosen + 1)
+    done = run(["--resume", str(resumed)])
+    assert done.code == 0, done.out[-3000:] + done.err[-3000:]
+    again = json.loads((resumed / "history.json").read_text())
+    assert f"resuming after round {chosen + 1} of 8" in done.out
+    assert [e["selected_round"] for e in again] == [e["selected_round"] for e in history]
+    other = load_bundle(resumed / "model").model.state_dict()
+    for k, v in state.items():
+        np.testing.assert_array_equal(other[k].numpy(), v.numpy())

@@ -74,3 +74,30 @@ def test_no_module_outside_safn_flower_patches_flower_privates():
                 if needle in text:
                     offenders.append(f"{path.relative_to(ROOT)}: {needle}")
     assert not offenders, offenders
+
+
+def test_message_keys_are_spelled_only_in_the_protocol_module():
+    """Every record, config and metric key the coordinator and the sites exchange is a name in
+    `safn_core.federation.protocol`: a key spelled as a string literal anywhere else is a second
+    definition that a rename would miss."""
+    import ast
+
+    from safn_core.federation import protocol
+
+    keys = {v for cls in (protocol.Config, protocol.Metric, protocol.Describe, protocol.SecAgg,
+                          protocol.Task, protocol.NodeConfig)
+            for k, v in vars(cls).items() if k.isupper() and isinstance(v, str) and "-" in v}
+    assert len(keys) > 30
+    # Flower's own JSON (`flwr run --format json`, `flwr ls`) also says "run-id"
+    flower_json = {("server/superlink.py", "run-id"), ("safn_core/federation/run_report.py",
+                                                        "run-id")}
+    offenders = []
+    for folder in ("server", "client", "safn_core/federation", "safn_core/privacy"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name == "protocol.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in keys \
+                        and (str(path.relative_to(ROOT)), node.value) not in flower_json:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not offenders, offenders

@@ -33,25 +33,6 @@ def global_preprocessing(modalities: tuple[Modality, ...], stats: list[FeatureSt
     return pre, counts
 
 
-def modalities_to_record(modalities: tuple[Modality, ...]) -> dict:
-    """Flat lists (Flower ConfigRecord values) describing the modality groups."""
-    return {"modality-names": [m.name for m in modalities],
-            "modality-sides": [m.side for m in modalities],
-            "modality-sizes": [len(m.features) for m in modalities],
-            "features": [f for m in modalities for f in m.features]}
-
-
-def modalities_from_record(rec) -> tuple[Modality, ...]:
-    """Inverse of `modalities_to_record`."""
-    features = list(rec["features"])
-    out, start = [], 0
-    for name, side, size in zip(rec["modality-names"], rec["modality-sides"],
-                                rec["modality-sizes"]):
-        out.append(Modality(str(name), tuple(features[start:start + int(size)]), str(side)))
-        start += int(size)
-    return tuple(out)
-
-
 # ------------------------------------------------------------------ weights
 
 
@@ -117,10 +98,13 @@ class ServerOptimizer:
 def round_metrics(site_hists: dict[str, dict]) -> dict:
     """Pooled metrics (threshold from the pooled validation histogram) and per-site metrics.
 
-    ``site_hists``: site → {"val": (2, bins), "test": (2, bins), "withheld": bool}. A withheld
-    site (fewer than min_cell people of a class in a split) sent zeros and has no per-site
-    metrics. Pooled AUCs come from the SUM of the histograms, never from averaging site AUCs;
-    pooled accuracy / sensitivity / specificity from the summed confusion counts at the threshold.
+    ``site_hists``: site → {"val": (2, bins), "test": (2, bins), "withheld": bool, and
+    optionally "val_loss_sum", "val_examples"}. A withheld site (fewer than min_cell people of a
+    class in a split) sent zeros and has no per-site metrics. Pooled AUCs come from the SUM of
+    the histograms, never from averaging site AUCs; pooled accuracy / sensitivity / specificity
+    from the summed confusion counts at the threshold. The pooled validation loss and ROC-AUC
+    (``val_loss``, ``val_roc_auc``: what the coordinator selects a round by) come from the same
+    reporting sites' sums.
     """
     reported = {k: h for k, h in site_hists.items() if not h["withheld"]}
     bins = next(iter(site_hists.values()))["test"].shape[1]
@@ -130,10 +114,27 @@ def round_metrics(site_hists: dict[str, dict]) -> dict:
     pooled = metrics_from_histogram(test, threshold) if test.sum() else None
     per_site = {name: (None if h["withheld"] else metrics_from_histogram(h["test"], threshold))
                 for name, h in site_hists.items()}
-    return {"threshold": threshold, "pooled": pooled, "sites": per_site,
-            "sites_reported": len(reported),
-            "sites_withheld": sorted(set(site_hists) - set(reported)),
-            "n_test": int(test.sum()), "n_val": int(val.sum())}
+    out = {"threshold": threshold, "pooled": pooled, "sites": per_site,
+           "sites_reported": len(reported),
+           "sites_withheld": sorted(set(site_hists) - set(reported)),
+           "n_test": int(test.sum()), "n_val": int(val.sum())}
+    out.update(validation_metrics(
+        val, sum(float(h.get("val_loss_sum", 0.0)) for h in reported.values()),
+        sum(int(h.get("val_examples", 0)) for h in reported.values()), threshold))
+    return out
+
+
+def validation_metrics(val: np.ndarray, loss_sum: float, examples: int,
+                       threshold: float) -> dict:
+    """The pooled validation loss (mean cross-entropy) and ROC-AUC of a round, where the
+    pooled validation histogram has both classes (else neither: nothing to select by)."""
+    out = {}
+    if val.sum(axis=1).min() <= 0:
+        return out
+    if examples > 0:
+        out["val_loss"] = float(loss_sum) / int(examples)
+    out["val_roc_auc"] = metrics_from_histogram(val, threshold)["roc_auc"]
+    return out
 
 
 def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
@@ -158,10 +159,9 @@ def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
            "sites_withheld": sorted(n for n, m in site_metrics.items() if not m),
            "n_test": int(test.sum()) if test_ok else 0, "n_val": int(val.sum()) if val_ok else 0,
            "secure_aggregation": True}
-    if val_ok and int(pooled["val_examples"]) > 0:
-        out["val_loss"] = float(pooled["val_loss_sum"]) / int(pooled["val_examples"])
     if val_ok:
-        out["val_roc_auc"] = metrics_from_histogram(val, threshold)["roc_auc"]
+        out.update(validation_metrics(val, float(pooled["val_loss_sum"]),
+                                      int(pooled["val_examples"]), threshold))
     return out
 
 
@@ -201,6 +201,11 @@ def round_line(entry: dict, rounds: int) -> str:
         text += ")"
     elif "sites_reported" in entry:
         text += "  no site could report test metrics (all below min_cell)"
+    if "val_loss" in entry:
+        text += f"  val loss {entry['val_loss']:.4f}"
+    if entry.get("selected_round") is not None:
+        text += ("  [selected]" if entry["selected_round"] == entry["round"]
+                 else f"  [selected: round {entry['selected_round']}]")
     for name, m in (entry.get("held_out") or {}).items():
         text += (f"\n  held-out {name}: " + (
             f"ROC-AUC {m['roc_auc']:.3f} [{m['ci']['roc_auc'][0]:.3f}, "

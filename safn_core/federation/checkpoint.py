@@ -1,7 +1,8 @@
 """Round checkpoints of a federated run: everything needed to resume with nothing lost.
 
-Each round writes ``checkpoints/round_NNNN.npz`` (global weights and strategy arrays such as
-FedAdam's moments) and ``round_NNNN.json`` (round, preprocessing, class counts, metrics history),
+Each round writes ``checkpoints/round_NNNN.npz`` (global weights, the selected round's weights
+and strategy arrays such as FedAdam's moments) and ``round_NNNN.json`` (round, preprocessing,
+class counts, metrics history, the model selection's state),
 each atomically, then points ``checkpoints/latest.json`` at them. An existing round file is never
 overwritten: resuming continues from the last complete round.
 """
@@ -28,6 +29,14 @@ class RunState:
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     sites: dict[str, str] = field(default_factory=dict)  # site index -> name
+    # the model selection (`safn_core.training.selection.RoundSelection.state_dict`) and the
+    # weights of its selected round (None: the selected round is this one, or none yet)
+    selection: dict = field(default_factory=dict)
+    best_weights: dict[str, np.ndarray] | None = None
+
+    def selected_weights(self) -> dict[str, np.ndarray]:
+        """The weights of the selected round (the last round's when nothing else is)."""
+        return self.weights if self.best_weights is None else self.best_weights
 
 
 def save_checkpoint(run_dir: Path, state: RunState) -> Path:
@@ -36,6 +45,7 @@ def save_checkpoint(run_dir: Path, state: RunState) -> Path:
     if stem.with_suffix(".json").exists():
         raise DataError(f"{stem}.json exists: a checkpoint is never overwritten")
     arrays = {f"w::{k}": v for k, v in state.weights.items()}
+    arrays.update({f"b::{k}": v for k, v in (state.best_weights or {}).items()})
     for group, values in state.strategy_state.items():
         arrays.update({f"s::{group}::{k}": v for k, v in values.items()})
     buf = io.BytesIO()
@@ -44,6 +54,7 @@ def save_checkpoint(run_dir: Path, state: RunState) -> Path:
     write_json(stem.with_suffix(".json"), {
         "round": state.round, "preprocessing": state.preprocessing,
         "class_counts": state.class_counts, "history": state.history, "sites": state.sites,
+        "selection": state.selection,
     })
     write_json(folder / "latest.json", {"round": state.round, "stem": stem.name})
     return stem
@@ -62,10 +73,12 @@ def load_checkpoint(run_dir: Path) -> RunState | None:
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{latest.parent}: the checkpoint is damaged ({exc})") from None
     weights = {k[3:]: v for k, v in arrays.items() if k.startswith("w::")}
+    best = {k[3:]: v for k, v in arrays.items() if k.startswith("b::")} or None
     strategy: dict[str, dict[str, np.ndarray]] = {}
     for k, v in arrays.items():
         if k.startswith("s::"):
             _, group, name = k.split("::", 2)
             strategy.setdefault(group, {})[name] = v
     return RunState(meta["round"], weights, meta["preprocessing"], meta["class_counts"],
-                    strategy, meta["history"], meta.get("sites", {}))
+                    strategy, meta["history"], meta.get("sites", {}),
+                    meta.get("selection", {}), best)

@@ -19,6 +19,8 @@ import math
 
 import pandas as pd
 
+from safn_core.federation.protocol import Metric
+
 CENTRAL_DP = "central DP (server-side clipping + noise), no per-site ε"
 
 
@@ -108,8 +110,8 @@ def privacy_summary(history: list[dict], statistics: dict[str, dict] | None = No
         out["statistics_dp"] = {
             "mechanism": "Gaussian mechanism on the statistics round (privacy.statistics: "
                          "gaussian), charged to the site's ledger",
-            "sites": {k: {"noise_multiplier": v["noise-multiplier"], "epsilon": v["epsilon"],
-                          "delta": v["delta"]} for k, v in sorted(statistics.items())}}
+            "sites": {k: {"noise_multiplier": v[Metric.NOISE_MULTIPLIER],
+                          "epsilon": v[Metric.EPSILON], "delta": v[Metric.DELTA]} for k, v in sorted(statistics.items())}}
     if sites:
         out["site_dp"] = {
             "mechanism": "DP-SGD at the site (Opacus, Poisson sampling); ε spent so far over "

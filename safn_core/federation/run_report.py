@@ -12,14 +12,30 @@ from safn_core.config import SafnConfig, dump_config
 from safn_core.report import Report
 
 
+def selected_entry(history: list[dict]) -> dict:
+    """The history entry of the round the run selected as its model (the last round's entry
+    says which); the last entry for a run without selection."""
+    if not history:
+        return {}
+    chosen = history[-1].get("selected_round")
+    return next((e for e in history if e["round"] == chosen), history[-1])
+
+
 def learning_section(rep: Report, history: list[dict], run_dir: Path, curves_caption: str,
                      final_caption: str) -> None:
-    """Learning curves per round (pooled and per site) and the final round's pooled metrics."""
+    """Learning curves per round (pooled and per site), which round the run selected and by
+    which rule, and the selected round's pooled test metrics."""
     plots.learning_curves(history, Path(run_dir) / "learning_curves.png")
     rep.heading("Learning curves")
     rep.figure(Path(run_dir) / "learning_curves.png", curves_caption)
-    if history[-1].get("pooled"):
-        rep.table(dict(history[-1]["pooled"]), final_caption)
+    chosen = selected_entry(history)
+    if chosen.get("round") is not None and history[-1].get("selected_round") is not None:
+        rep.text(f"The model is round {chosen['round']} of the {len(history)} trained, selected "
+                 f"by pooled validation (val loss {chosen.get('val_loss', float('nan')):.4f}, "
+                 f"val ROC-AUC {chosen.get('val_roc_auc', float('nan')):.3f}); its test metrics "
+                 "below are reported, not used to choose it.")
+    if chosen.get("pooled"):
+        rep.table(dict(chosen["pooled"]), final_caption)
 
 
 def rejected_and_privacy(rep: Report, history: list[dict], run_dir: Path) -> None:
@@ -79,11 +95,11 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
             for s in sites]
     rep.heading("Sites").table(pd.DataFrame(rows))
     if history:
-        last = history[-1]
+        last = selected_entry(history)
         learning_section(rep, history, run_dir,
                          "pooled metrics from summed score histograms of the training sites' "
                          "test splits; per-site ROC-AUC (sites below min_cell withhold theirs)",
-                         f"final round, pooled test ({last.get('n_test')} participants at "
+                         f"selected round {last.get('round')}, pooled test ({last.get('n_test')} participants at "
                          f"{last.get('sites_reported')} sites), threshold {last.get('threshold')}")
         external = last.get("held_out") or {}
         if external:

@@ -51,6 +51,7 @@ from safn_core.config import PrivacyConfig
 from safn_core.data.cohort import LABEL
 from safn_core.errors import SafnError
 from safn_core.federation.site import Site, SmallCell
+from safn_core.federation.protocol import WITHHELD, Describe, Metric
 from safn_core.preprocess import FeatureStats, Preprocessor
 
 if TYPE_CHECKING:
@@ -59,12 +60,9 @@ if TYPE_CHECKING:
 # safn_core.privacy (Opacus) is imported only where DP is used: a deployed site pays the import
 # in every message's fresh process, and a non-DP site should not pay it at all.
 
-METRIC_KEYS = ("num-examples", "train-loss", "dp", "epsilon", "delta", "epsilon-budget",
-               "noise-multiplier", "dp-steps", "refused")
+METRIC_KEYS = (Metric.NUM_EXAMPLES, Metric.TRAIN_LOSS, Metric.DP, Metric.EPSILON, Metric.DELTA,
+               Metric.EPSILON_BUDGET, Metric.NOISE_MULTIPLIER, Metric.DP_STEPS, Metric.REFUSED)
 """The keys of every training reply's metrics (DP or not, trained or refused)."""
-
-WITHHELD = -1.0
-"""``train-loss`` of a DP site and ``epsilon`` of a non-DP site: not a number to average."""
 
 
 @dataclass
@@ -98,9 +96,9 @@ def effective_privacy(site: Site, request: PrivacyConfig | None) -> PrivacyConfi
 
 
 def _off_metrics(n: int, loss: float) -> dict[str, int | float]:
-    return {"num-examples": int(n), "train-loss": float(loss), "dp": 0, "epsilon": WITHHELD,
-            "delta": 0.0, "epsilon-budget": WITHHELD, "noise-multiplier": 0.0, "dp-steps": 0,
-            "refused": 0}
+    return {Metric.NUM_EXAMPLES: int(n), Metric.TRAIN_LOSS: float(loss), Metric.DP: 0,
+            Metric.EPSILON: WITHHELD, Metric.DELTA: 0.0, Metric.EPSILON_BUDGET: WITHHELD,
+            Metric.NOISE_MULTIPLIER: 0.0, Metric.DP_STEPS: 0, Metric.REFUSED: 0}
 
 
 def _reason(site: Site, exc: Exception) -> str:
@@ -111,13 +109,14 @@ def _reason(site: Site, exc: Exception) -> str:
 
 def _refused(reason: str, sp: "SitePrivacy | None", dp: bool) -> RoundOutcome:
     metrics = _off_metrics(0, WITHHELD)
-    metrics["dp"] = int(dp)
+    metrics[Metric.DP] = int(dp)
     if sp is not None:
         try:
             metrics.update(sp.metrics_now())
         except SafnError:  # the ledger itself is the problem: report no ε
             pass
-    metrics.update({"num-examples": 0, "train-loss": WITHHELD, "dp-steps": 0, "refused": 1})
+    metrics.update({Metric.NUM_EXAMPLES: 0, Metric.TRAIN_LOSS: WITHHELD, Metric.DP_STEPS: 0,
+                    Metric.REFUSED: 1})
     return RoundOutcome(None, metrics, reason)
 
 
@@ -143,7 +142,8 @@ def site_statistics(site: Site, *, request: PrivacyConfig | None, state_dir: Pat
             stats, counts = site.describe(check_cells=check_cells)
         except SmallCell as exc:
             return StatisticsOutcome(None, None, None, str(exc))
-        return StatisticsOutcome(stats, [float(c) for c in counts], {"statistics": "exact"})
+        return StatisticsOutcome(stats, [float(c) for c in counts],
+                                 {Describe.STATISTICS: Describe.EXACT})
     from safn_core.privacy import PrivacyError, SiteBudget, data_fingerprint, release_statistics
 
     train = site.cohort.table.loc[site.split.train]
@@ -156,8 +156,8 @@ def site_statistics(site: Site, *, request: PrivacyConfig | None, state_dir: Pat
     except PrivacyError as exc:
         return StatisticsOutcome(None, None, None, _reason(site, exc))
     return StatisticsOutcome(stats, counts, {
-        "statistics": "gaussian", "noise-multiplier": float(info["noise_multiplier"]),
-        "epsilon": float(info["epsilon"]), "delta": float(info["delta"])})
+        Describe.STATISTICS: Describe.GAUSSIAN, Metric.NOISE_MULTIPLIER: float(info["noise_multiplier"]),
+        Metric.EPSILON: float(info["epsilon"]), Metric.DELTA: float(info["delta"])})
 
 
 def train_round(site: Site, state: dict, pre: Preprocessor, class_counts: list[int], *,

@@ -54,6 +54,7 @@ from torch import nn
 
 from safn_core.config import ModelConfig, PrivacyConfig, TrainConfig
 from safn_core.data.cohort import Modality
+from safn_core.federation.protocol import WITHHELD, Metric
 from safn_core.privacy.budget import SiteBudget
 from safn_core.privacy.calibration import calibrate_noise, sample_rate_for, steps_per_epoch
 from safn_core.privacy.errors import BudgetExhausted, PrivacyError
@@ -112,12 +113,13 @@ class RoundReport:
         is not included: it is an exact statistic of the training split (add it only for non-DP
         sites).
         """
-        return {"dp": int(self.dp),
-                "epsilon": float(self.epsilon) if self.epsilon is not None else -1.0,
-                "delta": float(self.delta or 0.0),
-                "epsilon-budget": float(self.epsilon_budget) if self.epsilon_budget else -1.0,
-                "noise-multiplier": float(self.noise_multiplier or 0.0),
-                "dp-steps": int(self.steps)}
+        return {Metric.DP: int(self.dp),
+                Metric.EPSILON: float(self.epsilon) if self.epsilon is not None else WITHHELD,
+                Metric.DELTA: float(self.delta or 0.0),
+                Metric.EPSILON_BUDGET: (float(self.epsilon_budget) if self.epsilon_budget
+                                        else WITHHELD),
+                Metric.NOISE_MULTIPLIER: float(self.noise_multiplier or 0.0),
+                Metric.DP_STEPS: int(self.steps)}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,7 +2,9 @@
 
 A centralised fold, a federated site and a DP site all train through `run_epochs`; they differ
 only in the data loader and optimizer they pass (Opacus supplies its own for DP-SGD) and in an
-optional proximal term (FedProx).
+optional proximal term (FedProx). `fit_by_rounds` trains one centralised model by the
+federation's rounds and round-selection rule (`safn_core.training.selection`), for the pooled and
+local-only comparators; `fit_with_early_stopping` is its epoch-wise case (cross-validation).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,6 +22,7 @@ from safn_core.config import ModelConfig, TrainConfig
 from safn_core.data.cohort import LABEL, Modality
 from safn_core.model import SAFN, total_loss
 from safn_core.model.losses import classification_loss
+from safn_core.training.selection import RoundSelection, Select
 
 
 @dataclass
@@ -112,37 +116,96 @@ def predict(model: nn.Module, data: Arrays, batch_size: int = 1024) -> tuple[np.
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, data: Arrays, model_cfg: ModelConfig, class_counts) -> float:
+    return validation_metrics(model, data, model_cfg, class_counts)[0]
+
+
+@torch.no_grad()
+def validation_metrics(model: nn.Module, data: Arrays, model_cfg: ModelConfig, class_counts,
+                       loss: str = "objective") -> tuple[float, float | None]:
+    """Validation loss and ROC-AUC of P(positive) from one forward pass, in eval mode.
+
+    ``loss``: ``"objective"`` (the training loss, class-weighted / focal as configured) or
+    ``"cross_entropy"`` (the mean binary cross-entropy of P(positive): what a federation's
+    sites sum for the coordinator's pooled validation loss, `Site.evaluate`). The ROC-AUC is
+    ``None`` when ``data`` lacks one of the classes (it is undefined).
+    """
     model.eval()
     logits = model(torch.from_numpy(data.x), torch.from_numpy(data.mask))
-    return float(classification_loss(logits, torch.from_numpy(data.y), model_cfg, class_counts))
+    if loss == "cross_entropy":
+        q = np.clip(torch.softmax(logits, dim=1)[:, 1].numpy().astype(np.float64), 1e-7, 1 - 1e-7)
+        loss = float(-np.mean(data.y * np.log(q) + (1 - data.y) * np.log(1 - q)))
+    else:
+        loss = float(classification_loss(logits, torch.from_numpy(data.y), model_cfg,
+                                         class_counts))
+    auc = None
+    if len(np.unique(data.y)) == 2:
+        auc = float(roc_auc_score(data.y, torch.softmax(logits, dim=1)[:, 1].numpy()))
+    return loss, auc
 
 
 @dataclass
 class FitResult:
+    """A trained model and how it was chosen.
+
+    ``best_epoch``: epochs trained up to the kept weights; ``best_val_loss``: their validation
+    loss; ``selected_round``: the kept round of `fit_by_rounds` (= ``best_epoch`` for
+    `fit_with_early_stopping`, whose rounds are single epochs); ``history``: one entry per
+    round (``round``, ``epoch``, ``train_loss``, ``val_loss``, ``val_roc_auc``).
+    """
+
     model: SAFN
     epochs_run: int
     best_epoch: int
     best_val_loss: float
     history: list[dict] = field(default_factory=list)
+    selected_round: int | None = None
+
+
+def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
+                  model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, *, rounds: int,
+                  epochs_per_round: int, select: Select = "val_loss",
+                  patience: int | None = None, val_loss: str = "objective") -> FitResult:
+    """Train one model on ``train`` the way a federation trains: by rounds, selected by a rule.
+
+    Up to ``rounds`` rounds of ``epochs_per_round`` epochs (AdamW and loader of the project's
+    local training, kept across rounds: one continuous centralised run), validated on ``val``
+    after each round; the round kept and the early stop follow `RoundSelection` (``select``:
+    ``"val_loss"``, ``"val_roc_auc"`` or ``"last"``; stop after ``patience`` rounds without
+    improvement, ``None``: never). Returns the model with the selected round's weights. With
+    the federation's ``rounds``, ``local_epochs``, ``select`` and ``patience`` this gives a
+    pooled or local-only comparator the federated model's protocol and epoch budget, and with
+    ``val_loss="cross_entropy"`` the federation's validation loss (`validation_metrics`).
+    """
+    if rounds < 1 or epochs_per_round < 1:
+        raise ValueError(f"rounds and epochs_per_round must be >= 1 (got {rounds}, "
+                         f"{epochs_per_round})")
+    selection = RoundSelection(select, patience)
+    model = make_model(modalities, model_cfg, seed)
+    counts = train.class_counts()
+    optimizer = make_optimizer(model, train_cfg)
+    loader = make_loader(train, train_cfg.batch_size, seed)
+    best_state, history = None, []
+    for r in range(1, rounds + 1):
+        train_loss = run_epochs(model, loader, optimizer, epochs_per_round, model_cfg, counts)
+        loss, val_auc = validation_metrics(model, val, model_cfg, counts, val_loss)
+        history.append({"round": r, "epoch": r * epochs_per_round, "train_loss": train_loss,
+                        "val_loss": loss, "val_roc_auc": val_auc})
+        if selection.update(r, val_loss=loss, val_roc_auc=val_auc):
+            best_state = copy.deepcopy(model.state_dict())
+        if selection.should_stop:
+            break
+    model.load_state_dict(best_state)
+    best = selection.best_round_
+    return FitResult(model, len(history) * epochs_per_round, best * epochs_per_round,
+                     float(history[best - 1]["val_loss"]), history, selected_round=best)
 
 
 def fit_with_early_stopping(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
                             model_cfg: ModelConfig, cfg: TrainConfig, seed: int) -> FitResult:
-    """Train on ``train`` until the validation loss stops improving; keep the best weights."""
-    model = make_model(modalities, model_cfg, seed)
-    counts = train.class_counts()
-    optimizer = make_optimizer(model, cfg)
-    loader = make_loader(train, cfg.batch_size, seed)
-    best_state, best_loss, best_epoch, history = None, np.inf, 0, []
-    for epoch in range(1, cfg.max_epochs + 1):
-        train_loss = run_epochs(model, loader, optimizer, 1, model_cfg, counts)
-        val_loss = validation_loss(model, val, model_cfg, counts)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
-        if val_loss < best_loss - 1e-5:
-            best_loss, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= cfg.patience:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(model, len(history), best_epoch, float(best_loss), history)
+    """Train on ``train`` until the validation loss stops improving; keep the best weights.
+
+    Epoch-wise early stopping (``train.max_epochs``, ``train.patience``) of centralised
+    cross-validation: `fit_by_rounds` with one-epoch rounds selected by validation loss.
+    """
+    return fit_by_rounds(train, val, modalities, model_cfg, cfg, seed, rounds=cfg.max_epochs,
+                         epochs_per_round=1, select="val_loss", patience=cfg.patience)

@@ -1,0 +1,221 @@
+"""The message protocol between the coordinator and the sites: every name on the wire.
+
+Client (`client.app`), coordinator (`server.*`) and strategies read and write messages only
+through these names, so a renamed key is a change here and nowhere else. Flower's Message API
+carries a `RecordDict` of named records; SAFN uses:
+
+================  ==========================================================================
+record            what it holds
+================  ==========================================================================
+``ARRAYS``        the model as one vector (`MODEL`, `safn_core.federation.wire.Layout`) or a
+                  site's masked secure-aggregation vector (`MASKED`); also the statistics'
+                  arrays (`STATS`)
+``CONFIG``        the coordinator's instruction (`Config`)
+``METRICS``       a site's reply metrics (`Metric`)
+``SITE``          a site's description in the statistics round (`Describe`)
+``STATISTICS``    the mechanism a site's statistics went through (exact / gaussian)
+``REFUSAL``       a site's one-line reason for not training
+================  ==========================================================================
+
+``ARRAYS``, ``CONFIG`` and ``METRICS`` are also Flower's own default record names
+(``arrayrecord_key`` / ``configrecord_key`` of its strategies): they must not change alone.
+
+Two encodings travel as flat lists, because a `ConfigRecord` holds scalars and lists only:
+the modality groups (`modalities_to_record` / `modalities_from_record`) and the weights (one
+float vector cut by `Layout`, fingerprinted in ``Config.MODEL_LAYOUT``).
+
+A value a site does not report (its training loss or ε under DP, a metric below ``min_cell``)
+is the sentinel `WITHHELD` (−1), never 0 and never omitted, so that a reader tells "withheld"
+from "zero" without guessing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from safn_core.data.cohort import Modality
+from safn_core.federation.wire import KEY as MODEL
+from safn_core.federation.wire import Layout
+
+__all__ = ["ARRAYS", "CONFIG", "METRICS", "SITE", "STATS", "STATISTICS", "REFUSAL", "MODEL",
+           "MASKED", "WITHHELD", "Task", "Config", "Metric", "Describe", "SecAgg", "Aggregation", "NodeConfig",
+           "Layout",
+           "modalities_to_record", "modalities_from_record", "is_withheld",
+           "evaluation_to_metrics", "evaluation_from_metrics"]
+
+# -- records --------------------------------------------------------------------------------
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+STATS = "stats"
+STATISTICS = "statistics"
+REFUSAL = "refusal"
+
+MASKED = "masked"
+"""The one array of a secure-aggregation reply: the site's masked uint64 vector."""
+
+WITHHELD = -1.0
+"""A value the site does not report (DP training loss, ε without DP, a small cell)."""
+
+
+def is_withheld(value) -> bool:
+    """True for the `WITHHELD` sentinel (any negative value of a non-negative quantity)."""
+    return value is None or float(value) < 0
+
+
+class Task:
+    """``Config.TASK`` of a query message: what the site is asked."""
+
+    DESCRIBE = "describe"          # the statistics round
+    SECAGG_KEYS = "secagg-keys"    # a fresh key pair for a redone secure sum
+    SECAGG_MASK = "secagg-mask"    # a site's masked vector for a redone secure sum
+
+
+class Config:
+    """Keys of the coordinator's ``CONFIG`` record."""
+
+    TASK = "task"
+    SAFN_CONFIG = "safn-config"        # the run's shared configuration (YAML text)
+    RUN_ID = "run-id"                  # stable across a resume, unlike Flower's run id
+    HELD_OUT_SITES = "held-out-sites"
+    PRE_MEAN = "pre-mean"              # the global preprocessing
+    PRE_SCALE = "pre-scale"
+    CLASS_COUNTS = "class-counts"      # federation-wide, for the class-weighted loss
+    LOCAL_EPOCHS = "local-epochs"
+    SEED = "seed"
+    HISTOGRAM_BINS = "histogram-bins"
+    MODEL_LAYOUT = "model-layout"      # `Layout.fingerprint` of the model vector
+    SERVER_ROUND = "server-round"      # set by Flower's strategies
+    PROXIMAL_MU = "proximal-mu"        # set by Flower's FedProx
+    SECURE_AGGREGATION = "secure-aggregation"
+    SECAGG_SCALES = "secagg-scales"    # the statistics' per-feature scales (second sum)
+    SECAGG_PREFIX = "secagg-"          # keys of one secure sum (`SecAgg`)
+
+
+class SecAgg:
+    """One secure sum's keys: in ``CONFIG`` (coordinator → site) and in the site's ``RECORD``
+    (site → coordinator: its public key for the next secure sum, announced in advance)."""
+
+    RECORD = "secagg"
+    CONTEXT = "secagg-context"         # JSON `AggregationContext` (run, round, name, attempt)
+    PACKING = "secagg-packing"
+    PEER_IDS = "secagg-peer-ids"
+    PEER_KEYS = "secagg-peer-keys"
+    NEXT = "secagg-next"               # the context of the next secure sum
+    ANNOUNCED_KEY = "next-public-key"
+    ANNOUNCED_CONTEXT = "next-context"
+
+
+class Aggregation:
+    """Names of the secure sums of a run (`safn_core.federation.secure_records`)."""
+
+    STATISTICS = "statistics"
+    STATISTICS_SCALED = "statistics-scaled"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+class Metric:
+    """Keys of a site's ``METRICS`` record."""
+
+    NUM_EXAMPLES = "num-examples"
+    TRAIN_LOSS = "train-loss"          # WITHHELD under DP
+    # privacy report (every training reply)
+    DP = "dp"
+    EPSILON = "epsilon"                # spent so far; WITHHELD without DP
+    DELTA = "delta"
+    EPSILON_BUDGET = "epsilon-budget"
+    NOISE_MULTIPLIER = "noise-multiplier"
+    DP_STEPS = "dp-steps"
+    REFUSED = "refused"                # 1: the site did not train (reason in ``REFUSAL``)
+    # evaluation, plain: per-class score histograms
+    VAL_NEG = "val-neg"
+    VAL_POS = "val-pos"
+    TEST_NEG = "test-neg"
+    TEST_POS = "test-pos"
+    WITHHELD = "withheld"              # 1: a class below min_cell, the histograms are zeros
+    # evaluation, secure: a site's own metrics, only where its own counts pass min_cell
+    SITE_REPORTED = "site-reported"
+    SITE_ROC_AUC = "site-roc-auc"
+    SITE_N = "site-n"
+    # evaluation, plain: the validation loss sum (for the coordinator's model selection)
+    VAL_LOSS_SUM = "val-loss-sum"
+    VAL_EXAMPLES = "val-examples"
+    # statistics round, plain
+    N_TRAIN = "n-train"
+    CLASS_0 = "class-0"
+    CLASS_1 = "class-1"
+
+
+class Describe:
+    """Keys of a site's ``SITE`` record in the statistics round."""
+
+    NAME = "name"
+    OK = "ok"
+    HELD_OUT = "held-out"
+    REASON = "reason"
+    LABEL_NAMES = "label-names"
+    PUBLIC_KEY = "public-key"          # the site's key for the first secure sum
+    STATISTICS = "statistics"          # the mechanism: "exact" | "gaussian" | "refused"; also
+    # the key of the ``STATISTICS`` record under secure aggregation, whose other keys are
+    # REASON and the Gaussian release's Metric.NOISE_MULTIPLIER / EPSILON / DELTA
+    STATISTICS_PREFIX = "statistics-"  # those three keys in the ``SITE`` record (plain)
+    EXACT, GAUSSIAN, REFUSED = "exact", "gaussian", "refused"
+
+
+class NodeConfig:
+    """Keys of a SuperNode's node config that say which site it is."""
+
+    SITE_CONFIG = "site-config"        # deployment: the site's own site.yaml (safn-client)
+    PARTITION_ID = "partition-id"      # simulation: the virtual site's index (Flower's key)
+
+
+# -- modality encoding ------------------------------------------------------------------------
+
+
+def modalities_to_record(modalities: tuple[Modality, ...]) -> dict:
+    """Flat lists (Flower ConfigRecord values) describing the modality groups."""
+    return {"modality-names": [m.name for m in modalities],
+            "modality-sides": [m.side for m in modalities],
+            "modality-sizes": [len(m.features) for m in modalities],
+            "features": [f for m in modalities for f in m.features]}
+
+
+def modalities_from_record(rec) -> tuple[Modality, ...]:
+    """Inverse of `modalities_to_record`."""
+    features = list(rec["features"])
+    out, start = [], 0
+    for name, side, size in zip(rec["modality-names"], rec["modality-sides"],
+                                rec["modality-sizes"]):
+        out.append(Modality(str(name), tuple(features[start:start + int(size)]), str(side)))
+        start += int(size)
+    return tuple(out)
+
+
+# -- a plain evaluation reply -----------------------------------------------------------------
+
+
+def evaluation_to_metrics(res: dict) -> dict:
+    """A site's plain evaluation (`Site.evaluate`) as ``METRICS``: per-class score histograms,
+    the withheld flag, and the validation loss sum only where nothing is withheld."""
+    out = {Metric.NUM_EXAMPLES: int(res["test"].sum()),
+           Metric.VAL_NEG: res["val"][0].tolist(), Metric.VAL_POS: res["val"][1].tolist(),
+           Metric.TEST_NEG: res["test"][0].tolist(), Metric.TEST_POS: res["test"][1].tolist(),
+           Metric.WITHHELD: int(res["withheld"])}
+    if not res["withheld"] and "val_loss_sum" in res:
+        out[Metric.VAL_LOSS_SUM] = float(res["val_loss_sum"])
+        out[Metric.VAL_EXAMPLES] = int(res["val_examples"])
+    return out
+
+
+def evaluation_from_metrics(m) -> dict:
+    """Inverse of `evaluation_to_metrics`: ``val`` / ``test`` histograms (2, bins), ``withheld``
+    and, where sent, ``val_loss_sum`` / ``val_examples``."""
+    out = {"val": np.array([m[Metric.VAL_NEG], m[Metric.VAL_POS]], dtype=np.int64),
+           "test": np.array([m[Metric.TEST_NEG], m[Metric.TEST_POS]], dtype=np.int64),
+           "withheld": bool(m[Metric.WITHHELD])}
+    if Metric.VAL_LOSS_SUM in m:
+        out["val_loss_sum"] = float(m[Metric.VAL_LOSS_SUM])
+        out["val_examples"] = int(m[Metric.VAL_EXAMPLES])
+    return out
