@@ -69,9 +69,10 @@ CONFIG = ROOT / "configs" / "simulation.yaml"
 GAP_TARGET = -0.01  # federated − pooled, at least
 DP_TARGET = 0.03  # synthetic − DP federated, at most
 COLUMNS = ("pooled", "federated", "best_local", "fed_minus_pooled", "fed_minus_best_local",
-           "selected_round")
+           "selected_round", "fed_balanced_accuracy")
 HEADERS = ("pooled", "federated", "best local-only", "fed − pooled", "fed − best local",
-           "selected round")
+           "selected round", "fed bal. acc.")
+MAJORITY = "majority-class baseline: ROC-AUC 0.500, balanced accuracy 0.500"
 
 
 @dataclass
@@ -142,13 +143,14 @@ def one_run(row: Row, seed: int, work: Path, user: list[str], cache: dict) -> di
     comparison = results["comparison"]
     rows = comparison["rows"]
     auc = {r["kind"]: r["roc_auc"] for r in rows if r["kind"] != "local"}
+    bal = next(r["balanced_accuracy"] for r in rows if r["kind"] == "federated")
     if "best-local" not in auc:  # no site could train a local-only model
         auc["best-local"] = float("nan")
     return {"seed": seed, "pooled": auc["pooled"], "federated": auc["federated"],
             "best_local": auc["best-local"],
             "fed_minus_pooled": auc["federated"] - auc["pooled"],
             "fed_minus_best_local": auc["federated"] - auc["best-local"],
-            "selected_round": selected_round(results),
+            "selected_round": selected_round(results), "fed_balanced_accuracy": bal,
             "rounds": results.get("rounds"),
             "best_local_site": next((r["model"].removeprefix("best local-only (").rstrip(")")
                                      for r in rows if r["kind"] == "best-local"), None),
@@ -218,7 +220,8 @@ def text_table(summary: dict) -> str:
 
 def markdown(summary: dict, tgts: list[dict], seeds: list[int], user: list[str]) -> str:
     lines = [f"Seeds {', '.join(map(str, seeds))}; ROC-AUC on the pooled test set, mean ± SD over "
-             f"seeds; every run: {' '.join(user) or 'configs/simulation.yaml as is'}.", "",
+             f"seeds; every run: {' '.join(user) or 'configs/simulation.yaml as is'}; "
+             f"{MAJORITY}.", "",
              "| row | setting | " + " | ".join(HEADERS) + " |",
              "|---|---|" + "---:|" * len(HEADERS)]
     for name, s in summary.items():
@@ -273,7 +276,7 @@ def main() -> None:
     summary = {name: {k: stats(rs, k) for k in COLUMNS} for name, rs in runs.items()}
     tgts = targets(summary, runs)
     print(f"\nROC-AUC on the pooled test set (union of the sites' test splits), mean ± SD over "
-          f"seeds {args.seeds}")
+          f"seeds {args.seeds}; {MAJORITY}")
     print(text_table(summary))
     for name, rs in runs.items():
         ok = [r for r in rs if "failed" not in r]

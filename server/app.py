@@ -49,7 +49,8 @@ from safn_core.training.selection import RoundSelection
 from server.site_waits import SitesMissing
 from server.statistics_round import (Described, secure_statistics_round, statistics_round,
                                      wait_for_sites)
-from server.strategies import make_strategy, with_central_dp
+from server.central_dp import sites_per_round, with_central_dp
+from server.strategies import make_strategy
 
 app = ServerApp()
 
@@ -172,8 +173,6 @@ class Coordinator:
                 "train": train_packing(Layout.of(self.state.weights).size, fed, parties),
                 "evaluate": evaluate_packing(fed.histogram_bins, fed, parties)}
             if fed.central_dp.enabled:  # clipped at the sites, noised here (strategies.py)
-                from server.strategies import sites_per_round
-
                 strategy.central_dp = fed.central_dp
                 strategy.central_sites_per_round = sites_per_round(
                     parties, fed.fraction_train, fed.min_sites)

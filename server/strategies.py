@@ -21,8 +21,9 @@
 - each site's privacy metrics (ε spent so far, δ, σ, steps) kept by site, never averaged, and a
   site's refusal to train (budget exhausted, ledger problem) recorded with its reason and left
   out of the aggregate while the other sites' updates are used;
-- optional central DP (`with_central_dp`): Flower's `DifferentialPrivacyServerSideFixedClipping`
-  around the strategy, fed only with screened replies, its site-level noise recorded per round;
+- optional central DP (`server.central_dp.with_central_dp`): Flower's
+  `DifferentialPrivacyServerSideFixedClipping` around the strategy, fed only with screened
+  replies, its site-level noise recorded per round;
 - secure aggregation (`server.secure_strategy.SecureSumMixin`, when ``secure`` is set): the
   coordinator sees only the sums; screening then happens at each site;
 - the adaptive optimisers' moments exposed for checkpoints (`get_state` / `set_state`).
@@ -36,8 +37,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg,
-                                     FedProx, FedYogi)
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from safn_core.config import FederationConfig
 from safn_core.federation.loop import sample_sites
@@ -320,68 +320,3 @@ def make_strategy(fed: FederationConfig, seed: int):
     strategy.rejoin_wait = fed.rejoin_wait
     strategy.fraction = (fed.fraction_train, fed.fraction_evaluate)
     return strategy
-
-
-class SafnCentralDP(DifferentialPrivacyServerSideFixedClipping):
-    """Central DP: Flower's server-side fixed clipping + Gaussian noise around a SAFN strategy.
-
-    Flower's wrapper clips each reply's update (new − global weights) to ``clipping_norm``, lets
-    the strategy aggregate, and adds N(0, (σ·C/m)²) to the result, m = sites per round. What it
-    does not do, and this class adds: only screened replies reach it (a refusal, a failed site or
-    a malformed update would otherwise make it skip the whole round or fail to clip), and every
-    release is recorded (``strategy.central[round]``) with its *effective* noise multiplier
-    z = σ / (m · max_i w_i), w_i the FedAvg weights (n_i / Σ n): removing one site's update
-    changes the weighted average by at most C·max_i w_i, and the noise std is σ·C/m. With equal
-    weights and every site replying, z = σ. The coordinator turns the z's into ε
-    (`server.app.central_epsilon`, Opacus' RDP accountant, no sampling amplification).
-
-    Flower draws the noise from NumPy's global generator. With ``noise_seed`` set (a simulation)
-    it is seeded per round from the run's seed and the generator restored afterwards, so a
-    simulation reproduces; a deployment leaves it None: the seed is in the bundle's config, and
-    noise anyone can regenerate could be subtracted from the released model.
-    """
-
-    noise_seed: int | None = None
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        inner = self.strategy
-        r = server_round + inner.round_offset
-        kept = inner.screen_train(r, replies)
-        if inner.too_few(r, kept):
-            return None, None
-        inner._prescreened = True
-        saved = np.random.get_state() if self.noise_seed is not None else None
-        if saved is not None:
-            np.random.seed([int(self.noise_seed) % 2**32, r])
-        try:
-            arrays, metrics = super().aggregate_train(server_round, kept)
-        finally:
-            inner._prescreened = False
-            if saved is not None:
-                np.random.set_state(saved)
-        if arrays is not None:
-            n = np.array([float(m.content[METRICS][Metric.NUM_EXAMPLES]) for m in kept])
-            w_max = float(n.max() / n.sum())
-            inner.central[r] = {
-                "noise_multiplier": float(self.noise_multiplier),
-                "clipping_norm": float(self.clipping_norm),
-                "sites_per_round": int(self.num_sampled_clients), "sites_aggregated": len(kept),
-                "max_weight": w_max,
-                "effective_noise_multiplier": float(self.noise_multiplier)
-                / (self.num_sampled_clients * w_max)}
-        return arrays, metrics
-
-
-def sites_per_round(n_sites: int, fraction: float, min_sites: int) -> int:
-    """How many sites `sample_sites` draws per round among ``n_sites``."""
-    return len(sample_sites([str(i) for i in range(n_sites)], fraction, min_sites, 0, 1))
-
-
-def with_central_dp(strategy, fed: FederationConfig, n_sites: int):
-    """The strategy to ``start``: ``strategy`` itself, or wrapped for central DP when
-    ``federation.central_dp.enabled`` (the wrapper reads and records through ``strategy``)."""
-    cdp = fed.central_dp
-    if not cdp.enabled:
-        return strategy
-    return SafnCentralDP(strategy, cdp.noise_multiplier, cdp.clipping_norm,
-                         sites_per_round(n_sites, fed.fraction_train, fed.min_sites))

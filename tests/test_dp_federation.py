@@ -34,7 +34,8 @@ from safn_core.federation.site_privacy import METRIC_KEYS, effective_privacy
 from safn_core.privacy import PrivacyLedger
 from safn_core.processes import descendants
 from safn_core.training.local import make_model
-from server.strategies import make_strategy, with_central_dp
+from server.central_dp import with_central_dp
+from server.strategies import make_strategy
 from tests.helpers import SMALL_MODEL, write_toy
 
 pytestmark = pytest.mark.timeout(300)

@@ -281,3 +281,20 @@ def test_a_site_that_withholds_its_statistics_takes_no_part(cohort):
     assert "site site_A withheld its statistics" in lines[0]
     assert set(state.history[0]["sites"]) == {"site_B", "site_C"}
     assert sum(state.class_counts) < sum(len(s.table) for s in sites.values()) * 0.8
+
+
+def test_plain_evaluation_replies_have_the_same_keys_whether_withheld_or_not():
+    """Flower refuses to aggregate metric records whose keys differ: a site below min_cell and
+    a site above it send the same keys, and the coordinator reads the loss sum only from the
+    second."""
+    from safn_core.federation.protocol import evaluation_from_metrics, evaluation_to_metrics
+
+    hist = np.ones((2, 10), dtype=np.int64)
+    full = {"val": hist, "test": hist, "withheld": False, "val_loss_sum": 3.5, "val_examples": 20}
+    small = {"val": np.zeros_like(hist), "test": hist, "withheld": True}
+    a, b = evaluation_to_metrics(full), evaluation_to_metrics(small)
+    assert set(a) == set(b)
+    back = evaluation_from_metrics(a)
+    assert back["val_loss_sum"] == 3.5 and back["val_examples"] == 20 and not back["withheld"]
+    np.testing.assert_array_equal(back["test"], hist)
+    assert evaluation_from_metrics(b)["val_examples"] == 0

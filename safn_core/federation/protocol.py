@@ -198,15 +198,16 @@ def modalities_from_record(rec) -> tuple[Modality, ...]:
 
 def evaluation_to_metrics(res: dict) -> dict:
     """A site's plain evaluation (`Site.evaluate`) as ``METRICS``: per-class score histograms,
-    the withheld flag, and the validation loss sum only where nothing is withheld."""
-    out = {Metric.NUM_EXAMPLES: int(res["test"].sum()),
-           Metric.VAL_NEG: res["val"][0].tolist(), Metric.VAL_POS: res["val"][1].tolist(),
-           Metric.TEST_NEG: res["test"][0].tolist(), Metric.TEST_POS: res["test"][1].tolist(),
-           Metric.WITHHELD: int(res["withheld"])}
-    if not res["withheld"] and "val_loss_sum" in res:
-        out[Metric.VAL_LOSS_SUM] = float(res["val_loss_sum"])
-        out[Metric.VAL_EXAMPLES] = int(res["val_examples"])
-    return out
+    the withheld flag, and the validation loss sum and size (zeros where anything is withheld).
+    Every site sends the same keys: Flower's strategies refuse to aggregate metric records
+    whose keys differ."""
+    sent = not res["withheld"] and "val_loss_sum" in res
+    return {Metric.NUM_EXAMPLES: int(res["test"].sum()),
+            Metric.VAL_NEG: res["val"][0].tolist(), Metric.VAL_POS: res["val"][1].tolist(),
+            Metric.TEST_NEG: res["test"][0].tolist(), Metric.TEST_POS: res["test"][1].tolist(),
+            Metric.WITHHELD: int(res["withheld"]),
+            Metric.VAL_LOSS_SUM: float(res["val_loss_sum"]) if sent else 0.0,
+            Metric.VAL_EXAMPLES: int(res["val_examples"]) if sent else 0}
 
 
 def evaluation_from_metrics(m) -> dict:

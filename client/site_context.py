@@ -1,0 +1,126 @@
+"""Which site a ClientApp message is for, and how to read the model and settings it carries.
+
+A site is found from the node config: in simulation ``partition-id`` (a virtual site written by
+safn-sim into the run folder); in deployment ``site-config`` (the site's own site.yaml: data,
+split seed, privacy, min_cell). The run's shared settings arrive in every message as
+``safn-config``, so a site never reads the coordinator's files. Sites are cached per process: a
+Ray actor builds each site's split and arrays once per run.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+
+from client import secure_aggregation as secure
+from safn_core.data.cohort_store import read_cohort
+from safn_core.federation.protocol import MODEL, Config, Layout, NodeConfig
+from safn_core.federation.run_folder import run_dir_from
+from safn_core.federation.shared_config import shared_config, site_run_config
+from safn_core.federation.site import Site, state_to_numpy
+from safn_core.preprocess import Preprocessor
+from safn_core.training.local import make_model
+
+
+@lru_cache(maxsize=256)
+def _sim_site(run_dir: Path, partition_id: int, shared_text: str) -> Site:
+    """A virtual site: its table from the simulation's run folder (standing in for its disk)."""
+    from simulations.virtual_sites import load_virtual_site
+
+    name, cohort = load_virtual_site(run_dir, partition_id)
+    return Site(name, cohort, shared_config(shared_text))
+
+
+@lru_cache(maxsize=4)
+def _deployed_site(site_file: str, shared_text: str) -> Site:
+    """A real site: its own file (split seed, privacy, min_cell) + the run's settings, and the
+    cohort that safn-client checked against the data contract and prepared at start."""
+    from safn_core.config import load_config
+
+    own = load_config(site_file)
+    if own.site is None:
+        raise ValueError(f"{site_file}: no 'site:' section; a SuperNode's site-config must be "
+                         "the site's own site.yaml")
+    cfg = site_run_config(shared_config(shared_text), own)
+    cohort = read_cohort(Path(own.site.state_dir).resolve() / "cohort" / "cohort.json")
+    return Site(own.site.name, cohort, cfg)
+
+
+def site_for(context: Context, config: ConfigRecord) -> Site:
+    """This node's site, from the node config, with the run's settings from the message.
+
+    Deployment: ``site-config`` (the site's own site.yaml, set by safn-client). Simulation:
+    ``partition-id`` (a virtual site written by safn-sim into the run folder).
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    shared_text = str(config[Config.SAFN_CONFIG])
+    node = context.node_config
+    if NodeConfig.SITE_CONFIG in node:
+        return _deployed_site(str(node[NodeConfig.SITE_CONFIG]), shared_text)
+    run_dir = run_dir_from(dict(context.run_config))
+    return _sim_site(run_dir, int(node[NodeConfig.PARTITION_ID]), shared_text)
+
+
+def partition(context: Context) -> int:
+    return int(context.node_config.get(NodeConfig.PARTITION_ID, 0))
+
+
+_PRE_CACHE: dict = {}
+
+
+def preprocessor(site: Site, config: ConfigRecord) -> Preprocessor:
+    """The global preprocessing sent with the model; one object per parameters, so the site's
+    preprocessed arrays are computed once per run, not once per round."""
+    mean = np.asarray(config[Config.PRE_MEAN], dtype=np.float64)
+    scale = np.asarray(config[Config.PRE_SCALE], dtype=np.float64)
+    if len(mean) != len(site.cohort.features):
+        raise ValueError(f"site {site.name}: the server's preprocessing has {len(mean)} features, "
+                         f"this site {len(site.cohort.features)}")
+    key = (site.name, mean.tobytes(), scale.tobytes())
+    if key not in _PRE_CACHE:
+        if len(_PRE_CACHE) > 64:
+            _PRE_CACHE.clear()
+        pre = Preprocessor(site.cohort.modalities)
+        pre.mean_, pre.scale_ = mean, scale
+        _PRE_CACHE[key] = pre
+    return _PRE_CACHE[key]
+
+
+@lru_cache(maxsize=8)
+def layout(site: Site, fingerprint: str) -> Layout:
+    """This site's model layout (built from its own model), checked against the coordinator's."""
+    layout = Layout.of(state_to_numpy(make_model(site.cohort.modalities, site.cfg.model, 0)))
+    layout.check(fingerprint)
+    return layout
+
+
+def global_weights(site: Site, record: ArrayRecord, config: ConfigRecord
+                   ) -> dict[str, np.ndarray]:
+    """The global model from the message's one vector (`safn_core.federation.wire`)."""
+    return layout(site, str(config[Config.MODEL_LAYOUT])).unflatten(record[MODEL].numpy())
+
+
+def model_record(site: Site, weights: dict[str, np.ndarray], config: ConfigRecord
+                 ) -> ArrayRecord:
+    return ArrayRecord({MODEL: Array(layout(site, str(config[Config.MODEL_LAYOUT]))
+                                     .flatten(weights))})
+
+
+def session(site: Site, context: Context):
+    return secure.session(state_dir(site, context), context.node_id)
+
+
+
+def state_dir(site: Site, context: Context) -> Path:
+    """Where the site keeps its own state (privacy ledger): a deployed site's
+    ``site.state_dir``; a virtual site's folder outside the run folder (`simulations.virtual_sites`)."""
+    if site.cfg.site is not None:
+        return Path(site.cfg.site.state_dir)
+    from simulations.virtual_sites import virtual_site_state_dir
+
+    return virtual_site_state_dir(run_dir_from(dict(context.run_config)), site.name)
