@@ -75,6 +75,14 @@ def summarise(rows: list[dict[str, float]], keys=METRICS) -> dict[str, dict[str,
 DEFAULT_BINS = 1000
 
 
+def cross_entropy_sum(y: np.ndarray, p: np.ndarray) -> float:
+    """Summed binary cross-entropy of P(positive) ``p`` against ``y`` (p clipped to
+    [1e-7, 1 − 1e-7]): the validation loss a federation's sites sum and its comparators use."""
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    y = np.asarray(y)
+    return float(-np.sum(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+
 def score_histogram(y: np.ndarray, p: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
     """Counts of scores per class in ``bins`` equal bins on [0, 1]: shape (2, bins), row = label."""
     y = np.asarray(y).astype(int)

@@ -5,9 +5,10 @@ the sites' training-split sums build one global preprocessing and the loss's cla
 the strategy's rounds; after each round, pooled metrics from the sites' summed score histograms,
 the model selection (`federation.select`: the round with the best pooled validation loss or
 ROC-AUC, or the last; early stopping after `federation.patience` rounds without improvement)
-and a checkpoint that keeps the selected round's weights. With ``federation.secure_aggregation`` (the default) every sum is a secure sum
-(`server.secure_aggregation`): the coordinator never sees one site's values. A run folder that already holds checkpoints is resumed from its
-last complete round. At the end the model bundle (same format as safn-train) of the
+and a checkpoint that keeps the selected round's weights. With ``federation.secure_aggregation``
+(the default) every sum is a secure sum (`server.secure_aggregation`): the coordinator never
+sees one site's values. A run folder that already holds checkpoints is resumed from its last
+complete round. At the end the model bundle (same format as safn-train) of the
 selected round, with that round's threshold and metrics, is written to ``<run folder>/model``.
 
 The run folder comes from the run config key ``run-dir`` (deployment: ``flwr run --run-config``)
@@ -29,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from safn_core.config import SafnConfig
 from safn_core.federation.aggregate import (global_preprocessing, held_out_metrics, round_line,
-                                            round_metrics, secure_round_metrics)
+                                            round_metrics, secure_round_metrics, selected_entry)
 from safn_core.federation.secure_records import evaluate_packing, train_packing
 from safn_core.secagg import SecureAggregationRefused, SecureSumFailed
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
@@ -264,13 +265,6 @@ class Coordinator:
                 f"model is round {self.selection.selected_round}")
         return None
 
-    def selected_entry(self) -> dict:
-        """The history entry of the selected round (its threshold and metrics go in the
-        bundle); the last entry when no round was selected."""
-        chosen = self.selection.selected_round
-        return next((e for e in self.state.history if e["round"] == chosen),
-                    self.state.history[-1] if self.state.history else {})
-
     def _finish(self) -> None:
         """The model bundle (weights + preprocessing + config + metrics) and per-round tables."""
         write_json(self.run_dir / "history.json", self.state.history)
@@ -287,7 +281,7 @@ class Coordinator:
         model = make_model(pre.modalities, self.cfg.model, 0)
         model.load_state_dict({k: torch.as_tensor(v)
                                for k, v in self.state.selected_weights().items()})
-        last = self.selected_entry()  # the selected round: its threshold, its metrics
+        last = selected_entry(self.state.history)  # the selected round: threshold, metrics
         pooled = last.get("pooled") or {}
         save_bundle(self.run_dir / "model", model, pre, self.cfg,
                     threshold=last.get("threshold", 0.5), class_counts=self.state.class_counts,

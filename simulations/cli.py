@@ -22,7 +22,7 @@ from safn_core.cli.common import (base_parser, config_from_args, console, entry,
                                   fresh_output_dir, write_json)
 from safn_core.config import SafnConfig, dump_config
 from safn_core.errors import SafnError
-from safn_core.federation.run_report import selected_entry
+from safn_core.federation.aggregate import selected_entry
 from safn_core.training.selection import RoundSelection
 from simulations.compare import build_sites, compare
 from simulations.engine import run_flower_simulation
@@ -204,12 +204,13 @@ def run(argv: list[str] | None = None) -> int:
     console.print(f"federated training finished in {flower_s:.1f} s; model bundle: "
                   f"{run_dir / 'model'}")
     print_privacy(state.history, cfg)
+    chosen = selected_entry(state.history)
     results = {"run_dir": str(run_dir), "flower_seconds": flower_s, "rounds": state.round,
                "strategy": fed.strategy, "sites": summ.to_dict("records"),
                "selection": {"rule": fed.select, "patience": fed.patience,
                              "stopped_early": stopped_early},
-               "selected_round": selected_entry(state.history).get("round"),
-               "federated_selected_round": selected_entry(state.history) or None,
+               "selected_round": chosen.get("round"),
+               "federated_selected_round": chosen or None,
                "federated_last_round": state.history[-1] if state.history else None}
     if cfg.simulation.compare:
         console.print("training the pooled and local-only models on the same splits ...")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from safn_core.config import SafnConfig, dump_config
-from safn_core.federation.run_report import (learning_section, rejected_and_privacy,
-                                            selected_entry)
+from safn_core.federation.aggregate import selected_entry
+from safn_core.federation.run_report import learning_section, rejected_and_privacy
 from safn_core.metrics import METRICS
 from safn_core.report import Report
 

@@ -180,6 +180,15 @@ def held_out_metrics(site_hists: dict[str, dict], threshold: float) -> dict:
     return out
 
 
+def selected_entry(history: list[dict]) -> dict:
+    """The history entry of the round the run selected as its model (the last round's entry
+    says which); the last entry for a run without selection."""
+    if not history:
+        return {}
+    chosen = history[-1].get("selected_round")
+    return next((e for e in history if e["round"] == chosen), history[-1])
+
+
 def round_line(entry: dict, rounds: int) -> str:
     """One readable progress line per round (pooled metrics, sites that reported), then
     indented lines for ε per site, central DP, refusals and rejected updates."""

@@ -9,16 +9,8 @@ import pandas as pd
 
 from safn_core import plots
 from safn_core.config import SafnConfig, dump_config
+from safn_core.federation.aggregate import selected_entry
 from safn_core.report import Report
-
-
-def selected_entry(history: list[dict]) -> dict:
-    """The history entry of the round the run selected as its model (the last round's entry
-    says which); the last entry for a run without selection."""
-    if not history:
-        return {}
-    chosen = history[-1].get("selected_round")
-    return next((e for e in history if e["round"] == chosen), history[-1])
 
 
 def learning_section(rep: Report, history: list[dict], run_dir: Path, curves_caption: str,
@@ -99,8 +91,9 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
         learning_section(rep, history, run_dir,
                          "pooled metrics from summed score histograms of the training sites' "
                          "test splits; per-site ROC-AUC (sites below min_cell withhold theirs)",
-                         f"selected round {last.get('round')}, pooled test ({last.get('n_test')} participants at "
-                         f"{last.get('sites_reported')} sites), threshold {last.get('threshold')}")
+                         f"selected round {last.get('round')}, pooled test "
+                         f"({last.get('n_test')} participants at {last.get('sites_reported')} "
+                         f"sites), threshold {last.get('threshold')}")
         external = last.get("held_out") or {}
         if external:
             rep.heading("External validation at held-out sites")

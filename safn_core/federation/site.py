@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 
 from safn_core.config import ModelConfig, SafnConfig
 from safn_core.data.cohort import LABEL, Cohort
-from safn_core.metrics import score_histogram
+from safn_core.metrics import cross_entropy_sum, score_histogram
 from safn_core.preprocess import FeatureStats, Preprocessor
 from safn_core.training.local import (Arrays, make_loader, make_model, make_optimizer, predict,
                                       run_epochs)
@@ -146,9 +146,7 @@ class Site:
             out[part] = score_histogram(data.y, p, bins)
             out[f"{part}_withheld"] = small
             if part == "val":
-                q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-                out["val_loss_sum"] = float(-np.sum(data.y * np.log(q)
-                                                    + (1 - data.y) * np.log(1 - q)))
+                out["val_loss_sum"] = cross_entropy_sum(data.y, p)
                 out["val_examples"] = int(len(data.y))
         out["withheld"] = out["val_withheld"] or out["test_withheld"]
         return out

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from safn_core.config import ModelConfig, TrainConfig
 from safn_core.data.cohort import LABEL, Modality
 from safn_core.model import SAFN, total_loss
+from safn_core.metrics import cross_entropy_sum
 from safn_core.model.losses import classification_loss
 from safn_core.training.selection import RoundSelection, Select
 
@@ -132,8 +133,7 @@ def validation_metrics(model: nn.Module, data: Arrays, model_cfg: ModelConfig, c
     model.eval()
     logits = model(torch.from_numpy(data.x), torch.from_numpy(data.mask))
     if loss == "cross_entropy":
-        q = np.clip(torch.softmax(logits, dim=1)[:, 1].numpy().astype(np.float64), 1e-7, 1 - 1e-7)
-        loss = float(-np.mean(data.y * np.log(q) + (1 - data.y) * np.log(1 - q)))
+        loss = cross_entropy_sum(data.y, torch.softmax(logits, dim=1)[:, 1].numpy()) / len(data.y)
     else:
         loss = float(classification_loss(logits, torch.from_numpy(data.y), model_cfg,
                                          class_counts))
