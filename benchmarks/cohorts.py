@@ -13,12 +13,12 @@ Two kinds, both written to a folder the caller chooses (never into the repositor
     csf_core      imaging  tau, p_tau, Ab_42 (CSF; log scale as shipped)
     csf_panel     imaging  the 124 exploratory analytes of the multiplexed immunoassay
                            panel (measured in CSF per the source paper; log scale)
-    genotype      clinical APOE_e2_alleles, APOE_e4_alleles (0-2 each, from ``Genotype``)
+    genotype      clinical Genotype: categorical APOE genotype, categories E2E2 ... E4E4
     demographics  clinical age (as shipped: a transformed age), male (0/1)
     ============  =======  ===========================================================
 
-    The table loader reads numbers only, so the categorical APOE genotype (E2E2 ... E4E4)
-    becomes the count of ε2 and of ε4 alleles (ε3 = 2 − the two). The assays sit on the
+    The APOE genotype is a declared categorical column (the mapping's ``categorical``: one
+    indicator feature per genotype for the baselines, an embedding in SAFN). The assays sit on the
     ``imaging`` side of SAFN's cross-attention (the measured-biomarker side; the cohort has no
     imaging), genotype and demographics on the clinical side. No column derived from ``Class``
     (or from the clinical dementia scores that defined it) is a feature; the dataset ships none.
@@ -77,8 +77,7 @@ def ad_data_table(raw: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
     cols = {"participant_id": [f"AD{int(r):03d}" for r in raw["rownames"]],
             "Class": raw["Class"].astype(str).to_numpy()}
     cols.update({c: raw[c].astype(float).to_numpy() for c in (*AD_CORE, *panel)})
-    cols["APOE_e2_alleles"] = genotype.str.count("2").to_numpy()
-    cols["APOE_e4_alleles"] = genotype.str.count("4").to_numpy()
+    cols["Genotype"] = genotype.to_numpy()
     cols["age"] = raw["age"].astype(float).to_numpy()
     cols["male"] = raw["male"].astype(int).to_numpy()
     table = pd.DataFrame(cols)
@@ -89,10 +88,11 @@ def ad_data_table(raw: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
         "modalities": {
             "csf_core": {"side": "imaging", "columns": list(AD_CORE)},
             "csf_panel": {"side": "imaging", "columns": panel},
-            "genotype": {"side": "clinical", "columns": ["APOE_e2_alleles", "APOE_e4_alleles"]},
+            "genotype": {"side": "clinical", "columns": ["Genotype"]},
             "demographics": {"side": "clinical", "columns": list(AD_DEMOGRAPHICS)},
         },
-        "ranges": {"APOE_e2_alleles": [0, 2], "APOE_e4_alleles": [0, 2], "male": [0, 1]},
+        "ranges": {"male": [0, 1]},
+        "categorical": {"Genotype": sorted(AD_GENOTYPES)},
     }
     return table, mapping
 
@@ -147,6 +147,7 @@ def export_synthetic(folder: Path, feature_set: str, config: Path | None = None,
 
 
 def summarise(positive: pd.Series, mapping: dict) -> dict:
+    """Participants, classes, and features per modality (a categorical column counts as one)."""
     mods = {name: len(m["columns"]) for name, m in mapping["modalities"].items()}
     return {"participants": int(len(positive)), "positive": int(positive.sum()),
             "negative": int((~positive).sum()), "features": int(sum(mods.values())),

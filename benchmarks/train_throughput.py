@@ -37,7 +37,7 @@ def time_torch_mlp(arrays, cfg, epochs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(arrays.x.shape[1], 128), nn.GELU(), nn.Dropout(0.2),
                           nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 2))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    opt = make_optimizer(model, cfg.train)  # the same optimizer as SAFN's
     loader = make_loader(arrays, cfg.train.batch_size, 0)
     loss_fn = nn.CrossEntropyLoss()
 

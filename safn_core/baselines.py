@@ -1,7 +1,13 @@
 """Baselines on the concatenated features, scored on the same folds as SAFN.
 
 Each baseline sees the features after the fold's own `Preprocessor` (imputation and scaling fitted
-on the training fold), so SAFN and the baselines differ only in the model.
+on the training fold), so SAFN and the baselines differ only in the model. A declared categorical
+column reaches them as its one-hot indicators (`safn_core.data.table_loader`).
+
+``hist_gradient_boosting_es`` is gradient boosting with the budget chosen the way SAFN's is: trees
+are added until the class-balanced log loss on the *same* validation split that stops SAFN has not
+improved for `ES_PATIENCE` trees (scikit-learn's ``X_val``; its default would carve a hold-out
+out of the training part instead), and the ensemble of the best iteration is kept.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 
-BASELINES = ("majority", "logistic_regression", "random_forest", "hist_gradient_boosting", "mlp")
+BASELINES = ("majority", "logistic_regression", "random_forest", "hist_gradient_boosting",
+             "hist_gradient_boosting_es", "mlp")
+ES_MAX_ITER = 2000  # upper bound on trees of hist_gradient_boosting_es
+ES_PATIENCE = 50  # trees without validation improvement before it stops
 
 
 def make_baseline(name: str, seed: int):
@@ -31,6 +40,12 @@ def make_baseline(name: str, seed: int):
     if name == "hist_gradient_boosting":
         return HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, max_leaf_nodes=15,
                                               class_weight="balanced", random_state=seed)
+    if name == "hist_gradient_boosting_es":
+        return HistGradientBoostingClassifier(max_iter=ES_MAX_ITER, learning_rate=0.05,
+                                              max_leaf_nodes=15, l2_regularization=1.0,
+                                              class_weight="balanced", early_stopping=True,
+                                              scoring="loss", n_iter_no_change=ES_PATIENCE,
+                                              random_state=seed)
     if name == "mlp":
         # no internal early stopping: its 10 % hold-out of a small fold stops it after a few
         # epochs; a fixed budget with L2 is steadier on a few hundred participants
@@ -39,10 +54,44 @@ def make_baseline(name: str, seed: int):
     raise ValueError(f"unknown baseline '{name}'; choose from {', '.join(BASELINES)}")
 
 
+def _balanced_log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean log loss with each class weighted to the same total (what class_weight balances)."""
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    losses = np.where(y == 1, -np.log(p), -np.log(1 - p))
+    return float(np.mean([losses[y == c].mean() for c in np.unique(y)]))
+
+
+def _boost_until_validation_stops(model, x_train, y_train, x_val, y_val) -> int:
+    """Fit ``model``, stopping on the validation split; return the best iteration's tree count.
+
+    scikit-learn stops once ``n_iter_no_change`` trees have not improved the validation loss but
+    keeps those last trees; the staged pass finds the best iteration, which is what is kept.
+    """
+    classes, counts = np.unique(y_val, return_counts=True)
+    weight_val = (len(y_val) / (len(classes) * counts))[np.searchsorted(classes, y_val)]
+    model.fit(x_train, y_train, X_val=x_val, y_val=y_val, sample_weight_val=weight_val)
+    col = list(model.classes_).index(1)
+    losses = [_balanced_log_loss(y_val, p[:, col]) for p in model.staged_predict_proba(x_val)]
+    return int(np.argmin(losses)) + 1
+
+
 def fit_predict(name: str, x_train: np.ndarray, y_train: np.ndarray, x_eval: list[np.ndarray],
-                seed: int) -> list[np.ndarray]:
-    """Fit the baseline on the training fold and return P(positive) for each evaluation set."""
+                seed: int, val: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Fit the baseline on the training fold and return P(positive) for each evaluation set.
+
+    ``val``: the validation split (features, labels) that early-stops SAFN; needed by
+    ``hist_gradient_boosting_es``, which stops on it, and unused by the others.
+    """
     model = make_baseline(name, seed)
+    if name == "hist_gradient_boosting_es":
+        if val is None:
+            raise ValueError("hist_gradient_boosting_es needs the validation split (val=...)")
+        if len(np.unique(y_train)) < 2 or len(np.unique(val[1])) < 2:
+            raise ValueError("hist_gradient_boosting_es needs both classes in the training and "
+                             "the validation split")
+        best = _boost_until_validation_stops(model, x_train, y_train, *val)
+        col = list(model.classes_).index(1)
+        return [_staged(model, x, best)[:, col] for x in x_eval]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(x_train, y_train)
@@ -52,3 +101,11 @@ def fit_predict(name: str, x_train: np.ndarray, y_train: np.ndarray, x_eval: lis
         proba = model.predict_proba(x)
         out.append(proba[:, col] if col is not None else np.zeros(len(x)))
     return out
+
+
+def _staged(model, x: np.ndarray, n_trees: int) -> np.ndarray:
+    """Class probabilities of the first ``n_trees`` iterations of a boosted ``model``."""
+    for i, proba in enumerate(model.staged_predict_proba(x), 1):
+        if i == n_trees:
+            return proba
+    raise ValueError(f"the model has fewer than {n_trees} iterations")

@@ -88,6 +88,16 @@ class ModelConfig(Section):
     focal_gamma: float = Field(1.5, ge=0.0)
     cb_beta: float = Field(0.999, ge=0.0, lt=1.0, description="class-balanced beta, in [0, 1)")
     head_hidden: int = Field(64, ge=1, description="hidden width of the classification head")
+    numeric_embedding: Literal["none", "periodic"] = Field(
+        "none", description="per-feature input embedding of the modality encoders: periodic = "
+                            "PLR(lite), Gorishniy et al. 2022 (safn_core.model.embeddings)")
+    n_frequencies: int = Field(16, ge=1, description="periodic embedding: frequencies k per "
+                                                     "feature")
+    frequency_sigma: float = Field(0.1, gt=0, description="periodic embedding: SD of the "
+                                                          "initial frequencies")
+    embedding_dim: int = Field(8, ge=1, description="periodic embedding: width d_e per feature")
+    feature_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a "
+                                   "feature is zeroed (its training mean) in training")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -116,9 +126,9 @@ class TrainConfig(Section):
     feature_sets: list[Literal["all", "no_motor", "imaging_demographics"]] = Field(
         default_factory=lambda: ["all", "no_motor", "imaging_demographics"])
     baselines: list[Literal["majority", "logistic_regression", "random_forest",
-                            "hist_gradient_boosting", "mlp"]] = Field(
+                            "hist_gradient_boosting", "hist_gradient_boosting_es", "mlp"]] = Field(
         default_factory=lambda: ["majority", "logistic_regression", "random_forest",
-                                 "hist_gradient_boosting", "mlp"])
+                                 "hist_gradient_boosting", "hist_gradient_boosting_es", "mlp"])
     ablations: list[Literal["no_cross_attention", "no_sparsity", "plain_ce"]] = Field(
         default_factory=lambda: ["no_cross_attention", "no_sparsity", "plain_ce"])
     modality_drop: bool = Field(True, description="modality-drop ablation at test time")

@@ -23,6 +23,9 @@ from safn_core.model import (SAFN, MultiHeadAttention, cb_focal_loss, class_bala
 MODS = [("ct", 5, "imaging"), ("vol", 4, "imaging"), ("cli", 6, "clinical"), ("dem", 3, "clinical")]
 N_FEAT = sum(n for _, n, _ in MODS)
 SMALL = dict(d_model=16, n_heads=4, encoder_hidden=16, ffn_hidden=16, head_hidden=8)
+# the optional input layers of the modality encoders (safn_core.model.embeddings)
+PERIODIC = dict(numeric_embedding="periodic", n_frequencies=3, embedding_dim=4)
+INPUT_LAYERS = [{}, PERIODIC, dict(feature_dropout=0.2), dict(PERIODIC, feature_dropout=0.2)]
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -102,8 +105,9 @@ def test_forward_shapes_weights_and_input_forms():
         model(x[:, :5], mask)
 
 
-def test_masked_modality_input_cannot_change_output():
-    model = SAFN(MODS, small_cfg(), seed=1).eval()
+@pytest.mark.parametrize("kw", INPUT_LAYERS)
+def test_masked_modality_input_cannot_change_output(kw):
+    model = SAFN(MODS, small_cfg(**kw), seed=1).eval()
     x, mask, _ = batch()
     ref, a_ref = model(x, mask, return_weights=True)
     x2 = x.clone()
@@ -309,15 +313,20 @@ def test_total_loss_variants():
 
 def test_opacus_validator_strict():
     from opacus.validators import ModuleValidator
-    for cfg in (small_cfg(), ModelConfig(), small_cfg(cross_attention=False, gate="entmax15")):
+    for cfg in (small_cfg(), ModelConfig(), small_cfg(cross_attention=False, gate="entmax15"),
+                ModelConfig(**PERIODIC, feature_dropout=0.1)):
         assert ModuleValidator.validate(SAFN(MODS, cfg, seed=0), strict=True) == []
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # benign: inputs need no grad
-def test_opacus_per_sample_gradients_are_exact():
-    """GradSampleModule's per-sample grads equal the gradients of each sample run alone."""
+@pytest.mark.parametrize("kw", [{}, PERIODIC])
+def test_opacus_per_sample_gradients_are_exact(kw):
+    """GradSampleModule's per-sample grads equal the gradients of each sample run alone (the
+    periodic embedding's frequencies through safn_core.privacy.grad_samplers)."""
     from opacus import GradSampleModule
-    cfg = small_cfg(dropout=0.0, gate="sparsemax", sparsity_lambda=0.05)
+
+    import safn_core.privacy.grad_samplers  # noqa: F401
+    cfg = small_cfg(dropout=0.0, gate="sparsemax", sparsity_lambda=0.05, **kw)
     model = SAFN(MODS, cfg, seed=3)
     ref = SAFN(MODS, cfg, seed=3)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -333,9 +342,12 @@ def test_opacus_per_sample_gradients_are_exact():
             assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), (name, i)
 
 
-def test_dp_sgd_step_with_privacy_engine_keeps_layout():
+@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2)])
+def test_dp_sgd_step_with_privacy_engine_keeps_layout(kw):
     from opacus import PrivacyEngine
-    cfg = small_cfg()
+
+    import safn_core.privacy.grad_samplers  # noqa: F401
+    cfg = small_cfg(**kw)
     torch.manual_seed(0)
     x, mask, y = batch(32)
     mask[:, 1] = torch.arange(32) % 3 != 0
@@ -378,6 +390,7 @@ def test_dp_sgd_step_with_privacy_engine_keeps_layout():
 @pytest.mark.parametrize("kw", [
     dict(cross_attention=False), dict(sparsity_lambda=0.0), dict(loss="ce"),
     dict(gate="sparsemax"), dict(gate="entmax15"), dict(gate="entmax15", cross_attention=False),
+    PERIODIC, dict(feature_dropout=0.3),
 ])
 def test_ablations_forward_backward(kw):
     cfg = small_cfg(**kw)
@@ -408,8 +421,9 @@ def test_one_sided_modalities_fall_back_to_self_attention(side):
     assert SAFN(mods2, small_cfg(), seed=0)(x, mask).shape == (8, 2)
 
 
-def test_determinism_same_seed_same_weights_and_step():
-    cfg = small_cfg()
+@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2)])
+def test_determinism_same_seed_same_weights_and_step(kw):
+    cfg = small_cfg(**kw)
     rng_state = torch.get_rng_state()
     a, b = SAFN(MODS, cfg, seed=7), SAFN(MODS, cfg, seed=7)
     assert torch.equal(torch.get_rng_state(), rng_state)   # seeding leaves the global RNG alone
@@ -428,3 +442,50 @@ def test_determinism_same_seed_same_weights_and_step():
         outs.append(model.eval()(x, mask))
     assert torch.equal(outs[0], outs[1])
     assert np.isfinite(outs[0].detach().numpy()).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Input layers: periodic embeddings, feature dropout
+# --------------------------------------------------------------------------------------------
+
+
+def test_periodic_embedding_shapes_and_basis():
+    from safn_core.model.embeddings import PeriodicEmbedding, PeriodicFeatures
+    torch.manual_seed(0)
+    feats = PeriodicFeatures(5, 3, sigma=0.5)
+    x = torch.randn(7, 5)
+    v = feats(x)
+    assert v.shape == (7, 5, 6)
+    angle = 2 * math.pi * x[2, 4] * feats.frequencies[4, 1]
+    assert torch.allclose(v[2, 4, 1], torch.cos(angle)) and torch.allclose(v[2, 4, 4], torch.sin(angle))
+    emb = PeriodicEmbedding(5, 3, 4, sigma=0.5)
+    assert emb(x).shape == (7, 20) and emb.out_features == 20
+    # each feature's embedding depends on that feature alone
+    x2 = x.clone()
+    x2[:, 1] += 1.0
+    diff = (emb(x2) - emb(x)).reshape(7, 5, 4).abs().sum(dim=(0, 2))
+    assert diff[1] > 0 and torch.all(diff[[0, 2, 3, 4]] == 0)
+    with pytest.raises(ValueError, match="sigma > 0"):
+        PeriodicFeatures(5, 3, sigma=0.0)
+
+
+def test_feature_dropout_zeroes_features_in_training_only():
+    from safn_core.model.embeddings import FeatureDropout
+    drop = FeatureDropout(0.25)
+    x = torch.randn(4000, 10) + 5.0  # no value is 0 by chance
+    torch.manual_seed(0)
+    out = drop.train()(x)
+    zeroed = out == 0
+    assert abs(zeroed.float().mean().item() - 0.25) < 0.02
+    assert torch.equal(out[~zeroed], x[~zeroed])  # kept values are not rescaled
+    assert torch.equal(drop.eval()(x), x)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        FeatureDropout(1.0)
+
+
+def test_periodic_embedding_is_off_by_default_and_changes_the_layout_when_on():
+    plain = SAFN(MODS, small_cfg(), seed=0)
+    periodic = SAFN(MODS, small_cfg(**PERIODIC), seed=0)
+    assert not any("frequencies" in n for n, _ in plain.named_parameters())
+    freqs = [n for n, _ in periodic.named_parameters() if n.endswith("frequencies")]
+    assert len(freqs) == len(MODS)

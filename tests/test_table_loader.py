@@ -266,3 +266,112 @@ def test_contract_absent_modality_and_missingness(files):
     report = check_cohort(load_table(csv, mapping), min_cell=5)
     assert any("modality 'img' is entirely absent" in p.message for p in report.fatal)
     assert any(p.column == "upsit" and "75%" in p.message for p in report.warnings)
+
+
+# --- categorical columns ---------------------------------------------------------------------
+
+CATEGORICAL = MAPPING.replace("cli: {side: clinical, columns: [moca, upsit]}",
+                              "cli: {side: clinical, columns: [moca, apoe, sex]}") + """\
+categorical:
+  apoe: [E2E3, E3E3, E3E4, E4E4]
+  sex: [female, male]
+"""
+
+
+def categorical_files(tmp_path, table, name="cohort.csv", mapping_text=CATEGORICAL):
+    csv = tmp_path / name
+    table.to_csv(csv, index=False)
+    mapping = tmp_path / "categorical.yaml"
+    mapping.write_text(mapping_text)
+    return csv, mapping
+
+
+def with_categories(n=40, seed=0):
+    t = make_table(n, seed)
+    t["apoe"] = np.array(["E3E3", "E3E4", "E2E3", "E4E4"])[np.arange(n) % 4]
+    t["sex"] = np.where(np.arange(n) % 3 == 0, "female", "male")
+    return t
+
+
+def test_categorical_column_becomes_declared_indicators(tmp_path):
+    t = with_categories()
+    t.loc[5, "apoe"] = ""  # missing stays missing
+    csv, mapping = categorical_files(tmp_path, t)
+    cohort = load_table(csv, mapping)
+    cli = cohort.modalities[1]
+    assert cli.features == ("moca", "apoe=E2E3", "apoe=E3E3", "apoe=E3E4", "apoe=E4E4",
+                            "sex=female", "sex=male")
+    assert cohort.categories == {"apoe": ("E2E3", "E3E3", "E3E4", "E4E4"),
+                                 "sex": ("female", "male")}
+    row = cohort.table.loc["S001"]
+    assert row["apoe=E3E4"] == 1.0 and row["apoe=E3E3"] == 0.0 and row["sex=male"] == 1.0
+    assert cohort.table.loc["S005", ["apoe=E2E3", "apoe=E3E3", "apoe=E3E4", "apoe=E4E4"]] \
+        .isna().all()
+    ind = cohort.table[[f for f in cli.features if f.startswith("apoe=")]]
+    assert (ind.drop(index="S005").sum(axis=1) == 1).all()  # exactly one category per row
+    assert cohort.plausible_ranges["apoe=E4E4"] == (0.0, 1.0)
+
+
+def test_two_sites_encode_a_categorical_column_identically(tmp_path):
+    """A site that never sees a category still gets its (all-zero) indicator, in the same
+    order, so both sites' feature lists and statistics line up."""
+    a = with_categories(20, 0)
+    b = with_categories(20, 1)
+    b["apoe"] = "E3E3"  # site b has one genotype only
+    csv_a, mapping = categorical_files(tmp_path, a, "a.csv")
+    csv_b, _ = categorical_files(tmp_path, b, "b.csv")
+    ca, cb = load_table(csv_a, mapping), load_table(csv_b, mapping)
+    assert ca.modalities == cb.modalities
+    assert cb.table["apoe=E4E4"].eq(0).all() and cb.table["apoe=E3E3"].eq(1).all()
+
+
+def test_an_undeclared_category_names_column_line_and_value(tmp_path):
+    t = with_categories()
+    t.loc[7, "apoe"] = "E2E2"
+    csv, mapping = categorical_files(tmp_path, t)
+    with pytest.raises(DataError) as e:
+        load_table(csv, mapping)
+    msg = str(e.value)
+    assert "column 'apoe'" in msg and "'E2E2'" in msg and "file line 9" in msg
+    assert "categorical.apoe" in msg
+
+
+def test_numeric_codes_as_categories_and_parquet(tmp_path):
+    t = with_categories()
+    t["apoe"] = np.array([33, 34, 23, 44])[np.arange(len(t)) % 4]
+    text = CATEGORICAL.replace("[E2E3, E3E3, E3E4, E4E4]", "[23, 33, 34, 44]")
+    csv, mapping = categorical_files(tmp_path, t, mapping_text=text)
+    pq = tmp_path / "cohort.parquet"
+    t.assign(apoe=t["apoe"].astype(float)).to_parquet(pq)  # 34.0 reads as category 34
+    from_csv, from_pq = load_table(csv, mapping), load_table(pq, mapping)
+    assert "apoe=34" in from_csv.features
+    pd.testing.assert_frame_equal(from_csv.table, from_pq.table)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("categorical:\n  apoe: [E3E3]\n", "at least two declared categories"),
+    ("categorical:\n  apoe: [E3E3, E3E3]\n", "more than once"),
+    ("categorical:\n  apoe: [E3E3, NA]\n", "missing-value token"),
+    ("categorical:\n  genotype: [a, b]\n", "'categorical.genotype'"),
+    ("categorical:\n  upsit: [a, b]\n", "in no modality"),
+    ("ranges: {moca: [0, 30], apoe: [0, 1]}\ncategorical:\n  apoe: [E2E3, E3E3, E3E4, E4E4]\n",
+     "ranges apply to numeric columns"),
+])
+def test_bad_categorical_declarations_are_named(tmp_path, text, expected):
+    base = CATEGORICAL.split("ranges:")[0].split("categorical:")[0]
+    base = base.replace("apoe, sex", "apoe")
+    if "ranges:" not in text:
+        base += "ranges: {moca: [0, 30]}\n"
+    t = with_categories()
+    csv, mapping = categorical_files(tmp_path, t, mapping_text=base + text)
+    with pytest.raises(DataError) as e:
+        load_table(csv, mapping)
+    assert expected in str(e.value)
+
+
+def test_text_column_without_declaration_says_how_to_declare(files, tmp_path):
+    t = with_categories()
+    csv, mapping = categorical_files(tmp_path, t, mapping_text=CATEGORICAL.split("categorical:")[0])
+    with pytest.raises(DataError) as e:
+        load_table(csv, mapping)
+    assert "column 'apoe'" in str(e.value) and "categorical" in str(e.value)

@@ -60,6 +60,9 @@ class Cohort:
     report: LoadReport
     label_names: tuple[str, str] = ("HC", "PD")  # names of label 0 and label 1
     plausible_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # a categorical column -> its declared categories; its features are the indicators
+    # "column=category" (safn_core.data.table_loader)
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def features(self) -> list[str]:
@@ -90,7 +93,7 @@ class Cohort:
     def subset(self, index) -> "Cohort":
         """The cohort restricted to the given participant ids (same modalities and report)."""
         return Cohort(self.table.loc[index], self.modalities, self.report, self.label_names,
-                      self.plausible_ranges)
+                      self.plausible_ranges, self.categories)
 
     def export(self) -> pd.DataFrame:
         """One row per participant: id, site, label, every feature under its column name."""

@@ -36,7 +36,8 @@ def write_cohort(folder: Path, cohort: Cohort, source: str | None = None) -> Pat
                        for m in cohort.modalities],
         # public plausible ranges (the data contract's; `privacy.statistics: gaussian` needs them)
         "plausible_ranges": {k: [float(lo), float(hi)]
-                             for k, (lo, hi) in cohort.plausible_ranges.items()}})
+                             for k, (lo, hi) in cohort.plausible_ranges.items()},
+        "categories": {c: list(v) for c, v in cohort.categories.items()}})
     return folder / META
 
 
@@ -49,4 +50,6 @@ def read_cohort(meta_path: Path) -> Cohort:
     mods = tuple(Modality(m["name"], tuple(m["features"]), m["side"]) for m in meta["modalities"])
     ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in
               meta.get("plausible_ranges", {}).items()}
-    return Cohort(table, mods, LoadReport(meta["source"]), tuple(meta["label_names"]), ranges)
+    categories = {c: tuple(v) for c, v in meta.get("categories", {}).items()}
+    return Cohort(table, mods, LoadReport(meta["source"]), tuple(meta["label_names"]), ranges,
+                  categories)

@@ -11,9 +11,20 @@ an optional site column, and the modalities as lists of column names or glob pat
       imaging:  {side: imaging,  columns: ["ct_*", "vol_*"]}
       clinical: {side: clinical, columns: [updrs3, moca]}
     ranges: {moca: [0, 30]}         # optional plausible ranges for the data contract
+    categorical:                    # optional: text columns with their declared categories
+      apoe: [E2E2, E2E3, E2E4, E3E3, E3E4, E4E4]
 
 Rows whose label is neither value are excluded and counted in the load report, as PPMI's other
 cohorts are.
+
+A categorical column (listed in a modality like any other) becomes one indicator feature per
+declared category, ``apoe=E3E4`` (1 where the participant has that category, else 0; NaN in every
+indicator where the cell is missing), in the declared order. The categories are declared, not
+discovered, so every site that loads its table with the same mapping encodes it identically, also
+a site that never sees some category; a value outside the declared list is an error naming the
+column, the file line and the value. The baselines see the indicators (one-hot); in SAFN the
+modality encoder's first layer maps each indicator to a learned vector, i.e. an embedding of the
+category (`safn_core.model.safn`). `Cohort.categories` keeps the declaration.
 """
 
 from __future__ import annotations
@@ -56,6 +67,24 @@ class TableMapping(_Strict):
     site: str | None = None
     modalities: dict[str, ModalityMapping] = Field(min_length=1)
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    categorical: dict[str, list[str | int | float | bool]] = Field(
+        default_factory=dict, description="column -> its declared categories, in order")
+
+    @field_validator("categorical")
+    @classmethod
+    def _categories(cls, v: dict) -> dict:
+        for column, cats in v.items():
+            names = [category_name(c) for c in cats]
+            if len(names) < 2:
+                raise ValueError(f"column '{column}' needs at least two declared categories")
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"column '{column}' declares {dup} more than once")
+            if any(n.lower() in MISSING_TOKENS for n in names):
+                raise ValueError(f"column '{column}': a missing-value token "
+                                 f"({', '.join(repr(t) for t in sorted(MISSING_TOKENS))}) cannot "
+                                 f"be a category; missing cells stay missing")
+        return v
 
     @field_validator("modalities")
     @classmethod
@@ -152,8 +181,44 @@ def _to_numeric(values: pd.Series, column: str, path: Path, line_numbers: pd.Ser
         raise DataError(
             f"{path}: column '{column}' must be numeric but has text in {int(bad.sum())} row(s) "
             f"(file lines {', '.join(map(str, rows[:8]))}{' …' if len(rows) > 8 else ''}; "
-            f"e.g. {examples}); encode it as numbers or leave the cell empty for missing")
+            f"e.g. {examples}); encode it as numbers, leave the cell empty for missing, or, if "
+            f"it is categorical, declare its categories under mapping key 'categorical.{column}'")
     return numbers.astype(float)
+
+
+def category_name(value) -> str:
+    """The text of a category as declared or as found in a cell (``34.0`` reads as ``34``)."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def indicator(column: str, category: str) -> str:
+    """The feature name of one category's indicator column."""
+    return f"{column}={category}"
+
+
+def _one_hot(values: pd.Series, column: str, categories: list[str], path: Path,
+             line_numbers: pd.Series) -> dict[str, np.ndarray]:
+    """One float indicator per declared category; NaN in all of them where the cell is missing."""
+    missing = _is_missing(values)
+    text = values.map(category_name).where(~missing)
+    bad = ~missing & ~text.isin(categories)
+    if bad.any():
+        rows = line_numbers[bad].tolist()
+        found = sorted(text[bad].unique())
+        raise DataError(
+            f"{path}: column '{column}' has value {found[0]!r} in file line {rows[0]}"
+            f"{f' ({int(bad.sum())} rows, values {found[:6]})' if len(rows) > 1 else ''}, not "
+            f"among its declared categories {categories}; add it to mapping key "
+            f"'categorical.{column}' (every site must declare the same list) or correct the cell")
+    out = {}
+    for cat in categories:
+        out[indicator(column, cat)] = np.where(missing, np.nan,
+                                               (text == cat).astype(float)).astype(float)
+    return out
 
 
 def _value_matches(values: pd.Series, target) -> pd.Series:
@@ -186,6 +251,18 @@ def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
         if col is not None and col not in columns:
             raise DataError(f"{path}: column '{col}' named by mapping key '{key}' is not in the table")
 
+    categories = {str(c): [category_name(v) for v in cats]
+                  for c, cats in mapping.categorical.items()}
+    for key in ("categorical", "ranges"):
+        for col in (categories if key == "categorical" else mapping.ranges):
+            if col not in columns:
+                raise DataError(f"{path}: column '{col}' named by mapping key '{key}.{col}' is "
+                                f"not in the table")
+    for col in mapping.ranges:
+        if col in categories:
+            raise DataError(f"{path}: mapping key 'ranges.{col}': '{col}' is categorical; "
+                            f"ranges apply to numeric columns only")
+
     modalities = []
     used: dict[str, str] = {}
     for name, mod in mapping.modalities.items():
@@ -198,7 +275,13 @@ def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
                 raise DataError(f"{path}: column '{c}' is in both modality '{used[c]}' and "
                                 f"'{name}'; a column belongs to one modality")
             used[c] = name
-        modalities.append(Modality(str(name), tuple(cols), mod.side))
+        features = [f for c in cols for f in ([indicator(c, k) for k in categories[c]]
+                                              if c in categories else [c])]
+        modalities.append(Modality(str(name), tuple(features), mod.side))
+    for col in categories:
+        if col not in used:
+            raise DataError(f"{path}: mapping key 'categorical.{col}': column '{col}' is in no "
+                            f"modality; list it under a modality's columns or remove the key")
 
     ids = df[mapping.id]
     id_missing = _is_missing(ids)
@@ -241,13 +324,18 @@ def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
                    if mapping.site else "all")
     table[LABEL] = is_pos[keep].astype(np.int64).to_numpy()
     feats = {}
-    for mod in modalities:
-        for c in mod.features:
+    for c in used:
+        if c in categories:
+            feats.update(_one_hot(df.loc[keep, c], c, categories[c], path, lines[keep]))
+        else:
             feats[c] = _to_numeric(df.loc[keep, c], c, path, lines[keep]).to_numpy()
     table = pd.concat([table, pd.DataFrame(feats, index=table.index)], axis=1)
 
     cohort = Cohort(table, tuple(modalities), report, label_names=(neg_name, pos_name),
-                    plausible_ranges={k: tuple(v) for k, v in mapping.ranges.items()})
+                    plausible_ranges={**{k: tuple(v) for k, v in mapping.ranges.items()},
+                                      **{indicator(c, k): (0.0, 1.0) for c, cats in
+                                         categories.items() for k in cats}},
+                    categories={c: tuple(v) for c, v in categories.items()})
     present = cohort.modality_present()
     report.modality_present = {m: int(present[m].sum()) for m in present.columns}
     report.missing_rate = table[cohort.features].isna().mean().to_dict()

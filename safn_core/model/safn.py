@@ -3,7 +3,7 @@
 Reference design: docs/safn-model.md (shared). For modalities m = 1..M (any number, each on the
 "imaging" or the "clinical" side)::
 
-    h_m = Enc_m(x_m)                      Enc = Linear → LayerNorm → GELU → Dropout → Linear(D)
+    h_m = Enc_m(x_m)                      Enc = [In] → Linear → LayerNorm → GELU → Dropout → Linear(D)
     I = [h_m : imaging],  C = [h_m : clinical]
     I' = Block(q=I, kv=C);  C' = Block(q=C, kv=I)        two blocks of the same shape
     Z = [I'; C']  (kept in modality order)
@@ -15,6 +15,10 @@ it gets gate weight α = 0 exactly. Its token still exists as a query (so every 
 shapes and every parameter gets a per-sample gradient under Opacus), but nothing downstream reads
 it. A sample whose whole other side is absent attends to nothing in the cross-attention (the
 attention output is zero, the residual passes the token through).
+
+``In`` is the identity by default; ``cfg.feature_dropout`` adds feature dropout and
+``cfg.numeric_embedding = "periodic"`` a periodic embedding of every feature
+(`safn_core.model.embeddings`).
 
 Fallbacks and ablations:
   * if one side has no modality at all (e.g. a purely clinical table), there is nothing to cross
@@ -43,6 +47,7 @@ from torch import Tensor, nn
 
 from safn_core.config import ModelConfig
 from safn_core.model.attention import CrossAttentionBlock, FeedForwardBlock
+from safn_core.model.embeddings import FeatureDropout, PeriodicEmbedding
 from safn_core.model.gating import GatingFusion
 
 SIDES = ("imaging", "clinical")
@@ -79,8 +84,18 @@ def _spec(m) -> ModalitySpec:
 
 
 def _encoder(n_features: int, cfg: ModelConfig) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    if cfg.feature_dropout > 0:
+        layers.append(FeatureDropout(cfg.feature_dropout))
+    width = n_features
+    if cfg.numeric_embedding == "periodic":
+        embed = PeriodicEmbedding(n_features, cfg.n_frequencies, cfg.embedding_dim,
+                                  cfg.frequency_sigma)
+        layers.append(embed)
+        width = embed.out_features
     return nn.Sequential(
-        nn.Linear(n_features, cfg.encoder_hidden),
+        *layers,
+        nn.Linear(width, cfg.encoder_hidden),
         nn.LayerNorm(cfg.encoder_hidden),
         nn.GELU(),
         nn.Dropout(cfg.dropout),

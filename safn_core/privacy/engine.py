@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import safn_core.privacy.grad_samplers  # noqa: F401  (Opacus learns SAFN's own layers)
 from safn_core.config import ModelConfig, PrivacyConfig, TrainConfig
 from safn_core.data.cohort import Modality
 from safn_core.federation.protocol import WITHHELD, Metric

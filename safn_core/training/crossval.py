@@ -100,8 +100,22 @@ def _modality_drop(model, test: Arrays, modalities, base_auc: float) -> dict[str
     return out
 
 
-def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig) -> dict:
-    """Every model variant on one split; returns metric rows and test predictions."""
+def model_variants(cfg: SafnConfig, feature_set_name: str) -> list[tuple[str, ModelConfig]]:
+    """SAFN and, on the ``all`` feature set, its configured ablations (``train.ablations``)."""
+    variants = [("SAFN", cfg.model)]
+    if feature_set_name == "all":
+        variants += [(f"SAFN ({a.replace('_', ' ')})", cfg.model.model_copy(update=upd))
+                     for a, upd in ABLATIONS.items() if a in cfg.train.ablations]
+    return variants
+
+
+def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
+             variants: list[tuple[str, ModelConfig]] | None = None) -> dict:
+    """Every model variant on one split; returns metric rows and test predictions.
+
+    ``variants``: (row name, model config) of each SAFN variant to fit on every feature set;
+    None = `model_variants` (what safn-train reports).
+    """
     torch.set_num_threads(1)
     table = cohort.table
     rows, preds, weights, drops = [], [], [], []
@@ -122,11 +136,7 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig) -> dict:
         pre = Preprocessor(mods).fit(table.loc[split.train])
         tr, va, te = (Arrays.from_table(pre, table.loc[ids])
                       for ids in (split.train, split.val, split.test))
-        variants = [("SAFN", cfg.model)]
-        if fs_name == "all":
-            variants += [(f"SAFN ({a.replace('_', ' ')})", cfg.model.model_copy(update=upd))
-                         for a, upd in ABLATIONS.items() if a in cfg.train.ablations]
-        for name, model_cfg in variants:
+        for name, model_cfg in (variants or model_variants(cfg, fs_name)):
             fit = fit_with_early_stopping(tr, va, mods, model_cfg, cfg.train, seed)
             p_val, _ = predict(fit.model, va)
             p_test, alpha = predict(fit.model, te)
@@ -141,7 +151,7 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig) -> dict:
                                   "feature_set": fs_name,
                                   **_modality_drop(fit.model, te, mods, base)})
         for b in cfg.train.baselines:
-            p_val, p_test = fit_predict(b, tr.x, tr.y, [va.x, te.x], seed)
+            p_val, p_test = fit_predict(b, tr.x, tr.y, [va.x, te.x], seed, val=(va.x, va.y))
             record(b, fs_name, p_val, va.y, p_test, te.y)
     return {"rows": rows, "preds": pd.concat(preds, ignore_index=True), "weights": weights,
             "drops": drops}
@@ -156,8 +166,12 @@ def _worker_init() -> None:
 
 
 def cross_validate(cohort: Cohort, cfg: SafnConfig,
-                   progress: Callable[[int, int], None] | None = None) -> dict:
-    """Run every split (in parallel worker processes); gather metrics and predictions."""
+                   progress: Callable[[int, int], None] | None = None,
+                   variants: list[tuple[str, ModelConfig]] | None = None) -> dict:
+    """Run every split (in parallel worker processes); gather metrics and predictions.
+
+    ``variants``: the SAFN variants of `run_fold` (None: SAFN and its configured ablations).
+    """
     splits = make_splits(cohort, cfg.train.folds, cfg.train.repeats, cfg.train.val_fraction,
                          cfg.train.seed)
     results = [None] * len(splits)
@@ -165,14 +179,15 @@ def cross_validate(cohort: Cohort, cfg: SafnConfig,
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(cfg.train.workers, mp_context=ctx,
                                  initializer=_worker_init) as pool:
-            futures = {pool.submit(run_fold, cohort, s, cfg): i for i, s in enumerate(splits)}
+            futures = {pool.submit(run_fold, cohort, s, cfg, variants): i
+                       for i, s in enumerate(splits)}
             for done, fut in enumerate(as_completed(futures), 1):
                 results[futures[fut]] = fut.result()
                 if progress:
                     progress(done, len(splits))
     else:
         for i, s in enumerate(splits):
-            results[i] = run_fold(cohort, s, cfg)
+            results[i] = run_fold(cohort, s, cfg, variants)
             if progress:
                 progress(i + 1, len(splits))
     return {

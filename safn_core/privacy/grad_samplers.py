@@ -1,0 +1,33 @@
+"""Per-sample gradients of SAFN's own parametrised layers, registered with Opacus.
+
+Opacus computes per-sample gradients layer by layer and knows ``nn.Linear``, ``nn.LayerNorm`` and
+the other stock layers; a layer holding its own ``nn.Parameter`` needs a grad sampler, registered
+through Opacus' public ``register_grad_sampler``. Importing this module registers them;
+`safn_core.privacy.engine` imports it before ``make_private``.
+
+`PeriodicFeatures`: ``o = [cos v, sin v]``, ``v = 2π x c`` (per feature j, frequency k), so with
+the backpropagated ``g = [g_cos, g_sin]`` of one participant
+
+    ∂L/∂c_jk = 2π x_j (cos(v_jk) g_sin,jk − sin(v_jk) g_cos,jk).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from torch import Tensor, nn
+
+from safn_core.model.embeddings import PeriodicFeatures
+
+
+@register_grad_sampler(PeriodicFeatures)
+def periodic_features_grad_sample(layer: PeriodicFeatures, activations: list[Tensor],
+                                  backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    x = activations[0].to(backprops.dtype)  # (B, n)
+    k = layer.frequencies.shape[1]
+    v = 2 * math.pi * x.unsqueeze(-1) * layer.frequencies  # (B, n, k)
+    g_cos, g_sin = backprops[..., :k], backprops[..., k:]
+    grad = 2 * math.pi * x.unsqueeze(-1) * (torch.cos(v) * g_sin - torch.sin(v) * g_cos)
+    return {layer.frequencies: grad} if layer.frequencies.requires_grad else {}
