@@ -90,8 +90,11 @@ def test_validate_sim_and_train_bundles_on_a_fresh_synthetic_site(tmp_path):
 
     ok(bin_ / "safn-sim", "--out", tmp_path / "sim", *small, "--set", "federation.rounds=2",
        "--set", "federation.local_epochs=1", "--set", "simulation.compare=false")
+    # only the bundle matters here: one feature set, no ablation rows, one baseline
     ok(bin_ / "safn-train", "--quick", "--out", tmp_path / "train", *small,
-       "--set", "train.max_epochs=5", "--set", "train.workers=1")
+       "--set", "train.max_epochs=5", "--set", "train.workers=1",
+       "--set", "train.feature_sets=[all]", "--set", "train.ablations=[]",
+       "--set", "train.baselines=[majority]")
     # a fresh site: another seed, its own download
     ok(bin_ / "safn-synth", "--out", tmp_path / "site", "--seed", "42",
        "--set", "synth.n_pd=60", "--set", "synth.n_hc=40", "--set", "synth.n_sites=1")
