@@ -39,20 +39,50 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks.cohorts import export_ad_data  # noqa: E402
+from cohorts import export_ad_data  # noqa: E402  (benchmarks/ is on sys.path)
 from safn_core.config import load_config  # noqa: E402
 from safn_core.data.sources import load_cohort  # noqa: E402
 from safn_core.training.crossval import cross_validate  # noqa: E402
 
-# name -> model-config changes against configs/train.yaml's model (one idea per row)
+# name -> config changes against configs/train.yaml's (one idea per row): "model.x" / "train.x"
 VARIANTS: dict[str, dict] = {
     "SAFN": {},
-    "periodic": {"numeric_embedding": "periodic"},
-    "feature_dropout": {"feature_dropout": 0.1},
-    "periodic+feature_dropout": {"numeric_embedding": "periodic", "feature_dropout": 0.1},
-    "no_cross_attention": {"cross_attention": False},
+    "periodic": {"model.numeric_embedding": "periodic"},
+    "periodic_sigma0.02": {"model.numeric_embedding": "periodic", "model.frequency_sigma": 0.02},
+    "feature_dropout": {"model.feature_dropout": 0.1},
+    "weight_decay_0.05": {"train.weight_decay": 0.05},
+    "small": {"model.d_model": 32, "model.encoder_hidden": 64, "model.ffn_hidden": 64,
+              "model.head_hidden": 32},
+    "dropout_0.4": {"model.dropout": 0.4},
+    "lr_3e-4": {"train.lr": 3e-4, "train.patience": 30, "train.max_epochs": 300},
+    "plain_ce": {"model.loss": "ce"},
+    "no_cross_attention": {"model.cross_attention": False},
+    "no_sparsity": {"model.sparsity_lambda": 0.0},
+    "no_sparsity+linear_path": {"model.sparsity_lambda": 0.0, "model.linear_path": True},
+    "no_sparsity+ema": {"model.sparsity_lambda": 0.0, "train.weight_averaging": "ema"},
+    "no_sparsity+periodic": {"model.sparsity_lambda": 0.0, "model.numeric_embedding": "periodic"},
+    "entmax_gate": {"model.gate": "entmax15", "model.sparsity_lambda": 0.0},
+    "linear_path": {"model.linear_path": True},
+    "ema": {"train.weight_averaging": "ema"},
+    "linear_path+ema": {"model.linear_path": True, "train.weight_averaging": "ema"},
+    "linear_path+periodic": {"model.linear_path": True, "model.numeric_embedding": "periodic"},
+    "linear_path+periodic+ema": {"model.linear_path": True, "model.numeric_embedding": "periodic",
+                                 "train.weight_averaging": "ema"},
 }
+
+
+def variant(cfg, name: str) -> tuple:
+    """(row name, model config, train config) of a `VARIANTS` entry."""
+    changes = VARIANTS[name]
+    for key in changes:
+        if not key.startswith(("model.", "train.")):
+            raise SystemExit(f"variant {name}: '{key}' is neither model.* nor train.*")
+    model = {k[6:]: v for k, v in changes.items() if k.startswith("model.")}
+    train = {k[6:]: v for k, v in changes.items() if k.startswith("train.")}
+    return (name, type(cfg.model).model_validate({**cfg.model.model_dump(), **model}),
+            type(cfg.train).model_validate({**cfg.train.model_dump(), **train}))
 COHORTS = ("no_motor", "imaging_demographics", "ad_data")
 METRICS = (("roc_auc", "ROC-AUC"), ("balanced_accuracy", "bal acc"))
 
@@ -132,7 +162,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="safn-quality-") as tmp:
         for name in args.cohorts:
             cohort, cfg = cohort_config(name, Path(tmp), args.overrides)
-            variants = [(v, cfg.model.model_copy(update=VARIANTS[v])) for v in args.variants]
+            variants = [variant(cfg, v) for v in args.variants]
             t0 = time.perf_counter()
             cv = cross_validate(cohort, cfg, variants=variants)
             res = summarise(cv["folds"], name)

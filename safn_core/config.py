@@ -96,6 +96,8 @@ class ModelConfig(Section):
     frequency_sigma: float = Field(0.1, gt=0, description="periodic embedding: SD of the "
                                                           "initial frequencies")
     embedding_dim: int = Field(8, ge=1, description="periodic embedding: width d_e per feature")
+    linear_path: bool = Field(False, description="add a gated linear path from each "
+                              "modality's features to the logits (wide and deep)")
     feature_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a "
                                    "feature is zeroed (its training mean) in training")
 
@@ -118,6 +120,10 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    weight_averaging: Literal["none", "ema"] = Field(
+        "none", description="ema: validate, select and keep an exponential moving average of "
+                            "the weights (centralised and comparator fits, fit_by_rounds)")
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="per-step decay of the ema weights")
     val_fraction: float = Field(0.2, gt=0, lt=0.5,
                                 description="inner validation split for early stopping/threshold")
     folds: int = Field(5, ge=2)

@@ -25,7 +25,8 @@ N_FEAT = sum(n for _, n, _ in MODS)
 SMALL = dict(d_model=16, n_heads=4, encoder_hidden=16, ffn_hidden=16, head_hidden=8)
 # the optional input layers of the modality encoders (safn_core.model.embeddings)
 PERIODIC = dict(numeric_embedding="periodic", n_frequencies=3, embedding_dim=4)
-INPUT_LAYERS = [{}, PERIODIC, dict(feature_dropout=0.2), dict(PERIODIC, feature_dropout=0.2)]
+INPUT_LAYERS = [{}, PERIODIC, dict(feature_dropout=0.2), dict(PERIODIC, feature_dropout=0.2),
+                dict(linear_path=True)]
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -314,12 +315,12 @@ def test_total_loss_variants():
 def test_opacus_validator_strict():
     from opacus.validators import ModuleValidator
     for cfg in (small_cfg(), ModelConfig(), small_cfg(cross_attention=False, gate="entmax15"),
-                ModelConfig(**PERIODIC, feature_dropout=0.1)):
+                ModelConfig(**PERIODIC, feature_dropout=0.1, linear_path=True)):
         assert ModuleValidator.validate(SAFN(MODS, cfg, seed=0), strict=True) == []
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # benign: inputs need no grad
-@pytest.mark.parametrize("kw", [{}, PERIODIC])
+@pytest.mark.parametrize("kw", [{}, PERIODIC, dict(linear_path=True)])
 def test_opacus_per_sample_gradients_are_exact(kw):
     """GradSampleModule's per-sample grads equal the gradients of each sample run alone (the
     periodic embedding's frequencies through safn_core.privacy.grad_samplers)."""
@@ -342,7 +343,7 @@ def test_opacus_per_sample_gradients_are_exact(kw):
             assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), (name, i)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2)])
+@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2, linear_path=True)])
 def test_dp_sgd_step_with_privacy_engine_keeps_layout(kw):
     from opacus import PrivacyEngine
 
@@ -390,7 +391,7 @@ def test_dp_sgd_step_with_privacy_engine_keeps_layout(kw):
 @pytest.mark.parametrize("kw", [
     dict(cross_attention=False), dict(sparsity_lambda=0.0), dict(loss="ce"),
     dict(gate="sparsemax"), dict(gate="entmax15"), dict(gate="entmax15", cross_attention=False),
-    PERIODIC, dict(feature_dropout=0.3),
+    PERIODIC, dict(feature_dropout=0.3), dict(linear_path=True),
 ])
 def test_ablations_forward_backward(kw):
     cfg = small_cfg(**kw)
@@ -421,7 +422,7 @@ def test_one_sided_modalities_fall_back_to_self_attention(side):
     assert SAFN(mods2, small_cfg(), seed=0)(x, mask).shape == (8, 2)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2)])
+@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2, linear_path=True)])
 def test_determinism_same_seed_same_weights_and_step(kw):
     cfg = small_cfg(**kw)
     rng_state = torch.get_rng_state()
@@ -489,3 +490,17 @@ def test_periodic_embedding_is_off_by_default_and_changes_the_layout_when_on():
     assert not any("frequencies" in n for n, _ in plain.named_parameters())
     freqs = [n for n, _ in periodic.named_parameters() if n.endswith("frequencies")]
     assert len(freqs) == len(MODS)
+
+
+def test_linear_path_adds_the_gated_linear_scores_to_the_deep_logits():
+    cfg = small_cfg(linear_path=True)
+    model = SAFN(MODS, cfg, seed=2).eval()
+    deep = SAFN(MODS, small_cfg(), seed=2).eval()
+    deep.load_state_dict({k: v for k, v in model.state_dict().items()
+                          if not k.startswith("linear.")})
+    x, mask, _ = batch()
+    logits, alpha = model(x, mask, return_weights=True)
+    xs = torch.split(torch.where(mask.repeat_interleave(torch.tensor([n for _, n, _ in MODS]), 1),
+                                 x, torch.zeros_like(x)), [n for _, n, _ in MODS], dim=1)
+    wide = sum(alpha[:, m:m + 1] * model.linear[m](xs[m]) for m in range(len(MODS)))
+    assert torch.allclose(logits, deep(x, mask) + wide, atol=1e-6)

@@ -191,3 +191,30 @@ def test_compare_trains_comparators_by_the_federations_rule(tmp_path, monkeypatc
                      "val_loss": "cross_entropy"} for c in calls)
     assert "selected_round" in df.columns
     assert all(1 <= int(r) <= 3 for r in trained.selected_round)
+
+
+def test_ema_weights_are_the_moving_average_of_the_trajectory_and_are_what_is_kept(monkeypatch):
+    """train.weight_averaging=ema: the model validated and returned is w̄ ← d·w̄ + (1−d)·w
+    after every optimizer step, recomputed here from the raw trajectory of the same run."""
+    torch.set_num_threads(1)
+    cfg = TRAIN.model_copy(update={"weight_averaging": "ema", "ema_decay": 0.7})
+    trajectory = []
+    real_run_epochs = local.run_epochs
+
+    def recording(model, *args, after_step=None, **kw):
+        def step():
+            trajectory.append([p.detach().clone() for p in model.parameters()])
+            after_step()
+        return real_run_epochs(model, *args, after_step=step, **kw)
+
+    monkeypatch.setattr(local, "run_epochs", recording)
+    fit = fit_by_rounds(TR, VA, MODS, MODEL, cfg, 0, rounds=2, epochs_per_round=1,
+                        select="last", patience=None)
+    start = local.make_model(MODS, MODEL, 0)
+    ema = [p.detach().clone() for p in start.parameters()]
+    for weights in trajectory:
+        ema = [0.7 * a + 0.3 * w for a, w in zip(ema, weights)]
+    assert len(trajectory) == 2 * math.ceil(len(TR) / TRAIN.batch_size)
+    for kept, expected, raw in zip(fit.model.parameters(), ema, trajectory[-1]):
+        assert torch.allclose(kept, expected, atol=1e-6)
+    assert not all(torch.allclose(k, r) for k, r in zip(fit.model.parameters(), trajectory[-1]))

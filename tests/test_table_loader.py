@@ -375,3 +375,23 @@ def test_text_column_without_declaration_says_how_to_declare(files, tmp_path):
     with pytest.raises(DataError) as e:
         load_table(csv, mapping)
     assert "column 'apoe'" in str(e.value) and "categorical" in str(e.value)
+
+
+def test_a_categorical_cohort_trains_safn_and_the_baselines_on_its_indicators(tmp_path):
+    """The indicators are ordinary features downstream: preprocessing, SAFN (whose first
+    encoder layer holds one vector per category) and the one-hot baselines all run on them."""
+    from safn_core.config import load_config
+    from safn_core.training.crossval import make_splits, run_fold
+
+    t = with_categories(80)
+    csv, mapping = categorical_files(tmp_path, t)
+    cohort = load_table(csv, mapping)
+    cfg = load_config(None, ["train.max_epochs=2", "train.feature_sets=[all]",
+                             "train.ablations=[]", "train.modality_drop=false",
+                             "train.baselines=[logistic_regression,hist_gradient_boosting_es]",
+                             "model.d_model=8", "model.n_heads=2"])
+    split = make_splits(cohort, 2, 1, 0.25, 0)[0]
+    out = run_fold(cohort, split, cfg)
+    assert {r["model"] for r in out["rows"]} == {"SAFN", "logistic_regression",
+                                                 "hist_gradient_boosting_es"}
+    assert all(0.0 <= r["roc_auc"] <= 1.0 for r in out["rows"])

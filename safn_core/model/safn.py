@@ -8,6 +8,7 @@ Reference design: docs/safn-model.md (shared). For modalities m = 1..M (any numb
     I' = Block(q=I, kv=C);  C' = Block(q=C, kv=I)        two blocks of the same shape
     Z = [I'; C']  (kept in modality order)
     α = gate(Z) (B, M), f = Σ_m α_m z_m, logits = Head(f) (B, 2)
+    [+ Σ_m α_m L_m(x_m)]                  cfg.linear_path: a gated linear ("wide") path
 
 Missing modalities are *masked*, never dropped: an absent modality's input is replaced by zeros
 (so NaNs or any values there cannot leak), its token is excluded from every attention key set and
@@ -16,7 +17,11 @@ shapes and every parameter gets a per-sample gradient under Opacus), but nothing
 it. A sample whose whole other side is absent attends to nothing in the cross-attention (the
 attention output is zero, the residual passes the token through).
 
-``In`` is the identity by default; ``cfg.feature_dropout`` adds feature dropout and
+With ``cfg.linear_path`` every modality also has a linear map ``L_m`` of its (scaled) features
+straight to the logits, weighted by the same gate α: the "wide" half of a wide-and-deep model,
+which gives SAFN the linear model's inductive bias where the signal is mostly linear and small
+(the deep path then learns what the linear path misses). α still says how much each modality
+counts, now for both paths. ``In`` is the identity by default; ``cfg.feature_dropout`` adds feature dropout and
 ``cfg.numeric_embedding = "periodic"`` a periodic embedding of every feature
 (`safn_core.model.embeddings`).
 
@@ -160,6 +165,8 @@ class SAFN(nn.Module):
         else:
             self.block_all = block()       # one side is empty: self-attention over all tokens
         self.gate = GatingFusion(d, d, cfg.gate)
+        if cfg.linear_path:
+            self.linear = nn.ModuleList(nn.Linear(n, n_classes) for n in self.n_features)
         self.head = nn.Sequential(
             nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.head_hidden, n_classes),
@@ -239,6 +246,7 @@ class SAFN(nn.Module):
         tokens = []
         for m, (enc, xm) in enumerate(zip(self.encoders, xs)):
             xm = torch.where(mask[:, m:m + 1], xm, torch.zeros_like(xm))  # absent → 0, NaN-safe
+            xs[m] = xm
             tokens.append(enc(xm))
         t = torch.stack(tokens, dim=1)  # (B, M, D)
 
@@ -255,6 +263,9 @@ class SAFN(nn.Module):
 
         f, alpha = self.gate(z, mask)
         logits = self.head(f)
+        if self.cfg.linear_path:
+            wide = torch.stack([lin(xm) for lin, xm in zip(self.linear, xs)], dim=1)  # (B, M, C)
+            logits = logits + (alpha.unsqueeze(-1) * wide).sum(dim=1)
         self.last_weights = alpha.detach()
         return (logits, alpha) if return_weights else logits
 

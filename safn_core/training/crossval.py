@@ -110,11 +110,12 @@ def model_variants(cfg: SafnConfig, feature_set_name: str) -> list[tuple[str, Mo
 
 
 def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
-             variants: list[tuple[str, ModelConfig]] | None = None) -> dict:
+             variants: list[tuple] | None = None) -> dict:
     """Every model variant on one split; returns metric rows and test predictions.
 
-    ``variants``: (row name, model config) of each SAFN variant to fit on every feature set;
-    None = `model_variants` (what safn-train reports).
+    ``variants``: (row name, model config) or (row name, model config, train config) of each
+    SAFN variant to fit on every feature set (without a train config: ``cfg.train``); None =
+    `model_variants` (what safn-train reports).
     """
     torch.set_num_threads(1)
     table = cohort.table
@@ -136,8 +137,9 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
         pre = Preprocessor(mods).fit(table.loc[split.train])
         tr, va, te = (Arrays.from_table(pre, table.loc[ids])
                       for ids in (split.train, split.val, split.test))
-        for name, model_cfg in (variants or model_variants(cfg, fs_name)):
-            fit = fit_with_early_stopping(tr, va, mods, model_cfg, cfg.train, seed)
+        for name, model_cfg, *train_cfg in (variants or model_variants(cfg, fs_name)):
+            fit = fit_with_early_stopping(tr, va, mods, model_cfg,
+                                          train_cfg[0] if train_cfg else cfg.train, seed)
             p_val, _ = predict(fit.model, va)
             p_test, alpha = predict(fit.model, te)
             record(name, fs_name, p_val, va.y, p_test, te.y, {"epochs": fit.epochs_run})
@@ -167,7 +169,7 @@ def _worker_init() -> None:
 
 def cross_validate(cohort: Cohort, cfg: SafnConfig,
                    progress: Callable[[int, int], None] | None = None,
-                   variants: list[tuple[str, ModelConfig]] | None = None) -> dict:
+                   variants: list[tuple] | None = None) -> dict:
     """Run every split (in parallel worker processes); gather metrics and predictions.
 
     ``variants``: the SAFN variants of `run_fold` (None: SAFN and its configured ablations).

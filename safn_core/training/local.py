@@ -78,10 +78,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def run_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
                model_cfg: ModelConfig, class_counts, *, proximal_mu: float = 0.0,
-               global_params: list[Tensor] | None = None) -> float:
+               global_params: list[Tensor] | None = None, after_step=None) -> float:
     """Train ``epochs`` passes over ``loader``; return the mean training loss of the last one.
 
-    ``proximal_mu`` > 0 adds FedProx's (μ/2)·‖w − w_global‖² to every step.
+    ``proximal_mu`` > 0 adds FedProx's (μ/2)·‖w − w_global‖² to every step; ``after_step()``
+    runs after every optimizer step (weight averaging).
     """
     model.train()
     last = float("nan")
@@ -98,6 +99,8 @@ def run_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             total += float(loss.detach()) * len(yb)
             n += len(yb)
         last = total / max(n, 1)
@@ -188,20 +191,45 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
     counts = train.class_counts()
     optimizer = make_optimizer(model, train_cfg)
     loader = make_loader(train, train_cfg.batch_size, seed)
+    averaged, after_step = _weight_average(model, train_cfg)
     best_state, history = None, []
     for r in range(1, rounds + 1):
-        train_loss = run_epochs(model, loader, optimizer, epochs_per_round, model_cfg, counts)
-        loss, val_auc = validation_metrics(model, val, model_cfg, counts, val_loss)
+        train_loss = run_epochs(model, loader, optimizer, epochs_per_round, model_cfg, counts,
+                                after_step=after_step)
+        kept = averaged if averaged is not None else model
+        loss, val_auc = validation_metrics(kept, val, model_cfg, counts, val_loss)
         history.append({"round": r, "epoch": r * epochs_per_round, "train_loss": train_loss,
                         "val_loss": loss, "val_roc_auc": val_auc})
         if selection.update(r, val_loss=loss, val_roc_auc=val_auc):
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(kept.state_dict())
         if selection.should_stop:
             break
     model.load_state_dict(best_state)
     best = selection.best_round_
     return FitResult(model, len(history) * epochs_per_round, best * epochs_per_round,
                      float(history[best - 1]["val_loss"]), history, selected_round=best)
+
+
+def _weight_average(model: nn.Module, cfg: TrainConfig):
+    """``(averaged model, after_step)`` for ``train.weight_averaging``; ``(None, None)`` for none.
+
+    The exponential moving average ``w̄ ← d·w̄ + (1 − d)·w`` after every step (``ema_decay`` d)
+    is a copy of SAFN with the same layout: it is validated, selected and returned in place of
+    the raw weights, which keep training.
+    """
+    if cfg.weight_averaging == "none":
+        return None, None
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    averaged = copy.deepcopy(model)
+    update = get_ema_multi_avg_fn(cfg.ema_decay)  # one fused lerp over every tensor
+    raw, avg = list(model.parameters()), list(averaged.parameters())
+
+    @torch.no_grad()
+    def after_step() -> None:
+        update(avg, raw, None)
+
+    return averaged, after_step
 
 
 def fit_with_early_stopping(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
