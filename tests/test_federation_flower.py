@@ -113,6 +113,7 @@ def stop_after(src, dst, keep_round: int) -> None:
     truncate_checkpoints(dst, keep_round)
 
 
+@pytest.mark.timeout(600)  # three federations; 190 s beside another xdist worker here
 def test_leave_one_site_out_through_flower(tmp_path):
     """Every site is held out once; its model never saw it; metrics carry CIs; report renders."""
     import json
