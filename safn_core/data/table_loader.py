@@ -216,8 +216,7 @@ def _one_hot(values: pd.Series, column: str, categories: list[str], path: Path,
             f"'categorical.{column}' (every site must declare the same list) or correct the cell")
     out = {}
     for cat in categories:
-        out[indicator(column, cat)] = np.where(missing, np.nan,
-                                               (text == cat).astype(float)).astype(float)
+        out[indicator(column, cat)] = np.where(missing, np.nan, (text == cat).astype(float))
     return out
 
 
@@ -246,18 +245,15 @@ def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
     lines = pd.Series(np.arange(2, len(df) + 2), index=df.index)
     report = LoadReport(source=str(path), tables={"table": str(path)})
 
-    for key, col in (("id", mapping.id), ("label.column", mapping.label.column),
-                     ("site", mapping.site)):
+    categories = {str(c): [category_name(v) for v in cats]
+                  for c, cats in mapping.categorical.items()}
+    named = [("id", mapping.id), ("label.column", mapping.label.column), ("site", mapping.site),
+             *((f"categorical.{c}", c) for c in categories),
+             *((f"ranges.{c}", c) for c in mapping.ranges)]
+    for key, col in named:
         if col is not None and col not in columns:
             raise DataError(f"{path}: column '{col}' named by mapping key '{key}' is not in the table")
 
-    categories = {str(c): [category_name(v) for v in cats]
-                  for c, cats in mapping.categorical.items()}
-    for key in ("categorical", "ranges"):
-        for col in (categories if key == "categorical" else mapping.ranges):
-            if col not in columns:
-                raise DataError(f"{path}: column '{col}' named by mapping key '{key}.{col}' is "
-                                f"not in the table")
     for col in mapping.ranges:
         if col in categories:
             raise DataError(f"{path}: mapping key 'ranges.{col}': '{col}' is categorical; "

@@ -21,7 +21,9 @@ With ``cfg.linear_path`` every modality also has a linear map ``L_m`` of its (sc
 straight to the logits, weighted by the same gate α: the "wide" half of a wide-and-deep model,
 which gives SAFN the linear model's inductive bias where the signal is mostly linear and small
 (the deep path then learns what the linear path misses). α still says how much each modality
-counts, now for both paths. ``In`` is the identity by default; ``cfg.feature_dropout`` adds feature dropout and
+counts, now for both paths.
+
+``In`` is the identity by default; ``cfg.feature_dropout`` adds feature dropout and
 ``cfg.numeric_embedding = "periodic"`` a periodic embedding of every feature
 (`safn_core.model.embeddings`).
 

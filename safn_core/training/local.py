@@ -192,11 +192,11 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
     optimizer = make_optimizer(model, train_cfg)
     loader = make_loader(train, train_cfg.batch_size, seed)
     averaged, after_step = _weight_average(model, train_cfg)
+    kept = averaged if averaged is not None else model  # what is validated and returned
     best_state, history = None, []
     for r in range(1, rounds + 1):
         train_loss = run_epochs(model, loader, optimizer, epochs_per_round, model_cfg, counts,
                                 after_step=after_step)
-        kept = averaged if averaged is not None else model
         loss, val_auc = validation_metrics(kept, val, model_cfg, counts, val_loss)
         history.append({"round": r, "epoch": r * epochs_per_round, "train_loss": train_loss,
                         "val_loss": loss, "val_roc_auc": val_auc})
