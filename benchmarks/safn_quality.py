@@ -18,7 +18,8 @@ Cohorts (``--cohorts``):
                         333 participants; APOE genotype as a declared categorical column;
                         benchmarks/cohorts.py)
 
-Columns: ROC-AUC and balanced accuracy, mean ± SD over the 15 test folds, then each SAFN variant's
+Each cohort's line also gives SAFN's mean gate weight per modality on the test folds (with the
+range over folds). Columns: ROC-AUC and balanced accuracy, mean ± SD over the 15 test folds, then each SAFN variant's
 difference to the best baseline (by mean, per metric, the majority class excluded). Target
 (issue #13): SAFN ROC-AUC and balanced accuracy ≥ the best baseline's on every cohort, printed
 MET / MISSED with the figures.
@@ -168,9 +169,16 @@ def main() -> None:
             res = summarise(cv["folds"], name)
             res["seconds"] = time.perf_counter() - t0
             res["participants"] = len(cohort)
+            # SAFN's mean gate weight per modality over the test folds (run_fold's weights)
+            w = cv["weights"].drop(columns=["repeat", "fold", "feature_set"])
+            res["gate"] = {m: (float(w[m].mean()), float(w[m].min()), float(w[m].max()))
+                           for m in w.columns}
             results.append(res)
+            gate = ", ".join(f"{m} {mean:.2f} [{lo:.2f}, {hi:.2f}]"
+                             for m, (mean, lo, hi) in res["gate"].items())
             print(f"{name}: {len(cohort)} participants, {cv['n_splits']} splits, "
-                  f"{res['seconds']:.0f} s", flush=True)
+                  f"{res['seconds']:.0f} s; SAFN mean gate weight (fold range): {gate}",
+                  flush=True)
     table = render(results, args.variants)
     verdicts = targets(results, args.variants)
     print(table)
