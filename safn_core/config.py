@@ -67,7 +67,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    """The SAFN model and its loss (docs/safn-model.md); every ablation is a switch here.
+    """The SAFN model and its loss (docs/model.md); every ablation is a switch here.
 
     Ablations: ``cross_attention: false`` (tokens skip the cross-attention, FFN sublayer only),
     ``sparsity_lambda: 0`` (no entropy penalty on the gate), ``loss: ce`` (plain cross-entropy),

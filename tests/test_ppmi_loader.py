@@ -1,4 +1,4 @@
-"""The PPMI download reader: one test per quirk of real downloads (shared/docs/ppmi-data.md)."""
+"""The PPMI download reader: one test per quirk of real downloads (docs/ppmi-data.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The synthetic PPMI-style download: layout, determinism, item/total consistency, statistics.
 
-Reference values are the targets of ``shared/docs/ppmi-data.md`` §3 (the generator's spec), with
+Reference values are the targets of ``docs/ppmi-data.md`` §3 (the generator's spec), with
 tolerances derived from the sampling error of the default cohort (570 PD, 133 HC).
 """
 
@@ -23,7 +23,7 @@ SMALL = dict(n_pd=60, n_hc=30, n_without_mri=20, n_swedd=6, n_prodromal=6, n_sit
              min_site_size=15)
 DATED = re.compile(r"^(?P<name>.+)_(?P<date>\d{2}[A-Z][a-z]{2}\d{4})\.csv$")
 
-# ppmi-data.md §3: (PD mean, PD SD, HC mean, HC SD) of the complete cohort at baseline
+# docs/ppmi-data.md §3: (PD mean, PD SD, HC mean, HC SD) of the complete cohort at baseline
 DOC = {
     "AGE": (61.7, 9.7, 60.8, 11.3),
     "EDUCYRS": (15.6, 3.0, 16.0, 2.9),

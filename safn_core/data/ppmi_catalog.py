@@ -2,7 +2,7 @@
 
 This module is the single description of the PPMI layout. The loader (`ppmi_loader`) reads a
 download with it and the synthetic generator (`safn_core.synth`) writes one with it, so a change
-of spelling or scoring is made here once. Facts follow `shared/docs/ppmi-data.md`.
+of spelling or scoring is made here once. Facts follow `docs/ppmi-data.md`.
 
 Names are *normalised* for matching: lower case, with ``-`` and ``_`` removed, so that
 ``MDS-UPDRS_Part_III`` and ``MDS_UPDRS_Part_III`` are the same table.

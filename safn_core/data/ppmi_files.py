@@ -1,7 +1,7 @@
 """Finding and reading the CSV tables of a PPMI download folder.
 
 A download is a folder tree of ``<Table_Name>_<DDMonYYYY>.csv`` files whose folder layout and
-table names vary between users and releases (see ``shared/docs/ppmi-data.md``). This module
+table names vary between users and releases (see ``docs/ppmi-data.md`` §1). This module
 
 * finds every table of the catalog (`ppmi_catalog.TABLES`) anywhere under the folder, matching the
   file stem (minus its date suffix) by *name prefix*, ignoring case, ``-`` and ``_``; when several

@@ -1,7 +1,7 @@
 """Load a real PPMI download folder into a `Cohort`: one row per PD/HC participant at baseline.
 
 The folder is the user's own PPMI download (tables as ``<Table>_<DDMonYYYY>.csv``, any folder
-layout, older or 2023+ names; see ``shared/docs/ppmi-data.md``). Every table name, column spelling,
+layout, older or 2023+ names; see ``docs/ppmi-data.md``). Every table name, column spelling,
 item list and scoring rule comes from `ppmi_catalog`; finding and reading files is `ppmi_files`.
 
 Rules (each decision is also written to the `LoadReport`):

@@ -1,6 +1,6 @@
 """SAFN: modality encoders → symmetric imaging/clinical cross-attention → sparse gating → head.
 
-Reference design: docs/safn-model.md (shared). For modalities m = 1..M (any number, each on the
+Reference design: docs/model.md. For modalities m = 1..M (any number, each on the
 "imaging" or the "clinical" side)::
 
     h_m = Enc_m(x_m)                      Enc = [In] → Linear → LayerNorm → GELU → Dropout → Linear(D)

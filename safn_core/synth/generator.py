@@ -6,7 +6,7 @@ clinical table (items generated from the latent totals, so that items always sum
 FreeSurfer rows, and the participant-level ground truth. `safn_core.synth.writer` turns the result
 into CSV files; `generate_truth(cfg)` returns the ground truth only.
 
-Model (facts and target statistics: ``shared/docs/ppmi-data.md``):
+Model (facts and target statistics: ``docs/ppmi-data.md`` §3-4):
 
 * **Sites.** Site weights ~ Dirichlet(``site_size_alpha``); every site gets at least
   ``min_site_size`` complete (PD/HC with MRI) participants (fewer only when ``n_sites`` times it
