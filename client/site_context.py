@@ -66,6 +66,18 @@ def site_for(context: Context, config: ConfigRecord) -> Site:
     return _sim_site(run_dir, int(node[NodeConfig.PARTITION_ID]), shared_text)
 
 
+def data_source(site: Site, context: Context) -> str:
+    """The kind of data this site trains on (``data.source``: synthetic, ppmi or table), as its
+    own configuration says: a deployed site's site.yaml; for a virtual site the simulation's
+    config.yaml, whose cohort it is a part of (its settings from the messages carry no ``data``
+    section beyond ``min_cell``, so ``site.cfg.data.source`` would be a default there)."""
+    if NodeConfig.SITE_CONFIG in context.node_config:
+        return str(site.cfg.data.source)
+    from safn_core.federation.run_folder import load_run_config
+
+    return str(load_run_config(run_dir_from(dict(context.run_config)).resolve()).data.source)
+
+
 def partition(context: Context) -> int:
     return int(context.node_config.get(NodeConfig.PARTITION_ID, 0))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from safn_core.config import SafnConfig
+from safn_core.federation.provenance import basis_lines, sources_line, synthetic_sites
 
 
 def _metric_lines(metrics: dict, indent: str = "") -> list[str]:
@@ -60,6 +61,43 @@ def _privacy_lines(privacy: dict | None) -> list[str]:
     return lines
 
 
+def _source_lines(training: dict, data) -> tuple[list[str], list[str]]:
+    """The Training data line on where the data came from, and the Known-limits line on
+    synthetic data (if any). A federated bundle says what each SITE said its data is
+    (``training.data_sources``, from the statistics round), never the coordinator's own
+    ``data.source`` (a default there); a centralised bundle's ``data.source`` is its own."""
+    sources = training.get("data_sources")
+    if sources is None:
+        synthetic = data.source == "synthetic"
+        return ([f"- source: {data.source}"
+                 f"{' (synthetic PPMI-style cohort, not real patients)' if synthetic else ''}"],
+                ["- Trained on synthetic data: its figures say nothing about real patients."]
+                if synthetic else [])
+    line = [f"- {sources_line(sources, training.get('held_out_sites') or ())}"]
+    fake = synthetic_sites(sources)
+    if fake and len(fake) == len(sources):
+        return line, ["- Trained on synthetic data: its figures say nothing about real "
+                      "patients."]
+    if fake:
+        return line, [f"- Synthetic data (not real patients) at {', '.join(fake)}: the figures "
+                      "that rest on those sites say nothing about real patients."]
+    return line, []
+
+
+def _basis_lines(meta: dict, config: SafnConfig) -> list[str]:
+    """How many participants (and, federated, sites) the Performance figures rest on."""
+    training = meta.get("training", {})
+    basis = training.get("test_evaluation")
+    if basis is not None:
+        return [f"- {line}" for line in basis_lines(basis)]
+    if "cross_validation" in (meta.get("metrics") or {}) and training.get("participants"):
+        t = config.train
+        return [f"- cross-validation: mean ± SD over {t.folds} folds × {t.repeats} repeats of "
+                f"the {training['participants']} participants (each tested once per repeat, "
+                "by a model that did not see it)"]
+    return []
+
+
 def model_card(meta: dict, config: SafnConfig) -> str:
     """Markdown model card from a bundle's metadata and configuration."""
     data = config.data
@@ -67,7 +105,9 @@ def model_card(meta: dict, config: SafnConfig) -> str:
     sites = training.get("sites", {})
     if isinstance(sites, list):
         sites = {s: None for s in sites}
-    synthetic = data.source == "synthetic"
+    source_lines, synthetic_limits = _source_lines(training, data)
+    # a federation's count is the statistics round's: the training sites' training splits
+    counted = " in the training sites' training splits" if meta.get("kind") == "federated" else ""
     neg, pos = meta.get("label_names", ["HC", "PD"])
     lines = [
         "# Model card: SAFN",
@@ -85,8 +125,9 @@ def model_card(meta: dict, config: SafnConfig) -> str:
         f"loss {config.model.loss} (β {config.model.cb_beta}, γ {config.model.focal_gamma})",
         "",
         "## Training data",
-        f"- source: {data.source}{' (synthetic PPMI-style cohort, not real patients)' if synthetic else ''}",
-        f"- participants: {training.get('participants', 'n/a')}; class counts used by the loss "
+        *source_lines,
+        f"- participants: {training.get('participants', 'n/a')}{counted}; class counts used "
+        f"by the loss "
         f"({neg}, {pos}): {meta.get('class_counts')}",
     ]
     if training.get("selected_round") is not None:
@@ -111,6 +152,7 @@ def model_card(meta: dict, config: SafnConfig) -> str:
         "## Performance",
     ]
     metric_lines = _metric_lines(meta.get("metrics", {}))
+    lines += _basis_lines(meta, config)
     lines += metric_lines or ["- no evaluation recorded in this bundle"]
     lines += ["", "## Privacy", *_privacy_lines(meta.get("privacy"))]
     lines += [
@@ -122,6 +164,5 @@ def model_card(meta: dict, config: SafnConfig) -> str:
         "- Scanner and site effects are as large as disease effects on MRI; performance at a new "
         "site must be checked there (`safn-validate`).",
     ]
-    if synthetic:
-        lines.append("- Trained on synthetic data: its figures say nothing about real patients.")
+    lines += synthetic_limits
     return "\n".join(lines) + "\n"

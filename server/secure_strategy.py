@@ -114,7 +114,12 @@ class SecureSumMixin:
         masked = [m for m in replies if m.metadata.src_node_id not in held_out]
         self.last_evaluate = {self._site(m): m.content[METRICS] for m in plain
                               if not m.has_error()}
-        self.last_secure_evaluate = self._secure_sum("evaluate", masked).values
+        result = self._secure_sum("evaluate", masked)
+        self.last_secure_evaluate = result.values
+        # which sites are in the sum (their names, not their values): what the pooled metrics
+        # rest on, for the model card
+        self.last_secure_evaluate_sites = sorted(self.site_names.get(n, f"node {n}")
+                                                 for n in result.contributors)
         own = {}
         for m in masked:
             if m.has_error():

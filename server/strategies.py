@@ -116,6 +116,7 @@ class SafnStrategyMixin(SecureSumMixin):
         self._secure_round: dict[str, tuple] = {}
         self.last_secure_train: dict | None = None
         self.last_secure_evaluate: dict | None = None
+        self.last_secure_evaluate_sites: list[str] = []  # the sites in that sum
         self.last_site_metrics: dict = {}
 
     def _site(self, msg: Message) -> str:

@@ -138,13 +138,15 @@ def validation_metrics(val: np.ndarray, loss_sum: float, examples: int,
 
 
 def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
-                         min_cell: int) -> dict:
+                         min_cell: int, summed_sites: list[str] | None = None) -> dict:
     """Pooled metrics from a securely summed evaluation (`safn_core.federation.secure_records`).
 
     ``pooled``: the federation-wide sums (``val``, ``test`` histograms, ``val_loss_sum``,
     ``val_examples``, ``sites``); ``min_cell`` applies to the federation-wide class counts of
     each split. ``site_metrics``: each site's own ROC-AUC and n, which it reports only where its
     own counts pass ``min_cell`` (None otherwise). No per-site histogram exists here.
+    ``summed_sites``: the names of the sites whose values are in the sum (``sites_summed``,
+    recorded with the pooled metrics: which sites they rest on, not how many people each has).
     """
     val, test = np.asarray(pooled["val"]), np.asarray(pooled["test"])
     val_ok = val.sum(axis=1).min() >= min_cell
@@ -159,6 +161,8 @@ def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
            "sites_withheld": sorted(n for n, m in site_metrics.items() if not m),
            "n_test": int(test.sum()) if test_ok else 0, "n_val": int(val.sum()) if val_ok else 0,
            "secure_aggregation": True}
+    if test_ok and summed_sites is not None:
+        out["sites_summed"] = sorted(summed_sites)
     if val_ok:
         out.update(validation_metrics(val, float(pooled["val_loss_sum"]),
                                       int(pooled["val_examples"]), threshold))

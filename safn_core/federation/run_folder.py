@@ -1,7 +1,9 @@
 """A federated run's folder on the coordinator, and how the apps find it.
 
 A run folder holds ``config.yaml`` (the resolved configuration), ``run_id``, ``checkpoints/``,
-``expected_sites.json`` (the sites a run waits for, when its starter knows them) and the results.
+``expected_sites.json`` (the sites a run waits for, when its starter knows them),
+``data_sources.json`` (the kind of data each site said it has, from the statistics round) and
+the results.
 The ServerApp finds the folder from the Flower run config key ``run-dir`` (deployment:
 ``flwr run --run-config``) or, under `run_simulation` (whose run config is empty), the
 ``SAFN_RUN_DIR`` environment variable.
@@ -22,6 +24,7 @@ from safn_core.io import write_atomic, write_json
 RUN_DIR_ENV = "SAFN_RUN_DIR"
 RUN_ID_FILE = "run_id"
 EXPECTED_SITES_FILE = "expected_sites.json"
+DATA_SOURCES_FILE = "data_sources.json"
 
 
 def run_dir_from(run_config: dict) -> Path:
@@ -51,6 +54,19 @@ def expected_sites(run_dir: Path) -> list[str] | None:
     if not path.is_file():
         return None
     return list(json.loads(path.read_text())["sites"])
+
+
+def write_data_sources(run_dir: Path, sources: dict[str, str]) -> None:
+    """The kind of data (``data.source``) each site said it has in the statistics round."""
+    write_json(Path(run_dir) / DATA_SOURCES_FILE, {"sites": dict(sorted(sources.items()))})
+
+
+def data_sources(run_dir: Path) -> dict[str, str]:
+    """What `write_data_sources` wrote; empty when the run has not had its statistics round."""
+    path = Path(run_dir) / DATA_SOURCES_FILE
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text())["sites"])
 
 
 def run_identity(run_dir: Path) -> str:

@@ -10,6 +10,9 @@ import pandas as pd
 from safn_core import plots
 from safn_core.config import SafnConfig, dump_config
 from safn_core.federation.aggregate import selected_entry
+from safn_core.federation.provenance import (basis_lines, evaluation_basis, source_name,
+                                             synthetic_sites)
+from safn_core.federation.run_folder import data_sources
 from safn_core.report import Report
 
 
@@ -82,10 +85,19 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
                  f"{len(sites)} sites ({', '.join(sites)}); {fed.strategy}, "
                  f"{len(history)} of {fed.rounds} rounds × {fed.local_epochs} local epochs")
     held = cfg.server.held_out_sites
+    # the kind of data each site said it has (statistics round), never this coordinator's own
+    # data.source, which describes no site's data
+    sources = data_sources(run_dir)
     rows = [{"site": s, "role": "held out (evaluation only)" if s in held else "training",
+             "data (as the site described it)": source_name(sources[s]) if s in sources
+             else "did not describe it",
              "rounds trained": sum(s in (h.get("sites_trained") or []) for h in history)}
             for s in sites]
     rep.heading("Sites").table(pd.DataFrame(rows))
+    fake = synthetic_sites(sources)
+    if fake:
+        rep.text(f"Synthetic data (not real patients) at {', '.join(fake)}: the figures that "
+                 "rest on those sites say nothing about real patients.")
     if history:
         last = selected_entry(history)
         learning_section(rep, history, run_dir,
@@ -94,6 +106,9 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
                          f"selected round {last.get('round')}, pooled test "
                          f"({last.get('n_test')} participants at {last.get('sites_reported')} "
                          f"sites), threshold {last.get('threshold')}")
+        rep.text(" ".join(line[0].upper() + line[1:] + "." for line in basis_lines(
+            evaluation_basis(last, [s for s in (sorted(sources) or sites) if s not in held],
+                             cfg.data.min_cell))))
         external = last.get("held_out") or {}
         if external:
             rep.heading("External validation at held-out sites")
@@ -118,5 +133,8 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
              "app sha256": flower.get("fab-hash"), **{f"traffic {k}": v for k, v in
                                                        traffic.items()},
              **{f"compute {k}": v for k, v in compute.items()}})
-    rep.heading("Configuration").code(dump_config(cfg))
+    rep.heading("Configuration")
+    rep.text("The coordinator's configuration. Its data section describes no site's data: each "
+             "site's own site.yaml does (the Sites table above says what each site described).")
+    rep.code(dump_config(cfg))
     return rep.write(run_dir / "report.html")
