@@ -1,14 +1,16 @@
 """The metrics every safn evaluation reports, and their summary over folds or sites.
 
-`binary_metrics` is the full set of `safn-model.md`: accuracy, balanced accuracy, sensitivity,
-specificity, ROC-AUC, PR-AUC with the positive class (PD) and with the negative class (HC) as
-positive, F1, MCC and Brier score. Score histograms let a federation compute pooled ROC/PR curves
-from per-site counts, without any participant-level score leaving a site.
+`binary_metrics` is the full set reported everywhere (docs/model.md): accuracy, balanced
+accuracy, sensitivity, specificity, ROC-AUC, PR-AUC with the positive class (PD) and with the
+negative class (HC) as positive, F1, MCC and Brier score. Score histograms let a federation
+compute pooled ROC/PR curves from per-site counts, without any participant-level score leaving a
+site.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 from sklearn.metrics import (average_precision_score, balanced_accuracy_score, brier_score_loss,
                              f1_score, matthews_corrcoef, roc_auc_score)
 
@@ -152,9 +154,96 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, n_boot: i
     return _percentile_intervals(draws, level)
 
 
+MIN_OVERLAP = 3
+"""Participants of each class that must lie where the two classes' logit(p) ranges overlap for
+a calibration slope to be reported: with none the maximum-likelihood slope is infinite
+(separation); with one or two it is finite but set by those few, and its standard error is of
+the order of the slope itself."""
+
+
+def _logistic_mle(x: np.ndarray, y: np.ndarray, max_iter: int = 100,
+                  tol: float = 1e-10) -> tuple[float, float] | None:
+    """Unpenalised maximum-likelihood fit of logit P(y=1) = a + b·x by Newton's method (IRLS)
+    with step halving: (a, b), or None when it does not converge to a finite optimum."""
+    X = np.column_stack([np.ones_like(x), x])
+    beta = np.zeros(2)
+
+    def deviance(b):
+        eta = X @ b
+        return float(2 * np.sum(np.logaddexp(0.0, eta) - y * eta))
+
+    dev = deviance(beta)
+    for _ in range(max_iter):
+        mu = expit(X @ beta)
+        hess = X.T @ (X * (mu * (1 - mu))[:, None])
+        try:
+            step = np.linalg.solve(hess, X.T @ (y - mu))
+        except np.linalg.LinAlgError:
+            return None
+        for _ in range(30):  # halve the step until the deviance does not grow
+            new_dev = deviance(beta + step)
+            if new_dev <= dev + 1e-12 * max(1.0, dev):
+                break
+            step /= 2
+        beta, dev = beta + step, new_dev
+        if not np.all(np.isfinite(beta)):
+            return None
+        if np.max(np.abs(step)) < tol * max(1.0, np.max(np.abs(beta))):
+            return float(beta[0]), float(beta[1])
+    return None
+
+
+def _overlap(x: np.ndarray, y: np.ndarray) -> int:
+    """Participants of the less represented class inside the overlap of the two classes'
+    ranges of ``x`` (0: the classes are separated, possibly touching at one value)."""
+    lo = max(x[y == 1].min(), x[y == 0].min())
+    hi = min(x[y == 1].max(), x[y == 0].max())
+    if lo >= hi:
+        return 0
+    inside = (x >= lo) & (x <= hi)
+    return int(min((inside & (y == 1)).sum(), (inside & (y == 0)).sum()))
+
+
+def calibration_slope(y: np.ndarray, p: np.ndarray) -> dict:
+    """Calibration slope and intercept: the unpenalised maximum-likelihood logistic
+    recalibration of y on logit(p) (slope 1 and intercept 0 are ideal; a slope below 1 means
+    overconfident scores, above 1 underconfident ones).
+
+    When the scores (almost) separate the classes the maximum-likelihood slope is infinite or
+    set by a handful of participants, and a penalised fit would report an arbitrary large
+    number; then ``slope`` and ``intercept`` are None, ``slope_estimable`` is False and
+    ``slope_note`` says why.
+    """
+    y = np.asarray(y).astype(int)
+    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
+    out = {"slope": None, "intercept": None, "slope_estimable": False, "slope_note": None}
+    if len(y) == 0 or y.min() == y.max():
+        out["slope_note"] = "one class only: no calibration slope"
+        return out
+    logit = np.log(p / (1 - p))
+    overlap = _overlap(logit, y)
+    if overlap == 0:
+        out["slope_note"] = ("scores separate the classes completely: no finite calibration "
+                             "slope")
+        return out
+    if overlap < MIN_OVERLAP:
+        out["slope_note"] = (f"scores separate the classes almost perfectly ({overlap} "
+                             "participant(s) of a class where the classes' scores overlap): no "
+                             "meaningful calibration slope")
+        return out
+    fit = _logistic_mle(logit, y.astype(float))
+    if fit is None:
+        out["slope_note"] = ("the maximum-likelihood fit did not converge: no finite "
+                             "calibration slope")
+        return out
+    out.update(intercept=fit[0], slope=fit[1], slope_estimable=True)
+    return out
+
+
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
-    """Reliability curve (equal-width bins), expected calibration error, calibration slope and
-    intercept (logistic recalibration of y on logit(p): slope 1 and intercept 0 are ideal)."""
+    """Reliability curve (equal-width bins), expected calibration error, and the calibration
+    slope and intercept of `calibration_slope` (None, with ``slope_note`` saying why, when the
+    scores separate the classes)."""
     y = np.asarray(y).astype(int)
     p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
     edges = np.linspace(0, 1, bins + 1)
@@ -168,14 +257,16 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
         curve.append({"bin": b, "lower": float(edges[b]), "upper": float(edges[b + 1]),
                       "n": int(sel.sum()), "mean_predicted": mean_p, "observed": frac})
         ece += sel.mean() * abs(mean_p - frac)
-    slope = intercept = np.nan
-    if y.min() != y.max():
-        from sklearn.linear_model import LogisticRegression
+    return {"curve": curve, "ece": float(ece), **calibration_slope(y, p)}
 
-        logit = np.log(p / (1 - p)).reshape(-1, 1)
-        lr = LogisticRegression(C=1e6, max_iter=1000).fit(logit, y)
-        slope, intercept = float(lr.coef_[0, 0]), float(lr.intercept_[0])
-    return {"curve": curve, "ece": float(ece), "slope": slope, "intercept": intercept}
+
+def calibration_text(calib: dict) -> str:
+    """One line for consoles, reports and figure titles: slope, intercept and ECE, or why
+    there is no slope."""
+    ece = f"ECE {calib['ece']:.3f}"
+    if not calib.get("slope_estimable", calib.get("slope") is not None):
+        return f"slope and intercept not reported ({calib.get('slope_note')}); {ece}"
+    return f"slope {calib['slope']:.2f}, intercept {calib['intercept']:.2f}, {ece}"
 
 
 def threshold_from_histogram(hist: np.ndarray) -> float:

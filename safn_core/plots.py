@@ -10,7 +10,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+from safn_core.metrics import calibration_text  # noqa: E402
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _round_axis(ax) -> None:
+    """Rounds are whole numbers: no 1.5 tick between round 1 and round 2."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def roc_pr_curves(preds: pd.DataFrame, models: list[str], path: Path, title: str = "") -> Path:
@@ -66,7 +82,8 @@ def modality_weights(weights: pd.DataFrame, drops: pd.DataFrame | None, path: Pa
 
 
 def reliability(calib: dict, path: Path, title: str = "Calibration") -> Path:
-    """Reliability diagram from `metrics.calibration` output, with slope, intercept and ECE."""
+    """Reliability diagram from `metrics.calibration` output, with slope, intercept and ECE (or
+    why there is no slope)."""
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     curve = calib["curve"]
     if curve:
@@ -74,8 +91,7 @@ def reliability(calib: dict, path: Path, title: str = "Calibration") -> Path:
                 color="#4c72b0", label="SAFN")
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="ideal")
     ax.set(xlabel="mean predicted P(PD)", ylabel="observed fraction PD", xlim=(0, 1), ylim=(0, 1),
-           title=f"{title}\nslope {calib['slope']:.2f}, intercept {calib['intercept']:.2f}, "
-                 f"ECE {calib['ece']:.3f}")
+           title=f"{title}\n{_calibration_title(calib)}")
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -84,8 +100,21 @@ def reliability(calib: dict, path: Path, title: str = "Calibration") -> Path:
     return path
 
 
+def _calibration_title(calib: dict) -> str:
+    """`metrics.calibration_text`, short enough for a figure title (why there is no slope is in
+    the report's text)."""
+    if calib.get("slope") is None:
+        return f"calibration slope not reported; ECE {calib['ece']:.3f}"
+    return calibration_text(calib)
+
+
 def learning_curves(history: list[dict], path: Path) -> Path:
     """Pooled ROC-AUC and balanced accuracy per round, and each site's ROC-AUC."""
+    return _save(learning_curves_figure(history), path)
+
+
+def learning_curves_figure(history: list[dict]) -> Figure:
+    """The figure of `learning_curves` (open; the caller saves or closes it)."""
     fig, (ax_p, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
     rounds = [h["round"] for h in history if h.get("pooled")]
     for key, label in (("roc_auc", "ROC-AUC"), ("balanced_accuracy", "balanced accuracy"),
@@ -101,19 +130,23 @@ def learning_curves(history: list[dict], path: Path) -> Path:
             ax_s.plot(*zip(*vals), marker=".", label=s)
     ax_s.set(xlabel="round", ylabel="ROC-AUC", title="Per site (test split)")
     for ax in (ax_p, ax_s):
+        _round_axis(ax)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def epsilon_per_round(history: list[dict], path: Path) -> Path | None:
     """ε spent so far per site per round (DP-SGD sites, refused rounds marked ×, each site's
     budget dotted) and the central-DP ε when the run used it. None when there is nothing to
     plot."""
+    fig = epsilon_figure(history)
+    return None if fig is None else _save(fig, path)
+
+
+def epsilon_figure(history: list[dict]) -> Figure | None:
+    """The figure of `epsilon_per_round` (open; the caller saves or closes it), or None."""
     sites = sorted({s for h in history for s, r in (h.get("privacy") or {}).items()
                     if r.get("dp")})
     central = [(h["round"], h["central_dp"]["epsilon"]) for h in history if h.get("central_dp")]
@@ -138,9 +171,7 @@ def epsilon_per_round(history: list[dict], path: Path) -> Path | None:
         ax.plot(*zip(*central), marker="s", color="black", label="central DP (site-level)")
     ax.set(xlabel="round", ylabel="ε spent so far",
            title="Privacy spend per site (× refused; dotted: budget)")
+    _round_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig

@@ -101,6 +101,64 @@ def test_calibration_of_calibrated_and_overconfident_scores():
     assert sum(b["n"] for b in bad["curve"]) == p.size
 
 
+@pytest.mark.parametrize("seed,n,prevalence,sharpness,shift", [
+    (0, 400, 0.5, 1.0, 0.0),    # calibrated
+    (1, 150, 0.7, 2.5, 0.4),    # overconfident, shifted, PD-heavy
+    (2, 90, 0.3, 0.4, -0.8),    # underconfident, small
+    (3, 1000, 0.5, 2.5, 0.0),   # very overconfident, well separated but overlapping
+])
+def test_calibration_slope_is_the_unpenalised_glm(seed, n, prevalence, sharpness, shift):
+    """Slope and intercept equal statsmodels' maximum-likelihood GLM of y on logit(p)."""
+    import statsmodels.api as sm
+
+    from safn_core.metrics import calibration
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < prevalence).astype(int)
+    true_logit = rng.normal(0, 1, n) + 2.0 * (y - 0.5)
+    p = 1 / (1 + np.exp(-(sharpness * true_logit + shift)))
+    assert 1e-6 < p.min() and p.max() < 1 - 1e-6  # inside calibration's clipping
+    cal = calibration(y, p)
+    logit = np.log(p / (1 - p))
+    ref = sm.GLM(y, sm.add_constant(logit), family=sm.families.Binomial()).fit(tol=1e-12)
+    assert ref.converged
+    assert cal["slope_estimable"] and cal["slope_note"] is None
+    assert cal["intercept"] == pytest.approx(ref.params[0], rel=1e-6, abs=1e-6)
+    assert cal["slope"] == pytest.approx(ref.params[1], rel=1e-6, abs=1e-6)
+
+
+def test_separated_scores_report_no_slope_instead_of_a_huge_number():
+    from sklearn.linear_model import LogisticRegression
+
+    from safn_core.metrics import calibration, calibration_text
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 60)
+    p = np.where(y == 1, rng.uniform(0.55, 0.99, 120), rng.uniform(0.01, 0.45, 120))
+    # what the old penalised fit printed for such scores: a large, arbitrary slope
+    logit = np.log(p / (1 - p)).reshape(-1, 1)
+    assert LogisticRegression(C=1e6, max_iter=1000).fit(logit, y).coef_[0, 0] > 10
+    sep = calibration(y, p)
+    assert sep["slope"] is None and sep["intercept"] is None and not sep["slope_estimable"]
+    assert "separate the classes completely" in sep["slope_note"]
+    assert sep["ece"] > 0 and sum(b["n"] for b in sep["curve"]) == 120
+    text = calibration_text(sep)
+    assert "not reported" in text and "separate" in text and "slope 1" not in text
+    # near separation: the top-scored HC just above the lowest-scored PD; the maximum-
+    # likelihood slope is finite but set by these two participants
+    near_p = p.copy()
+    near_p[np.argmax(np.where(y == 0, p, -1))] = p[y == 1].min() + 0.01
+    near = calibration(y, near_p)
+    assert near["slope"] is None and "almost perfectly" in near["slope_note"]
+    one = calibration(np.ones(10, int), np.linspace(0.1, 0.9, 10))
+    assert one["slope"] is None and "one class" in one["slope_note"]
+
+
+def test_calibration_text_of_an_estimable_slope():
+    from safn_core.metrics import calibration_text
+    cal = {"ece": 0.0412, "slope": 0.934, "intercept": -0.118, "slope_estimable": True,
+           "slope_note": None}
+    assert calibration_text(cal) == "slope 0.93, intercept -0.12, ECE 0.041"
+
+
 def test_histogram_bootstrap_matches_the_participant_bootstrap_on_binned_scores():
     from safn_core.metrics import bootstrap_ci, bootstrap_histogram_ci, score_histogram
 

@@ -68,3 +68,25 @@ def test_report_renders_in_headless_chromium(tmp_path):
                     f"--screenshot={shot}", "--window-size=1200,2000", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_round_axes_have_integer_ticks():
+    """Rounds 1, 2, 3 are labelled 1, 2, 3: no 1.5 or 2.5 tick between them."""
+    from safn_core import plots
+
+    history = [{"round": r, "pooled": {"roc_auc": 0.6 + 0.05 * r, "balanced_accuracy": 0.6,
+                                       "pr_auc_hc": 0.5},
+                "sites": {"a": {"roc_auc": 0.7}, "b": {"roc_auc": 0.65}},
+                "privacy": {"a": {"dp": True, "epsilon": 0.4 * r, "epsilon_budget": 2.0}}}
+               for r in (1, 2, 3)]
+    figs = [plots.learning_curves_figure(history), plots.epsilon_figure(history)]
+    try:
+        axes = [ax for fig in figs for ax in fig.axes]
+        assert len(axes) == 3
+        for ax in axes:
+            lo, hi = ax.get_xlim()
+            shown = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert len(shown) >= 3 and all(float(t).is_integer() for t in shown), shown
+    finally:
+        for fig in figs:
+            plt.close(fig)

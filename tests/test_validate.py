@@ -17,7 +17,8 @@ from tests.helpers import toy_table, write_toy
 
 
 @pytest.fixture(scope="module")
-def bundle_path(tmp_path_factory):
+def fitted(tmp_path_factory):
+    """One small model fitted on toy sites A, B and C, for bundles of either kind."""
     tmp = tmp_path_factory.mktemp("train")
     csv, mapping = write_toy(tmp, seed=1)
     cfg = load_config(None, ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}",
@@ -25,8 +26,55 @@ def bundle_path(tmp_path_factory):
     from safn_core.data.sources import load_cohort
     cohort = load_cohort(cfg.data)
     fit, pre, threshold, counts = crossval.final_fit(cohort, cfg)
+    sites = pd.Series(cohort.sites).value_counts().sort_index().to_dict()
+    return tmp, cfg, fit, pre, threshold, counts, sites, csv
+
+
+@pytest.fixture(scope="module")
+def bundle_path(fitted):
+    tmp, cfg, fit, pre, threshold, counts, _, _ = fitted
     return save_bundle(tmp / "model", fit.model, pre, cfg, threshold=threshold,
                        class_counts=counts, kind="centralised")
+
+
+@pytest.fixture(scope="module")
+def centralised_bundle(fitted):
+    """As safn-train writes it: the training table's site column values and their counts."""
+    tmp, cfg, fit, pre, threshold, counts, sites, _ = fitted
+    return save_bundle(tmp / "model-centralised", fit.model, pre, cfg, threshold=threshold,
+                       class_counts=counts, kind="centralised",
+                       extra={"training": {"participants": sum(sites.values()), "sites": sites}})
+
+
+@pytest.fixture(scope="module")
+def federated_bundle(fitted):
+    """As safn-server writes it: site names (a simulation's natural partition: site_<value>)
+    and a held-out site."""
+    tmp, cfg, fit, pre, threshold, counts, _, _ = fitted
+    return save_bundle(tmp / "model-federated", fit.model, pre, cfg, threshold=threshold,
+                       class_counts=counts, kind="federated",
+                       extra={"training": {"participants": 200, "sites": ["site_A", "site_B"],
+                                           "held_out_sites": ["site_H"]}})
+
+
+def _toy_at(tmp_path, centres, seed=7):
+    """A toy table whose participants come from ``centres`` only."""
+    from tests.helpers import MAPPING
+
+    df = toy_table(seed=seed)
+    df["centre"] = [centres[i % len(centres)] for i in range(len(df))]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    csv, mapping = tmp_path / "cohort.csv", tmp_path / "mapping.yaml"
+    df.to_csv(csv, index=False)
+    mapping.write_text(MAPPING)
+    return csv, mapping
+
+
+def _validate(bundle, out, *source):
+    code = run_main(validate, ["--model", str(bundle), *map(str, source), "--out", str(out),
+                               "--bootstrap", "50"])
+    assert code == 0
+    return json.loads((out / "validation.json").read_text())
 
 
 def test_metrics_match_sklearn_on_same_predictions(bundle_path, tmp_path, capsys):
@@ -109,3 +157,94 @@ def test_validate_sim_and_train_bundles_on_a_fresh_synthetic_site(tmp_path):
         assert res["metrics"]["balanced_accuracy"]["value"] == pytest.approx(
             balanced_accuracy_score(preds.y, preds.p >= res["threshold"]))
         assert (out / "report.html").is_file()
+
+
+def test_a_training_sites_data_is_internal_in_every_output(centralised_bundle, tmp_path):
+    bundle_files = {p.name: p.read_bytes() for p in centralised_bundle.iterdir()}
+    csv, mapping = _toy_at(tmp_path / "data", ["A", "B"])
+    out = tmp_path / "val"
+    res = _validate(centralised_bundle, out, "--data", csv, "--mapping", mapping)
+    assert res["validation"] == "internal"
+    assert res["training_sites"] == ["A", "B", "C"] and res["validated_sites"] == ["A", "B"]
+    assert "final fit used every participant" in res["validation_note"]
+    html = (out / "report.html").read_text()
+    assert "<h1>safn-validate: internal validation</h1>" in html
+    assert "has participants from A, B" in html
+    card = (out / "model_card.md").read_text()
+    bundle_card = bundle_files["model_card.md"].decode()
+    assert card.startswith(bundle_card.rstrip("\n"))
+    section = card[len(bundle_card.rstrip("\n")):]
+    assert "## Validation at" in section and "**internal validation**" in section
+    assert f"participants: {res['n']} ({res['positive']} PD" in section
+    assert "- training sites: A, B, C" in section and "- validated sites: A, B" in section
+    roc = res["metrics"]["roc_auc"]
+    lo, hi = roc["ci"]
+    assert f"roc_auc: {roc['value']:.3f} (95% CI {lo:.3f}–{hi:.3f})" in section
+    # the bundle folder is left exactly as it was
+    assert {p.name: p.read_bytes() for p in centralised_bundle.iterdir()} == bundle_files
+
+
+def test_a_site_not_in_the_bundle_is_external(centralised_bundle, tmp_path, capsys):
+    csv, mapping = _toy_at(tmp_path / "data", ["D"])
+    out = tmp_path / "val"
+    res = _validate(centralised_bundle, out, "--data", csv, "--mapping", mapping)
+    assert res["validation"] == "external" and res["validated_sites"] == ["D"]
+    assert "training table has no participants from D" in res["validation_note"]
+    printed = capsys.readouterr().out
+    assert printed.lstrip().startswith("external validation") and "internal" not in printed
+    assert "<h1>safn-validate: external validation</h1>" in (out / "report.html").read_text()
+    assert "**external validation**" in (out / "model_card.md").read_text()
+
+
+def test_data_from_training_and_new_sites_is_mixed(centralised_bundle, tmp_path):
+    csv, mapping = _toy_at(tmp_path / "data", ["A", "D"])
+    res = _validate(centralised_bundle, tmp_path / "val", "--data", csv, "--mapping", mapping)
+    assert res["validation"] == "mixed"
+    assert res["validation_note"].startswith(
+        "Mixed: the model's training table has participants from A, none from D")
+
+
+def test_federated_bundle_by_site_file_name(federated_bundle, tmp_path):
+    """--site: the site is known by its site.yaml name; a held-out site is external."""
+    import yaml
+
+    csv, mapping = _toy_at(tmp_path / "data", ["X"])
+    labels = {}
+    for name in ("site_A", "site_H", "site_Z"):
+        site = tmp_path / f"{name}.yaml"
+        site.write_text(yaml.safe_dump({"site": {"name": name}, "data": {
+            "source": "table", "path": str(csv), "mapping": str(mapping)}}))
+        res = _validate(federated_bundle, tmp_path / f"val-{name}", "--site", site)
+        labels[name] = res["validation"]
+        assert res["validated_sites"] == [name] and res["held_out_sites"] == ["site_H"]
+        if name == "site_A":
+            assert "may include site_A's own training participants" in res["validation_note"]
+        if name == "site_H":
+            assert "held-out site" in res["validation_note"]
+        if name == "site_Z":
+            assert "site_Z did not train this model" in res["validation_note"]
+    assert labels == {"site_A": "internal", "site_H": "external", "site_Z": "external"}
+    # the site column of a natural-partition simulation: value A is the site site_A
+    csv2, mapping2 = _toy_at(tmp_path / "data2", ["A", "B"])
+    res = _validate(federated_bundle, tmp_path / "val-data", "--data", csv2, "--mapping", mapping2)
+    assert res["validation"] == "internal"
+
+
+def test_unmatchable_sites_are_unknown():
+    """No site column, or virtual sites cut at random: neither internal nor external."""
+    from types import SimpleNamespace
+
+    from safn_core.cli.validate import validation_scope
+
+    cfg = load_config(None, ["simulation.partition=iid", "simulation.n_sites=3"])
+    sim = SimpleNamespace(meta={"kind": "federated", "training": {
+        "sites": ["site_01", "site_02", "site_03"]}}, config=cfg)
+    assert validation_scope(sim, ["A"])["validation"] == "unknown"
+    assert "cut at random" in validation_scope(sim, ["A"])["note"]
+    table = SimpleNamespace(meta={"kind": "centralised", "training": {"sites": {"all": 240}}},
+                            config=load_config(None, []))
+    assert validation_scope(table, None)["validation"] == "unknown"
+    assert "no site column" in validation_scope(table, None)["note"]
+    # the very table it was trained on (its config's data.path): internal
+    same = validation_scope(table, None, same_data=True)
+    assert same["validation"] == "internal" and "resubstitution" in same["note"]
