@@ -23,6 +23,8 @@ from client import secure_aggregation as secure
 from client import secure_replies as replies
 from client import site_context as sc
 from client.audit import audit_mod
+from client.run_end import record_run_end
+from client.site_console import say
 from safn_core.federation.loop import site_seed
 from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, REFUSAL, SITE, STATS, Config,
                                            Describe, Metric, Task, evaluation_to_metrics,
@@ -42,12 +44,21 @@ def query(msg: Message, context: Context) -> Message:
         return replies.secagg_keys(msg, context)
     if task == Task.SECAGG_MASK:
         return replies.secagg_mask(msg, context)
-    return describe(msg, context)
+    if task == Task.RUN_END:
+        return record_run_end(msg, context)
+    reply = describe(msg, context)
+    said = reply.content[SITE]
+    say("statistics round: " + ("described this site's data" if said[Describe.OK] else
+                                f"withheld its statistics: {said[Describe.REASON]}"))
+    return reply
 
 
 def describe(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     site = sc.site_for(context, config)
+    # what kind of data it is (synthetic, ppmi, table) travels in every branch: the model card
+    # names each site's, never a default of the coordinator's own configuration
+    source = {Describe.DATA_SOURCE: sc.data_source(site, context)}
     if bool(config.get(Config.SECURE_AGGREGATION, False)) \
             and site.name not in list(config.get(Config.HELD_OUT_SITES, [])):
         # under secure aggregation the statistics travel only masked (`secagg_mask`): here the
@@ -55,7 +66,7 @@ def describe(msg: Message, context: Context) -> Message:
         return Message(RecordDict({
             SITE: ConfigRecord({Describe.NAME: site.name, Describe.OK: True,
                                 Describe.LABEL_NAMES: list(site.cohort.label_names),
-                                **modalities_to_record(site.cohort.modalities)}),
+                                **modalities_to_record(site.cohort.modalities), **source}),
             secure.RECORD: secure.announce(sc.session(site, context), config)}), reply_to=msg)
     if site.name in list(config.get(Config.HELD_OUT_SITES, [])):
         # external validation only: the site's data shapes neither preprocessing nor training,
@@ -63,7 +74,7 @@ def describe(msg: Message, context: Context) -> Message:
         return Message(RecordDict({SITE: ConfigRecord({
             Describe.NAME: site.name, Describe.OK: True, Describe.HELD_OUT: True,
             Describe.LABEL_NAMES: list(site.cohort.label_names),
-            **modalities_to_record(site.cohort.modalities)})}), reply_to=msg)
+            **modalities_to_record(site.cohort.modalities), **source})}), reply_to=msg)
     # exact statistics, or (privacy.statistics: gaussian) the same fields through the Gaussian
     # mechanism, charged to the site's ledger (`site_privacy.site_statistics`)
     out = site_statistics(
@@ -74,7 +85,7 @@ def describe(msg: Message, context: Context) -> Message:
     if out.refusal is not None:
         return Message(RecordDict({
             SITE: ConfigRecord({Describe.NAME: site.name, Describe.OK: False,
-                                Describe.REASON: out.refusal})}),
+                                Describe.REASON: out.refusal, **source})}),
             reply_to=msg)
     stats, counts = out.stats, out.counts
     exact = out.mechanism[Describe.STATISTICS] == Describe.EXACT
@@ -82,7 +93,7 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({
         SITE: ConfigRecord({Describe.NAME: site.name, Describe.OK: True,
                             Describe.LABEL_NAMES: list(site.cohort.label_names),
-                            **modalities_to_record(site.cohort.modalities),
+                            **modalities_to_record(site.cohort.modalities), **source,
                             **{k if k == Describe.STATISTICS else Describe.STATISTICS_PREFIX + k: v
                                for k, v in out.mechanism.items()}}),
         STATS: ArrayRecord({"count": Array(stats.count), "total": Array(stats.total),
@@ -111,10 +122,10 @@ def train(msg: Message, context: Context) -> Message:
         server_round=server_round,
         seed=site_seed(int(config[Config.SEED]), server_round, sc.partition(context)),
         proximal_mu=float(config.get(Config.PROXIMAL_MU, 0.0)))
+    say(train_line(server_round, out))
     if secure.is_secure(config):
         return replies.secure_train_reply(msg, context, site, config, out)
     if out.refusal is not None:
-        print(f"site {site.name}, round {server_round}: not training: {out.refusal}", flush=True)
         return Message(RecordDict({METRICS: MetricRecord(out.metrics),
                                    REFUSAL: ConfigRecord({Describe.REASON: out.refusal})}),
                        reply_to=msg)
@@ -134,7 +145,21 @@ def evaluate(msg: Message, context: Context) -> Message:
                         sc.preprocessor(site, config), site.cfg.model,
                         int(config[Config.HISTOGRAM_BINS]), held_out=held_out,
                         withhold=not safe)
+    if held_out:
+        say(f"round {int(config[Config.SERVER_ROUND])}: evaluated as a held-out site")
     if safe:
         return replies.secure_evaluate_reply(msg, context, site, config, res)
     return Message(RecordDict({METRICS: MetricRecord(evaluation_to_metrics(res))}),
                    reply_to=msg)
+
+
+def train_line(server_round: int, out) -> str:
+    """The site's terminal line for one training round (its own loss never leaves a DP site,
+    but the site itself may see it)."""
+    if out.refusal is not None:
+        return f"round {server_round}: not training: {out.refusal}"
+    line = (f"round {server_round}: trained on {int(out.metrics[Metric.NUM_EXAMPLES])} "
+            f"participants, loss {out.loss:.4f}")
+    if out.metrics.get(Metric.DP):
+        line += f", ε spent so far {out.metrics[Metric.EPSILON]:.3f}"
+    return line

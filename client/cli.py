@@ -2,12 +2,20 @@
 
 1. Checks, with no network: the site file, TLS material and key, app approval, privacy settings
    and the site's data against the data contract. Unfit data means the site does not join.
-2. Starts a Flower SuperNode (`client.supernode`: stock SuperNode + the site's app approval)
+2. Probes ``site.superlink`` (`client.reachability`): nothing answering there (refused, name
+   not resolving, no answer) is said at once and waited for up to ``site.connect_wait``
+   seconds; a TLS mismatch (certificate not for that name, another CA, a coordinator without
+   TLS) stops at once, saying which.
+3. Starts a Flower SuperNode (`client.supernode`: stock SuperNode + the site's app approval)
    that serves the SAFN ClientApp on the site's own data; TLS and key authentication unless
-   ``--insecure``. Its log is kept in ``<site.state_dir>/supernode.log`` and echoed.
-3. When the SuperLink refuses to activate the site (an unregistered key, or the site's previous
-   connection not yet timed out after a crash), retries for ``site.activation_wait`` seconds,
-   then stops with a message saying which.
+   ``--insecure``. Flower's output goes to ``<site.state_dir>/supernode.log``; the terminal
+   shows one line per round and what needs the site's attention (`client.site_console`).
+4. When the SuperLink refuses to activate the site (its key is not registered, or the site's
+   previous connection has not timed out after a crash), retries for ``site.activation_wait``
+   seconds, then stops with a message naming the key and its fingerprint.
+5. When the coordinator says the run completed (`client.run_end`), stops the SuperNode and exits
+   0; ``--stay`` keeps serving for the next run. A stopped run (the coordinator may resume it)
+   keeps the site connected.
 
     safn-client --site site.yaml --check      only the checks
     safn-client --app-hash                    sha256 of this installation's SAFN app bundle
@@ -23,11 +31,14 @@ import threading
 import time
 from pathlib import Path
 
+from client.run_end import read_run_end
+from client.site_console import SiteConsole
 from safn_core.cli.common import console, entry, err_console
 from safn_core.config import dump_config, load_config
 from safn_core.errors import ConfigError, SafnError
+from safn_core.federation.protocol import RunEnd
 from safn_core.io import write_atomic
-from safn_core.processes import end_with_parent, flower_env, signal_group
+from safn_core.processes import end_with_parent, flower_env, signal_group, wait_until
 
 INSECURE_WARNING = ("WARNING: --insecure: this site talks to the coordinator WITHOUT TLS and "
                     "without authenticating. Use only for a local test, never with real data.")
@@ -61,14 +72,17 @@ def _toml_string(text: str) -> str:
 
 
 class SiteNode:
-    """The SuperNode process of one site, restarted while the SuperLink refuses activation."""
+    """The SuperNode process of one site: restarted while the SuperLink refuses activation,
+    stopped once the coordinator says the run completed (unless the site stays up)."""
 
-    def __init__(self, cfg, site_file: Path, insecure: bool):
+    def __init__(self, cfg, site_file: Path, insecure: bool, stay: bool = False,
+                 verbose: bool = False):
         from client.superexec import SITE_ENV
         from client.supernode import APPROVED_ENV, NODE_ID_ENV, POLL_ENV, TRUSTED_ENV
 
         site = cfg.site
         self.cfg, self.log = cfg, Path(site.state_dir) / "supernode.log"
+        self.stay, self.insecure, self.verbose = stay, insecure, verbose
         extra = {APPROVED_ENV: ",".join(site.approved_apps), POLL_ENV: str(site.poll_interval),
                  SITE_ENV: str(site_file),
                  # a restarted SuperNode ends its own previous session (client/supernode.py)
@@ -79,6 +93,8 @@ class SiteNode:
         self.cmd = supernode_command(cfg, site_file, insecure)
         self.proc: subprocess.Popen | None = None
         self.stopping = False
+        self.ended: dict | None = None  # the run end that made this site leave
+        self._last_end = read_run_end(site.state_dir)
 
     def run(self) -> int:
         start = time.monotonic()
@@ -91,19 +107,25 @@ class SiteNode:
                 return code
             waited = time.monotonic() - start
             if waited >= wait:
-                raise SiteRefused(
-                    f"site {self.cfg.site.name}: the coordinator ({self.cfg.site.superlink}) "
-                    f"refused to activate this site for {waited:.0f} s. Either its key "
-                    f"({self.cfg.site.private_key}) is not registered there - send the "
-                    "coordinator your .pub file to list under server.sites - or the site's "
-                    "previous connection has not timed out yet; try again in a minute. "
-                    f"Log: {self.log}")
-            err_console.print(f"the coordinator refused to activate site {self.cfg.site.name}; "
-                              f"retrying (for up to {wait - waited:.0f} s more)")
+                raise SiteRefused(self._refusal(f"for {waited:.0f} s") + f". Log: {self.log}")
+            err_console.print(self._refusal("") + f"; retrying for up to {wait - waited:.0f} s "
+                              "more (site.activation_wait)", soft_wrap=True)
             time.sleep(min(5.0, max(0.5, wait - waited)))
 
+    def _refusal(self, how_long: str) -> str:
+        """The coordinator answered with the expected TLS (`client.reachability` checked) and
+        refused to activate this site: the key is the cause."""
+        site = self.cfg.site
+        key = "" if self.insecure else f" (key {site.private_key}, {key_fingerprint(site)})"
+        return (f"site {site.name}: the coordinator at {site.superlink} refused to activate "
+                f"this site{key}{' ' + how_long if how_long else ''}. Its public key is not "
+                "registered there: send the coordinator your .pub file to list under "
+                "server.sites (compare fingerprints with ssh-keygen -lf). Or, after a crash of "
+                "this site, its previous connection has not timed out yet")
+
     def _run_once(self) -> tuple[int, bool]:
-        """One SuperNode process, its output echoed and logged, until it exits.
+        """One SuperNode process, its output logged and summarised, until it exits or the run
+        it serves has completed.
 
         The SuperNode's own children (SuperExec, ClientApps) share its output pipe and may
         outlive it; they are ended with it, so a refused SuperNode can be restarted at once.
@@ -115,23 +137,55 @@ class SiteNode:
                                      text=True, errors="replace", start_new_session=True,
                                      preexec_fn=end_with_parent)
         write_atomic(Path(self.cfg.site.state_dir) / "supernode.pid", f"{self.proc.pid}\n")
+        terminal = self.terminal = SiteConsole(
+            self.cfg.site.superlink, str(self.log),
+            lambda line: console.print(f"site {self.cfg.site.name}: {line}", soft_wrap=True,
+                                       highlight=False))
 
         def pump(stream, log_path=self.log):
             with log_path.open("a") as log:
                 for line in stream:
                     log.write(line)
                     log.flush()
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
+                    if self.verbose:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                    else:
+                        terminal.feed(line)
                     if REFUSED_MARK in line:
                         refused.set()
 
         reader = threading.Thread(target=pump, args=(self.proc.stdout,), daemon=True)
         reader.start()
-        code = self.proc.wait()
+        while True:
+            try:
+                code = self.proc.wait(0.5)
+                break
+            except subprocess.TimeoutExpired:
+                self._check_run_end()
         signal_group(self.proc.pid)
         reader.join(5)
         return code, refused.is_set()
+
+    def _check_run_end(self) -> None:
+        """Leave once the coordinator said the run completed (`client.run_end`); a stopped run
+        may be resumed, so the site stays for it."""
+        end = read_run_end(self.cfg.site.state_dir)
+        if end is None or end == self._last_end:
+            return
+        self._last_end = end
+        if end["status"] == RunEnd.COMPLETED and not self.stay:
+            self.ended = end
+            # leave once the acknowledgement is out (the coordinator waits for it); a bound
+            # only for a Flower that no longer logs its sent replies the same way
+            wait_until(lambda: self.terminal.run_end_acknowledged, 20)
+            self.stop()
+        elif end["status"] == RunEnd.COMPLETED:
+            console.print(f"site {self.cfg.site.name}: staying connected for the coordinator's "
+                          "next run (--stay; Ctrl-C to leave)")
+        else:
+            console.print(f"site {self.cfg.site.name}: staying connected in case the coordinator "
+                          "resumes the run (Ctrl-C to leave)")
 
     def stop(self, *_args) -> None:
         """SIGTERM to the SuperNode's group: it tells the SuperLink it leaves, then exits."""
@@ -141,6 +195,25 @@ class SiteNode:
             timer = threading.Timer(15, signal_group, args=(self.proc.pid,))
             timer.daemon = True
             timer.start()
+
+
+def key_fingerprint(site) -> str:
+    """``ssh-keygen -lf``'s fingerprint of the site's public key, from its private key."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        data = Path(site.private_key).read_bytes()
+        key = (serialization.load_ssh_private_key(data, None) if b"OPENSSH" in data
+               else serialization.load_pem_private_key(data, None))
+    except (OSError, ValueError, TypeError):
+        return "fingerprint unreadable"
+    blob = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH).split()[1]
+    digest = hashlib.sha256(base64.b64decode(blob)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -157,6 +230,12 @@ def run(argv: list[str] | None = None) -> int:
                         help="print the sha256 of this installation's SAFN app bundle and exit")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS, no authentication (local tests only)")
+    parser.add_argument("--stay", action="store_true",
+                        help="keep serving after a run completed, for the coordinator's next "
+                             "run (default: exit 0 once the run completed)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Flower's own output on the terminal too (it is always in "
+                             "<site.state_dir>/supernode.log)")
     args = parser.parse_args(argv)
     if args.app_hash:
         from safn_flower.fab import app_hash
@@ -193,12 +272,23 @@ def run(argv: list[str] | None = None) -> int:
     from safn_core.data.cohort_store import write_cohort  # (pandas: only when joining)
 
     write_cohort(state / "cohort", found.cohort)
-    node = SiteNode(cfg, site_file, args.insecure)
-    signal.signal(signal.SIGTERM, node.stop)
-    signal.signal(signal.SIGINT, node.stop)
     console.print(f"site {site.name}: connecting to {site.superlink} "
                   f"({'INSECURE' if args.insecure else 'TLS, key authentication'})")
+    from client.reachability import wait_for_coordinator
+
+    wait_for_coordinator(site.superlink, None if args.insecure else site.root_certificates,
+                         str(args.site), site.connect_wait,
+                         lambda line: err_console.print(f"site {site.name}: {line}",
+                                                        soft_wrap=True))
+    node = SiteNode(cfg, site_file, args.insecure, stay=args.stay, verbose=args.verbose)
+    signal.signal(signal.SIGTERM, node.stop)
+    signal.signal(signal.SIGINT, node.stop)
+    console.print(f"site {site.name}: the coordinator answers; Flower's log: {node.log}")
     code = node.run()
+    if node.ended is not None:
+        console.print(f"site {site.name}: done, the run completed; this site stops (Flower's "
+                      f"log: {node.log})")
+        return 0
     return 0 if node.stopping else code
 
 

@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from client import secure_aggregation as secure
 from client import site_context as sc
+from client.site_console import say
 from safn_core.federation.loop import site_seed
 from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, REFUSAL, STATISTICS,
                                            WITHHELD, Aggregation, Config, Describe, Metric)
@@ -103,9 +104,8 @@ def secure_train_reply(msg: Message, context: Context, site: Site, config: Confi
         vector = sc.layout(site, str(config[Config.MODEL_LAYOUT])).flatten(out.weights)
         if not np.all(np.isfinite(vector)):
             refusal, vector = "its update has non-finite values (NaN/Inf); not sent", None
+            say(f"round {config[Config.SERVER_ROUND]}: {refusal} (masked zeros sent instead)")
     if vector is None:
-        print(f"site {site.name}, round {config[Config.SERVER_ROUND]}: not training: {refusal}",
-              flush=True)
         vector = np.zeros(sc.layout(site, str(config[Config.MODEL_LAYOUT])).size)
         n = 0
     fed = shared_config(str(config[Config.SAFN_CONFIG])).federation

@@ -269,6 +269,9 @@ class SiteConfig(Section):
     poll_interval: float = Field(
         0.2, ge=0.05, le=3, description="seconds an idle SuperNode waits between two pulls from "
                                         "the SuperLink (Flower's own: 3)")
+    connect_wait: float = Field(
+        60, ge=0, description="seconds to wait for the coordinator to answer at site.superlink "
+                              "(it may be starting); the cause is printed at once")
     activation_wait: float = Field(
         90, ge=0, description="seconds to keep retrying when the SuperLink refuses to activate "
                               "this site (its key unknown, or its last connection not yet "

@@ -33,13 +33,15 @@ from safn_core.federation.aggregate import (global_preprocessing, held_out_metri
                                             round_metrics, secure_round_metrics, selected_entry)
 from safn_core.federation.secure_records import evaluate_packing, train_packing
 from safn_core.secagg import SecureAggregationRefused, SecureSumFailed
-from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
+from safn_core.federation.checkpoint import (RunState, checkpoint_note, checkpointed_round,
+                                             load_checkpoint, save_checkpoint)
 from safn_core.federation.privacy_report import central_entry, privacy_entry, privacy_summary
-from safn_core.federation.protocol import (MODEL, Config, Describe, Layout, Metric,
+from safn_core.federation.protocol import (MODEL, Config, Describe, Layout, Metric, RunEnd,
                                            evaluation_from_metrics, is_withheld,
                                            modalities_from_record)
+from safn_core.federation.provenance import evaluation_basis
 from safn_core.federation.run_folder import (expected_sites, load_run_config, run_dir_from,
-                                            run_identity)
+                                            run_identity, write_data_sources)
 from safn_core.federation.shared_config import shared_config_text
 from safn_core.federation.site import state_to_numpy
 from safn_core.io import write_json
@@ -51,6 +53,7 @@ from server.site_waits import SitesMissing
 from server.statistics_round import (Described, secure_statistics_round, statistics_round,
                                      wait_for_sites)
 from server.central_dp import sites_per_round, with_central_dp
+from server.run_end import tell_sites_run_ended
 from server.strategies import make_strategy
 
 app = ServerApp()
@@ -93,6 +96,7 @@ class Coordinator:
         for name, why in desc.refused.items():
             self.report(f"site {name} withheld its statistics: {why}")
         self.desc = desc
+        write_data_sources(self.run_dir, desc.sources)  # for the run report (run_report.py)
         for name, g in sorted(desc.gaussian.items()):
             self.report(f"site {name} sent noised statistics (Gaussian mechanism, σ "
                         f"{g[Metric.NOISE_MULTIPLIER]:.3g}; its ε spent so far "
@@ -235,7 +239,8 @@ class Coordinator:
         external = {k: hists.pop(k) for k in list(hists) if k in self.held_out}
         if s.secure is not None and s.last_secure_evaluate is not None:
             entry.update(secure_round_metrics(s.last_secure_evaluate, s.last_site_metrics,
-                                              self.cfg.data.min_cell))
+                                              self.cfg.data.min_cell,
+                                              s.last_secure_evaluate_sites))
         elif hists:
             entry.update(round_metrics(hists))
         if external:  # external validation at the pooled threshold of the training sites
@@ -298,6 +303,12 @@ class Coordinator:
                         "participants": int(sum(self.state.class_counts)),
                         "sites": sorted(set(self.state.sites.values()) - self.held_out),
                         "held_out_sites": sorted(self.held_out), "rounds": self.state.round,
+                        # what the sites said their data is, not this coordinator's data.source
+                        "data_sources": dict(sorted(self.desc.sources.items())),
+                        # participants and sites behind the metrics (no count below min_cell)
+                        "test_evaluation": evaluation_basis(
+                            last, sorted(set(self.state.sites.values()) - self.held_out),
+                            self.cfg.data.min_cell),
                         "selected_round": last.get("round"),
                         "selection": {"rule": self.selection.select,
                                       "patience": self.selection.patience,
@@ -368,11 +379,21 @@ def main(grid: Grid, context: Context) -> None:
             fh.write(line + "\n")
         print(line, flush=True)
 
+    deployed = "run-dir" in context.run_config
+    coordinator = Coordinator(grid, cfg, run_dir, report, simulation=not deployed)
     try:
-        state = Coordinator(grid, cfg, run_dir, report,
-                            simulation="run-dir" not in context.run_config).run()
+        state = coordinator.run()
     except (SitesMissing, SecureAggregationRefused, SecureSumFailed) as exc:
-        report(f"run stopped: {exc}; checkpoints kept in {run_dir / 'checkpoints'}")
-        write_json(run_dir / "federation_status.json", {"status": "failed", "reason": str(exc)})
-        return
-    write_json(run_dir / "federation_status.json", {"status": "completed", "round": state.round})
+        last = checkpointed_round(run_dir) or 0
+        report(f"run stopped: {exc}; {checkpoint_note(run_dir)}")
+        write_json(run_dir / "federation_status.json",
+                   {"status": "failed", "reason": str(exc), "round": last,
+                    "kind": type(exc).__name__})
+        end = (RunEnd.STOPPED, str(exc), last)
+    else:
+        write_json(run_dir / "federation_status.json",
+                   {"status": "completed", "round": state.round})
+        end = (RunEnd.COMPLETED, "", state.round)
+    if deployed:  # a simulation has no site processes waiting to be told
+        tell_sites_run_ended(grid, coordinator.shared_text, run_identity(run_dir), *end,
+                             timeout=min(30.0, cfg.federation.round_timeout), report=report)

@@ -25,7 +25,8 @@ from safn_core.config import SafnConfig, dump_config
 from safn_core.deploy_checks import (check_can_listen, check_host, check_server_tls,
                                      check_site_name, load_site_public_key)
 from safn_core.errors import ConfigError, SafnError
-from safn_core.federation.run_folder import write_config
+from safn_core.federation.checkpoint import checkpoint_note, checkpointed_round
+from safn_core.federation.run_folder import run_identity, write_config
 from safn_core.io import write_json
 from safn_core.processes import LogFollower
 from safn_flower.fab import app_dir, app_hash
@@ -85,6 +86,7 @@ class Deployment:
         self.cfg, self.origin, self.insecure, self.resume = cfg, origin, insecure, resume
         self.run_dir = Path(cfg.server.run_dir).resolve()
         self.link: SuperLink | None = None
+        self.site_nodes: dict[str, str] = {}  # site name -> Flower node id (registration)
 
     # -- the run folder -------------------------------------------------------------------
 
@@ -125,12 +127,19 @@ class Deployment:
             self.link.stop()
 
     def register_sites(self) -> None:
+        """Register every listed key; the node id Flower gives each site is kept in
+        ``site_nodes.json`` (also across a resume), so that progress can name the sites."""
         if self.insecure:
             return
+        path = self.run_dir / SITE_NODES_FILE
+        self.site_nodes = {k: str(v) for k, v in _read_json(path).items()}
         for name, key in self.cfg.server.sites.items():
             new, detail = self.link.cli.register(Path(key).resolve(), name)
+            if new:
+                self.site_nodes[name] = detail
             console.print(f"site {name}: {'registered, node ' + detail if new else detail} "
                           f"(key {openssh_fingerprint(Path(key))})")
+        write_json(path, self.site_nodes)
 
     def submit(self) -> str:
         app = app_dir(self.run_dir)
@@ -139,8 +148,9 @@ class Deployment:
         runs.append({"run_id": run_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
                      "resume": self.resume, "app_sha256": app_hash(app)})
         write_json(self.run_dir / "flower_runs.json", {"runs": runs})
-        console.print(f"run {run_id} submitted (app sha256 {runs[-1]['app_sha256']}); waiting "
-                      f"for at least {self.cfg.federation.min_sites} sites")
+        console.print(f"Flower run {run_id} submitted (run id {run_identity(self.run_dir)}, app "
+                      f"sha256 {runs[-1]['app_sha256']}); waiting for at least "
+                      f"{self.cfg.federation.min_sites} sites")
         return run_id
 
     def follow(self, run_id: str) -> int:
@@ -151,7 +161,8 @@ class Deployment:
         last_check, started, training = 0.0, time.time(), False
         while True:
             for line in progress.lines():
-                console.print(line, soft_wrap=True)
+                if not line.startswith(STOPPED_LINE):  # the outcome below says it
+                    console.print(line, soft_wrap=True)
                 training = training or line.startswith("statistics round")
             history = _read_json(self.run_dir / "history.json", [])
             for record in history[history_seen:]:
@@ -178,13 +189,14 @@ class Deployment:
                     break
             time.sleep(0.3)
         for line in progress.lines():
-            console.print(line, soft_wrap=True)
+            if not line.startswith(STOPPED_LINE):
+                console.print(line, soft_wrap=True)
         return self._outcome(info)
 
     def _report_nodes(self, before: set[str]) -> set[str]:
         now = {n["node-id"] for n in self.link.cli.nodes() if n.get("status") == "online"}
         if now != before:
-            console.print(f"sites online: {len(now)}")
+            console.print(online_line(now, self.site_nodes), soft_wrap=True)
         return now
 
     def write_report(self, info: dict | None) -> None:
@@ -209,15 +221,53 @@ class Deployment:
         self.write_report(info)
         status = _read_json(self.run_dir / "federation_status.json")
         flower = str(info.get("status"))
+        flower_id = self.link.cli.run_id_of(info)
+        ids = f"run id {run_identity(self.run_dir)}, Flower run {flower_id}"
         if status.get("status") == "completed" and flower == "finished:completed":
-            console.print(f"[green]run completed[/] after round {status.get('round')}: model "
-                          f"bundle in {self.run_dir / 'model'}")
+            console.print(f"[green]run completed[/] after round {status.get('round')} ({ids}): "
+                          f"model bundle in {self.run_dir / 'model'}")
             return 0
-        reason = status.get("reason") or info.get("status-details") or flower
-        err_console.print(f"[bold red]run ended without completing[/] ({flower}): {reason}. "
-                          f"Checkpoints are kept in {self.run_dir / 'checkpoints'}; continue "
-                          "with --resume")
+        if status.get("status") == "failed":
+            what = f"run stopped ({ids}): {status.get('reason')}"
+        else:  # the ServerApp ended without writing an outcome: it crashed
+            what = (f"run ended without a result ({ids}): Flower reports {flower}"
+                    f"{': ' + str(info.get('status-details')) if info.get('status-details') else ''}"
+                    f" (the ServerApp's output: flwr log {flower_id} safn)")
+        never = self.never_connected()
+        if never:
+            what += f". Sites that never connected: {', '.join(never)}"
+        kept = checkpointed_round(self.run_dir) is not None
+        err_console.print(f"[bold red]{what}[/]. {checkpoint_note(self.run_dir).capitalize()}; "
+                          + ("continue with --resume" if kept else
+                             "start it again with --resume (same run folder) once the sites "
+                             "are ready"), soft_wrap=True)
         return 1
+
+    def never_connected(self) -> list[str]:
+        """The listed sites whose node was never activated (Flower's status ``registered``:
+        its SuperNode never connected with that key since it was registered)."""
+        if self.insecure or not self.site_nodes:
+            return []
+        status = {n["node-id"]: n.get("status") for n in self.link.cli.nodes()}
+        return [name for name, nid in self.site_nodes.items()
+                if status.get(nid) == "registered"]
+
+
+SITE_NODES_FILE = "site_nodes.json"
+STOPPED_LINE = "run stopped: "  # the ServerApp's progress line when a run stops (server.app)
+
+
+def online_line(online: set[str], site_nodes: dict[str, str]) -> str:
+    """``sites online: site_a, site_b (2 of 3; waiting for site_c)``, by registered node id;
+    without registrations (``--insecure``) only the count."""
+    if not site_nodes:
+        return f"sites online: {len(online)}"
+    here = sorted(n for n, nid in site_nodes.items() if nid in online)
+    away = sorted(n for n, nid in site_nodes.items() if nid not in online)
+    others = len(online - set(site_nodes.values()))
+    names = ", ".join(here + ([f"{others} unnamed"] if others else [])) or "none"
+    return (f"sites online: {names} ({len(here) + others} of {len(site_nodes)}"
+            + (f"; waiting for {', '.join(away)})" if away else ")"))
 
 
 def site_line(entry: dict) -> str:

@@ -27,8 +27,9 @@ def wait_for_nodes(grid, min_sites: int, timeout: float, usable: Callable[[int],
         if len(nodes) >= min_sites:
             return nodes
         if time.monotonic() > deadline:
-            raise SitesMissing(f"only {len(nodes)} of the {min_sites} sites needed were "
-                               f"connected {when}, for {timeout:.0f} s "
+            have = "no site was" if not nodes else f"only {len(nodes)} of the {min_sites} " \
+                                                   "sites needed were"
+            raise SitesMissing(f"{have} connected {when}, for {timeout:.0f} s "
                                "(federation.wait_for_sites)")
         time.sleep(0.2)
 

@@ -25,6 +25,10 @@ from server.site_waits import SitesMissing, wait_for_nodes
 GAUSSIAN_KEYS = (Metric.NOISE_MULTIPLIER, Metric.EPSILON, Metric.DELTA)
 """What a site reports of its Gaussian release of the statistics."""
 
+NOT_REPORTED = "not reported"
+"""The data source of a site whose reply does not say it (a client older than the key)."""
+
+
 def wait_for_sites(grid: Grid, expected: int, min_sites: int, timeout: float,
                    report=print) -> list[int]:
     """Node ids once all ``expected`` sites are connected, or, when ``timeout`` passes first,
@@ -55,6 +59,9 @@ class Described:
         # sites whose statistics came through the Gaussian mechanism (privacy.statistics:
         # gaussian): their σ and ε spent so far
         self.gaussian: dict[str, dict] = {}
+        # site → the kind of data it said it has (its own `data.source`: synthetic, ppmi,
+        # table), from every site that answered, held-out and refusing ones included
+        self.sources: dict[str, str] = {}
 
 
 def refuse_if_too_few_for_secure_sum(n: int, what: str) -> None:
@@ -87,6 +94,7 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
             continue
         site = reply.content[SITE]
         out.names[nid] = name = str(site[Describe.NAME])
+        out.sources[name] = str(site.get(Describe.DATA_SOURCE, NOT_REPORTED))
         if not site[Describe.OK]:
             out.refused[name] = str(site[Describe.REASON])
             continue

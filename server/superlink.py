@@ -88,6 +88,11 @@ class FlwrCli:
                                   + str(out.get("error-message", "no answer")).strip()[-400:])
         return str(out["run-id"])
 
+    @staticmethod
+    def run_id_of(info: dict | None) -> str:
+        """The Flower run id in a `run_info` answer ("?" when there was no answer)."""
+        return str((info or {}).get("run-id", "?"))
+
     def run_info(self, run_id: str) -> dict | None:
         out = self("list", CONNECTION, "--run-id", str(run_id))
         runs = out.get("runs") or []

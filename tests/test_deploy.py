@@ -48,11 +48,30 @@ def _audit(fed: Federation, site: str) -> list[dict]:
 
 def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
     fed = federation(rounds=2)
-    server, sites = fed.start()
+    server = fed.server()
+    server.wait_for_output(r"run \d+ submitted", 240)
+    sites = [fed.site("site_a"), fed.site("site_b"), fed.site("site_c", "--stay")]
     assert server.wait(300) == 0, server.output()[-4000:]
     out = server.output()
     assert "TLS, site authentication on" in out
-    assert "run completed after round 2" in out
+    assert "run completed after round 2 (run id run-" in out
+    assert "did not acknowledge" not in out  # every site answered the run's end
+    # the sites learn that the run completed: two leave by themselves (exit 0); the one that
+    # stays up for the next run says so and keeps serving
+    for site in sites[:2]:
+        assert site.wait(120) == 0, site.output()[-3000:]
+        said = site.output()
+        assert "done, the run completed" in said
+        assert "run end: the run (run id run-" in said and "completed at the coordinator " \
+            "after round 2" in said
+        # one line per round on the terminal, Flower's own output in the site's log only
+        assert [line for line in said.splitlines() if " trained on " in line] == [
+            line for line in said.splitlines() if line.startswith(f"site {site.name}: round ")]
+        assert len([line for line in said.splitlines() if ": round " in line]) == 2
+        assert "Connection attempt failed" not in said and "Receiving:" not in said
+        assert "Receiving:" in (fed.folder / f"state_{site.name}" / "supernode.log").read_text()
+    sites[2].wait_for_output(r"staying connected for the coordinator's next run", 120)
+    assert sites[2].proc.poll() is None
     # secure aggregation (the default): the coordinator saw sums only, and each site's audit
     # log records masked vectors by shape and public keys, no per-site counts or histograms
     assert "secure aggregation: statistics summed over 3 sites" in out
@@ -122,7 +141,14 @@ def test_a_site_with_an_unlisted_key_is_refused(federation):
     server = fed.server()
     intruder = fed.site("site_c", activation_wait=4)  # site_c's key is not in server.sites
     assert intruder.wait(240) != 0
-    assert "refused to activate" in intruder.output()
+    said = intruder.output()
+    # the SuperLink answered with the right TLS, so the key is the cause, named with its
+    # fingerprint (as ssh-keygen -lf prints it for site_c.pub)
+    from server.superlink import openssh_fingerprint
+
+    fingerprint = openssh_fingerprint(fed.m["certs"] / "sites" / "site_c.pub")
+    assert f"refused to activate this site (key " in said and fingerprint in said
+    assert "nothing answers" not in said
     # the coordinator names the refused key once it follows its SuperLink's log
     refused = server.wait_for_output(r"REFUSED a site: key SHA256:\S+ is not registered", 240)
     assert refused

@@ -191,6 +191,9 @@ def test_a_run_below_min_sites_for_longer_than_the_wait_stops_with_a_message():
     # a connected node that is not usable (e.g. withheld its statistics) does not count
     with pytest.raises(SitesMissing):
         wait_for_nodes(_Grid(lambda c: [1, 9]), 2, 0.3, lambda n: n != 9, "in round 1")
+    # none at all is said as such, not as "only 0"
+    with pytest.raises(SitesMissing, match=r"^no site was connected at the start of the run"):
+        wait_for_nodes(_Grid(lambda c: []), 2, 0.1, lambda n: True, "at the start of the run")
 
 
 def test_the_strategy_waits_for_eligible_sites_then_stops_the_run():
@@ -337,3 +340,122 @@ def test_a_site_gone_mid_round_is_named_in_the_rejections(monkeypatch):
     strategy.screen_train(4, [gone])
     assert [(x["round"], x["site"]) for x in strategy.rejected] == [(4, "site_c")]
     assert "Node Unavailable" in strategy.rejected[0]["reason"]
+
+
+# -- what a site's terminal shows (client.site_console) ------------------------------------
+
+
+def _flower(level: str, message: str) -> str:
+    """A line as Flower's console handler writes it (colour codes included)."""
+    return f"\x1b[92m{level} \x1b[0m:      {message}\n"
+
+
+def test_the_site_terminal_shows_safn_lines_one_loss_of_contact_and_each_error_once():
+    from client.site_console import SITE_MARK, SiteConsole
+
+    shown: list[str] = []
+    term = SiteConsole("coord:9092", "/state/supernode.log", shown.append)
+    lines = [_flower("INFO", "[RUN 12]"), _flower("INFO", "Receiving: train message (ID: 1)"),
+             f"{SITE_MARK}round 1: trained on 76 participants, loss 0.1459\n",
+             "12/01/2026 19:18:28:DEBUG:Loading ClientApp `client.app:app`\n",
+             _flower("INFO", "safn: app bundle sha256 ab is approved by this site"),
+             _flower("INFO", "safn: app bundle sha256 ab is approved by this site")]
+    lines += [_flower("WARNING", "Connection attempt failed, retrying in 1.20 seconds")] * 40
+    lines += [_flower("INFO", "Connection successful after 30.00 seconds and 12 tries."),
+              _flower("ERROR", "SSL/TLS handshake error detected."),
+              _flower("ERROR", "SSL/TLS handshake error detected."),
+              "Traceback (most recent call last):\n", '  File "x.py", line 1\n']
+    for line in lines:
+        term.feed(line)
+    assert shown == [
+        "round 1: trained on 76 participants, loss 0.1459",
+        "safn: app bundle sha256 ab is approved by this site",
+        "lost contact with the coordinator at coord:9092; Flower keeps retrying (details in "
+        "/state/supernode.log)",
+        "contact with the coordinator at coord:9092 is back",
+        "flower: SSL/TLS handshake error detected.",
+        "a ClientApp process failed; its traceback is in /state/supernode.log"]
+
+
+def test_the_run_end_counts_as_acknowledged_only_once_a_reply_left_after_it():
+    from client.site_console import RUN_END_LINE, SITE_MARK, SiteConsole
+
+    term = SiteConsole("coord:9092", "log", lambda line: None)
+    term.feed(_flower("INFO", "Sent successfully"))  # the evaluate reply, before the end
+    assert not term.run_end_acknowledged
+    term.feed(f"{SITE_MARK}{RUN_END_LINE}the run (run id r, Flower run 1) completed\n")
+    term.feed(_flower("INFO", "Sending: query message (ID: 9)"))
+    assert not term.run_end_acknowledged
+    term.feed(_flower("INFO", "Sent successfully"))
+    assert term.run_end_acknowledged
+
+
+# -- is the coordinator there (client.reachability) ----------------------------------------
+
+
+class _ProbeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+def test_a_site_says_at_once_that_nothing_answers_and_waits_for_the_coordinator():
+    from client.reachability import Reach, wait_for_coordinator
+
+    clock, said = _ProbeClock(), []
+    answers = iter([Reach("refused", "connection refused")] * 3 + [Reach("ok")])
+    waited = wait_for_coordinator("h:1", None, "site.yaml", 60, said.append, clock, clock.sleep,
+                                  lambda *a: next(answers))
+    assert waited == 3
+    assert said[0].startswith("nothing answers at h:1 (connection refused)")
+    assert "site.superlink = h:1 (in site.yaml)" in said[0] and "site.connect_wait" in said[0]
+    assert said[1] == "the coordinator answers at h:1 after 3 s"
+
+
+def test_a_site_stops_after_its_connect_wait_and_at_once_on_a_tls_mismatch():
+    from client.reachability import CoordinatorUnreachable, Reach, wait_for_coordinator
+
+    clock = _ProbeClock()
+    with pytest.raises(CoordinatorUnreachable, match=r"^the host name 'coord' in "
+                       r"site.superlink = coord:9 \(in s.yaml\) does not resolve .*waited 5 s"):
+        wait_for_coordinator("coord:9", None, "s.yaml", 5, lambda line: None, clock,
+                             clock.sleep, lambda *a: Reach("dns", "Name or service not known"))
+    clock, said = _ProbeClock(), []
+    with pytest.raises(CoordinatorUnreachable, match=r"not issued for 'coord' \(it is for: "
+                                                     r"localhost, 127.0.0.1\)"):
+        wait_for_coordinator("coord:9", Path("ca.pem"), "s.yaml", 60, said.append, clock,
+                             clock.sleep, lambda *a: Reach("tls-name", "localhost, 127.0.0.1"))
+    assert clock.t == 0 and said == []  # no waiting for what cannot change
+
+
+# -- the coordinator's account of its sites and checkpoints ---------------------------------
+
+
+def test_the_coordinator_names_the_sites_online_and_those_it_waits_for():
+    from server.cli import online_line
+
+    nodes = {"site_a": "11", "site_b": "22", "site_c": "33"}
+    assert online_line({"11", "33"}, nodes) == \
+        "sites online: site_a, site_c (2 of 3; waiting for site_b)"
+    assert online_line({"11", "22", "33"}, nodes) == "sites online: site_a, site_b, site_c (3 of 3)"
+    assert online_line({"11", "99"}, nodes) == \
+        "sites online: site_a, 1 unnamed (2 of 3; waiting for site_b, site_c)"
+    assert online_line({"5"}, {}) == "sites online: 1"
+
+
+def test_a_stopped_run_mentions_a_checkpoint_only_when_it_has_one(tmp_path):
+    from safn_core.federation.checkpoint import (RunState, checkpoint_note, checkpointed_round,
+                                                 save_checkpoint)
+
+    assert checkpointed_round(tmp_path) is None
+    assert checkpoint_note(tmp_path) == "no round was completed, so there is no checkpoint"
+    state = RunState(3, {"w": np.zeros(2)}, {}, [5, 5], {}, [], {}, {}, None)
+    save_checkpoint(tmp_path, state)
+    assert checkpointed_round(tmp_path) == 3
+    assert checkpoint_note(tmp_path) == \
+        f"the checkpoint of round 3 is kept in {tmp_path / 'checkpoints'}"

@@ -80,6 +80,16 @@ def test_safn_sim_end_to_end(table, tmp_path):
     assert history[chosen - 1]["val_loss"] == min(e["val_loss"] for e in history)
     assert bundle.meta["training"]["selected_round"] == chosen
     assert set(history[-1]["sites"]) == {"site_A", "site_B", "site_C"}
+    # the card says what each virtual site said its data is, and what the metrics rest on
+    training = bundle.meta["training"]
+    assert training["data_sources"] == {s: "table" for s in ("site_A", "site_B", "site_C")}
+    card = (out / "model" / "model_card.md").read_text()
+    assert "site_B: table" in card and "synthetic" not in card.lower()
+    basis = training["test_evaluation"]
+    assert basis["participants"] == history[chosen - 1]["n_test"] > 0
+    assert basis["sites"] == ["site_A", "site_B", "site_C"] and not basis["withheld"]
+    assert (f"rest on {basis['participants']} test participants from 3 of 3 training sites"
+            in card)
     rounds = pd.read_csv(out / "rounds.csv")
     assert set(rounds.site) == {"pooled", "site_A", "site_B", "site_C"}
 

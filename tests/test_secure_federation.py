@@ -172,8 +172,8 @@ def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_r
     assert second["secure_sum"]["sites_trained"] == 3
     assert second["secure_sum"]["retries"] and second["secure_sum"]["retries"][0]["lost"] == 1
     assert history[0]["secure_sum"]["sites_trained"] == 4
-    training = [s for s in _sites(cohort, parts, cfg) if s.name != "site_05"]
-    n_test = sum(len(s.split.test) for s in training)
+    training_sites = [s for s in _sites(cohort, parts, cfg) if s.name != "site_05"]
+    n_test = sum(len(s.split.test) for s in training_sites)
     for entry in history:  # pooled metrics every round, on every training site's test split
         assert entry["pooled"] is not None and entry["n_test"] == n_test
         # the held-out site evaluates alone, on all its participants, in plain text
@@ -197,8 +197,17 @@ def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_r
             assert not PLAIN_PER_SITE & set(metrics.keys()), set(metrics.keys())
     from safn_core.bundle import load_bundle
 
-    weights = load_bundle(run_dir / "model").model.state_dict()
+    bundle = load_bundle(run_dir / "model")
+    weights = bundle.model.state_dict()
     assert all(np.isfinite(v.numpy()).all() for v in weights.values())
+    # every site said its kind of data in the statistics round (secure and held-out replies);
+    # the pooled metrics rest on a federation-wide sum, whose sites are named
+    training = bundle.meta["training"]
+    assert training["data_sources"] == {name: "table" for name in parts}
+    basis = training["test_evaluation"]
+    assert basis["secure_aggregation"] and basis["participants"] == n_test
+    assert basis["sites"] == sorted(s.name for s in training_sites)
+    assert basis["held_out"] == {"site_05": len(parts["site_05"])}
 
 
 def _sites(cohort, parts, cfg):

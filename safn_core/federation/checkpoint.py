@@ -60,6 +60,23 @@ def save_checkpoint(run_dir: Path, state: RunState) -> Path:
     return stem
 
 
+def checkpointed_round(run_dir: Path) -> int | None:
+    """The round of ``run_dir``'s last checkpoint, or None when it has none (without loading it)."""
+    latest = Path(run_dir) / "checkpoints" / "latest.json"
+    try:
+        return int(json.loads(latest.read_text())["stem"].rsplit("_", 1)[1])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """What a stopped run keeps, in words: its checkpoint, or that it has none."""
+    r = checkpointed_round(run_dir)
+    if r is None:
+        return "no round was completed, so there is no checkpoint"
+    return f"the checkpoint of round {r} is kept in {Path(run_dir) / 'checkpoints'}"
+
+
 def load_checkpoint(run_dir: Path) -> RunState | None:
     """The last complete round of ``run_dir``, or None when it has no checkpoint."""
     latest = Path(run_dir) / "checkpoints" / "latest.json"

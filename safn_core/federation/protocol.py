@@ -70,6 +70,14 @@ class Task:
     DESCRIBE = "describe"          # the statistics round
     SECAGG_KEYS = "secagg-keys"    # a fresh key pair for a redone secure sum
     SECAGG_MASK = "secagg-mask"    # a site's masked vector for a redone secure sum
+    RUN_END = "run-end"            # the run is over (completed or stopped): sites may leave
+
+
+class RunEnd:
+    """``Config.RUN_STATUS`` of a ``run-end`` message."""
+
+    COMPLETED = "completed"        # the model bundle is written: the sites may leave
+    STOPPED = "stopped"            # stopped with its checkpoint: the coordinator may --resume
 
 
 class Config:
@@ -91,6 +99,9 @@ class Config:
     SECURE_AGGREGATION = "secure-aggregation"
     SECAGG_SCALES = "secagg-scales"    # the statistics' per-feature scales (second sum)
     SECAGG_PREFIX = "secagg-"          # keys of one secure sum (`SecAgg`)
+    RUN_STATUS = "run-status"          # run-end: "completed" or "stopped"
+    RUN_REASON = "run-reason"          # run-end: why a run stopped ("" when it completed)
+    LAST_ROUND = "last-round"          # run-end: the last round the run trained
 
 
 class SecAgg:
@@ -156,6 +167,8 @@ class Describe:
     HELD_OUT = "held-out"
     REASON = "reason"
     LABEL_NAMES = "label-names"
+    DATA_SOURCE = "data-source"        # the kind of data the site's own `data.source` names
+    # (synthetic | ppmi | table): what its participants are, not a statistic about them
     PUBLIC_KEY = "public-key"          # the site's key for the first secure sum
     STATISTICS = "statistics"          # the mechanism: "exact" | "gaussian" | "refused"; also
     # the key of the ``STATISTICS`` record under secure aggregation, whose other keys are
