@@ -2,10 +2,13 @@
 
 A Flower mod on the whole ClientApp: after each handler (describe, train, evaluate), it appends
 to the JSON-lines file named by the node config key ``audit-log`` (safn-client sets
-``<site.state_dir>/audit/outgoing.jsonl``) the reply's records: array names, shapes and dtypes,
-metric names with their scalar values or list lengths, config keys with their types, and the seconds the handler took. Values of
-arrays and histogram lists are not copied (the audit must not become a second copy of what was
-sent); a site's data-protection officer can read what kind of thing left, when, for which run.
+``<site.state_dir>/audit/outgoing.jsonl``) the run (``run_id``: the run's own identity, as in
+bundle.json and the privacy ledger, when the message carries it; ``flower_run_id``: Flower's,
+new at each resume), the reply's records: array names, shapes and dtypes, metric names with
+their scalar values or list lengths, config keys with their types, and the seconds the handler
+took. Values of arrays and histogram lists are not copied (the audit must not become a second
+copy of what was sent); a site's data-protection officer can read what kind of thing left,
+when, for which run.
 In simulation there is no ``audit-log`` and the mod does nothing.
 """
 
@@ -22,9 +25,13 @@ from safn_core.federation.protocol import CONFIG, Config
 
 
 def describe_reply(msg: Message, reply: Message) -> dict:
-    entry: dict = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": msg.metadata.run_id,
-                   "type": msg.metadata.message_type}
+    entry: dict = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "flower_run_id": msg.metadata.run_id, "type": msg.metadata.message_type}
     config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
+    if config is not None and Config.RUN_ID in config:
+        # the run's own identity (bundle.json, the privacy ledger), stable across a resume,
+        # which starts a new Flower run
+        entry["run_id"] = str(config[Config.RUN_ID])
     if config is not None and Config.SERVER_ROUND in config:
         entry["round"] = int(config[Config.SERVER_ROUND])
     if reply.has_error():

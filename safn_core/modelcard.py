@@ -61,6 +61,17 @@ def _privacy_lines(privacy: dict | None) -> list[str]:
     return lines
 
 
+def _run_lines(meta: dict) -> list[str]:
+    """The run's two identities side by side: its own (bundle.json, the sites' privacy ledgers
+    and audit logs) and Flower's, one per submission (a resume is a new Flower run)."""
+    if not meta.get("run_id"):
+        return []
+    flower = meta.get("flower_run_ids") or []
+    return [f"- run id {meta['run_id']}" + (
+        f" (Flower run{'s' if len(flower) > 1 else ''} {', '.join(flower)}: one per "
+        "submission, a resume starts a new one)" if flower else "")]
+
+
 def _source_lines(training: dict, data) -> tuple[list[str], list[str]]:
     """The Training data line on where the data came from, and the Known-limits line on
     synthetic data (if any). A federated bundle says what each SITE said its data is
@@ -123,6 +134,7 @@ def model_card(meta: dict, config: SafnConfig) -> str:
         f"decision threshold {meta.get('threshold', 0.5):.3f} (chosen on validation data)",
         f"- gate {config.model.gate}, cross-attention {'on' if config.model.cross_attention else 'off'}, "
         f"loss {config.model.loss} (β {config.model.cb_beta}, γ {config.model.focal_gamma})",
+        *_run_lines(meta),
         "",
         "## Training data",
         *source_lines,

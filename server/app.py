@@ -299,6 +299,9 @@ class Coordinator:
                     extra={"privacy": privacy_summary(self.state.history,
                                                       self.desc.gaussian),
                            "run_id": run_identity(self.run_dir),
+                           # Flower's run ids of this run: one per submission (safn-server
+                           # --resume submits a new Flower run); none in a simulation
+                           "flower_run_ids": flower_run_ids(self.run_dir),
                            "training": {
                         "participants": int(sum(self.state.class_counts)),
                         "sites": sorted(set(self.state.sites.values()) - self.held_out),
@@ -344,6 +347,17 @@ def no_site_trained_reason(history: list[dict], withheld: dict[str, str], rounds
             why[f"site {x['site']}"] = f"refused: {x['reason']}"
     return (f"no site trained in any of the {rounds} rounds, so there is no model (no bundle "
             "written)" + "".join(f"; {k} {v}" for k, v in sorted(why.items())))
+
+
+def flower_run_ids(run_dir: Path) -> list[str]:
+    """The Flower runs safn-server submitted for this run folder (``flower_runs.json``)."""
+    import json
+
+    try:
+        runs = json.loads((Path(run_dir) / "flower_runs.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [str(r["run_id"]) for r in runs]
 
 
 def rounds_table(history: list[dict]) -> pd.DataFrame:

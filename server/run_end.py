@@ -4,8 +4,8 @@ Flower's SuperNode cannot tell a run that ended from a coordinator that crashed:
 SuperLink is gone it retries for ever. So the ServerApp's last act is one QUERY message
 (``task: run-end``) to every connected site, saying whether the run completed or stopped (with
 the reason) and after which round; a site that completed its run then leaves (`safn-client`
-exits 0) and one whose run stopped stays, for a ``--resume``. A site that does not answer within
-the timeout is only reported: the run's outcome is already written.
+exits 0) and one whose run stopped stays, for a ``--resume``. A site still connected that has
+not answered within the timeout is only reported: the run's outcome is already written.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ def tell_sites_run_ended(grid: Grid, shared_text: str, run_id: str, status: str,
                         message_type=MessageType.QUERY) for n in nodes]
     told = [r.metadata.src_node_id for r in grid.send_and_receive(messages, timeout=timeout)
             if not r.has_error()]
-    if len(told) < len(nodes):
-        report(f"{len(nodes) - len(told)} of {len(nodes)} connected sites did not acknowledge "
-               f"the end of the run within {timeout:.0f} s; they keep waiting until stopped")
+    # a site that recorded the end leaves at once, and Flower may then turn its sent reply into
+    # an error ("objects unavailable"): only a site still connected without answering waits on
+    waiting = (set(nodes) - set(told)) & set(grid.get_node_ids())
+    if waiting:
+        report(f"{len(waiting)} of {len(nodes)} connected sites did not acknowledge the end of "
+               f"the run within {timeout:.0f} s; they keep waiting until stopped")
     return told

@@ -459,3 +459,84 @@ def test_a_stopped_run_mentions_a_checkpoint_only_when_it_has_one(tmp_path):
     assert checkpointed_round(tmp_path) == 3
     assert checkpoint_note(tmp_path) == \
         f"the checkpoint of round 3 is kept in {tmp_path / 'checkpoints'}"
+
+
+def test_a_site_leaves_after_a_completed_run_and_stays_for_a_stopped_one(tmp_path):
+    from client.cli import SiteNode, key_fingerprint
+    from client.site_console import RUN_END_LINE, SITE_MARK, SiteConsole
+    from safn_core.config import load_config
+    from safn_core.io import write_json
+    from server.superlink import openssh_fingerprint
+
+    cfg = load_config(_site_file(tmp_path, state_dir=str(tmp_path / "state")))
+    # the refusal message names the key by the fingerprint ssh-keygen gives its .pub
+    assert key_fingerprint(cfg.site) == openssh_fingerprint(tmp_path / "certs" / "sites" / "s.pub")
+    end_file = tmp_path / "state" / "run_end.json"
+    write_json(end_file, {"run_id": "r0", "status": "completed"})  # an earlier run's end
+
+    def node(stay: bool) -> SiteNode:
+        n = SiteNode(cfg, tmp_path / "site.yaml", insecure=False, stay=stay)
+        n.terminal = SiteConsole("h:1", "log", lambda line: None)
+        for line in (f"{SITE_MARK}{RUN_END_LINE}…", "INFO :  Sent successfully"):
+            n.terminal.feed(line)  # the acknowledgement has left
+        n.stop = lambda *a: setattr(n, "stopping", True)
+        return n
+
+    leaving, staying = node(stay=False), node(stay=True)
+    for n in (leaving, staying):
+        n._check_run_end()  # the file predates this safn-client: nothing happens
+        assert not n.stopping and n.ended is None
+    write_json(end_file, {"run_id": "r1", "status": "stopped", "reason": "x"})
+    for n in (leaving, staying):
+        n._check_run_end()  # a stopped run may be resumed: both stay
+        assert not n.stopping and n.ended is None
+    write_json(end_file, {"run_id": "r1", "status": "completed"})
+    leaving._check_run_end()
+    staying._check_run_end()
+    assert leaving.stopping and leaving.ended["status"] == "completed"
+    assert not staying.stopping and staying.ended is None
+
+
+def test_the_run_end_reports_only_sites_still_connected_without_an_answer(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.run_end import tell_sites_run_ended
+
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+    class Reply:
+        def __init__(self, node: int, error: bool):
+            self.metadata = type("M", (), {"src_node_id": node})()
+            self._error = error
+
+        def has_error(self) -> bool:
+            return self._error
+
+    class Grid:
+        def __init__(self, online_after: set[int]):
+            self.online, self.online_after, self.sent = {1, 2, 3}, online_after, []
+
+        def get_node_ids(self):
+            return sorted(self.online)
+
+        def send_and_receive(self, messages, timeout):
+            self.sent = messages
+            self.online = self.online_after  # sites that recorded the end have left
+            # 1 answered; 2 left right after answering (Flower made its reply an error); 3 is
+            # connected and silent
+            return [Reply(1, False), Reply(2, True)]
+
+    said: list[str] = []
+    grid = Grid(online_after={3})
+    assert tell_sites_run_ended(grid, "cfg", "run-1", "completed", "", 4, 30, said.append) == [1]
+    assert [m.metadata.dst_node_id for m in grid.sent] == [1, 2, 3]
+    config = grid.sent[0].content["config"]
+    assert (config["task"], config["run-status"], config["last-round"]) == ("run-end",
+                                                                           "completed", 4)
+    assert said == ["1 of 3 connected sites did not acknowledge the end of the run within 30 s; "
+                    "they keep waiting until stopped"]
+    said.clear()
+    tell_sites_run_ended(Grid(online_after=set()), "cfg", "run-1", "stopped", "x", 2, 30,
+                         said.append)
+    assert said == []

@@ -153,3 +153,14 @@ def test_the_run_report_names_each_sites_data(tmp_path):
     assert "PPMI download" in html and "table (with a column mapping)" in html
     assert "did not describe it" in html  # site_c never answered the statistics round
     assert "not real patients" not in html
+
+
+def test_the_card_shows_the_run_id_beside_flowers_run_ids():
+    entry = {"round": 2, "pooled": {"roc_auc": 0.8}}
+    meta = federated_meta({"site_a": "ppmi"}, entry, ["site_a"])
+    meta.update(run_id="run-3f2a", flower_run_ids=["123", "456"])
+    model = section(model_card(meta, COORDINATOR), "Model")
+    assert "- run id run-3f2a (Flower runs 123, 456: one per submission, a resume starts a " \
+           "new one)" in model
+    meta.update(flower_run_ids=[])  # a simulation: no Flower run submitted by safn-server
+    assert "- run id run-3f2a\n" in section(model_card(meta, COORDINATOR), "Model")

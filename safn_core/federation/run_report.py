@@ -12,7 +12,7 @@ from safn_core.config import SafnConfig, dump_config
 from safn_core.federation.aggregate import selected_entry
 from safn_core.federation.provenance import (basis_lines, evaluation_basis, source_name,
                                              synthetic_sites)
-from safn_core.federation.run_folder import data_sources
+from safn_core.federation.run_folder import data_sources, run_identity
 from safn_core.report import Report
 
 
@@ -129,7 +129,8 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
         traffic = flower.get("network-traffic") or {}
         compute = flower.get("compute-time") or {}
         rep.heading("Flower's account of the run").table(
-            {"status": flower.get("status"), "run id": flower.get("run-id"),
+            {"status": flower.get("status"), "Flower run id": flower.get("run-id"),
+             "run id (bundle.json, the sites' ledgers and audit logs)": run_identity(run_dir),
              "app sha256": flower.get("fab-hash"), **{f"traffic {k}": v for k, v in
                                                        traffic.items()},
              **{f"compute {k}": v for k, v in compute.items()}})
