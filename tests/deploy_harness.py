@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -160,6 +161,24 @@ def kill_site(fed: "Federation", proc: Proc) -> None:
 def kill_coordinator(fed: "Federation", proc: Proc) -> None:
     """The coordinator host dies: safn-server and its SuperLink (with the ServerApp)."""
     kill_host(proc, fed.run_dir / "superlink.pid")
+
+
+@contextmanager
+def federations(material: dict, folder: Path):
+    """A maker of `Federation`s under ``folder``; every process of each is ended on exit,
+    also when the test failed."""
+    made: list[Federation] = []
+
+    def make(**kwargs) -> "Federation":
+        fed = Federation(material, folder / f"f{len(made)}", **kwargs)
+        made.append(fed)
+        return fed
+
+    try:
+        yield make
+    finally:
+        for fed in made:
+            fed.stop_all()
 
 
 class Federation:

@@ -5,19 +5,17 @@ with certificates and keys from deploy/make_certs.py. Each test ends every proce
 from __future__ import annotations
 
 import json
-import signal
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from tests.deploy_harness import (BIN, SITES, Federation, env, kill_coordinator, kill_site,
-                                  make_material)
+from tests.deploy_harness import (BIN, SITES, Federation, env, federations, kill_coordinator,
+                                  kill_site, make_material)
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +27,8 @@ def material(tmp_path_factory):
 
 @pytest.fixture
 def federation(material, tmp_path):
-    feds: list[Federation] = []
-
-    def make(**kwargs) -> Federation:
-        fed = Federation(material, tmp_path / f"f{len(feds)}", **kwargs)
-        feds.append(fed)
-        return fed
-
-    yield make
-    for fed in feds:
-        fed.stop_all()
+    with federations(material, tmp_path) as make:
+        yield make
 
 
 def _audit(fed: Federation, site: str) -> list[dict]:

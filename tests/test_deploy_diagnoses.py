@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from tests.deploy_harness import BIN, ROOT, Federation, Proc, env, free_port, make_material
+from tests.deploy_harness import (BIN, ROOT, Proc, env, federations, free_port,
+                                  make_material)
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +24,8 @@ def material(tmp_path_factory):
 
 @pytest.fixture
 def federation(material, tmp_path):
-    feds: list[Federation] = []
-
-    def make(**kwargs) -> Federation:
-        fed = Federation(material, tmp_path / f"f{len(feds)}", **kwargs)
-        feds.append(fed)
-        return fed
-
-    yield make
-    for fed in feds:
-        fed.stop_all()
+    with federations(material, tmp_path) as make:
+        yield make
 
 
 def _listening(port: int) -> bool:

@@ -234,7 +234,7 @@ def test_unmatchable_sites_are_unknown():
     """No site column, or virtual sites cut at random: neither internal nor external."""
     from types import SimpleNamespace
 
-    from safn_core.cli.validate import validation_scope
+    from safn_core.validation_scope import validation_scope
 
     cfg = load_config(None, ["simulation.partition=iid", "simulation.n_sites=3"])
     sim = SimpleNamespace(meta={"kind": "federated", "training": {
