@@ -26,7 +26,7 @@ from safn_core.deploy_checks import (check_can_listen, check_host, check_server_
                                      check_site_name, load_site_public_key)
 from safn_core.errors import ConfigError, SafnError
 from safn_core.federation.checkpoint import checkpoint_note, checkpointed_round
-from safn_core.federation.run_folder import run_identity, write_config
+from safn_core.federation.run_folder import RUN_ID_FILE, run_identity, write_config
 from safn_core.io import write_json
 from safn_core.processes import LogFollower
 from safn_flower.fab import app_dir, app_hash
@@ -291,8 +291,13 @@ def show_status(cfg: SafnConfig) -> int:
     runs = _read_json(run_dir / "flower_runs.json").get("runs", [])
     rounds = cfg.federation.rounds
     state = status.get("status") or ("running or interrupted" if runs else "not started")
+    ids = (f"run id {(run_dir / RUN_ID_FILE).read_text().strip()}"
+           if (run_dir / RUN_ID_FILE).is_file() else "")
+    if runs:
+        ids += f"{', ' if ids else ''}Flower run{'s' if len(runs) > 1 else ''} " + \
+            ", ".join(r["run_id"] for r in runs)
     console.print(f"run folder {run_dir}: {state}; {len(history)} of {rounds} rounds recorded"
-                  + (f"; last Flower run {runs[-1]['run_id']}" if runs else ""))
+                  + (f" ({ids})" if ids else ""), soft_wrap=True)
     if history:
         from safn_core.federation.aggregate import round_line
 

@@ -4,6 +4,7 @@ process it started, also when it fails."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -107,3 +108,4 @@ def test_a_coordinator_whose_sites_never_come_names_them_and_claims_no_checkpoin
     status = subprocess.run([str(BIN / "safn-server"), "--config", str(fed.server_yaml),
                              "--status"], capture_output=True, text=True, env=env())
     assert status.returncode == 0 and "failed" in status.stdout
+    assert re.search(r"\(run id run-\w+, Flower run \d+\)", status.stdout), status.stdout
