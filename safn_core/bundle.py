@@ -3,6 +3,11 @@
 `safn-train`, `safn-sim` and `safn-server` write it; every later tool (`safn-validate`, reports)
 reads it. A bundle is written to a temporary sibling folder and renamed into place, so a reader
 never sees half a bundle and an existing bundle is never overwritten.
+
+A **site bundle** (`save_site_bundle`, written by ``safn-validate --recalibrate``) is a bundle
+with the same weights and preprocessing plus a calibration map and a new threshold fitted at one
+site, recorded in ``bundle.json`` under ``recalibration`` (`safn_core.recalibration`).
+`Bundle.predict` applies the map, so every tool that predicts through it uses it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -24,6 +30,7 @@ from safn_core.errors import DataError
 from safn_core.model import SAFN
 from safn_core.modelcard import model_card
 from safn_core.preprocess import Preprocessor
+from safn_core.recalibration import CalibrationMap
 
 FORMAT = "safn-bundle"
 FORMAT_VERSION = 1
@@ -50,6 +57,41 @@ class Bundle:
     @property
     def label_names(self) -> tuple[str, str]:
         return tuple(self.meta.get("label_names", ("HC", "PD")))
+
+    @property
+    def calibration_map(self) -> CalibrationMap | None:
+        """The site's calibration map of a recalibrated bundle; None (identity) otherwise."""
+        rec = self.meta.get("recalibration")
+        return CalibrationMap.from_dict(rec.get("map"), "bundle.json recalibration.map") \
+            if rec else None
+
+    @torch.no_grad()
+    def scores(self, arrays, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model's own outputs, before any calibration map: the logit of P(PD) (float64,
+        the difference of the two output logits), P(PD) as `training.local.predict` gives it
+        (softmax, float32), and the gate weights α (n, M)."""
+        self.model.eval()
+        x, m = torch.from_numpy(arrays.x), torch.from_numpy(arrays.mask)
+        z, p, alpha = [], [], []
+        for i in range(0, len(arrays), batch_size):
+            logits, a = self.model(x[i:i + batch_size], m[i:i + batch_size], return_weights=True)
+            z.append((logits[:, 1].double() - logits[:, 0].double()).numpy())
+            p.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+            alpha.append(a.numpy())
+        if not z:
+            return np.zeros(0), np.zeros(0), np.zeros((0, arrays.mask.shape[1]))
+        return np.concatenate(z), np.concatenate(p), np.concatenate(alpha)
+
+    def calibrate(self, z: np.ndarray, p_raw: np.ndarray) -> np.ndarray:
+        """P(PD) as this bundle reports it: the map applied to the logits ``z``, or the model's
+        own ``p_raw`` when there is no map."""
+        cmap = self.calibration_map
+        return p_raw if cmap is None else cmap(z)
+
+    def predict(self, arrays) -> tuple[np.ndarray, np.ndarray]:
+        """P(PD) with the bundle's calibration map (if any) and the gate weights α."""
+        z, p_raw, alpha = self.scores(arrays)
+        return self.calibrate(z, p_raw), alpha
 
 
 def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: SafnConfig, *,
@@ -85,6 +127,31 @@ def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: Saf
     return dest
 
 
+SHARED_FILES = ("weights.pt", "preprocessing.json", "config.yaml")
+"""The files a site bundle copies unchanged from the bundle it recalibrates."""
+
+
+def save_site_bundle(dest: Path, source: Path, meta: dict, card: str) -> Path:
+    """Write a site bundle at ``dest`` (which must not exist): ``source``'s weights,
+    preprocessing and config copied byte for byte, with ``meta`` as its ``bundle.json`` and
+    ``card`` as its model card. ``source`` is only read."""
+    dest, source = Path(dest), Path(source)
+    if dest.exists():
+        raise DataError(f"{dest}: a bundle already exists there; it was not overwritten")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for name in SHARED_FILES:
+            shutil.copyfile(source / name, tmp / name)
+        (tmp / "bundle.json").write_text(json.dumps(meta, indent=2, default=float))
+        (tmp / "model_card.md").write_text(card)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def load_bundle(path: Path) -> Bundle:
     """Read a bundle folder; errors name the folder and the missing or broken part."""
     path = Path(path)
@@ -111,4 +178,8 @@ def load_bundle(path: Path) -> Bundle:
     except RuntimeError as exc:
         raise DataError(f"{path}: weights do not fit the bundle's model ({str(exc)[:200]})") from None
     model.eval()
+    rec = meta.get("recalibration")
+    if rec is not None:  # a broken map is reported now, not at the first prediction
+        CalibrationMap.from_dict(rec.get("map") if isinstance(rec, dict) else None,
+                                 f"{meta_file} recalibration.map")
     return Bundle(model, pre, config, meta)

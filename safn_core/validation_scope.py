@@ -67,8 +67,22 @@ def validation_scope(bundle, validated: list[str] | None, *, by_site_file: bool 
         outside = [v for v in validated if not trained(v)]
         label = "internal" if not outside else "external" if not inside else "mixed"
         scope.update(validation=label, internal_sites=inside, external_sites=outside)
-    scope["note"] = scope_note(bundle, scope, same_data)
+    scope["note"] = scope_note(bundle, scope, same_data) + recalibration_note(bundle.meta)
     return scope
+
+
+def recalibration_note(meta: dict) -> str:
+    """For a site bundle (``safn-validate --recalibrate``): its calibration map and threshold
+    were fitted on some of one site's participants, and figures on data that includes them are
+    optimistic for calibration and the threshold-based metrics. Empty for any other bundle."""
+    rec = meta.get("recalibration")
+    if not rec:
+        return ""
+    r = rec.get("recalibration_part") or {}
+    return (f" This bundle's calibration map and threshold were fitted at {rec.get('site')} on "
+            f"{r.get('n', 'some')} of its participants (its recalibration_split.csv lists "
+            "them): on data that includes them, calibration and the threshold-based metrics are "
+            "optimistic; validate on that site's evaluation part, or on other data.")
 
 
 def scope_note(bundle, scope: dict, same_data: bool) -> str:

@@ -248,3 +248,141 @@ def test_unmatchable_sites_are_unknown():
     # the very table it was trained on (its config's data.path): internal
     same = validation_scope(table, None, same_data=True)
     assert same["validation"] == "internal" and "resubstitution" in same["note"]
+
+
+# ------------------------------------------------------------------ --recalibrate (issue #16)
+
+def _tree(folder):
+    """Every file under ``folder`` with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _recalibrate(bundle, out, csv, mapping, *extra):
+    return _validate(bundle, out, "--data", csv, "--mapping", mapping, "--recalibrate", *extra)
+
+
+def _same_figures(a: dict, b: dict):
+    for k in a:
+        assert b[k]["value"] == pytest.approx(a[k]["value"], rel=1e-6, nan_ok=True), k
+        assert b[k]["ci"] == pytest.approx(a[k]["ci"], rel=1e-6, nan_ok=True), k
+
+
+def test_a_recalibrated_site_bundle_round_trips_through_safn_validate(centralised_bundle,
+                                                                      tmp_path):
+    original = _tree(centralised_bundle)
+    csv, mapping = _toy_at(tmp_path / "data", ["D"])
+    out = tmp_path / "recal"
+    res = _recalibrate(centralised_bundle, out, csv, mapping, "--calibration", "platt",
+                       "--recalibration-fraction", "0.4", "--split-seed", "3")
+    assert _tree(centralised_bundle) == original  # the input bundle, byte for byte
+    site = out / "site_bundle"
+    for name in ("weights.pt", "preprocessing.json", "config.yaml"):
+        assert (site / name).read_bytes() == original[name]
+    rec, meta = res["recalibration"], json.loads((site / "bundle.json").read_text())
+    old_threshold = json.loads(original["bundle.json"])["threshold"]
+    assert meta["recalibration"] == rec and meta["threshold"] == rec["threshold"]
+    assert rec["method"] == "platt" and set(rec["map"]["params"]) == {"a", "b"}
+    assert rec["threshold_before"] == rec["training_threshold"] == old_threshold
+    assert res["before"]["threshold"] == old_threshold
+    assert res["after"]["threshold"] == rec["threshold"]
+    assert (rec["site"], rec["fraction"], rec["split_seed"]) == ("D", 0.4, 3)
+    split = pd.read_csv(out / "recalibration_split.csv")
+    in_recal = split.part == "recalibration"
+    assert rec["recalibration_part"] == {"n": int(in_recal.sum()),
+                                         "PD": int((in_recal & (split.y == 1)).sum()),
+                                         "HC": int((in_recal & (split.y == 0)).sum())}
+    assert res["parts"]["evaluation"]["n"] == int((~in_recal).sum()) == len(
+        pd.read_csv(out / "predictions.csv"))
+    card = (site / "model_card.md").read_text()
+    assert card.startswith(original["model_card.md"].decode().rstrip("\n"))
+    assert "## Recalibration at D" in card and f"threshold {rec['threshold']:.3f}" in card
+    html = (out / "report.html").read_text()
+    assert "Before and after, on the evaluation part" in html
+    assert 'alt="reliability curve before recalibration"' in html
+    assert 'alt="reliability curve after recalibration"' in html
+
+    # the site bundle, validated plainly on the evaluation participants, gives the AFTER
+    # figures; the input bundle there gives the BEFORE figures
+    df = pd.read_csv(csv)
+    evaluation = set(split.participant_id[~in_recal].astype(str))
+    df[df.subject.astype(str).isin(evaluation)].to_csv(tmp_path / "evaluation.csv", index=False)
+    plain = _validate(site, tmp_path / "val-site", "--data", tmp_path / "evaluation.csv",
+                      "--mapping", mapping)
+    assert plain["n"] == len(evaluation) and plain["threshold"] == rec["threshold"]
+    assert plain["recalibration"]["map"] == rec["map"]
+    assert "fitted at D on" in plain["validation_note"]
+    _same_figures(res["after"]["metrics"], plain["metrics"])
+    assert plain["calibration"]["ece"] == pytest.approx(res["after"]["calibration"]["ece"])
+    p_site = pd.read_csv(tmp_path / "val-site" / "predictions.csv").set_index("participant_id")
+    p_after = pd.read_csv(out / "predictions.csv").set_index("participant_id")
+    assert np.allclose(p_site.loc[p_after.index, "p"], p_after.p_after)
+    as_is = _validate(centralised_bundle, tmp_path / "val-input", "--data",
+                      tmp_path / "evaluation.csv", "--mapping", mapping)
+    _same_figures(res["before"]["metrics"], as_is["metrics"])
+
+
+def test_recalibration_reads_only_its_part_and_a_second_replaces_the_first(
+        centralised_bundle, tmp_path):
+    """A leakage spy through the CLI: other features for the evaluation participants change
+    the AFTER figures but not the map or threshold; other features for the recalibration
+    participants change the map. Recalibrating a site bundle refits from the model's logits."""
+    csv, mapping = _toy_at(tmp_path / "data", ["D"])
+    first = _recalibrate(centralised_bundle, tmp_path / "r1", csv, mapping)
+    rec = first["recalibration"]
+    assert rec["method"] == "temperature" and rec["replaces"] is None
+    split = pd.read_csv(tmp_path / "r1" / "recalibration_split.csv")
+    df = pd.read_csv(csv)
+
+    def with_new_features(part: str) -> dict:
+        d = df.copy()
+        rows = d.subject.isin(split.participant_id[split.part == part])
+        # the clinical scores stretched: the same signal, other logits
+        d.loc[rows, ["cl_0", "cl_1", "cl_2"]] = 1.5 * d.loc[rows, ["cl_0", "cl_1", "cl_2"]] - 4
+        folder = tmp_path / f"data-{part}"
+        folder.mkdir()
+        d.to_csv(folder / "cohort.csv", index=False)
+        res = _recalibrate(centralised_bundle, tmp_path / f"r-{part}", folder / "cohort.csv",
+                           mapping)
+        assert pd.read_csv(tmp_path / f"r-{part}" / "recalibration_split.csv").equals(split)
+        return res
+
+    ev = with_new_features("evaluation")
+    assert ev["recalibration"]["map"] == rec["map"]
+    assert ev["recalibration"]["threshold"] == rec["threshold"]
+    assert ev["after"]["metrics"]["brier"] != first["after"]["metrics"]["brier"]
+    rc = with_new_features("recalibration")
+    assert rc["recalibration"]["map"] != rec["map"]
+
+    # recalibrating the site bundle again: refitted from the model's own logits on the same
+    # split, so the same map (not one stacked on the first); it records what it replaces
+    again = _recalibrate(tmp_path / "r1" / "site_bundle", tmp_path / "r2", csv, mapping)
+    rec2 = again["recalibration"]
+    assert rec2["map"]["params"] == pytest.approx(rec["map"]["params"])
+    assert rec2["threshold"] == pytest.approx(rec["threshold"])
+    assert rec2["replaces"]["site"] == "D" and rec2["replaces"]["map"] == rec["map"]
+    assert rec2["threshold_before"] == rec["threshold"]
+    assert rec2["training_threshold"] == rec["training_threshold"]
+    _same_figures(first["after"]["metrics"], again["before"]["metrics"])
+    assert "replace that one" in (tmp_path / "r2" / "site_bundle" / "model_card.md").read_text()
+
+
+def test_recalibration_option_errors(centralised_bundle, tmp_path, capsys):
+    csv, mapping = _toy_at(tmp_path / "data", ["D"])
+    base = ["--model", str(centralised_bundle), "--data", str(csv), "--mapping", str(mapping)]
+    cases = [
+        (["--recalibrate", "--recalibration-fraction", "1.5"],
+         "--recalibration-fraction 1.5: must lie strictly between 0 and 1"),
+        (["--calibration", "platt"], "--calibration is an option of --recalibrate"),
+        # about 60 HC at the site: 2 % is one HC in the recalibration part
+        (["--recalibrate", "--recalibration-fraction", "0.02"],
+         "in the recalibration part and"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        code = run_main(validate, [*base, *extra, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (out / "site_bundle").exists()
+    assert "each part needs at least data.min_cell = 5 of each class" in err
+    assert "would work" in err

@@ -10,13 +10,21 @@ Every output says whether the evaluation is **internal** (the data's site traine
 cannot be told apart), by matching site names against the training sites the bundle records
 (`safn_core.validation_scope`). The bundle folder itself is never written to: the output folder gets its
 own ``model_card.md``, the bundle's card plus a section on this validation.
+
+``--recalibrate`` (`safn_core.recalibration`) splits the site's participants into a
+recalibration part and an evaluation part, fits a calibration map and a new decision threshold
+on the first only, reports before/after figures on the second only, and writes a **site
+bundle** (``<out>/site_bundle/``: the same weights and preprocessing, the map and threshold in
+its ``bundle.json``, a model card saying where it was recalibrated). Every evaluation predicts
+through `Bundle.predict`, so a site bundle is validated with its map and threshold.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from rich.table import Table
 
@@ -26,7 +34,9 @@ from safn_core.config import load_config
 from safn_core.data.cohort import LABEL, Cohort
 from safn_core.data.contract import check_cohort
 from safn_core.errors import DataError, SafnError
-from safn_core.metrics import METRICS, binary_metrics, bootstrap_ci, calibration, calibration_text
+from safn_core.metrics import (METRICS, binary_metrics, bootstrap_ci, calibration,
+                               calibration_text, choose_threshold)
+from safn_core.recalibration import METHODS, check_parts, counts, fit_map, split_participants
 from safn_core.validation_scope import is_no_site, validation_scope
 
 
@@ -50,23 +60,39 @@ def _validated_sites(args, site_cfg, bundle, cohort: Cohort) -> tuple[list[str] 
     return values or None, False
 
 
+def figures(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000,
+            seed: int = 0) -> dict:
+    """Every reported figure for labels ``y`` and scores ``p`` at ``threshold``: the metrics
+    with bootstrap 95 % CIs, and calibration."""
+    point = binary_metrics(y, p, threshold)
+    ci = bootstrap_ci(y, p, threshold, n_boot=n_boot, seed=seed)
+    return {"metrics": {k: {"value": point[k], "ci": list(ci[k])} for k in METRICS},
+            "calibration": calibration(y, p), "threshold": float(threshold)}
+
+
+def _modality_weights(bundle, alpha: np.ndarray) -> dict:
+    mods = [m.name for m in bundle.preprocessor.modalities]
+    return {m: float(a) for m, a in zip(mods, alpha.mean(0))}
+
+
 def evaluate(bundle, table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Predictions and every reported figure for one evaluation set."""
-    from safn_core.training.local import Arrays, predict
+    """Predictions (through the bundle's calibration map, if it has one) and every reported
+    figure for one evaluation set."""
+    from safn_core.training.local import Arrays
 
     arrays = Arrays.from_table(bundle.preprocessor, table)
-    p, alpha = predict(bundle.model, arrays)
+    p, alpha = bundle.predict(arrays)
     y = arrays.y
-    point = binary_metrics(y, p, bundle.threshold)
-    ci = bootstrap_ci(y, p, bundle.threshold, n_boot=n_boot, seed=seed)
-    mods = [m.name for m in bundle.preprocessor.modalities]
-    return {
-        "y": y, "p": p,
-        "metrics": {k: {"value": point[k], "ci": list(ci[k])} for k in METRICS},
-        "calibration": calibration(y, p),
-        "modality_weights": {m: float(a) for m, a in zip(mods, alpha.mean(0))},
-        "threshold": bundle.threshold,
-    }
+    return {"y": y, "p": p, **figures(y, p, bundle.threshold, n_boot, seed),
+            "modality_weights": _modality_weights(bundle, alpha)}
+
+
+def threshold_source(bundle) -> str:
+    """Where the bundle's decision threshold comes from, for titles and cards."""
+    rec = bundle.meta.get("recalibration")
+    if not rec:
+        return "from training"
+    return f"from recalibration at {rec['site']} ({rec['method']} map applied)"
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -83,7 +109,21 @@ def run(argv: list[str] | None = None) -> int:
                      help="a site configuration; its data section says where the data is")
     parser.add_argument("--mapping", metavar="YAML", type=Path, help="column mapping of a table")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    recal = parser.add_argument_group(
+        "recalibration", "refit the calibration map and decision threshold on part of the "
+        "site's participants, report before/after on the rest, write <out>/site_bundle")
+    recal.add_argument("--recalibrate", action="store_true",
+                       help="recalibrate the bundle at this site (see above)")
+    recal.add_argument("--calibration", choices=METHODS,
+                       help="the calibration map: temperature (one T, keeps rankings; default) "
+                            "or platt (a + b·logit)")
+    recal.add_argument("--recalibration-fraction", type=float, metavar="F",
+                       help="share of the site's participants (per class) that recalibrate; "
+                            "the others are evaluated (default 0.5)")
+    recal.add_argument("--split-seed", type=int, metavar="N",
+                       help="seed of the participant split (default 0)")
     args = parser.parse_args(argv)
+    _check_recalibration_options(args)
 
     from safn_core.bundle import load_bundle
     from safn_core.data.sources import load_path
@@ -105,12 +145,18 @@ def run(argv: list[str] | None = None) -> int:
     cohort = load_path(path, data_cfg)
     check_cohort(cohort, data_cfg.min_cell).raise_if_failed("run safn-check for the full report")
     table = align_to_bundle(cohort, bundle.preprocessor.features, cohort.report.source)
-    res = evaluate(bundle, table, n_boot=args.bootstrap)
     trained_on = bundle.config.data.path
     validated, by_site_file = _validated_sites(args, site_cfg, bundle, cohort)
-    res["scope"] = scope = validation_scope(
+    scope = validation_scope(
         bundle, validated, by_site_file=by_site_file,
         same_data=trained_on is not None and Path(trained_on).resolve() == Path(path).resolve())
+    if args.recalibrate:
+        site = (site_cfg.site.name if args.site and site_cfg.site is not None
+                else ", ".join(validated or []) or cohort.report.source)
+        return run_recalibration(args, bundle, cohort, table, scope, out, site=site,
+                                 min_cell=data_cfg.min_cell)
+    res = evaluate(bundle, table, n_boot=args.bootstrap)
+    res["scope"] = scope
     label = scope["validation"]
 
     n_pos = int(res["y"].sum())
@@ -118,8 +164,8 @@ def run(argv: list[str] | None = None) -> int:
                   f"{cohort.report.source}: {len(table)} participants, {n_pos} "
                   f"{bundle.label_names[1]} / {len(table) - n_pos} {bundle.label_names[0]}")
     console.print(scope["note"], markup=False, highlight=False)
-    t = Table(title=f"{label} validation (threshold {bundle.threshold:.3f} from training; "
-                    "95% bootstrap CIs)")
+    t = Table(title=f"{label} validation (threshold {bundle.threshold:.3f} "
+                    f"{threshold_source(bundle)}; 95% bootstrap CIs)")
     for c in ("metric", "value", "95% CI"):
         t.add_column(c, justify="left" if c == "metric" else "right")
     for k, v in res["metrics"].items():
@@ -138,6 +184,7 @@ def run(argv: list[str] | None = None) -> int:
         "positive": n_pos, "threshold": bundle.threshold, "metrics": res["metrics"],
         "calibration": cal, "modality_weights": res["modality_weights"],
         "majority_accuracy": max(n_pos, len(table) - n_pos) / len(table),
+        "recalibration": bundle.meta.get("recalibration"),
     })
     pd.DataFrame({"participant_id": table.index, "y": res["y"], "p": res["p"]}).to_csv(
         out / "predictions.csv", index=False)
@@ -206,7 +253,7 @@ def validation_card(model_path: Path, bundle, cohort, res) -> str:
         f"- {scope['note']}",
         *(f"- {k}: {v}" for k, v in _scope_rows(scope).items() if k != "validation"),
         f"- participants: {len(y)} ({n_pos} {pos}, {len(y) - n_pos} {neg}); decision threshold "
-        f"{bundle.threshold:.3f} from training",
+        f"{bundle.threshold:.3f} {threshold_source(bundle)}",
         "- metrics (95% bootstrap CI):",
     ]
     for k, v in res["metrics"].items():
@@ -219,6 +266,246 @@ def write_validation_card(out: Path, model_path: Path, bundle, cohort, res) -> P
     """``model_card.md`` in the output folder (never in the bundle folder)."""
     write_atomic(out / "model_card.md", validation_card(model_path, bundle, cohort, res))
     return out / "model_card.md"
+
+# ------------------------------------------------------------------------------ recalibration
+
+RECAL_DEFAULTS = {"calibration": "temperature", "recalibration_fraction": 0.5, "split_seed": 0}
+
+
+def _check_recalibration_options(args) -> None:
+    """--calibration, --recalibration-fraction and --split-seed only with --recalibrate; the
+    fraction strictly between 0 and 1. Checked before any folder is made."""
+    given = [k for k in RECAL_DEFAULTS if getattr(args, k) is not None]
+    if given and not args.recalibrate:
+        raise SafnError(f"--{given[0].replace('_', '-')} is an option of --recalibrate; add "
+                        "--recalibrate, or leave it out for a plain validation")
+    for k, v in RECAL_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    f = args.recalibration_fraction
+    if not 0 < f < 1:
+        raise SafnError(f"--recalibration-fraction {f:g}: must lie strictly between 0 and 1 "
+                        "(the share of the site's participants that recalibrate; the others "
+                        "are evaluated)")
+
+
+def recalibrate(z: np.ndarray, y: np.ndarray, in_recal: np.ndarray, method: str):
+    """The calibration map and decision threshold, fitted on the recalibration part only
+    (rows where ``in_recal``): the map on the model's logits ``z``, then the threshold that
+    maximises balanced accuracy on the calibrated scores (`choose_threshold`, the rule
+    centralised training uses; a federation's histogram rule maximises the same)."""
+    zr, yr = np.asarray(z)[in_recal], np.asarray(y)[in_recal]
+    cmap = fit_map(method, zr, yr)
+    return cmap, choose_threshold(yr, cmap(zr))
+
+
+def run_recalibration(args, bundle, cohort, table: pd.DataFrame, scope: dict, out: Path, *,
+                      site: str, min_cell: int) -> int:
+    """``--recalibrate``: split, fit on one part, report before/after on the other, and write
+    the site bundle, ``validation.json``, ``recalibration_split.csv``, ``predictions.csv`` and
+    ``report.html``."""
+    from safn_core.bundle import save_site_bundle
+    from safn_core.training.local import Arrays
+
+    arrays = Arrays.from_table(bundle.preprocessor, table)
+    z, p_raw, alpha = bundle.scores(arrays)  # the model's own logits: any old map is dropped
+    y, names = arrays.y, bundle.label_names
+    ids = table.index.to_numpy()
+    in_recal = split_participants(ids, y, args.recalibration_fraction, args.split_seed)
+    check_parts(y, in_recal, min_cell, args.recalibration_fraction, names)
+    cmap, threshold = recalibrate(z, y, in_recal, args.calibration)
+    ev = ~in_recal
+    p_before, p_after = bundle.calibrate(z, p_raw), cmap(z)
+    before = figures(y[ev], p_before[ev], bundle.threshold, args.bootstrap)
+    after = figures(y[ev], p_after[ev], threshold, args.bootstrap)
+    prevalence = float(y[in_recal].mean())  # the majority class the site would guess
+    majority = {"class": names[int(prevalence >= 0.5)],
+                "metrics": binary_metrics(y[ev], np.full(int(ev.sum()), prevalence), 0.5)}
+    previous = bundle.meta.get("recalibration")
+    record = {
+        "method": cmap.method, "map": cmap.to_dict(), "threshold": threshold,
+        "threshold_before": bundle.threshold,
+        "training_threshold": (previous or {}).get("training_threshold", bundle.threshold),
+        "site": site, "data": cohort.report.source, "validation": scope["validation"],
+        "recalibration_part": counts(y[in_recal], names), "evaluation_part": counts(y[ev], names),
+        "fraction": args.recalibration_fraction, "split_seed": args.split_seed,
+        "stratified_by": "class", "split_by": "participant",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_bundle": str(args.model), "replaces": previous,
+    }
+    res = {"scope": scope, "record": record, "before": before, "after": after,
+           "majority": majority, "y": y[ev], "p_before": p_before[ev], "p_after": p_after[ev],
+           "modality_weights": _modality_weights(bundle, alpha[ev])}
+    _print_recalibration(args, bundle, cohort, res)
+
+    meta = {**bundle.meta, "threshold": threshold, "recalibration": record}
+    site_bundle = save_site_bundle(out / "site_bundle", args.model, meta,
+                                   recalibration_card(args.model, bundle, res))
+    pd.DataFrame({"participant_id": ids, "y": y,
+                  "part": np.where(in_recal, "recalibration", "evaluation")}).to_csv(
+        out / "recalibration_split.csv", index=False)
+    pd.DataFrame({"participant_id": ids[ev], "y": y[ev], "p_before": p_before[ev],
+                  "p_after": p_after[ev]}).to_csv(out / "predictions.csv", index=False)
+    write_json(out / "validation.json", {
+        "validation": scope["validation"], "validation_note": scope["note"],
+        "training_sites": scope["training_sites"], "held_out_sites": scope["held_out_sites"],
+        "validated_sites": scope["validated_sites"], "sites_matched_by": scope["by"],
+        "model": str(args.model), "data": cohort.report.source, "n": len(y),
+        "parts": {"recalibration": record["recalibration_part"],
+                  "evaluation": record["evaluation_part"]},
+        "recalibration": record, "before": before, "after": after,
+        "majority_class": majority, "modality_weights": res["modality_weights"],
+        "site_bundle": str(site_bundle),
+    })
+    write_recalibration_report(out, args.model, bundle, cohort, res)
+    console.print(f"site bundle: {site_bundle} (the input bundle {args.model} is unchanged); "
+                  f"report: {out / 'report.html'}; which participant is in which part: "
+                  f"{out / 'recalibration_split.csv'} (keep it at the site)")
+    return 0
+
+
+def _before_after_rows(res) -> list[dict]:
+    b, a, maj = res["before"]["metrics"], res["after"]["metrics"], res["majority"]["metrics"]
+    return [{"metric": k, "before": b[k]["value"], "before CI": _ci(b[k]),
+             "after": a[k]["value"], "after CI": _ci(a[k]), "majority class": maj[k]}
+            for k in METRICS]
+
+
+def _ci(m: dict) -> str:
+    return f"{m['ci'][0]:.3f} – {m['ci'][1]:.3f}"
+
+
+def _parts_line(record: dict, names) -> str:
+    r, e = record["recalibration_part"], record["evaluation_part"]
+    neg, pos = names
+    return (f"recalibration part {r['n']} ({r[pos]} {pos} / {r[neg]} {neg}), evaluation part "
+            f"{e['n']} ({e[pos]} {pos} / {e[neg]} {neg}); fraction "
+            f"{record['fraction']:g}, split seed {record['split_seed']}, by participant, "
+            "stratified by class")
+
+
+def _map_line(record: dict) -> str:
+    from safn_core.recalibration import CalibrationMap
+
+    cmap = CalibrationMap.from_dict(record["map"])
+    line = (f"{cmap.describe()} fitted on the recalibration part's logits; threshold "
+            f"{record['threshold']:.3f} (maximum balanced accuracy on its calibrated scores; "
+            f"was {record['threshold_before']:.3f})")
+    if cmap.method == "platt" and cmap.params["b"] <= 0:
+        line += ("; the slope b ≤ 0: at this site the model's scores run against (or carry "
+                 "nothing about) the labels")
+    return line
+
+
+def _replaces_line(record: dict) -> str | None:
+    old = record.get("replaces")
+    if not old:
+        return None
+    return (f"the bundle was already recalibrated at {old['site']} ({old['date'][:10]}, "
+            f"{old['method']}): refitted from the model's own logits, this map and threshold "
+            "replace that one (they are not stacked on it); 'before' is the bundle with its "
+            "old map and threshold")
+
+
+def _print_recalibration(args, bundle, cohort, res) -> None:
+    scope, record = res["scope"], res["record"]
+    label = scope["validation"]
+    console.print(f"[bold]{label} validation with recalibration[/] of {args.model} "
+                  f"({bundle.meta.get('kind')}) at {record['site']} on {cohort.report.source}: "
+                  f"{record['recalibration_part']['n'] + record['evaluation_part']['n']} "
+                  "participants")
+    console.print(scope["note"], markup=False, highlight=False)
+    for line in (_parts_line(record, bundle.label_names), _map_line(record),
+                 _replaces_line(record)):
+        if line:
+            console.print(line, markup=False, highlight=False)
+    t = Table(title=f"evaluation part only ({record['evaluation_part']['n']} participants "
+                    "never used to recalibrate; 95% bootstrap CIs): before = the bundle as it "
+                    f"is (threshold {record['threshold_before']:.3f}), after = "
+                    f"{record['method']} map + threshold {record['threshold']:.3f}; majority "
+                    f"class = always {res['majority']['class']}")
+    rows = _before_after_rows(res)
+    for c in rows[0]:
+        t.add_column(c, justify="left" if c == "metric" else "right")
+    for r in rows:
+        t.add_row(*(v if isinstance(v, str) else f"{v:.3f}" for v in r.values()))
+    console.print(t)
+    for when in ("before", "after"):
+        console.print(f"calibration {when}: {calibration_text(res[when]['calibration'])}",
+                      markup=False, highlight=False)
+
+
+def recalibration_card(model_path: Path, bundle, res) -> str:
+    """The site bundle's model card: the bundle's card followed by a "Recalibration at <site>"
+    section (what was fitted, on whom, and the before/after figures on the evaluation part)."""
+    from safn_core.modelcard import model_card
+
+    card = Path(model_path) / "model_card.md"
+    text = card.read_text() if card.is_file() else model_card(bundle.meta, bundle.config)
+    record, scope = res["record"], res["scope"]
+    lines = [
+        "", f"## Recalibration at {record['site']}", "",
+        f"- **recalibrated at {record['site']}** ({record['date'][:10]}, safn-validate "
+        f"--recalibrate) on {record['data']}; weights and preprocessing unchanged from "
+        f"{record['source_bundle']}. This bundle applies the map below to every prediction and "
+        "uses the new threshold: its figures hold for this site's population, not for the "
+        "training sites'",
+        f"- {_map_line(record)}",
+        f"- {_parts_line(record, bundle.label_names)}; the figures below are on the evaluation "
+        "part only, never used to recalibrate",
+        *([f"- {_replaces_line(record)}"] if record.get("replaces") else []),
+        f"- validation scope: {scope['note']}",
+        "- metrics on the evaluation part, before → after (95% bootstrap CI):",
+    ]
+    b, a = res["before"]["metrics"], res["after"]["metrics"]
+    for k in METRICS:
+        lines.append(f"  - {k}: {b[k]['value']:.3f} ({_ci(b[k])}) → {a[k]['value']:.3f} "
+                     f"({_ci(a[k])})")
+    lines += [f"- calibration before: {calibration_text(res['before']['calibration'])}",
+              f"- calibration after: {calibration_text(res['after']['calibration'])}"]
+    return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+
+
+def write_recalibration_report(out: Path, model_path: Path, bundle, cohort, res) -> Path:
+    from safn_core import plots
+    from safn_core.report import Report
+
+    record, scope = res["record"], res["scope"]
+    preds = pd.concat([pd.DataFrame({"model": m, "y": res["y"], "p": res[f"p_{m}"]})
+                       for m in ("before", "after")])
+    plots.roc_pr_curves(preds, ["before", "after"], out / "roc_pr.png",
+                        "evaluation part, before and after recalibration")
+    for when in ("before", "after"):
+        plots.reliability(res[when]["calibration"], out / f"calibration_{when}.png",
+                          f"{when} recalibration")
+    rep = Report(f"safn-validate: recalibration at {record['site']}",
+                 f"model {model_path} on {cohort.report.source}")
+    rep.heading(f"{scope['validation'].capitalize()} validation")
+    rep.text(scope["note"])
+    rep.table(_scope_rows(scope))
+    rep.heading(f"Recalibration at {record['site']}")
+    rep.text(_parts_line(record, bundle.label_names))
+    rep.text(_map_line(record))
+    if record.get("replaces"):
+        rep.text(_replaces_line(record), note=True)
+    rep.heading("Before and after, on the evaluation part (95% bootstrap CI)")
+    rep.text(f"before: the bundle as it is (threshold {record['threshold_before']:.3f}); after: "
+             f"{record['method']} map and threshold {record['threshold']:.3f}; majority class: "
+             f"always {res['majority']['class']} (the recalibration part's majority)")
+    rep.table(pd.DataFrame(_before_after_rows(res)))
+    rep.figure(out / "roc_pr.png", "ROC and PR curves (a map with T > 0, or b > 0, keeps "
+                                   "the ranking: the curves coincide)")
+    rep.heading("Calibration")
+    for when in ("before", "after"):
+        rep.text(f"{when}: {calibration_text(res[when]['calibration'])}")
+        rep.figure(out / f"calibration_{when}.png", f"reliability curve {when} recalibration")
+    rep.heading("Modality weights on the evaluation part")
+    rep.table(res["modality_weights"])
+    card = out / "site_bundle" / "model_card.md"
+    if card.is_file():
+        rep.heading("Model card of the site bundle")
+        rep.code(card.read_text())
+    return rep.write(out / "report.html")
 
 
 main = entry(run)

@@ -1,0 +1,208 @@
+"""Local recalibration of a bundle at a site: a calibration map and a new decision threshold.
+
+A hospital adopting a bundle may find its scores miscalibrated for its own population (another
+prevalence, scanner or case mix). ``safn-validate --recalibrate`` (`safn_core.cli.validate`)
+splits the site's labelled participants by participant, stratified by class and seeded, into a
+recalibration part and an evaluation part (`split_participants`). On the recalibration part
+only it fits a calibration map on the model's own logits (`fit_map`) and then the decision
+threshold on the calibrated scores (`metrics.choose_threshold`, the rule training uses: maximum
+balanced accuracy); the evaluation part, never used to fit either, gives the before/after
+figures.
+
+Two maps, both unpenalised maximum-likelihood fits whose state is a few numbers (kept in the
+bundle's ``bundle.json``, never pickled):
+
+- **temperature**: p = σ(z / T) with one T > 0. It rescales the logit z and keeps every ranking,
+  so ROC/PR-AUC do not change; it fixes over- or underconfidence, not a shifted prevalence.
+- **platt**: p = σ(a + b·z), the logistic regression of y on z. It also moves the intercept (a
+  site whose prevalence differs from training), and is the fit whose ideal is the calibration
+  slope 1 and intercept 0 that `metrics.calibration_slope` reports.
+
+z is the model's logit of P(PD) (the difference of its two output logits) before any map: a
+bundle that was already recalibrated is refitted from the original model's logits, and the new
+map replaces the old one rather than being stacked on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import expit
+
+from safn_core.errors import DataError
+from safn_core.metrics import MIN_OVERLAP, _logistic_mle, _overlap
+
+METHODS = ("temperature", "platt")
+
+
+@dataclass(frozen=True)
+class CalibrationMap:
+    """A fitted map from the model's logit z to a calibrated P(PD).
+
+    ``params``: ``{"temperature": T}`` or ``{"a": a, "b": b}``; `to_dict` / `from_dict` are its
+    JSON form in a bundle's meta (``recalibration.map``).
+    """
+
+    method: str
+    params: dict
+
+    def logit(self, z: np.ndarray) -> np.ndarray:
+        """The calibrated logit of P(PD)."""
+        z = np.asarray(z, dtype=np.float64)
+        if self.method == "temperature":
+            return z / self.params["temperature"]
+        return self.params["a"] + self.params["b"] * z
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        """Calibrated P(PD) for logits ``z``."""
+        return expit(self.logit(z))
+
+    def describe(self) -> str:
+        if self.method == "temperature":
+            return f"temperature T = {self.params['temperature']:.3f}"
+        return f"Platt a = {self.params['a']:.3f}, b = {self.params['b']:.3f}"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "params": {k: float(v) for k, v in self.params.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "recalibration.map") -> "CalibrationMap":
+        """The map from its JSON form; a clear error naming ``where`` when it is broken."""
+        want = {"temperature": ("temperature",), "platt": ("a", "b")}
+        method = (d or {}).get("method")
+        params = (d or {}).get("params") or {}
+        if method not in want or set(params) != set(want[method]):
+            raise DataError(f"{where}: expected method temperature (params temperature) or "
+                            f"platt (params a, b), got {d!r}")
+        try:
+            values = {k: float(params[k]) for k in want[method]}
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: parameters must be numbers, got {params!r}") from None
+        if not all(np.isfinite(v) for v in values.values()) or (
+                method == "temperature" and values["temperature"] <= 0):
+            raise DataError(f"{where}: parameters must be finite (and a temperature > 0), got "
+                            f"{params!r}")
+        return cls(method, values)
+
+
+def _inverse_temperature_mle(z: np.ndarray, y: np.ndarray, max_iter: int = 100,
+                             tol: float = 1e-12) -> float | None:
+    """Unpenalised maximum-likelihood s of P(y=1) = σ(s·z) (s = 1/T; the log-likelihood is
+    concave in s) by Newton's method with step halving; None when it does not converge."""
+    def nll(s):
+        return float(np.sum(np.logaddexp(0.0, s * z) - y * s * z))
+
+    s, cur = 1.0, nll(1.0)
+    for _ in range(max_iter):
+        mu = expit(s * z)
+        grad, hess = float(np.sum((mu - y) * z)), float(np.sum(mu * (1 - mu) * z * z))
+        if hess <= 0:
+            return None
+        step = -grad / hess
+        for _ in range(30):  # halve the step until the likelihood does not fall
+            new = nll(s + step)
+            if new <= cur + 1e-12 * max(1.0, cur):
+                break
+            step /= 2
+        s, cur = s + step, new
+        if not np.isfinite(s):
+            return None
+        if abs(step) < tol * max(1.0, abs(s)):
+            return s
+    return None
+
+
+def fit_map(method: str, z: np.ndarray, y: np.ndarray) -> CalibrationMap:
+    """Fit a calibration map on logits ``z`` and labels ``y`` (the recalibration part only).
+
+    Raises a `DataError` when no finite map exists: one class only, scores that (almost)
+    separate the classes (the likelihood grows without bound as T → 0 or b → ∞), or, for a
+    temperature, scores that rank the classes the wrong way round (the best s = 1/T is ≤ 0).
+    """
+    if method not in METHODS:
+        raise DataError(f"--calibration {method}: choose one of {', '.join(METHODS)}")
+    z = np.asarray(z, dtype=np.float64)
+    y = np.asarray(y).astype(float)
+    if len(y) == 0 or y.min() == y.max():
+        raise DataError("the recalibration part holds one class only: no calibration map")
+    overlap = _overlap(z, y.astype(int))
+    if overlap < MIN_OVERLAP:
+        raise DataError(
+            f"the model's scores separate the recalibration part's classes "
+            f"{'completely' if overlap == 0 else 'almost completely'} ({overlap} participant(s) "
+            "of a class where the two classes' scores overlap): the maximum-likelihood "
+            f"{method} map is unbounded, so there is nothing finite to fit; validate without "
+            "--recalibrate, or recalibrate on more participants (--recalibration-fraction)")
+    if method == "temperature":
+        s = _inverse_temperature_mle(z, y)
+        if s is None:
+            raise DataError("the temperature fit did not converge on the recalibration part")
+        if s <= 0:
+            raise DataError(
+                "the model's scores rank this site's recalibration participants the wrong way "
+                f"round (best inverse temperature {s:.3f} ≤ 0): no temperature T > 0 can "
+                "calibrate them; the model does not transfer to this site")
+        return CalibrationMap("temperature", {"temperature": 1.0 / s})
+    fit = _logistic_mle(z, y)
+    if fit is None:
+        raise DataError("the Platt fit did not converge on the recalibration part")
+    return CalibrationMap("platt", {"a": fit[0], "b": fit[1]})
+
+
+def split_participants(ids, y, fraction: float, seed: int) -> np.ndarray:
+    """True for the rows in the recalibration part, False for the evaluation part.
+
+    By participant (all rows of one id go to one part), stratified by class (round(fraction·n)
+    of each class's participants recalibrate) and deterministic for a seed: ids are sorted
+    before the seeded shuffle, so the row order of the data does not matter.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"--recalibration-fraction {fraction:g}: must lie strictly between 0 "
+                        "and 1 (the share of the site's participants that recalibrate; the "
+                        "others are evaluated)")
+    ids = np.asarray(ids).astype(str)
+    y = np.asarray(y).astype(int)
+    first = {}
+    for i, label in zip(ids, y):
+        if first.setdefault(i, label) != label:
+            raise DataError(f"participant {i} has rows with different labels; one label per "
+                            "participant is needed to split by participant")
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    for c in (0, 1):
+        members = np.array(sorted(i for i, label in first.items() if label == c))
+        k = int(np.floor(fraction * len(members) + 0.5))
+        chosen.update(members[rng.permutation(len(members))[:k]].tolist())
+    return np.array([i in chosen for i in ids])
+
+
+def check_parts(y, in_recal: np.ndarray, min_cell: int, fraction: float,
+                label_names=("HC", "PD")) -> None:
+    """Each part must hold at least ``min_cell`` participants of each class (no statistic from
+    fewer); otherwise say how many there are and what fraction, or how much data, would do."""
+    y = np.asarray(y).astype(int)
+    counts = {c: (int(((y == c) & in_recal).sum()), int(((y == c) & ~in_recal).sum()))
+              for c in (0, 1)}
+    short = [c for c, (r, e) in counts.items() if min(r, e) < min_cell]
+    if not short:
+        return
+    c = short[0]
+    r, e = counts[c]
+    totals = {k: sum(v) for k, v in counts.items()}
+    lo = max(min_cell / n for n in totals.values())
+    hi = min((n - min_cell) / n for n in totals.values())
+    fix = (f"a --recalibration-fraction between {np.ceil(lo * 100) / 100:.2f} and "
+           f"{np.floor(hi * 100) / 100:.2f} would work" if np.ceil(lo * 100) <= np.floor(hi * 100)
+           else f"the site needs at least {2 * min_cell} of each class (2 × data.min_cell); "
+                f"it has {totals[0]} {label_names[0]} and {totals[1]} {label_names[1]}")
+    raise DataError(
+        f"--recalibration-fraction {fraction:g} puts {r} {label_names[c]} in the recalibration "
+        f"part and {e} in the evaluation part ({totals[c]} {label_names[c]} at the site); each "
+        f"part needs at least data.min_cell = {min_cell} of each class: {fix}")
+
+
+def counts(y, names=("HC", "PD")) -> dict:
+    """Participants per class, by class name, and in all."""
+    y = np.asarray(y).astype(int)
+    return {"n": int(len(y)), names[1]: int(y.sum()), names[0]: int(len(y) - y.sum())}
