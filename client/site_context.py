@@ -130,7 +130,8 @@ def session(site: Site, context: Context):
 
 def state_dir(site: Site, context: Context) -> Path:
     """Where the site keeps its own state (privacy ledger): a deployed site's
-    ``site.state_dir``; a virtual site's folder outside the run folder (`simulations.virtual_sites`)."""
+    ``site.state_dir``; a virtual site's folder outside the run folder
+    (`simulations.virtual_sites`)."""
     if site.cfg.site is not None:
         return Path(site.cfg.site.state_dir)
     from simulations.virtual_sites import virtual_site_state_dir

@@ -230,8 +230,9 @@ class Deployment:
         if status.get("status") == "failed":
             what = f"run stopped ({ids}): {status.get('reason')}"
         else:  # the ServerApp ended without writing an outcome: it crashed
+            details = info.get("status-details")
             what = (f"run ended without a result ({ids}): Flower reports {flower}"
-                    f"{': ' + str(info.get('status-details')) if info.get('status-details') else ''}"
+                    f"{': ' + str(details) if details else ''}"
                     f" (the ServerApp's output: flwr log {flower_id} safn)")
         never = self.never_connected()
         if never:

@@ -8,8 +8,8 @@ its population.
 Every output says whether the evaluation is **internal** (the data's site trained the model),
 **external** (it did not), **mixed** (some of the data's sites did) or **unknown** (the sites
 cannot be told apart), by matching site names against the training sites the bundle records
-(`safn_core.validation_scope`). The bundle folder itself is never written to: the output folder gets its
-own ``model_card.md``, the bundle's card plus a section on this validation.
+(`safn_core.validation_scope`). The bundle folder itself is never written to: the output folder
+gets its own ``model_card.md``, the bundle's card plus a section on this validation.
 
 ``--recalibrate`` (`safn_core.recalibration`) splits the site's participants into a
 recalibration part and an evaluation part, fits a calibration map and a new decision threshold
