@@ -14,8 +14,10 @@
    previous connection has not timed out after a crash), retries for ``site.activation_wait``
    seconds, then stops with a message naming the key and its fingerprint.
 5. When the coordinator says the run completed (`client.run_end`), stops the SuperNode and exits
-   0; ``--stay`` keeps serving for the next run. A stopped run (the coordinator may resume it)
-   keeps the site connected.
+   0; ``--stay`` keeps serving for the next run (a new coordinator that does not know the
+   SuperNode's session ends it: the site waits for the coordinator and starts a new one). A
+   stopped run (the coordinator may resume it) keeps the site connected. A SuperNode that stops
+   for any other reason is said, with its exit status.
 
     safn-client --site site.yaml --check      only the checks
     safn-client --app-hash                    sha256 of this installation's SAFN app bundle
@@ -24,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import subprocess
 import sys
@@ -94,6 +97,8 @@ class SiteNode:
         self.proc: subprocess.Popen | None = None
         self.stopping = False
         self.ended: dict | None = None  # the run end that made this site leave
+        self.runs_ended = 0             # runs that ended while this site served (--stay)
+        self.site_file = site_file
         self._last_end = read_run_end(site.state_dir)
 
     def run(self) -> int:
@@ -103,14 +108,38 @@ class SiteNode:
             code, refused = self._run_once()
             if self.stopping:
                 return 0
+            if not refused and self.stay and self.runs_ended:
+                # the coordinator that ran the last run is gone and a new one (a new SuperLink
+                # database) does not know this SuperNode's session: Flower ends it. A site that
+                # stays starts a new one, activated by its key, once the coordinator answers
+                self.rejoin()
+                if self.stopping:
+                    return 0
+                start = time.monotonic()
+                continue
             if not refused:
-                return code
+                err_console.print(f"site {self.cfg.site.name}: Flower's SuperNode stopped (exit "
+                                  f"status {code}); see {self.log}", soft_wrap=True)
+                return code or 1
             waited = time.monotonic() - start
             if waited >= wait:
                 raise SiteRefused(self._refusal(f"for {waited:.0f} s") + f". Log: {self.log}")
             err_console.print(self._refusal("") + f"; retrying for up to {wait - waited:.0f} s "
                               "more (site.activation_wait)", soft_wrap=True)
             time.sleep(min(5.0, max(0.5, wait - waited)))
+
+    def rejoin(self) -> None:
+        """--stay, after a run ended: wait (without a limit) for the coordinator's next run."""
+        from client.reachability import wait_for_coordinator
+
+        site = self.cfg.site
+        console.print(f"site {site.name}: the coordinator's session ended; waiting for its next "
+                      "run (--stay)", soft_wrap=True)
+        wait_for_coordinator(site.superlink, None if self.insecure else site.root_certificates,
+                             str(self.site_file), math.inf,
+                             lambda line: console.print(f"site {site.name}: {line}",
+                                                        soft_wrap=True),
+                             stopped=lambda: self.stopping)
 
     def _refusal(self, how_long: str) -> str:
         """The coordinator answered with the expected TLS (`client.reachability` checked) and
@@ -174,6 +203,7 @@ class SiteNode:
         if end is None or end == self._last_end:
             return
         self._last_end = end
+        self.runs_ended += 1
         if end["status"] == RunEnd.COMPLETED and not self.stay:
             self.ended = end
             # leave once the acknowledgement is out (the coordinator waits for it); a bound

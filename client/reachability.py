@@ -17,6 +17,7 @@ SuperNode will use, and tells the causes apart within seconds:
 
 from __future__ import annotations
 
+import math
 import socket
 import ssl
 import time
@@ -168,28 +169,31 @@ def wait_for_coordinator(address: str, root_certificates: Path | None, origin: s
                          wait: float, report: Callable[[str], None] = print,
                          clock: Callable[[], float] = time.monotonic,
                          sleep: Callable[[float], None] = time.sleep,
-                         probe_fn: Callable[..., Reach] = probe) -> float:
+                         probe_fn: Callable[..., Reach] = probe,
+                         stopped: Callable[[], bool] = lambda: False) -> float:
     """Return once the coordinator answers with the expected TLS (the seconds it took).
 
     A TLS mismatch raises `CoordinatorUnreachable` at once. When nothing answers, the cause is
     reported at once and the probe repeated every second for up to ``wait`` seconds (the
-    coordinator may be starting), then it raises with the same cause.
+    coordinator may be starting; ``math.inf``: without a limit), then it raises with the same
+    cause. ``stopped`` ends the wait early (the site is being stopped).
     """
     start = clock()
     reach = probe_fn(address, root_certificates)
     told = False
-    while not reach.ok:
+    while not reach.ok and not stopped():
         message = explain(reach, address, origin, root_certificates)
         waited = clock() - start
         if not reach.transient or waited >= wait:
             extra = f" (waited {waited:.0f} s: site.connect_wait)" if reach.transient else ""
             raise CoordinatorUnreachable(message + extra)
         if not told:
-            report(f"{message} (waiting up to {wait:.0f} s: site.connect_wait)")
+            report(f"{message} (waiting up to {wait:.0f} s: site.connect_wait)"
+                   if math.isfinite(wait) else f"{message} (waiting for it)")
             told = True
         sleep(min(1.0, max(0.0, wait - waited)))
         reach = probe_fn(address, root_certificates)
     waited = clock() - start
-    if told:
+    if told and reach.ok:
         report(f"the coordinator answers at {address} after {waited:.0f} s")
     return waited

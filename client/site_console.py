@@ -11,7 +11,8 @@ retrying…" warning every few seconds until the SuperNode is stopped. The termi
   errors, each distinct message once;
 - one line when contact with the coordinator is lost (and one when it is back), however many
   retries Flower logs in between;
-- a note when a ClientApp process failed with a traceback (the traceback is in the log).
+- a note when a Flower process (a ClientApp, the SuperNode's heartbeat) failed with a
+  traceback (the traceback is in the log).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class SiteConsole:
         record = _RECORD.match(line)
         if record is None:
             if line.startswith("Traceback (most recent call last)"):
-                self.show(f"a ClientApp process failed; its traceback is in {self.log}")
+                self.show(f"a Flower process failed; its traceback is in {self.log}")
             return
         level, message = record.groups()
         if message.startswith("Sent successfully"):

@@ -62,6 +62,16 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
         assert "Receiving:" in (fed.folder / f"state_{site.name}" / "supernode.log").read_text()
     sites[2].wait_for_output(r"staying connected for the coordinator's next run", 120)
     assert sites[2].proc.poll() is None
+    # ... and serves it: a new coordinator (a new run folder, so a new SuperLink database that
+    # knows nothing of the site's session) on the same address, with the two others back
+    again = fed.server("--set", f"server.run_dir={fed.folder / 'run2'}")
+    again.wait_for_output(r"run \d+ submitted", 240)
+    back = [fed.site("site_a"), fed.site("site_b")]
+    assert again.wait(300) == 0, again.output()[-4000:]
+    assert all(site.wait(120) == 0 for site in back)
+    stayed = sites[2].wait_for_output(r"run end: the run \(run id (run2-\w+)", 120)
+    assert stayed.group(1) in again.output() and sites[2].proc.poll() is None
+    assert "waiting for its next run (--stay)" in sites[2].output()
     # secure aggregation (the default): the coordinator saw sums only, and each site's audit
     # log records masked vectors by shape and public keys, no per-site counts or histograms
     assert "secure aggregation: statistics summed over 3 sites" in out

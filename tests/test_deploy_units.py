@@ -374,7 +374,7 @@ def test_the_site_terminal_shows_safn_lines_one_loss_of_contact_and_each_error_o
         "/state/supernode.log)",
         "contact with the coordinator at coord:9092 is back",
         "flower: SSL/TLS handshake error detected.",
-        "a ClientApp process failed; its traceback is in /state/supernode.log"]
+        "a Flower process failed; its traceback is in /state/supernode.log"]
 
 
 def test_the_run_end_counts_as_acknowledged_only_once_a_reply_left_after_it():
