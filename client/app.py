@@ -7,7 +7,10 @@ Three message types, each answered from the site's own data:
 - ``train``: local epochs from the global weights with the global preprocessing (sent by the
   server in the train config), FedProx's proximal term when the strategy asks for it;
 - ``evaluate``: per-class score histograms of the validation and test splits (zeros and a flag
-  when a class has fewer than ``min_cell`` people there).
+  when a class has fewer than ``min_cell`` people there);
+- ``personalise`` (a query, personalised runs only): the site's personal model against the
+  global one on its test split (`client.personal_replies`; Ditto's personal training happens
+  inside ``train``).
 
 Nothing participant-level is ever put in a reply. Which site a message is for and how to read
 its model: `client.site_context`; the replies under secure aggregation: `client.secure_replies`;
@@ -19,6 +22,7 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import personal_replies as personal
 from client import secure_aggregation as secure
 from client import secure_replies as replies
 from client import site_context as sc
@@ -46,6 +50,8 @@ def query(msg: Message, context: Context) -> Message:
         return replies.secagg_mask(msg, context)
     if task == Task.RUN_END:
         return record_run_end(msg, context)
+    if task == Task.PERSONALISE:
+        return personal.personalise_reply(msg, context)
     reply = describe(msg, context)
     said = reply.content[SITE]
     say("statistics round: " + ("described this site's data" if said[Describe.OK] else
@@ -112,8 +118,9 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     site = sc.site_for(context, config)
     server_round = int(config[Config.SERVER_ROUND])
+    global_weights = sc.global_weights(site, msg.content[ARRAYS], config)
     out = train_round(
-        site, sc.global_weights(site, msg.content[ARRAYS], config), sc.preprocessor(site, config),
+        site, global_weights, sc.preprocessor(site, config),
         list(config[Config.CLASS_COUNTS]),
         request=shared_config(str(config[Config.SAFN_CONFIG])).privacy,
         state_dir=sc.state_dir(site, context),
@@ -123,6 +130,9 @@ def train(msg: Message, context: Context) -> Message:
         seed=site_seed(int(config[Config.SEED]), server_round, sc.partition(context)),
         proximal_mu=float(config.get(Config.PROXIMAL_MU, 0.0)))
     say(train_line(server_round, out))
+    if out.refusal is None and site.cfg.personalisation.method == "ditto":
+        # the site's own model, after the global update is computed (which it does not change)
+        personal.ditto_step(msg, context, site, config, global_weights, server_round)
     if secure.is_secure(config):
         return replies.secure_train_reply(msg, context, site, config, out)
     if out.refusal is not None:

@@ -220,6 +220,38 @@ class FederationConfig(Section):
         return self
 
 
+class PersonalisationConfig(Section):
+    """Every site keeps a model of its own beside the federation's (docs/personalisation.md).
+
+    ``fine_tune``: after the federation, each training site trains the selected global model
+    further on its own training split, for up to ``epochs`` epochs, and keeps the epoch (0, the
+    global model itself, included) that its own validation split prefers by the run's
+    ``federation.select`` rule. ``ditto`` (Li et al., ICML 2021): in every round each site also
+    trains a personal model on its training split, pulled towards the round's global model by
+    (λ/2)·‖v − w‖² (``ditto_lambda``), for ``federation.local_epochs`` epochs, and keeps the
+    round its validation split prefers. The global training is unchanged by either. Personal
+    models never leave the site (its state folder); only their test metrics do, under the same
+    ``min_cell`` rule as every metric. A DP site trains its personal model with DP-SGD too, from
+    the same ledger (the run's plan includes those steps).
+    """
+
+    method: Literal["none", "fine_tune", "ditto"] = "none"
+    epochs: int = Field(10, ge=1, description="fine_tune: most epochs of local training after "
+                                              "the federation (the best on the site's own "
+                                              "validation split is kept, 0 included)")
+    ditto_lambda: float = Field(0.1, ge=0, description="ditto: λ of the pull towards the "
+                                                       "global model (0: local training only)")
+    lr: float | None = Field(None, gt=0, description="learning rate of personal training "
+                                                     "(default train.lr)")
+    threshold: Literal["site", "global"] = Field(
+        "site", description="the personal model's decision threshold: chosen on the site's own "
+                            "validation split (site) or the federation's (global)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 class SimulationConfig(Section):
     """Virtual sites on one machine (`safn-sim`): partitioning and the Ray backend."""
 
@@ -419,6 +451,7 @@ class SafnConfig(Section):
     federation: FederationConfig = FederationConfig()
     simulation: SimulationConfig = SimulationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    personalisation: PersonalisationConfig = PersonalisationConfig()
     site: SiteConfig | None = None
     server: ServerConfig = ServerConfig()
 

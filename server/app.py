@@ -115,7 +115,21 @@ class Coordinator:
             except StopEarly as stop:
                 self.report(str(stop))
         self._finish()
+        self._personalise()
         return self.state
+
+    def _personalise(self) -> None:
+        """A personalised run's last step: each training site's personal model against the
+        selected global one on its test split (`server.personalisation`); done once per run."""
+        from server.personalisation import lines, personalisation_done, personalise_sites
+
+        if not self.cfg.personalisation.enabled or personalisation_done(self.run_dir):
+            return
+        last = selected_entry(self.state.history)
+        record = personalise_sites(self, sorted(self.desc.eligible),
+                                   self.state.selected_weights(), last.get("threshold", 0.5))
+        for line in lines(record):
+            self.report(line)
 
     def _secure_statistics_round(self, nodes: list[int]) -> Described:
         from server.secure_aggregation import SecureAggregation

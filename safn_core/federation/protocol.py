@@ -71,6 +71,7 @@ class Task:
     SECAGG_KEYS = "secagg-keys"    # a fresh key pair for a redone secure sum
     SECAGG_MASK = "secagg-mask"    # a site's masked vector for a redone secure sum
     RUN_END = "run-end"            # the run is over (completed or stopped): sites may leave
+    PERSONALISE = "personalise"    # personalisation: each site's personal vs the global model
 
 
 class RunEnd:
@@ -102,6 +103,7 @@ class Config:
     RUN_STATUS = "run-status"          # run-end: "completed" or "stopped"
     RUN_REASON = "run-reason"          # run-end: why a run stopped ("" when it completed)
     LAST_ROUND = "last-round"          # run-end: the last round the run trained
+    THRESHOLD = "threshold"            # personalise: the federation's decision threshold
 
 
 class SecAgg:
@@ -125,6 +127,7 @@ class Aggregation:
     STATISTICS_SCALED = "statistics-scaled"
     TRAIN = "train"
     EVALUATE = "evaluate"
+    PERSONALISE = "personalise"
 
 
 class Metric:
@@ -153,6 +156,18 @@ class Metric:
     # evaluation, plain: the validation loss sum (for the coordinator's model selection)
     VAL_LOSS_SUM = "val-loss-sum"
     VAL_EXAMPLES = "val-examples"
+    # personalise: a site's global-vs-personal comparison on its test split; the metrics
+    # (prefix + `personal.COMPARED`) only where both its test classes pass min_cell, else
+    # WITHHELD; the confusion counts [TP, FN, TN, FP] plain only then, else zeros (under
+    # secure aggregation they travel masked, never beside)
+    PERSONAL_REPORTED = "personal-reported"
+    PERSONAL_REFUSED = "personal-refused"  # 1: no personal model (reason in ``REFUSAL``)
+    PERSONAL_N = "personal-n"          # test participants behind the metrics
+    PERSONAL_SELECTED = "personal-selected"  # the kept epoch (fine_tune) or round (ditto)
+    GLOBAL_PREFIX = "global-"
+    PERSONAL_PREFIX = "personal-"
+    GLOBAL_CONFUSION = "global-confusion"
+    PERSONAL_CONFUSION = "personal-confusion"
     # statistics round, plain
     N_TRAIN = "n-train"
     CLASS_0 = "class-0"

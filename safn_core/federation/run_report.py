@@ -39,6 +39,48 @@ def rejected_and_privacy(rep: Report, history: list[dict], run_dir: Path) -> Non
     if rejected:
         rep.heading("Rejected updates").table(pd.DataFrame(rejected))
     privacy_section(rep, history, run_dir)
+    personalisation_section(rep, run_dir)
+
+
+def personalisation_section(rep: Report, run_dir: Path) -> None:
+    """Global vs personal model per training site and pooled (``personalisation.json``)."""
+    import json
+
+    path = Path(run_dir) / "personalisation.json"
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    rep.heading(f"Personalisation ({record['method']})")
+    rows = []
+    for name, s in record["sites"].items():
+        row = {"site": name, "test participants": s.get("n") or "-",
+               "kept": "-" if s.get("selected") is None else
+               (f"epoch {s['selected']}" if record["method"] == "fine_tune"
+                else f"round {s['selected']}")}
+        for which in ("global", "personal"):
+            m = s.get(which)
+            for k in ("balanced_accuracy", "sensitivity", "specificity", "roc_auc"):
+                row[f"{which} {k.replace('_', ' ')}"] = (
+                    f"{m[k]:.3f}" if m and m.get(k) is not None else
+                    ("no personal model" if s.get("refused") else "withheld (min_cell)"))
+        rows.append(row)
+    pooled = record.get("pooled")
+    if pooled:
+        rows.append({"site": "pooled", "test participants": pooled["n"], "kept": "-",
+                     **{f"{w} {k.replace('_', ' ')}": f"{pooled[w][k]:.3f}"
+                        for w in ("global", "personal")
+                        for k in ("balanced_accuracy", "sensitivity", "specificity")}})
+    rep.table(pd.DataFrame(rows),
+              "each training site's test split: the selected global model at the federation's "
+              f"threshold ({record['threshold']:.3f}) against the site's personal model at "
+              + ("the threshold from its own validation split" if
+                 record.get("personal_threshold") == "site" else "the federation's threshold")
+              + f"; pooled: {record.get('pooled_basis')}. The personal models never left "
+                "the sites.")
+    for name, why in record.get("refused", {}).items():
+        rep.text(f"Site {name} has no personal model: {why}")
+    if record.get("no_answer"):
+        rep.text("Sites that did not answer: " + ", ".join(record["no_answer"]) + ".")
 
 
 def privacy_section(rep: Report, history: list[dict], run_dir: Path) -> None:

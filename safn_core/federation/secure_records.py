@@ -1,7 +1,9 @@
 """What each securely summed aggregation carries: its fields, bounds and how to read the sum.
 
 Three aggregations per run use secure aggregation (`safn_core.secagg`): the statistics round
-(``statistics``), each training round (``train``) and each evaluation (``evaluate``). For each,
+(``statistics``), each training round (``train``) and each evaluation (``evaluate``); a
+personalised run adds a fourth at its end (``personalise``: each site's confusion counts of the
+global and of its personal model on its test split). For each,
 this module builds the `Packing` both sides agree on, a site's values, and the coordinator's
 reading of the decoded sum. Counts (participants, classes, contributing sites) travel *inside*
 the masked vector, so the coordinator learns them only as federation-wide totals.
@@ -154,3 +156,20 @@ def evaluate_values(res: dict) -> dict:
     return {"val": res["val"].astype(np.int64), "test": res["test"].astype(np.int64),
             "val_loss_sum": float(res.get("val_loss_sum", 0.0)),
             "val_examples": int(res.get("val_examples", 0)), "sites": 1}
+
+
+def personalise_packing(parties: int) -> Packing:
+    """The personalised comparison: [TP, FN, TN, FP] of the global and of the personal model
+    on each site's test split, and the number of sites that had a personal model."""
+    return Packing((Field.count("global", (4,)), Field.count("personal", (4,)),
+                    Field.count("sites")), max_parties=parties)
+
+
+def personalise_values(confusion: dict[str, list[int]], has_model: bool) -> dict:
+    """A site's contribution: its counts whatever their size (only the sum is revealed, to
+    which min_cell then applies); zeros when it has no personal model."""
+    if not has_model:
+        return {"global": np.zeros(4, dtype=np.int64), "personal": np.zeros(4, dtype=np.int64),
+                "sites": 0}
+    return {"global": np.asarray(confusion["global"], dtype=np.int64),
+            "personal": np.asarray(confusion["personal"], dtype=np.int64), "sites": 1}

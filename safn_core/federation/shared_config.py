@@ -13,7 +13,7 @@ import yaml
 
 from safn_core.config import SafnConfig
 
-SHARED_SECTIONS = ("model", "train", "federation", "privacy")
+SHARED_SECTIONS = ("model", "train", "federation", "privacy", "personalisation")
 """What the coordinator decides for everyone; ``data`` and ``site`` stay each site's own."""
 
 

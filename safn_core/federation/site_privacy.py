@@ -180,14 +180,12 @@ def train_round(site: Site, state: dict, pre: Preprocessor, class_counts: list[i
         weights, n, loss = site.train(state, pre, class_counts, model_cfg=site.cfg.model,
                                       epochs=epochs, seed=seed, proximal_mu=proximal_mu)
         return RoundOutcome(weights, _off_metrics(n, loss), None, loss)
-    from safn_core.privacy import PrivacyError, SitePrivacy, data_fingerprint
+    from safn_core.privacy import PrivacyError
 
     sp = None
     try:
-        sp = SitePrivacy(privacy, site.arrays(pre, "train"), site.cfg.train, rounds=rounds,
-                         local_epochs=epochs, run_id=run_id,
-                         fingerprint=data_fingerprint(site.split.train, site.cohort.features),
-                         state_dir=state_dir, site=site.name, seeded=_seeded(site))
+        sp = site_dp(site, pre, privacy, state_dir=state_dir, run_id=run_id, rounds=rounds,
+                     epochs=epochs)
         sp.check_round(server_round)
         weights, report = sp.train_round(state, pre.modalities, site.cfg.model, class_counts,
                                          server_round=server_round, seed=seed,
@@ -197,3 +195,20 @@ def train_round(site: Site, state: dict, pre: Preprocessor, class_counts: list[i
     metrics = _off_metrics(report.n_train, WITHHELD)  # a DP site's loss stays at the site
     metrics.update(report.metrics())
     return RoundOutcome(weights, metrics, None, report.train_loss)
+
+
+def site_dp(site: Site, pre: Preprocessor, privacy: PrivacyConfig, *, state_dir: Path | None,
+            run_id: str, rounds: int, epochs: int, lr: float | None = None) -> "SitePrivacy":
+    """The site's DP-SGD for run ``run_id`` on its training split: the federation's rounds and,
+    planned in the same σ, its personal training (`safn_core.federation.personal`).
+    ``lr`` replaces ``train.lr`` (personal training may use its own); the plan does not
+    depend on it."""
+    from safn_core.federation.personal import planned_personal_epochs
+    from safn_core.privacy import SitePrivacy, data_fingerprint
+
+    train_cfg = site.cfg.train if lr is None else site.cfg.train.model_copy(update={"lr": lr})
+    return SitePrivacy(privacy, site.arrays(pre, "train"), train_cfg, rounds=rounds,
+                       local_epochs=epochs, personal_epochs=planned_personal_epochs(site.cfg),
+                       run_id=run_id,
+                       fingerprint=data_fingerprint(site.split.train, site.cohort.features),
+                       state_dir=state_dir, site=site.name, seeded=_seeded(site))

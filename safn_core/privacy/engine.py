@@ -164,6 +164,9 @@ class SitePrivacy(SiteBudget):
     train: the preprocessed TRAINING split (the data DP-SGD protects and samples from).
     train_cfg: batch size, learning rate, weight decay (the same as a non-DP site).
     rounds, local_epochs: what this run plans (the rounds still to come when resuming a run).
+    personal_epochs: epochs of personal training the run also plans at this site
+        (``personalisation``: Ditto's per round, or fine-tuning's after the federation); they
+        are DP-SGD steps on the same training split, so the plan's σ covers them too.
     run_id: identifies the run; its plan (σ) is stored in the ledger under this id.
     seeded: draw the noise and the Poisson batches from ``train_round``'s ``seed`` and the
         ledger entry (a simulation's virtual site: reproducible) instead of the operating
@@ -172,7 +175,7 @@ class SitePrivacy(SiteBudget):
 
     def __init__(self, cfg: PrivacyConfig, train: Arrays, train_cfg: TrainConfig, *,
                  rounds: int, local_epochs: int, run_id: str | int,
-                 fingerprint: str | None = None, ledger_path: str | Path | None = None,
+                 personal_epochs: int = 0, fingerprint: str | None = None, ledger_path: str | Path | None = None,
                  state_dir: str | Path | None = None, site: str = "",
                  lock_timeout: float = 60.0, seeded: bool = False):
         super().__init__(cfg, len(train), fingerprint=fingerprint, ledger_path=ledger_path,
@@ -181,6 +184,7 @@ class SitePrivacy(SiteBudget):
         self.train_cfg = train_cfg
         self.rounds = int(rounds)
         self.local_epochs = int(local_epochs)
+        self.personal_epochs = int(personal_epochs)
         self.run_id = str(run_id)
         self.seeded = bool(seeded)
         self.sample_rate = sample_rate_for(self.n_train, train_cfg.batch_size)
@@ -209,7 +213,8 @@ class SitePrivacy(SiteBudget):
         with self.ledger.transaction():
             plan = self.ledger.plan(self.run_id)
             if plan is None:
-                total = self.rounds * self.steps_per_round()
+                total = (self.rounds * self.steps_per_round()
+                         + self.personal_epochs * self.steps_per_epoch)
                 history = self.ledger.history()
                 try:
                     sigma = calibrate_noise(target_epsilon=self.epsilon_budget, delta=self.delta,
@@ -235,6 +240,7 @@ class SitePrivacy(SiteBudget):
                 plan = {"run_id": self.run_id, "created": now(), "noise_multiplier": sigma,
                         "sample_rate": self.sample_rate, "steps_per_epoch": self.steps_per_epoch,
                         "local_epochs": self.local_epochs, "rounds": self.rounds,
+                        "personal_epochs": self.personal_epochs,
                         "planned_steps": total, "n_train": self.n_train,
                         "batch_size": self.train_cfg.batch_size,
                         "max_grad_norm": self.cfg.max_grad_norm,
@@ -297,12 +303,17 @@ class SitePrivacy(SiteBudget):
     def train_round(self, state: Mapping[str, object], modalities: Sequence[Modality],
                     model_cfg: ModelConfig, class_counts, *, server_round: int | None,
                     seed: int, proximal_mu: float = 0.0,
-                    epochs: int | None = None) -> tuple[dict[str, np.ndarray], RoundReport]:
+                    epochs: int | None = None, kind: str = "train",
+                    anchor: Mapping[str, object] | None = None
+                    ) -> tuple[dict[str, np.ndarray], RoundReport]:
         """One DP-SGD round of local training from the global weights ``state``.
 
         Returns the new weights (plain parameter names, the layout of a non-DP site) and the
         round's `RoundReport`. A round that does not fit raises `BudgetExhausted` before
-        anything is trained or spent.
+        anything is trained or spent. ``kind`` names the ledger entry (``"train"``: the
+        federation's model; ``"personal"``: the site's own, `safn_core.federation.personal`).
+        ``anchor``: the weights the proximal term pulls towards (default ``state``; Ditto
+        starts from the personal model and pulls it towards the global one).
         """
         from opacus import PrivacyEngine
 
@@ -316,10 +327,15 @@ class SitePrivacy(SiteBudget):
         steps = self.steps_per_round(epochs)
         with self.ledger.transaction():  # check and reserve atomically, BEFORE training
             self._fit_or_raise(self.ledger.history(), sigma, steps, server_round)
-            seq = self.ledger.reserve(kind="train", run_id=self.run_id, round=server_round,
+            seq = self.ledger.reserve(kind=kind, run_id=self.run_id, round=server_round,
                                       noise_multiplier=sigma, sample_rate=q, steps=steps)
         # From here a failure leaves the reservation charged in full.
         global_params = {id(p): p.detach().clone() for p in model.parameters()}
+        if anchor is not None:
+            pulled = make_model(tuple(modalities), model_cfg, seed)
+            load_federation_state(pulled, anchor)
+            global_params = {id(p): q.detach().clone()
+                             for p, q in zip(model.parameters(), pulled.parameters())}
         secure = bool(self.cfg.secure_rng)
         material = (seed, seq) if self.seeded and not secure else None
         # the Poisson sampler draws from the loader's generator (secure mode: Opacus' own)

@@ -1,0 +1,94 @@
+"""A site's part of personalisation (``personalisation.method``), thin over
+`safn_core.federation.personal`.
+
+- In every training round of a Ditto run, after the global update is computed, the site trains
+  its personal model (`ditto_step`); nothing of it is added to the reply.
+- The ``personalise`` query at the end of the run carries the selected global model and the
+  federation's threshold: the site makes or loads its personal model, compares both on its
+  test split and answers with the comparison's metrics (only where its test classes pass
+  ``min_cell``); under secure aggregation the confusion counts are masked
+  (`safn_core.federation.secure_records.personalise_values`), in plain runs they ride beside the
+  metrics under the same rule. The personal model itself never leaves the site's state folder.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client import secure_aggregation as secure
+from client import site_context as sc
+from client.site_console import say
+from safn_core.errors import SafnError
+from safn_core.federation.loop import site_seed
+from safn_core.federation.personal import (comparison_line, comparison_to_metrics,
+                                           ditto_round, personalise)
+from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, REFUSAL, Config,
+                                           Describe)
+from safn_core.federation.secure_records import personalise_values
+from safn_core.federation.shared_config import shared_config
+from safn_core.federation.site import Site
+from safn_core.federation.site_privacy import effective_privacy
+
+
+def _run_id(msg: Message, config: ConfigRecord) -> str:
+    return str(config.get(Config.RUN_ID, f"flower-run-{msg.metadata.run_id}"))
+
+
+def ditto_step(msg: Message, context: Context, site: Site, config: ConfigRecord,
+               global_weights: dict, server_round: int) -> None:
+    """Ditto's personal training of this round (its line on the site's terminal)."""
+    try:
+        privacy = effective_privacy(site, shared_config(str(config[Config.SAFN_CONFIG])).privacy)
+    except (SafnError, ValueError) as exc:  # the training reply already reported it
+        say(f"round {server_round}: personal model not trained: {exc}")
+        return
+    out = ditto_round(site, global_weights, sc.preprocessor(site, config),
+                      list(config[Config.CLASS_COUNTS]), server_round=server_round,
+                      privacy=privacy, state_dir=sc.state_dir(site, context),
+                      run_id=_run_id(msg, config),
+                      seed=site_seed(int(config[Config.SEED]), server_round,
+                                     sc.partition(context)))
+    if out.refusal is not None:
+        say(f"round {server_round}: personal model not trained: {out.refusal}")
+    elif out.trained:
+        say(f"round {server_round}: personal model (ditto) trained, validation loss "
+            f"{out.val_loss:.4f}; kept round {out.selected_round}")
+
+
+def personalise_reply(msg: Message, context: Context) -> Message:
+    config = msg.content[CONFIG]
+    site = sc.site_for(context, config)
+    shared = shared_config(str(config[Config.SAFN_CONFIG]))
+    reason = None
+    try:
+        privacy = effective_privacy(site, shared.privacy)
+    except (SafnError, ValueError) as exc:
+        privacy, reason = None, " ".join(str(exc).split())
+    state = sc.state_dir(site, context)
+    if privacy is not None:
+        comparison = personalise(
+            site, sc.global_weights(site, msg.content[ARRAYS], config),
+            sc.preprocessor(site, config), list(config[Config.CLASS_COUNTS]),
+            federation_threshold=float(config[Config.THRESHOLD]), privacy=privacy,
+            state_dir=state, run_id=_run_id(msg, config),
+            seed=site_seed(int(config[Config.SEED]), shared.federation.rounds + 1,
+                           sc.partition(context)))
+        reason = comparison.refusal
+        say(comparison_line(comparison))
+    else:
+        from safn_core.federation.personal import Comparison
+
+        comparison = Comparison(site.name, shared.personalisation.method, [0, 0], False, {},
+                                {"global": [0] * 4, "personal": [0] * 4}, {}, refusal=reason)
+        say(f"personalisation: no personal model: {reason}")
+    safe = secure.is_secure(config)
+    content = {METRICS: MetricRecord(comparison_to_metrics(comparison, secure=safe))}
+    if reason is not None:
+        content[REFUSAL] = ConfigRecord({Describe.REASON: reason})
+    if safe:
+        sess = sc.session(site, context)
+        masked = secure.mask(sess, state, config,
+                             personalise_values(comparison.confusion, reason is None))
+        content[ARRAYS] = ArrayRecord({MASKED: Array(masked)})
+        content[secure.RECORD] = secure.announce(sess, config)
+    return Message(RecordDict(content), reply_to=msg)

@@ -1,0 +1,170 @@
+"""The end of a personalised run (``personalisation.method``): every training site compares its
+personal model with the global one on its own test split.
+
+After the bundle of the selected global model is written, the coordinator sends that model and
+the federation's threshold to every training site in one ``personalise`` query
+(`client.personal_replies`). Each site answers with its own comparison where its test classes
+pass ``min_cell``; the pooled comparison comes from the sites' confusion counts, summed by
+secure aggregation when the run uses it (``personalise``, `secure_records.personalise_packing`;
+``min_cell`` then applies to the pooled class totals) and otherwise from the sites that
+reported. The result is ``<run folder>/personalisation.json``, in the run's reports. The
+personal models stay at the sites; nothing here can read them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from safn_core.federation.personal import (COMPARED, comparison_from_metrics,
+                                           pooled_from_confusion)
+from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, MODEL, REFUSAL,
+                                           Config, Describe, Layout, Task)
+from safn_core.federation.secure_records import personalise_packing
+from safn_core.io import write_json
+
+FILE = "personalisation.json"
+
+
+def personalisation_done(run_dir: Path) -> bool:
+    return (Path(run_dir) / FILE).is_file()
+
+
+def personalise_sites(coordinator, nodes: list[int], weights: dict, threshold: float) -> dict:
+    """Ask every training site in ``nodes`` for its comparison; the run's record of them."""
+    from safn_core.federation.run_folder import run_identity
+
+    cfg = coordinator.cfg
+    layout = Layout.of(weights)
+    pre = coordinator.state.preprocessing
+    config = {Config.TASK: Task.PERSONALISE, Config.SAFN_CONFIG: coordinator.shared_text,
+              Config.RUN_ID: run_identity(coordinator.run_dir), Config.PRE_MEAN: list(pre["mean"]),
+              Config.PRE_SCALE: list(pre["scale"]),
+              Config.CLASS_COUNTS: [int(c) for c in coordinator.state.class_counts],
+              Config.SEED: cfg.train.seed, Config.MODEL_LAYOUT: layout.fingerprint(),
+              Config.THRESHOLD: float(threshold),
+              Config.HELD_OUT_SITES: sorted(coordinator.held_out)}
+    secure = getattr(coordinator, "secure", None) if cfg.federation.secure_aggregation else None
+    ctx = packing = None
+    if secure is not None:
+        ctx = secure.context(coordinator.state.round + 1, "personalise")
+        packing = personalise_packing(len(nodes))
+        entries, nodes = secure.start(ctx, packing, nodes, None)
+        if len(nodes) < secure.min_parties:
+            return _write(coordinator, _unavailable(
+                cfg, threshold, f"only {len(nodes)} sites sent a key for the secure sum, fewer "
+                                f"than {secure.min_parties}"))
+        config.update(entries)
+    vector = layout.flatten(weights)
+    messages = [Message(RecordDict({CONFIG: ConfigRecord(dict(config)),
+                                    ARRAYS: ArrayRecord({MODEL: Array(vector)})}),
+                        dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    names = coordinator.desc.names
+    sites, vectors, refused, failed = {}, {}, {}, []
+    answered = set()
+    for reply in coordinator.grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+        nid = reply.metadata.src_node_id
+        if reply.has_error():
+            failed.append(names.get(nid, str(nid)))
+            continue
+        answered.add(nid)
+        name = names.get(nid, str(nid))
+        sites[name] = comparison_from_metrics(reply.content[METRICS])
+        if REFUSAL in reply.content.config_records:
+            refused[name] = str(reply.content[REFUSAL][Describe.REASON])
+        if secure is not None:
+            secure.note(nid, reply.content)
+            arr = reply.content.array_records.get(ARRAYS)
+            if arr is not None and MASKED in arr:
+                vectors[nid] = arr[MASKED].numpy()
+    missing = sorted(names.get(n, str(n)) for n in nodes if n not in answered)
+    record = {"method": cfg.personalisation.method, "threshold": float(threshold),
+              "personal_threshold": cfg.personalisation.threshold,
+              "sites": dict(sorted(sites.items())), "refused": refused,
+              "no_answer": sorted(set(missing) | set(failed))}
+    if secure is not None:
+        from safn_core.secagg import SecureSumFailed
+
+        try:
+            result = secure.finish(ctx, packing, list(nodes), vectors)
+        except SecureSumFailed as exc:
+            record.update(_unavailable(cfg, threshold, str(exc), record))
+            return _write(coordinator, record)
+        total = {k: np.asarray(result.values[k]).tolist() for k in ("global", "personal")}
+        record["pooled"] = pooled_from_confusion(total, cfg.data.min_cell)
+        record["pooled_basis"] = (f"secure sum over {int(result.values['sites'])} sites with a "
+                                  "personal model")
+    else:
+        reported = [s for s in sites.values() if s["reported"] and "confusion" in s]
+        total = {k: np.sum([s["confusion"][k] for s in reported], axis=0).tolist()
+                 if reported else [0, 0, 0, 0] for k in ("global", "personal")}
+        record["pooled"] = pooled_from_confusion(total, cfg.data.min_cell)
+        record["pooled_basis"] = (f"sum over the {len(reported)} sites whose test split passes "
+                                  "min_cell")
+        for s in sites.values():  # the counts served the pooled sum; the record keeps metrics
+            s.pop("confusion", None)
+    return _write(coordinator, record)
+
+
+def _unavailable(cfg, threshold: float, why: str, record: dict | None = None) -> dict:
+    """A comparison without a pooled part (its secure sum could not be made)."""
+    base = record or {"method": cfg.personalisation.method, "threshold": float(threshold),
+                      "personal_threshold": cfg.personalisation.threshold, "sites": {},
+                      "refused": {}, "no_answer": []}
+    return {**base, "pooled": None, "pooled_basis": f"no pooled comparison: {why}"}
+
+
+def _write(coordinator, record: dict) -> dict:
+    record["summary"] = summary(record)
+    write_json(Path(coordinator.run_dir) / FILE, record)
+    return record
+
+
+def summary(record: dict) -> dict:
+    """Mean per-site balanced accuracy of each model over the sites that reported, and at how
+    many of them the personal model is at least as good."""
+    rows = [s for s in record["sites"].values() if s["reported"] and s["global"]
+            and s["personal"]]
+    if not rows:
+        return {"sites_reported": 0}
+    g = [s["global"]["balanced_accuracy"] for s in rows]
+    p = [s["personal"]["balanced_accuracy"] for s in rows]
+    return {"sites_reported": len(rows), "mean_global": float(np.mean(g)),
+            "mean_personal": float(np.mean(p)),
+            "sites_personal_at_least_global": int(sum(b >= a for a, b in zip(g, p)))}
+
+
+def lines(record: dict) -> list[str]:
+    """The coordinator's report lines for the comparison."""
+    out = []
+    for name, s in record["sites"].items():
+        if name in record["refused"]:
+            out.append(f"personalisation: site {name} has no personal model: "
+                       f"{record['refused'][name]}")
+        elif not s["reported"]:
+            out.append(f"personalisation: site {name} withheld its comparison (a class of its "
+                       "test split below min_cell)")
+        else:
+            out.append(f"personalisation: site {name}: balanced accuracy "
+                       f"{s['global']['balanced_accuracy']:.3f} global, "
+                       f"{s['personal']['balanced_accuracy']:.3f} personal "
+                       f"({s['n']} test participants)")
+    for name in record["no_answer"]:
+        out.append(f"personalisation: site {name} did not answer")
+    pooled = record.get("pooled")
+    if pooled:
+        out.append(f"personalisation ({record['method']}): pooled balanced accuracy "
+                   f"{pooled['global']['balanced_accuracy']:.3f} global, "
+                   f"{pooled['personal']['balanced_accuracy']:.3f} personal "
+                   f"({pooled['n']} test participants; {record['pooled_basis']})")
+    elif record.get("pooled_basis", "").startswith("no pooled"):
+        out.append(f"personalisation ({record['method']}): {record['pooled_basis']}")
+    else:
+        out.append(f"personalisation ({record['method']}): no pooled comparison (fewer than "
+                   "min_cell test participants of a class in the sum)")
+    return out
+
+
+__all__ = ["personalise_sites", "personalisation_done", "lines", "summary", "FILE", "COMPARED"]
