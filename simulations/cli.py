@@ -212,6 +212,9 @@ def run(argv: list[str] | None = None) -> int:
                "selected_round": chosen.get("round"),
                "federated_selected_round": chosen or None,
                "federated_last_round": state.history[-1] if state.history else None}
+    if cfg.personalisation.enabled and (run_dir / "personalisation.json").is_file():
+        # what the coordinator learnt (the sites' own full records stay in their state folders)
+        results["personalisation"] = json.loads((run_dir / "personalisation.json").read_text())
     if cfg.simulation.compare:
         console.print("training the pooled and local-only models on the same splits ...")
         df, n_test = compare(cohort, parts, cfg, load_federated(run_dir))

@@ -57,7 +57,10 @@ def test_safn_sim_end_to_end(table, tmp_path):
     out = tmp_path / "run"
     # plain aggregation, so that the in-process loop below must match bit for bit; secure
     # aggregation end to end: tests/test_secure_federation.py (and the resume test below)
-    done = run(argv(table, out, "federation.rounds=3", "federation.secure_aggregation=false"))
+    # personalised by fine-tuning, after the federation: its global model is unchanged
+    done = run(argv(table, out, "federation.rounds=3", "federation.secure_aggregation=false",
+                    "personalisation.method=fine_tune", "personalisation.epochs=3",
+                    f"simulation.site_state_dir={tmp_path / 'state'}"))
     assert done.code == 0, done.out[-3000:] + done.err[-3000:]
     text = done.out
     assert "INFO" not in text and "Traceback" not in done.err  # no Flower/Ray log flood
@@ -92,6 +95,23 @@ def test_safn_sim_end_to_end(table, tmp_path):
             in card)
     rounds = pd.read_csv(out / "rounds.csv")
     assert set(rounds.site) == {"pooled", "site_A", "site_B", "site_C"}
+    # every site compared its fine-tuned model with the global one on its test split; the
+    # pooled comparison sums the counts of the sites that passed min_cell (plain run)
+    personal = results["personalisation"]
+    assert personal["method"] == "fine_tune" and not personal["refused"]
+    assert sorted(personal["sites"]) == ["site_A", "site_B", "site_C"]
+    assert personal["pooled_basis"] == "sum over the 3 sites whose test split passes min_cell"
+    assert personal["pooled"]["n"] == sum(s["n"] for s in personal["sites"].values()) \
+        == history[chosen - 1]["n_test"]
+    for name, s in personal["sites"].items():
+        assert 0 <= s["selected"] <= 3 and "confusion" not in s
+        # the global model at the federation's threshold: the figure of the selected round
+        assert s["global"]["balanced_accuracy"] == pytest.approx(
+            history[chosen - 1]["sites"][name]["balanced_accuracy"], abs=1e-9)
+        kept = tmp_path / "state" / name / "personal"
+        assert len(list(kept.glob("*/selected.npz"))) == 1
+    assert "personalisation (fine_tune): pooled balanced accuracy" in text
+    assert "Personalisation (fine_tune)" in (out / "report.html").read_text()
 
     # the Flower apps add nothing to the maths: the in-process loop gives the same weights
     # (bit for bit, with one torch thread as in every ClientApp)

@@ -1,9 +1,10 @@
 """Secure aggregation in the federation: the coordinator sees only federation-wide sums.
 
-One real Ray simulation (4 training sites and a held-out one) with a recorder around the coordinator's Grid: every
-reply the coordinator receives is checked for plain-text per-site statistics, histograms or
-updates; one site's reply is lost in round 2's training (after the key exchange), and the round
-completes with the other three. Plus the aggregation's exactness, and the refusals.
+One real Ray simulation (4 training sites and a held-out one, personalised by Ditto) with a
+recorder around the coordinator's Grid: every reply the coordinator receives is checked for
+plain-text per-site statistics, histograms or updates, and no message either way carries a
+site's personal model; one site's reply is lost in round 2's training (after the key exchange),
+and the round completes with the other three. Plus the aggregation's exactness, and the refusals.
 """
 
 from __future__ import annotations
@@ -101,13 +102,14 @@ class Recorder:
 
     def __init__(self, grid, lost_site_index: int = 0):
         self._grid, self.replies, self.lost, self._lost_index = grid, [], None, lost_site_index
-        self.dropped = 0
+        self.dropped, self.sent = 0, []
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages, *args, **kwargs):
         messages = list(messages)
+        self.sent.extend(messages)
         drop = False
         for m in messages:
             cfg = m.content.config_records.get("config")
@@ -145,7 +147,7 @@ def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_r
                              "server.held_out_sites=[site_05]",
                              "federation.rounds=3", "federation.local_epochs=1",
                              f"simulation.site_state_dir={tmp_path / 'state'}",
-                             *SMALL_MODEL])
+                             "personalisation.method=ditto", *SMALL_MODEL])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cohort = load_cohort(cfg.data, cfg.synth)
@@ -208,6 +210,38 @@ def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_r
     assert basis["secure_aggregation"] and basis["participants"] == n_test
     assert basis["sites"] == sorted(s.name for s in training_sites)
     assert basis["held_out"] == {"site_05": len(parts["site_05"])}
+    _personal_models_stayed_at_the_sites(rec, run_dir, cfg, training_sites, bundle)
+
+
+def _personal_models_stayed_at_the_sites(rec, run_dir, cfg, training_sites, bundle):
+    """Ditto: each training site kept its personal models in its own state folder; none of
+    their weights is in any message sent or received; the pooled comparison is a secure sum."""
+    from safn_core.federation.personal_store import PersonalStore
+    from safn_core.federation.protocol import Layout
+    from safn_core.federation.run_folder import run_identity
+    from simulations.virtual_sites import virtual_site_state_dir
+
+    record = json.loads((run_dir / "personalisation.json").read_text())
+    assert record["method"] == "ditto" and sorted(record["sites"]) == sorted(
+        s.name for s in training_sites)
+    assert record["pooled_basis"].startswith("secure sum over 4 sites")
+    assert record["pooled"]["n"] == sum(len(s.split.test) for s in training_sites)
+    personal = []
+    for s in training_sites:
+        store = PersonalStore(virtual_site_state_dir(run_dir, s.name), run_identity(run_dir))
+        for weights in (store.current(), store.selected()[0]):
+            assert weights is not None, s.name
+            personal.append(Layout.of(weights).flatten(weights))
+    assert all(not np.allclose(v, personal[0]) for v in personal[2:])  # each site its own
+    carried = []
+    for m in [*rec.sent, *rec.replies]:
+        for arrays in m.content.array_records.values():
+            carried += [a.numpy() for a in arrays.values()]
+    assert any(a.dtype != np.uint64 for a in carried)  # the global models sent to the sites
+    for v in personal:
+        for a in carried:
+            if a.shape == v.shape and a.dtype != np.uint64:
+                assert not np.allclose(a.astype(np.float64), v, atol=1e-6)
 
 
 def _sites(cohort, parts, cfg):
