@@ -63,8 +63,11 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
     sites[2].wait_for_output(r"staying connected for the coordinator's next run", 120)
     assert sites[2].proc.poll() is None
     # ... and serves it: a new coordinator (a new run folder, so a new SuperLink database that
-    # knows nothing of the site's session) on the same address, with the two others back
-    again = fed.server("--set", f"server.run_dir={fed.folder / 'run2'}")
+    # knows nothing of the site's session) on the same address, with the two others back; this
+    # run is personalised (fine-tuning): each site keeps its model in its own state folder
+    again = fed.server("--set", f"server.run_dir={fed.folder / 'run2'}",
+                       "--set", "personalisation.method=fine_tune",
+                       "--set", "personalisation.epochs=2")
     again.wait_for_output(r"run \d+ submitted", 240)
     back = [fed.site("site_a"), fed.site("site_b")]
     assert again.wait(300) == 0, again.output()[-4000:]
@@ -72,6 +75,14 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
     stayed = sites[2].wait_for_output(r"run end: the run \(run id (run2-\w+)", 120)
     assert stayed.group(1) in again.output() and sites[2].proc.poll() is None
     assert "waiting for its next run (--stay)" in sites[2].output()
+    assert "personalisation (fine_tune): pooled balanced accuracy" in again.output()
+    assert "personalisation (fine_tune, kept epoch" in sites[2].output()
+    personal = json.loads((fed.folder / "run2" / "personalisation.json").read_text())
+    assert sorted(personal["sites"]) == list(SITES) and not personal["refused"]
+    assert personal["pooled_basis"] == "secure sum over 3 sites with a personal model"
+    for site in SITES:
+        kept = list((fed.folder / f"state_{site}" / "personal").glob(f"{stayed.group(1)}/*"))
+        assert {p.name for p in kept} >= {"selected.npz", "selected.json", "evaluation.json"}
     # secure aggregation (the default): the coordinator saw sums only, and each site's audit
     # log records masked vectors by shape and public keys, no per-site counts or histograms
     assert "secure aggregation: statistics summed over 3 sites" in out
@@ -110,10 +121,13 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
     sums = [sr.statistics_packing(n_features, fed_cfg, 3).size,
             sr.scaled_packing(n_features, fed_cfg, 3).size,
             sr.train_packing(n_params, fed_cfg, 3).size,
-            sr.evaluate_packing(fed_cfg.histogram_bins, fed_cfg, 3).size]
+            sr.evaluate_packing(fed_cfg.histogram_bins, fed_cfg, 3).size,
+            sr.personalise_packing(3).size]  # the second run's personalised comparison
     for site in SITES:
         entries = _audit(fed, site)
         assert {e["type"] for e in entries} >= {"query", "train", "evaluate"}
+        assert any(e.get("records", {}).get("arrays", {}).get("arrays", {}).get("masked", {})
+                   .get("shape") == [sr.personalise_packing(3).size] for e in entries)
         for e in entries:
             assert "error" not in e, e
             for name, rec in e["records"].items():
