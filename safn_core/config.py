@@ -220,6 +220,42 @@ class FederationConfig(Section):
         return self
 
 
+class HarmonisationConfig(Section):
+    """ComBat harmonisation of the imaging features across sites (docs/harmonisation.md).
+
+    Fitted on training data only: in a federation on every training site's training split from
+    per-site sums (distributed ComBat), in ``safn-train`` inside each training fold with the site
+    column as the batch. A site outside the fit (held-out, joining later, ``safn-validate`` at a
+    new hospital) adjusts itself from its own participants with the global fit: no labels.
+    """
+
+    method: Literal["none", "combat"] = "none"
+    modalities: list[str] | None = Field(
+        None, description="modalities to harmonise (default: every imaging-side modality)")
+    covariates: dict[str, Literal["continuous"] | list[str | int | float | bool]] = Field(
+        default_factory=lambda: {"AGE": "continuous", "SEX": [0, 1]},
+        description="effects ComBat preserves: column -> 'continuous' or its declared "
+                    "categories (the first is the reference); never the diagnosis label")
+    empirical_bayes: bool = Field(True, description="shrink each site's location and scale "
+                                                    "across features (ComBat's empirical Bayes)")
+    parametric: bool = Field(True, description="parametric priors (false: non-parametric)")
+
+    @field_validator("covariates")
+    @classmethod
+    def _no_label(cls, value: dict) -> dict:
+        for name in value:
+            if name.lower() in ("label", "diagnosis", "dx"):
+                raise ValueError(
+                    f"'{name}' is the diagnosis; it can never be a ComBat covariate: applying the harmonisation would then need every participant's "
+                    "diagnosis, the test participants' included (the answer the model is asked "
+                    "for). Remove it; docs/harmonisation.md says what leaving it out costs")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 class PersonalisationConfig(Section):
     """Every site keeps a model of its own beside the federation's (docs/personalisation.md).
 
@@ -452,6 +488,7 @@ class SafnConfig(Section):
     simulation: SimulationConfig = SimulationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     personalisation: PersonalisationConfig = PersonalisationConfig()
+    harmonisation: HarmonisationConfig = HarmonisationConfig()
     site: SiteConfig | None = None
     server: ServerConfig = ServerConfig()
 

@@ -13,7 +13,8 @@ import yaml
 
 from safn_core.config import SafnConfig
 
-SHARED_SECTIONS = ("model", "train", "federation", "privacy", "personalisation")
+SHARED_SECTIONS = ("model", "train", "federation", "privacy", "personalisation",
+                   "harmonisation")
 """What the coordinator decides for everyone; ``data`` and ``site`` stay each site's own."""
 
 
