@@ -22,6 +22,7 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import harmonisation_replies as harmonisation
 from client import personal_replies as personal
 from client import secure_aggregation as secure
 from client import secure_replies as replies
@@ -52,6 +53,8 @@ def query(msg: Message, context: Context) -> Message:
         return record_run_end(msg, context)
     if task == Task.PERSONALISE:
         return personal.personalise_reply(msg, context)
+    if task == Task.HARMONISE:
+        return harmonisation.harmonise_reply(msg, context)
     reply = describe(msg, context)
     said = reply.content[SITE]
     say("statistics round: " + ("described this site's data" if said[Describe.OK] else

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client import harmonisation_replies as harmonisation
 from client import secure_aggregation as secure
 from client import site_context as sc
 from client.site_console import say
@@ -48,11 +49,21 @@ def secagg_mask(msg: Message, context: Context) -> Message:
     try:
         vector = secure.remask(sess, state, config)
     except ValueError:
-        if ctx.name not in (Aggregation.STATISTICS, Aggregation.STATISTICS_SCALED):
+        step = harmonisation.step_of(ctx.name)
+        if step is not None:  # federated ComBat's sums (or zeros and the site's reason)
+            values, reason = harmonisation.sums(site, config, step)
+            if reason is not None:
+                say(f"harmonisation: not taking part: {reason} (masked zeros sent)")
+                content[REFUSAL] = ConfigRecord({Describe.REASON: reason})
+                values = harmonisation.zeros(site, config, step)
+            values["n"] = np.rint(values["n"]).astype(np.int64)  # a count field
+            vector = secure.mask(sess, state, config, values)
+        elif ctx.name in (Aggregation.STATISTICS, Aggregation.STATISTICS_SCALED):
+            values, mechanism = statistics_values_of(msg, context, site, config, ctx.name)
+            content[STATISTICS] = ConfigRecord(mechanism)  # the site's own privacy report
+            vector = secure.mask(sess, state, config, values)
+        else:
             raise
-        values, mechanism = statistics_values_of(msg, context, site, config, ctx.name)
-        content[STATISTICS] = ConfigRecord(mechanism)  # the site's own privacy report
-        vector = secure.mask(sess, state, config, values)
     return Message(RecordDict({ARRAYS: ArrayRecord({MASKED: Array(vector)}),
                                secure.RECORD: secure.announce(sess, config), **content}),
                    reply_to=msg)

@@ -61,9 +61,56 @@ def site_for(context: Context, config: ConfigRecord) -> Site:
     shared_text = str(config[Config.SAFN_CONFIG])
     node = context.node_config
     if NodeConfig.SITE_CONFIG in node:
-        return _deployed_site(str(node[NodeConfig.SITE_CONFIG]), shared_text)
-    run_dir = run_dir_from(dict(context.run_config))
-    return _sim_site(run_dir, int(node[NodeConfig.PARTITION_ID]), shared_text)
+        site = _deployed_site(str(node[NodeConfig.SITE_CONFIG]), shared_text)
+    else:
+        run_dir = run_dir_from(dict(context.run_config))
+        site = _sim_site(run_dir, int(node[NodeConfig.PARTITION_ID]), shared_text)
+    if Config.HARMONISATION_FIT in config:  # federated ComBat: the site's harmonised data
+        held_out = site.name in list(config.get(Config.HELD_OUT_SITES, []))
+        site = _harmonised(site, str(config[Config.HARMONISATION_FIT]), held_out,
+                           str(config.get(Config.RUN_ID, "")), context)
+    return site
+
+
+_HARMONISED: dict = {}
+
+
+def _harmonised(site: Site, fit_text: str, held_out: bool, run_id: str,
+                context: Context) -> Site:
+    """The site with its whole cohort harmonised by its own adjustment to the run's fit
+    (`safn_core.federation.site_harmonisation`); once per process and fit. A training site
+    writes its harmonised training split to its own disk (`harmonised_file`)."""
+    import hashlib
+    import json
+
+    from safn_core.federation.site_harmonisation import harmonise_site, training_split_frame
+    from safn_core.harmonisation import CombatFit
+
+    key = (id(site), hashlib.sha256(fit_text.encode()).hexdigest(), held_out)
+    if key not in _HARMONISED:
+        if len(_HARMONISED) > 64:
+            _HARMONISED.clear()
+        fit = CombatFit.from_dict(json.loads(fit_text))
+        done = harmonise_site(site, fit, site.cfg.harmonisation, held_out)
+        harmonised = Site(site.name, done.cohort, site.cfg)
+        if not held_out:
+            path = harmonised_file(site, run_id, context)
+            if not path.is_file():
+                from safn_core.io import write_atomic
+
+                frame = training_split_frame(harmonised, done.cohort, fit.spec)
+                write_atomic(path, frame.to_csv(index=False))
+        _HARMONISED[key] = harmonised
+    return _HARMONISED[key]
+
+
+def harmonised_file(site: Site, run_id: str, context: Context) -> Path:
+    """Where a site keeps its harmonised training split: a virtual site in the simulation's run
+    folder (its disk), ``harmonised/<site>.csv``; a deployed site in its state folder,
+    ``harmonised/<run id>.csv``."""
+    if site.cfg.site is not None:
+        return Path(site.cfg.site.state_dir) / "harmonised" / f"{run_id or 'run'}.csv"
+    return run_dir_from(dict(context.run_config)) / "harmonised" / f"{site.name}.csv"
 
 
 def data_source(site: Site, context: Context) -> str:

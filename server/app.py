@@ -89,6 +89,7 @@ class Coordinator:
                                     fed.min_sites, tuple(self.cfg.server.held_out_sites),
                                     run_id=run_identity(self.run_dir))
         self.held_out = {desc.names[n] for n in desc.held_out}
+        desc = self._harmonise(nodes, desc)
         if self.held_out:
             self.report("held-out sites (evaluation only): " + ", ".join(sorted(self.held_out)))
         self.timing = {"statistics_round_s": time.perf_counter() - t0}
@@ -130,6 +131,30 @@ class Coordinator:
                                    self.state.selected_weights(), last.get("threshold", 0.5))
         for line in lines(record):
             self.report(line)
+
+    def _harmonise(self, nodes: list[int], desc: Described) -> Described:
+        """Federated ComBat (`server.harmonisation`), then the statistics round again on the
+        harmonised training splits: the preprocessing is fitted on harmonised data. Every later
+        message carries the fit (``self.extra``)."""
+        self.extra, self.harmonisation = {}, None
+        if not self.cfg.harmonisation.enabled:
+            return desc
+        import json
+
+        from server.harmonisation import fit_harmonisation
+
+        self.harmonisation = fit_harmonisation(self, desc)
+        self.extra = {Config.HARMONISATION_FIT: json.dumps(self.harmonisation.to_dict())}
+        fed = self.fed
+        if fed.secure_aggregation:
+            self.secure.base_config.update(self.extra)
+            saved = load_checkpoint(self.run_dir)
+            return secure_statistics_round(self.secure, nodes, self.cfg, self.shared_text,
+                                           (saved.round if saved is not None else 0) + 1,
+                                           self.report, context_round=1, extra=self.extra)
+        return statistics_round(self.grid, nodes, fed.round_timeout, self.shared_text,
+                                fed.min_sites, tuple(self.cfg.server.held_out_sites),
+                                run_id=run_identity(self.run_dir), extra=self.extra)
 
     def _secure_statistics_round(self, nodes: list[int]) -> Described:
         from server.secure_aggregation import SecureAggregation
@@ -211,6 +236,7 @@ class Coordinator:
             Config.HELD_OUT_SITES: sorted(self.held_out),
             # stable across a resume (unlike Flower's run id): DP sites key their plan on it
             Config.RUN_ID: run_identity(self.run_dir),
+            **self.extra,  # the harmonisation fit, if any: the sites harmonise with it
         })
         self.layout = Layout.of(self.state.weights)  # the model travels as one vector
         config[Config.MODEL_LAYOUT] = self.layout.fingerprint()

@@ -45,7 +45,8 @@ def personalise_sites(coordinator, nodes: list[int], weights: dict, threshold: f
               Config.CLASS_COUNTS: [int(c) for c in coordinator.state.class_counts],
               Config.SEED: cfg.train.seed, Config.MODEL_LAYOUT: layout.fingerprint(),
               Config.THRESHOLD: float(threshold),
-              Config.HELD_OUT_SITES: sorted(coordinator.held_out)}
+              Config.HELD_OUT_SITES: sorted(coordinator.held_out),
+              **getattr(coordinator, "extra", {})}  # the harmonisation fit, if any
     secure = getattr(coordinator, "secure", None) if cfg.federation.secure_aggregation else None
     ctx = packing = None
     if secure is not None:
@@ -143,6 +144,11 @@ def lines(record: dict) -> list[str]:
         if name in record["refused"]:
             out.append(f"personalisation: site {name} has no personal model: "
                        f"{record['refused'][name]}")
+        elif s.get("kept_global"):
+            out.append(f"personalisation: site {name} keeps the global model (its validation "
+                       "split has a class below min_cell)"
+                       + (f"; balanced accuracy {s['global']['balanced_accuracy']:.3f} "
+                          f"({s['n']} test participants)" if s["reported"] else ""))
         elif not s["reported"]:
             out.append(f"personalisation: site {name} withheld its comparison (a class of its "
                        "test split below min_cell)")

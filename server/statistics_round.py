@@ -62,6 +62,9 @@ class Described:
         # site → the kind of data it said it has (its own `data.source`: synthetic, ppmi,
         # table), from every site that answered, held-out and refusing ones included
         self.sources: dict[str, str] = {}
+        # under secure aggregation: each feature's federation-wide mean |value| (the second
+        # sum's divisors; federated ComBat sums on data divided by them too)
+        self.scales = None
 
 
 def refuse_if_too_few_for_secure_sum(n: int, what: str) -> None:
@@ -74,7 +77,8 @@ def refuse_if_too_few_for_secure_sum(n: int, what: str) -> None:
 
 def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: str,
                      min_sites: int = 1, held_out_sites: tuple[str, ...] = (), secure=None,
-                     next_ctx=None, run_id: str | None = None) -> Described:
+                     next_ctx=None, run_id: str | None = None,
+                     extra: dict | None = None) -> Described:
     """Ask every site for its training-split statistics (a QUERY message, before training);
     under secure aggregation (``secure``) only for its data structure and a public key for the
     statistics' secure sum (``next_ctx``), the sums following in `Coordinator`."""
@@ -82,6 +86,7 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
               Config.HELD_OUT_SITES: list(held_out_sites)}
     if run_id:  # a DP site charges a noised statistics round to this run (privacy.statistics)
         config[Config.RUN_ID] = run_id
+    config.update(extra or {})  # e.g. the harmonisation fit: the sites describe harmonised data
     if secure is not None:
         config.update({Config.SECURE_AGGREGATION: True, NEXT: context_json(next_ctx)})
     messages = [Message(RecordDict({CONFIG: ConfigRecord(config)}),
@@ -126,7 +131,8 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
 
 
 def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_text: str,
-                            first_round: int, report=print) -> Described:
+                            first_round: int, report=print, context_round: int = 0,
+                            extra: dict | None = None) -> Described:
     """The statistics round under secure aggregation: each site describes its data structure
     and announces a key (QUERY ``describe``); then the training sites' counts, sums and sums of
     absolute values, and (scaled per feature) their sums and sums of squares, are summed
@@ -134,14 +140,14 @@ def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_te
     last sum's replies announce the sites' keys for round ``first_round``'s training."""
     fed = cfg.federation
     held = tuple(cfg.server.held_out_sites)
-    ctx = secure.context(0, Aggregation.STATISTICS)
+    ctx = secure.context(context_round, Aggregation.STATISTICS)
     desc = statistics_round(secure.grid, nodes, fed.round_timeout, shared_text, 0, held,
-                            secure=secure, next_ctx=ctx)
+                            secure=secure, next_ctx=ctx, extra=extra)
     training = sorted(set(desc.names) - desc.held_out - set(
         n for n, name in desc.names.items() if name in desc.refused))
     refuse_if_too_few_for_secure_sum(len(training), "sites described their data")
     features = tuple(desc.structure["features"])
-    scaled_ctx = secure.context(0, Aggregation.STATISTICS_SCALED)
+    scaled_ctx = secure.context(context_round, Aggregation.STATISTICS_SCALED)
     result = secure.sum_now(ctx, statistics_packing(len(features), fed, len(training)),
                             training, {NEXT: context_json(scaled_ctx)})
     for nid, content in secure.last_contents.items():
@@ -173,6 +179,7 @@ def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_te
         report(f"{len(withheld)} features observed in fewer than min_cell people "
                     "across the federation are withheld")
     desc.stats, desc.counts = [stats], [counts]
+    desc.scales = scales
     desc.eligible = set(result.contributors)
     report(f"secure aggregation: statistics summed over {len(result.contributors)} "
                 "sites; the coordinator sees only federation-wide sums")

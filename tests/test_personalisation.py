@@ -146,7 +146,8 @@ def test_the_comparison_leaves_the_site_only_where_its_test_split_passes_min_cel
             if not secure:
                 assert (sum(m[Metric.GLOBAL_CONFUSION]) > 0) is sent
         _, chosen = PersonalStore(state, "r").selected()
-        assert chosen["threshold_from"] == "the site's validation split"
+        assert chosen["threshold_from"].startswith(
+            "the site's validation split" if sent else "the federation's")
 
 
 def test_the_personal_threshold_can_be_the_federations(tmp_path):
@@ -240,3 +241,30 @@ def test_a_dp_site_whose_budget_is_spent_refuses_its_personal_model(tmp_path):
     assert PrivacyLedger.read(default_ledger_path(state)).snapshot()["entries"] == before
     assert json.loads((folder(state, "r2") / "evaluation.json").read_text())["refusal"]
     assert comparison_to_metrics(again, secure=True)[Metric.PERSONAL_REFUSED] == 1
+
+
+def test_a_site_whose_validation_split_is_too_small_keeps_the_global_model(tmp_path):
+    from safn_core.federation.personal import unfit_validation
+
+    site, pre, counts, weights = _site(tmp_path, "personalisation.method=fine_tune",
+                                       "data.min_cell=3")
+    val = np.bincount(site.cohort.table.loc[site.split.val, "label"].to_numpy(int),
+                      minlength=2)
+    assert unfit_validation(site) is None
+    site.cfg.data.min_cell = int(val.min()) + 1  # one more than its smaller class
+    why = unfit_validation(site)
+    assert why and f"{val[0]} / {val[1]} participants per class" in why
+    state = tmp_path / "s"
+    c = personalise(site, weights, pre, counts, federation_threshold=0.41,
+                    privacy=site.cfg.privacy, state_dir=state, run_id="r", seed=0)
+    assert c.refusal is None and c.selected["kept"] == "global"
+    assert c.thresholds == {"global": 0.41, "personal": 0.41}
+    assert c.metrics["personal"] == c.metrics["global"]
+    kept, _ = PersonalStore(state, "r").selected()
+    np.testing.assert_array_equal(_flat(kept), _flat(weights))
+    assert comparison_from_metrics(comparison_to_metrics(c, secure=True))["kept_global"]
+    # Ditto trains no personal model there (a DP site would spend nothing on it)
+    out = ditto_round(site, weights, pre, counts, server_round=1, privacy=site.cfg.privacy,
+                      state_dir=state, run_id="d", seed=1)
+    assert not out.trained and out.refusal == why
+    assert PersonalStore(state, "d").current() is None

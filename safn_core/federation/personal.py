@@ -15,6 +15,12 @@ Two methods (`safn_core.config.PersonalisationConfig`):
   split prefers is kept. The global update the site sends is computed before, from ``w``, and
   is the same as without Ditto.
 
+A site whose validation split has fewer than ``min_cell`` people of a class cannot choose a
+personal model (`unfit_validation`): the choice of epoch or round and the threshold would be
+statistics of too few people (with one class, a model predicting that class for everyone looks
+best). It keeps the global model at the federation's threshold, trains no personal model (a DP
+site spends nothing on it) and says so.
+
 The personal model's threshold is the one that maximises balanced accuracy on the site's
 validation split (``personalisation.threshold: site``), or the federation's. At the end both
 models are evaluated on the site's test split (`compare_on_test`): the site keeps every figure
@@ -153,6 +159,20 @@ def validation_scores(site: Site, pre: Preprocessor, weights: dict, class_counts
                               loss="cross_entropy")
 
 
+def unfit_validation(site: Site) -> str | None:
+    """Why the site's validation split cannot choose a personal model (None when it can):
+    the choice of epoch or round and the threshold are statistics of that split, and with fewer
+    than ``min_cell`` people of a class they say nothing reliable (with one class, a model that
+    predicts that class for everyone looks best). Such a site keeps the global model."""
+    counts = np.bincount(site.cohort.table.loc[site.split.val, "label"].to_numpy(dtype=int),
+                         minlength=2).tolist()
+    if min(counts) < site.min_cell:
+        return (f"its validation split has {counts[0]} / {counts[1]} participants per class, "
+                f"fewer than min_cell = {site.min_cell}, too few to choose a personal model: "
+                "it keeps the global model")
+    return None
+
+
 # ------------------------------------------------------------------------- the two methods
 
 
@@ -205,6 +225,8 @@ def ditto_round(site: Site, global_weights: dict, pre: Preprocessor, class_count
     """Ditto's personal step of one round (see the module docstring). A round the site already
     trained (the coordinator redoing it after a crash) is not trained again."""
     cfg = site.cfg
+    if unfit_validation(site) is not None:  # the global model is this site's (`personalise`)
+        return DittoOutcome(False, None, refusal=unfit_validation(site))
     store = PersonalStore(state_dir, run_id)
     saved = store.selection_state() or {}
     if int(saved.get("last_round", 0)) >= int(server_round):
@@ -305,8 +327,12 @@ def personalise(site: Site, global_weights: dict, pre: Preprocessor, class_count
     method = site.cfg.personalisation.method
     store = PersonalStore(state_dir, run_id)
     empty = {"global": [0, 0, 0, 0], "personal": [0, 0, 0, 0]}
+    unfit = unfit_validation(site)
     try:
-        if method == "fine_tune":
+        if unfit is not None:  # nothing to choose with: the global model, its threshold
+            weights, chosen = global_weights, {"method": method, "epoch": 0,
+                                               "kept": "global", "note": unfit}
+        elif method == "fine_tune":
             weights, chosen = fine_tune(site, global_weights, pre, class_counts,
                                         privacy=privacy, state_dir=state_dir, run_id=run_id,
                                         seed=seed)
@@ -319,16 +345,19 @@ def personalise(site: Site, global_weights: dict, pre: Preprocessor, class_count
         out = Comparison(site.name, method, [0, 0], False, {}, empty, {}, refusal=str(exc))
         store.save_evaluation(out.record())
         return out
-    threshold, source = personal_threshold(site, pre, weights, federation_threshold)
+    if unfit is not None:
+        threshold, source = float(federation_threshold), "the federation's (" + unfit + ")"
+    else:
+        threshold, source = personal_threshold(site, pre, weights, federation_threshold)
     chosen = {**chosen, "threshold": threshold, "threshold_from": source}
-    if method == "fine_tune":
+    if method == "fine_tune" or unfit is not None:
         store.save_selected(weights, chosen)
     thresholds = {"global": float(federation_threshold), "personal": threshold}
     metrics, counts, n = compare_on_test(site, pre, global_weights, weights, thresholds)
     reported = min(n) >= site.cfg.data.min_cell
     out = Comparison(site.name, method, n, reported, metrics, counts, thresholds,
-                     {k: chosen.get(k) for k in ("epoch", "round", "epochs_trained")
-                      if chosen.get(k) is not None})
+                     {k: chosen.get(k) for k in ("epoch", "round", "epochs_trained", "kept",
+                                                 "note") if chosen.get(k) is not None})
     store.save_evaluation(out.record())
     return out
 
@@ -338,7 +367,9 @@ def comparison_line(c: Comparison) -> str:
     if c.refusal is not None:
         return f"personalisation: no personal model: {c.refusal}"
     g, p = c.metrics["global"], c.metrics["personal"]
-    which = (f"epoch {c.selected['epoch']}" if "epoch" in c.selected
+    which = ("the global model: " + c.selected["note"].split(", too few")[0]
+             if c.selected.get("kept") == "global" else
+             f"epoch {c.selected['epoch']}" if "epoch" in c.selected
              else f"round {c.selected.get('round')}")
     line = (f"personalisation ({c.method}, kept {which}): balanced accuracy on this site's "
             f"test split {g['balanced_accuracy']:.3f} global, {p['balanced_accuracy']:.3f} "
@@ -361,7 +392,8 @@ def comparison_to_metrics(c: Comparison, secure: bool) -> dict:
     out = {Metric.PERSONAL_REPORTED: int(sent), Metric.PERSONAL_REFUSED: int(c.refusal is not None),
            Metric.PERSONAL_N: int(sum(c.class_counts)) if sent else WITHHELD,
            Metric.PERSONAL_SELECTED: int(c.selected.get("epoch", c.selected.get("round", -1))
-                                         if c.selected else -1)}
+                                         if c.selected else -1),
+           Metric.PERSONAL_IS_GLOBAL: int(c.selected.get("kept") == "global")}
     for which, prefix in (("global", Metric.GLOBAL_PREFIX), ("personal", Metric.PERSONAL_PREFIX)):
         for k in COMPARED:
             value = c.metrics.get(which, {}).get(k) if sent else None
@@ -384,7 +416,8 @@ def comparison_from_metrics(m) -> dict:
            "refused": bool(m[Metric.PERSONAL_REFUSED]),
            "n": None if is_withheld(m[Metric.PERSONAL_N]) else int(m[Metric.PERSONAL_N]),
            "selected": None if int(m[Metric.PERSONAL_SELECTED]) < 0
-           else int(m[Metric.PERSONAL_SELECTED])}
+           else int(m[Metric.PERSONAL_SELECTED]),
+           "kept_global": bool(m.get(Metric.PERSONAL_IS_GLOBAL, 0))}
     for which, prefix in (("global", Metric.GLOBAL_PREFIX), ("personal", Metric.PERSONAL_PREFIX)):
         values = {k: m[prefix + k.replace("_", "-")] for k in COMPARED}
         out[which] = (None if not out["reported"] else

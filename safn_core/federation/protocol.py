@@ -72,6 +72,7 @@ class Task:
     SECAGG_MASK = "secagg-mask"    # a site's masked vector for a redone secure sum
     RUN_END = "run-end"            # the run is over (completed or stopped): sites may leave
     PERSONALISE = "personalise"    # personalisation: each site's personal vs the global model
+    HARMONISE = "harmonise"        # federated ComBat, plain: a site's sums (Config.HARMONISE_STEP)
 
 
 class RunEnd:
@@ -104,6 +105,12 @@ class Config:
     RUN_REASON = "run-reason"          # run-end: why a run stopped ("" when it completed)
     LAST_ROUND = "last-round"          # run-end: the last round the run trained
     THRESHOLD = "threshold"            # personalise: the federation's decision threshold
+    # federated ComBat (`safn_core.federation.site_harmonisation`)
+    HARMONISE_STEP = "harmonise-step"  # "means" (round 1) or "residuals" (round 2)
+    HARMONISATION_SCALES = "harmonisation-scales"  # per cohort feature: the divisor of its sums
+    HARMONISATION_MEANS = "harmonisation-means"    # round 2: the mean model (JSON)
+    HARMONISATION_FIT = "harmonisation-fit"        # every message after the fit (JSON): sites
+    # harmonise their data with it before they describe, train or evaluate
 
 
 class SecAgg:
@@ -128,6 +135,8 @@ class Aggregation:
     TRAIN = "train"
     EVALUATE = "evaluate"
     PERSONALISE = "personalise"
+    HARMONISE_MEANS = "harmonise-means"
+    HARMONISE_RESIDUALS = "harmonise-residuals"
 
 
 class Metric:
@@ -164,6 +173,8 @@ class Metric:
     PERSONAL_REFUSED = "personal-refused"  # 1: no personal model (reason in ``REFUSAL``)
     PERSONAL_N = "personal-n"          # test participants behind the metrics
     PERSONAL_SELECTED = "personal-selected"  # the kept epoch (fine_tune) or round (ditto)
+    PERSONAL_IS_GLOBAL = "personal-is-global"  # 1: the site's validation split is too small
+    # to choose a personal model (a class below min_cell): it keeps the global model
     GLOBAL_PREFIX = "global-"
     PERSONAL_PREFIX = "personal-"
     GLOBAL_CONFUSION = "global-confusion"

@@ -54,7 +54,8 @@ def personalisation_section(rep: Report, run_dir: Path) -> None:
     rows = []
     for name, s in record["sites"].items():
         row = {"site": name, "test participants": s.get("n") or "-",
-               "kept": "-" if s.get("selected") is None else
+               "kept": "the global model (validation split below min_cell)"
+               if s.get("kept_global") else "-" if s.get("selected") is None else
                (f"epoch {s['selected']}" if record["method"] == "fine_tune"
                 else f"round {s['selected']}")}
         for which in ("global", "personal"):

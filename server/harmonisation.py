@@ -1,0 +1,157 @@
+"""Federated ComBat at the coordinator (``harmonisation.method: combat``): two rounds of sums
+between the statistics round and the preprocessing.
+
+1. Every training site sends round-1 sums of its training split (`MeanSums`); the coordinator
+   solves the mean model from their total (`solve_means`).
+2. It sends the mean model back; every site sends its residual sums (`ResidualSums`); the
+   coordinator pools the variance (`solve_variance`).
+
+Under secure aggregation both are secure sums (``harmonise-means``, ``harmonise-residuals``),
+on data each site divides by the statistics round's per-feature scales; the coordinator
+returns the fit to the data's units (`site_harmonisation.unscale_fit`). Without it they are
+plain replies. Either way the coordinator learns only what docs/harmonisation.md lists. The fit
+then rides in every later message (``harmonisation-fit``): each site estimates its own
+location and scale and harmonises its data, and the statistics round is repeated on the
+harmonised training splits, so that the preprocessing is fitted on harmonised data. The fit is
+kept in ``<run folder>/harmonisation.json`` (a resumed run reuses it) and in the bundle.
+
+Harmonisation needs every training site: one that cannot take part (too few participants, a
+constant feature, a missing covariate, exact sums refused) stops the run with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from safn_core.errors import SafnError
+from safn_core.federation.protocol import (ARRAYS, CONFIG, REFUSAL, SITE, Aggregation, Config,
+                                           Describe, Task, modalities_from_record)
+from safn_core.federation.site_harmonisation import (means_packing, residuals_packing,
+                                                     sums_from_decoded, unscale_fit)
+from safn_core.harmonisation import (CombatFit, MeanSums, ResidualSums, solve_means,
+                                     solve_variance)
+from safn_core.harmonisation.setup import combat_spec
+from safn_core.io import write_json
+from server.site_waits import SitesMissing
+
+FILE = "harmonisation.json"
+
+
+class HarmonisationFailed(SitesMissing):
+    """Federated ComBat could not be fitted (a site could not take part, or the pooled design
+    is singular): the run stops with the reason."""
+
+
+def load_fit(run_dir: Path) -> CombatFit | None:
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        return None
+    return CombatFit.from_dict(json.loads(path.read_text())["fit"])
+
+
+def fit_harmonisation(coordinator, desc) -> CombatFit:
+    """The run's fit: the saved one when resuming, else the two rounds above."""
+    saved = load_fit(coordinator.run_dir)
+    if saved is not None:
+        coordinator.report(f"harmonisation: the run's ComBat fit ({saved.n} participants) is "
+                           f"kept from {Path(coordinator.run_dir) / FILE}")
+        return saved
+    cfg = coordinator.cfg
+    modalities = modalities_from_record(desc.structure)
+    try:
+        spec = combat_spec(cfg.harmonisation, modalities)
+    except SafnError as exc:
+        raise HarmonisationFailed(str(exc)) from None
+    nodes = sorted(desc.eligible)
+    names = {n: desc.names.get(n, str(n)) for n in nodes}
+    secure = coordinator.secure if cfg.federation.secure_aggregation else None
+    scales = None
+    if secure is not None:
+        features = list(desc.structure["features"])
+        scales = dict(zip(features, (float(s) for s in desc.scales)))
+    extra = {Config.HARMONISATION_SCALES: [scales[f] for f in desc.structure["features"]]} \
+        if scales else {}
+    try:
+        total = _round(coordinator, secure, nodes, names, "means", spec, extra)
+        means = solve_means(spec, total)
+        extra[Config.HARMONISATION_MEANS] = json.dumps(
+            {k: np.asarray(v).tolist() for k, v in means.to_arrays().items()})
+        fit = unscale_fit(solve_variance(means, _round(coordinator, secure, nodes, names,
+                                                       "residuals", spec, extra)), scales)
+    except SafnError as exc:
+        raise HarmonisationFailed(f"harmonisation (ComBat) could not be fitted: "
+                                  f"{' '.join(str(exc).split())}") from None
+    write_json(Path(coordinator.run_dir) / FILE, {
+        "fit": fit.to_dict(), "method": cfg.harmonisation.method,
+        "empirical_bayes": cfg.harmonisation.empirical_bayes,
+        "parametric": cfg.harmonisation.parametric, "sites": sorted(names.values()),
+        "secure_aggregation": secure is not None,
+        "fitted_on": f"the training splits of {len(nodes)} sites ({fit.n} participants with "
+                     "every harmonised feature and covariate observed)"})
+    coordinator.report(f"harmonisation: ComBat fitted on the training splits of {len(nodes)} "
+                       f"sites ({fit.n} participants, {len(spec.features)} features, covariates "
+                       f"{', '.join(spec.covariates) or 'none'}"
+                       + ("; securely summed)" if secure is not None else ")"))
+    return fit
+
+
+def _round(coordinator, secure, nodes: list[int], names: dict, step: str, spec, extra: dict):
+    """One round of sums from every training site, as their total."""
+    cls = MeanSums if step == "means" else ResidualSums
+    fed = coordinator.cfg.federation
+    if secure is not None:
+        name = Aggregation.HARMONISE_MEANS if step == "means" else Aggregation.HARMONISE_RESIDUALS
+        packing = (means_packing if step == "means" else residuals_packing)(
+            spec, fed.secagg.max_site_examples, len(nodes))
+        result = secure.sum_now(secure.context(0, name), packing, nodes, dict(extra))
+        refused = {names.get(nid, str(nid)): str(content[REFUSAL][Describe.REASON])
+                   for nid, content in secure.last_contents.items()
+                   if REFUSAL in content.config_records}
+        _refused(refused, set(names.values()) - {names.get(n, str(n)) for n in
+                                                 secure.last_contents})
+        if result.clipped and any(result.clipped.values()):
+            coordinator.report(f"harmonisation: values clipped to their bounds: "
+                               f"{ {k: v for k, v in result.clipped.items() if v} }")
+        return sums_from_decoded(cls, result.values, spec)
+    config = {Config.TASK: Task.HARMONISE, Config.HARMONISE_STEP: step,
+              Config.SAFN_CONFIG: coordinator.shared_text,
+              Config.RUN_ID: _run_id(coordinator),
+              Config.HELD_OUT_SITES: sorted(coordinator.held_out), **extra}
+    messages = [Message(RecordDict({CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in nodes]
+    parts, refused, answered = [], {}, set()
+    for reply in coordinator.grid.send_and_receive(messages, timeout=fed.round_timeout):
+        nid = reply.metadata.src_node_id
+        name = names.get(nid, str(nid))
+        if reply.has_error():
+            refused[name] = f"its ClientApp failed ({reply.error.reason})"
+            continue
+        answered.add(name)
+        if REFUSAL in reply.content.config_records:
+            refused[name] = str(reply.content[REFUSAL][Describe.REASON])
+            continue
+        arrays = reply.content[ARRAYS]
+        parts.append(cls.from_arrays({k: arrays[k].numpy() for k in arrays.keys()}, spec))
+    _refused(refused, set(names.values()) - answered - set(refused))
+    return cls.total(parts)
+
+
+def _refused(refused: dict[str, str], silent: set[str]) -> None:
+    why = [f"site {k} cannot take part: {v}" for k, v in sorted(refused.items())]
+    why += [f"site {k} did not answer" for k in sorted(silent)]
+    if why:
+        raise HarmonisationFailed("harmonisation (ComBat) needs every training site; "
+                                  + "; ".join(why))
+
+
+def _run_id(coordinator) -> str:
+    from safn_core.federation.run_folder import run_identity
+
+    return run_identity(coordinator.run_dir)
+
+
+__all__ = ["fit_harmonisation", "load_fit", "HarmonisationFailed", "FILE", "SITE"]
