@@ -33,7 +33,9 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
 
     ``federated``: ``(model, preprocessor)`` or ``(model, preprocessor, selected_round)``.
     Each row has the selected round (``selected_round``; ``None`` for a federated model given
-    without it).
+    without it). With ``harmonisation.method: combat`` every model trains and is scored on the
+    data as the federation harmonised it (`harmonised_table`): the same fit, the same per-site
+    adjustments from the training splits, preprocessing fitted on harmonised training data.
     """
     import torch
 
@@ -46,7 +48,7 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
     sites = {name: Site(name, cohort.subset(ids), cfg) for name, ids in parts.items()}
     ids = {part: np.concatenate([getattr(s.split, part) for s in sites.values()])
            for part in ("train", "val", "test")}
-    table = cohort.table
+    table = harmonised_table(cohort, sites, cfg) if cfg.harmonisation.enabled else cohort.table
     rows = []
 
     fed = cfg.federation
@@ -95,3 +97,18 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
         best["kind"] = "best-local"
         df = pd.concat([df, best.to_frame().T], ignore_index=True)
     return df, len(ids["test"])
+
+
+def harmonised_table(cohort, sites: dict, cfg: SafnConfig) -> pd.DataFrame:
+    """The cohort's table as the federation harmonised it: ComBat fitted from the training
+    sites' training splits (the coordinator's fit, `site_harmonisation.fit_from_sites`), each
+    site adjusted from its own training split (a held-out site from all its participants)."""
+    from safn_core.federation.site_harmonisation import fit_from_sites, harmonise_site
+    from safn_core.harmonisation.setup import combat_spec
+
+    held = set(cfg.server.held_out_sites)
+    spec = combat_spec(cfg.harmonisation, cohort.modalities)
+    fit = fit_from_sites([s for n, s in sites.items() if n not in held], spec)
+    parts = [harmonise_site(s, fit, cfg.harmonisation, held_out=n in held).cohort.table
+             for n, s in sites.items()]
+    return pd.concat(parts).reindex(cohort.table.index)

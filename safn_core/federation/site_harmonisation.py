@@ -65,6 +65,18 @@ def residual_sums(site, means: CombatMeans, scales: dict[str, float] | None) -> 
                               site.min_cell)
 
 
+def fit_from_sites(sites, spec: CombatSpec, scales: dict[str, float] | None = None
+                   ) -> CombatFit:
+    """The fit the coordinator reaches from these training sites' sums (plain sums: the same
+    functions, in one process), e.g. for the simulation's centralised comparators."""
+    from safn_core.harmonisation import solve_means, solve_variance
+
+    sites = list(sites)
+    means = solve_means(spec, MeanSums.total(mean_sums(s, spec, scales) for s in sites))
+    return unscale_fit(solve_variance(means, ResidualSums.total(
+        residual_sums(s, means, scales) for s in sites)), scales)
+
+
 def means_packing(spec: CombatSpec, max_site_examples: int, parties: int) -> Packing:
     p, v = len(spec.design_columns), len(spec.features)
     n = float(max_site_examples)
