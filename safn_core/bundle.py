@@ -8,6 +8,14 @@ A **site bundle** (`save_site_bundle`, written by ``safn-validate --recalibrate`
 with the same weights and preprocessing plus a calibration map and a new threshold fitted at one
 site, recorded in ``bundle.json`` under ``recalibration`` (`safn_core.recalibration`).
 `Bundle.predict` applies the map, so every tool that predicts through it uses it.
+
+A bundle of a model trained on harmonised features (``harmonisation.method: combat``) carries
+the fitted harmonisation in ``harmonisation.json`` (`HarmonisationRecord`: the global ComBat fit
+and how a site adjusts itself) and a summary of it in ``bundle.json`` under ``harmonisation``.
+Before it predicts, the bundle harmonises the table it is given: each site in it estimates its
+own adjustment from its own participants with the bundle's fit, without labels
+(`Bundle.harmonise`, `Bundle.arrays`). `Bundle.scores` and `Bundle.predict` refuse arrays that
+were not prepared that way, so a harmonised model is never fed raw features.
 """
 
 from __future__ import annotations
@@ -22,18 +30,24 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 
 from safn_core.config import SafnConfig, dump_config
-from safn_core.errors import DataError
+from safn_core.data.cohort import SITE, Modality
+from safn_core.errors import DataError, SafnError
+from safn_core.harmonisation.combat import SiteAdjustment
+from safn_core.harmonisation.record import HarmonisationRecord
 from safn_core.model import SAFN
 from safn_core.modelcard import model_card
 from safn_core.preprocess import Preprocessor
 from safn_core.recalibration import CalibrationMap
+from safn_core.training.local import Arrays
 
 FORMAT = "safn-bundle"
 FORMAT_VERSION = 1
+HARMONISATION_FILE = "harmonisation.json"
 
 
 def _safn_version() -> str:
@@ -44,11 +58,36 @@ def _safn_version() -> str:
 
 
 @dataclass
+class HarmonisedArrays(Arrays):
+    """Arrays a bundle prepared from a table through its harmonisation (``fit_id``) and
+    preprocessing (`Bundle.arrays`): the only arrays a harmonising bundle predicts from."""
+
+    fit_id: str = ""
+
+
+def harmonisation_summary(record: HarmonisationRecord,
+                          modalities: tuple[Modality, ...]) -> dict:
+    """What ``bundle.json`` (and so the model card) says of a bundle's harmonisation."""
+    spec = record.spec
+    harmonised = set(spec.features)
+    return {"method": record.method, "file": HARMONISATION_FILE, "fit_id": record.fit.fit_id,
+            "n_features": len(spec.features),
+            "modalities": [m.name for m in modalities if harmonised & set(m.features)],
+            "covariates": {"continuous": list(spec.continuous),
+                           "categorical": {c: list(v) for c, v in spec.categorical.items()}},
+            "empirical_bayes": record.empirical_bayes, "parametric": record.parametric,
+            "adjustment": record.adjustment_method, "fitted_on": record.fitted_on,
+            "participants": int(record.fit.n)}
+
+
+@dataclass
 class Bundle:
     model: SAFN
     preprocessor: Preprocessor
     config: SafnConfig
     meta: dict
+    harmonisation: HarmonisationRecord | None = None
+    """The fitted harmonisation (``harmonisation.json``); None: the model takes raw features."""
 
     @property
     def threshold(self) -> float:
@@ -65,11 +104,64 @@ class Bundle:
         return CalibrationMap.from_dict(rec.get("map"), "bundle.json recalibration.map") \
             if rec else None
 
+    @property
+    def min_cell(self) -> int:
+        return int(self.config.data.min_cell)
+
+    def adjust(self, table: pd.DataFrame, *, site_col: str = SITE,
+               min_cell: int | None = None) -> dict[str, SiteAdjustment]:
+        """Every site of ``table`` adjusted from its own participants with the bundle's fit
+        (no labels; a table without site information is one site). Needs a harmonising
+        bundle; ``min_cell`` defaults to the bundle's ``data.min_cell``."""
+        if self.harmonisation is None:
+            raise DataError("this model bundle has no harmonisation (no harmonisation.json): "
+                            "its model takes the features as they are")
+        return self.harmonisation.adjust_sites(
+            table, site_col=site_col, min_cell=self.min_cell if min_cell is None else min_cell)
+
+    def harmonise(self, table: pd.DataFrame, *, site_col: str = SITE,
+                  min_cell: int | None = None,
+                  adjustments: dict[str, SiteAdjustment] | None = None) -> pd.DataFrame:
+        """``table`` as the model expects it: with a harmonisation, its MRI features harmonised
+        per site (each site adjusted from its own participants, or by ``adjustments``) with
+        the bundle's fit; without one, unchanged. Same rows, order and columns."""
+        if self.harmonisation is None:
+            return table
+        if adjustments is None:
+            adjustments = self.adjust(table, site_col=site_col, min_cell=min_cell)
+        return self.harmonisation.harmonise(table, adjustments, site_col=site_col)
+
+    def arrays(self, table: pd.DataFrame, *, site_col: str = SITE, min_cell: int | None = None,
+               adjustments: dict[str, SiteAdjustment] | None = None) -> Arrays:
+        """The participants of ``table`` (with its label column) as the model takes them:
+        harmonised (`harmonise`), then through the bundle's preprocessing."""
+        if self.harmonisation is None:
+            return Arrays.from_table(self.preprocessor, table)
+        harmonised = self.harmonise(table, site_col=site_col, min_cell=min_cell,
+                                    adjustments=adjustments)
+        a = Arrays.from_table(self.preprocessor, harmonised)
+        return HarmonisedArrays(a.x, a.mask, a.y, self.harmonisation.fit.fit_id)
+
+    def _model_input(self, data) -> Arrays:
+        """Arrays to predict from: a table goes through `arrays`; arrays given directly must
+        have been prepared by this bundle when it harmonises."""
+        if isinstance(data, pd.DataFrame):
+            return self.arrays(data)
+        if self.harmonisation is not None and not (
+                isinstance(data, HarmonisedArrays)
+                and data.fit_id == self.harmonisation.fit.fit_id):
+            raise DataError("this model was trained on harmonised MRI features: pass the table "
+                            "(or Bundle.arrays(table)) so that each site's participants are "
+                            "harmonised with the bundle's fit before they are scored")
+        return data
+
     @torch.no_grad()
     def scores(self, arrays, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The model's own outputs, before any calibration map: the logit of P(PD) (float64,
         the difference of the two output logits), P(PD) as `training.local.predict` gives it
-        (softmax, float32), and the gate weights α (n, M)."""
+        (softmax, float32), and the gate weights α (n, M). ``arrays``: a table (harmonised
+        and preprocessed here, `arrays`) or arrays from `arrays`."""
+        arrays = self._model_input(arrays)
         self.model.eval()
         x, m = torch.from_numpy(arrays.x), torch.from_numpy(arrays.mask)
         z, p, alpha = [], [], []
@@ -89,16 +181,25 @@ class Bundle:
         return p_raw if cmap is None else cmap(z)
 
     def predict(self, arrays) -> tuple[np.ndarray, np.ndarray]:
-        """P(PD) with the bundle's calibration map (if any) and the gate weights α."""
+        """P(PD) with the bundle's calibration map (if any) and the gate weights α, for a table
+        or arrays (as `scores`)."""
         z, p_raw, alpha = self.scores(arrays)
         return self.calibrate(z, p_raw), alpha
 
 
 def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: SafnConfig, *,
                 threshold: float, class_counts, label_names=("HC", "PD"), kind: str,
-                metrics: dict | None = None, extra: dict | None = None) -> Path:
-    """Write a bundle folder at ``dest`` (which must not exist)."""
+                metrics: dict | None = None, extra: dict | None = None,
+                harmonisation: HarmonisationRecord | None = None) -> Path:
+    """Write a bundle folder at ``dest`` (which must not exist).
+
+    ``harmonisation``: the harmonisation the model's training features went through (fitted on
+    training data only); written to ``harmonisation.json`` and applied before every prediction.
+    """
     dest = Path(dest)
+    if harmonisation is not None and not isinstance(harmonisation, HarmonisationRecord):
+        raise TypeError("save_bundle(harmonisation=...) takes a HarmonisationRecord, not a "
+                        f"{type(harmonisation).__name__}")
     if dest.exists():
         raise DataError(f"{dest}: a bundle already exists there; it was not overwritten")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +219,10 @@ def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: Saf
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
             "metrics": metrics or {}, **(extra or {}),
         }
+        if harmonisation is not None:
+            (tmp / HARMONISATION_FILE).write_text(
+                json.dumps(harmonisation.to_dict(), indent=1, allow_nan=False))
+            meta["harmonisation"] = harmonisation_summary(harmonisation, preprocessor.modalities)
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2, default=float))
         (tmp / "model_card.md").write_text(model_card(meta, config))
         os.rename(tmp, dest)
@@ -129,6 +234,8 @@ def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: Saf
 
 SHARED_FILES = ("weights.pt", "preprocessing.json", "config.yaml")
 """The files a site bundle copies unchanged from the bundle it recalibrates."""
+OPTIONAL_SHARED_FILES = (HARMONISATION_FILE,)
+"""Copied unchanged too where the bundle has them."""
 
 
 def save_site_bundle(dest: Path, source: Path, meta: dict, card: str) -> Path:
@@ -143,6 +250,9 @@ def save_site_bundle(dest: Path, source: Path, meta: dict, card: str) -> Path:
     try:
         for name in SHARED_FILES:
             shutil.copyfile(source / name, tmp / name)
+        for name in OPTIONAL_SHARED_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2, default=float))
         (tmp / "model_card.md").write_text(card)
         os.rename(tmp, dest)
@@ -182,4 +292,29 @@ def load_bundle(path: Path) -> Bundle:
     if rec is not None:  # a broken map is reported now, not at the first prediction
         CalibrationMap.from_dict(rec.get("map") if isinstance(rec, dict) else None,
                                  f"{meta_file} recalibration.map")
-    return Bundle(model, pre, config, meta)
+    return Bundle(model, pre, config, meta, _load_harmonisation(path, meta))
+
+
+def _load_harmonisation(path: Path, meta: dict) -> HarmonisationRecord | None:
+    """The bundle's ``harmonisation.json``, checked against what ``bundle.json`` says of it;
+    None for a bundle without one (also every bundle written before harmonisation existed)."""
+    file, summary = path / HARMONISATION_FILE, meta.get("harmonisation")
+    if not file.is_file():
+        if summary:
+            raise DataError(f"{path}: the model bundle is incomplete or damaged (bundle.json "
+                            f"records a harmonisation but {HARMONISATION_FILE} is missing; the "
+                            "model cannot be applied without it)")
+        return None
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{file}: the model bundle is incomplete or damaged ({exc})") from None
+    try:
+        record = HarmonisationRecord.from_dict(d, str(file))
+    except (SafnError, ValueError, TypeError, KeyError) as exc:
+        raise DataError(f"{path}: the model bundle is incomplete or damaged ({exc})") from None
+    if isinstance(summary, dict) and summary.get("fit_id") not in (None, record.fit.fit_id):
+        raise DataError(f"{path}: the model bundle is incomplete or damaged ({HARMONISATION_FILE}"
+                        f" holds fit {record.fit.fit_id}, bundle.json records "
+                        f"{summary['fit_id']})")
+    return record

@@ -109,6 +109,49 @@ def _basis_lines(meta: dict, config: SafnConfig) -> list[str]:
     return []
 
 
+_ADJUSTMENT = {"parametric": "parametric empirical Bayes",
+               "non-parametric": "non-parametric empirical Bayes",
+               "none": "no empirical Bayes (each site's plain location and scale)"}
+
+
+def _covariates_text(covariates: dict) -> str:
+    parts = [f"{c} (continuous)" for c in covariates.get("continuous", [])]
+    parts += [f"{c} (categories {', '.join(map(str, levels))}; reference {levels[0]})"
+              for c, levels in (covariates.get("categorical") or {}).items()]
+    return ", ".join(parts) or "none"
+
+
+def _harmonisation_lines(meta: dict) -> list[str]:
+    """The Harmonisation section of a bundle whose model takes ComBat-harmonised features
+    (``bundle.json`` ``harmonisation``, written by `safn_core.bundle.save_bundle`)."""
+    h = meta.get("harmonisation")
+    if not h:
+        return []
+    mods = ", ".join(h.get("modalities") or []) or "no modality"
+    lines = [
+        "", "## Harmonisation",
+        f"- ComBat (`harmonisation.method: {h.get('method')}`) of {h.get('n_features')} MRI "
+        f"features ({mods}) across sites, before preprocessing; covariates preserved: "
+        f"{_covariates_text(h.get('covariates') or {})}; each site's effects estimated with "
+        f"{_ADJUSTMENT.get(h.get('adjustment'), h.get('adjustment'))}",
+        f"- fitted on {h.get('fitted_on') or 'training data'} ({h.get('participants')} "
+        f"participants in the fit; fit {h.get('fit_id')}, in {h.get('file')})",
+    ]
+    if meta.get("kind") == "centralised" and "cross_validation" in (meta.get("metrics") or {}):
+        lines.append("- cross-validation: ComBat was fitted inside each training fold on that "
+                     "fold's training participants only and applied to its validation and test "
+                     "participants; the Performance figures are of harmonised folds")
+    lines += [
+        "- applying the model: each site (a training site, a held-out site, a new hospital) "
+        "adjusts itself from its own participants with this fit, without labels, and nobody "
+        "refits; `safn-validate` does this for every site of its data, and a site needs at "
+        "least `data.min_cell` participants",
+        "- the diagnosis is not a covariate: where the share of PD differs between sites, part "
+        "of the disease effect can be removed with the site effect (docs/harmonisation.md)",
+    ]
+    return lines
+
+
 def model_card(meta: dict, config: SafnConfig) -> str:
     """Markdown model card from a bundle's metadata and configuration."""
     data = config.data
@@ -160,6 +203,9 @@ def model_card(meta: dict, config: SafnConfig) -> str:
         "- never features: cohort/diagnosis, diagnosis dates, disease duration, medication/LEDD, "
         "MDS-UPDRS IV, DaTscan-derived values (leakage guards)",
         f"- participants {'with all modalities only' if data.require_all_modalities else 'with missing modalities masked'}",
+    ]
+    lines += _harmonisation_lines(meta)
+    lines += [
         "",
         "## Performance",
     ]

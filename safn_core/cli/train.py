@@ -2,7 +2,9 @@
 
 The pooled reference every federated result is compared against: repeated subject-wise
 stratified K-fold CV, SAFN + ablations + baselines on the same folds, feature sets with and
-without motor scales, then a final fit saved as a model bundle.
+without motor scales, then a final fit saved as a model bundle. With ``harmonisation.method:
+combat`` the MRI features are harmonised inside every fold (fitted on its training part) and in
+the final fit, whose bundle carries the fit (`safn_core.training.crossval`).
 """
 
 from __future__ import annotations
@@ -112,6 +114,27 @@ def write_report(out: Path, cfg, cohort, summary, preds, weights, drops, majorit
     return rep.write(out / "report.html")
 
 
+def harmonisation_line(cohort, cfg) -> str | None:
+    """What the run harmonises, for the console and results.json; None without harmonisation.
+    Checks the cohort has sites and the configuration fits it (one clear line if not)."""
+    if not cfg.harmonisation.enabled:
+        return None
+    from safn_core.harmonisation.pooled import require_sites
+    from safn_core.harmonisation.setup import combat_spec
+
+    require_sites(cohort.table, cohort.report.source)
+    spec = combat_spec(cfg.harmonisation, cohort.modalities)
+    mods = [m.name for m in cohort.modalities if set(m.features) & set(spec.features)]
+    h = cfg.harmonisation
+    bayes = (f"{'parametric' if h.parametric else 'non-parametric'} empirical Bayes"
+             if h.empirical_bayes else "no empirical Bayes")
+    return (f"harmonisation: ComBat of {len(spec.features)} features ({', '.join(mods)}) across "
+            f"the sites {', '.join(sorted(set(cohort.sites)))}, preserving "
+            f"{', '.join(spec.covariates) or 'no covariate'}, {bayes}; fitted inside each "
+            "training fold on its training participants only (and on the final fit's "
+            "training part for the bundle)")
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = base_parser(
         "safn-train",
@@ -128,7 +151,7 @@ def run(argv: list[str] | None = None) -> int:
     out = fresh_output_dir(args.out or Path("runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}")
 
     from safn_core.data.sources import load_cohort
-    from safn_core.training.crossval import cross_validate, final_fit
+    from safn_core.training.crossval import cross_validate, final_model
 
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
@@ -138,6 +161,9 @@ def run(argv: list[str] | None = None) -> int:
                   f"{n_pos} {cohort.label_names[1]} / {len(cohort) - n_pos} "
                   f"{cohort.label_names[0]}; modalities "
                   + ", ".join(f"{m.name} ({len(m.features)})" for m in cohort.modalities))
+    harmonisation = harmonisation_line(cohort, cfg)
+    if harmonisation:
+        console.print(harmonisation, markup=False, highlight=False)
     write_atomic(out / "config.yaml", dump_config(cfg))
     write_json(out / "load_report.json", cohort.report.to_dict())
 
@@ -180,7 +206,9 @@ def run(argv: list[str] | None = None) -> int:
         plots.modality_weights(w_all, d_all, out / "modality_weights.png")
 
     console.print("final fit of SAFN on all participants …")
-    fit, pre, threshold, counts = final_fit(cohort, cfg)
+    final = final_model(cohort, cfg)
+    fit, pre, threshold, counts = final.fit, final.preprocessor, final.threshold, \
+        final.class_counts
     safn_row = summary[(summary.feature_set == "all") & (summary.model == "SAFN")]
     cv_metrics = {k: {"mean": float(safn_row[f"{k}_mean"].iloc[0]),
                       "sd": float(safn_row[f"{k}_sd"].iloc[0])}
@@ -192,13 +220,15 @@ def run(argv: list[str] | None = None) -> int:
                 metrics={"cross_validation": cv_metrics},
                 extra={"training": {"participants": len(cohort), "epochs": fit.epochs_run,
                                     "sites": pd.Series(cohort.sites).value_counts()
-                                    .sort_index().to_dict()}})
+                                    .sort_index().to_dict()}},
+                harmonisation=final.harmonisation)
     elapsed = time.perf_counter() - t0
     write_json(out / "results.json", {
         "cohort": {"n": len(cohort), "positive": n_pos, "majority_accuracy": majority},
         "summary": summary.replace({np.nan: None}).to_dict("records"),
         "modality_weights": {m: float(w_all[m].mean()) for m in mods} if not w_all.empty else {},
         "modality_drop_auc": {m: float(d_all[m].mean()) for m in mods} if not d_all.empty else {},
+        "harmonisation": harmonisation,
         "seconds": elapsed,
     })
     write_report(out, cfg, cohort, summary, first, w_all, d_all, majority, elapsed)

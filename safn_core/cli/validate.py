@@ -17,6 +17,11 @@ on the first only, reports before/after figures on the second only, and writes a
 bundle** (``<out>/site_bundle/``: the same weights and preprocessing, the map and threshold in
 its ``bundle.json``, a model card saying where it was recalibrated). Every evaluation predicts
 through `Bundle.predict`, so a site bundle is validated with its map and threshold.
+
+A bundle whose model takes ComBat-harmonised MRI features (``harmonisation.json``) harmonises
+the data first: each site of the data adjusts itself from its own participants with the
+bundle's fit, without labels (a table without a site column is one site), also with
+``--recalibrate`` (both parts, before the split's fits). ``validation.json`` records it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from rich.table import Table
 from safn_core.cli.common import (base_parser, console, entry, fresh_output_dir, write_atomic,
                                   write_json)
 from safn_core.config import load_config
-from safn_core.data.cohort import LABEL, Cohort
+from safn_core.data.cohort import LABEL, SITE, Cohort
 from safn_core.data.contract import check_cohort
 from safn_core.errors import DataError, SafnError
 from safn_core.metrics import (METRICS, binary_metrics, bootstrap_ci, calibration,
@@ -40,14 +45,51 @@ from safn_core.recalibration import METHODS, check_parts, counts, fit_map, split
 from safn_core.validation_scope import is_no_site, validation_scope
 
 
-def align_to_bundle(cohort: Cohort, features: list[str], source: str) -> pd.DataFrame:
-    """The cohort's table with exactly the bundle's feature columns, or a clear error."""
-    missing = [f for f in features if f not in cohort.table.columns]
+def align_to_bundle(cohort: Cohort, features: list[str], source: str,
+                    harmonised: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The cohort's table with exactly the bundle's feature columns (and, for a harmonising
+    bundle, the site and every column its harmonisation needs), or a clear error."""
+    needed = list(dict.fromkeys([*features, *harmonised]))
+    missing = [f for f in needed if f not in cohort.table.columns]
     if missing:
         raise DataError(f"{source}: the data lacks {len(missing)} feature(s) the model was trained "
                         f"on (e.g. {', '.join(missing[:5])}); load it with the same modalities "
                         "and column names as the training data")
-    return cohort.table[[LABEL] + features]
+    site = [SITE] if harmonised and SITE in cohort.table.columns else []
+    return cohort.table[[LABEL, *site] + needed]
+
+
+def harmonise_sites_of(bundle, table: pd.DataFrame, min_cell: int) -> tuple[dict | None, dict]:
+    """A harmonising bundle's adjustment of every site of ``table`` from its own participants
+    (no labels), printed as one line; and what ``validation.json`` records of it."""
+    record = bundle.harmonisation
+    if record is None:
+        return None, {"applied": False}
+    adjustments = bundle.adjust(table, min_cell=min_cell)
+    sites = {s: int(a.n) for s, a in adjustments.items()}
+    one = SITE not in table.columns or set(sites) == {"all"}
+    where = ("the data has no site column, so all its participants are one site, adjusted "
+             f"from its {sum(sites.values())} participants" if one else
+             "each site adjusted from its own participants: " + ", ".join(
+                 f"{s} from {n}" for s, n in sites.items()))
+    console.print(f"harmonisation: the bundle's ComBat fit ({len(record.spec.features)} MRI "
+                  f"features, {record.adjustment_method} adjustment) applied before the model; "
+                  f"{where}; no labels used", markup=False, highlight=False)
+    return adjustments, {
+        "applied": True, "method": record.method, "fit_id": record.fit.fit_id,
+        "fitted_on": record.fitted_on, "n_features": len(record.spec.features),
+        "adjustment": record.adjustment_method,
+        "estimated_from": "each site's own participants in this data (complete cases), "
+                          "without labels", "sites": sites}
+
+
+def harmonisation_text(info: dict | None) -> str | None:
+    """The model card line of a validation's harmonisation; None where none was applied."""
+    if not info or not info.get("applied"):
+        return None
+    return (f"MRI features harmonised first with the bundle's ComBat fit ({info['fit_id']}): "
+            "each site adjusted from its own participants here, without labels ("
+            + ", ".join(f"{s}: {n}" for s, n in info["sites"].items()) + ")")
 
 
 def _validated_sites(args, site_cfg, bundle, cohort: Cohort) -> tuple[list[str] | None, bool]:
@@ -75,12 +117,12 @@ def _modality_weights(bundle, alpha: np.ndarray) -> dict:
     return {m: float(a) for m, a in zip(mods, alpha.mean(0))}
 
 
-def evaluate(bundle, table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Predictions (through the bundle's calibration map, if it has one) and every reported
-    figure for one evaluation set."""
-    from safn_core.training.local import Arrays
-
-    arrays = Arrays.from_table(bundle.preprocessor, table)
+def evaluate(bundle, table: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+             adjustments: dict | None = None) -> dict:
+    """Predictions (through the bundle's harmonisation, with ``adjustments`` or each site's
+    own, and calibration map, where it has them) and every reported figure for one
+    evaluation set."""
+    arrays = bundle.arrays(table, adjustments=adjustments)
     p, alpha = bundle.predict(arrays)
     y = arrays.y
     return {"y": y, "p": p, **figures(y, p, bundle.threshold, n_boot, seed),
@@ -144,19 +186,22 @@ def run(argv: list[str] | None = None) -> int:
 
     cohort = load_path(path, data_cfg)
     check_cohort(cohort, data_cfg.min_cell).raise_if_failed("run safn-check for the full report")
-    table = align_to_bundle(cohort, bundle.preprocessor.features, cohort.report.source)
+    table = align_to_bundle(cohort, bundle.preprocessor.features, cohort.report.source,
+                            bundle.harmonisation.columns if bundle.harmonisation else ())
     trained_on = bundle.config.data.path
     validated, by_site_file = _validated_sites(args, site_cfg, bundle, cohort)
     scope = validation_scope(
         bundle, validated, by_site_file=by_site_file,
         same_data=trained_on is not None and Path(trained_on).resolve() == Path(path).resolve())
+    adjustments, harmonised = harmonise_sites_of(bundle, table, data_cfg.min_cell)
     if args.recalibrate:
         site = (site_cfg.site.name if args.site and site_cfg.site is not None
                 else ", ".join(validated or []) or cohort.report.source)
         return run_recalibration(args, bundle, cohort, table, scope, out, site=site,
-                                 min_cell=data_cfg.min_cell)
-    res = evaluate(bundle, table, n_boot=args.bootstrap)
-    res["scope"] = scope
+                                 min_cell=data_cfg.min_cell, adjustments=adjustments,
+                                 harmonised=harmonised)
+    res = evaluate(bundle, table, n_boot=args.bootstrap, adjustments=adjustments)
+    res["scope"], res["harmonisation"] = scope, harmonised
     label = scope["validation"]
 
     n_pos = int(res["y"].sum())
@@ -184,7 +229,7 @@ def run(argv: list[str] | None = None) -> int:
         "positive": n_pos, "threshold": bundle.threshold, "metrics": res["metrics"],
         "calibration": cal, "modality_weights": res["modality_weights"],
         "majority_accuracy": max(n_pos, len(table) - n_pos) / len(table),
-        "recalibration": bundle.meta.get("recalibration"),
+        "recalibration": bundle.meta.get("recalibration"), "harmonisation": harmonised,
     })
     pd.DataFrame({"participant_id": table.index, "y": res["y"], "p": res["p"]}).to_csv(
         out / "predictions.csv", index=False)
@@ -254,6 +299,7 @@ def validation_card(model_path: Path, bundle, cohort, res) -> str:
         *(f"- {k}: {v}" for k, v in _scope_rows(scope).items() if k != "validation"),
         f"- participants: {len(y)} ({n_pos} {pos}, {len(y) - n_pos} {neg}); decision threshold "
         f"{bundle.threshold:.3f} {threshold_source(bundle)}",
+        *([f"- {h}"] if (h := harmonisation_text(res.get("harmonisation"))) else []),
         "- metrics (95% bootstrap CI):",
     ]
     for k, v in res["metrics"].items():
@@ -300,14 +346,15 @@ def recalibrate(z: np.ndarray, y: np.ndarray, in_recal: np.ndarray, method: str)
 
 
 def run_recalibration(args, bundle, cohort, table: pd.DataFrame, scope: dict, out: Path, *,
-                      site: str, min_cell: int) -> int:
+                      site: str, min_cell: int, adjustments: dict | None = None,
+                      harmonised: dict | None = None) -> int:
     """``--recalibrate``: split, fit on one part, report before/after on the other, and write
     the site bundle, ``validation.json``, ``recalibration_split.csv``, ``predictions.csv`` and
-    ``report.html``."""
+    ``report.html``. A harmonising bundle's features are harmonised first by ``adjustments``
+    (each site's own, from all its participants here, without labels; as a plain validation)."""
     from safn_core.bundle import save_site_bundle
-    from safn_core.training.local import Arrays
 
-    arrays = Arrays.from_table(bundle.preprocessor, table)
+    arrays = bundle.arrays(table, adjustments=adjustments)
     z, p_raw, alpha = bundle.scores(arrays)  # the model's own logits: any old map is dropped
     y, names = arrays.y, bundle.label_names
     ids = table.index.to_numpy()
@@ -335,7 +382,7 @@ def run_recalibration(args, bundle, cohort, table: pd.DataFrame, scope: dict, ou
     }
     res = {"scope": scope, "record": record, "before": before, "after": after,
            "majority": majority, "y": y[ev], "p_before": p_before[ev], "p_after": p_after[ev],
-           "modality_weights": _modality_weights(bundle, alpha[ev])}
+           "modality_weights": _modality_weights(bundle, alpha[ev]), "harmonisation": harmonised}
     _print_recalibration(args, bundle, cohort, res)
 
     meta = {**bundle.meta, "threshold": threshold, "recalibration": record}
@@ -355,7 +402,7 @@ def run_recalibration(args, bundle, cohort, table: pd.DataFrame, scope: dict, ou
                   "evaluation": record["evaluation_part"]},
         "recalibration": record, "before": before, "after": after,
         "majority_class": majority, "modality_weights": res["modality_weights"],
-        "site_bundle": str(site_bundle),
+        "site_bundle": str(site_bundle), "harmonisation": harmonised or {"applied": False},
     })
     write_recalibration_report(out, args.model, bundle, cohort, res)
     console.print(f"site bundle: {site_bundle} (the input bundle {args.model} is unchanged); "
@@ -454,6 +501,7 @@ def recalibration_card(model_path: Path, bundle, res) -> str:
         f"- {_parts_line(record, bundle.label_names)}; the figures below are on the evaluation "
         "part only, never used to recalibrate",
         *([f"- {_replaces_line(record)}"] if record.get("replaces") else []),
+        *([f"- {h}"] if (h := harmonisation_text(res.get("harmonisation"))) else []),
         f"- validation scope: {scope['note']}",
         "- metrics on the evaluation part, before → after (95% bootstrap CI):",
     ]

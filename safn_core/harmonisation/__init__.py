@@ -2,9 +2,12 @@
 
 The math only (no Flower): `combat` (the site's steps, the site-local adjustment, the pooled
 shortcut), `fit` (the coordinator's solves), `sums` (the arrays that travel), `design` (the
-spec and the matrices it builds), `bayes` (the site's empirical Bayes). The estimates equal
-neuroCombat's on the same participants and covariates (``tests/test_harmonisation.py``); the
-model, protocol and its limits are in ``docs/harmonisation.md``.
+spec and the matrices it builds), `bayes` (the site's empirical Bayes). Around it: `setup`
+(the spec from the configuration), `record` (`HarmonisationRecord`: the fit as a model bundle
+carries it, and how a site applies it), `pooled` (safn-train: fitted inside a training fold).
+The estimates equal neuroCombat's on the same participants and covariates
+(``tests/test_harmonisation.py``); the model, protocol and its limits are in
+``docs/harmonisation.md``.
 
 What crosses the network, per site (its fit part: the training split):
 
@@ -37,8 +40,10 @@ from safn_core.harmonisation.combat import (
 )
 from safn_core.harmonisation.design import CombatSpec
 from safn_core.harmonisation.fit import CombatFit, CombatMeans, solve_means, solve_variance
+from safn_core.harmonisation.record import HarmonisationRecord
 from safn_core.harmonisation.sums import MeanSums, ResidualSums
 
-__all__ = ["CombatFit", "CombatMeans", "CombatSpec", "MeanSums", "ResidualSums",
-           "SiteAdjustment", "combat_pooled", "harmonise", "harmonise_sites", "site_adjustment",
-           "site_mean_sums", "site_residual_sums", "solve_means", "solve_variance"]
+__all__ = ["CombatFit", "CombatMeans", "CombatSpec", "HarmonisationRecord", "MeanSums",
+           "ResidualSums", "SiteAdjustment", "combat_pooled", "harmonise", "harmonise_sites",
+           "site_adjustment", "site_mean_sums", "site_residual_sums", "solve_means",
+           "solve_variance"]

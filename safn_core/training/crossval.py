@@ -5,6 +5,13 @@ inner training part and a validation part. Preprocessing is fitted on the inner 
 only; SAFN early-stops and every model picks its decision threshold on the validation part; the
 test fold is touched only to score. SAFN, its ablations and the baselines all see the same splits
 and the same preprocessed features, so the table compares models, not data.
+
+With ``harmonisation.method: combat``, ComBat comes first, inside each fold: fitted on the inner
+training part only with the site column as the batch, applied to the validation and test parts
+(a site absent from the training part adjusts itself from its own rows of that part), and the
+preprocessing is then fitted on the harmonised training part
+(`safn_core.harmonisation.pooled`). The final model is harmonised the same way, on its own
+training part, and its bundle carries that fit.
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from safn_core.baselines import fit_predict
 from safn_core.config import ModelConfig, SafnConfig
-from safn_core.data.cohort import Cohort, Modality
+from safn_core.data.cohort import SITE, Cohort, Modality
 from safn_core.data.ppmi_catalog import MOTOR_FEATURES
+from safn_core.harmonisation.pooled import FittedSplit, check_split, fit_split, require_sites
+from safn_core.harmonisation.record import HarmonisationRecord
+from safn_core.harmonisation.setup import combat_spec
 from safn_core.metrics import binary_metrics, choose_threshold
 from safn_core.preprocess import Preprocessor
-from safn_core.training.local import Arrays, fit_with_early_stopping, predict
+from safn_core.training.local import Arrays, FitResult, fit_with_early_stopping, predict
 
 ABLATIONS: dict[str, dict] = {
     "no_cross_attention": {"cross_attention": False},
@@ -80,6 +90,32 @@ def make_splits(cohort: Cohort, folds: int, repeats: int, val_fraction: float,
     return splits
 
 
+def fold_name(split: Split) -> str:
+    return f"repeat {split.repeat + 1}, fold {split.fold + 1}"
+
+
+def check_harmonisation(cohort: Cohort, cfg: SafnConfig, splits: list[Split]) -> None:
+    """Before any fold runs: the cohort has sites, and every fold's sites are large enough
+    (`safn_core.harmonisation.pooled.check_split`); a no-op without harmonisation."""
+    if not cfg.harmonisation.enabled:
+        return
+    require_sites(cohort.table, cohort.report.source)
+    spec = combat_spec(cfg.harmonisation, cohort.modalities)
+    for s in splits:
+        check_split(cohort.table, spec, s.train, {"validation": s.val, "test": s.test},
+                    min_cell=cfg.data.min_cell, where=fold_name(s))
+
+
+def harmonise_fold(cohort: Cohort, split: Split, cfg: SafnConfig) -> FittedSplit:
+    """ComBat fitted on the split's training part, applied to its validation and test parts."""
+    require_sites(cohort.table, cohort.report.source)
+    where = fold_name(split)
+    return fit_split(cohort.table, combat_spec(cfg.harmonisation, cohort.modalities),
+                     cfg.harmonisation, split.train, {"validation": split.val, "test": split.test},
+                     min_cell=cfg.data.min_cell, where=where,
+                     fitted_on=f"the training participants of {where}")
+
+
 def _score(y, p_val, y_val, p_test) -> tuple[dict, float]:
     t = choose_threshold(y_val, p_val)
     m = binary_metrics(y, p_test, t)
@@ -118,7 +154,9 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
     `model_variants` (what safn-train reports).
     """
     torch.set_num_threads(1)
-    table = cohort.table
+    # harmonised (fitted on split.train only) before anything is fitted on it
+    table = harmonise_fold(cohort, split, cfg).table if cfg.harmonisation.enabled \
+        else cohort.table
     rows, preds, weights, drops = [], [], [], []
     seed = cfg.train.seed + 7919 * split.repeat + 31 * split.fold
 
@@ -176,6 +214,7 @@ def cross_validate(cohort: Cohort, cfg: SafnConfig,
     """
     splits = make_splits(cohort, cfg.train.folds, cfg.train.repeats, cfg.train.val_fraction,
                          cfg.train.seed)
+    check_harmonisation(cohort, cfg, splits)  # a small site is said now, not after some folds
     results = [None] * len(splits)
     if cfg.train.workers > 1 and len(splits) > 1:
         ctx = mp.get_context("spawn")
@@ -201,17 +240,62 @@ def cross_validate(cohort: Cohort, cfg: SafnConfig,
     }
 
 
-def final_fit(cohort: Cohort, cfg: SafnConfig, model_cfg: ModelConfig | None = None):
-    """The model to ship: SAFN on all participants (validation part for stopping/threshold)."""
+FINAL_HINT = ("pool the site with another of the same scanner and protocol, leave its "
+              "participants out, or set harmonisation.method: none")
+
+
+@dataclass
+class FinalModel:
+    """What safn-train ships: the fitted SAFN, its preprocessing, threshold and class counts,
+    and the harmonisation its features went through (None without one)."""
+
+    fit: FitResult
+    preprocessor: Preprocessor
+    threshold: float
+    class_counts: list[int]
+    harmonisation: HarmonisationRecord | None = None
+
+
+def _sites_text(table: pd.DataFrame, ids) -> str:
+    counts = table.loc[ids, SITE].astype(str).value_counts().sort_index()
+    return ", ".join(f"{s} ({n})" for s, n in counts.items())
+
+
+def final_model(cohort: Cohort, cfg: SafnConfig,
+                model_cfg: ModelConfig | None = None) -> FinalModel:
+    """The model to ship: SAFN on all participants (validation part for stopping/threshold).
+
+    With harmonisation, ComBat is fitted on the training part only and applied to the
+    validation part first, as in every fold; the returned record is that fit."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ids, y = cohort.ids, cohort.y
     tr, va = train_test_split(ids, test_size=cfg.train.val_fraction, stratify=y,
                               random_state=cfg.train.seed)
-    pre = Preprocessor(cohort.modalities).fit(cohort.table.loc[tr])
-    tr_a = Arrays.from_table(pre, cohort.table.loc[tr])
-    va_a = Arrays.from_table(pre, cohort.table.loc[va])
+    table, record = cohort.table, None
+    if cfg.harmonisation.enabled:
+        require_sites(table, cohort.report.source)
+        fitted_on = (f"the final fit's training part: {len(tr)} of the {len(ids)} participants, "
+                     f"sites {_sites_text(table, tr)}; its validation part (early stopping, "
+                     "threshold) was harmonised with it")
+        fitted = fit_split(table, combat_spec(cfg.harmonisation, cohort.modalities),
+                           cfg.harmonisation, tr, {"validation": va}, min_cell=cfg.data.min_cell,
+                           where="the final fit", fitted_on=fitted_on, hint=FINAL_HINT)
+        table, record = fitted.table, fitted.record
+    pre = Preprocessor(cohort.modalities).fit(table.loc[tr])
+    tr_a = Arrays.from_table(pre, table.loc[tr])
+    va_a = Arrays.from_table(pre, table.loc[va])
     fit = fit_with_early_stopping(tr_a, va_a, cohort.modalities, model_cfg or cfg.model,
                                   cfg.train, cfg.train.seed)
     p_val, _ = predict(fit.model, va_a)
     threshold = choose_threshold(va_a.y, p_val)
-    return fit, pre, threshold, tr_a.class_counts()
+    return FinalModel(fit, pre, threshold, tr_a.class_counts(), record)
+
+
+def final_fit(cohort: Cohort, cfg: SafnConfig, model_cfg: ModelConfig | None = None):
+    """`final_model` as (fit, preprocessing, threshold, class counts), for a configuration
+    without harmonisation (whose record the tuple could not carry: use `final_model`)."""
+    if cfg.harmonisation.enabled:
+        raise ValueError("final_fit drops the harmonisation fit its model depends on; call "
+                         "final_model and pass its harmonisation to save_bundle")
+    m = final_model(cohort, cfg, model_cfg)
+    return m.fit, m.preprocessor, m.threshold, m.class_counts
