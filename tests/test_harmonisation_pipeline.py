@@ -370,3 +370,21 @@ def test_safn_train_with_a_small_site_names_fold_and_site(tmp_path, capsys):
     small = load_table(csv, mapping)
     with pytest.raises(DataError, match="site C"):
         crossval.check_harmonisation(small, cfg_of(), make_splits(small, 3, 1, 0.2, 0))
+
+
+def test_safn_train_writes_a_bundle_with_its_final_fits_harmonisation(tmp_path, capsys):
+    """End to end: the console says what is harmonised, and the run's bundle carries the fit
+    of the final model's own training part (equal to final_model's, recomputed here)."""
+    csv, mapping = write(tmp_path / "data", scanner_table(seed=2))
+    assert _train(tmp_path, csv, mapping) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "harmonisation: ComBat of 6 features (imaging) across the sites A, B, C" in out
+    run = tmp_path / "run"
+    assert "ComBat of 6 features" in json.loads((run / "results.json").read_text())[
+        "harmonisation"]
+    b = load_bundle(run / "model")
+    cfg = load_config(run / "config.yaml")
+    again = crossval.final_model(load_table(csv, mapping), cfg).harmonisation
+    assert b.harmonisation.fit.to_dict() == again.fit.to_dict()
+    assert b.harmonisation.fit.n == 192
+    assert "## Harmonisation" in (run / "model" / "model_card.md").read_text()

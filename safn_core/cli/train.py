@@ -88,6 +88,9 @@ def write_report(out: Path, cfg, cohort, summary, preds, weights, drops, majorit
                   for m in cohort.modalities}})
     if cohort.report.excluded:
         rep.table(cohort.report.excluded, "excluded participants")
+    harmonisation = harmonisation_line(cohort, cfg)
+    if harmonisation:
+        rep.text(harmonisation, note=True)
     rep.heading("Results (mean ± SD over folds and repeats)")
     rep.text(f"The majority class gives accuracy {majority:.3f} and PR-AUC (PD positive) "
              f"{majority if n_pos >= len(cohort) - n_pos else 1 - majority:.3f}: a model must "
