@@ -328,7 +328,14 @@ class Coordinator:
                                for k, v in self.state.selected_weights().items()})
         last = selected_entry(self.state.history)  # the selected round: threshold, metrics
         pooled = last.get("pooled") or {}
-        save_bundle(self.run_dir / "model", model, pre, self.cfg,
+        record = None
+        if self.harmonisation is not None:  # every site harmonised its data with this fit
+            from safn_core.harmonisation.record import HarmonisationRecord
+            from server.harmonisation import fitted_on
+
+            record = HarmonisationRecord.from_config(self.harmonisation, self.cfg.harmonisation,
+                                                     fitted_on(self.run_dir))
+        save_bundle(self.run_dir / "model", model, pre, self.cfg, harmonisation=record,
                     threshold=last.get("threshold", 0.5), class_counts=self.state.class_counts,
                     label_names=self.label_names, kind="federated",
                     metrics={"federated_pooled_test": {k: {"mean": v, "sd": None}

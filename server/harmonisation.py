@@ -53,6 +53,14 @@ def load_fit(run_dir: Path) -> CombatFit | None:
     return CombatFit.from_dict(json.loads(path.read_text())["fit"])
 
 
+def fitted_on(run_dir: Path) -> str:
+    """In words, which participants the run's fit was estimated from (for the model card)."""
+    try:
+        return str(json.loads((Path(run_dir) / FILE).read_text())["fitted_on"])
+    except (OSError, ValueError, KeyError):
+        return "the training sites' training splits"
+
+
 def fit_harmonisation(coordinator, desc) -> CombatFit:
     """The run's fit: the saved one when resuming, else the two rounds above."""
     saved = load_fit(coordinator.run_dir)
@@ -90,8 +98,8 @@ def fit_harmonisation(coordinator, desc) -> CombatFit:
         "empirical_bayes": cfg.harmonisation.empirical_bayes,
         "parametric": cfg.harmonisation.parametric, "sites": sorted(names.values()),
         "secure_aggregation": secure is not None,
-        "fitted_on": f"the training splits of {len(nodes)} sites ({fit.n} participants with "
-                     "every harmonised feature and covariate observed)"})
+        "fitted_on": f"the training splits of {len(nodes)} sites (participants with every "
+                     "harmonised feature and covariate observed)"})
     coordinator.report(f"harmonisation: ComBat fitted on the training splits of {len(nodes)} "
                        f"sites ({fit.n} participants, {len(spec.features)} features, covariates "
                        f"{', '.join(spec.covariates) or 'none'}"

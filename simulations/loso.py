@@ -28,18 +28,36 @@ from safn_core.training.local import Arrays, make_model, predict
 
 def evaluate_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
                       n_boot: int = 1000, seed: int = 0) -> dict:
-    """Metrics (with CIs) of a finished federation's final model on a held-out table."""
+    """Metrics (with CIs) of a finished federation's model (its selected round, at that round's
+    threshold: the model its bundle holds) on a held-out table. Under harmonisation the held-out
+    site first adjusts itself from its own participants with the federation's fit."""
+    from safn_core.federation.aggregate import selected_entry
+
     state = load_checkpoint(run_dir)
     pre = Preprocessor.from_state(state.preprocessing)
     model = make_model(pre.modalities, cfg.model, 0)
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.weights.items()})
-    data = Arrays.from_table(pre, table)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.selected_weights().items()})
+    data = Arrays.from_table(pre, harmonised_held_out(run_dir, cfg, table))
     p, _ = predict(model, data)
-    threshold = float(state.history[-1].get("threshold", 0.5))
+    threshold = float(selected_entry(state.history).get("threshold", 0.5))
     point = binary_metrics(data.y, p, threshold)
     ci = bootstrap_ci(data.y, p, threshold, n_boot=n_boot, seed=seed)
     return {"n": len(data), "positive": int(data.y.sum()), "threshold": threshold,
             **{k: point[k] for k in METRICS}, **{f"{k}_ci": list(ci[k]) for k in METRICS}}
+
+
+def harmonised_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` as a site outside the fit sees it under the run's harmonisation (its own
+    location and scale from its own participants, the federation's fit); unchanged without."""
+    from server.harmonisation import load_fit
+
+    fit = load_fit(run_dir)
+    if fit is None:
+        return table
+    from safn_core.harmonisation.record import HarmonisationRecord
+
+    record = HarmonisationRecord.from_config(fit, cfg.harmonisation, "")
+    return record.harmonise(table, min_cell=cfg.data.min_cell)
 
 
 def leave_one_site_out(cohort: Cohort, parts: dict[str, np.ndarray], cfg: SafnConfig,

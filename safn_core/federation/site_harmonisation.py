@@ -36,9 +36,11 @@ magnitude; sums are bounded by it times the largest site, products by its square
 
 
 def fit_part(frame: pd.DataFrame, spec: CombatSpec) -> pd.DataFrame:
-    """The complete cases of ``frame``: every harmonised feature and covariate observed."""
-    cols = [*spec.features, *spec.covariates]
-    return frame[frame[cols].notna().all(axis=1)]
+    """The complete cases of ``frame``: every harmonised feature and covariate observed (the
+    same rule as every other fit and adjustment, `record.complete_cases`)."""
+    from safn_core.harmonisation.record import complete_cases
+
+    return complete_cases(frame, spec)
 
 
 def scaled(frame: pd.DataFrame, spec: CombatSpec, scales: dict[str, float] | None
