@@ -126,6 +126,10 @@ def summarise(runs: list[dict]) -> dict:
                        "personal": mean_sd([x["personal"] for x in rows]),
                        "gain": mean_sd([x["personal"] - x["global"] for x in rows]),
                        "withheld_seeds": sum(not x["sent"] for x in rows),
+                       # seeds in which the site had a personal model (not the global one,
+                       # kept because its validation split had a class below min_cell)
+                       "personal_seeds": sum((x.get("kept") or {}).get("kept") != "global"
+                                             for x in rows),
                        "refused_seeds": sum("refused" in r["sites"].get(n, {}) for r in done)}
     site_means = {k: [s[k][0] for s in per_site.values()] for k in ("global", "personal", "gain")}
     return {"sites": per_site,
@@ -162,18 +166,20 @@ def markdown(summary: dict, tgts: list[dict], seeds: list[int], user: list[str])
              f"mean ± SD over seeds; every run: {' '.join(user) or 'configs/simulation.yaml as is'}"
              f"; {MAJORITY}. '†': a class of the site's test split below min_cell in some seeds "
              "(figure from the site's own record; never sent).", "",
-             "| cohort | method | site | test n | global | personalised | personalised − global |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| cohort | method | site | test n | seeds with a personal model | global | "
+             "personalised | personalised − global |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for (name, method), s in summary.items():
         for site, v in s["sites"].items():
             mark = " †" if v["withheld_seeds"] else ""
-            lines.append(f"| {name} | {method} | {site}{mark} | {v['n']:.0f} | {f3(v['global'])} "
+            lines.append(f"| {name} | {method} | {site}{mark} | {v['n']:.0f} | "
+                         f"{v.get('personal_seeds', '-')} of {len(seeds)} | {f3(v['global'])} "
                          f"| {f3(v['personal'])} | {f3(v['gain'])} |")
         m = s["mean_over_sites"]
-        lines.append(f"| {name} | {method} | mean over sites | | {m['global']:.3f} | "
+        lines.append(f"| {name} | {method} | mean over sites | | | {m['global']:.3f} | "
                      f"{m['personal']:.3f} | {m['gain']:+.3f} |")
-        lines.append(f"| {name} | {method} | pooled (coordinator) | | {f3(s['pooled_global'])} "
-                     f"| {f3(s['pooled_personal'])} | |")
+        lines.append(f"| {name} | {method} | pooled (coordinator) | | | "
+                     f"{f3(s['pooled_global'])} | {f3(s['pooled_personal'])} | |")
     lines.append("")
     for t in tgts:
         verdict = {True: "MET", False: "**MISSED**"}[t["met"]]
@@ -208,7 +214,16 @@ def main() -> None:
                     help="override for every run (after the cohort's own)")
     ap.add_argument("--out", type=Path, help="write the table here: .json or .md")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--table-from", type=Path, metavar="JSON",
+                    help="print the table of a saved --out JSON again (no runs)")
     args = ap.parse_args()
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        runs = {tuple(k.split("/")): v for k, v in saved["runs"].items()}
+        summary = {k: summarise(v) for k, v in runs.items()}
+        tgts = [t for (name, method), s in summary.items() for t in targets(name, method, s)]
+        print(markdown(summary, tgts, saved["seeds"], saved["overrides"]))
+        return
     if args.out and args.out.suffix.lower() not in (".json", ".md"):
         ap.error("--out must end in .json or .md")
     work = Path(tempfile.mkdtemp(prefix="safn-personal-")).resolve()
