@@ -64,8 +64,10 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
     assert sites[2].proc.poll() is None
     # ... and serves it: a new coordinator (a new run folder, so a new SuperLink database that
     # knows nothing of the site's session) on the same address, with the two others back; this
-    # run is personalised (fine-tuning): each site keeps its model in its own state folder
+    # run is harmonised (federated ComBat) and personalised (fine-tuning): each site keeps its
+    # harmonised training split and its personal model in its own state folder
     again = fed.server("--set", f"server.run_dir={fed.folder / 'run2'}",
+                       "--set", "harmonisation.method=combat",
                        "--set", "personalisation.method=fine_tune",
                        "--set", "personalisation.epochs=2")
     again.wait_for_output(r"run \d+ submitted", 240)
@@ -83,6 +85,13 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
     for site in SITES:
         kept = list((fed.folder / f"state_{site}" / "personal").glob(f"{stayed.group(1)}/*"))
         assert {p.name for p in kept} >= {"selected.npz", "selected.json", "evaluation.json"}
+        harmonised = fed.folder / f"state_{site}" / "harmonised" / f"{stayed.group(1)}.csv"
+        assert "label" not in pd.read_csv(harmonised).columns
+    assert "harmonisation: ComBat fitted on the training splits of 3 sites" in again.output()
+    assert "securely summed" in again.output()
+    from safn_core.bundle import load_bundle as _load
+
+    assert _load(fed.folder / "run2" / "model").harmonisation is not None
     # secure aggregation (the default): the coordinator saw sums only, and each site's audit
     # log records masked vectors by shape and public keys, no per-site counts or histograms
     assert "secure aggregation: statistics summed over 3 sites" in out
@@ -122,7 +131,8 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
             sr.scaled_packing(n_features, fed_cfg, 3).size,
             sr.train_packing(n_params, fed_cfg, 3).size,
             sr.evaluate_packing(fed_cfg.histogram_bins, fed_cfg, 3).size,
-            sr.personalise_packing(3).size]  # the second run's personalised comparison
+            sr.personalise_packing(3).size,  # the second run's personalised comparison
+            *harmonise_sizes(fed_cfg, bundle)]  # ... and its ComBat sums
     for site in SITES:
         entries = _audit(fed, site)
         assert {e["type"] for e in entries} >= {"query", "train", "evaluate"}
@@ -318,3 +328,15 @@ def test_a_held_out_site_only_evaluates_and_a_dp_site_reports_its_epsilon(federa
     assert (fed.folder / "state_site_a" / "privacy_ledger.json").is_file()
     assert not (fed.folder / "state_site_b" / "privacy_ledger.json").exists()
     assert "Differential privacy" in (fed.run_dir / "report.html").read_text()
+
+
+def harmonise_sizes(fed_cfg, bundle) -> list[int]:
+    """The sizes of federated ComBat's two secure sums for this federation's data."""
+    from safn_core.config import load_config
+    from safn_core.federation.site_harmonisation import means_packing, residuals_packing
+    from safn_core.harmonisation.setup import combat_spec
+
+    spec = combat_spec(load_config(None, ["harmonisation.method=combat"]).harmonisation,
+                       bundle.preprocessor.modalities)
+    n = fed_cfg.secagg.max_site_examples
+    return [means_packing(spec, n, 3).size, residuals_packing(spec, n, 3).size]
