@@ -164,3 +164,24 @@ def test_federated_combat_equals_pooled_neurocombat_on_the_training_splits(tmp_p
     feature = spec.features[0]
     assert mean[feature] == pytest.approx(float(got[feature].mean()), rel=1e-6)
     assert mean[feature] != pytest.approx(float(raw[feature].mean()), rel=1e-6)
+    if secure:
+        return
+    # a coordinator that stopped before its first round: the resumed run keeps the run's fit
+    # (harmonisation.json), and the sites harmonise exactly as before
+    import shutil
+
+    again = tmp_path / "resumed"
+    shutil.copytree(out, again)
+    for name in ("model", "results.json", "history.json", "rounds.csv", "checkpoints",
+                 "federation_status.json", "harmonised"):
+        path = again / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    proc = subprocess.run([str(BIN / "safn-sim"), "--resume", str(again)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "harmonisation: the run's ComBat fit" in " ".join(proc.stdout.split())
+    assert load_bundle(again / "model").harmonisation.fit.fit_id == \
+        bundle.harmonisation.fit.fit_id
+    for n in training:
+        assert (again / "harmonised" / f"{n}.csv").read_text() == \
+            (out / "harmonised" / f"{n}.csv").read_text()
