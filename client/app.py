@@ -89,7 +89,7 @@ def describe(msg: Message, context: Context) -> Message:
     out = site_statistics(
         site, request=shared_config(str(config[Config.SAFN_CONFIG])).privacy,
         state_dir=sc.state_dir(site, context),
-        run_id=str(config.get(Config.RUN_ID, f"flower-run-{msg.metadata.run_id}")),
+        run_id=sc.run_id(msg, config),
         seed=site_seed(site.cfg.train.seed, 0, sc.partition(context)))
     if out.refusal is not None:
         return Message(RecordDict({
@@ -127,7 +127,7 @@ def train(msg: Message, context: Context) -> Message:
         list(config[Config.CLASS_COUNTS]),
         request=shared_config(str(config[Config.SAFN_CONFIG])).privacy,
         state_dir=sc.state_dir(site, context),
-        run_id=str(config.get(Config.RUN_ID, f"flower-run-{msg.metadata.run_id}")),
+        run_id=sc.run_id(msg, config),
         rounds=site.cfg.federation.rounds, epochs=int(config[Config.LOCAL_EPOCHS]),
         server_round=server_round,
         seed=site_seed(int(config[Config.SEED]), server_round, sc.partition(context)),

@@ -31,6 +31,7 @@ from safn_core.federation.site_harmonisation import mean_sums, residual_sums
 from safn_core.harmonisation import CombatMeans, MeanSums, ResidualSums
 from safn_core.harmonisation.setup import combat_spec
 
+
 def _scales(config: ConfigRecord, site: Site) -> dict[str, float] | None:
     if Config.HARMONISATION_SCALES not in config:
         return None

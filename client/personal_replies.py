@@ -20,18 +20,14 @@ from client import site_context as sc
 from client.site_console import say
 from safn_core.errors import SafnError
 from safn_core.federation.loop import site_seed
-from safn_core.federation.personal import (comparison_line, comparison_to_metrics,
-                                           ditto_round, personalise)
+from safn_core.federation.personal import (Comparison, comparison_line,
+                                           comparison_to_metrics, ditto_round, personalise)
 from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, REFUSAL, Config,
                                            Describe)
 from safn_core.federation.secure_records import personalise_values
 from safn_core.federation.shared_config import shared_config
 from safn_core.federation.site import Site
 from safn_core.federation.site_privacy import effective_privacy
-
-
-def _run_id(msg: Message, config: ConfigRecord) -> str:
-    return str(config.get(Config.RUN_ID, f"flower-run-{msg.metadata.run_id}"))
 
 
 def ditto_step(msg: Message, context: Context, site: Site, config: ConfigRecord,
@@ -45,7 +41,7 @@ def ditto_step(msg: Message, context: Context, site: Site, config: ConfigRecord,
     out = ditto_round(site, global_weights, sc.preprocessor(site, config),
                       list(config[Config.CLASS_COUNTS]), server_round=server_round,
                       privacy=privacy, state_dir=sc.state_dir(site, context),
-                      run_id=_run_id(msg, config),
+                      run_id=sc.run_id(msg, config),
                       seed=site_seed(int(config[Config.SEED]), server_round,
                                      sc.partition(context)))
     if out.refusal is not None:
@@ -70,16 +66,13 @@ def personalise_reply(msg: Message, context: Context) -> Message:
             site, sc.global_weights(site, msg.content[ARRAYS], config),
             sc.preprocessor(site, config), list(config[Config.CLASS_COUNTS]),
             federation_threshold=float(config[Config.THRESHOLD]), privacy=privacy,
-            state_dir=state, run_id=_run_id(msg, config),
+            state_dir=state, run_id=sc.run_id(msg, config),
             seed=site_seed(int(config[Config.SEED]), shared.federation.rounds + 1,
                            sc.partition(context)))
         reason = comparison.refusal
         say(comparison_line(comparison))
     else:
-        from safn_core.federation.personal import Comparison
-
-        comparison = Comparison(site.name, shared.personalisation.method, [0, 0], False, {},
-                                {"global": [0] * 4, "personal": [0] * 4}, {}, refusal=reason)
+        comparison = Comparison.refused(site.name, shared.personalisation.method, reason)
         say(f"personalisation: no personal model: {reason}")
     safe = secure.is_secure(config)
     content = {METRICS: MetricRecord(comparison_to_metrics(comparison, secure=safe))}

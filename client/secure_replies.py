@@ -57,13 +57,12 @@ def secagg_mask(msg: Message, context: Context) -> Message:
                 content[REFUSAL] = ConfigRecord({Describe.REASON: reason})
                 values = harmonisation.zeros(site, config, step)
             values["n"] = np.rint(values["n"]).astype(np.int64)  # a count field
-            vector = secure.mask(sess, state, config, values)
         elif ctx.name in (Aggregation.STATISTICS, Aggregation.STATISTICS_SCALED):
             values, mechanism = statistics_values_of(msg, context, site, config, ctx.name)
             content[STATISTICS] = ConfigRecord(mechanism)  # the site's own privacy report
-            vector = secure.mask(sess, state, config, values)
         else:
             raise
+        vector = secure.mask(sess, state, config, values)
     return Message(RecordDict({ARRAYS: ArrayRecord({MASKED: Array(vector)}),
                                secure.RECORD: secure.announce(sess, config), **content}),
                    reply_to=msg)
@@ -78,7 +77,7 @@ def statistics_values_of(msg: Message, context: Context, site: Site, config: Con
     out = site_statistics(
         site, request=shared_config(str(config[Config.SAFN_CONFIG])).privacy,
         state_dir=sc.state_dir(site, context),
-        run_id=str(config.get(Config.RUN_ID, f"flower-run-{msg.metadata.run_id}")),
+        run_id=sc.run_id(msg, config),
         seed=site_seed(site.cfg.train.seed, 0, sc.partition(context)), check_cells=False)
     frame = site.cohort.table.loc[site.split.train, list(site.cohort.features)]
     scales = (np.asarray(config[Config.SECAGG_SCALES], dtype=np.float64)

@@ -98,7 +98,7 @@ def _harmonised(site: Site, fit_text: str, held_out: bool, run_id: str,
             if not path.is_file():
                 from safn_core.io import write_atomic
 
-                frame = training_split_frame(harmonised, done.cohort, fit.spec)
+                frame = training_split_frame(harmonised, fit.spec)
                 write_atomic(path, frame.to_csv(index=False))
         _HARMONISED[key] = harmonised
     return _HARMONISED[key]
@@ -123,6 +123,11 @@ def data_source(site: Site, context: Context) -> str:
     from safn_core.federation.run_folder import load_run_config
 
     return str(load_run_config(run_dir_from(dict(context.run_config)).resolve()).data.source)
+
+
+def run_id(msg, config: ConfigRecord) -> str:
+    """The run's own id (stable across a resume), or Flower's when the message has none."""
+    return str(config.get(Config.RUN_ID, f"flower-run-{msg.metadata.run_id}"))
 
 
 def partition(context: Context) -> int:

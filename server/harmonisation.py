@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from safn_core.errors import SafnError
+from safn_core.federation.run_folder import run_identity
 from safn_core.federation.protocol import (ARRAYS, CONFIG, REFUSAL, SITE, Aggregation, Config,
                                            Describe, Task, modalities_from_record)
 from safn_core.federation.site_harmonisation import (means_packing, residuals_packing,
@@ -127,7 +128,7 @@ def _round(coordinator, secure, nodes: list[int], names: dict, step: str, spec, 
         return sums_from_decoded(cls, result.values, spec)
     config = {Config.TASK: Task.HARMONISE, Config.HARMONISE_STEP: step,
               Config.SAFN_CONFIG: coordinator.shared_text,
-              Config.RUN_ID: _run_id(coordinator),
+              Config.RUN_ID: run_identity(coordinator.run_dir),
               Config.HELD_OUT_SITES: sorted(coordinator.held_out), **extra}
     messages = [Message(RecordDict({CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in nodes]
@@ -154,12 +155,6 @@ def _refused(refused: dict[str, str], silent: set[str]) -> None:
     if why:
         raise HarmonisationFailed("harmonisation (ComBat) needs every training site; "
                                   + "; ".join(why))
-
-
-def _run_id(coordinator) -> str:
-    from safn_core.federation.run_folder import run_identity
-
-    return run_identity(coordinator.run_dir)
 
 
 __all__ = ["fit_harmonisation", "load_fit", "HarmonisationFailed", "FILE", "SITE"]

@@ -46,8 +46,8 @@ def personalise_sites(coordinator, nodes: list[int], weights: dict, threshold: f
               Config.SEED: cfg.train.seed, Config.MODEL_LAYOUT: layout.fingerprint(),
               Config.THRESHOLD: float(threshold),
               Config.HELD_OUT_SITES: sorted(coordinator.held_out),
-              **getattr(coordinator, "extra", {})}  # the harmonisation fit, if any
-    secure = getattr(coordinator, "secure", None) if cfg.federation.secure_aggregation else None
+              **coordinator.extra}  # the harmonisation fit, if any
+    secure = coordinator.secure if cfg.federation.secure_aggregation else None
     ctx = packing = None
     if secure is not None:
         ctx = secure.context(coordinator.state.round + 1, "personalise")

@@ -14,50 +14,29 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from safn_core.config import SafnConfig, dump_config
 from safn_core.data.cohort import Cohort
-from safn_core.federation.checkpoint import load_checkpoint
 from safn_core.federation.run_folder import write_config
 from simulations.virtual_sites import write_virtual_sites
 from safn_core.metrics import METRICS, binary_metrics, bootstrap_ci
-from safn_core.preprocess import Preprocessor
-from safn_core.training.local import Arrays, make_model, predict
 
 
 def evaluate_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
                       n_boot: int = 1000, seed: int = 0) -> dict:
-    """Metrics (with CIs) of a finished federation's model (its selected round, at that round's
-    threshold: the model its bundle holds) on a held-out table. Under harmonisation the held-out
-    site first adjusts itself from its own participants with the federation's fit."""
-    from safn_core.federation.aggregate import selected_entry
+    """Metrics (with CIs) of a finished federation's model bundle (its selected round, at that
+    round's threshold) on a held-out table. Under harmonisation the bundle lets the held-out
+    site adjust itself from its own participants with the federation's fit."""
+    from safn_core.bundle import load_bundle
 
-    state = load_checkpoint(run_dir)
-    pre = Preprocessor.from_state(state.preprocessing)
-    model = make_model(pre.modalities, cfg.model, 0)
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.selected_weights().items()})
-    data = Arrays.from_table(pre, harmonised_held_out(run_dir, cfg, table))
-    p, _ = predict(model, data)
-    threshold = float(selected_entry(state.history).get("threshold", 0.5))
+    bundle = load_bundle(Path(run_dir) / "model")
+    data = bundle.arrays(table, min_cell=cfg.data.min_cell)
+    p, _ = bundle.predict(data)
+    threshold = float(bundle.threshold)
     point = binary_metrics(data.y, p, threshold)
     ci = bootstrap_ci(data.y, p, threshold, n_boot=n_boot, seed=seed)
     return {"n": len(data), "positive": int(data.y.sum()), "threshold": threshold,
             **{k: point[k] for k in METRICS}, **{f"{k}_ci": list(ci[k]) for k in METRICS}}
-
-
-def harmonised_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` as a site outside the fit sees it under the run's harmonisation (its own
-    location and scale from its own participants, the federation's fit); unchanged without."""
-    from server.harmonisation import load_fit
-
-    fit = load_fit(run_dir)
-    if fit is None:
-        return table
-    from safn_core.harmonisation.record import HarmonisationRecord
-
-    record = HarmonisationRecord.from_config(fit, cfg.harmonisation, "")
-    return record.harmonise(table, min_cell=cfg.data.min_cell)
 
 
 def leave_one_site_out(cohort: Cohort, parts: dict[str, np.ndarray], cfg: SafnConfig,

@@ -19,7 +19,8 @@ import pytest
 from safn_core.config import load_config
 from safn_core.data.cohort import ID, SITE
 from safn_core.federation.site import Site
-from safn_core.federation.site_harmonisation import (fit_part, harmonise_site, mean_sums,
+from safn_core.harmonisation.record import complete_cases
+from safn_core.federation.site_harmonisation import (harmonise_site, mean_sums,
                                                      residual_sums, scaled, unscale_fit)
 from safn_core.harmonisation import (CombatSpec, MeanSums, ResidualSums, solve_means,
                                      solve_variance)
@@ -72,7 +73,7 @@ def test_sums_come_from_the_training_split_only_and_scaling_changes_nothing():
     site.cohort.table.loc[site.split.test, list(spec.features)] += 1.0
     after = harmonise_site(site, fit, cfg.harmonisation, held_out=False)
     np.testing.assert_array_equal(before.adjustment.gamma, after.adjustment.gamma)
-    assert before.fit_rows == len(fit_part(site.cohort.table.loc[site.split.train], spec))
+    assert before.fit_rows == len(complete_cases(site.cohort.table.loc[site.split.train], spec))
     # a held-out site estimates from all its participants, with the same fit
     held = harmonise_site(site, fit, cfg.harmonisation, held_out=True)
     assert held.fit_rows == len(site.cohort.table) and held.adjustment.fit_id == fit.fit_id

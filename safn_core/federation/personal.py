@@ -48,8 +48,9 @@ from safn_core.federation.personal_store import PersonalStore
 from safn_core.federation.site import Site, state_to_numpy
 from safn_core.metrics import binary_metrics, choose_threshold
 from safn_core.preprocess import Preprocessor
-from safn_core.training.local import (make_loader, make_model, make_optimizer, predict,
-                                      run_epochs, validation_metrics)
+from safn_core.training.local import (make_loader, make_model, make_optimizer,
+                                      parameters_like, predict, run_epochs,
+                                      validation_metrics)
 from safn_core.training.selection import RoundSelection
 
 PERSONAL_SEED_OFFSET = 500
@@ -111,12 +112,8 @@ class _Trainer:
         self.model = make_model(self.pre.modalities, cfg.model, self.seed)
         self.model.load_state_dict({k: torch.from_numpy(np.array(v))
                                     for k, v in self.weights.items()})
-        self.anchor_params = None
-        if self.anchor is not None and self.mu > 0:
-            anchor = make_model(self.pre.modalities, cfg.model, self.seed)
-            anchor.load_state_dict({k: torch.from_numpy(np.array(v))
-                                    for k, v in self.anchor.items()})
-            self.anchor_params = [p.detach().clone() for p in anchor.parameters()]
+        self.anchor_params = (parameters_like(self.model, self.anchor)
+                              if self.anchor is not None and self.mu > 0 else None)
         self.optimizer = make_optimizer(self.model,
                                         cfg.train.model_copy(update={"lr": self.lr}))
         self.loader = make_loader(self.site.arrays(self.pre, "train"), cfg.train.batch_size,
@@ -278,6 +275,12 @@ class Comparison:
     selected: dict = field(default_factory=dict)
     refusal: str | None = None
 
+    @classmethod
+    def refused(cls, site: str, method: str, reason: str) -> "Comparison":
+        """A site without a personal model: nothing compared, its one-line reason."""
+        return cls(site, method, [0, 0], False, {}, {"global": [0] * 4, "personal": [0] * 4},
+                   {}, refusal=reason)
+
     def record(self) -> dict:
         return {"site": self.site, "method": self.method, "test_class_counts": self.class_counts,
                 "reported": self.reported, "metrics": self.metrics, "confusion": self.confusion,
@@ -326,7 +329,6 @@ def personalise(site: Site, global_weights: dict, pre: Preprocessor, class_count
     personal model and the full comparison are written to the site's state folder."""
     method = site.cfg.personalisation.method
     store = PersonalStore(state_dir, run_id)
-    empty = {"global": [0, 0, 0, 0], "personal": [0, 0, 0, 0]}
     unfit = unfit_validation(site)
     try:
         if unfit is not None:  # nothing to choose with: the global model, its threshold
@@ -342,7 +344,7 @@ def personalise(site: Site, global_weights: dict, pre: Preprocessor, class_count
                 raise PersonalRefused("no personal model: the site trained its personal model "
                                       "in no round of this run")
     except PersonalRefused as exc:
-        out = Comparison(site.name, method, [0, 0], False, {}, empty, {}, refusal=str(exc))
+        out = Comparison.refused(site.name, method, str(exc))
         store.save_evaluation(out.record())
         return out
     if unfit is not None:

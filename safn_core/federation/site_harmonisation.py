@@ -28,19 +28,12 @@ from safn_core.harmonisation import (CombatFit, CombatMeans, CombatSpec, MeanSum
                                      ResidualSums, harmonise, site_adjustment, site_mean_sums,
                                      site_residual_sums)
 from safn_core.harmonisation.combat import SiteAdjustment
+from safn_core.harmonisation.record import complete_cases
 from safn_core.secagg import Field, Packing
 
 SUM_BOUND = 1e3
 """A scaled value (the value over its feature's federation-wide mean |value|) is at most this in
 magnitude; sums are bounded by it times the largest site, products by its square."""
-
-
-def fit_part(frame: pd.DataFrame, spec: CombatSpec) -> pd.DataFrame:
-    """The complete cases of ``frame``: every harmonised feature and covariate observed (the
-    same rule as every other fit and adjustment, `record.complete_cases`)."""
-    from safn_core.harmonisation.record import complete_cases
-
-    return complete_cases(frame, spec)
 
 
 def scaled(frame: pd.DataFrame, spec: CombatSpec, scales: dict[str, float] | None
@@ -56,13 +49,13 @@ def scaled(frame: pd.DataFrame, spec: CombatSpec, scales: dict[str, float] | Non
 
 def mean_sums(site, spec: CombatSpec, scales: dict[str, float] | None) -> MeanSums:
     """Round 1 of this (training) site, from its training split's complete cases."""
-    rows = fit_part(site.cohort.table.loc[site.split.train], spec)
+    rows = complete_cases(site.cohort.table.loc[site.split.train], spec)
     return site_mean_sums(spec, scaled(rows, spec, scales), site.name, site.min_cell)
 
 
 def residual_sums(site, means: CombatMeans, scales: dict[str, float] | None) -> ResidualSums:
     """Round 2 of this site, over the same participants as round 1."""
-    rows = fit_part(site.cohort.table.loc[site.split.train], means.spec)
+    rows = complete_cases(site.cohort.table.loc[site.split.train], means.spec)
     return site_residual_sums(means, scaled(rows, means.spec, scales), site.name,
                               site.min_cell)
 
@@ -130,19 +123,19 @@ def harmonise_site(site, fit: CombatFit, cfg: HarmonisationConfig, held_out: boo
     cases when held out) and its whole cohort harmonised with it (every split; missing values
     stay missing)."""
     table = site.cohort.table
-    rows = fit_part(table if held_out else table.loc[site.split.train], fit.spec)
+    rows = complete_cases(table if held_out else table.loc[site.split.train], fit.spec)
     adjustment = site_adjustment(fit, rows, site.name, empirical_bayes=cfg.empirical_bayes,
                                  parametric=cfg.parametric, min_cell=site.min_cell)
     harmonised = harmonise(fit, adjustment, table)
     return HarmonisedSite(adjustment, replace(site.cohort, table=harmonised), len(rows))
 
 
-def training_split_frame(site, harmonised: Cohort, spec: CombatSpec) -> pd.DataFrame:
-    """The site's harmonised training split as researchers compare it with pooled tools:
+def training_split_frame(site, spec: CombatSpec) -> pd.DataFrame:
+    """A harmonised site's training split as researchers compare it with pooled tools:
     participant id, site, covariates and harmonised features (no label)."""
     from safn_core.data.cohort import ID, SITE
 
-    part = harmonised.table.loc[site.split.train, [*spec.covariates, *spec.features]]
+    part = site.cohort.table.loc[site.split.train, [*spec.covariates, *spec.features]]
     part.insert(0, SITE, site.name)
     part.index.name = ID
     return part.reset_index()

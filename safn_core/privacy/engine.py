@@ -175,7 +175,8 @@ class SitePrivacy(SiteBudget):
 
     def __init__(self, cfg: PrivacyConfig, train: Arrays, train_cfg: TrainConfig, *,
                  rounds: int, local_epochs: int, run_id: str | int,
-                 personal_epochs: int = 0, fingerprint: str | None = None, ledger_path: str | Path | None = None,
+                 personal_epochs: int = 0, fingerprint: str | None = None,
+                 ledger_path: str | Path | None = None,
                  state_dir: str | Path | None = None, site: str = "",
                  lock_timeout: float = 60.0, seeded: bool = False):
         super().__init__(cfg, len(train), fingerprint=fingerprint, ledger_path=ledger_path,
@@ -332,10 +333,8 @@ class SitePrivacy(SiteBudget):
         # From here a failure leaves the reservation charged in full.
         global_params = {id(p): p.detach().clone() for p in model.parameters()}
         if anchor is not None:
-            pulled = make_model(tuple(modalities), model_cfg, seed)
-            load_federation_state(pulled, anchor)
-            global_params = {id(p): q.detach().clone()
-                             for p, q in zip(model.parameters(), pulled.parameters())}
+            global_params = {id(p): a for p, a in
+                             zip(model.parameters(), local.parameters_like(model, anchor))}
         secure = bool(self.cfg.secure_rng)
         material = (seed, seq) if self.seeded and not secure else None
         # the Poisson sampler draws from the loader's generator (secure mode: Opacus' own)

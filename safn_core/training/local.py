@@ -62,6 +62,13 @@ def make_model(modalities: tuple[Modality, ...], model_cfg: ModelConfig, seed: i
     return SAFN([(m.name, len(m.features), m.side) for m in modalities], model_cfg)
 
 
+def parameters_like(model: nn.Module, weights) -> list[Tensor]:
+    """``weights`` (a state dict in ``model``'s layout) as tensors in the order of
+    ``model.parameters()``: the anchor of a proximal term (FedProx's or Ditto's)."""
+    return [torch.as_tensor(np.asarray(weights[name]), dtype=p.dtype).clone()
+            for name, p in model.named_parameters()]
+
+
 def make_loader(data: Arrays, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(data.dataset(), batch_size=batch_size, shuffle=shuffle, generator=gen,
