@@ -36,8 +36,10 @@ from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, REFUSAL, SIT
                                            modalities_to_record)
 from safn_core.federation.shared_config import shared_config
 from safn_core.federation.site_privacy import site_statistics, train_round
+from simulations.site_disks import site_disk_mod
 
-app = ClientApp(mods=[audit_mod])  # the site's audit trail of what leaves it
+# the site's audit trail of what leaves it; on a Ray cluster, a virtual site's files by Ray
+app = ClientApp(mods=[site_disk_mod, audit_mod])
 
 
 @app.query()

@@ -303,13 +303,24 @@ class SimulationConfig(Section):
         None, ge=1, description="CPUs Ray may use in all (None = every core); with "
                                 "num_cpus_per_site it bounds the concurrent ClientApp actors")
     ray_object_store_mb: int = Field(256, ge=80, description="Ray object store size (MiB)")
-    ray_address: str | None = Field(None, description="an existing Ray cluster, e.g. 'auto'")
+    ray_address: str | None = Field(
+        None, description="an existing Ray cluster: 'auto' (the one this machine is a node "
+                          "of) or the head's host:port (docs/ray-cluster.md)")
     fast_polling: bool = Field(True, description="poll Flower's in-memory message queues every "
                                                  "10 ms instead of 100 ms (idle time per round)")
     site_state_dir: Path | None = Field(
         None, description="virtual sites' own state (privacy ledgers), one subfolder per site; "
                           "outside any run folder so later runs find the spent budget (default "
                           "<parent of the run folder>/sim-site-state)")
+
+    @model_validator(mode="after")
+    def _cluster_owns_its_resources(self) -> "SimulationConfig":
+        if self.ray_address and self.ray_num_cpus:
+            raise ValueError(
+                f"simulation.ray_num_cpus = {self.ray_num_cpus} with ray_address "
+                f"'{self.ray_address}': a Ray cluster's nodes declare their own CPUs (ray start "
+                "--num-cpus); set ray_num_cpus to null, or drop ray_address for a local Ray")
+        return self
 
 
 class SiteConfig(Section):

@@ -122,6 +122,17 @@ def _is_time_module(value) -> str | None:
         f"is {value!r}, expected the time module"
 
 
+def _calls(*names: str) -> Callable[[object], str | None]:
+    """Expect a function whose code still calls ``names`` (what the patch replaces it for)."""
+    def check(value) -> str | None:
+        code = getattr(value, "__code__", None)
+        if code is None:
+            return f"is {value!r}, expected a function"
+        missing = [n for n in names if n not in code.co_names]
+        return None if not missing else f"no longer calls {missing}"
+    return check
+
+
 def _is_int(value) -> str | None:
     return None if isinstance(value, int) else f"is {value!r}, expected an int"
 
@@ -188,6 +199,11 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "the simulation's in-memory Grid waits 0.1 s between pulls for replies",
           (_t("flwr.superlink.grid.inmemory_grid", "InMemoryGrid.__init__",
               _params("self", "state_factory", "pull_interval")),)),
+    Patch("sim_ray_left_running",
+          "the simulation's Ray backend shuts Ray down when the run ends, before safn-sim on a "
+          "Ray cluster can read where the ClientApps ran and remove the sites' mirrors",
+          (_t("flwr.server.superlink.fleet.vce.backend.raybackend", "RayBackend.terminate",
+              _calls("terminate_all_actors", "shutdown")),)),
     Patch("sim_dispatch_interval",
           "the simulation's dispatcher waits 0.1 s before handing a message to a Ray actor",
           (_t("flwr.server.superlink.fleet.vce.vce_api", "add_messages_to_queue",
@@ -306,6 +322,18 @@ def _sim_grid_pull_interval(interval: float = 0.01) -> None:
     import flwr.superlink.grid.inmemory_grid as grid
 
     _set("sim_grid_pull_interval", grid.InMemoryGrid.__init__, "__defaults__", (interval,))
+
+
+def _sim_ray_left_running() -> None:
+    """The backend's actors are ended as before; Ray itself is left to safn-sim, which shuts it
+    down after reading the cluster's state (`simulations.ray_cluster`)."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    def terminate(self) -> None:
+        if self.pool:
+            self.pool.terminate_all_actors()
+
+    _set("sim_ray_left_running", raybackend.RayBackend, "terminate", terminate)
 
 
 def _sim_dispatch_interval(interval: float = 0.01) -> None:
@@ -522,6 +550,7 @@ def _superexec_forking_executor(launch_clientapp: Callable[[list[str]], bool]) -
 _APPLY: dict[str, Callable[..., None]] = {
     "sim_grid_pull_interval": _sim_grid_pull_interval,
     "sim_dispatch_interval": _sim_dispatch_interval,
+    "sim_ray_left_running": _sim_ray_left_running,
     "object_pull_backoff": _object_pull_backoff,
     "serverapp_grid_polling": _serverapp_grid_polling,
     "serverapp_reply_upload_wait": _serverapp_reply_upload_wait,

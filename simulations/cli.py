@@ -126,6 +126,14 @@ def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.Da
     return loso
 
 
+def check_cluster(cfg: SafnConfig) -> None:
+    """On a Ray cluster: join it once before anything is written (`ray_cluster.preflight`)."""
+    if cfg.simulation.ray_address:
+        from simulations.ray_cluster import preflight
+
+        preflight(cfg.simulation.ray_address, cfg.simulation.num_cpus_per_site)
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = base_parser(
         "safn-sim",
@@ -137,7 +145,13 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--loso", action="store_true",
                         help="also run leave-one-site-out external validation "
                              "(shortcut for --set simulation.loso=true)")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="run on an existing Ray cluster: 'auto' (the cluster this machine "
+                             "is a node of) or the head's host:port (simulation.ray_address; "
+                             "also with --resume)")
     args = parser.parse_args(argv)
+    if args.ray_address and not args.resume:
+        args.overrides.append(f"simulation.ray_address={args.ray_address}")
     if args.loso and not args.resume:
         args.overrides.append("simulation.loso=true")
     from safn_core.data.sources import load_cohort
@@ -154,8 +168,13 @@ def run(argv: list[str] | None = None) -> int:
             raise SafnError("--resume continues a run with its own config.yaml; do not combine "
                             "it with --config, --set or --out")
         cfg = load_run_config(run_dir.resolve())
+        if args.ray_address:  # where it runs, not what it computes: may change on resume
+            cfg = cfg.model_copy(deep=True)
+            cfg.simulation.ray_address = args.ray_address
+        check_cluster(cfg)
     else:
         cfg = config_from_args(args)
+        check_cluster(cfg)
         run_dir = fresh_output_dir(args.out or Path("runs") / f"sim-{datetime.now():%Y%m%d-%H%M%S}")
         # the virtual sites' ledgers live outside the run folder (a later run finds the spent
         # budget); fixed as an absolute path in config.yaml so resume and LOSO use the same

@@ -9,6 +9,11 @@ resolved ``config.yaml``) through the ``SAFN_RUN_DIR`` environment variable, whi
 inherit; a deployment passes ``run-dir`` in the run config instead. The app code is the same.
 Flower's 0.1 s simulation polling loops are shortened by `safn_flower.patches` (``SIM``) when
 ``simulation.fast_polling`` is on.
+
+On an existing Ray cluster (``simulation.ray_address``) the workers inherit nothing from this
+process and share no disk with it: `simulations.ray_cluster` joins the cluster with the run's
+runtime environment, and the virtual sites' files reach the ClientApps through Ray
+(`simulations.site_disks`).
 """
 
 from __future__ import annotations
@@ -41,15 +46,13 @@ def quiet_flower() -> None:
 
 
 def backend_config(cfg: SafnConfig) -> dict:
-    """Ray backend: one CPU per ClientApp actor, a small object store, no dashboard."""
+    """Ray backend: one CPU per ClientApp actor, a small object store, no dashboard (the
+    ``init_args`` apply to a Ray started here; a cluster has its own)."""
     s = cfg.simulation
     init_args = {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False,
                  "object_store_memory": int(s.ray_object_store_mb) * 1024 * 1024}
     if s.ray_num_cpus:
         init_args["num_cpus"] = int(s.ray_num_cpus)
-    if s.ray_address:
-        init_args = {"address": s.ray_address, "logging_level": "ERROR",
-                     "log_to_driver": False}
     return {"client_resources": {"num_cpus": s.num_cpus_per_site, "num_gpus": 0.0},
             "init_args": init_args}
 
@@ -68,12 +71,29 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
         patches.apply({name: {} for name in patches.SIM})
     t0 = time.perf_counter()
     backend = backend_config(cfg)
+    cluster = None
     try:
-        start_ray(backend["init_args"])
+        if cfg.simulation.ray_address:  # an existing cluster: `simulations.ray_cluster`
+            from safn_core.cli.common import console
+            from simulations.ray_cluster import ClusterRun
+
+            cluster = ClusterRun(cfg.simulation.ray_address, run_dir,
+                                 cfg.simulation.num_cpus_per_site)
+            cluster.connect()
+            console.print(cluster.describe())
+            patches.apply(names=("sim_ray_left_running",))
+        else:
+            start_ray(backend["init_args"])
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
                        backend_config=backend, verbose_logging=False)
     finally:
-        _stop_ray()
+        try:
+            if cluster is not None and getattr(cluster, "disks", None) is not None:
+                cluster.finish()
+        finally:
+            _stop_ray()
+            if cluster is not None:
+                patches.restore(("sim_ray_left_running",))
     return time.perf_counter() - t0
 
 
@@ -87,7 +107,7 @@ def start_ray(init_args: dict) -> None:
     """
     import ray
 
-    if ray.is_initialized() or "address" in init_args:
+    if ray.is_initialized():
         return
     paths = [p for p in (*sys.path, os.environ.get("PYTHONPATH", "")) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

@@ -46,12 +46,16 @@ def load_virtual_site(run_dir: Path, partition_id: int) -> tuple[str, Cohort]:
 
 
 def virtual_site_state_dir(run_dir: Path, site_name: str) -> Path:
-    """A virtual site's own state folder (its privacy ledger): ``simulation.site_state_dir``
-    (safn-sim writes it into config.yaml as an absolute path), by default
-    ``<parent of the run folder>/sim-site-state``; one subfolder per site. Outside the run
-    folder, so that a later run on the same virtual sites finds the budget already spent."""
+    """A virtual site's own state folder (its privacy ledger): one subfolder per site of
+    `virtual_sites_state_root`."""
+    return virtual_sites_state_root(run_dir) / site_name
+
+
+def virtual_sites_state_root(run_dir: Path) -> Path:
+    """Where the virtual sites keep their own state: ``simulation.site_state_dir`` (safn-sim
+    writes it into config.yaml as an absolute path), by default
+    ``<parent of the run folder>/sim-site-state``. Outside the run folder, so that a later run
+    on the same virtual sites finds the budget already spent."""
     run_dir = Path(run_dir).resolve()
     base = load_run_config(run_dir).simulation.site_state_dir
-    if base is None:
-        base = run_dir.parent / SIM_SITE_STATE
-    return Path(base) / site_name
+    return Path(base) if base is not None else run_dir.parent / SIM_SITE_STATE
