@@ -20,6 +20,7 @@ parallel on their own machines), and the three sites' sum (the limit on this one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from process_cpu import ProcessCpu, table  # noqa: E402
 from tests.deploy_harness import SITES, Federation, make_material  # noqa: E402
 
 VARIANTS = {
@@ -38,7 +40,33 @@ VARIANTS = {
 }
 
 
-def run_variant(material: dict, folder: Path, rounds: int, variant: str) -> dict:
+def phase_of(fed: Federation) -> str:
+    """Which phase the run is in, from the SuperLink's log (sites activated, replies pushed)
+    and the ServerApp's progress.log (statistics round done, rounds done)."""
+    def read(path: Path) -> str:
+        try:
+            return path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    if len(fed.procs) <= len(SITES):
+        return "coordinator start-up (SuperLink, site keys, run submitted)"
+    progress = read(fed.run_dir / "progress.log").splitlines()
+    done = sum(1 for line in progress if line.startswith("round "))
+    if done:
+        return "round 2 and later"
+    if any(line.startswith("statistics round:") for line in progress):
+        return "round 1"
+    link = read(fed.run_dir / "superlink.log")
+    if link.count("Activated node_id") < len(SITES):
+        return "sites starting (safn-client to SuperNode active)"
+    if "Push replies from node_id" not in link:
+        return "statistics round: to the first reply (warm SuperExec start, first message)"
+    return "statistics round: the rest"
+
+
+def run_variant(material: dict, folder: Path, rounds: int, variant: str,
+                profile: bool = False) -> dict:
     server_extra, site_env = VARIANTS[variant]
     fed = Federation(material, folder, rounds=rounds)
     if server_extra:
@@ -47,20 +75,22 @@ def run_variant(material: dict, folder: Path, rounds: int, variant: str) -> dict
         cfg = yaml.safe_load(fed.server_yaml.read_text())
         cfg["server"].update(server_extra)
         fed.server_yaml.write_text(yaml.safe_dump(cfg))
+    sampler = ProcessCpu(lambda: phase_of(fed)) if profile else contextlib.nullcontext()
     try:
-        t0 = time.perf_counter()
-        server = fed.server()
-        while "submitted" not in server.output():
-            time.sleep(0.2)
-        from tests.deploy_harness import BIN, Proc
+        with sampler:
+            t0 = time.perf_counter()
+            server = fed.server()
+            while "submitted" not in server.output():
+                time.sleep(0.2)
+            from tests.deploy_harness import BIN, Proc
 
-        for name in SITES:
-            poll = site_env.get("SAFN_POLL_INTERVAL")
-            path = fed.site_yaml(name, **({"poll_interval": float(poll)} if poll else {}))
-            fed.procs.append(Proc(name, [str(BIN / "safn-client"), "--site", str(path)],
-                                  fed.folder / f"{name}.log", site_env))
-        code = server.wait(1800)
-        wall = time.perf_counter() - t0
+            for name in SITES:
+                poll = site_env.get("SAFN_POLL_INTERVAL")
+                path = fed.site_yaml(name, **({"poll_interval": float(poll)} if poll else {}))
+                fed.procs.append(Proc(name, [str(BIN / "safn-client"), "--site", str(path)],
+                                      fed.folder / f"{name}.log", site_env))
+            code = server.wait(1800)
+            wall = time.perf_counter() - t0
     finally:
         fed.stop_all()
     if code != 0:
@@ -80,7 +110,8 @@ def run_variant(material: dict, folder: Path, rounds: int, variant: str) -> dict
                 site_rounds[name] = site_rounds.get(name, 0.0) + e.get("handler_seconds", 0.0)
     per_round = [max(v.values()) for _, v in sorted(handler.items())]
     return {"fed": fed, "wall_s": wall, "rounds_s": seconds, "handler_s": per_round,
-            "statistics_round_s": timing["statistics_round_s"], "flower": flower}
+            "statistics_round_s": timing["statistics_round_s"], "timing": timing,
+            "flower": flower, "phases": sampler.by_phase() if profile else None}
 
 
 def local_compute(fed: Federation, rounds: int) -> dict:
@@ -126,10 +157,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--profile", action="store_true",
+                    help="also print CPU seconds per process role and phase (from /proc)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="safn-deploy-bench-"))
     material = make_material(root / "material")
-    results = {v: run_variant(material, root / v, args.rounds, v) for v in args.variants}
+    results = {v: run_variant(material, root / v, args.rounds, v, args.profile)
+               for v in args.variants}
     local = local_compute(next(iter(results.values()))["fed"], args.rounds)
     print(f"3 sites on 127.0.0.1, TLS + SuperNode authentication, {args.rounds} rounds, "
           f"small SAFN model (d_model 16)")
@@ -160,6 +194,16 @@ def main() -> None:
     print("ClientApp handlers/round: the slowest site's train + evaluate handler time in the "
           "deployed ClientApp (per-message set-up + compute), from the sites' audit logs; the "
           "rest of a round is message transport, polling and the coordinator's work")
+    for name, r in results.items():
+        wait = r["timing"].get("waiting_for_sites_s")
+        if wait is not None:
+            print(f"{name}: statistics round {r['statistics_round_s']:.2f} s = waiting for the "
+                  f"sites to connect {wait:.2f} s (sites started after the run was submitted) "
+                  f"+ the round itself {r['statistics_round_s'] - wait:.2f} s")
+    for name, r in results.items():
+        if r["phases"]:
+            print(f"\n{name}: where the CPU goes, by phase and process role")
+            print(table(r["phases"]))
     print("rounds (s): " + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in v["rounds_s"])
                                      for k, v in results.items()))
 

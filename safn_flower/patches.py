@@ -65,15 +65,28 @@ class FlowerPatchError(RuntimeError):
     """A patch target is missing or not what the patch was written against."""
 
 
+LOCAL_WAIT = 0.01
+"""Seconds between two looks at a SuperNode's own in-memory state while it waits for the
+ClientApp's reply (Flower: 0.5). The look costs microseconds and no network request, unlike a
+pull from the SuperLink (``site.poll_interval``)."""
+
+
 class PollClock:
     """The ``time`` module with ``sleep`` capped at ``interval`` seconds (stands in for the
-    module-level ``time`` of a Flower module whose polling loop sleeps a fixed time)."""
+    module-level ``time`` of a Flower module whose polling loop sleeps a fixed time).
 
-    def __init__(self, interval: float):
-        self.interval = interval
+    With ``local``, a sleep shorter than ``local_below`` seconds is capped at ``local`` instead:
+    Flower's SuperNode sleeps 3 s between pulls from the SuperLink (a network request) and 0.5 s
+    between looks at its own state for a ClientApp's reply (no request)."""
+
+    def __init__(self, interval: float, local: float | None = None, local_below: float = 1.0):
+        self.interval, self.local, self.local_below = interval, local, local_below
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.interval))
+        if self.local is not None and seconds < self.local_below:
+            time.sleep(min(seconds, self.local))
+        else:
+            time.sleep(min(seconds, self.interval))
 
     def __getattr__(self, name):
         return getattr(time, name)
@@ -131,6 +144,36 @@ def _calls(*names: str) -> Callable[[object], str | None]:
         missing = [n for n in names if n not in code.co_names]
         return None if not missing else f"no longer calls {missing}"
     return check
+
+
+def _module_sleeps(module: str, expected: set[str]) -> Callable[[object], str | None]:
+    """Expect a ``time`` module whose owner ``module`` calls ``time.sleep`` with exactly the
+    constant arguments ``expected`` (what a `PollClock` with ``local`` tells apart)."""
+    def check(value) -> str | None:
+        import re
+
+        problem = _is_time_module(value)
+        if problem:
+            return problem
+        source = inspect.getsource(importlib.import_module(module))
+        found = set(re.findall(r"time\.sleep\(([^)]*)\)", source))
+        return None if found == expected else \
+            f"sleeps {sorted(found)}, expected {sorted(expected)}"
+    return check
+
+
+def _queue_class(value) -> str | None:
+    """Flower's simulation queues: ``queue.Queue`` in ``vce_api``, read with 1 s timeouts."""
+    import queue
+    import re
+
+    if not (inspect.isclass(value) and issubclass(value, queue.Queue)):
+        return f"is {value!r}, expected queue.Queue"
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    found = set(re.findall(r"\.get\(timeout=([^)]*)\)", inspect.getsource(vce_api)))
+    return None if found == {"1.0"} else f"queues are read with timeouts {sorted(found)}, " \
+                                          "expected ['1.0']"
 
 
 def _is_int(value) -> str | None:
@@ -204,6 +247,11 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "Ray cluster can read where the ClientApps ran and remove the sites' mirrors",
           (_t("flwr.server.superlink.fleet.vce.backend.raybackend", "RayBackend.terminate",
               _calls("terminate_all_actors", "shutdown")),)),
+    Patch("sim_queue_wait",
+          "the simulation's message workers wait up to 1 s on their queues before they see "
+          "that the run has ended",
+          (_t("flwr.server.superlink.fleet.vce.vce_api", "Queue", _queue_class),
+           _t("flwr.server.superlink.fleet.vce.vce_api", "run_api", _calls("Queue")))),
     Patch("sim_dispatch_interval",
           "the simulation's dispatcher waits 0.1 s before handing a message to a Ray actor",
           (_t("flwr.server.superlink.fleet.vce.vce_api", "add_messages_to_queue",
@@ -229,8 +277,10 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
            _t(_SCI, "_pull_and_store_message",
               _params("state", "object_store", "node_config", "receive", "get_run", "get_fab",
                       "pull_object", "confirm_message_received", "trusted_entities")))),
-    Patch("supernode_poll_interval", "an idle SuperNode sleeps 3 s between pulls",
-          (_t(_SCI, "time", _is_time_module),)),
+    Patch("supernode_poll_interval",
+          "an idle SuperNode sleeps 3 s between pulls, and 0.5 s between looks at its own state "
+          "while it waits for a ClientApp's reply",
+          (_t(_SCI, "time", _module_sleeps(_SCI, {"3", "0.5"})),)),
     Patch("supernode_heartbeat", "a SuperNode announces a heartbeat every 30 s",
           (_t("flwr.supercore.heartbeat", "HEARTBEAT_DEFAULT_INTERVAL", _is_int),
            _t("flwr.supernode.fleet_http_connection", "HEARTBEAT_DEFAULT_INTERVAL", _is_int))),
@@ -241,8 +291,15 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
            _t("flwr.proto.fleet_pb2", "DeactivateNodeRequest", lambda v: None
               if "node_id" in v.DESCRIPTOR.fields_by_name else "has no node_id field"))),
     Patch("supernode_warm_superexec",
-          "the SuperNode starts stock flower-superexec, which starts a fresh Python per message",
-          (_t(_SCI, "subprocess", _is_subprocess),)),
+          "the SuperNode starts stock flower-superexec, which starts a fresh Python per message "
+          "and looks for new tasks only at its next poll",
+          (_t(_SCI, "subprocess", _is_subprocess),
+           _t(_SCI, "_pull_and_store_message", _calls("create_task", "store_message")))),
+    Patch("superexec_wakeup",
+          "the SuperExec looks for a new task to start every FLWR_SUPEREXEC_TASK_POLL_INTERVAL s",
+          (_t("flwr.supercore.superexec.run_superexec", "time",
+              _module_sleeps("flwr.supercore.superexec.run_superexec",
+                             {"task_poll_interval"})),)),
     Patch("superexec_forking_executor",
           "the SuperExec starts every ClientApp as a fresh process (2-3 s of imports each)",
           (_t("flwr.supercore.superexec.executor.factory", "SubprocessExecutor",
@@ -253,11 +310,11 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
               if isinstance(v, dict) else f"is {v!r}, expected a dict"))),
 )}
 
-SIM = ("sim_grid_pull_interval", "sim_dispatch_interval")
+SIM = ("sim_grid_pull_interval", "sim_dispatch_interval", "sim_queue_wait")
 SERVERAPP = ("serverapp_grid_polling", "serverapp_reply_upload_wait", "object_pull_backoff")
 SUPERNODE = ("supernode_app_approval", "supernode_poll_interval", "supernode_heartbeat",
              "supernode_session_takeover", "object_pull_backoff", "supernode_warm_superexec")
-SUPEREXEC = ("object_pull_backoff", "superexec_forking_executor")
+SUPEREXEC = ("object_pull_backoff", "superexec_forking_executor", "superexec_wakeup")
 
 _ORIGINALS: dict[str, list[tuple[object, str, object]]] = {}
 
@@ -285,8 +342,9 @@ def _set(patch: str, owner, attr: str, value) -> None:
 
 
 def restore(names=None) -> None:
-    """Undo patches applied in this process (all of them by default)."""
-    for name in list(names or _ORIGINALS):
+    """Undo patches applied in this process (all of them by default), the last applied first
+    (two patches may wrap the same function)."""
+    for name in reversed([n for n in _ORIGINALS if names is None or n in names]):
         for owner, attr, value in reversed(_ORIGINALS.pop(name, [])):
             setattr(owner, attr, value)
 
@@ -334,6 +392,22 @@ def _sim_ray_left_running() -> None:
             self.pool.terminate_all_actors()
 
     _set("sim_ray_left_running", raybackend.RayBackend, "terminate", terminate)
+
+
+def _sim_queue_wait(wait: float = 0.02) -> None:
+    """The queues of Flower's simulation runtime (messages to the ClientApp workers, replies to
+    the state) are read with at most ``wait`` s timeouts instead of 1 s: a worker waiting on an
+    empty queue looks at the stop event that often, so the runtime ends right after the
+    ServerApp instead of up to a second later (a wake-up costs microseconds)."""
+    import queue
+
+    import flwr.server.superlink.fleet.vce.vce_api as vce
+
+    class ShortWaitQueue(queue.Queue):
+        def get(self, block=True, timeout=None):
+            return super().get(block, None if timeout is None else min(timeout, wait))
+
+    _set("sim_queue_wait", vce, "Queue", ShortWaitQueue)
 
 
 def _sim_dispatch_interval(interval: float = 0.01) -> None:
@@ -415,10 +489,12 @@ def _supernode_app_approval(verify: Callable[[object, Callable], bool]) -> None:
     _set("supernode_app_approval", sci, "_pull_and_store_message", pull)
 
 
-def _supernode_poll_interval(interval: float = 3.0) -> None:
+def _supernode_poll_interval(interval: float = 3.0, local: float = LOCAL_WAIT) -> None:
+    """Pulls from the SuperLink every ``interval`` s when idle; the reply of a ClientApp is
+    looked for every ``local`` s (`LOCAL_WAIT`), so that it leaves as soon as it is there."""
     from flwr.supernode import start_client_internal as sci
 
-    _set("supernode_poll_interval", sci, "time", PollClock(interval))
+    _set("supernode_poll_interval", sci, "time", PollClock(interval, local=local))
 
 
 def _supernode_heartbeat(interval: int = HEARTBEAT_INTERVAL) -> None:
@@ -491,28 +567,139 @@ def _supernode_session_takeover(node_id_file: str, grace: float = SESSION_TAKEOV
     _set("supernode_session_takeover", conn, "FleetHttpClient", TakeoverClient)
 
 
+WAKE_FD_ENV = "SAFN_SUPEREXEC_WAKE_FD"
+"""The file descriptor on which a warm SuperExec is told that its SuperNode has a new task."""
+
+READY_FD_ENV = "SAFN_SUPEREXEC_READY_FD"
+"""The file descriptor on which a warm SuperExec says it has imported what ClientApps need."""
+
+SUPEREXEC_READY_WAIT = 600.0
+"""Seconds a SuperNode waits for its warm SuperExec to be ready before it connects anyway."""
+
+
 class _SuperExecSwap:
     """Stands in for ``subprocess`` inside Flower's SuperNode: the SuperExec it starts is
-    ``command`` instead of ``flower-superexec``."""
+    ``command`` instead of ``flower-superexec``, with the read end of a pipe (`WAKE_FD_ENV`)
+    on which `wake` tells it that a task is waiting, and the write end of one
+    (`READY_FD_ENV`) on which it says it is ready. ``Popen`` returns once it is (or has
+    exited, or ``ready_wait`` s have passed): Flower's SuperNode starts its SuperExec before it
+    connects, so the site is online only when it can answer at once, and the coordinator's
+    round timeouts never count a site's start-up."""
 
-    def __init__(self, command: list[str]):
+    def __init__(self, command: list[str], ready_wait: float = SUPEREXEC_READY_WAIT):
         import subprocess
 
         self._subprocess, self._command = subprocess, list(command)
+        self._wake_fds: list[int] = []
+        self.ready_wait = ready_wait
 
     def Popen(self, command, *args, **kwargs):  # noqa: N802  (mirrors subprocess.Popen)
-        if command and command[0] == "flower-superexec":
-            command = [*self._command, *command[1:]]
-        return self._subprocess.Popen(command, *args, **kwargs)
+        if not (command and command[0] == "flower-superexec"):
+            return self._subprocess.Popen(command, *args, **kwargs)
+        wake_read, wake_write = os.pipe()
+        ready_read, ready_write = os.pipe()
+        os.set_blocking(wake_write, False)  # a full pipe already says "wake up"
+        env = dict(kwargs.pop("env", None) or os.environ)
+        env[WAKE_FD_ENV], env[READY_FD_ENV] = str(wake_read), str(ready_write)
+        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), wake_read, ready_write)
+        try:
+            proc = self._subprocess.Popen([*self._command, *command[1:]], *args, env=env,
+                                          **kwargs)
+        finally:
+            os.close(wake_read)
+            os.close(ready_write)
+        self._wake_fds.append(wake_write)
+        try:
+            self._wait_ready(ready_read)
+        finally:
+            os.close(ready_read)
+        return proc
+
+    def _wait_ready(self, fd: int) -> None:
+        """Until the SuperExec writes to ``fd`` or closes it (it exited), at most
+        ``ready_wait`` s."""
+        import select
+
+        select.select([fd], [], [], self.ready_wait)
+
+    def wake(self) -> None:
+        for fd in list(self._wake_fds):
+            try:
+                os.write(fd, b"!")
+            except BlockingIOError:
+                pass
+            except OSError:  # the SuperExec has exited
+                self._wake_fds.remove(fd)
+                os.close(fd)
 
     def __getattr__(self, name):
         return getattr(self._subprocess, name)
 
 
-def _supernode_warm_superexec(command: list[str]) -> None:
+class _WakingState:
+    """A SuperNode's NodeState whose ``store_message`` also wakes the SuperExec (passed only to
+    Flower's ``_pull_and_store_message``, which stores a message right after creating its task;
+    everything else is the state itself)."""
+
+    def __init__(self, state, wake: Callable[[], None]):
+        self._state, self._wake = state, wake
+
+    def store_message(self, *args, **kwargs):
+        out = self._state.store_message(*args, **kwargs)
+        self._wake()
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._state, name)
+
+
+def _supernode_warm_superexec(command: list[str],
+                              ready_wait: float = SUPEREXEC_READY_WAIT) -> None:
+    """The SuperNode starts ``command`` as its SuperExec and connects once it is ready (see
+    `_SuperExecSwap`), and tells it of every message it stores for a ClientApp (the SuperExec
+    then starts the ClientApp at once instead of at its next poll, while the SuperNode is
+    still pulling the message's objects)."""
     from flwr.supernode import start_client_internal as sci
 
-    _set("supernode_warm_superexec", sci, "subprocess", _SuperExecSwap(command))
+    swap = _SuperExecSwap(command, ready_wait)
+    flower_pull = sci._pull_and_store_message
+
+    def pull(**kwargs):
+        kwargs["state"] = _WakingState(kwargs["state"], swap.wake)
+        return flower_pull(**kwargs)
+
+    _set("supernode_warm_superexec", sci, "subprocess", swap)
+    _set("supernode_warm_superexec", sci, "_pull_and_store_message", pull)
+
+
+class WakeClock:
+    """The ``time`` module for Flower's SuperExec loop: ``sleep`` ends early when a byte arrives
+    on ``fd`` (its SuperNode has a task), and otherwise lasts at least ``idle`` seconds (the
+    poll only catches what a wake-up missed). When the SuperNode has gone (end of file), plain
+    sleeps."""
+
+    def __init__(self, fd: int, idle: float):
+        self.fd, self.idle = fd, idle
+
+    def sleep(self, seconds: float) -> None:
+        import select
+
+        if self.fd is None:
+            time.sleep(seconds)
+            return
+        ready, _, _ = select.select([self.fd], [], [], max(seconds, self.idle))
+        if ready and not os.read(self.fd, 4096):
+            os.close(self.fd)
+            self.fd = None
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def _superexec_wakeup(fd: int, idle: float = 1.0) -> None:
+    from flwr.supercore.superexec import run_superexec
+
+    _set("superexec_wakeup", run_superexec, "time", WakeClock(fd, idle))
 
 
 def _superexec_forking_executor(launch_clientapp: Callable[[list[str]], bool]) -> None:
@@ -550,6 +737,7 @@ def _superexec_forking_executor(launch_clientapp: Callable[[list[str]], bool]) -
 _APPLY: dict[str, Callable[..., None]] = {
     "sim_grid_pull_interval": _sim_grid_pull_interval,
     "sim_dispatch_interval": _sim_dispatch_interval,
+    "sim_queue_wait": _sim_queue_wait,
     "sim_ray_left_running": _sim_ray_left_running,
     "object_pull_backoff": _object_pull_backoff,
     "serverapp_grid_polling": _serverapp_grid_polling,
@@ -560,5 +748,6 @@ _APPLY: dict[str, Callable[..., None]] = {
     "supernode_session_takeover": _supernode_session_takeover,
     "supernode_warm_superexec": _supernode_warm_superexec,
     "superexec_forking_executor": _superexec_forking_executor,
+    "superexec_wakeup": _superexec_wakeup,
 }
 assert set(_APPLY) == set(PATCHES)

@@ -82,6 +82,7 @@ class Coordinator:
         expected = max(fed.min_sites, len(expected_sites(self.run_dir) or self.cfg.server.sites))
         nodes = wait_for_sites(self.grid, expected, fed.min_sites, fed.wait_for_sites,
                                self.report)
+        t_connected = time.perf_counter()
         if fed.secure_aggregation:
             desc = self._secure_statistics_round(nodes)
         else:
@@ -92,7 +93,9 @@ class Coordinator:
         desc = self._harmonise(nodes, desc)
         if self.held_out:
             self.report("held-out sites (evaluation only): " + ", ".join(sorted(self.held_out)))
-        self.timing = {"statistics_round_s": time.perf_counter() - t0}
+        # the first figure includes the wait for the sites to connect, the second says how long
+        self.timing = {"statistics_round_s": time.perf_counter() - t0,
+                       "waiting_for_sites_s": t_connected - t0}
         self._t_last = time.perf_counter()
         for name, why in desc.refused.items():
             self.report(f"site {name} withheld its statistics: {why}")

@@ -158,7 +158,8 @@ class Deployment:
         progress = LogFollower(self.run_dir / "progress.log", from_end=True)
         history_seen = len(_read_json(self.run_dir / "history.json", []))
         online: set[str] = set()
-        last_check, started, training = 0.0, time.time(), False
+        last_check = last_listed = time.monotonic()
+        started, training, nodes_changed = time.time(), False, True
         while True:
             for line in progress.lines():
                 if not line.startswith(STOPPED_LINE):  # the outcome below says it
@@ -172,18 +173,23 @@ class Deployment:
                 note = refusal(line)
                 if note:
                     err_console.print(f"[bold yellow]{note}[/]", soft_wrap=True)
+                nodes_changed = nodes_changed or any(e in line for e in NODE_EVENTS)
             if not self.link.child.alive():
                 raise DeploymentError(f"the SuperLink stopped unexpectedly; see "
                                       f"{self.link.log}. Resume with --resume")
             status = self.run_dir / "federation_status.json"
             finished = status.stat().st_mtime if status.exists() else 0
-            # each `flwr` call is a Python process (about a CPU second): list the sites only
-            # while waiting for them, ask for the run's state every 30 s (a ServerApp crash
-            # writes no status file), and at once when the ServerApp wrote its final status
-            if time.monotonic() - last_check > (30 if training else 5) or finished > started:
-                last_check = time.monotonic()
-                if not training:
-                    online = self._report_nodes(online)
+            # each `flwr` call is a Python process of about two CPU seconds, which a small
+            # coordinator's federation needs itself: list the sites only while waiting for
+            # them, when the SuperLink logged a site (de)activating (or every 30 s: a site
+            # that stops heartbeating is not logged); ask for the run's state every 30 s (a
+            # ServerApp crash writes no status file), and at once when the ServerApp wrote its
+            # final status
+            now = time.monotonic()
+            if not training and (nodes_changed or now - last_listed > 30):
+                online, nodes_changed, last_listed = self._report_nodes(online), False, now
+            if now - last_check > 30 or finished > started:
+                last_check = now
                 info = self.link.cli.run_info(run_id)
                 if info and str(info.get("status", "")).startswith("finished"):
                     break
@@ -255,6 +261,11 @@ class Deployment:
 
 
 SITE_NODES_FILE = "site_nodes.json"
+
+NODE_EVENTS = ("[Fleet.ActivateNode] Activated node_id",
+               "[Fleet.DeactivateNode] Deactivated node_id")
+"""What the SuperLink logs when a site connects or leaves cleanly (Flower 1.42,
+``superlink/servicer/fleet/fleet_handlers.py``)."""
 STOPPED_LINE = "run stopped: "  # the ServerApp's progress line when a run stops (server.app)
 
 

@@ -27,6 +27,11 @@ from safn_core.processes import Child, flower_env, port_in_use
 CONNECTION = "safn"
 CERT_FILES = ("ca.pem", "superlink.pem", "superlink.key")
 
+SERVERAPP_LAUNCH_POLL = 1.0
+"""Seconds between the coordinator's SuperExec's looks for a ServerApp to start (Flower: 1). It
+starts one ServerApp per run, yet keeps asking the SuperLink for the whole run: at
+``server.poll_interval`` (0.2 s) that was a tenth of the SuperLink's requests during rounds."""
+
 
 class DeploymentError(SafnError):
     """The SuperLink or the Flower CLI failed in a way the coordinator must fix."""
@@ -107,7 +112,7 @@ class SuperLink:
         self.home = self.run_dir / "flower"
         self.log = self.run_dir / "superlink.log"
         self.certs = None if insecure else certificate_paths(server, origin)
-        self.env = flower_env(self.home, server.poll_interval)
+        self.env = flower_env(self.home, SERVERAPP_LAUNCH_POLL)
         self.cli = FlwrCli(self.env)
         self.child: Child | None = None
 

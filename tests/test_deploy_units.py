@@ -540,3 +540,68 @@ def test_the_run_end_reports_only_sites_still_connected_without_an_answer(monkey
     tell_sites_run_ended(Grid(online_after=set()), "cfg", "run-1", "stopped", "x", 2, 30,
                          said.append)
     assert said == []
+
+
+def test_the_coordinator_lists_sites_when_one_connects_not_every_few_seconds(tmp_path,
+                                                                             monkeypatch):
+    """Each `flwr` CLI call is a Python process of about two CPU seconds, which a small
+    coordinator's federation needs itself: while waiting for the sites, safn-server lists them
+    when the SuperLink logs a site connecting (and every 30 s), and asks for the run's state
+    every 30 s and at once when the ServerApp wrote its final status."""
+    import json
+    import time as real_time
+    from types import SimpleNamespace
+
+    import server.cli as cli_mod
+    from safn_core.processes import LogFollower
+    from server.cli import NODE_EVENTS, Deployment
+
+    link_log = tmp_path / "superlink.log"
+    link_log.write_text("")
+    (tmp_path / "progress.log").write_text("")
+    calls = {"nodes": [], "run_info": []}
+    clock = SimpleNamespace(t=0.0, iteration=0)
+
+    class Cli:
+        def nodes(self):
+            calls["nodes"].append(clock.iteration)
+            return [{"node-id": "11", "status": "online"}] if clock.iteration >= 2 else []
+
+        def run_info(self, run_id):
+            calls["run_info"].append(clock.iteration)
+            done = (tmp_path / "federation_status.json").exists()
+            return {"status": "finished:completed" if done else "running", "run-id": run_id}
+
+        @staticmethod
+        def run_id_of(info):
+            return str(info["run-id"])
+
+    class Time:  # 6 s pass between two looks of the loop; the sites and ServerApp act on cue
+        time = staticmethod(real_time.time)
+
+        @staticmethod
+        def monotonic():
+            return clock.t
+
+        @staticmethod
+        def sleep(_seconds):
+            clock.t += 6
+            clock.iteration += 1
+            if clock.iteration == 2:
+                with link_log.open("a") as fh:
+                    fh.write(f"INFO :      {NODE_EVENTS[0]}=11\n")
+            if clock.iteration == 12:
+                (tmp_path / "federation_status.json").write_text(
+                    json.dumps({"status": "completed", "round": 1}))
+
+    monkeypatch.setattr(cli_mod, "time", Time)
+    dep = Deployment.__new__(Deployment)
+    dep.run_dir, dep.insecure, dep.site_nodes = tmp_path, True, {}
+    dep.link = SimpleNamespace(child=SimpleNamespace(alive=lambda: True), cli=Cli(),
+                               log=link_log)
+    dep.superlink_log = LogFollower(link_log)
+    assert dep.follow("42") == 0
+    # at the start, at once when the site connected, then once more after 30 s (not 12 times)
+    assert calls["nodes"][:2] == [0, 2] and len(calls["nodes"]) <= 4
+    # every 30 s (of 72), then at once after the final status (not 12 times)
+    assert calls["run_info"][-1] == 12 and len(calls["run_info"]) <= 4

@@ -184,3 +184,136 @@ def test_a_reply_whose_upload_never_completes_is_given_up_on_not_waited_for_for_
         patches.restore(["serverapp_reply_upload_wait"])
     assert http_grid.pull_objects is iu.pull_objects
     assert patches.REPLY_UPLOAD_WAIT == 30
+
+
+def test_supernode_waits_for_a_clientapp_reply_in_short_steps_but_polls_the_superlink_slowly(
+        monkeypatch):
+    """supernode_poll_interval: Flower's SuperNode sleeps 3 s between pulls from the SuperLink
+    (capped at the site's poll interval) and 0.5 s between looks at its own state for a reply
+    (capped at `LOCAL_WAIT`: no network request)."""
+    import time
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    clock = patches.PollClock(0.2, local=patches.LOCAL_WAIT)
+    clock.sleep(3)    # idle: the next pull from the SuperLink
+    clock.sleep(0.5)  # waiting for the ClientApp's reply
+    assert slept == [0.2, patches.LOCAL_WAIT]
+    assert patches.LOCAL_WAIT <= 0.01
+
+
+def test_the_supernode_sleeps_only_where_the_poll_clock_expects(monkeypatch):
+    """A Flower upgrade that adds or changes a sleep in the SuperNode's loop is reported (the
+    clock tells the two waits apart by their length)."""
+    import inspect
+
+    from flwr.supernode import start_client_internal as sci
+
+    source = inspect.getsource(sci).replace("time.sleep(0.5)", "time.sleep(0.7)")
+    monkeypatch.setattr(inspect, "getsource", lambda module: source)
+    problems = patches.check(["supernode_poll_interval"])
+    assert problems and "sleeps ['0.7', '3'], expected ['0.5', '3']" in problems[0]
+
+
+WAITING_SUPEREXEC = """
+import os, sys, time
+from pathlib import Path
+from safn_flower import patches
+clock = patches.WakeClock(int(os.environ[patches.WAKE_FD_ENV]), idle=60)
+Path(sys.argv[1]).write_text("imported")  # the preload, done before it says it is ready
+os.write(int(os.environ[patches.READY_FD_ENV]), b"ready")
+print("ready", flush=True)
+t = time.monotonic()
+clock.sleep(60)
+print(f"woke {time.monotonic() - t:.3f}", flush=True)
+clock.sleep(60)  # the SuperNode (the pipe's writer) is gone: end of file, no wait
+print("eof", clock.fd, flush=True)
+"""
+
+
+def test_a_supernode_wakes_its_superexec_when_it_stores_a_message(tmp_path):
+    """supernode_warm_superexec + superexec_wakeup: Flower's SuperNode starts the SuperExec and
+    goes on (to connect) only once it said it is ready; storing a message for a ClientApp
+    writes to a pipe, and the SuperExec's poll sleep ends at once instead of after its
+    interval; when the SuperNode has gone, the sleep does not spin on the closed pipe."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "preloaded"
+    swap = patches._SuperExecSwap([sys.executable, "-c", WAITING_SUPEREXEC, str(marker)])
+    proc = swap.Popen(["flower-superexec"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert marker.read_text() == "imported"  # Popen returned after the preload
+        assert proc.stdout.readline().strip() == "ready"
+        stored = []
+
+        class State:  # Flower's NodeState, as far as the wrapper sees it
+            def store_message(self, message):
+                stored.append(message)
+
+            def get_node_id(self):
+                return 7
+
+        state = patches._WakingState(State(), swap.wake)
+        state.store_message("msg")
+        woke = proc.stdout.readline().split()
+        assert stored == ["msg"] and state.get_node_id() == 7
+        assert woke[0] == "woke" and float(woke[1]) < 30  # not the 60 s poll
+        for fd in swap._wake_fds:  # the SuperNode exits
+            import os
+
+            os.close(fd)
+        swap._wake_fds.clear()
+        assert proc.stdout.readline().split() == ["eof", "None"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_superexec_that_dies_before_it_is_ready_does_not_hold_the_supernode():
+    import subprocess
+    import sys
+
+    swap = patches._SuperExecSwap([sys.executable, "-c", "raise SystemExit(3)"], ready_wait=600)
+    proc = swap.Popen(["flower-superexec"], stderr=subprocess.DEVNULL)
+    assert proc.wait(60) == 3  # Popen returned at its exit (end of file), not after 600 s
+
+
+def test_warm_superexec_wraps_app_approval_and_restores_in_reverse(monkeypatch):
+    """Two SuperNode patches wrap Flower's ``_pull_and_store_message``: restoring them (in any
+    order of names) gives Flower's own function back."""
+    from flwr.supernode import start_client_internal as sci
+
+    stock = sci._pull_and_store_message
+    patches.apply({"supernode_app_approval": {"verify": lambda fab, flower: True},
+                   "supernode_warm_superexec": {"command": ["true"]}}, announce=False)
+    try:
+        assert sci._pull_and_store_message is not stock
+    finally:
+        patches.restore(["supernode_app_approval", "supernode_warm_superexec"])
+    assert sci._pull_and_store_message is stock
+
+
+def test_the_simulation_runtime_reads_its_queues_with_short_waits():
+    """sim_queue_wait: Flower's simulation workers block up to 1 s on an empty queue before
+    they see the stop event; the patched queue returns (Empty) after at most 20 ms, and still
+    hands over what is in it."""
+    import queue
+    import time
+
+    import flwr.server.superlink.fleet.vce.vce_api as vce
+
+    patches.restore(["sim_queue_wait"])
+    assert vce.Queue is queue.Queue
+    patches.apply({"sim_queue_wait": {}}, announce=False)
+    try:
+        q = vce.Queue()
+        t = time.monotonic()
+        with pytest.raises(queue.Empty):
+            q.get(timeout=1.0)  # what vce_api.worker calls
+        assert time.monotonic() - t < 0.5
+        q.put("message")
+        assert q.get(timeout=1.0) == "message"
+    finally:
+        patches.restore(["sim_queue_wait"])
+    assert vce.Queue is queue.Queue
