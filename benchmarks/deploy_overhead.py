@@ -51,6 +51,8 @@ def phase_of(fed: Federation) -> str:
 
     if len(fed.procs) <= len(SITES):
         return "coordinator start-up (SuperLink, site keys, run submitted)"
+    if (fed.run_dir / "federation_status.json").exists():
+        return "run end (bundle, report, processes stopping)"
     progress = read(fed.run_dir / "progress.log").splitlines()
     done = sum(1 for line in progress if line.startswith("round "))
     if done:
