@@ -15,6 +15,7 @@ While it runs, ``FLWR_HOME=<run_dir>/flower flwr list|log|stop safn`` work as us
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -158,8 +159,8 @@ class Deployment:
         progress = LogFollower(self.run_dir / "progress.log", from_end=True)
         history_seen = len(_read_json(self.run_dir / "history.json", []))
         online: set[str] = set()
-        last_check = last_listed = time.monotonic()
-        started, training, nodes_changed = time.time(), False, True
+        last_check, last_listed = time.monotonic(), None
+        started, training = time.time(), False
         while True:
             for line in progress.lines():
                 if not line.startswith(STOPPED_LINE):  # the outcome below says it
@@ -173,21 +174,21 @@ class Deployment:
                 note = refusal(line)
                 if note:
                     err_console.print(f"[bold yellow]{note}[/]", soft_wrap=True)
-                nodes_changed = nodes_changed or any(e in line for e in NODE_EVENTS)
+                online = _node_event(line, online, self.site_nodes)
             if not self.link.child.alive():
                 raise DeploymentError(f"the SuperLink stopped unexpectedly; see "
                                       f"{self.link.log}. Resume with --resume")
             status = self.run_dir / "federation_status.json"
             finished = status.stat().st_mtime if status.exists() else 0
             # each `flwr` call is a Python process of about two CPU seconds, which a small
-            # coordinator's federation needs itself: list the sites only while waiting for
-            # them, when the SuperLink logged a site (de)activating (or every 30 s: a site
-            # that stops heartbeating is not logged); ask for the run's state every 30 s (a
-            # ServerApp crash writes no status file), and at once when the ServerApp wrote its
-            # final status
+            # coordinator's federation needs itself: sites connecting and leaving are read
+            # from the SuperLink's log; they are listed only at the start and, while waiting
+            # for them, every 30 s (a site that stops heartbeating is not logged); the run's
+            # state is asked for every 30 s (a ServerApp crash writes no status file), and at
+            # once when the ServerApp wrote its final status
             now = time.monotonic()
-            if not training and (nodes_changed or now - last_listed > 30):
-                online, nodes_changed, last_listed = self._report_nodes(online), False, now
+            if last_listed is None or (not training and now - last_listed > 30):
+                online, last_listed = self._report_nodes(online), now
             if now - last_check > 30 or finished > started:
                 last_check = now
                 info = self.link.cli.run_info(run_id)
@@ -262,10 +263,23 @@ class Deployment:
 
 SITE_NODES_FILE = "site_nodes.json"
 
-NODE_EVENTS = ("[Fleet.ActivateNode] Activated node_id",
-               "[Fleet.DeactivateNode] Deactivated node_id")
+NODE_EVENT = re.compile(r"\[Fleet\.(Activate|Deactivate)Node\] (?:Activated|Deactivated) "
+                        r"node_id=(\d+)")
 """What the SuperLink logs when a site connects or leaves cleanly (Flower 1.42,
-``superlink/servicer/fleet/fleet_handlers.py``)."""
+``superlink/servicer/fleet/fleet_handlers.py``, ``activate_node`` / ``deactivate_node``)."""
+
+
+def _node_event(line: str, online: set[str], site_nodes: dict[str, str]) -> set[str]:
+    """``online`` after a SuperLink log line (a site connecting or leaving is said at once)."""
+    m = NODE_EVENT.search(line)
+    if not m:
+        return online
+    now = online | {m.group(2)} if m.group(1) == "Activate" else online - {m.group(2)}
+    if now != online:
+        console.print(online_line(now, site_nodes), soft_wrap=True)
+    return now
+
+
 STOPPED_LINE = "run stopped: "  # the ServerApp's progress line when a run stops (server.app)
 
 

@@ -542,19 +542,20 @@ def test_the_run_end_reports_only_sites_still_connected_without_an_answer(monkey
     assert said == []
 
 
-def test_the_coordinator_lists_sites_when_one_connects_not_every_few_seconds(tmp_path,
-                                                                             monkeypatch):
+def test_the_coordinator_reads_sites_connecting_from_the_log_not_every_few_seconds(
+        tmp_path, monkeypatch):
     """Each `flwr` CLI call is a Python process of about two CPU seconds, which a small
-    coordinator's federation needs itself: while waiting for the sites, safn-server lists them
-    when the SuperLink logs a site connecting (and every 30 s), and asks for the run's state
-    every 30 s and at once when the ServerApp wrote its final status."""
+    coordinator's federation needs itself: safn-server says at once that a site connected or
+    left, from the SuperLink's log; it lists the sites at the start and, while waiting for
+    them, every 30 s, and asks for the run's state every 30 s and at once when the ServerApp
+    wrote its final status."""
     import json
     import time as real_time
     from types import SimpleNamespace
 
     import server.cli as cli_mod
     from safn_core.processes import LogFollower
-    from server.cli import NODE_EVENTS, Deployment
+    from server.cli import Deployment
 
     link_log = tmp_path / "superlink.log"
     link_log.write_text("")
@@ -587,21 +588,30 @@ def test_the_coordinator_lists_sites_when_one_connects_not_every_few_seconds(tmp
         def sleep(_seconds):
             clock.t += 6
             clock.iteration += 1
-            if clock.iteration == 2:
+            if clock.iteration == 2:  # as Flower 1.42's SuperLink logs it
                 with link_log.open("a") as fh:
-                    fh.write(f"INFO :      {NODE_EVENTS[0]}=11\n")
+                    fh.write("INFO :      [Fleet.ActivateNode] Activated node_id=11\n")
+            if clock.iteration == 4:
+                with link_log.open("a") as fh:
+                    fh.write("INFO :      [Fleet.DeactivateNode] Deactivated node_id=11\n")
             if clock.iteration == 12:
                 (tmp_path / "federation_status.json").write_text(
                     json.dumps({"status": "completed", "round": 1}))
 
+    said = []
     monkeypatch.setattr(cli_mod, "time", Time)
+    monkeypatch.setattr(cli_mod, "console", SimpleNamespace(
+        print=lambda text, **_: said.append((clock.iteration, str(text)))))
     dep = Deployment.__new__(Deployment)
-    dep.run_dir, dep.insecure, dep.site_nodes = tmp_path, True, {}
+    dep.run_dir, dep.insecure, dep.site_nodes = tmp_path, True, {"site_a": "11"}
     dep.link = SimpleNamespace(child=SimpleNamespace(alive=lambda: True), cli=Cli(),
                                log=link_log)
     dep.superlink_log = LogFollower(link_log)
     assert dep.follow("42") == 0
-    # at the start, at once when the site connected, then once more after 30 s (not 12 times)
-    assert calls["nodes"][:2] == [0, 2] and len(calls["nodes"]) <= 4
+    online = [(i, text) for i, text in said if text.startswith("sites online")]
+    assert online[:2] == [(2, "sites online: site_a (1 of 1)"),
+                          (4, "sites online: none (0 of 1; waiting for site_a)")]
+    # listed at the start, then every 30 s (of 72 s), not 12 times
+    assert calls["nodes"][0] == 0 and 2 not in calls["nodes"] and len(calls["nodes"]) <= 3
     # every 30 s (of 72), then at once after the final status (not 12 times)
     assert calls["run_info"][-1] == 12 and len(calls["run_info"]) <= 4
