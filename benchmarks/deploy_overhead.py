@@ -4,8 +4,9 @@ local compute of a round, and where the rest goes.
 Starts safn-server and three safn-client processes exactly as tests/test_deploy.py does (TLS,
 SuperNode authentication, the sites' app approval; a small SAFN model), once per variant:
 
-- ``safn``: safn's defaults (warm ClientApps forked from a pre-imported SuperExec, 0.2 s polling
-  of SuperNodes and ServerApp, 10 s heartbeats);
+- ``safn``: safn's defaults (warm ClientApps forked from a pre-imported SuperExec that the
+  SuperNode wakes when a message arrives, 0.2 s polling of SuperNodes and ServerApp, 10 ms looks
+  for a ClientApp's reply, 10 s heartbeats);
 - ``poll50ms``: safn's, polling every 50 ms instead of 200 ms;
 - ``stock``: Flower's own behaviour (a fresh ``flwr-clientapp`` process per message, 3 s polls).
 
@@ -13,8 +14,16 @@ The baseline, measured in this process on the same sites' prepared cohorts with 
 settings: one site's local training + evaluation (the limit of a round when sites run in
 parallel on their own machines), and the three sites' sum (the limit on this one host).
 
-    .venv/bin/python benchmarks/deploy_overhead.py                  # both variants, 5 rounds
+    .venv/bin/python benchmarks/deploy_overhead.py                  # every variant, 5 rounds
     .venv/bin/python benchmarks/deploy_overhead.py --variants safn --rounds 10
+    .venv/bin/python benchmarks/deploy_overhead.py --variants safn --profile
+
+``--profile`` adds where the CPU goes (`process_cpu`): CPU seconds per process role (SuperLink,
+ServerApp, SuperNodes, SuperExecs, forked ClientApps, ``flwr`` CLI calls, ...) in each phase
+(coordinator start-up, sites starting, the statistics round to its first reply and the rest,
+round 1, later rounds, the run's end), next to the whole host's busy CPU seconds (other work on
+the machine shows as the difference). The statistics round's seconds are also split into the
+wait for the sites to connect and the round itself (timing.json).
 """
 
 from __future__ import annotations
