@@ -13,9 +13,38 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import time
 
 import numpy as np
 from common import config, flower, in_process, prepare
+
+
+class RayTimes:
+    """Wall seconds spent in ``ray.init`` and ``ray.shutdown`` during the block (Ray's own start
+    and stop: its GCS, raylet, agents and the ClientApp worker processes), by wrapping Ray's
+    public functions; the rest of the Flower run's start-up and teardown is Flower's and safn's."""
+
+    def __enter__(self):
+        import ray
+
+        self.ray, self.seconds = ray, {"ray.init": 0.0, "ray.shutdown": 0.0}
+        self._stock = {name: getattr(ray, name.split(".")[1]) for name in self.seconds}
+        for name, fn in self._stock.items():
+            setattr(ray, name.split(".")[1], self._timed(name, fn))
+        return self
+
+    def _timed(self, name, fn):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t
+        return call
+
+    def __exit__(self, *exc):
+        for name, fn in self._stock.items():
+            setattr(self.ray, name.split(".")[1], fn)
 
 
 def flower_stock_polling(run_dir, cfg, n):
@@ -40,7 +69,8 @@ def main() -> None:
     n = len(parts)
     try:
         loop = in_process(run_dir, cfg, n)
-        fl = flower(run_dir, cfg, n)
+        with RayTimes() as ray_times:
+            fl = flower(run_dir, cfg, n)
         if args.also_slow_polling:
             for f in (run_dir / "checkpoints").iterdir():
                 f.unlink()
@@ -58,6 +88,10 @@ def main() -> None:
     print(f"Flower (Ray)    : {fl['wall_s']:7.2f} s  ({fl['per_round_s']:.3f} s/round; "
           f"start-up + teardown {fl['startup_and_teardown_s']:.2f} s, statistics round "
           f"{fl['statistics_round_s']:.2f} s)")
+    rest = fl["startup_and_teardown_s"] - sum(ray_times.seconds.values())
+    print(f"  start-up + teardown: ray.init {ray_times.seconds['ray.init']:.2f} s, ray.shutdown "
+          f"{ray_times.seconds['ray.shutdown']:.2f} s, the rest {rest:.2f} s; the statistics "
+          f"round includes the ClientApp actors' first message (their imports)")
     print(f"ratio Flower / loop: {fl['wall_s'] / loop['wall_s']:.2f} in all, "
           f"{fl['per_round_s'] / loop['per_round_s']:.2f} per round")
     if args.also_slow_polling:
