@@ -155,12 +155,23 @@ def preprocessor(site: Site, config: ConfigRecord) -> Preprocessor:
     return _PRE_CACHE[key]
 
 
-@lru_cache(maxsize=8)
+_LAYOUTS: dict = {}
+
+
 def layout(site: Site, fingerprint: str) -> Layout:
-    """This site's model layout (built from its own model), checked against the coordinator's."""
-    layout = Layout.of(state_to_numpy(make_model(site.cohort.modalities, site.cfg.model, 0)))
-    layout.check(fingerprint)
-    return layout
+    """This site's model layout (built from its own model), checked against the coordinator's.
+
+    Cached by what a layout depends on (the modalities' names, sizes and sides, the model
+    settings), not by site: an actor serving hundreds of virtual sites builds it once."""
+    key = (tuple((m.name, len(m.features), m.side) for m in site.cohort.modalities),
+           site.cfg.model.model_dump_json(), fingerprint)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) > 8:
+            _LAYOUTS.clear()
+        found = Layout.of(state_to_numpy(make_model(site.cohort.modalities, site.cfg.model, 0)))
+        found.check(fingerprint)
+        _LAYOUTS[key] = found
+    return _LAYOUTS[key]
 
 
 def global_weights(site: Site, record: ArrayRecord, config: ConfigRecord

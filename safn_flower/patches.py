@@ -17,8 +17,9 @@ Rules, because these are someone else's private internals:
 - `apply` says in one line, on stderr, which patches it applied.
 - `restore` undoes a patch in this process (benchmarks compare against stock Flower).
 
-Patches by process: the simulation driver (`SIM`), a deployed ServerApp (`SERVERAPP`), a site's
-SuperNode (`SUPERNODE`) and its warm SuperExec (`SUPEREXEC`).
+Patches by process: the simulation driver (`SIM`; on a Ray cluster also `SIM_CLUSTER`), a
+deployed ServerApp (`SERVERAPP`), a site's SuperNode (`SUPERNODE`) and its warm SuperExec
+(`SUPEREXEC`).
 """
 
 from __future__ import annotations
@@ -255,7 +256,12 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
     Patch("sim_dispatch_interval",
           "the simulation's dispatcher waits 0.1 s before handing a message to a Ray actor",
           (_t("flwr.server.superlink.fleet.vce.vce_api", "add_messages_to_queue",
-              _params("state", "queue", "nodes_mapping", "f_stop")),)),
+              _params("state", "queue", "nodes_mapping", "f_stop")),
+           _t("flwr.server.superlink.linkstate.in_memory_linkstate",
+              "InMemoryLinkState.__init__", _calls("message_ins_store", "lock")),
+           _t("flwr.server.superlink.linkstate.in_memory_linkstate",
+              "InMemoryLinkState.get_message_ins",
+              _calls("message_ins_store", "dst_node_id", "delivered_at")))),
     Patch("object_pull_backoff",
           "fetching a message's objects backs off 1 s, 2 s, 4 s … while they are in transit",
           (_t("flwr.supercore.inflatable.inflatable_utils", "pull_objects",
@@ -311,6 +317,8 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
 )}
 
 SIM = ("sim_grid_pull_interval", "sim_dispatch_interval", "sim_queue_wait")
+SIM_CLUSTER = ("sim_ray_left_running",)
+"""Also in the simulation driver, on an existing Ray cluster (`simulations.ray_cluster`)."""
 SERVERAPP = ("serverapp_grid_polling", "serverapp_reply_upload_wait", "object_pull_backoff")
 SUPERNODE = ("supernode_app_approval", "supernode_poll_interval", "supernode_heartbeat",
              "supernode_session_takeover", "object_pull_backoff", "supernode_warm_superexec")
@@ -410,15 +418,28 @@ def _sim_queue_wait(wait: float = 0.02) -> None:
     _set("sim_queue_wait", vce, "Queue", ShortWaitQueue)
 
 
+def _nodes_with_undelivered(state, nodes_mapping) -> list:
+    """The nodes that have a message not yet handed out, from one look at the state's store.
+
+    Flower's dispatcher asks ``get_message_ins`` once per node per sweep, and each call reads
+    (and checks) every stored message: N nodes x M messages per sweep, which at 1000 virtual
+    sites was most of the driver's CPU. Asking only for the nodes that have one keeps Flower's own
+    checks and delivery marking, once per message."""
+    with state.lock:
+        pending = {m.metadata.dst_node_id for m in list(state.message_ins_store.values())
+                   if m.metadata.delivered_at == ""}
+    return [node_id for node_id in nodes_mapping if node_id in pending]
+
+
 def _sim_dispatch_interval(interval: float = 0.01) -> None:
     """Flower's own dispatcher loop with a shorter wait (longer with many nodes, so that polling
-    stays cheap)."""
+    stays cheap), asking only for nodes that have a message (`_nodes_with_undelivered`)."""
     import flwr.server.superlink.fleet.vce.vce_api as vce
 
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
         wait = max(interval, 2e-4 * len(nodes_mapping))
         while not f_stop.is_set():
-            for node_id in nodes_mapping.keys():
+            for node_id in _nodes_with_undelivered(state, nodes_mapping):
                 for msg in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(msg)
             f_stop.wait(wait)

@@ -126,8 +126,18 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
         out.eligible.add(nid)
     if len(out.stats) < min_sites:
         raise SitesMissing(f"{len(out.stats)} sites sent statistics, fewer than min_sites = "
-                           f"{min_sites}" + "".join(f"; {k}: {v}" for k, v in out.refused.items()))
+                           f"{min_sites}" + refusals_in_brief(out.refused))
     return out
+
+
+def refusals_in_brief(refused: dict[str, str], shown: int = 10) -> str:
+    """The first ``shown`` sites' reasons, then how many more (each site's reason is in
+    progress.log): a thousand tiny sites would otherwise make one line of ~100 kB."""
+    items = list(refused.items())
+    text = "".join(f"; {k}: {v}" for k, v in items[:shown])
+    if len(items) > shown:
+        text += f"; and {len(items) - shown} more sites (each site's reason: progress.log)"
+    return text
 
 
 def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_text: str,

@@ -81,7 +81,7 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
                                  cfg.simulation.num_cpus_per_site)
             cluster.connect()
             console.print(cluster.describe())
-            patches.apply(names=("sim_ray_left_running",))
+            patches.apply(names=patches.SIM_CLUSTER)
         else:
             start_ray(backend["init_args"])
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
@@ -90,10 +90,13 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
         try:
             if cluster is not None and getattr(cluster, "disks", None) is not None:
                 cluster.finish()
+        except Exception as exc:  # never hide the run's own outcome behind the clean-up's
+            print(f"safn-sim: the cluster's record ({cluster.run_dir / 'ray_cluster.json'}) was "
+                  f"not written or its nodes' mirrors not removed: {exc}", file=sys.stderr)
         finally:
             _stop_ray()
             if cluster is not None:
-                patches.restore(("sim_ray_left_running",))
+                patches.restore(patches.SIM_CLUSTER)
     return time.perf_counter() - t0
 
 

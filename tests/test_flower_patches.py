@@ -13,9 +13,11 @@ def test_every_patch_target_is_where_and_what_the_patch_expects():
 
 
 def test_every_process_group_names_known_patches():
-    for group in (patches.SIM, patches.SERVERAPP, patches.SUPERNODE, patches.SUPEREXEC):
+    groups = (patches.SIM, patches.SIM_CLUSTER, patches.SERVERAPP, patches.SUPERNODE,
+              patches.SUPEREXEC)
+    for group in groups:
         assert set(group) <= set(patches.PATCHES)
-    used = {*patches.SIM, *patches.SERVERAPP, *patches.SUPERNODE, *patches.SUPEREXEC}
+    used = {name for group in groups for name in group}
     assert used == set(patches.PATCHES)
 
 
