@@ -93,20 +93,22 @@ def tree_rss_mb(root: int) -> float:
     return total / 2**20
 
 
-class PeakMemory:
-    """Samples the process tree's resident memory in a thread; ``peak_mb`` after the block."""
+class Sampler:
+    """Calls ``sample()`` every ``interval`` seconds in a thread while the block runs."""
 
     def __init__(self, interval: float = 0.25):
-        import os
         import threading
 
-        self.interval, self.peak_mb, self.root = interval, 0.0, os.getpid()
+        self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.root))
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -116,3 +118,16 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+class PeakMemory(Sampler):
+    """Samples the process tree's resident memory in a thread; ``peak_mb`` after the block."""
+
+    def __init__(self, interval: float = 0.25):
+        import os
+
+        super().__init__(interval)
+        self.peak_mb, self.root = 0.0, os.getpid()
+
+    def sample(self) -> None:
+        self.peak_mb = max(self.peak_mb, tree_rss_mb(self.root))

@@ -27,25 +27,23 @@ import argparse
 import json
 import shutil
 import statistics
-import threading
 import time
 from pathlib import Path
 
-from common import PeakMemory, config, flower, prepare, tree_rss_mb
+from common import PeakMemory, Sampler, config, flower, prepare, tree_rss_mb
 
 MEMORY_TARGET_MB = 4096
 FORCED = ["data.min_cell=1", "federation.secure_aggregation=false"]
 
 
-class RoundMemory:
+class RoundMemory(Sampler):
     """The process tree's resident memory each time the run's history gains a round (an event:
     the ServerApp writes ``history.json`` at the end of every round)."""
 
     def __init__(self, run_dir: Path, root: int, interval: float = 0.25):
-        self.path, self.root, self.interval = run_dir / "history.json", root, interval
+        super().__init__(interval)
+        self.path, self.root = run_dir / "history.json", root
         self.by_round: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _rounds(self) -> int:
         try:
@@ -53,19 +51,9 @@ class RoundMemory:
         except (OSError, ValueError):
             return len(self.by_round)
 
-    def _run(self):
-        while not self._stop.is_set():
-            while self._rounds() > len(self.by_round):
-                self.by_round.append(tree_rss_mb(self.root))
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        while self._rounds() > len(self.by_round):
+            self.by_round.append(tree_rss_mb(self.root))
 
 
 def one(n_sites: int, rounds: int, overrides: list[str]) -> dict:
