@@ -14,10 +14,11 @@ SuperLink's log and the run's ``progress.log``).
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+
+from common import Sampler
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -77,15 +78,14 @@ def host_busy_seconds() -> float:
     return (sum(parts[:8]) - idle) / TICK
 
 
-class ProcessCpu:
+class ProcessCpu(Sampler):
     """Samples the CPU of this process's descendants by role, every ``interval`` seconds, and
     the phase of the run (``phase()``, a name)."""
 
     def __init__(self, phase: Callable[[], str], interval: float = 0.2):
-        self.phase, self.interval = phase, interval
+        super().__init__(interval)
+        self.phase = phase
         self.root = os.getpid()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self.last: dict[int, tuple[str, float, float]] = {}  # pid -> role, own, children
         self.roles: dict[int, str] = {}
         self.samples: list[tuple[float, str, dict[str, float], float]] = []
@@ -125,19 +125,9 @@ class ProcessCpu:
                 total[REAPED.get(role, role + " (reaped)")] += reaped
         return dict(total)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.monotonic() - self.t0, self.phase(), self._sample(),
-                                 host_busy_seconds()))
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        self.samples.append((time.monotonic() - self.t0, self.phase(), self._sample(),
+                             host_busy_seconds()))
 
     # -- the account -------------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
                        backend_config=backend, verbose_logging=False)
     finally:
         try:
-            if cluster is not None and getattr(cluster, "disks", None) is not None:
+            if cluster is not None and cluster.disks is not None:
                 cluster.finish()
         except Exception as exc:  # never hide the run's own outcome behind the clean-up's
             print(f"safn-sim: the cluster's record ({cluster.run_dir / 'ray_cluster.json'}) was "

@@ -107,6 +107,8 @@ class ClusterRun:
         self.disks_name = f"safn-site-disks-{uuid.uuid4().hex[:12]}"
         self.nodes: list[dict] = []
         self.actors = 0
+        self.disks = None  # the run's SiteDisks actor, once started
+        self.driver_node: str | None = None
 
     def connect(self) -> None:
         """Join the cluster with this run's runtime environment; check its resources; start the

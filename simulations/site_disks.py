@@ -41,22 +41,24 @@ STATE = "sim-site-state"
 MIRROR_ROOT = "safn-mirrors"
 
 
-def files_of(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder``, by POSIX path relative to it (temporary files skipped)."""
+def _files(folder: Path):
+    """The files under ``folder`` a mirror keeps, by POSIX path relative to it (temporary
+    files of an atomic write in progress skipped)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return {}
-    return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".tmp")}
+    if folder.is_dir():
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and not p.name.endswith(".tmp"):
+                yield p.relative_to(folder).as_posix(), p
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder``, by POSIX path relative to it."""
+    return {name: p.read_bytes() for name, p in _files(folder)}
 
 
 def digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (what `files_of` would send)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return {}
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".tmp")}
+    return {name: hashlib.sha256(p.read_bytes()).hexdigest() for name, p in _files(folder)}
 
 
 def inside(folder: Path, relative: str) -> Path:

@@ -57,12 +57,17 @@ def make_material(root: Path) -> dict:
 
 
 class Proc:
-    def __init__(self, name: str, cmd: list[str], log: Path, extra_env: dict | None = None):
+    """A process in its own group, its output in ``log``; ``environment`` replaces the test's
+    environment entirely (a process that must inherit nothing), else ``extra_env`` adds to it."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, extra_env: dict | None = None,
+                 environment: dict | None = None):
         self.name, self.log = name, log
         self._fh = log.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env={**env(), **(extra_env or {})})
+                                     env=environment if environment is not None
+                                     else {**env(), **(extra_env or {})})
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -14,62 +14,30 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+from tests.deploy_harness import BIN, Proc, free_port
+
 STARTED = "block forever"  # what `ray start --block` prints once its node is up
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bin_dir() -> Path:
-    import sys
-
-    return BIN if (BIN / "ray").exists() else Path(sys.executable).parent
-
-
-@dataclass
-class Node:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+class Node(Proc):
+    """One `ray start --block` process (its node's raylet, agents and workers in its group)."""
 
     def wait_started(self, timeout: float = 300.0) -> None:
         """Wait for the node's own "started" line (an event), failing with its log."""
-        deadline = time.monotonic() + timeout
-        while STARTED not in self.output():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n"
-                                   f"{self.output()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not start in {timeout:.0f} s:\n"
-                                   f"{self.output()[-3000:]}")
-            time.sleep(0.2)
+        self.wait_for_output(STARTED, timeout)
 
     def stop(self) -> None:
-        """SIGTERM to the node's process group (ray start shuts its node down), then SIGKILL."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group (raylet, workers)
+        """SIGTERM to the node's process group (ray start shuts its node down), then SIGKILL
+        for stragglers of the group (raylet, workers)."""
+        self.signal_group(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(30)
+            self.proc.wait(60)
+        self.kill()
 
 
 @dataclass
@@ -80,19 +48,14 @@ class Cluster:
 
     def env(self) -> dict:
         """The bare environment of a cluster node (or of a driver that inherits nothing)."""
-        return {"PATH": f"{bin_dir()}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"),
+        return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"),
                 "RAY_DISABLE_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "TMPDIR": str(self.temp / "tmp")}
 
 
 def _start(cluster: Cluster, name: str, args: list[str]) -> Node:
-    log = cluster.temp / f"{name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(bin_dir() / "ray"), "start", "--block",
-                                 "--disable-usage-stats", *args],
-                                stdout=out, stderr=subprocess.STDOUT, env=cluster.env(),
-                                start_new_session=True)
-    node = Node(name, proc, log)
+    node = Node(name, [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+                cluster.temp / f"{name}.log", environment=cluster.env())
     cluster.nodes.append(node)
     return node
 

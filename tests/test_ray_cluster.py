@@ -26,7 +26,8 @@ from safn_core.errors import ConfigError
 from simulations import ray_cluster as joining
 from simulations.site_disks import digests, files_of, inside
 from tests.helpers import SMALL_MODEL
-from tests.ray_cluster_harness import bin_dir, free_port, ray_cluster
+from tests.deploy_harness import BIN, free_port
+from tests.ray_cluster_harness import ray_cluster
 
 RUN = [*SMALL_MODEL, "federation.rounds=3", "simulation.compare=false",
        "federation.patience=null", "privacy.mode=dp-sgd", "privacy.epsilon=8",
@@ -34,7 +35,7 @@ RUN = [*SMALL_MODEL, "federation.rounds=3", "simulation.compare=false",
 
 
 def safn_sim(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(bin_dir() / "safn-sim"), *args], cwd=cwd, env=env,
+    return subprocess.run([str(BIN / "safn-sim"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=1800)
 
 
@@ -239,7 +240,7 @@ def test_addresses_that_cannot_be_a_cluster_are_refused_quickly():
 
 def test_safn_sim_with_an_unreachable_cluster_says_so_and_writes_nothing(tmp_path):
     port = free_port()
-    done = safn_sim(tmp_path, {"PATH": f"{bin_dir()}:/usr/bin:/bin", "HOME": str(tmp_path)},
+    done = safn_sim(tmp_path, {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)},
                     "--ray-address", f"127.0.0.1:{port}", "--out", "run")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert f"simulation.ray_address = '127.0.0.1:{port}': nothing answers there" in done.stderr
