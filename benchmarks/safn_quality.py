@@ -71,6 +71,10 @@ VARIANTS: dict[str, dict] = {
     "linear_path+periodic": {"model.linear_path": True, "model.numeric_embedding": "periodic"},
     "linear_path+periodic+ema": {"model.linear_path": True, "model.numeric_embedding": "periodic",
                                  "train.weight_averaging": "ema"},
+    "tabm8": {"model.ensemble_size": 8},
+    "tabm8+periodic": {"model.ensemble_size": 8, "model.numeric_embedding": "periodic"},
+    "tabm8+no_sparsity": {"model.ensemble_size": 8, "model.sparsity_lambda": 0.0},
+    "tabm32": {"model.ensemble_size": 32},
 }
 
 

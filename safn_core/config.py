@@ -100,6 +100,10 @@ class ModelConfig(Section):
                               "modality's features to the logits (wide and deep)")
     feature_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a "
                                    "feature is zeroed (its training mean) in training")
+    feature_noise: float = Field(0.0, ge=0.0, description="SD of Gaussian noise added to every "
+                                 "scaled feature in training (0 = none)")
+    ensemble_size: int = Field(1, ge=1, le=64, description="k ensemble members sharing every "
+                               "weight but an input adapter (TabM-mini); 1 = a single model")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -117,6 +121,9 @@ class TrainConfig(Section):
     seed: int = 0
     max_epochs: int = Field(150, ge=1, description="upper bound; early stopping usually ends sooner")
     patience: int = Field(15, ge=1, description="epochs without validation improvement to stop")
+    select: Literal["val_loss", "val_roc_auc"] = Field(
+        "val_loss", description="what early stopping keeps (centralised fits): the epoch with the "
+                                "lowest validation loss or the highest validation ROC-AUC")
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

@@ -22,7 +22,8 @@ class MultiHeadAttention(nn.Module):
     """Scaled dot-product multi-head attention from four ``nn.Linear`` projections.
 
     ``forward(query (B, Tq, D), key (B, Tk, D), value (B, Tk, D), key_mask (B, Tk) bool or None)``
-    returns (B, Tq, D). Keys with ``key_mask`` False get exactly zero attention weight. A query
+    returns (B, Tq, D); inputs may carry extra leading dimensions after the batch (ensemble
+    members: (B, k, T, D)), which share the batch's key mask. Keys with ``key_mask`` False get exactly zero attention weight. A query
     whose keys are all masked attends to nothing: its attention output is zero before the output
     projection (so the result is the projection's bias), never NaN.
     """
@@ -41,28 +42,31 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = nn.Dropout(dropout)
 
     def _split(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        return x.reshape(b, t, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, dh)
+        *lead, t, _ = x.shape
+        return x.reshape(*lead, t, self.n_heads, self.d_head).transpose(-3, -2)  # (.., H, T, dh)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_mask: Tensor | None = None, return_attention: bool = False):
-        b, tq, _ = query.shape
+        *lead, tq, _ = query.shape
         q = self._split(self.q_proj(query))
         k = self._split(self.k_proj(key))
         v = self._split(self.v_proj(value))
-        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, Tq, Tk)
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (.., H, Tq, Tk)
         if key_mask is not None:
-            keep = key_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Tk)
+            # (B, Tk) -> (B, 1.., 1, 1, Tk): the same keys for every ensemble member and head
+            key_mask = key_mask.to(torch.bool)
+            keep = key_mask.reshape(key_mask.shape[0], *([1] * (scores.dim() - 2)),
+                                    key_mask.shape[1])
             # A finite fill (not -inf) keeps softmax NaN-free when every key is masked; the
             # product with `keep` then makes the masked weights exactly zero in every case.
             scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
             attn = torch.softmax(scores, dim=-1) * keep.to(scores.dtype)
             # zero masked values too, so NaN/inf in a masked token cannot leak (0 · NaN = NaN)
-            v = v.masked_fill(~key_mask.to(torch.bool)[:, None, :, None], 0.0)
+            v = v.masked_fill(~keep.transpose(-2, -1), 0.0)
         else:
             attn = torch.softmax(scores, dim=-1)
-        out = torch.matmul(self.attn_dropout(attn), v)  # (B, H, Tq, dh)
-        out = out.transpose(1, 2).reshape(b, tq, self.d_model)
+        out = torch.matmul(self.attn_dropout(attn), v)  # (.., H, Tq, dh)
+        out = out.transpose(-3, -2).reshape(*lead, tq, self.d_model)
         out = self.out_proj(out)
         return (out, attn) if return_attention else out
 

@@ -107,7 +107,8 @@ def gate_entropy(alpha: Tensor) -> Tensor:
 class GatingFusion(nn.Module):
     """``α = normalise(w · tanh(W z_m + b))`` over modalities; ``f = Σ_m α_m z_m``.
 
-    ``forward(z (B, M, D), mask (B, M) bool or None) -> (f (B, D), α (B, M))``.
+    ``forward(z (B, M, D), mask (B, M) bool or None) -> (f (B, D), α (B, M))``; with ensemble
+    members z is (B, k, M, D), f (B, k, D) and α (B, k, M).
     """
 
     def __init__(self, d_model: int, hidden: int | None = None, kind: GateKind = "softmax") -> None:
@@ -118,7 +119,9 @@ class GatingFusion(nn.Module):
         self.kind = kind
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        s = self.score(torch.tanh(self.proj(z))).squeeze(-1)  # (B, M)
+        s = self.score(torch.tanh(self.proj(z))).squeeze(-1)  # (B, [k,] M)
+        if mask is not None and s.dim() > mask.dim():  # ensemble members share the batch's mask
+            mask = mask.reshape(mask.shape[0], *([1] * (s.dim() - 2)), mask.shape[-1])
         alpha = normalise(s, mask, self.kind)
-        f = (alpha.unsqueeze(-1) * z).sum(dim=1)
+        f = (alpha.unsqueeze(-1) * z).sum(dim=-2)
         return f, alpha

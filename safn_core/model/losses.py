@@ -101,7 +101,8 @@ def classification_loss(logits: Tensor, y: Tensor, cfg: ModelConfig,
 
 
 def sparsity_penalty(alpha: Tensor) -> Tensor:
-    """Mean over the batch of the gate entropy H(α) (nats); 0 for an empty batch."""
+    """Mean over the batch (and ensemble members) of the gate entropy H(α) (nats); 0 for an
+    empty batch."""
     if alpha.shape[0] == 0:
         return alpha.sum() * 0.0
     return gate_entropy(alpha).mean()
@@ -111,8 +112,13 @@ def total_loss(logits: Tensor, y: Tensor, alpha: Tensor | None, cfg: ModelConfig
                class_counts: ClassCounts | None = None) -> Tensor:
     """Classification loss (CB-focal or CE per ``cfg.loss``) + ``λ · mean entropy(α)``.
 
-    ``alpha`` may be None only when ``cfg.sparsity_lambda`` is 0.
+    ``alpha`` may be None only when ``cfg.sparsity_lambda`` is 0. With ensemble members,
+    ``logits`` (B, k, C) and ``alpha`` (B, k, M) are the members' (``SAFN(..., members=True)``):
+    the loss is the mean of the members' losses (each member is trained as its own model).
     """
+    if logits.dim() == 3:  # ensemble members (B, k, C): each member fits on its own loss
+        k = logits.shape[1]
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.repeat_interleave(k)
     loss = classification_loss(logits, y, cfg, class_counts)
     if cfg.sparsity_lambda > 0:
         if alpha is None:

@@ -10,6 +10,13 @@ Reference design: docs/model.md. For modalities m = 1..M (any number, each on th
     α = gate(Z) (B, M), f = Σ_m α_m z_m, logits = Head(f) (B, 2)
     [+ Σ_m α_m L_m(x_m)]                  cfg.linear_path: a gated linear ("wide") path
 
+With ``cfg.ensemble_size`` k > 1 (TabM-mini, `safn_core.model.embeddings.EnsembleAdapter`) the
+whole network runs k members at once: each modality's features enter as ``x_m ⊙ r_{m,i}``
+(B, k, n_m), every later layer is shared and carries the member dimension (tokens (B, k, M, D),
+α (B, k, M), logits (B, k, C)), and the model's output is the members' mixture
+``log mean_i softmax(logits_i)`` with α averaged over members. Training takes the members'
+logits (``members=True``) so that each member fits on its own loss.
+
 Missing modalities are *masked*, never dropped: an absent modality's input is replaced by zeros
 (so NaNs or any values there cannot leak), its token is excluded from every attention key set and
 it gets gate weight α = 0 exactly. Its token still exists as a query (so every layer sees the same
@@ -46,6 +53,7 @@ works through the wrapper.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,7 +62,8 @@ from torch import Tensor, nn
 
 from safn_core.config import ModelConfig
 from safn_core.model.attention import CrossAttentionBlock, FeedForwardBlock
-from safn_core.model.embeddings import FeatureDropout, PeriodicEmbedding
+from safn_core.model.embeddings import (EnsembleAdapter, FeatureDropout, FeatureNoise,
+                                        PeriodicEmbedding)
 from safn_core.model.gating import GatingFusion
 
 SIDES = ("imaging", "clinical")
@@ -94,6 +103,8 @@ def _encoder(n_features: int, cfg: ModelConfig) -> nn.Sequential:
     layers: list[nn.Module] = []
     if cfg.feature_dropout > 0:
         layers.append(FeatureDropout(cfg.feature_dropout))
+    if cfg.feature_noise > 0:
+        layers.append(FeatureNoise(cfg.feature_noise))
     width = n_features
     if cfg.numeric_embedding == "periodic":
         embed = PeriodicEmbedding(n_features, cfg.n_frequencies, cfg.embedding_dim,
@@ -167,6 +178,10 @@ class SAFN(nn.Module):
         else:
             self.block_all = block()       # one side is empty: self-attention over all tokens
         self.gate = GatingFusion(d, d, cfg.gate)
+        self.ensemble_size = cfg.ensemble_size
+        if self.ensemble_size > 1:
+            self.adapters = nn.ModuleList(EnsembleAdapter(n, self.ensemble_size)
+                                          for n in self.n_features)
         if cfg.linear_path:
             self.linear = nn.ModuleList(nn.Linear(n, n_classes) for n in self.n_features)
         self.head = nn.Sequential(
@@ -234,7 +249,8 @@ class SAFN(nn.Module):
     # Forward
     # ----------------------------------------------------------------------------------------
 
-    def forward(self, x, mask: Tensor | None = None, return_weights: bool = False):
+    def forward(self, x, mask: Tensor | None = None, return_weights: bool = False,
+                members: bool = False):
         """Logits (B, n_classes), and with ``return_weights`` also α (B, M).
 
         ``x``: a dict {modality name: (B, n_m)} (a modality missing from the dict is masked for
@@ -243,32 +259,44 @@ class SAFN(nn.Module):
         the participant has that modality; None = all present. ``α`` is in modality order,
         exactly 0 for masked modalities, Σα = 1 per sample. The latest α is also kept, detached,
         in ``self.last_weights``.
+
+        With ensemble members (``model.ensemble_size`` k > 1) the logits are the log of the
+        members' mean probabilities and α their mean; ``members=True`` returns each member's
+        logits (B, k, n_classes) and α (B, k, M) instead, for training. With k = 1 it changes
+        nothing.
         """
         xs, mask = self._split_inputs(x, mask)
+        ensemble = self.ensemble_size > 1
         tokens = []
         for m, (enc, xm) in enumerate(zip(self.encoders, xs)):
             xm = torch.where(mask[:, m:m + 1], xm, torch.zeros_like(xm))  # absent → 0, NaN-safe
+            if ensemble:
+                xm = self.adapters[m](xm)  # (B, k, n_m)
             xs[m] = xm
             tokens.append(enc(xm))
-        t = torch.stack(tokens, dim=1)  # (B, M, D)
+        t = torch.stack(tokens, dim=-2)  # (B, [k,] M, D)
 
         if self.cross:
-            img, cli = t[:, self.imaging_idx], t[:, self.clinical_idx]
+            img, cli = t[..., self.imaging_idx, :], t[..., self.clinical_idx, :]
             if self.cfg.cross_attention:
                 img_out = self.block_imaging(img, cli, mask[:, self.clinical_idx])
                 cli_out = self.block_clinical(cli, img, mask[:, self.imaging_idx])
             else:
                 img_out, cli_out = self.block_imaging(img), self.block_clinical(cli)
-            z = torch.cat([img_out, cli_out], dim=1)[:, self._inverse]  # back to modality order
+            z = torch.cat([img_out, cli_out], dim=-2)[..., self._inverse, :]  # modality order
         else:
             z = self.block_all(t, t, mask) if self.cfg.cross_attention else self.block_all(t)
 
         f, alpha = self.gate(z, mask)
         logits = self.head(f)
         if self.cfg.linear_path:
-            wide = torch.stack([lin(xm) for lin, xm in zip(self.linear, xs)], dim=1)  # (B, M, C)
-            logits = logits + (alpha.unsqueeze(-1) * wide).sum(dim=1)
-        self.last_weights = alpha.detach()
+            wide = torch.stack([lin(xm) for lin, xm in zip(self.linear, xs)], dim=-2)  # (.., M, C)
+            logits = logits + (alpha.unsqueeze(-1) * wide).sum(dim=-2)
+        if ensemble and not members:
+            logits = torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=1) \
+                - math.log(self.ensemble_size)
+            alpha = alpha.mean(dim=1)
+        self.last_weights = (alpha.mean(dim=1) if alpha.dim() == 3 else alpha).detach()
         return (logits, alpha) if return_weights else logits
 
     @torch.no_grad()
@@ -284,4 +312,5 @@ class SAFN(nn.Module):
 
     def extra_repr(self) -> str:
         mods = ", ".join(f"{s.name}:{s.n_features}:{s.side}" for s in self.specs)
-        return f"modalities=[{mods}], gate={self.cfg.gate}, cross_attention={self.cfg.cross_attention}"
+        return (f"modalities=[{mods}], gate={self.cfg.gate}, "
+                f"cross_attention={self.cfg.cross_attention}, members={self.ensemble_size}")

@@ -9,6 +9,10 @@ through Opacus' public ``register_grad_sampler``. Importing this module register
 the backpropagated ``g = [g_cos, g_sin]`` of one participant
 
     ∂L/∂c_jk = 2π x_j (cos(v_jk) g_sin,jk − sin(v_jk) g_cos,jk).
+
+Under parameter-efficient ensembling the layers after the adapter see (B, k, ...) inputs: every
+sampler sums the members' contributions of one participant (all dimensions between the batch and
+the parameter's own). `EnsembleAdapter`: ``o_i = x ⊙ r_i``, so ``∂L/∂r_i = x ⊙ g_i``.
 """
 
 from __future__ import annotations
@@ -19,15 +23,29 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import Tensor, nn
 
-from safn_core.model.embeddings import PeriodicFeatures
+from safn_core.model.embeddings import EnsembleAdapter, PeriodicFeatures
+
+
+def _per_participant(grad: Tensor, param_dims: int) -> Tensor:
+    """Sum ``grad`` (B, ..., *param shape) over the dimensions between batch and parameter."""
+    extra = grad.dim() - 1 - param_dims
+    return grad.sum(dim=tuple(range(1, 1 + extra))) if extra > 0 else grad
 
 
 @register_grad_sampler(PeriodicFeatures)
 def periodic_features_grad_sample(layer: PeriodicFeatures, activations: list[Tensor],
                                   backprops: Tensor) -> dict[nn.Parameter, Tensor]:
-    x = activations[0].to(backprops.dtype)  # (B, n)
+    x = activations[0].to(backprops.dtype)  # (B, [k,] n)
     k = layer.frequencies.shape[1]
     v = 2 * math.pi * x.unsqueeze(-1) * layer.frequencies  # (B, n, k)
     g_cos, g_sin = backprops[..., :k], backprops[..., k:]
     grad = 2 * math.pi * x.unsqueeze(-1) * (torch.cos(v) * g_sin - torch.sin(v) * g_cos)
+    grad = _per_participant(grad, 2)
     return {layer.frequencies: grad} if layer.frequencies.requires_grad else {}
+
+
+@register_grad_sampler(EnsembleAdapter)
+def ensemble_adapter_grad_sample(layer: EnsembleAdapter, activations: list[Tensor],
+                                 backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    x = activations[0].to(backprops.dtype)  # (B, n); backprops (B, k, n)
+    return {layer.r: x.unsqueeze(1) * backprops} if layer.r.requires_grad else {}

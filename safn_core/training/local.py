@@ -99,7 +99,7 @@ def run_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch
             if len(yb) == 0:  # Poisson sampling can draw an empty batch
                 continue
             optimizer.zero_grad(set_to_none=True)
-            logits, alpha = model(xb, mb, return_weights=True)
+            logits, alpha = model(xb, mb, return_weights=True, members=True)
             loss = total_loss(logits, yb, alpha, model_cfg, class_counts)
             if proximal_mu > 0 and global_params is not None:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
@@ -241,10 +241,11 @@ def _weight_average(model: nn.Module, cfg: TrainConfig):
 
 def fit_with_early_stopping(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
                             model_cfg: ModelConfig, cfg: TrainConfig, seed: int) -> FitResult:
-    """Train on ``train`` until the validation loss stops improving; keep the best weights.
+    """Train on ``train`` until the validation metric stops improving; keep the best weights.
 
     Epoch-wise early stopping (``train.max_epochs``, ``train.patience``) of centralised
-    cross-validation: `fit_by_rounds` with one-epoch rounds selected by validation loss.
+    cross-validation: `fit_by_rounds` with one-epoch rounds selected by ``train.select``
+    (validation loss, or validation ROC-AUC).
     """
     return fit_by_rounds(train, val, modalities, model_cfg, cfg, seed, rounds=cfg.max_epochs,
-                         epochs_per_round=1, select="val_loss", patience=cfg.patience)
+                         epochs_per_round=1, select=cfg.select, patience=cfg.patience)
