@@ -25,8 +25,12 @@ N_FEAT = sum(n for _, n, _ in MODS)
 SMALL = dict(d_model=16, n_heads=4, encoder_hidden=16, ffn_hidden=16, head_hidden=8)
 # the optional input layers of the modality encoders (safn_core.model.embeddings)
 PERIODIC = dict(numeric_embedding="periodic", n_frequencies=3, embedding_dim=4)
+ENSEMBLE = dict(ensemble_size=3)
 INPUT_LAYERS = [{}, PERIODIC, dict(feature_dropout=0.2), dict(PERIODIC, feature_dropout=0.2),
-                dict(linear_path=True)]
+                dict(linear_path=True), ENSEMBLE, dict(ENSEMBLE, **PERIODIC, linear_path=True),
+                dict(feature_noise=0.5)]
+# three imaging modalities and one clinical: the grouped cross-attention pads the clinical side
+UNEVEN = [("a", 3, "imaging"), ("b", 4, "imaging"), ("c", 2, "imaging"), ("d", 9, "clinical")]
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -126,24 +130,45 @@ def test_masked_modality_input_cannot_change_output(kw):
 
 def test_attention_masking_and_all_masked_keys():
     torch.manual_seed(0)
-    mha = MultiHeadAttention(8, 2).eval()
-    q, kv = torch.randn(3, 2, 8), torch.randn(3, 4, 8)
+    mha = MultiHeadAttention(8, 2).eval()  # one group: inputs (B, T, 1, D), mask (B, Tk, 1)
+    q, kv = torch.randn(3, 2, 1, 8), torch.randn(3, 4, 1, 8)
     key_mask = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    out, attn = mha(q, kv, kv, key_mask=key_mask, return_attention=True)
-    assert torch.isfinite(out).all()
-    assert torch.all(attn[~key_mask[:, None, None, :].expand_as(attn)] == 0)
-    assert torch.allclose(attn[0].sum(-1), torch.ones(2, 2)) and torch.all(attn[1] == 0)
+    out, attn = mha(q, kv, key_mask=key_mask[..., None], return_attention=True)
+    assert attn.shape == (3, 1, 2, 2, 4) and torch.isfinite(out).all()
+    assert torch.all(attn[~key_mask[:, None, None, None, :].expand_as(attn)] == 0)
+    assert torch.allclose(attn[0].sum(-1), torch.ones(1, 2, 2)) and torch.all(attn[1] == 0)
     # every key masked: the attention output is zero, so the result is out_proj's bias
-    assert torch.allclose(out[1], mha.out_proj.bias.expand(2, 8))
+    assert torch.allclose(out[1], mha.out_proj.bias.expand(2, 1, 8))
     kv2 = kv.clone()
     kv2[0, 2] = 100.0
     kv2[2, 1:] = float("nan")
-    assert torch.equal(mha(q, kv2, kv2, key_mask=key_mask), out)
-    # no mask = ordinary softmax attention (compare with torch's SDPA)
-    ref = F.scaled_dot_product_attention(
-        mha._split(mha.q_proj(q)), mha._split(mha.k_proj(kv)), mha._split(mha.v_proj(kv)))
-    ref = mha.out_proj(ref.transpose(1, 2).reshape(3, 2, 8))
-    assert torch.allclose(mha(q, kv, kv), ref, atol=1e-5)
+    assert torch.equal(mha(q, kv2, key_mask=key_mask[..., None]), out)
+    # no mask = ordinary softmax attention (compare with torch's SDPA on one group's weights)
+    k, v = mha.kv_proj(kv).chunk(2, dim=-1)
+    ref = F.scaled_dot_product_attention(mha._split(mha.q_proj(q)), mha._split(k), mha._split(v))
+    ref = mha.out_proj(ref.movedim(-2, -4).reshape(3, 2, 1, 8))
+    assert torch.allclose(mha(q, kv), ref, atol=1e-5)
+
+
+def test_grouped_attention_is_one_block_per_group():
+    """Two groups = two independent attention layers: group g's output depends on group g's
+    queries, keys and weights only, and equals a one-group layer holding group g's weights."""
+    torch.manual_seed(0)
+    both = MultiHeadAttention(8, 2, groups=2).eval()
+    q, kv = torch.randn(4, 3, 2, 8), torch.randn(4, 5, 2, 8)
+    mask = torch.rand(4, 5, 2) > 0.3
+    out = both(q, kv, key_mask=mask)
+    for g in range(2):
+        one = MultiHeadAttention(8, 2).eval()
+        with torch.no_grad():
+            for name in ("q_proj", "kv_proj", "out_proj"):
+                getattr(one, name).weight.copy_(getattr(both, name).weight[g:g + 1])
+                getattr(one, name).bias.copy_(getattr(both, name).bias[g:g + 1])
+        ref = one(q[:, :, g:g + 1], kv[:, :, g:g + 1], key_mask=mask[..., g:g + 1])
+        assert torch.allclose(out[:, :, g:g + 1], ref, atol=1e-6)
+    kv2 = kv.clone()
+    kv2[:, :, 1] += 5.0  # the other group's keys change nothing in group 0
+    assert torch.equal(both(q, kv2, key_mask=mask)[:, :, 0], out[:, :, 0])
 
 
 def test_empty_batch_forward():
@@ -315,35 +340,40 @@ def test_total_loss_variants():
 def test_opacus_validator_strict():
     from opacus.validators import ModuleValidator
     for cfg in (small_cfg(), ModelConfig(), small_cfg(cross_attention=False, gate="entmax15"),
-                ModelConfig(**PERIODIC, feature_dropout=0.1, linear_path=True)):
+                ModelConfig(**PERIODIC, feature_dropout=0.1, linear_path=True),
+                small_cfg(**ENSEMBLE, feature_noise=0.3)):
         assert ModuleValidator.validate(SAFN(MODS, cfg, seed=0), strict=True) == []
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # benign: inputs need no grad
-@pytest.mark.parametrize("kw", [{}, PERIODIC, dict(linear_path=True)])
-def test_opacus_per_sample_gradients_are_exact(kw):
-    """GradSampleModule's per-sample grads equal the gradients of each sample run alone (the
-    periodic embedding's frequencies through safn_core.privacy.grad_samplers)."""
+@pytest.mark.parametrize("kw,mods", [({}, MODS), (PERIODIC, MODS), (dict(linear_path=True), MODS),
+                                     (ENSEMBLE, MODS), (dict(ENSEMBLE, **PERIODIC), MODS),
+                                     ({}, UNEVEN), (dict(cross_attention=False), UNEVEN)])
+def test_opacus_per_sample_gradients_are_exact(kw, mods):
+    """GradSampleModule's per-sample grads equal the gradients of each sample run alone (SAFN's
+    own layers, grouped, ensemble adapter and periodic, through safn_core.privacy.grad_samplers;
+    with ensemble members, on the members' training loss)."""
     from opacus import GradSampleModule
 
     import safn_core.privacy.grad_samplers  # noqa: F401
     cfg = small_cfg(dropout=0.0, gate="sparsemax", sparsity_lambda=0.05, **kw)
-    model = SAFN(MODS, cfg, seed=3)
-    ref = SAFN(MODS, cfg, seed=3)
+    model = SAFN(mods, cfg, seed=3)
+    ref = SAFN(mods, cfg, seed=3)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     x, mask, y = batch(6)
-    logits, alpha = gsm(x, mask, return_weights=True)
+    logits, alpha = gsm(x, mask, return_weights=True, members=True)
     total_loss(logits, y, alpha, cfg, [10, 30]).backward()
     for i in range(6):
         ref.zero_grad()
-        lo, al = ref(x[i:i + 1], mask[i:i + 1], return_weights=True)
+        lo, al = ref(x[i:i + 1], mask[i:i + 1], return_weights=True, members=True)
         total_loss(lo, y[i:i + 1], al, cfg, [10, 30]).backward()
         for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
             assert p.grad_sample is not None and p.grad_sample.shape[0] == 6, name
             assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), (name, i)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2, linear_path=True)])
+@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2, linear_path=True),
+                                dict(ENSEMBLE, feature_noise=0.3)])
 def test_dp_sgd_step_with_privacy_engine_keeps_layout(kw):
     from opacus import PrivacyEngine
 
@@ -369,7 +399,7 @@ def test_dp_sgd_step_with_privacy_engine_keeps_layout(kw):
             if len(yb) == 0:
                 continue
             dp_opt.zero_grad()
-            logits, alpha = dp_model(xb, mb, return_weights=True)
+            logits, alpha = dp_model(xb, mb, return_weights=True, members=True)
             total_loss(logits, yb, alpha, cfg, counts).backward()
             dp_opt.step()
             break
@@ -391,7 +421,8 @@ def test_dp_sgd_step_with_privacy_engine_keeps_layout(kw):
 @pytest.mark.parametrize("kw", [
     dict(cross_attention=False), dict(sparsity_lambda=0.0), dict(loss="ce"),
     dict(gate="sparsemax"), dict(gate="entmax15"), dict(gate="entmax15", cross_attention=False),
-    PERIODIC, dict(feature_dropout=0.3), dict(linear_path=True),
+    PERIODIC, dict(feature_dropout=0.3), dict(linear_path=True), ENSEMBLE,
+    dict(ENSEMBLE, cross_attention=False, gate="sparsemax"), dict(feature_noise=0.5),
 ])
 def test_ablations_forward_backward(kw):
     cfg = small_cfg(**kw)
@@ -412,7 +443,7 @@ def test_ablations_forward_backward(kw):
 def test_one_sided_modalities_fall_back_to_self_attention(side):
     mods = [(n, k, side) for n, k, _ in MODS]
     model = SAFN(mods, small_cfg(), seed=0)
-    assert hasattr(model, "block_all") and not hasattr(model, "block_imaging")
+    assert model.block.attn.groups == 1  # one self-attention block over every token
     x, mask, y = batch()
     logits, alpha = model(x, mask, return_weights=True)
     total_loss(logits, y, alpha, small_cfg(), [4, 4]).backward()
@@ -422,7 +453,8 @@ def test_one_sided_modalities_fall_back_to_self_attention(side):
     assert SAFN(mods2, small_cfg(), seed=0)(x, mask).shape == (8, 2)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2, linear_path=True)])
+@pytest.mark.parametrize("kw", [{}, dict(PERIODIC, feature_dropout=0.2, linear_path=True),
+                                dict(ENSEMBLE, feature_noise=0.3)])
 def test_determinism_same_seed_same_weights_and_step(kw):
     cfg = small_cfg(**kw)
     rng_state = torch.get_rng_state()
@@ -504,3 +536,100 @@ def test_linear_path_adds_the_gated_linear_scores_to_the_deep_logits():
                                  x, torch.zeros_like(x)), [n for _, n, _ in MODS], dim=1)
     wide = sum(alpha[:, m:m + 1] * model.linear[m](xs[m]) for m in range(len(MODS)))
     assert torch.allclose(logits, deep(x, mask) + wide, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped layers, parameter-efficient ensembling, feature noise
+# --------------------------------------------------------------------------------------------
+
+
+def test_grouped_linear_and_layer_norm_equal_one_layer_per_group():
+    from safn_core.model.grouped import GroupedLayerNorm, GroupedLinear
+    torch.manual_seed(0)
+    lin, norm = GroupedLinear(3, 5, 4), GroupedLayerNorm(3, 4)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(6, 2, 3, 5)  # batch, extra dimension, groups, features
+    out = norm(lin(x))
+    for g in range(3):
+        ref = F.linear(x[..., g, :], lin.weight[g].T, lin.bias[g])
+        ref = F.layer_norm(ref, (4,), norm.weight[g], norm.bias[g])
+        assert torch.allclose(out[..., g, :], ref, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, 5\)"):
+        lin(torch.randn(6, 2, 5))
+
+
+def test_fast_dropout_drops_at_rate_p_and_keeps_the_expectation():
+    from safn_core.model.grouped import FastDropout
+    drop = FastDropout(0.25)
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    out = drop.train()(x)
+    assert abs((out == 0).float().mean().item() - 0.25) < 0.01
+    assert torch.allclose(out[out != 0], torch.tensor(1 / 0.75))
+    assert abs(out.mean().item() - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_token_routes_pair_each_side_with_the_other_and_pad_the_shorter():
+    from safn_core.model.safn import _token_routes
+    query, key, back = _token_routes([0, 1, 2], [3], 4)  # UNEVEN's sides
+    assert query.tolist() == [[0, 3], [1, 4], [2, 4]]    # 4 = the always-masked pad token
+    assert key.tolist() == [[3, 0], [4, 1], [4, 2]]
+    assert query.flatten()[back].tolist() == [0, 1, 2, 3]  # back to modality order
+    query, key, back = _token_routes([], [0, 1], 2)       # one side: self-attention
+    assert query.tolist() == key.tolist() == [[0], [1]] and back.tolist() == [0, 1]
+
+
+def test_uneven_sides_pad_token_changes_nothing():
+    """With 3 imaging and 1 clinical modalities the imaging queries' keys are the clinical token
+    and two pads: the pads get zero attention, and the clinical query sees the three imaging
+    tokens."""
+    model = SAFN(UNEVEN, small_cfg(dropout=0.0), seed=0).eval()
+    x, mask, _ = batch()
+    logits, alpha = model(x, mask, return_weights=True)
+    assert torch.isfinite(logits).all() and torch.all(alpha[~mask] == 0)
+    attn = model.block.attn
+    t = torch.randn(8, 4, 16)
+    tt = torch.cat([t, torch.zeros(8, 1, 16)], dim=1)
+    mm = torch.cat([mask, torch.zeros(8, 1, dtype=torch.bool)], dim=1)
+    _, weights = attn(tt[:, model._query_route], tt[:, model._key_route],
+                      key_mask=mm[:, model._key_route], return_attention=True)
+    assert torch.all(weights[:, 0, :, :, 1:] == 0)  # imaging group: the pad keys get 0
+    present = mask[:, 3]  # imaging queries of participants with the clinical modality
+    assert torch.allclose(weights[present, 0, :, :, 0], torch.ones(1))
+    assert torch.allclose(weights[:, 1, :, 0].sum(-1), torch.ones(1))  # over real imaging keys
+
+
+def test_ensemble_members_mix_into_one_prediction():
+    cfg = small_cfg(**ENSEMBLE, dropout=0.0)
+    model = SAFN(MODS, cfg, seed=0).eval()
+    x, mask, y = batch()
+    members, member_alpha = model(x, mask, return_weights=True, members=True)
+    assert members.shape == (8, 3, 2) and member_alpha.shape == (8, 3, 4)
+    logits, alpha = model(x, mask, return_weights=True)
+    assert torch.allclose(torch.softmax(logits, -1), torch.softmax(members, -1).mean(1), atol=1e-6)
+    assert torch.allclose(alpha, member_alpha.mean(1)) and torch.all(alpha[~mask] == 0)
+    assert not torch.allclose(members[:, 0], members[:, 1])  # the adapters set members apart
+    adapters = [p for n, p in model.named_parameters() if n.startswith("adapters.")]
+    assert len(adapters) == 4 and all(torch.all(p.abs() == 1) for p in adapters)
+    # training loss = the mean of the members' own losses
+    loss = total_loss(members, y, member_alpha, cfg, [4, 4])
+    each = [total_loss(members[:, i], y, member_alpha[:, i], cfg, [4, 4]) for i in range(3)]
+    assert loss.item() == pytest.approx(sum(e.item() for e in each) / 3, rel=1e-5)
+    # one member: `members` changes nothing
+    single = SAFN(MODS, small_cfg(dropout=0.0), seed=0).eval()
+    assert torch.equal(single(x, mask), single(x, mask, members=True))
+    assert not any(n.startswith("adapters.") for n, _ in single.named_parameters())
+
+
+def test_feature_noise_in_training_only():
+    from safn_core.model.embeddings import FeatureNoise
+    noise = FeatureNoise(0.5)
+    torch.manual_seed(0)
+    x = torch.zeros(100_000)
+    assert abs(noise.train()(x).std().item() - 0.5) < 0.01
+    assert torch.equal(noise.eval()(x), x)
+    with pytest.raises(ValueError, match=">= 0"):
+        FeatureNoise(-0.1)

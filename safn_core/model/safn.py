@@ -34,17 +34,25 @@ counts, now for both paths.
 ``cfg.numeric_embedding = "periodic"`` a periodic embedding of every feature
 (`safn_core.model.embeddings`).
 
+Layers of the same shape run grouped (`safn_core.model.grouped`): the encoders' tails (from
+the LayerNorm on) are one group per modality, and the two cross-attention blocks are one block
+of two groups (``block``; `_token_routes` lays the tokens out for it). Each group keeps its own
+weights, so the function is the one above; a training step just runs a few batched operations
+instead of many tiny ones.
+
 Fallbacks and ablations:
   * if one side has no modality at all (e.g. a purely clinical table), there is nothing to cross
-    with: a single self-attention block over all tokens (``block_all``) replaces the two
-    cross-attention blocks;
+    with: a single self-attention block over all tokens (``block`` with one group) replaces the
+    two cross-attention blocks;
   * ``cfg.cross_attention = False`` ("no cross-attention" ablation) replaces every attention block
     by its token-wise sublayer ``LN(x + FFN(x))``, so tokens never exchange information before the
     gate.
 
-Differential privacy: only ``nn.Linear`` and ``nn.LayerNorm`` hold parameters (no BatchNorm, no
-``nn.MultiheadAttention``) and every layer sees a batch-first input, so Opacus' GradSampleModule
-computes exact per-sample gradients and the parameter names/shapes are the same with or without DP.
+Differential privacy: only ``nn.Linear`` and SAFN's own grouped / embedding layers hold
+parameters (no BatchNorm, no ``nn.MultiheadAttention``; the own layers' per-sample gradients are
+registered in `safn_core.privacy.grad_samplers`) and every layer sees a batch-first input, so
+Opacus' GradSampleModule computes exact per-sample gradients and the parameter names/shapes are
+the same with or without DP.
 The forward may take several tensors (or a dict); Opacus only needs each *layer's* input to be
 batch-first. Under Opacus the model is wrapped (``GradSampleModule``): attributes such as
 ``last_weights`` and ``modality_weights`` live on ``wrapped._module``; ``return_weights=True``
@@ -65,6 +73,7 @@ from safn_core.model.attention import CrossAttentionBlock, FeedForwardBlock
 from safn_core.model.embeddings import (EnsembleAdapter, FeatureDropout, FeatureNoise,
                                         PeriodicEmbedding)
 from safn_core.model.gating import GatingFusion
+from safn_core.model.grouped import FastDropout, GroupedLayerNorm, GroupedLinear
 
 SIDES = ("imaging", "clinical")
 
@@ -99,7 +108,8 @@ def _spec(m) -> ModalitySpec:
     return spec
 
 
-def _encoder(n_features: int, cfg: ModelConfig) -> nn.Sequential:
+def _encoder_input(n_features: int, cfg: ModelConfig) -> nn.Sequential:
+    """A modality's own input layers, up to its first Linear (the widths differ by modality)."""
     layers: list[nn.Module] = []
     if cfg.feature_dropout > 0:
         layers.append(FeatureDropout(cfg.feature_dropout))
@@ -111,14 +121,45 @@ def _encoder(n_features: int, cfg: ModelConfig) -> nn.Sequential:
                                   cfg.frequency_sigma)
         layers.append(embed)
         width = embed.out_features
+    return nn.Sequential(*layers, nn.Linear(width, cfg.encoder_hidden))
+
+
+def _encoder_tail(n_modalities: int, cfg: ModelConfig) -> nn.Sequential:
+    """The rest of every encoder, one group per modality: LayerNorm → GELU → Dropout → Linear(D)."""
     return nn.Sequential(
-        *layers,
-        nn.Linear(width, cfg.encoder_hidden),
-        nn.LayerNorm(cfg.encoder_hidden),
+        GroupedLayerNorm(n_modalities, cfg.encoder_hidden),
         nn.GELU(),
-        nn.Dropout(cfg.dropout),
-        nn.Linear(cfg.encoder_hidden, cfg.d_model),
+        FastDropout(cfg.dropout),
+        GroupedLinear(n_modalities, cfg.encoder_hidden, cfg.d_model),
     )
+
+
+def _token_routes(imaging: list[int], clinical: list[int], m_count: int):
+    """Index tables that lay the modality tokens out for the grouped attention block.
+
+    Cross-attention (both sides present): G = 2 groups, group 0 = imaging queries with clinical
+    keys, group 1 = clinical queries with imaging keys, T = the larger side's token count; the
+    smaller side is padded with index ``m_count`` (an all-zero, always-masked token). One side
+    empty: G = 1, every token queries every token. Returns ``(query (T, G), key (T, G),
+    back (M,))``: ``tokens[..., query, :]`` is the block's query layout, and position
+    ``back[m]`` of its flattened (T·G) output is modality m's token.
+    """
+    def column(idx: list[int], t: int) -> list[int]:
+        return idx + [m_count] * (t - len(idx))
+
+    if imaging and clinical:
+        t = max(len(imaging), len(clinical))
+        query = torch.tensor([column(imaging, t), column(clinical, t)]).T
+        key = torch.tensor([column(clinical, t), column(imaging, t)]).T
+    else:
+        query = key = torch.arange(m_count).unsqueeze(1)
+    groups = query.shape[1]
+    back = torch.empty(m_count, dtype=torch.long)
+    for row in range(query.shape[0]):
+        for g in range(groups):
+            if int(query[row, g]) < m_count:
+                back[int(query[row, g])] = row * groups + g
+    return query, key, back
 
 
 class SAFN(nn.Module):
@@ -164,19 +205,19 @@ class SAFN(nn.Module):
                 self._build(cfg, n_classes)
 
     def _build(self, cfg: ModelConfig, n_classes: int) -> None:
-        d = cfg.d_model
-        self.encoders = nn.ModuleList(_encoder(n, cfg) for n in self.n_features)
-
-        def block() -> nn.Module:
-            if cfg.cross_attention:
-                return CrossAttentionBlock(d, cfg.n_heads, cfg.ffn_hidden, cfg.dropout)
-            return FeedForwardBlock(d, cfg.ffn_hidden, cfg.dropout)
-
-        if self.cross:
-            self.block_imaging = block()   # queries: imaging tokens; keys/values: clinical
-            self.block_clinical = block()  # queries: clinical tokens; keys/values: imaging
+        d, m_count = cfg.d_model, len(self.specs)
+        self.encoders = nn.ModuleList(_encoder_input(n, cfg) for n in self.n_features)
+        self.encoder_tail = _encoder_tail(m_count, cfg)
+        query, key, back = _token_routes(self.imaging_idx, self.clinical_idx, m_count)
+        self.register_buffer("_query_route", query, persistent=False)
+        self.register_buffer("_key_route", key, persistent=False)
+        self.register_buffer("_back_route", back, persistent=False)
+        self._padded = bool((query == m_count).any())
+        groups = query.shape[1]  # 2: imaging→clinical and clinical→imaging; 1: one side empty
+        if cfg.cross_attention:
+            self.block = CrossAttentionBlock(d, cfg.n_heads, cfg.ffn_hidden, cfg.dropout, groups)
         else:
-            self.block_all = block()       # one side is empty: self-attention over all tokens
+            self.block = FeedForwardBlock(d, cfg.ffn_hidden, cfg.dropout, groups)
         self.gate = GatingFusion(d, d, cfg.gate)
         self.ensemble_size = cfg.ensemble_size
         if self.ensemble_size > 1:
@@ -185,7 +226,7 @@ class SAFN(nn.Module):
         if cfg.linear_path:
             self.linear = nn.ModuleList(nn.Linear(n, n_classes) for n in self.n_features)
         self.head = nn.Sequential(
-            nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+            nn.Linear(d, cfg.head_hidden), nn.GELU(), FastDropout(cfg.dropout),
             nn.Linear(cfg.head_hidden, n_classes),
         )
 
@@ -267,26 +308,15 @@ class SAFN(nn.Module):
         """
         xs, mask = self._split_inputs(x, mask)
         ensemble = self.ensemble_size > 1
-        tokens = []
+        hidden = []
         for m, (enc, xm) in enumerate(zip(self.encoders, xs)):
             xm = torch.where(mask[:, m:m + 1], xm, torch.zeros_like(xm))  # absent → 0, NaN-safe
             if ensemble:
                 xm = self.adapters[m](xm)  # (B, k, n_m)
             xs[m] = xm
-            tokens.append(enc(xm))
-        t = torch.stack(tokens, dim=-2)  # (B, [k,] M, D)
-
-        if self.cross:
-            img, cli = t[..., self.imaging_idx, :], t[..., self.clinical_idx, :]
-            if self.cfg.cross_attention:
-                img_out = self.block_imaging(img, cli, mask[:, self.clinical_idx])
-                cli_out = self.block_clinical(cli, img, mask[:, self.imaging_idx])
-            else:
-                img_out, cli_out = self.block_imaging(img), self.block_clinical(cli)
-            z = torch.cat([img_out, cli_out], dim=-2)[..., self._inverse, :]  # modality order
-        else:
-            z = self.block_all(t, t, mask) if self.cfg.cross_attention else self.block_all(t)
-
+            hidden.append(enc(xm))
+        t = self.encoder_tail(torch.stack(hidden, dim=-2))  # (B, [k,] M, D)
+        z = self._attend(t, mask)
         f, alpha = self.gate(z, mask)
         logits = self.head(f)
         if self.cfg.linear_path:
@@ -298,6 +328,19 @@ class SAFN(nn.Module):
             alpha = alpha.mean(dim=1)
         self.last_weights = (alpha.mean(dim=1) if alpha.dim() == 3 else alpha).detach()
         return (logits, alpha) if return_weights else logits
+
+    def _attend(self, t: Tensor, mask: Tensor) -> Tensor:
+        """Tokens (.., M, D) through the grouped attention block (`_token_routes`), back in
+        modality order."""
+        if self._padded:
+            t = torch.cat([t, t.new_zeros(*t.shape[:-2], 1, t.shape[-1])], dim=-2)
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
+        q = t[..., self._query_route, :]  # (.., T, G, D)
+        if self.cfg.cross_attention:
+            q = self.block(q, t[..., self._key_route, :], mask[:, self._key_route])
+        else:
+            q = self.block(q)
+        return q.flatten(-3, -2)[..., self._back_route, :]
 
     @torch.no_grad()
     def modality_weights(self, x, mask: Tensor | None = None) -> Tensor:
