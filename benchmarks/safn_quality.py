@@ -67,6 +67,7 @@ VARIANTS: dict[str, dict] = {
     "entmax_gate": {"model.gate": "entmax15", "model.sparsity_lambda": 0.0},
     "linear_path": {"model.linear_path": True},
     "ema": {"train.weight_averaging": "ema"},
+    "cosine": {"train.lr_schedule": "cosine"},
     "linear_path+ema": {"model.linear_path": True, "train.weight_averaging": "ema"},
     "linear_path+periodic": {"model.linear_path": True, "model.numeric_embedding": "periodic"},
     "linear_path+periodic+ema": {"model.linear_path": True, "model.numeric_embedding": "periodic",

@@ -7,7 +7,9 @@ never sees half a bundle and an existing bundle is never overwritten.
 A **site bundle** (`save_site_bundle`, written by ``safn-validate --recalibrate``) is a bundle
 with the same weights and preprocessing plus a calibration map and a new threshold fitted at one
 site, recorded in ``bundle.json`` under ``recalibration`` (`safn_core.recalibration`).
-`Bundle.predict` applies the map, so every tool that predicts through it uses it.
+safn-train's bundle may carry a temperature fitted at training on its validation split, under
+``calibration`` (``train.temperature_scaling``); a site's map replaces it. `Bundle.predict`
+applies the map in force, so every tool that predicts through it uses it.
 
 A bundle of a model trained on harmonised features (``harmonisation.method: combat``) carries
 the fitted harmonisation in ``harmonisation.json`` (`HarmonisationRecord`: the global ComBat fit
@@ -42,8 +44,8 @@ from safn_core.harmonisation.record import HarmonisationRecord
 from safn_core.model import SAFN
 from safn_core.modelcard import model_card
 from safn_core.preprocess import Preprocessor
-from safn_core.recalibration import CalibrationMap
-from safn_core.training.local import Arrays
+from safn_core.recalibration import CalibrationMap, TrainingTemperature
+from safn_core.training.local import Arrays, scores
 
 FORMAT = "safn-bundle"
 FORMAT_VERSION = 1
@@ -99,10 +101,13 @@ class Bundle:
 
     @property
     def calibration_map(self) -> CalibrationMap | None:
-        """The site's calibration map of a recalibrated bundle; None (identity) otherwise."""
-        rec = self.meta.get("recalibration")
-        return CalibrationMap.from_dict(rec.get("map"), "bundle.json recalibration.map") \
-            if rec else None
+        """The map every prediction goes through: a site's recalibration map where the bundle
+        was recalibrated (it replaces any map from training), else the temperature fitted at
+        training (``calibration``), else None (the model's own probabilities)."""
+        for key in ("recalibration", "calibration"):
+            if self.meta.get(key):
+                return CalibrationMap.from_dict(self.meta[key].get("map"), f"bundle.json {key}.map")
+        return None
 
     @property
     def min_cell(self) -> int:
@@ -155,24 +160,13 @@ class Bundle:
                             "harmonised with the bundle's fit before they are scored")
         return data
 
-    @torch.no_grad()
     def scores(self, arrays, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The model's own outputs, before any calibration map: the logit of P(PD) (float64,
         the difference of the two output logits), P(PD) as `training.local.predict` gives it
-        (softmax, float32), and the gate weights α (n, M). ``arrays``: a table (harmonised
-        and preprocessed here, `arrays`) or arrays from `arrays`."""
-        arrays = self._model_input(arrays)
-        self.model.eval()
-        x, m = torch.from_numpy(arrays.x), torch.from_numpy(arrays.mask)
-        z, p, alpha = [], [], []
-        for i in range(0, len(arrays), batch_size):
-            logits, a = self.model(x[i:i + batch_size], m[i:i + batch_size], return_weights=True)
-            z.append((logits[:, 1].double() - logits[:, 0].double()).numpy())
-            p.append(torch.softmax(logits, dim=1)[:, 1].numpy())
-            alpha.append(a.numpy())
-        if not z:
-            return np.zeros(0), np.zeros(0), np.zeros((0, arrays.mask.shape[1]))
-        return np.concatenate(z), np.concatenate(p), np.concatenate(alpha)
+        (softmax, float32), and the gate weights α (n, M) (`training.local.scores`).
+        ``arrays``: a table (harmonised and preprocessed here, `arrays`) or arrays from
+        `arrays`."""
+        return scores(self.model, self._model_input(arrays), batch_size)
 
     def calibrate(self, z: np.ndarray, p_raw: np.ndarray) -> np.ndarray:
         """P(PD) as this bundle reports it: the map applied to the logits ``z``, or the model's
@@ -190,16 +184,23 @@ class Bundle:
 def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: SafnConfig, *,
                 threshold: float, class_counts, label_names=("HC", "PD"), kind: str,
                 metrics: dict | None = None, extra: dict | None = None,
-                harmonisation: HarmonisationRecord | None = None) -> Path:
+                harmonisation: HarmonisationRecord | None = None,
+                calibration: TrainingTemperature | None = None) -> Path:
     """Write a bundle folder at ``dest`` (which must not exist).
 
     ``harmonisation``: the harmonisation the model's training features went through (fitted on
     training data only); written to ``harmonisation.json`` and applied before every prediction.
+    ``calibration``: the temperature fitted at training on the validation split
+    (``train.temperature_scaling``); recorded in ``bundle.json`` under ``calibration`` and
+    applied to every prediction, so ``threshold`` must be on its scale.
     """
     dest = Path(dest)
     if harmonisation is not None and not isinstance(harmonisation, HarmonisationRecord):
         raise TypeError("save_bundle(harmonisation=...) takes a HarmonisationRecord, not a "
                         f"{type(harmonisation).__name__}")
+    if calibration is not None and not isinstance(calibration, TrainingTemperature):
+        raise TypeError("save_bundle(calibration=...) takes a TrainingTemperature, not a "
+                        f"{type(calibration).__name__}")
     if dest.exists():
         raise DataError(f"{dest}: a bundle already exists there; it was not overwritten")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +220,8 @@ def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: Saf
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
             "metrics": metrics or {}, **(extra or {}),
         }
+        if calibration is not None:
+            meta["calibration"] = calibration.to_dict()
         if harmonisation is not None:
             (tmp / HARMONISATION_FILE).write_text(
                 json.dumps(harmonisation.to_dict(), indent=1, allow_nan=False))
@@ -288,10 +291,12 @@ def load_bundle(path: Path) -> Bundle:
     except RuntimeError as exc:
         raise DataError(f"{path}: weights do not fit the bundle's model ({str(exc)[:200]})") from None
     model.eval()
-    rec = meta.get("recalibration")
-    if rec is not None:  # a broken map is reported now, not at the first prediction
-        CalibrationMap.from_dict(rec.get("map") if isinstance(rec, dict) else None,
-                                 f"{meta_file} recalibration.map")
+    # a broken map is reported now, not at the first prediction
+    for key in ("recalibration", "calibration"):
+        rec = meta.get(key)
+        if rec is not None:
+            CalibrationMap.from_dict(rec.get("map") if isinstance(rec, dict) else None,
+                                     f"{meta_file} {key}.map")
     return Bundle(model, pre, config, meta, _load_harmonisation(path, meta))
 
 

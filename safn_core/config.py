@@ -78,7 +78,8 @@ class ModelConfig(Section):
     n_heads: int = Field(4, ge=1, description="attention heads; must divide d_model")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     encoder_hidden: int = Field(128, ge=1, description="hidden width of each modality encoder")
-    ffn_hidden: int = Field(128, ge=1, description="hidden width of the attention blocks' FFN")
+    ffn_hidden: int = Field(128, ge=0, description="hidden width of the attention blocks' FFN; "
+                                                   "0 = no FFN sublayer")
     cross_attention: bool = Field(
         True, description="false = ablation 'no cross-attention' (FFN sublayer only)")
     gate: Literal["softmax", "sparsemax", "entmax15"] = "softmax"
@@ -121,11 +122,19 @@ class TrainConfig(Section):
     seed: int = 0
     max_epochs: int = Field(150, ge=1, description="upper bound; early stopping usually ends sooner")
     patience: int = Field(15, ge=1, description="epochs without validation improvement to stop")
-    select: Literal["val_loss", "val_roc_auc"] = Field(
+    select: Literal["val_loss", "val_roc_auc", "last"] = Field(
         "val_loss", description="what early stopping keeps (centralised fits): the epoch with the "
-                                "lowest validation loss or the highest validation ROC-AUC")
+                                "lowest validation loss or the highest validation ROC-AUC; last = "
+                                "no early stopping, train.max_epochs epochs")
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: the learning rate decays from train.lr to about 0 over "
+                                "the fit's planned epochs, stepped after every optimizer step "
+                                "(centralised and comparator fits, fit_by_rounds; federated "
+                                "sites keep train.lr)")
+    warmup_epochs: int = Field(0, ge=0, description="linear warm-up of the learning rate over "
+                                                    "the first epochs (either lr_schedule)")
     weight_decay: float = Field(1e-4, ge=0)
     weight_averaging: Literal["none", "ema"] = Field(
         "none", description="ema: validate, select and keep an exponential moving average of "
@@ -133,6 +142,9 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.99, gt=0, lt=1, description="per-step decay of the ema weights")
     val_fraction: float = Field(0.2, gt=0, lt=0.5,
                                 description="inner validation split for early stopping/threshold")
+    temperature_scaling: bool = Field(
+        True, description="fit a temperature T on the validation split's logits after early "
+                          "stopping (safn-train's folds and bundle): p = σ(z/T), rankings kept")
     folds: int = Field(5, ge=2)
     repeats: int = Field(3, ge=1)
     workers: int = Field(2, ge=1, description="parallel fold fits (processes)")
@@ -145,6 +157,14 @@ class TrainConfig(Section):
     ablations: list[Literal["no_cross_attention", "no_sparsity", "plain_ce"]] = Field(
         default_factory=lambda: ["no_cross_attention", "no_sparsity", "plain_ce"])
     modality_drop: bool = Field(True, description="modality-drop ablation at test time")
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_training(self) -> "TrainConfig":
+        if self.warmup_epochs >= self.max_epochs:
+            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be smaller than "
+                             f"train.max_epochs ({self.max_epochs}): the warm-up would take the "
+                             "whole training")
+        return self
 
 
 class CentralDPConfig(Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from safn_core.config import SafnConfig
 from safn_core.federation.provenance import basis_lines, sources_line, synthetic_sites
+from safn_core.recalibration import training_calibration_text
 
 
 def _metric_lines(metrics: dict, indent: str = "") -> list[str]:
@@ -152,6 +153,17 @@ def _harmonisation_lines(meta: dict) -> list[str]:
     return lines
 
 
+def _calibration_lines(meta: dict) -> list[str]:
+    """The Calibration section of a bundle with a temperature fitted at training
+    (``bundle.json`` ``calibration``, ``train.temperature_scaling``)."""
+    record = meta.get("calibration")
+    if not record:
+        return []
+    return ["", "## Calibration", f"- {training_calibration_text(record)}",
+            "- a site may refit the map on its own participants (`safn-validate --recalibrate`): "
+            "refitted from the model's own logits, its map replaces this one"]
+
+
 def model_card(meta: dict, config: SafnConfig) -> str:
     """Markdown model card from a bundle's metadata and configuration."""
     data = config.data
@@ -205,6 +217,7 @@ def model_card(meta: dict, config: SafnConfig) -> str:
         f"- participants {'with all modalities only' if data.require_all_modalities else 'with missing modalities masked'}",
     ]
     lines += _harmonisation_lines(meta)
+    lines += _calibration_lines(meta)
     lines += [
         "",
         "## Performance",

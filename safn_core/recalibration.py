@@ -21,6 +21,11 @@ bundle's ``bundle.json``, never pickled):
 z is the model's logit of P(PD) (the difference of its two output logits) before any map: a
 bundle that was already recalibrated is refitted from the original model's logits, and the new
 map replaces the old one rather than being stacked on it.
+
+``train.temperature_scaling`` fits the same temperature when a model is trained
+(`fit_training_temperature`: on its validation split, the one early stopping and the
+threshold use; T = 1 where that split cannot give one). safn-train's bundle carries it under
+``calibration`` in ``bundle.json``; a site's recalibration, fitted on the raw logits, replaces it.
 """
 
 from __future__ import annotations
@@ -113,8 +118,11 @@ def _inverse_temperature_mle(z: np.ndarray, y: np.ndarray, max_iter: int = 100,
     return None
 
 
-def fit_map(method: str, z: np.ndarray, y: np.ndarray) -> CalibrationMap:
-    """Fit a calibration map on logits ``z`` and labels ``y`` (the recalibration part only).
+def fit_map(method: str, z: np.ndarray, y: np.ndarray, *,
+            at_training: bool = False) -> CalibrationMap:
+    """Fit a calibration map on logits ``z`` and labels ``y`` (the recalibration part only;
+    ``at_training``: a new model's validation split, and the errors say so without the site's
+    advice).
 
     Raises a `DataError` when no finite map exists: one class only, scores that (almost)
     separate the classes (the likelihood grows without bound as T → 0 or b → ∞), or, for a
@@ -122,32 +130,98 @@ def fit_map(method: str, z: np.ndarray, y: np.ndarray) -> CalibrationMap:
     """
     if method not in METHODS:
         raise DataError(f"--calibration {method}: choose one of {', '.join(METHODS)}")
+    part = "validation split" if at_training else "recalibration part"
     z = np.asarray(z, dtype=np.float64)
     y = np.asarray(y).astype(float)
     if len(y) == 0 or y.min() == y.max():
-        raise DataError("the recalibration part holds one class only: no calibration map")
+        raise DataError(f"the {part} holds one class only: no calibration map")
     overlap = _overlap(z, y.astype(int))
     if overlap < MIN_OVERLAP:
         raise DataError(
-            f"the model's scores separate the recalibration part's classes "
+            f"the model's scores separate the {part}'s classes "
             f"{'completely' if overlap == 0 else 'almost completely'} ({overlap} participant(s) "
             "of a class where the two classes' scores overlap): the maximum-likelihood "
-            f"{method} map is unbounded, so there is nothing finite to fit; validate without "
-            "--recalibrate, or recalibrate on more participants (--recalibration-fraction)")
+            f"{method} map is unbounded, so there is nothing finite to fit"
+            + ("" if at_training else "; validate without --recalibrate, or recalibrate on "
+                                      "more participants (--recalibration-fraction)"))
     if method == "temperature":
         s = _inverse_temperature_mle(z, y)
         if s is None:
-            raise DataError("the temperature fit did not converge on the recalibration part")
+            raise DataError(f"the temperature fit did not converge on the {part}")
         if s <= 0:
+            who = "the validation split's participants" if at_training else \
+                "this site's recalibration participants"
             raise DataError(
-                "the model's scores rank this site's recalibration participants the wrong way "
-                f"round (best inverse temperature {s:.3f} ≤ 0): no temperature T > 0 can "
-                "calibrate them; the model does not transfer to this site")
+                f"the model's scores rank {who} the wrong way round (best inverse temperature "
+                f"{s:.3f} ≤ 0): no temperature T > 0 can calibrate them"
+                + ("" if at_training else "; the model does not transfer to this site"))
         return CalibrationMap("temperature", {"temperature": 1.0 / s})
     fit = _logistic_mle(z, y)
     if fit is None:
-        raise DataError("the Platt fit did not converge on the recalibration part")
+        raise DataError(f"the Platt fit did not converge on the {part}")
     return CalibrationMap("platt", {"a": fit[0], "b": fit[1]})
+
+
+IDENTITY = CalibrationMap("temperature", {"temperature": 1.0})
+"""T = 1: the model's own probabilities (σ(z) is its softmax P(PD))."""
+
+
+@dataclass(frozen=True)
+class TrainingTemperature:
+    """A temperature fitted when the model was trained, on its validation split's logits
+    (`fit_training_temperature`); ``note`` says why T = 1 was kept where none could be
+    fitted (None: fitted). A bundle carries `to_dict` in ``bundle.json`` under
+    ``calibration``; a site's ``--recalibrate`` refits from the raw logits and supersedes it.
+    """
+
+    map: CalibrationMap
+    validation_split: dict
+    note: str | None = None
+
+    @property
+    def temperature(self) -> float:
+        return float(self.map.params["temperature"])
+
+    def to_dict(self) -> dict:
+        return {"method": "temperature", "map": self.map.to_dict(), "fitted": self.note is None,
+                "fitted_at": "training", "fitted_on": "validation split",
+                "validation_split": self.validation_split, "note": self.note}
+
+
+def fit_training_temperature(z: np.ndarray, y: np.ndarray, min_cell: int,
+                             names=("HC", "PD")) -> TrainingTemperature:
+    """The temperature of a model just trained, fitted on its validation split's logits ``z``
+    and labels ``y`` (never its training or test participants), by the maximum likelihood
+    `fit_map` uses at a site. Where that split cannot give one, T = 1 (the model as it is) and
+    the note says why: fewer than ``min_cell`` participants of a class (no statistic from
+    fewer, as at a site), or no finite temperature (`fit_map`'s errors: one class, separated
+    classes, scores ranked the wrong way round)."""
+    y = np.asarray(y).astype(int)
+    split = counts(y, names)
+    few = [f"{split[names[c]]} {names[c]}" for c in (0, 1) if split[names[c]] < min_cell]
+    if few:
+        return TrainingTemperature(IDENTITY, split, (
+            f"the validation split holds {' and '.join(few)}: a temperature needs at least "
+            f"data.min_cell = {min_cell} of each class; T = 1 kept"))
+    try:
+        return TrainingTemperature(fit_map("temperature", z, y, at_training=True), split)
+    except DataError as err:
+        return TrainingTemperature(IDENTITY, split, f"{err}; T = 1 kept")
+
+
+def training_calibration_text(record: dict) -> str:
+    """What a card or console says of a bundle's ``calibration`` record."""
+    split = record.get("validation_split") or {}
+    names = [k for k in split if k != "n"]
+    who = f"{split.get('n')} participants: " + " / ".join(f"{split[k]} {k}" for k in names) \
+        if split else "participants"
+    if not record.get("fitted", True):
+        return (f"no temperature fitted at training on the validation split ({who}): "
+                f"{record.get('note')}")
+    cmap = CalibrationMap.from_dict(record.get("map"), "bundle.json calibration.map")
+    return (f"{cmap.describe()} fitted at training on the validation split ({who}) by maximum "
+            "likelihood on the model's logits z: every P(PD) is σ(z/T), rankings (ROC/PR-AUC) "
+            "unchanged, and the decision threshold was chosen on these scores")
 
 
 def split_participants(ids, y, fraction: float, seed: int) -> np.ndarray:

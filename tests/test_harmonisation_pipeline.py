@@ -89,7 +89,7 @@ def bundle_dir(tmp_path_factory, final):
                        metrics={"cross_validation": {"roc_auc": {"mean": 0.7, "sd": 0.1}}},
                        extra={"training": {"participants": 240,
                                            "sites": {"A": 80, "B": 80, "C": 80}}},
-                       harmonisation=final.harmonisation)
+                       harmonisation=final.harmonisation, calibration=final.calibration)
 
 
 def spec_of(cohort, cfg):

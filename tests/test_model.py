@@ -423,6 +423,7 @@ def test_dp_sgd_step_with_privacy_engine_keeps_layout(kw):
     dict(gate="sparsemax"), dict(gate="entmax15"), dict(gate="entmax15", cross_attention=False),
     PERIODIC, dict(feature_dropout=0.3), dict(linear_path=True), ENSEMBLE,
     dict(ENSEMBLE, cross_attention=False, gate="sparsemax"), dict(feature_noise=0.5),
+    dict(ffn_hidden=0), dict(ffn_hidden=0, cross_attention=False),
 ])
 def test_ablations_forward_backward(kw):
     cfg = small_cfg(**kw)
@@ -437,6 +438,8 @@ def test_ablations_forward_backward(kw):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     if not cfg.cross_attention:
         assert not any("attn" in n for n, _ in model.named_parameters())
+    if cfg.ffn_hidden == 0:
+        assert not any("ffn" in n for n, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize("side", ["imaging", "clinical"])

@@ -158,7 +158,16 @@ def test_safn_train_cli_end_to_end(tmp_path):
     results = pd.read_csv(out / "results.csv")
     assert {"SAFN", "majority", "random_forest"} <= set(results.model)
     assert (out / "roc_pr.png").stat().st_size > 1000
-    assert load_bundle(out / "model").meta["kind"] == "centralised"
+    bundle = load_bundle(out / "model")
+    assert bundle.meta["kind"] == "centralised"
+    # train.temperature_scaling (on by default): T per fold in the results, the final fit's in
+    # the bundle (fitted, or T = 1 with the reason) and its card
+    safn = results.set_index("model").loc["SAFN"]
+    assert safn.temperature_mean > 0 and "calibration_slope_mean" in results.columns
+    assert bundle.meta["calibration"]["fitted_at"] == "training"
+    assert bundle.calibration_map.method == "temperature"
+    assert "## Calibration" in (out / "model" / "model_card.md").read_text()
+    assert "temperature scaling (train.temperature_scaling" in proc.stdout
     # the same --out again must refuse and leave the run untouched
     before = (out / "results.csv").read_bytes()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

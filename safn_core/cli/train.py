@@ -23,6 +23,7 @@ from safn_core.cli.common import (base_parser, config_from_args, console, entry,
 from safn_core.config import dump_config
 from safn_core.data.contract import check_cohort
 from safn_core.metrics import METRICS, summarise
+from safn_core.recalibration import training_calibration_text
 
 TABLE_METRICS = ("balanced_accuracy", "roc_auc", "pr_auc_pd", "pr_auc_hc", "mcc", "sensitivity",
                  "specificity", "accuracy", "f1", "brier")
@@ -31,16 +32,46 @@ SHORT = {"balanced_accuracy": "bal acc", "roc_auc": "ROC-AUC", "pr_auc_pd": "PR-
          "accuracy": "acc", "f1": "F1", "brier": "Brier"}
 
 
+CALIBRATION_COLUMNS = ("temperature", "temperature_fitted", "calibration_slope_raw",
+                       "calibration_slope")
+"""SAFN rows' extra fold columns (`crossval.safn_predictions`): T, whether it was fitted, and
+the test fold's calibration slope before and after it (NaN where not estimable)."""
+
+
 def summary_table(folds: pd.DataFrame) -> pd.DataFrame:
-    """Mean and SD of every metric per (feature set, model), in first-seen order."""
+    """Mean and SD of every metric per (feature set, model), in first-seen order, and of the
+    calibration columns where the folds have them (NaN for models without them)."""
+    keys = (*METRICS, *(c for c in CALIBRATION_COLUMNS if c in folds.columns))
     rows = []
     for (fs, model), group in folds.groupby(["feature_set", "model"], sort=False):
-        s = summarise(group.to_dict("records"), METRICS)
+        s = summarise(group.astype({c: float for c in keys}).to_dict("records"), keys)
         row = {"feature_set": fs, "model": model, "n_folds": len(group)}
-        for k in METRICS:
+        for k in keys:
             row[f"{k}_mean"], row[f"{k}_sd"] = s[k]["mean"], s[k]["sd"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def temperature_line(folds: pd.DataFrame) -> str | None:
+    """What temperature scaling did in the folds (all feature sets, SAFN rows), for the
+    console and the report; None where no fold fitted a temperature column."""
+    if "temperature" not in folds.columns:
+        return None
+    safn = folds[folds.model == "SAFN"].astype({c: float for c in CALIBRATION_COLUMNS})
+    if safn.empty:
+        return None
+    fitted = safn[safn.temperature_fitted > 0]
+    t = (f"T median {fitted.temperature.median():.2f} (range {fitted.temperature.min():.2f}–"
+         f"{fitted.temperature.max():.2f})" if len(fitted) else "no T")
+    slope = ", ".join(
+        f"{fs} {g.calibration_slope_raw.mean():.2f} → {g.calibration_slope.mean():.2f}"
+        for fs, g in safn.groupby("feature_set", sort=False)
+        if g.calibration_slope.notna().any())
+    kept = ("" if len(fitted) == len(safn) else ", T = 1 kept in the others (too few of a "
+            "class, or classes the scores separate: no finite T)")
+    return (f"temperature scaling (train.temperature_scaling, fitted on each fold's validation "
+            f"split): {t} in {len(fitted)} of {len(safn)} SAFN fits{kept}; SAFN's mean "
+            f"calibration slope on the test folds before → after: {slope or 'not estimable'}")
 
 
 def print_summary(summary: pd.DataFrame, title: str) -> None:
@@ -70,8 +101,9 @@ def markdown_table(summary: pd.DataFrame, metrics=TABLE_METRICS[:6]) -> str:
 
 
 def write_report(out: Path, cfg, cohort, summary, preds, weights, drops, majority: float,
-                 elapsed: float) -> Path:
-    """The run's HTML page: data, results table, curves, calibration, modality weights."""
+                 elapsed: float, temperature: str | None = None) -> Path:
+    """The run's HTML page: data, results table, curves, calibration (with ``temperature``,
+    `temperature_line`), modality weights."""
     from safn_core import plots
     from safn_core.metrics import calibration
     from safn_core.report import Report
@@ -107,6 +139,8 @@ def write_report(out: Path, cfg, cohort, summary, preds, weights, drops, majorit
         calib = calibration(safn.y.to_numpy(), safn.p.to_numpy())
         plots.reliability(calib, out / "calibration.png", "SAFN, out-of-fold (repeat 1)")
         rep.heading("Calibration")
+        if temperature:
+            rep.text(temperature, note=True)
         rep.figure(out / "calibration.png", "reliability curve of SAFN's out-of-fold predictions")
     if not weights.empty:
         rep.heading("Modality weights")
@@ -185,6 +219,9 @@ def run(argv: list[str] | None = None) -> int:
     summary.to_csv(out / "results.csv", index=False)
     res["predictions"].to_csv(out / "predictions.csv", index=False)
     write_atomic(out / "results.md", markdown_table(summary))
+    temperature = temperature_line(folds)
+    if temperature:
+        console.print(temperature, markup=False, highlight=False)
 
     weights, drops = res["weights"], res["modality_drop"]
     mods = [m.name for m in cohort.modalities]
@@ -224,7 +261,10 @@ def run(argv: list[str] | None = None) -> int:
                 extra={"training": {"participants": len(cohort), "epochs": fit.epochs_run,
                                     "sites": pd.Series(cohort.sites).value_counts()
                                     .sort_index().to_dict()}},
-                harmonisation=final.harmonisation)
+                harmonisation=final.harmonisation, calibration=final.calibration)
+    if final.calibration is not None:
+        console.print("final model: " + training_calibration_text(final.calibration.to_dict()),
+                      markup=False, highlight=False)
     elapsed = time.perf_counter() - t0
     write_json(out / "results.json", {
         "cohort": {"n": len(cohort), "positive": n_pos, "majority_accuracy": majority},
@@ -232,9 +272,11 @@ def run(argv: list[str] | None = None) -> int:
         "modality_weights": {m: float(w_all[m].mean()) for m in mods} if not w_all.empty else {},
         "modality_drop_auc": {m: float(d_all[m].mean()) for m in mods} if not d_all.empty else {},
         "harmonisation": harmonisation,
+        "temperature_scaling": {"folds": temperature, "final_model": final.calibration.to_dict()}
+        if final.calibration is not None else None,
         "seconds": elapsed,
     })
-    write_report(out, cfg, cohort, summary, first, w_all, d_all, majority, elapsed)
+    write_report(out, cfg, cohort, summary, first, w_all, d_all, majority, elapsed, temperature)
     console.print(f"run folder: {out} ({elapsed:.0f} s); report: {out / 'report.html'}")
     return 0
 

@@ -16,7 +16,10 @@ recalibration part and an evaluation part, fits a calibration map and a new deci
 on the first only, reports before/after figures on the second only, and writes a **site
 bundle** (``<out>/site_bundle/``: the same weights and preprocessing, the map and threshold in
 its ``bundle.json``, a model card saying where it was recalibrated). Every evaluation predicts
-through `Bundle.predict`, so a site bundle is validated with its map and threshold.
+through `Bundle.predict`, so a site bundle is validated with its map and threshold. A bundle
+from safn-train may carry a temperature fitted at training on its validation split
+(``calibration``); plain validation applies it, and ``--recalibrate`` refits from the model's
+own logits, so the site's map replaces it (the record keeps it under ``replaces``).
 
 A bundle whose model takes ComBat-harmonised MRI features (``harmonisation.json``) harmonises
 the data first: each site of the data adjusts itself from its own participants with the
@@ -131,10 +134,13 @@ def evaluate(bundle, table: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
 
 def threshold_source(bundle) -> str:
     """Where the bundle's decision threshold comes from, for titles and cards."""
-    rec = bundle.meta.get("recalibration")
-    if not rec:
-        return "from training"
-    return f"from recalibration at {rec['site']} ({rec['method']} map applied)"
+    rec, trained = bundle.meta.get("recalibration"), bundle.meta.get("calibration")
+    if rec:
+        return f"from recalibration at {rec['site']} ({rec['method']} map applied)"
+    if trained and trained.get("fitted"):
+        t = trained["map"]["params"]["temperature"]
+        return f"from training (temperature T = {t:.3f} from its validation split applied)"
+    return "from training"
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -229,7 +235,8 @@ def run(argv: list[str] | None = None) -> int:
         "positive": n_pos, "threshold": bundle.threshold, "metrics": res["metrics"],
         "calibration": cal, "modality_weights": res["modality_weights"],
         "majority_accuracy": max(n_pos, len(table) - n_pos) / len(table),
-        "recalibration": bundle.meta.get("recalibration"), "harmonisation": harmonised,
+        "recalibration": bundle.meta.get("recalibration"),
+        "training_calibration": bundle.meta.get("calibration"), "harmonisation": harmonised,
     })
     pd.DataFrame({"participant_id": table.index, "y": res["y"], "p": res["p"]}).to_csv(
         out / "predictions.csv", index=False)
@@ -378,7 +385,9 @@ def run_recalibration(args, bundle, cohort, table: pd.DataFrame, scope: dict, ou
         "fraction": args.recalibration_fraction, "split_seed": args.split_seed,
         "stratified_by": "class", "split_by": "participant",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_bundle": str(args.model), "replaces": previous,
+        "source_bundle": str(args.model),
+        # the map in force until now: an earlier site's, else the temperature from training
+        "replaces": previous or bundle.meta.get("calibration"),
     }
     res = {"scope": scope, "record": record, "before": before, "after": after,
            "majority": majority, "y": y[ev], "p_before": p_before[ev], "p_after": p_after[ev],
@@ -448,6 +457,13 @@ def _replaces_line(record: dict) -> str | None:
     old = record.get("replaces")
     if not old:
         return None
+    if old.get("fitted_at") == "training":
+        t = old["map"]["params"]["temperature"]
+        what = (f"a temperature T = {t:.3f} fitted at training on its validation split"
+                if old.get("fitted") else "no fitted temperature (T = 1 from training)")
+        return (f"the bundle carried {what}: refitted from the model's own logits, this map "
+                "and threshold replace it (they are not stacked on it); 'before' is the "
+                "bundle with its training temperature and threshold")
     return (f"the bundle was already recalibrated at {old['site']} ({old['date'][:10]}, "
             f"{old['method']}): refitted from the model's own logits, this map and threshold "
             "replace that one (they are not stacked on it); 'before' is the bundle with its "

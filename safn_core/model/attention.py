@@ -98,7 +98,8 @@ class CrossAttentionBlock(nn.Module):
     """``h = LN(q + MHA(q, kv)); out = LN(h + FFN(h))`` (post-norm, LayerNorm only), per group.
 
     With ``kv is q`` it is a self-attention block. Dropout is applied to each sublayer's output
-    before the residual sum.
+    before the residual sum. ``ffn_hidden = 0``: no FFN sublayer, ``out = h`` (the encoders and
+    the head are already MLPs; the block then only exchanges information between tokens).
     """
 
     def __init__(self, d_model: int, n_heads: int, ffn_hidden: int, dropout: float = 0.0,
@@ -106,25 +107,31 @@ class CrossAttentionBlock(nn.Module):
         super().__init__()
         self.attn = MultiHeadAttention(d_model, n_heads, groups)
         self.norm1 = GroupedLayerNorm(groups, d_model)
-        self.ffn = FeedForward(d_model, ffn_hidden, dropout, groups)
-        self.norm2 = GroupedLayerNorm(groups, d_model)
         self.drop = FastDropout(dropout)
+        if ffn_hidden > 0:
+            self.ffn = FeedForward(d_model, ffn_hidden, dropout, groups)
+            self.norm2 = GroupedLayerNorm(groups, d_model)
 
     def forward(self, q: Tensor, kv: Tensor, kv_mask: Tensor | None = None) -> Tensor:
         h = self.norm1(q + self.drop(self.attn(q, kv, key_mask=kv_mask)))
+        if not hasattr(self, "ffn"):
+            return h
         return self.norm2(h + self.drop(self.ffn(h)))
 
 
 class FeedForwardBlock(nn.Module):
     """``LN(x + FFN(x))`` per group: the token-wise sublayer alone, for the 'no cross-attention'
-    ablation (tokens never exchange information)."""
+    ablation (tokens never exchange information); with ``ffn_hidden = 0`` the identity."""
 
     def __init__(self, d_model: int, ffn_hidden: int, dropout: float = 0.0,
                  groups: int = 1) -> None:
         super().__init__()
-        self.ffn = FeedForward(d_model, ffn_hidden, dropout, groups)
-        self.norm = GroupedLayerNorm(groups, d_model)
-        self.drop = FastDropout(dropout)
+        if ffn_hidden > 0:
+            self.ffn = FeedForward(d_model, ffn_hidden, dropout, groups)
+            self.norm = GroupedLayerNorm(groups, d_model)
+            self.drop = FastDropout(dropout)
 
     def forward(self, x: Tensor, kv: Tensor | None = None, kv_mask: Tensor | None = None) -> Tensor:
+        if not hasattr(self, "ffn"):
+            return x
         return self.norm(x + self.drop(self.ffn(x)))

@@ -335,12 +335,18 @@ class SAFN(nn.Module):
         if self._padded:
             t = torch.cat([t, t.new_zeros(*t.shape[:-2], 1, t.shape[-1])], dim=-2)
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
-        q = t[..., self._query_route, :]  # (.., T, G, D)
+        q = self._route(t, self._query_route)  # (.., T, G, D)
         if self.cfg.cross_attention:
-            q = self.block(q, t[..., self._key_route, :], mask[:, self._key_route])
+            q = self.block(q, self._route(t, self._key_route), mask[:, self._key_route])
         else:
             q = self.block(q)
-        return q.flatten(-3, -2)[..., self._back_route, :]
+        return q.flatten(-3, -2).index_select(-2, self._back_route)
+
+    @staticmethod
+    def _route(t: Tensor, route: Tensor) -> Tensor:
+        """``t[..., route, :]`` for a (T, G) route, by ``index_select`` (whose backward is an
+        index_add; advanced indexing's accumulate-put backward is many times slower on CPU)."""
+        return t.index_select(-2, route.flatten()).unflatten(-2, route.shape)
 
     @torch.no_grad()
     def modality_weights(self, x, mask: Tensor | None = None) -> Tensor:

@@ -2,7 +2,8 @@
 
 For every repeat and outer fold the training fold is split once more (stratified, seeded) into an
 inner training part and a validation part. Preprocessing is fitted on the inner training part
-only; SAFN early-stops and every model picks its decision threshold on the validation part; the
+only; SAFN early-stops, fits its temperature (``train.temperature_scaling``,
+`safn_predictions`) and every model picks its decision threshold on the validation part; the
 test fold is touched only to score. SAFN, its ablations and the baselines all see the same splits
 and the same preprocessed features, so the table compares models, not data.
 
@@ -33,9 +34,11 @@ from safn_core.data.ppmi_catalog import MOTOR_FEATURES
 from safn_core.harmonisation.pooled import FittedSplit, check_split, fit_split, require_sites
 from safn_core.harmonisation.record import HarmonisationRecord
 from safn_core.harmonisation.setup import combat_spec
-from safn_core.metrics import binary_metrics, choose_threshold
+from safn_core.metrics import binary_metrics, calibration_slope, choose_threshold
 from safn_core.preprocess import Preprocessor
-from safn_core.training.local import Arrays, FitResult, fit_with_early_stopping, predict
+from safn_core.recalibration import TrainingTemperature, fit_training_temperature
+from safn_core.training.local import (Arrays, FitResult, fit_with_early_stopping, predict,
+                                      scores)
 
 ABLATIONS: dict[str, dict] = {
     "no_cross_attention": {"cross_attention": False},
@@ -123,8 +126,10 @@ def _score(y, p_val, y_val, p_test) -> tuple[dict, float]:
     return m, t
 
 
-def _modality_drop(model, test: Arrays, modalities, base_auc: float) -> dict[str, float]:
-    """ROC-AUC lost when one modality is replaced by its training mean (0 after scaling)."""
+def _modality_drop(model, test: Arrays, modalities) -> dict[str, float]:
+    """ROC-AUC lost when one modality is replaced by its training mean (0 after scaling), both
+    ROC-AUCs of the model's own probabilities."""
+    base_auc = binary_metrics(test.y, predict(model, test)[0])["roc_auc"]
     out, start = {}, 0
     for m in modalities:
         stop = start + len(m.features)
@@ -134,6 +139,35 @@ def _modality_drop(model, test: Arrays, modalities, base_auc: float) -> dict[str
         out[m.name] = base_auc - binary_metrics(test.y, p)["roc_auc"]
         start = stop
     return out
+
+
+def _slope(y, p) -> float:
+    """The calibration slope of ``p`` (`calibration_slope`), NaN where it is not estimable."""
+    slope = calibration_slope(y, p)["slope"]
+    return float("nan") if slope is None else float(slope)
+
+
+def safn_predictions(model, val: Arrays, test: Arrays, temperature_scaling: bool,
+                     min_cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """A fitted SAFN's validation and test P(PD), test gate weights α, and extra columns of its
+    fold row.
+
+    With ``train.temperature_scaling`` both P(PD) are σ(z/T), T fitted on the validation
+    split's logits only (`fit_training_temperature`; T = 1 where it cannot be fitted), so the
+    threshold is then chosen on calibrated validation scores; T > 0 keeps every ranking, so
+    ROC-AUC and the threshold's balanced accuracy do not change. The row gets T, whether it
+    was fitted, and the test fold's calibration slope before (``calibration_slope_raw``) and
+    after (``calibration_slope``).
+    """
+    z_val, p_val, _ = scores(model, val)
+    z_test, p_test, alpha = scores(model, test)
+    if not temperature_scaling:
+        return p_val, p_test, alpha, {"calibration_slope": _slope(test.y, p_test)}
+    t = fit_training_temperature(z_val, val.y, min_cell)
+    p_cal = t.map(z_test)
+    return t.map(z_val), p_cal, alpha, {
+        "temperature": t.temperature, "temperature_fitted": t.note is None,
+        "calibration_slope_raw": _slope(test.y, p_test), "calibration_slope": _slope(test.y, p_cal)}
 
 
 def model_variants(cfg: SafnConfig, feature_set_name: str) -> list[tuple[str, ModelConfig]]:
@@ -175,21 +209,20 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
         pre = Preprocessor(mods).fit(table.loc[split.train])
         tr, va, te = (Arrays.from_table(pre, table.loc[ids])
                       for ids in (split.train, split.val, split.test))
-        for name, model_cfg, *train_cfg in (variants or model_variants(cfg, fs_name)):
-            fit = fit_with_early_stopping(tr, va, mods, model_cfg,
-                                          train_cfg[0] if train_cfg else cfg.train, seed)
-            p_val, _ = predict(fit.model, va)
-            p_test, alpha = predict(fit.model, te)
-            record(name, fs_name, p_val, va.y, p_test, te.y, {"epochs": fit.epochs_run})
+        for name, model_cfg, *own in (variants or model_variants(cfg, fs_name)):
+            train_cfg = own[0] if own else cfg.train
+            fit = fit_with_early_stopping(tr, va, mods, model_cfg, train_cfg, seed)
+            p_val, p_test, alpha, extra = safn_predictions(
+                fit.model, va, te, train_cfg.temperature_scaling, cfg.data.min_cell)
+            record(name, fs_name, p_val, va.y, p_test, te.y, {"epochs": fit.epochs_run, **extra})
             if name == "SAFN":
                 weights.append({"repeat": split.repeat, "fold": split.fold,
                                 "feature_set": fs_name,
                                 **{m.name: float(a) for m, a in zip(mods, alpha.mean(0))}})
                 if cfg.train.modality_drop:
-                    base = binary_metrics(te.y, p_test)["roc_auc"]
                     drops.append({"repeat": split.repeat, "fold": split.fold,
                                   "feature_set": fs_name,
-                                  **_modality_drop(fit.model, te, mods, base)})
+                                  **_modality_drop(fit.model, te, mods)})
         for b in cfg.train.baselines:
             p_val, p_test = fit_predict(b, tr.x, tr.y, [va.x, te.x], seed, val=(va.x, va.y))
             record(b, fs_name, p_val, va.y, p_test, te.y)
@@ -247,13 +280,16 @@ FINAL_HINT = ("pool the site with another of the same scanner and protocol, leav
 @dataclass
 class FinalModel:
     """What safn-train ships: the fitted SAFN, its preprocessing, threshold and class counts,
-    and the harmonisation its features went through (None without one)."""
+    the harmonisation its features went through (None without one) and the temperature fitted
+    on its validation split (None without ``train.temperature_scaling``; the threshold is on
+    its scale, so a bundle must carry it: ``save_bundle(calibration=...)``)."""
 
     fit: FitResult
     preprocessor: Preprocessor
     threshold: float
     class_counts: list[int]
     harmonisation: HarmonisationRecord | None = None
+    calibration: TrainingTemperature | None = None
 
 
 def _sites_text(table: pd.DataFrame, ids) -> str:
@@ -263,7 +299,8 @@ def _sites_text(table: pd.DataFrame, ids) -> str:
 
 def final_model(cohort: Cohort, cfg: SafnConfig,
                 model_cfg: ModelConfig | None = None) -> FinalModel:
-    """The model to ship: SAFN on all participants (validation part for stopping/threshold).
+    """The model to ship: SAFN on all participants (validation part for stopping/threshold
+    and, with ``train.temperature_scaling``, the temperature, as in every fold).
 
     With harmonisation, ComBat is fitted on the training part only and applied to the
     validation part first, as in every fold; the returned record is that fit."""
@@ -286,16 +323,25 @@ def final_model(cohort: Cohort, cfg: SafnConfig,
     va_a = Arrays.from_table(pre, table.loc[va])
     fit = fit_with_early_stopping(tr_a, va_a, cohort.modalities, model_cfg or cfg.model,
                                   cfg.train, cfg.train.seed)
-    p_val, _ = predict(fit.model, va_a)
+    z_val, p_val, _ = scores(fit.model, va_a)
+    calibration = None
+    if cfg.train.temperature_scaling:
+        calibration = fit_training_temperature(z_val, va_a.y, cfg.data.min_cell,
+                                               cohort.label_names)
+        p_val = calibration.map(z_val)
     threshold = choose_threshold(va_a.y, p_val)
-    return FinalModel(fit, pre, threshold, tr_a.class_counts(), record)
+    return FinalModel(fit, pre, threshold, tr_a.class_counts(), record, calibration)
 
 
 def final_fit(cohort: Cohort, cfg: SafnConfig, model_cfg: ModelConfig | None = None):
     """`final_model` as (fit, preprocessing, threshold, class counts), for a configuration
-    without harmonisation (whose record the tuple could not carry: use `final_model`)."""
+    without harmonisation (whose record the tuple could not carry: use `final_model`). The
+    tuple cannot carry a temperature either: the fit is the same, without temperature scaling,
+    and the threshold is on the model's own probabilities."""
     if cfg.harmonisation.enabled:
         raise ValueError("final_fit drops the harmonisation fit its model depends on; call "
                          "final_model and pass its harmonisation to save_bundle")
-    m = final_model(cohort, cfg, model_cfg)
+    raw = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"temperature_scaling": False})})
+    m = final_model(cohort, raw, model_cfg)
     return m.fit, m.preprocessor, m.threshold, m.class_counts

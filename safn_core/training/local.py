@@ -5,11 +5,14 @@ only in the data loader and optimizer they pass (Opacus supplies its own for DP-
 optional proximal term (FedProx). `fit_by_rounds` trains one centralised model by the
 federation's rounds and round-selection rule (`safn_core.training.selection`), for the pooled and
 local-only comparators; `fit_with_early_stopping` is its epoch-wise case (cross-validation).
+Only `fit_by_rounds` follows ``train.lr_schedule`` and ``train.weight_averaging``: a federated
+site trains a few local epochs per round with the constant ``train.lr``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,18 +118,27 @@ def run_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Arrays, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """P(positive class) (n,) and gate weights α (n, M), in eval mode."""
+def scores(model: nn.Module, data: Arrays,
+           batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's logit of P(positive) (n,) (float64, the difference of the two output logits:
+    what a calibration map takes), P(positive) (n,) (softmax, float32) and gate weights α
+    (n, M), in eval mode."""
     model.eval()
-    probs, weights = [], []
+    z, probs, weights = [], [], []
     x, m = torch.from_numpy(data.x), torch.from_numpy(data.mask)
     for i in range(0, len(data), batch_size):
         logits, alpha = model(x[i:i + batch_size], m[i:i + batch_size], return_weights=True)
+        z.append((logits[:, 1].double() - logits[:, 0].double()).numpy())
         probs.append(torch.softmax(logits, dim=1)[:, 1].numpy())
         weights.append(alpha.numpy())
     if not probs:
-        return np.zeros(0), np.zeros((0, data.mask.shape[1]))
-    return np.concatenate(probs), np.concatenate(weights)
+        return np.zeros(0), np.zeros(0), np.zeros((0, data.mask.shape[1]))
+    return np.concatenate(z), np.concatenate(probs), np.concatenate(weights)
+
+
+def predict(model: nn.Module, data: Arrays, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """P(positive class) (n,) and gate weights α (n, M), in eval mode."""
+    return scores(model, data, batch_size)[1:]
 
 
 @torch.no_grad()
@@ -181,11 +193,12 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
                   patience: int | None = None, val_loss: str = "objective") -> FitResult:
     """Train one model on ``train`` the way a federation trains: by rounds, selected by a rule.
 
-    Up to ``rounds`` rounds of ``epochs_per_round`` epochs (AdamW and loader of the project's
-    local training, kept across rounds: one continuous centralised run), validated on ``val``
-    after each round; the round kept and the early stop follow `RoundSelection` (``select``:
-    ``"val_loss"``, ``"val_roc_auc"`` or ``"last"``; stop after ``patience`` rounds without
-    improvement, ``None``: never). Returns the model with the selected round's weights. With
+    Up to ``rounds`` rounds of ``epochs_per_round`` epochs (AdamW, loader and learning-rate
+    schedule of the project's local training, the schedule planned over all ``rounds`` ×
+    ``epochs_per_round`` epochs, `lr_schedule`; kept across rounds: one continuous centralised
+    run), validated on ``val`` after each round; the round kept and the early stop follow
+    `RoundSelection` (``select``: ``"val_loss"``, ``"val_roc_auc"`` or ``"last"``; stop after
+    ``patience`` rounds without improvement, ``None``: never). Returns the model with the selected round's weights. With
     the federation's ``rounds``, ``local_epochs``, ``select`` and ``patience`` this gives a
     pooled or local-only comparator the federated model's protocol and epoch budget, and with
     ``val_loss="cross_entropy"`` the federation's validation loss (`validation_metrics`).
@@ -198,7 +211,10 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
     counts = train.class_counts()
     optimizer = make_optimizer(model, train_cfg)
     loader = make_loader(train, train_cfg.batch_size, seed)
-    averaged, after_step = _weight_average(model, train_cfg)
+    averaged, average_step = _weight_average(model, train_cfg)
+    schedule = lr_schedule(optimizer, train_cfg, steps_per_epoch=len(loader),
+                           epochs=rounds * epochs_per_round)
+    after_step = _each(average_step, schedule.step if schedule is not None else None)
     kept = averaged if averaged is not None else model  # what is validated and returned
     best_state, history = None, []
     for r in range(1, rounds + 1):
@@ -237,6 +253,54 @@ def _weight_average(model: nn.Module, cfg: TrainConfig):
         update(avg, raw, None)
 
     return averaged, after_step
+
+
+def lr_factor(step: int, warmup: int, total: int, cosine: bool) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``train.lr``.
+
+    A linear warm-up over the first ``warmup`` steps ((step + 1) / warmup: no step at lr 0),
+    then 1 (constant) or a half cosine from 1 down to about 0 at step ``total`` − 1 (not 0:
+    every planned step still moves the weights).
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, steps_per_epoch: int,
+                epochs: int):
+    """``train.lr_schedule`` and ``train.warmup_epochs`` as a `LambdaLR` over the fit's planned
+    ``epochs`` × ``steps_per_epoch`` optimizer steps, to be stepped after every optimizer step;
+    None for a constant rate without warm-up, so that the default fit is the one it always was.
+
+    The horizon is the fit's planned budget (``train.max_epochs`` for safn-train's fits, the
+    federation's rounds × local epochs for a comparator), not the epoch early stopping picks:
+    the schedule must not depend on the validation data it is selected by.
+    """
+    if cfg.lr_schedule == "constant" and cfg.warmup_epochs == 0:
+        return None
+    warmup, total = cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch
+    cosine = cfg.lr_schedule == "cosine"
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total, cosine))
+
+
+def _each(*hooks):
+    """One ``after_step`` that runs every hook that is not None, in order; None if none is."""
+    hooks = [h for h in hooks if h is not None]
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def after_step() -> None:
+        for hook in hooks:
+            hook()
+
+    return after_step
 
 
 def fit_with_early_stopping(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
