@@ -77,6 +77,8 @@ VARIANTS: dict[str, dict] = {
     "tabm8+no_sparsity": {"model.ensemble_size": 8, "model.sparsity_lambda": 0.0},
     "tabm32": {"model.ensemble_size": 32},
     "feature_noise": {"model.feature_noise": 1.0},
+    "no_ffn": {"model.ffn_hidden": 0},
+    "no_ffn+select_roc_auc": {"model.ffn_hidden": 0, "train.select": "val_roc_auc"},
     "select_roc_auc": {"train.select": "val_roc_auc"},
     "tiny+ema": {"model.d_model": 16, "model.n_heads": 2, "model.encoder_hidden": 32,
                  "model.ffn_hidden": 32, "model.head_hidden": 16,

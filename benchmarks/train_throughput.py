@@ -1,6 +1,6 @@
 """SAFN training throughput (samples/s) against the MLP baseline, same data, same process.
 
-    .venv/bin/python benchmarks/train_throughput.py [--epochs 30] [--threads 1]
+    .venv/bin/python benchmarks/train_throughput.py [--epochs 30] [--threads 1] [--set key=value]
 
 Both models train on the preprocessed default synthetic cohort (all features). SAFN runs the real
 training loop (`run_epochs`: CB-focal loss + gate entropy, AdamW, the configured batch); the
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from safn_core.config import SafnConfig
+from safn_core.config import load_config
 from safn_core.data.sources import load_cohort
 from safn_core.model.grouped import FastDropout
 from safn_core.preprocess import Preprocessor
@@ -75,9 +75,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="alternating SAFN/MLP timings")
+    ap.add_argument("--set", action="append", default=[], dest="overrides",
+                    help="a config override for SAFN, e.g. model.ensemble_size=8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = SafnConfig()
+    cfg = load_config(None, args.overrides)
     cohort = load_cohort(cfg.data, cfg.synth)
     pre = Preprocessor(cohort.modalities).fit(cohort.table)
     arrays = Arrays.from_table(pre, cohort.table)
