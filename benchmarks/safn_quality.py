@@ -124,6 +124,21 @@ def summarise(folds, name: str) -> dict:
     return {"cohort": name, "rows": rows}
 
 
+def calibration(folds) -> dict:
+    """SAFN's temperature over the folds and the test folds' calibration slope before and after
+    it (medians: a slope on one fold of ~70 participants can be extreme), from run_fold's
+    columns; {} when temperature scaling is off."""
+    safn = folds[folds["model"] == "SAFN"]
+    if "temperature" not in safn or safn["temperature"].isna().all():
+        return {}
+    t = safn["temperature"]
+    return {"temperature": float(t.median()), "temperature_min": float(t.min()),
+            "temperature_max": float(t.max()),
+            "slope_raw": float(safn["calibration_slope_raw"].median()),
+            "slope": float(safn["calibration_slope"].median()),
+            "brier": float(safn["brier"].mean())}
+
+
 def best_baseline(result: dict, variants: list[str]) -> dict[str, tuple[str, float]]:
     out = {}
     for m, _ in METRICS:
@@ -185,7 +200,15 @@ def main() -> None:
             w = cv["weights"].drop(columns=["repeat", "fold", "feature_set"])
             res["gate"] = {m: (float(w[m].mean()), float(w[m].min()), float(w[m].max()))
                            for m in w.columns}
+            res["calibration"] = calibration(cv["folds"])
             results.append(res)
+            if res["calibration"]:
+                c = res["calibration"]
+                print(f"{name}: SAFN temperature (train.temperature_scaling) median "
+                      f"{c['temperature']:.2f} [{c['temperature_min']:.2f}, "
+                      f"{c['temperature_max']:.2f}]; test calibration slope median "
+                      f"{c['slope_raw']:.2f} before, {c['slope']:.2f} after; Brier "
+                      f"{c['brier']:.3f}", flush=True)
             gate = ", ".join(f"{m} {mean:.2f} [{lo:.2f}, {hi:.2f}]"
                              for m, (mean, lo, hi) in res["gate"].items())
             print(f"{name}: {len(cohort)} participants, {cv['n_splits']} splits, "

@@ -162,6 +162,22 @@ def test_fit_with_early_stopping_is_epochwise_fit_by_rounds():
     assert a.best_val_loss == b.best_val_loss and not math.isinf(a.best_val_loss)
 
 
+@pytest.mark.parametrize("select", ["val_roc_auc", "last"])
+def test_fit_with_early_stopping_follows_train_select(select):
+    """``train.select`` is the centralised fit's rule: the same fit as `fit_by_rounds` with that
+    rule; ``last`` trains every epoch and keeps the last."""
+    cfg = TrainConfig(batch_size=32, lr=0.01, max_epochs=6, patience=2, select=select)
+    a = fit_with_early_stopping(TR, VA, MODS, MODEL, cfg, 0)
+    b = fit_by_rounds(TR, VA, MODS, MODEL, cfg, 0, rounds=6, epochs_per_round=1,
+                      select=select, patience=2)
+    assert a.selected_round == b.selected_round and a.epochs_run == b.epochs_run
+    if select == "last":
+        assert a.epochs_run == 6 and a.selected_round == 6
+    else:
+        aucs = [h["val_roc_auc"] for h in a.history]
+        assert aucs[a.selected_round - 1] == max(aucs)
+
+
 # ---- compare() ---------------------------------------------------------------------------------
 
 def test_compare_trains_comparators_by_the_federations_rule(tmp_path, monkeypatch):
