@@ -225,9 +225,11 @@ class SAFN(nn.Module):
                                           for n in self.n_features)
         if cfg.linear_path:
             self.linear = nn.ModuleList(nn.Linear(n, n_classes) for n in self.n_features)
+        # with ensemble members, each has its own output layer (TabM): (B, k, h) -> (B, k, C)
+        out = nn.Linear(cfg.head_hidden, n_classes) if self.ensemble_size == 1 \
+            else GroupedLinear(self.ensemble_size, cfg.head_hidden, n_classes)
         self.head = nn.Sequential(
-            nn.Linear(d, cfg.head_hidden), nn.GELU(), FastDropout(cfg.dropout),
-            nn.Linear(cfg.head_hidden, n_classes),
+            nn.Linear(d, cfg.head_hidden), nn.GELU(), FastDropout(cfg.dropout), out,
         )
 
     # ----------------------------------------------------------------------------------------
