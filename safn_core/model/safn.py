@@ -225,12 +225,11 @@ class SAFN(nn.Module):
                                           for n in self.n_features)
         if cfg.linear_path:
             self.linear = nn.ModuleList(nn.Linear(n, n_classes) for n in self.n_features)
+        hidden = nn.Linear(d, cfg.head_hidden)
         # with ensemble members, each has its own output layer (TabM): (B, k, h) -> (B, k, C)
         out = nn.Linear(cfg.head_hidden, n_classes) if self.ensemble_size == 1 \
             else GroupedLinear(self.ensemble_size, cfg.head_hidden, n_classes)
-        self.head = nn.Sequential(
-            nn.Linear(d, cfg.head_hidden), nn.GELU(), FastDropout(cfg.dropout), out,
-        )
+        self.head = nn.Sequential(hidden, nn.GELU(), FastDropout(cfg.dropout), out)
 
     # ----------------------------------------------------------------------------------------
     # Inputs
