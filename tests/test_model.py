@@ -615,6 +615,7 @@ def test_ensemble_members_mix_into_one_prediction():
     assert torch.allclose(torch.softmax(logits, -1), torch.softmax(members, -1).mean(1), atol=1e-6)
     assert torch.allclose(alpha, member_alpha.mean(1)) and torch.all(alpha[~mask] == 0)
     assert not torch.allclose(members[:, 0], members[:, 1])  # the adapters set members apart
+    assert model.head[-1].groups == 3  # every member has its own output layer (TabM)
     adapters = [p for n, p in model.named_parameters() if n.startswith("adapters.")]
     assert len(adapters) == 4 and all(torch.all(p.abs() == 1) for p in adapters)
     # training loss = the mean of the members' own losses
