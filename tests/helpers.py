@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from safn_core.config import ModelConfig
+from safn_core.data.cohort import Modality
 from safn_core.data.table_loader import load_table
+from safn_core.training.local import Arrays
 
 MAPPING = """\
 id: subject
@@ -62,3 +65,18 @@ def truncate_checkpoints(run_dir: Path, keep_round: int) -> None:
             f.unlink()
     (folder / "latest.json").write_text(json.dumps({"round": keep_round,
                                                     "stem": f"round_{keep_round:04d}"}))
+
+
+# Two modalities of 3 + 2 features and a tiny SAFN: arrays for fast training-loop tests.
+TWO_MODALITIES = (Modality("a", ("a0", "a1", "a2"), "imaging"),
+                  Modality("b", ("b0", "b1"), "clinical"))
+TINY_MODEL = ModelConfig(d_model=8, n_heads=2, encoder_hidden=8, ffn_hidden=8, head_hidden=8)
+
+
+def shifted_arrays(n: int, seed: int) -> Arrays:
+    """``n`` participants of `TWO_MODALITIES`, ~60 % positive, features shifted by 0.8 with the
+    label (a learnable, not separable signal)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.6).astype(np.int64)
+    x = rng.normal(size=(n, 5)).astype(np.float32) + 0.8 * y[:, None]
+    return Arrays(x, np.ones((n, 2), dtype=bool), y)

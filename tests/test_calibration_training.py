@@ -16,8 +16,7 @@ from sklearn.model_selection import train_test_split
 from safn_core.bundle import load_bundle, save_bundle
 from safn_core.cli.common import run_main
 from safn_core.cli.validate import run as validate
-from safn_core.config import ModelConfig, TrainConfig, load_config
-from safn_core.data.cohort import Modality
+from safn_core.config import TrainConfig, load_config
 from safn_core.data.table_loader import load_table
 from safn_core.errors import ConfigError, DataError
 from safn_core.metrics import calibration_slope, choose_threshold
@@ -25,7 +24,7 @@ from safn_core.recalibration import fit_map, fit_training_temperature
 from safn_core.training import crossval, local
 from safn_core.training.crossval import make_splits, run_fold
 from safn_core.training.local import Arrays, fit_by_rounds, predict
-from tests.helpers import toy_cohort, write_toy
+from tests.helpers import TINY_MODEL, TWO_MODALITIES, shifted_arrays, toy_cohort, write_toy
 from tests.test_training import small_cfg
 
 
@@ -232,18 +231,8 @@ def test_safn_train_reports_the_temperature(cohort):
 
 # ------------------------------------------------------------------------ learning-rate schedule
 
-MODS = (Modality("a", ("a0", "a1", "a2"), "imaging"), Modality("b", ("b0", "b1"), "clinical"))
-MODEL = ModelConfig(d_model=8, n_heads=2, encoder_hidden=8, ffn_hidden=8, head_hidden=8)
-
-
-def _arrays(n: int, seed: int) -> Arrays:
-    rng = np.random.default_rng(seed)
-    y = (rng.random(n) < 0.6).astype(np.int64)
-    x = rng.normal(size=(n, 5)).astype(np.float32) + 0.8 * y[:, None]
-    return Arrays(x, np.ones((n, 2), dtype=bool), y)
-
-
-TR, VA = _arrays(96, 0), _arrays(40, 1)
+MODS, MODEL = TWO_MODALITIES, TINY_MODEL
+TR, VA = shifted_arrays(96, 0), shifted_arrays(40, 1)
 STEPS = math.ceil(96 / 32)  # optimizer steps per epoch
 
 

@@ -7,16 +7,14 @@ import copy
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from safn_core.config import ModelConfig, TrainConfig, load_config
-from safn_core.data.cohort import Modality
+from safn_core.config import TrainConfig, load_config
 from safn_core.training import local
-from safn_core.training.local import Arrays, fit_by_rounds, fit_with_early_stopping, validation_loss
+from safn_core.training.local import fit_by_rounds, fit_with_early_stopping, validation_loss
 from safn_core.training.selection import RoundSelection
-from tests.helpers import SMALL_MODEL, toy_cohort
+from tests.helpers import SMALL_MODEL, TINY_MODEL, TWO_MODALITIES, shifted_arrays, toy_cohort
 
 
 def feed(sel: RoundSelection, losses=None, aucs=None, start: int = 1) -> list[bool]:
@@ -102,19 +100,9 @@ def test_invalid_configuration():
 
 # ---- fit_by_rounds -----------------------------------------------------------------------------
 
-MODS = (Modality("a", ("a0", "a1", "a2"), "imaging"), Modality("b", ("b0", "b1"), "clinical"))
-MODEL = ModelConfig(d_model=8, n_heads=2, encoder_hidden=8, ffn_hidden=8, head_hidden=8)
+MODS, MODEL = TWO_MODALITIES, TINY_MODEL
 TRAIN = TrainConfig(batch_size=32, lr=0.01)
-
-
-def arrays(n: int, seed: int) -> Arrays:
-    rng = np.random.default_rng(seed)
-    y = (rng.random(n) < 0.6).astype(np.int64)
-    x = rng.normal(size=(n, 5)).astype(np.float32) + 0.8 * y[:, None]
-    return Arrays(x, np.ones((n, 2), dtype=bool), y)
-
-
-TR, VA = arrays(96, 0), arrays(40, 1)
+TR, VA = shifted_arrays(96, 0), shifted_arrays(40, 1)
 
 
 def test_fit_by_rounds_restores_selected_round():

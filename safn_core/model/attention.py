@@ -131,7 +131,7 @@ class FeedForwardBlock(nn.Module):
             self.norm = GroupedLayerNorm(groups, d_model)
             self.drop = FastDropout(dropout)
 
-    def forward(self, x: Tensor, kv: Tensor | None = None, kv_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if not hasattr(self, "ffn"):
             return x
         return self.norm(x + self.drop(self.ffn(x)))

@@ -192,9 +192,6 @@ class SAFN(nn.Module):
         self.n_features: tuple[int, ...] = tuple(s.n_features for s in specs)
         self.imaging_idx = [i for i, s in enumerate(specs) if s.side == "imaging"]
         self.clinical_idx = [i for i, s in enumerate(specs) if s.side == "clinical"]
-        self.cross = bool(self.imaging_idx) and bool(self.clinical_idx)
-        order = self.imaging_idx + self.clinical_idx
-        self._inverse = [order.index(i) for i in range(len(specs))]
         self.last_weights: Tensor | None = None
 
         if seed is None:

@@ -198,10 +198,11 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
     ``epochs_per_round`` epochs, `lr_schedule`; kept across rounds: one continuous centralised
     run), validated on ``val`` after each round; the round kept and the early stop follow
     `RoundSelection` (``select``: ``"val_loss"``, ``"val_roc_auc"`` or ``"last"``; stop after
-    ``patience`` rounds without improvement, ``None``: never). Returns the model with the selected round's weights. With
-    the federation's ``rounds``, ``local_epochs``, ``select`` and ``patience`` this gives a
-    pooled or local-only comparator the federated model's protocol and epoch budget, and with
-    ``val_loss="cross_entropy"`` the federation's validation loss (`validation_metrics`).
+    ``patience`` rounds without improvement, ``None``: never). Returns the model with the
+    selected round's weights. With the federation's ``rounds``, ``local_epochs``, ``select``
+    and ``patience`` this gives a pooled or local-only comparator the federated model's
+    protocol and epoch budget, and with ``val_loss="cross_entropy"`` the federation's
+    validation loss (`validation_metrics`).
     """
     if rounds < 1 or epochs_per_round < 1:
         raise ValueError(f"rounds and epochs_per_round must be >= 1 (got {rounds}, "
