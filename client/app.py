@@ -30,7 +30,7 @@ from client import site_context as sc
 from client.audit import audit_mod
 from client.run_end import record_run_end
 from client.site_console import say
-from safn_core.federation.loop import site_seed
+from safn_core.federation.sampling import site_seed
 from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, REFUSAL, SITE, STATS, Config,
                                            Describe, Metric, Task, evaluation_to_metrics,
                                            modalities_to_record)

@@ -19,7 +19,7 @@ from client import secure_aggregation as secure
 from client import site_context as sc
 from client.site_console import say
 from safn_core.errors import SafnError
-from safn_core.federation.loop import site_seed
+from safn_core.federation.sampling import site_seed
 from safn_core.federation.personal import (Comparison, comparison_line,
                                            comparison_to_metrics, ditto_round, personalise)
 from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, REFUSAL, Config,

@@ -17,7 +17,7 @@ from client import harmonisation_replies as harmonisation
 from client import secure_aggregation as secure
 from client import site_context as sc
 from client.site_console import say
-from safn_core.federation.loop import site_seed
+from safn_core.federation.sampling import site_seed
 from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, REFUSAL, STATISTICS,
                                            WITHHELD, Aggregation, Config, Describe, Metric)
 from safn_core.federation.secure_records import (evaluate_values, released_scaled,

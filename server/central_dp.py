@@ -14,7 +14,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from safn_core.config import FederationConfig
-from safn_core.federation.loop import sample_sites
+from safn_core.federation.sampling import sample_sites
 from safn_core.federation.protocol import METRICS, Metric
 
 

@@ -40,7 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from safn_core.config import FederationConfig
-from safn_core.federation.loop import sample_sites
+from safn_core.federation.sampling import sample_sites
 from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, REFUSAL, WITHHELD, Config,
                                            Describe, Metric, is_withheld)
 from server.secure_strategy import SecureSumMixin

@@ -14,7 +14,8 @@ from safn_core.federation.aggregate import (ServerOptimizer, global_preprocessin
                                             round_metrics, weighted_mean)
 from safn_core.federation.protocol import modalities_from_record, modalities_to_record
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
-from safn_core.federation.loop import run_in_process, sample_sites
+from safn_core.federation.loop import run_in_process
+from safn_core.federation.sampling import sample_sites
 from simulations.partition import partition, summary
 from safn_core.federation.site import Site, SmallCell, split_participants
 from safn_core.metrics import binary_metrics, metrics_from_histogram, score_histogram

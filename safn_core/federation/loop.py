@@ -9,7 +9,6 @@ same weights as a Flower run.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,22 +21,11 @@ from safn_core.errors import DataError
 from safn_core.federation.aggregate import (ServerOptimizer, global_preprocessing, round_line,
                                             round_metrics)
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
+from safn_core.federation.sampling import sample_sites, site_seed
 from safn_core.federation.site import Site, SmallCell, state_to_numpy
 from safn_core.preprocess import Preprocessor
 from safn_core.training.local import make_model
 
-
-def site_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """The seed of one site's local training in one round (ClientApp and loop alike)."""
-    return int(seed) + 1000 * int(server_round) + int(partition_id)
-
-
-def sample_sites(names: list[str], fraction: float, min_sites: int, seed: int,
-                 server_round: int) -> list[str]:
-    """Sites taking part in a round: seeded per round, so a resumed run samples the same."""
-    k = min(len(names), max(int(len(names) * fraction), min_sites))
-    rng = random.Random(seed * 1_000_003 + server_round)
-    return sorted(rng.sample(sorted(names), k))
 
 
 def run_in_process(sites: dict[str, Cohort], cfg: SafnConfig, run_dir: Path | None = None,
