@@ -56,7 +56,6 @@ from server.central_dp import sites_per_round, with_central_dp
 from server.run_end import tell_sites_run_ended
 from server.strategies import make_strategy
 
-app = ServerApp()
 
 
 class Coordinator:
@@ -426,13 +425,24 @@ def rounds_table(history: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def make_server_app(deployed: bool) -> ServerApp:
+    """The ServerApp of a deployment (``flwr run`` on a SuperLink: the run folder comes in the run
+    config's ``run-dir``) or of a simulation (``run_simulation``: ``SAFN_RUN_DIR``)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_coordinator(grid, context, deployed)
+
+    return server_app
+
+
+def run_coordinator(grid: Grid, context: Context, deployed: bool) -> None:
     torch.set_num_threads(1)
     run_dir = run_dir_from(dict(context.run_config))
     cfg = load_run_config(run_dir)
     progress = run_dir / "progress.log"
-    if "run-dir" in context.run_config:  # deployment (flwr run), not run_simulation
+    if deployed:
         from safn_flower import patches
 
         patches.apply({"serverapp_grid_polling": {"interval": cfg.server.poll_interval},
@@ -443,7 +453,6 @@ def main(grid: Grid, context: Context) -> None:
             fh.write(line + "\n")
         print(line, flush=True)
 
-    deployed = "run-dir" in context.run_config
     coordinator = Coordinator(grid, cfg, run_dir, report, simulation=not deployed)
     try:
         state = coordinator.run()
@@ -461,3 +470,7 @@ def main(grid: Grid, context: Context) -> None:
     if deployed:  # a simulation has no site processes waiting to be told
         tell_sites_run_ended(grid, coordinator.shared_text, run_identity(run_dir), *end,
                              timeout=min(30.0, cfg.federation.round_timeout), report=report)
+
+
+app = make_server_app(deployed=True)  # the app bundle's component (`safn_flower/flwr_app`)
+simulation_app = make_server_app(deployed=False)  # safn-sim's (`simulations.engine`)

@@ -64,7 +64,7 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
-    from server.app import app as server_app
+    from server.app import simulation_app as server_app
 
     quiet_flower()  # again: importing Flower resets its logger to INFO
     if cfg.simulation.fast_polling:
