@@ -5,8 +5,8 @@ simulation.yaml plus the row's overrides, ``simulation.compare=false``) with
 ``personalisation.method`` set. The global model of a run is the federation's selected model at
 the federation's threshold (personalisation never changes it: the two methods' runs of one seed
 train the same global model, which the script checks); each site's personal model is kept on its
-own validation split and thresholded there (`safn_core.federation.personal`). Both are scored
-on the site's own test split.
+own validation split and thresholded there (`safn_core.federation.personal_comparison`). Both
+are scored on the site's own test split.
 
 Per-site figures come from each virtual site's own record (``evaluation.json`` in its state
 folder): what the hospital itself sees, including sites whose test split has a class below

@@ -1,5 +1,6 @@
 """A site's part of personalisation (``personalisation.method``), thin over
-`safn_core.federation.personal`.
+`safn_core.federation.personal_training` (its personal model), `personal_comparison` (against
+the global model) and `personal_wire` (the reply).
 
 - In every training round of a Ditto run, after the global update is computed, the site trains
   its personal model (`ditto_step`); nothing of it is added to the reply.
@@ -9,6 +10,9 @@
   ``min_cell``); under secure aggregation the confusion counts are masked
   (`safn_core.federation.secure_records.personalise_values`), in plain runs they ride beside the
   metrics under the same rule. The personal model itself never leaves the site's state folder.
+
+The core's records carry codes (`personal_training`); the site's terminal lines are made here
+(`reason_text`, `comparison_line`).
 """
 
 from __future__ import annotations
@@ -20,14 +24,47 @@ from client import site_context as sc
 from client.site_console import say
 from safn_core.errors import SafnError
 from safn_core.federation.sampling import site_seed
-from safn_core.federation.personal import (Comparison, comparison_line,
-                                           comparison_to_metrics, ditto_round, personalise)
+from safn_core.federation.personal_comparison import Comparison, personalise
+from safn_core.federation.personal_training import (PRIVACY_REFUSED, VALIDATION_TOO_SMALL,
+                                                    ditto_round)
+from safn_core.federation.personal_wire import comparison_to_metrics
 from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, REFUSAL, Config,
                                            Describe)
 from safn_core.federation.secure_records import personalise_values
 from safn_core.federation.shared_config import shared_config
 from safn_core.federation.site import Site
 from safn_core.federation.site_privacy import effective_privacy
+
+
+def reason_text(reason: dict, *, short: bool = False) -> str:
+    """A code of `personal_training` (why the site keeps the global model or trains no
+    personal model) in words; ``short``: without what follows from it."""
+    if reason["code"] == VALIDATION_TOO_SMALL:
+        n0, n1 = reason["class_counts"]
+        text = (f"its validation split has {n0} / {n1} participants per class, fewer than "
+                f"min_cell = {reason['min_cell']}")
+        return text if short else (text + ", too few to choose a personal model: it keeps the "
+                                          "global model")
+    if reason["code"] == PRIVACY_REFUSED:
+        return reason["reason"]
+    raise ValueError(f"unknown personalisation reason {reason!r}")
+
+
+def comparison_line(c: Comparison) -> str:
+    """The site's terminal line for its comparison (its own figures: it may see them all)."""
+    if c.refusal is not None:
+        return f"personalisation: no personal model: {c.refusal}"
+    g, p = c.metrics["global"], c.metrics["personal"]
+    which = ("the global model: " + reason_text(c.selected["because"], short=True)
+             if c.kept_global else
+             f"epoch {c.selected['epoch']}" if "epoch" in c.selected
+             else f"round {c.selected.get('round')}")
+    line = (f"personalisation ({c.method}, kept {which}): balanced accuracy on this site's "
+            f"test split {g['balanced_accuracy']:.3f} global, {p['balanced_accuracy']:.3f} "
+            f"personal ({sum(c.class_counts)} participants)")
+    if not c.reported:
+        line += "; not sent (a class below min_cell)"
+    return line
 
 
 def ditto_step(msg: Message, context: Context, site: Site, config: ConfigRecord,
@@ -45,7 +82,7 @@ def ditto_step(msg: Message, context: Context, site: Site, config: ConfigRecord,
                       seed=site_seed(int(config[Config.SEED]), server_round,
                                      sc.partition(context)))
     if out.refusal is not None:
-        say(f"round {server_round}: personal model not trained: {out.refusal}")
+        say(f"round {server_round}: personal model not trained: {reason_text(out.refusal)}")
     elif out.trained:
         say(f"round {server_round}: personal model (ditto) trained, validation loss "
             f"{out.val_loss:.4f}; kept round {out.selected_round}")

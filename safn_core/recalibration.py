@@ -1,7 +1,7 @@
 """Local recalibration of a bundle at a site: a calibration map and a new decision threshold.
 
 A hospital adopting a bundle may find its scores miscalibrated for its own population (another
-prevalence, scanner or case mix). ``safn-validate --recalibrate`` (`safn_core.cli.validate`)
+prevalence, scanner or case mix). ``safn-validate --recalibrate`` (`safn_core.validation`)
 splits the site's labelled participants by participant, stratified by class and seeded, into a
 recalibration part and an evaluation part (`split_participants`). On the recalibration part
 only it fits a calibration map on the model's own logits (`fit_map`) and then the decision
@@ -31,14 +31,42 @@ threshold use; T = 1 where that split cannot give one). safn-train's bundle carr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 from scipy.special import expit
 
 from safn_core.errors import DataError
-from safn_core.metrics import MIN_OVERLAP, _logistic_mle, _overlap
+from safn_core.metrics import MIN_OVERLAP, _logistic_mle, _overlap, choose_threshold
 
 METHODS = ("temperature", "platt")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise DataError(f"--calibration {method}: choose one of {', '.join(METHODS)}")
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0 < fraction < 1:
+        raise DataError(f"--recalibration-fraction {fraction:g}: must lie strictly between 0 "
+                        "and 1 (the share of the site's participants that recalibrate; the "
+                        "others are evaluated)")
+
+
+@dataclass(frozen=True)
+class RecalibrationOptions:
+    """How a site recalibrates: the map (``method``), the share of its participants of each
+    class that fit it (``fraction``; the others are evaluated) and the split's seed. Checked
+    when made: a wrong value is a one-line `DataError`."""
+
+    method: str = "temperature"
+    fraction: float = 0.5
+    split_seed: int = 0
+
+    def __post_init__(self):
+        _check_method(self.method)
+        _check_fraction(self.fraction)
 
 
 @dataclass(frozen=True)
@@ -128,8 +156,7 @@ def fit_map(method: str, z: np.ndarray, y: np.ndarray, *,
     separate the classes (the likelihood grows without bound as T → 0 or b → ∞), or, for a
     temperature, scores that rank the classes the wrong way round (the best s = 1/T is ≤ 0).
     """
-    if method not in METHODS:
-        raise DataError(f"--calibration {method}: choose one of {', '.join(METHODS)}")
+    _check_method(method)
     part = "validation split" if at_training else "recalibration part"
     z = np.asarray(z, dtype=np.float64)
     y = np.asarray(y).astype(float)
@@ -231,10 +258,7 @@ def split_participants(ids, y, fraction: float, seed: int) -> np.ndarray:
     of each class's participants recalibrate) and deterministic for a seed: ids are sorted
     before the seeded shuffle, so the row order of the data does not matter.
     """
-    if not 0 < fraction < 1:
-        raise DataError(f"--recalibration-fraction {fraction:g}: must lie strictly between 0 "
-                        "and 1 (the share of the site's participants that recalibrate; the "
-                        "others are evaluated)")
+    _check_fraction(fraction)
     ids = np.asarray(ids).astype(str)
     y = np.asarray(y).astype(int)
     first = {}
@@ -280,3 +304,37 @@ def counts(y, names=("HC", "PD")) -> dict:
     """Participants per class, by class name, and in all."""
     y = np.asarray(y).astype(int)
     return {"n": int(len(y)), names[1]: int(y.sum()), names[0]: int(len(y) - y.sum())}
+
+
+def recalibrate(z: np.ndarray, y: np.ndarray, in_recal: np.ndarray, method: str
+                ) -> tuple[CalibrationMap, float]:
+    """The calibration map and decision threshold, fitted on the recalibration part only
+    (rows where ``in_recal``): the map on the model's logits ``z``, then the threshold that
+    maximises balanced accuracy on the calibrated scores (`choose_threshold`, the rule
+    centralised training uses; a federation's histogram rule maximises the same)."""
+    zr, yr = np.asarray(z)[in_recal], np.asarray(y)[in_recal]
+    cmap = fit_map(method, zr, yr)
+    return cmap, choose_threshold(yr, cmap(zr))
+
+
+def recalibration_record(cmap: CalibrationMap, threshold: float, meta: dict, *, site: str,
+                         data: str, validation: str, parts: dict, options: RecalibrationOptions,
+                         source_bundle: str) -> dict:
+    """The ``recalibration`` record a site bundle carries in ``bundle.json`` (and
+    ``validation.json``): the map, the new threshold and the one it replaces, where, on whom
+    (``parts``: `counts` of the recalibration and evaluation parts), how the participants were
+    split, when, from which bundle, and the map in force until now (``replaces``: an earlier
+    site's record, else the temperature from training, never stacked)."""
+    previous = meta.get("recalibration")
+    return {
+        "method": cmap.method, "map": cmap.to_dict(), "threshold": float(threshold),
+        "threshold_before": float(meta["threshold"]),
+        "training_threshold": (previous or {}).get("training_threshold", float(meta["threshold"])),
+        "site": site, "data": data, "validation": validation,
+        "recalibration_part": parts["recalibration"], "evaluation_part": parts["evaluation"],
+        "fraction": options.fraction, "split_seed": options.split_seed,
+        "stratified_by": "class", "split_by": "participant",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_bundle": source_bundle,
+        "replaces": previous or meta.get("calibration"),
+    }

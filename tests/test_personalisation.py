@@ -1,4 +1,5 @@
-"""Personalisation at a site (`safn_core.federation.personal`): what is kept, where, what may
+"""Personalisation at a site (`safn_core.federation.personal_training`, `personal_comparison`,
+`personal_wire`): what is kept, where, what may
 leave, and what a DP site spends. The federation end to end: tests/test_secure_federation.py
 (Ditto under secure aggregation, with a recorder of every message) and
 tests/test_federation_flower.py (fine-tuning in a plain run)."""
@@ -12,12 +13,12 @@ import pytest
 
 from safn_core.config import load_config
 from safn_core.errors import ConfigError
-from safn_core.federation import personal
+from safn_core.federation import personal_training
 from safn_core.federation.aggregate import global_preprocessing
-from safn_core.federation.personal import (Comparison, comparison_from_metrics,
-                                           comparison_to_metrics, ditto_round, fine_tune,
-                                           personalise, planned_personal_epochs,
-                                           pooled_from_confusion)
+from safn_core.federation.personal_comparison import personalise, pooled_from_confusion
+from safn_core.federation.personal_plan import planned_personal_epochs
+from safn_core.federation.personal_training import ditto_round, fine_tune
+from safn_core.federation.personal_wire import comparison_from_metrics, comparison_to_metrics
 from safn_core.federation.personal_store import PersonalStore, folder
 from safn_core.federation.protocol import WITHHELD, Layout, Metric
 from safn_core.federation.site import Site, state_to_numpy
@@ -50,7 +51,7 @@ def _scripted(monkeypatch, losses):
         seen.append(_flat(weights))
         return losses[len(seen) - 1], 0.5
 
-    monkeypatch.setattr(personal, "validation_scores", scores)
+    monkeypatch.setattr(personal_training, "validation_scores", scores)
     return seen
 
 
@@ -146,8 +147,8 @@ def test_the_comparison_leaves_the_site_only_where_its_test_split_passes_min_cel
             if not secure:
                 assert (sum(m[Metric.GLOBAL_CONFUSION]) > 0) is sent
         _, chosen = PersonalStore(state, "r").selected()
-        assert chosen["threshold_from"].startswith(
-            "the site's validation split" if sent else "the federation's")
+        assert (chosen["threshold_from"] == "site_validation" if sent
+                else chosen["threshold_from"].startswith("federation"))
 
 
 def test_the_personal_threshold_can_be_the_federations(tmp_path):
@@ -244,7 +245,7 @@ def test_a_dp_site_whose_budget_is_spent_refuses_its_personal_model(tmp_path):
 
 
 def test_a_site_whose_validation_split_is_too_small_keeps_the_global_model(tmp_path):
-    from safn_core.federation.personal import unfit_validation
+    from safn_core.federation.personal_training import unfit_validation
 
     site, pre, counts, weights = _site(tmp_path, "personalisation.method=fine_tune",
                                        "data.min_cell=3")
@@ -253,7 +254,8 @@ def test_a_site_whose_validation_split_is_too_small_keeps_the_global_model(tmp_p
     assert unfit_validation(site) is None
     site.cfg.data.min_cell = int(val.min()) + 1  # one more than its smaller class
     why = unfit_validation(site)
-    assert why and f"{val[0]} / {val[1]} participants per class" in why
+    assert why == {"code": "validation_too_small", "class_counts": [int(val[0]), int(val[1])],
+                   "min_cell": int(val.min()) + 1}
     state = tmp_path / "s"
     c = personalise(site, weights, pre, counts, federation_threshold=0.41,
                     privacy=site.cfg.privacy, state_dir=state, run_id="r", seed=0)

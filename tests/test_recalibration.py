@@ -7,10 +7,10 @@ import pytest
 import statsmodels.api as sm
 from scipy.special import expit
 
-from safn_core.cli.validate import recalibrate
 from safn_core.errors import DataError
 from safn_core.metrics import calibration_slope
-from safn_core.recalibration import CalibrationMap, check_parts, fit_map, split_participants
+from safn_core.recalibration import (CalibrationMap, check_parts, fit_map, recalibrate,
+                                     split_participants)
 
 
 def _miscalibrated(n=20000, seed=0, a=0.0, b=1.0, spread=1.5):

@@ -50,8 +50,9 @@ from typing import TYPE_CHECKING
 from safn_core.config import PrivacyConfig
 from safn_core.data.cohort import LABEL
 from safn_core.errors import SafnError
-from safn_core.federation.site import Site, SmallCell
+from safn_core.federation.personal_plan import planned_personal_epochs
 from safn_core.federation.protocol import WITHHELD, Describe, Metric
+from safn_core.federation.site import Site, SmallCell
 from safn_core.preprocess import FeatureStats, Preprocessor
 
 if TYPE_CHECKING:
@@ -200,10 +201,10 @@ def train_round(site: Site, state: dict, pre: Preprocessor, class_counts: list[i
 def site_dp(site: Site, pre: Preprocessor, privacy: PrivacyConfig, *, state_dir: Path | None,
             run_id: str, rounds: int, epochs: int, lr: float | None = None) -> "SitePrivacy":
     """The site's DP-SGD for run ``run_id`` on its training split: the federation's rounds and,
-    planned in the same σ, its personal training (`safn_core.federation.personal`).
+    planned in the same σ, its personal training (`personal_plan.planned_personal_epochs`;
+    `personal_training` spends from it).
     ``lr`` replaces ``train.lr`` (personal training may use its own); the plan does not
     depend on it."""
-    from safn_core.federation.personal import planned_personal_epochs
     from safn_core.privacy import SitePrivacy, data_fingerprint
 
     train_cfg = site.cfg.train if lr is None else site.cfg.train.model_copy(update={"lr": lr})
