@@ -17,7 +17,7 @@ from safn_core.config import SynthConfig
 from safn_core.data import ppmi_catalog as cat
 from safn_core.errors import DataError
 from safn_core.synth import generate_truth, write_download
-from safn_core.synth.generator import THICKNESS_PD_EFFECT
+from safn_core.synth.mri import THICKNESS_PD_EFFECT
 
 SMALL = dict(n_pd=60, n_hc=30, n_without_mri=20, n_swedd=6, n_prodromal=6, n_sites=3,
              min_site_size=15)

@@ -50,9 +50,10 @@ import pandas as pd
 from safn_core.config import SynthConfig
 from safn_core.data import ppmi_catalog as cat
 from safn_core.errors import DataError
-from safn_core.synth.generator import (
-    COHORT_CODE, COHORT_DEFINITION, COHORTS, LEGACY_ENROLL_CAT, Simulation, simulate,
+from safn_core.synth.population import (
+    COHORT_CODE, COHORT_DEFINITION, COHORTS, LEGACY_ENROLL_CAT,
 )
+from safn_core.synth.simulation import Simulation, simulate
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 BASE_DATE = dt.date(2023, 1, 16)
