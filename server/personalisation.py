@@ -14,7 +14,6 @@ personal models stay at the sites; nothing here can read them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -26,11 +25,6 @@ from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, MODE
 from safn_core.federation.secure_records import personalise_packing
 from safn_core.io import write_json
 
-if TYPE_CHECKING:
-    from safn_core.federation.checkpoint import RunState
-    from server.run_context import RunContext
-    from server.run_setup import RunSetup
-
 FILE = "personalisation.json"
 
 
@@ -38,31 +32,29 @@ def personalisation_done(run_dir: Path) -> bool:
     return (Path(run_dir) / FILE).is_file()
 
 
-def personalise_sites(run: RunContext, setup: RunSetup, state: RunState, weights: dict,
-                      threshold: float) -> dict:
-    """Ask every training site of the run for its comparison of ``weights`` (the selected
-    global model, at the federation's ``threshold``) with its personal model; the run's
-    record of them."""
-    cfg = run.cfg
-    nodes = sorted(setup.sites.eligible)
+def personalise_sites(coordinator, nodes: list[int], weights: dict, threshold: float) -> dict:
+    """Ask every training site in ``nodes`` for its comparison; the run's record of them."""
+    from safn_core.federation.run_folder import run_identity
+
+    cfg = coordinator.cfg
     layout = Layout.of(weights)
-    pre = state.preprocessing
-    config = {Config.TASK: Task.PERSONALISE, Config.SAFN_CONFIG: run.shared_text,
-              Config.RUN_ID: run.run_id, Config.PRE_MEAN: list(pre["mean"]),
+    pre = coordinator.state.preprocessing
+    config = {Config.TASK: Task.PERSONALISE, Config.SAFN_CONFIG: coordinator.shared_text,
+              Config.RUN_ID: run_identity(coordinator.run_dir), Config.PRE_MEAN: list(pre["mean"]),
               Config.PRE_SCALE: list(pre["scale"]),
-              Config.CLASS_COUNTS: [int(c) for c in state.class_counts],
+              Config.CLASS_COUNTS: [int(c) for c in coordinator.state.class_counts],
               Config.SEED: cfg.train.seed, Config.MODEL_LAYOUT: layout.fingerprint(),
               Config.THRESHOLD: float(threshold),
-              Config.HELD_OUT_SITES: sorted(setup.held_out),
-              **setup.extra}  # the harmonisation fit, if any
-    secure = setup.secure
+              Config.HELD_OUT_SITES: sorted(coordinator.held_out),
+              **coordinator.extra}  # the harmonisation fit, if any
+    secure = coordinator.secure if cfg.federation.secure_aggregation else None
     ctx = packing = None
     if secure is not None:
-        ctx = secure.context(state.round + 1, "personalise")
+        ctx = secure.context(coordinator.state.round + 1, "personalise")
         packing = personalise_packing(len(nodes))
         entries, nodes = secure.start(ctx, packing, nodes, None)
         if len(nodes) < secure.min_parties:
-            return _write(run.run_dir, _unavailable(
+            return _write(coordinator, _unavailable(
                 cfg, threshold, {"code": "too_few_keys", "sites": len(nodes),
                                  "min_parties": secure.min_parties}))
         config.update(entries)
@@ -70,10 +62,10 @@ def personalise_sites(run: RunContext, setup: RunSetup, state: RunState, weights
     messages = [Message(RecordDict({CONFIG: ConfigRecord(dict(config)),
                                     ARRAYS: ArrayRecord({MODEL: Array(vector)})}),
                         dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    names = setup.described.names
+    names = coordinator.desc.names
     sites, vectors, refused, failed = {}, {}, {}, []
     answered = set()
-    for reply in run.grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+    for reply in coordinator.grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
         nid = reply.metadata.src_node_id
         if reply.has_error():
             failed.append(names.get(nid, str(nid)))
@@ -101,7 +93,7 @@ def personalise_sites(run: RunContext, setup: RunSetup, state: RunState, weights
         except SecureSumFailed as exc:
             record.update(_unavailable(cfg, threshold, {"code": "secure_sum_failed",
                                                         "reason": str(exc)}, record))
-            return _write(run.run_dir, record)
+            return _write(coordinator, record)
         total = {k: np.asarray(result.values[k]).tolist() for k in ("global", "personal")}
         record["pooled"] = pooled_from_confusion(total, cfg.data.min_cell)
         record["pooled_from"] = {"code": "secure_sum", "sites": int(result.values["sites"]),
@@ -115,7 +107,7 @@ def personalise_sites(run: RunContext, setup: RunSetup, state: RunState, weights
                                  "min_cell": cfg.data.min_cell}
         for s in sites.values():  # the counts served the pooled sum; the record keeps metrics
             s.pop("confusion", None)
-    return _write(run.run_dir, record)
+    return _write(coordinator, record)
 
 
 UNAVAILABLE = ("too_few_keys", "secure_sum_failed")
@@ -147,10 +139,10 @@ def basis_text(pooled_from: dict) -> str:
     raise ValueError(f"unknown pooled comparison basis {pooled_from!r}")
 
 
-def _write(run_dir: Path, record: dict) -> dict:
+def _write(coordinator, record: dict) -> dict:
     record["pooled_basis"] = basis_text(record["pooled_from"])
     record["summary"] = summary(record)
-    write_json(Path(run_dir) / FILE, record)
+    write_json(Path(coordinator.run_dir) / FILE, record)
     return record
 
 
