@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # safn's packages, tests/
 
 from safn_core.config import SafnConfig, dump_config, load_config  # noqa: E402
 from safn_core.data.sources import load_cohort  # noqa: E402
@@ -55,10 +55,11 @@ def flower(run_dir: Path, cfg: SafnConfig, n_sites: int) -> dict:
 
 
 def in_process(run_dir: Path, cfg: SafnConfig, n_sites: int) -> dict:
-    """The plain loop over the same safn_core functions (sites loaded from the same files)."""
+    """The plain loop over the same safn_core functions (sites loaded from the same files):
+    the tests' reference loop, `tests/reference_loop.py`."""
     import torch
 
-    from safn_core.federation.loop import run_in_process
+    from tests.reference_loop import run_in_process
 
     torch.set_num_threads(1)
     ckpt = Path(tempfile.mkdtemp(prefix="safn-bench-loop-"))

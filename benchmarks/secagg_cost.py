@@ -4,8 +4,8 @@ Two settings, each variant run in the same process one after the other, order al
 repeat, the same seeds, the same splits:
 
 - 5 virtual sites (safn-sim's Flower run on Ray, the default synthetic cohort, the default model),
-  with the real ClientApp's handlers wrapped to measure every message with Flower's own protobuf
-  serde (what goes on the wire before TLS/HTTP framing);
+  the real ClientApp with every message measured by a mod (`sim_bytes.log_sizes`) with Flower's
+  own protobuf serde (what goes on the wire before TLS/HTTP framing);
 - 3 deployed sites on 127.0.0.1 (real safn-server / safn-client, TLS + SuperNode
   authentication, small model, as tests/test_deploy.py), bytes from Flower's own run account.
 
@@ -47,7 +47,7 @@ def simulated(variant: str, rounds: int, seed: int, overrides: list[str]) -> dic
     cfg = config(["simulation.compare=false", f"federation.rounds={rounds}",
                   f"train.seed={seed}", VARIANTS[variant], *overrides])
     run_dir, parts = prepare(cfg)
-    import client.app as real
+    import simulations.client_app as real
 
     stock = real.app
     real.app = sim_bytes.instrumented_client_app()

@@ -1,8 +1,7 @@
 """Bytes sent per site per round, against the model's size.
 
-Runs a short safn-sim federation on Flower (Ray backend) with the ClientApp's three handlers
-wrapped to record the size of every message a site receives and sends, serialised with Flower's
-own protobuf serde (what the Deployment Engine puts on the wire, before TLS/HTTP framing).
+Runs a short safn-sim federation on Flower (Ray backend) with a ClientApp mod that records the
+size of every message a site receives and sends, serialised with Flower's own protobuf serde (what the Deployment Engine puts on the wire, before TLS/HTTP framing).
 
     .venv/bin/python benchmarks/sim_bytes.py
     .venv/bin/python benchmarks/sim_bytes.py --set federation.histogram_bins=200
@@ -11,7 +10,6 @@ own protobuf serde (what the Deployment Engine puts on the wire, before TLS/HTTP
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import json
 import os
@@ -49,31 +47,24 @@ def kind_of(msg, default: str) -> str:
     return f"secagg-retry ({task})"
 
 
-def wrapped(fn, kind: str):
-    @functools.wraps(fn)
-    def handler(msg, context):
-        reply = fn(msg, context)
-        row = {"kind": kind_of(msg, kind), "round": int(msg.content["config"].get("server-round", 0))
-               if "config" in msg.content else 0,
-               "received": size(msg.content), "sent": size(reply.content),
-               "received_parts": parts_of(msg.content), "sent_parts": parts_of(reply.content)}
-        with open(f"{LOG}-{os.getpid()}.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        return reply
-    return handler
+def log_sizes(msg, context, call_next):
+    """A ClientApp mod: log the size of every message a site receives and of its reply."""
+    reply = call_next(msg, context)
+    kind = msg.metadata.message_type.split(".")[0]  # query / train / evaluate
+    row = {"kind": kind_of(msg, kind), "round": int(msg.content["config"].get("server-round", 0))
+           if "config" in msg.content else 0,
+           "received": size(msg.content), "sent": size(reply.content),
+           "received_parts": parts_of(msg.content), "sent_parts": parts_of(reply.content)}
+    with open(f"{LOG}-{os.getpid()}.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return reply
 
 
 def instrumented_client_app():
-    """The real ClientApp's handlers, each wrapped to log its message sizes."""
-    from flwr.clientapp import ClientApp
+    """The simulation's ClientApp with every message's size logged (`log_sizes`)."""
+    from simulations.client_app import simulation_client_app
 
-    import client.app as real
-
-    app = ClientApp()
-    app.query()(wrapped(real.query, "query"))
-    app.train()(wrapped(real.train, "train"))
-    app.evaluate()(wrapped(real.evaluate, "evaluate"))
-    return app
+    return simulation_client_app(mods=[log_sizes])
 
 
 def main() -> None:
@@ -83,7 +74,7 @@ def main() -> None:
     cfg = config(["simulation.compare=false", "federation.rounds=2", *args.overrides])
     run_dir, parts = prepare(cfg)
     os.environ["SAFN_BYTES_LOG"] = LOG
-    import client.app as real
+    import simulations.client_app as real
 
     real.app = instrumented_client_app()  # run_flower_simulation imports `app` from here
     from simulations.engine import run_flower_simulation

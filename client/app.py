@@ -15,12 +15,19 @@ Three message types, each answered from the site's own data:
 Nothing participant-level is ever put in a reply. Which site a message is for and how to read
 its model: `client.site_context`; the replies under secure aggregation: `client.secure_replies`;
 every key on the wire: `safn_core.federation.protocol`.
+
+`make_client_app` builds the ClientApp over a `SiteSource`, the one part that differs between
+modes: ``app`` below is a deployed site's (the app bundle's component ``client.app:app``), the
+simulation's is built in `simulations.client_app` (virtual sites, their files on a Ray cluster).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client import harmonisation_replies as harmonisation
 from client import personal_replies as personal
@@ -36,13 +43,21 @@ from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, REFUSAL, SIT
                                            modalities_to_record)
 from safn_core.federation.shared_config import shared_config
 from safn_core.federation.site_privacy import site_statistics, train_round
-from simulations.site_disks import site_disk_mod
-
-# the site's audit trail of what leaves it; on a Ray cluster, a virtual site's files by Ray
-app = ClientApp(mods=[site_disk_mod, audit_mod])
 
 
-@app.query()
+def make_client_app(sites: sc.SiteSource, mods: Sequence[Mod] = ()) -> ClientApp:
+    """The SAFN ClientApp: the handlers below, answering for the sites ``sites`` finds.
+
+    ``mods`` run first, around everything else (e.g. a simulation's virtual-site files on a Ray
+    cluster); then the site lookup (`site_context.SiteSourceMod`) and the site's audit trail of
+    what leaves it (`client.audit`; only where the node config names an audit log)."""
+    app = ClientApp(mods=[*mods, sc.SiteSourceMod(sites), audit_mod])
+    app.query()(query)
+    app.train()(train)
+    app.evaluate()(evaluate)
+    return app
+
+
 def query(msg: Message, context: Context) -> Message:
     """QUERY messages: the statistics round's ``describe``, and the two phases of a secure sum
     the coordinator redoes or runs on its own (``secagg-keys``, ``secagg-mask``)."""
@@ -115,7 +130,6 @@ def describe(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     """A training round under the site's privacy settings (`site_privacy.train_round`): the same
     metric keys from every site; a refusal (budget exhausted, ledger problem) carries no arrays,
@@ -150,7 +164,6 @@ def train(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     site = sc.site_for(context, config)
@@ -178,3 +191,7 @@ def train_line(server_round: int, out) -> str:
     if out.metrics.get(Metric.DP):
         line += f", ε spent so far {out.metrics[Metric.EPSILON]:.3f}"
     return line
+
+
+# a deployed site: its SuperNode's own site (`site_context.DeployedSite`)
+app = make_client_app(sc.DeployedSite())

@@ -1,16 +1,23 @@
 """Which site a ClientApp message is for, and how to read the model and settings it carries.
 
-A site is found from the node config: in simulation ``partition-id`` (a virtual site written by
-safn-sim into the run folder); in deployment ``site-config`` (the site's own site.yaml: data,
-split seed, privacy, min_cell). The run's shared settings arrive in every message as
-``safn-config``, so a site never reads the coordinator's files. Sites are cached per process: a
-Ray actor builds each site's split and arrays once per run.
+What differs between a deployment and a simulation is one object, a `SiteSource`, given to
+`client.app.make_client_app`: how a message's site and its cohort are found, where the site
+keeps its own state, where its harmonised training split goes and what kind of data it says it
+has. A deployed SuperNode serves its own site (`DeployedSite`: ``site-config`` in the node
+config, the site's own site.yaml: data, split seed, privacy, min_cell); a simulation serves
+virtual sites by Flower's ``partition-id`` (`simulations.client_app.VirtualSites`). The app's
+`SiteSourceMod` makes its source the one the functions below use for each message; everything
+else here is the same code in both. The run's shared settings arrive in every message as
+``safn-config``, so a site never reads the coordinator's files. Sites are cached per process:
+a Ray actor builds each site's split and arrays once per run.
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
@@ -18,20 +25,28 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from client import secure_aggregation as secure
 from safn_core.data.cohort_store import read_cohort
 from safn_core.federation.protocol import MODEL, Config, Layout, NodeConfig
-from safn_core.federation.run_folder import run_dir_from
 from safn_core.federation.shared_config import shared_config, site_run_config
 from safn_core.federation.site import Site, state_to_numpy
 from safn_core.preprocess import Preprocessor
 from safn_core.training.local import make_model
 
 
-@lru_cache(maxsize=256)
-def _sim_site(run_dir: Path, partition_id: int, shared_text: str) -> Site:
-    """A virtual site: its table from the simulation's run folder (standing in for its disk)."""
-    from simulations.virtual_sites import load_virtual_site
+class SiteSource(Protocol):
+    """Where a ClientApp finds the site a message is for, and that site's own folders."""
 
-    name, cohort = load_virtual_site(run_dir, partition_id)
-    return Site(name, cohort, shared_config(shared_text))
+    def site(self, context: Context, shared_text: str) -> Site:
+        """The message's site, with the run's shared settings (``safn-config``)."""
+
+    def state_dir(self, site: Site, context: Context) -> Path:
+        """Where the site keeps its own state (privacy ledger, secure-aggregation secret,
+        personal models, run end)."""
+
+    def harmonised_file(self, site: Site, run_id: str, context: Context) -> Path:
+        """Where the site writes its harmonised training split (federated ComBat)."""
+
+    def data_source(self, site: Site, context: Context) -> str:
+        """The kind of data the site trains on (``data.source``: synthetic, ppmi or table), as
+        its own configuration says."""
 
 
 @lru_cache(maxsize=4)
@@ -49,22 +64,65 @@ def _deployed_site(site_file: str, shared_text: str) -> Site:
     return Site(own.site.name, cohort, cfg)
 
 
-def site_for(context: Context, config: ConfigRecord) -> Site:
-    """This node's site, from the node config, with the run's settings from the message.
+class DeployedSite:
+    """A SuperNode's own site: ``site-config`` in its node config (set by safn-client) names
+    the site's site.yaml, whose ``site.state_dir`` holds the prepared cohort and the site's
+    state."""
 
-    Deployment: ``site-config`` (the site's own site.yaml, set by safn-client). Simulation:
-    ``partition-id`` (a virtual site written by safn-sim into the run folder).
-    """
+    def site(self, context: Context, shared_text: str) -> Site:
+        node = context.node_config
+        if NodeConfig.SITE_CONFIG not in node:
+            raise ValueError(f"this SuperNode's node config has no {NodeConfig.SITE_CONFIG!r}: "
+                             "a site's SuperNode is started by safn-client")
+        return _deployed_site(str(node[NodeConfig.SITE_CONFIG]), shared_text)
+
+    def state_dir(self, site: Site, context: Context) -> Path:
+        return Path(site.cfg.site.state_dir)
+
+    def harmonised_file(self, site: Site, run_id: str, context: Context) -> Path:
+        """``<state_dir>/harmonised/<run id>.csv``."""
+        return self.state_dir(site, context) / "harmonised" / f"{run_id or 'run'}.csv"
+
+    def data_source(self, site: Site, context: Context) -> str:
+        return str(site.cfg.data.source)
+
+
+_SOURCE: ContextVar[SiteSource] = ContextVar("safn_site_source")
+
+
+class SiteSourceMod:
+    """A ClientApp mod: the handlers it wraps find the message's site through ``sites``.
+
+    A class, not a closure: Flower's simulation pickles the ClientApp for its Ray actors, and
+    an instance of an importable class travels by reference to its code."""
+
+    def __init__(self, sites: SiteSource):
+        self.sites = sites
+
+    def __call__(self, msg, context: Context, call_next):
+        token = _SOURCE.set(self.sites)
+        try:
+            return call_next(msg, context)
+        finally:
+            _SOURCE.reset(token)
+
+
+def site_source() -> SiteSource:
+    """The source of the ClientApp answering the current message (its `SiteSourceMod`'s)."""
+    try:
+        return _SOURCE.get()
+    except LookupError:
+        raise RuntimeError("no site source for this message: a ClientApp's handlers run under "
+                           "the `SiteSourceMod` of `client.app.make_client_app`") from None
+
+
+def site_for(context: Context, config: ConfigRecord) -> Site:
+    """The message's site (from the app's `SiteSource`), with the run's settings from the
+    message; under federated ComBat, its harmonised data."""
     import torch
 
     torch.set_num_threads(1)
-    shared_text = str(config[Config.SAFN_CONFIG])
-    node = context.node_config
-    if NodeConfig.SITE_CONFIG in node:
-        site = _deployed_site(str(node[NodeConfig.SITE_CONFIG]), shared_text)
-    else:
-        run_dir = run_dir_from(dict(context.run_config))
-        site = _sim_site(run_dir, int(node[NodeConfig.PARTITION_ID]), shared_text)
+    site = site_source().site(context, str(config[Config.SAFN_CONFIG]))
     if Config.HARMONISATION_FIT in config:  # federated ComBat: the site's harmonised data
         held_out = site.name in list(config.get(Config.HELD_OUT_SITES, []))
         site = _harmonised(site, str(config[Config.HARMONISATION_FIT]), held_out,
@@ -105,24 +163,13 @@ def _harmonised(site: Site, fit_text: str, held_out: bool, run_id: str,
 
 
 def harmonised_file(site: Site, run_id: str, context: Context) -> Path:
-    """Where a site keeps its harmonised training split: a virtual site in the simulation's run
-    folder (its disk), ``harmonised/<site>.csv``; a deployed site in its state folder,
-    ``harmonised/<run id>.csv``."""
-    if site.cfg.site is not None:
-        return Path(site.cfg.site.state_dir) / "harmonised" / f"{run_id or 'run'}.csv"
-    return run_dir_from(dict(context.run_config)) / "harmonised" / f"{site.name}.csv"
+    """Where a site keeps its harmonised training split (`SiteSource.harmonised_file`)."""
+    return site_source().harmonised_file(site, run_id, context)
 
 
 def data_source(site: Site, context: Context) -> str:
-    """The kind of data this site trains on (``data.source``: synthetic, ppmi or table), as its
-    own configuration says: a deployed site's site.yaml; for a virtual site the simulation's
-    config.yaml, whose cohort it is a part of (its settings from the messages carry no ``data``
-    section beyond ``min_cell``, so ``site.cfg.data.source`` would be a default there)."""
-    if NodeConfig.SITE_CONFIG in context.node_config:
-        return str(site.cfg.data.source)
-    from safn_core.federation.run_folder import load_run_config
-
-    return str(load_run_config(run_dir_from(dict(context.run_config)).resolve()).data.source)
+    """The kind of data this site trains on (`SiteSource.data_source`)."""
+    return site_source().data_source(site, context)
 
 
 def run_id(msg, config: ConfigRecord) -> str:
@@ -190,13 +237,6 @@ def session(site: Site, context: Context):
     return secure.session(state_dir(site, context), context.node_id)
 
 
-
 def state_dir(site: Site, context: Context) -> Path:
-    """Where the site keeps its own state (privacy ledger): a deployed site's
-    ``site.state_dir``; a virtual site's folder outside the run folder
-    (`simulations.virtual_sites`)."""
-    if site.cfg.site is not None:
-        return Path(site.cfg.site.state_dir)
-    from simulations.virtual_sites import virtual_site_state_dir
-
-    return virtual_site_state_dir(run_dir_from(dict(context.run_config)), site.name)
+    """Where the site keeps its own state (`SiteSource.state_dir`)."""
+    return site_source().state_dir(site, context)

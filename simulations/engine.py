@@ -63,7 +63,7 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
     os.environ[RUN_DIR_ENV] = str(Path(run_dir).resolve())
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from simulations.client_app import app as client_app
     from server.app import simulation_app as server_app
 
     quiet_flower()  # again: importing Flower resets its logger to INFO

@@ -212,13 +212,13 @@ _MIRROR: SiteMirror | None = None
 
 
 def site_disk_mod(msg, context, call_next):
-    """A ClientApp mod: on a Ray cluster, the virtual site's files from the driver before the
-    message and its changed state back after it. Does nothing elsewhere (one machine, where
-    the run folder is on this disk, or a deployment)."""
+    """The simulation's ClientApp mod (`simulations.client_app`): on a Ray cluster, the virtual
+    site's files from the driver before the message and its changed state back after it. Does
+    nothing on one machine, where the run folder is on this disk."""
     from safn_core.federation.protocol import NodeConfig
 
     name = os.environ.get(DISKS_ENV)
-    if not name or NodeConfig.PARTITION_ID not in context.node_config:
+    if not name:
         return call_next(msg, context)
     global _MIRROR
     if _MIRROR is None:

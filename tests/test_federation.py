@@ -1,5 +1,6 @@
 """Federated SAFN without Flower: partitions, splits, statistics round, pooled metrics, small
-cells, server updates, checkpoints and resume (the in-process loop over the same functions)."""
+cells, server updates, checkpoints and resume (the in-process reference loop over the same
+functions, `tests/reference_loop.py`)."""
 
 import shutil
 
@@ -10,17 +11,16 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from safn_core.config import load_config
 from safn_core.errors import ConfigError, DataError
-from safn_core.federation.aggregate import (ServerOptimizer, global_preprocessing,
-                                            round_metrics, weighted_mean)
+from safn_core.federation.aggregate import global_preprocessing, round_metrics, weighted_mean
 from safn_core.federation.protocol import modalities_from_record, modalities_to_record
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
-from safn_core.federation.loop import run_in_process
 from safn_core.federation.sampling import sample_sites
 from simulations.partition import partition, summary
 from safn_core.federation.site import Site, SmallCell, split_participants
 from safn_core.metrics import binary_metrics, metrics_from_histogram, score_histogram
 from safn_core.preprocess import Preprocessor
 from tests.helpers import SMALL_MODEL, toy_cohort, truncate_checkpoints
+from tests.reference_loop import ServerOptimizer, run_in_process
 
 SMALL = SMALL_MODEL
 

@@ -1,7 +1,7 @@
 """Server-side aggregation of what sites send: statistics, class counts, weights, histograms.
 
-Everything here is plain NumPy so that the Flower ServerApp, the in-process loop of
-`safn_core.federation.loop` and the tests compute exactly the same thing.
+Everything here is plain NumPy so that the Flower ServerApp, the tests and their in-process
+reference loop (`tests/reference_loop.py`) compute exactly the same thing.
 """
 
 from __future__ import annotations
@@ -42,54 +42,6 @@ def weighted_mean(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str,
     keys = updates[0][0].keys()
     return {k: sum(w[k] * (n / total) for w, n in updates).astype(updates[0][0][k].dtype)
             for k in keys}
-
-
-class ServerOptimizer:
-    """The server update of FedAvg / FedProx / FedAdam / FedYogi, as Flower 1.42 computes it.
-
-    The Flower apps use Flower's own strategies; this class lets the in-process loop (benchmark
-    baseline, tests) apply the same update without Flower. ``m_t``/``v_t`` are the adaptive
-    moments, checkpointed under the same names as the Flower strategies' attributes.
-    """
-
-    def __init__(self, strategy: str, eta: float = 0.01, tau: float = 1e-3,
-                 beta_1: float = 0.9, beta_2: float = 0.99):
-        self.strategy, self.eta, self.tau = strategy, eta, tau
-        self.beta_1, self.beta_2 = beta_1, beta_2
-        self.m_t: dict[str, np.ndarray] | None = None
-        self.v_t: dict[str, np.ndarray] | None = None
-
-    def step(self, server_round: int, current: dict[str, np.ndarray],
-             updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-        avg = weighted_mean(updates)
-        if self.strategy in ("fedavg", "fedprox"):
-            return avg
-        delta = {k: avg[k] - current[k] for k in avg}
-        if not self.m_t:
-            self.m_t = {k: np.zeros_like(v) for k, v in avg.items()}
-        self.m_t = {k: self.beta_1 * v + (1 - self.beta_1) * delta[k] for k, v in self.m_t.items()}
-        if not self.v_t:
-            self.v_t = {k: np.zeros_like(v) for k, v in avg.items()}
-        if self.strategy == "fedadam":
-            self.v_t = {k: self.beta_2 * v + (1 - self.beta_2) * delta[k] ** 2
-                        for k, v in self.v_t.items()}
-            eta = (self.eta * np.sqrt(1 - np.power(self.beta_2, server_round + 1.0))
-                   / (1 - np.power(self.beta_1, server_round + 1.0)))
-        elif self.strategy == "fedyogi":
-            self.v_t = {k: v - (1.0 - self.beta_2) * delta[k] ** 2 * np.sign(v - delta[k] ** 2)
-                        for k, v in self.v_t.items()}
-            eta = self.eta
-        else:
-            raise ValueError(f"unknown strategy {self.strategy}")
-        return {k: np.asarray(x + eta * self.m_t[k] / (np.sqrt(self.v_t[k]) + self.tau))
-                for k, x in current.items()}
-
-    def get_state(self) -> dict[str, dict[str, np.ndarray]]:
-        return {name: dict(v) for name in ("m_t", "v_t") if (v := getattr(self, name))}
-
-    def set_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
-        for name, value in state.items():
-            setattr(self, name, {k: np.asarray(v) for k, v in value.items()})
 
 
 # ------------------------------------------------------------------ evaluation

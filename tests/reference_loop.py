@@ -1,10 +1,12 @@
 """A federated run as a plain in-process loop: the same protocol, no Flower, no network.
 
-Why it exists: it is the reference the Flower simulation is measured against (overhead
-benchmark, tests that the Flower apps add nothing to the maths), and it is a quick way to study
-the protocol. It calls exactly the functions the ClientApp and ServerApp call, with the same
-per-site seeds, and aggregates in the same order (sites sorted by name), so FedAvg gives the
-same weights as a Flower run.
+The reference the Flower simulation is measured against, by the tests (the Flower apps add
+nothing to the maths: tests/test_federation_flower.py) and the overhead benchmark
+(benchmarks/sim_overhead.py, which imports it from here with the repository root on its path).
+It calls exactly the functions the ClientApp and ServerApp call, with the same per-site seeds
+(`safn_core.federation.sampling`), and aggregates in the same order (sites sorted by name), so
+FedAvg gives the same weights as a Flower run. Not part of the package: production runs go
+through Flower's strategies, and `ServerOptimizer` is their update written out without Flower.
 """
 
 from __future__ import annotations
@@ -18,14 +20,61 @@ import numpy as np
 from safn_core.config import SafnConfig
 from safn_core.data.cohort import Cohort
 from safn_core.errors import DataError
-from safn_core.federation.aggregate import (ServerOptimizer, global_preprocessing, round_line,
-                                            round_metrics)
+from safn_core.federation.aggregate import (global_preprocessing, round_line, round_metrics,
+                                            weighted_mean)
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.sampling import sample_sites, site_seed
 from safn_core.federation.site import Site, SmallCell, state_to_numpy
 from safn_core.preprocess import Preprocessor
 from safn_core.training.local import make_model
 
+
+class ServerOptimizer:
+    """The server update of FedAvg / FedProx / FedAdam / FedYogi, as Flower 1.42 computes it.
+
+    The Flower apps use Flower's own strategies; this class lets `run_in_process` apply the same
+    update without Flower. ``m_t``/``v_t`` are the adaptive moments, checkpointed under the
+    same names as the Flower strategies' attributes.
+    """
+
+    def __init__(self, strategy: str, eta: float = 0.01, tau: float = 1e-3,
+                 beta_1: float = 0.9, beta_2: float = 0.99):
+        self.strategy, self.eta, self.tau = strategy, eta, tau
+        self.beta_1, self.beta_2 = beta_1, beta_2
+        self.m_t: dict[str, np.ndarray] | None = None
+        self.v_t: dict[str, np.ndarray] | None = None
+
+    def step(self, server_round: int, current: dict[str, np.ndarray],
+             updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+        avg = weighted_mean(updates)
+        if self.strategy in ("fedavg", "fedprox"):
+            return avg
+        delta = {k: avg[k] - current[k] for k in avg}
+        if not self.m_t:
+            self.m_t = {k: np.zeros_like(v) for k, v in avg.items()}
+        self.m_t = {k: self.beta_1 * v + (1 - self.beta_1) * delta[k] for k, v in self.m_t.items()}
+        if not self.v_t:
+            self.v_t = {k: np.zeros_like(v) for k, v in avg.items()}
+        if self.strategy == "fedadam":
+            self.v_t = {k: self.beta_2 * v + (1 - self.beta_2) * delta[k] ** 2
+                        for k, v in self.v_t.items()}
+            eta = (self.eta * np.sqrt(1 - np.power(self.beta_2, server_round + 1.0))
+                   / (1 - np.power(self.beta_1, server_round + 1.0)))
+        elif self.strategy == "fedyogi":
+            self.v_t = {k: v - (1.0 - self.beta_2) * delta[k] ** 2 * np.sign(v - delta[k] ** 2)
+                        for k, v in self.v_t.items()}
+            eta = self.eta
+        else:
+            raise ValueError(f"unknown strategy {self.strategy}")
+        return {k: np.asarray(x + eta * self.m_t[k] / (np.sqrt(self.v_t[k]) + self.tau))
+                for k, x in current.items()}
+
+    def get_state(self) -> dict[str, dict[str, np.ndarray]]:
+        return {name: dict(v) for name in ("m_t", "v_t") if (v := getattr(self, name))}
+
+    def set_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        for name, value in state.items():
+            setattr(self, name, {k: np.asarray(v) for k, v in value.items()})
 
 
 def run_in_process(sites: dict[str, Cohort], cfg: SafnConfig, run_dir: Path | None = None,
