@@ -146,46 +146,81 @@ def _inverse_temperature_mle(z: np.ndarray, y: np.ndarray, max_iter: int = 100,
     return None
 
 
+class NoCalibrationMap(DataError):
+    """No finite calibration map exists on these logits; ``reason`` says why as a code with its
+    numbers (`no_map_text` puts it in words):
+
+    - ``{"code": "one_class"}``
+    - ``{"code": "separated", "overlap": n}``: the scores (almost) separate the classes (``n``
+      participants of a class where the two classes' scores overlap)
+    - ``{"code": "not_converged"}``
+    - ``{"code": "wrong_order", "inverse_temperature": s}``: the best s = 1/T is ≤ 0
+    """
+
+    def __init__(self, method: str, reason: dict, *, at_training: bool):
+        self.method, self.reason, self.at_training = method, reason, at_training
+        super().__init__(no_map_text(method, reason, at_training=at_training))
+
+
+def no_map_text(method: str, reason: dict, *, at_training: bool) -> str:
+    """A `NoCalibrationMap` reason in words (with the site's advice unless ``at_training``)."""
+    part = "validation split" if at_training else "recalibration part"
+    code = reason["code"]
+    if code == "one_class":
+        return f"the {part} holds one class only: no calibration map"
+    if code == "separated":
+        overlap = reason["overlap"]
+        return (f"the model's scores separate the {part}'s classes "
+                f"{'completely' if overlap == 0 else 'almost completely'} ({overlap} "
+                "participant(s) of a class where the two classes' scores overlap): the "
+                f"maximum-likelihood {method} map is unbounded, so there is nothing finite to fit"
+                + ("" if at_training else "; validate without --recalibrate, or recalibrate on "
+                                          "more participants (--recalibration-fraction)"))
+    if code == "not_converged":
+        return (f"the {'temperature' if method == 'temperature' else 'Platt'} fit did not "
+                f"converge on the {part}")
+    if code == "wrong_order":
+        who = ("the validation split's participants" if at_training else
+               "this site's recalibration participants")
+        return (f"the model's scores rank {who} the wrong way round (best inverse temperature "
+                f"{reason['inverse_temperature']:.3f} ≤ 0): no temperature T > 0 can calibrate "
+                "them" + ("" if at_training else "; the model does not transfer to this site"))
+    raise ValueError(f"unknown calibration reason {reason!r}")
+
+
 def fit_map(method: str, z: np.ndarray, y: np.ndarray, *,
             at_training: bool = False) -> CalibrationMap:
     """Fit a calibration map on logits ``z`` and labels ``y`` (the recalibration part only;
     ``at_training``: a new model's validation split, and the errors say so without the site's
     advice).
 
-    Raises a `DataError` when no finite map exists: one class only, scores that (almost)
-    separate the classes (the likelihood grows without bound as T → 0 or b → ∞), or, for a
-    temperature, scores that rank the classes the wrong way round (the best s = 1/T is ≤ 0).
+    Raises `NoCalibrationMap` (a `DataError`) when no finite map exists: one class only, scores
+    that (almost) separate the classes (the likelihood grows without bound as T → 0 or b → ∞),
+    or, for a temperature, scores that rank the classes the wrong way round (the best s = 1/T
+    is ≤ 0).
     """
     _check_method(method)
-    part = "validation split" if at_training else "recalibration part"
+
+    def none(reason: dict) -> NoCalibrationMap:
+        return NoCalibrationMap(method, reason, at_training=at_training)
+
     z = np.asarray(z, dtype=np.float64)
     y = np.asarray(y).astype(float)
     if len(y) == 0 or y.min() == y.max():
-        raise DataError(f"the {part} holds one class only: no calibration map")
+        raise none({"code": "one_class"})
     overlap = _overlap(z, y.astype(int))
     if overlap < MIN_OVERLAP:
-        raise DataError(
-            f"the model's scores separate the {part}'s classes "
-            f"{'completely' if overlap == 0 else 'almost completely'} ({overlap} participant(s) "
-            "of a class where the two classes' scores overlap): the maximum-likelihood "
-            f"{method} map is unbounded, so there is nothing finite to fit"
-            + ("" if at_training else "; validate without --recalibrate, or recalibrate on "
-                                      "more participants (--recalibration-fraction)"))
+        raise none({"code": "separated", "overlap": int(overlap)})
     if method == "temperature":
         s = _inverse_temperature_mle(z, y)
         if s is None:
-            raise DataError(f"the temperature fit did not converge on the {part}")
+            raise none({"code": "not_converged"})
         if s <= 0:
-            who = "the validation split's participants" if at_training else \
-                "this site's recalibration participants"
-            raise DataError(
-                f"the model's scores rank {who} the wrong way round (best inverse temperature "
-                f"{s:.3f} ≤ 0): no temperature T > 0 can calibrate them"
-                + ("" if at_training else "; the model does not transfer to this site"))
+            raise none({"code": "wrong_order", "inverse_temperature": float(s)})
         return CalibrationMap("temperature", {"temperature": 1.0 / s})
     fit = _logistic_mle(z, y)
     if fit is None:
-        raise DataError(f"the Platt fit did not converge on the {part}")
+        raise none({"code": "not_converged"})
     return CalibrationMap("platt", {"a": fit[0], "b": fit[1]})
 
 
@@ -196,23 +231,41 @@ IDENTITY = CalibrationMap("temperature", {"temperature": 1.0})
 @dataclass(frozen=True)
 class TrainingTemperature:
     """A temperature fitted when the model was trained, on its validation split's logits
-    (`fit_training_temperature`); ``note`` says why T = 1 was kept where none could be
-    fitted (None: fitted). A bundle carries `to_dict` in ``bundle.json`` under
+    (`fit_training_temperature`); ``reason`` says why T = 1 was kept where none could be
+    fitted (None: fitted), as a code: ``{"code": "too_few", "classes": [names], "min_cell":
+    m}`` (the split's classes below ``min_cell``; its counts are ``validation_split``) or a
+    `NoCalibrationMap` reason. A bundle carries `to_dict` in ``bundle.json`` under
     ``calibration``; a site's ``--recalibrate`` refits from the raw logits and supersedes it.
     """
 
     map: CalibrationMap
     validation_split: dict
-    note: str | None = None
+    reason: dict | None = None
 
     @property
     def temperature(self) -> float:
         return float(self.map.params["temperature"])
 
+    @property
+    def note(self) -> str | None:
+        """Why T = 1 was kept, in words (None: fitted)."""
+        return None if self.reason is None else kept_text(self.reason, self.validation_split)
+
     def to_dict(self) -> dict:
-        return {"method": "temperature", "map": self.map.to_dict(), "fitted": self.note is None,
+        return {"method": "temperature", "map": self.map.to_dict(), "fitted": self.reason is None,
                 "fitted_at": "training", "fitted_on": "validation split",
-                "validation_split": self.validation_split, "note": self.note}
+                "validation_split": self.validation_split, "reason": self.reason}
+
+
+def kept_text(reason: dict, split: dict) -> str:
+    """Why a training temperature of T = 1 was kept, in words (`TrainingTemperature.reason`
+    and its validation split's `counts`)."""
+    if reason["code"] == "too_few":
+        m = reason["min_cell"]
+        few = [f"{split[name]} {name}" for name in reason["classes"]]
+        return (f"the validation split holds {' and '.join(few)}: a temperature needs at least "
+                f"data.min_cell = {m} of each class; T = 1 kept")
+    return no_map_text("temperature", reason, at_training=True) + "; T = 1 kept"
 
 
 def fit_training_temperature(z: np.ndarray, y: np.ndarray, min_cell: int,
@@ -220,31 +273,32 @@ def fit_training_temperature(z: np.ndarray, y: np.ndarray, min_cell: int,
     """The temperature of a model just trained, fitted on its validation split's logits ``z``
     and labels ``y`` (never its training or test participants), by the maximum likelihood
     `fit_map` uses at a site. Where that split cannot give one, T = 1 (the model as it is) and
-    the note says why: fewer than ``min_cell`` participants of a class (no statistic from
-    fewer, as at a site), or no finite temperature (`fit_map`'s errors: one class, separated
+    the reason says why: fewer than ``min_cell`` participants of a class (no statistic from
+    fewer, as at a site), or no finite temperature (`fit_map`'s reasons: one class, separated
     classes, scores ranked the wrong way round)."""
     y = np.asarray(y).astype(int)
     split = counts(y, names)
-    few = [f"{split[names[c]]} {names[c]}" for c in (0, 1) if split[names[c]] < min_cell]
+    few = [names[c] for c in (0, 1) if split[names[c]] < min_cell]
     if few:
-        return TrainingTemperature(IDENTITY, split, (
-            f"the validation split holds {' and '.join(few)}: a temperature needs at least "
-            f"data.min_cell = {min_cell} of each class; T = 1 kept"))
+        return TrainingTemperature(IDENTITY, split, {"code": "too_few", "classes": few,
+                                                     "min_cell": int(min_cell)})
     try:
         return TrainingTemperature(fit_map("temperature", z, y, at_training=True), split)
-    except DataError as err:
-        return TrainingTemperature(IDENTITY, split, f"{err}; T = 1 kept")
+    except NoCalibrationMap as err:
+        return TrainingTemperature(IDENTITY, split, err.reason)
 
 
 def training_calibration_text(record: dict) -> str:
-    """What a card or console says of a bundle's ``calibration`` record."""
+    """What a card or console says of a bundle's ``calibration`` record (a bundle from before
+    the reason codes carries its reason in words, under ``note``)."""
     split = record.get("validation_split") or {}
     names = [k for k in split if k != "n"]
     who = f"{split.get('n')} participants: " + " / ".join(f"{split[k]} {k}" for k in names) \
         if split else "participants"
     if not record.get("fitted", True):
-        return (f"no temperature fitted at training on the validation split ({who}): "
-                f"{record.get('note')}")
+        why = (kept_text(record["reason"], split) if record.get("reason")
+               else record.get("note"))
+        return f"no temperature fitted at training on the validation split ({who}): {why}"
     cmap = CalibrationMap.from_dict(record.get("map"), "bundle.json calibration.map")
     return (f"{cmap.describe()} fitted at training on the validation split ({who}) by maximum "
             "likelihood on the model's logits z: every P(PD) is σ(z/T), rankings (ROC/PR-AUC) "
