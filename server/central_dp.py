@@ -1,83 +1,87 @@
-"""Central DP around a SAFN strategy: Flower's server-side fixed clipping, fed screened replies.
+"""Central DP as a part of the SAFN strategy: site-level clipping and Gaussian noise on the mean.
 
-Without secure aggregation the coordinator clips each site's update and noises the average
-(`SafnCentralDP`); under secure aggregation the sites clip and `server.secure_strategy` adds the
-noise to the securely summed mean, with the same calibration (`sites_per_round`).
+Without secure aggregation the coordinator clips each site's update and noises the average with
+Flower's own `DifferentialPrivacyServerSideFixedClipping` (`CentralDP.wrap` puts it around
+Flower's strategy; the SAFN strategy feeds it screened replies only, so a refusal, a failed
+site or a malformed update never makes it skip a round or fail to clip). Under secure
+aggregation the sites clip their updates and send them with equal weights, and the coordinator
+adds the noise to the securely summed mean (`CentralDP.noised`), with the same calibration.
+
+Every release is recorded with its *effective* noise multiplier z = σ / (m · max_i w_i), m the
+sites per round and w_i the aggregation weights: removing one site's update changes the
+weighted mean by at most C·max_i w_i while the noise std is σ·C/m. With equal weights and every
+drawn site replying, z = σ. The coordinator turns the z's into ε
+(`safn_core.federation.privacy_report.central_entry`, Opacus' RDP accountant, no sampling
+amplification).
+
+Flower draws its noise from NumPy's global generator. With ``noise_seed`` set (a simulation)
+it is seeded per round from the run's seed and the generator restored afterwards, so a
+simulation reproduces; a deployment leaves it None: the seed is in the bundle's config, and
+noise anyone can regenerate could be subtracted from the released model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import Message
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
-from safn_core.config import FederationConfig
-from safn_core.federation.sampling import sample_sites
-from safn_core.federation.protocol import METRICS, Metric
+from safn_core.config import CentralDPConfig
 
 
-class SafnCentralDP(DifferentialPrivacyServerSideFixedClipping):
-    """Central DP: Flower's server-side fixed clipping + Gaussian noise around a SAFN strategy.
+class CentralDP:
+    """Site-level central DP: σ (``noise_multiplier``), C (``clipping_norm``), m sites per
+    round; ``noise_seed`` None draws the noise from the OS's entropy (deployment)."""
 
-    Flower's wrapper clips each reply's update (new − global weights) to ``clipping_norm``, lets
-    the strategy aggregate, and adds N(0, (σ·C/m)²) to the result, m = sites per round. What it
-    does not do, and this class adds: only screened replies reach it (a refusal, a failed site or
-    a malformed update would otherwise make it skip the whole round or fail to clip), and every
-    release is recorded (``strategy.central[round]``) with its *effective* noise multiplier
-    z = σ / (m · max_i w_i), w_i the FedAvg weights (n_i / Σ n): removing one site's update
-    changes the weighted average by at most C·max_i w_i, and the noise std is σ·C/m. With equal
-    weights and every site replying, z = σ. The coordinator turns the z's into ε
-    (`server.app.central_epsilon`, Opacus' RDP accountant, no sampling amplification).
+    def __init__(self, config: CentralDPConfig, sites_per_round: int,
+                 noise_seed: int | None = None):
+        self.noise_multiplier = float(config.noise_multiplier)
+        self.clipping_norm = float(config.clipping_norm)
+        self.sites_per_round = int(sites_per_round)
+        self.noise_seed = noise_seed
 
-    Flower draws the noise from NumPy's global generator. With ``noise_seed`` set (a simulation)
-    it is seeded per round from the run's seed and the generator restored afterwards, so a
-    simulation reproduces; a deployment leaves it None: the seed is in the bundle's config, and
-    noise anyone can regenerate could be subtracted from the released model.
-    """
+    def wrap(self, inner: Strategy) -> DifferentialPrivacyServerSideFixedClipping:
+        """Flower's server-side fixed clipping around ``inner`` (coordinator-side clipping)."""
+        return DifferentialPrivacyServerSideFixedClipping(
+            inner, self.noise_multiplier, self.clipping_norm, self.sites_per_round)
 
-    noise_seed: int | None = None
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        inner = self.strategy
-        r = server_round + inner.round_offset
-        kept = inner.screen_train(r, replies)
-        if inner.too_few(r, kept):
-            return None, None
-        inner._prescreened = True
-        saved = np.random.get_state() if self.noise_seed is not None else None
-        if saved is not None:
-            np.random.seed([int(self.noise_seed) % 2**32, r])
+    @contextmanager
+    def seeded(self, r: int) -> Iterator[None]:
+        """NumPy's global generator seeded for round ``r`` (a simulation), restored after."""
+        if self.noise_seed is None:
+            yield
+            return
+        saved = np.random.get_state()
+        np.random.seed([int(self.noise_seed) % 2**32, r])
         try:
-            arrays, metrics = super().aggregate_train(server_round, kept)
+            yield
         finally:
-            inner._prescreened = False
-            if saved is not None:
-                np.random.set_state(saved)
-        if arrays is not None:
-            n = np.array([float(m.content[METRICS][Metric.NUM_EXAMPLES]) for m in kept])
-            w_max = float(n.max() / n.sum())
-            inner.central[r] = {
-                "noise_multiplier": float(self.noise_multiplier),
-                "clipping_norm": float(self.clipping_norm),
-                "sites_per_round": int(self.num_sampled_clients), "sites_aggregated": len(kept),
-                "max_weight": w_max,
-                "effective_noise_multiplier": float(self.noise_multiplier)
-                / (self.num_sampled_clients * w_max)}
-        return arrays, metrics
+            np.random.set_state(saved)
 
+    def release(self, weights: list[float], clipped_at: str | None = None) -> dict:
+        """The record of one release over updates aggregated with ``weights``."""
+        w = np.asarray(weights, dtype=float)
+        w_max = float(w.max() / w.sum())
+        out = {"noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
+               "sites_per_round": self.sites_per_round, "sites_aggregated": int(len(w)),
+               "max_weight": w_max,
+               "effective_noise_multiplier": self.noise_multiplier
+               / (self.sites_per_round * w_max)}
+        if clipped_at is not None:
+            out["clipped_at"] = clipped_at
+        return out
 
-def sites_per_round(n_sites: int, fraction: float, min_sites: int) -> int:
-    """How many sites `sample_sites` draws per round among ``n_sites``."""
-    return len(sample_sites([str(i) for i in range(n_sites)], fraction, min_sites, 0, 1))
+    def noised(self, r: int, mean_update: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
+        """Under secure aggregation: the mean of ``k`` clipped, equally weighted updates plus
+        N(0, (σ·C/m)²), and the release's record (effective σ·k/m)."""
+        from safn_core.privacy.randomness import numpy_generator
 
-
-def with_central_dp(strategy, fed: FederationConfig, n_sites: int):
-    """The strategy to ``start``: ``strategy`` itself, or wrapped for central DP when
-    ``federation.central_dp.enabled`` (the wrapper reads and records through ``strategy``)."""
-    cdp = fed.central_dp
-    if not cdp.enabled:
-        return strategy
-    return SafnCentralDP(strategy, cdp.noise_multiplier, cdp.clipping_norm,
-                         sites_per_round(n_sites, fed.fraction_train, fed.min_sites))
+        rng = numpy_generator(None if self.noise_seed is None else [self.noise_seed, r], 3)
+        std = self.noise_multiplier * self.clipping_norm / self.sites_per_round
+        noisy = mean_update + rng.normal(0.0, std, size=mean_update.shape)
+        record = {**self.release([1.0] * k), "max_weight": 1.0 / k,
+                  "effective_noise_multiplier": self.noise_multiplier * k / self.sites_per_round,
+                  "clipped_at": "sites (secure aggregation)"}
+        return noisy, record

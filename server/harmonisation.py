@@ -28,7 +28,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from safn_core.errors import SafnError
-from safn_core.federation.run_folder import run_identity
+from safn_core.federation.events import Event
 from safn_core.federation.protocol import (ARRAYS, CONFIG, REFUSAL, SITE, Aggregation, Config,
                                            Describe, Task, modalities_from_record)
 from safn_core.federation.site_harmonisation import (means_packing, residuals_packing,
@@ -37,6 +37,7 @@ from safn_core.harmonisation import (CombatFit, MeanSums, ResidualSums, solve_me
                                      solve_variance)
 from safn_core.harmonisation.setup import combat_spec
 from safn_core.io import write_json
+from server.run_context import RunContext
 from server.site_waits import SitesMissing
 
 FILE = "harmonisation.json"
@@ -62,14 +63,15 @@ def fitted_on(run_dir: Path) -> str:
         return "the training sites' training splits"
 
 
-def fit_harmonisation(coordinator, desc) -> CombatFit:
-    """The run's fit: the saved one when resuming, else the two rounds above."""
-    saved = load_fit(coordinator.run_dir)
+def fit_harmonisation(run: RunContext, desc, secure, held_out: frozenset[str]) -> CombatFit:
+    """The run's fit: the saved one when resuming, else the two rounds above (secure sums
+    through ``secure``, a `server.secure_aggregation.SecureAggregation`, when it is given)."""
+    saved = load_fit(run.run_dir)
     if saved is not None:
-        coordinator.report(f"harmonisation: the run's ComBat fit ({saved.n} participants) is "
-                           f"kept from {Path(coordinator.run_dir) / FILE}")
+        run.events.emit(Event.HARMONISATION, code="kept", participants=saved.n,
+                        file=str(Path(run.run_dir) / FILE))
         return saved
-    cfg = coordinator.cfg
+    cfg = run.cfg
     modalities = modalities_from_record(desc.structure)
     try:
         spec = combat_spec(cfg.harmonisation, modalities)
@@ -77,7 +79,6 @@ def fit_harmonisation(coordinator, desc) -> CombatFit:
         raise HarmonisationFailed(str(exc)) from None
     nodes = sorted(desc.eligible)
     names = {n: desc.names.get(n, str(n)) for n in nodes}
-    secure = coordinator.secure if cfg.federation.secure_aggregation else None
     scales = None
     if secure is not None:
         features = list(desc.structure["features"])
@@ -85,33 +86,33 @@ def fit_harmonisation(coordinator, desc) -> CombatFit:
     extra = {Config.HARMONISATION_SCALES: [scales[f] for f in desc.structure["features"]]} \
         if scales else {}
     try:
-        total = _round(coordinator, secure, nodes, names, "means", spec, extra)
+        total = _round(run, secure, held_out, nodes, names, "means", spec, extra)
         means = solve_means(spec, total)
         extra[Config.HARMONISATION_MEANS] = json.dumps(
             {k: np.asarray(v).tolist() for k, v in means.to_arrays().items()})
-        fit = unscale_fit(solve_variance(means, _round(coordinator, secure, nodes, names,
+        fit = unscale_fit(solve_variance(means, _round(run, secure, held_out, nodes, names,
                                                        "residuals", spec, extra)), scales)
     except SafnError as exc:
         raise HarmonisationFailed(f"harmonisation (ComBat) could not be fitted: "
                                   f"{' '.join(str(exc).split())}") from None
-    write_json(Path(coordinator.run_dir) / FILE, {
+    write_json(Path(run.run_dir) / FILE, {
         "fit": fit.to_dict(), "method": cfg.harmonisation.method,
         "empirical_bayes": cfg.harmonisation.empirical_bayes,
         "parametric": cfg.harmonisation.parametric, "sites": sorted(names.values()),
         "secure_aggregation": secure is not None,
         "fitted_on": f"the training splits of {len(nodes)} sites (participants with every "
                      "harmonised feature and covariate observed)"})
-    coordinator.report(f"harmonisation: ComBat fitted on the training splits of {len(nodes)} "
-                       f"sites ({fit.n} participants, {len(spec.features)} features, covariates "
-                       f"{', '.join(spec.covariates) or 'none'}"
-                       + ("; securely summed)" if secure is not None else ")"))
+    run.events.emit(Event.HARMONISATION, code="fitted", sites=len(nodes), participants=fit.n,
+                    features=len(spec.features), covariates=list(spec.covariates),
+                    secure=secure is not None)
     return fit
 
 
-def _round(coordinator, secure, nodes: list[int], names: dict, step: str, spec, extra: dict):
+def _round(run: RunContext, secure, held_out: frozenset[str], nodes: list[int], names: dict,
+           step: str, spec, extra: dict):
     """One round of sums from every training site, as their total."""
     cls = MeanSums if step == "means" else ResidualSums
-    fed = coordinator.cfg.federation
+    fed = run.cfg.federation
     if secure is not None:
         name = Aggregation.HARMONISE_MEANS if step == "means" else Aggregation.HARMONISE_RESIDUALS
         packing = (means_packing if step == "means" else residuals_packing)(
@@ -123,17 +124,16 @@ def _round(coordinator, secure, nodes: list[int], names: dict, step: str, spec, 
         _refused(refused, set(names.values()) - {names.get(n, str(n)) for n in
                                                  secure.last_contents})
         if result.clipped and any(result.clipped.values()):
-            coordinator.report(f"harmonisation: values clipped to their bounds: "
-                               f"{ {k: v for k, v in result.clipped.items() if v} }")
+            run.events.emit(Event.HARMONISATION, code="clipped",
+                            clipped={k: v for k, v in result.clipped.items() if v})
         return sums_from_decoded(cls, result.values, spec)
     config = {Config.TASK: Task.HARMONISE, Config.HARMONISE_STEP: step,
-              Config.SAFN_CONFIG: coordinator.shared_text,
-              Config.RUN_ID: run_identity(coordinator.run_dir),
-              Config.HELD_OUT_SITES: sorted(coordinator.held_out), **extra}
+              Config.SAFN_CONFIG: run.shared_text, Config.RUN_ID: run.run_id,
+              Config.HELD_OUT_SITES: sorted(held_out), **extra}
     messages = [Message(RecordDict({CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in nodes]
     parts, refused, answered = [], {}, set()
-    for reply in coordinator.grid.send_and_receive(messages, timeout=fed.round_timeout):
+    for reply in run.grid.send_and_receive(messages, timeout=fed.round_timeout):
         nid = reply.metadata.src_node_id
         name = names.get(nid, str(nid))
         if reply.has_error():

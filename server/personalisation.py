@@ -14,16 +14,23 @@ personal models stay at the sites; nothing here can read them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from safn_core.federation.personal_comparison import COMPARED, pooled_from_confusion
+from safn_core.federation.personal_text import basis_text
 from safn_core.federation.personal_wire import comparison_from_metrics
 from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, MODEL, REFUSAL,
                                            Config, Describe, Layout, Task)
 from safn_core.federation.secure_records import personalise_packing
 from safn_core.io import write_json
+
+if TYPE_CHECKING:
+    from safn_core.federation.checkpoint import RunState
+    from server.run_context import RunContext
+    from server.run_setup import RunSetup
 
 FILE = "personalisation.json"
 
@@ -32,29 +39,31 @@ def personalisation_done(run_dir: Path) -> bool:
     return (Path(run_dir) / FILE).is_file()
 
 
-def personalise_sites(coordinator, nodes: list[int], weights: dict, threshold: float) -> dict:
-    """Ask every training site in ``nodes`` for its comparison; the run's record of them."""
-    from safn_core.federation.run_folder import run_identity
-
-    cfg = coordinator.cfg
+def personalise_sites(run: RunContext, setup: RunSetup, state: RunState, weights: dict,
+                      threshold: float) -> dict:
+    """Ask every training site of the run for its comparison of ``weights`` (the selected
+    global model, at the federation's ``threshold``) with its personal model; the run's
+    record of them."""
+    cfg = run.cfg
+    nodes = sorted(setup.sites.eligible)
     layout = Layout.of(weights)
-    pre = coordinator.state.preprocessing
-    config = {Config.TASK: Task.PERSONALISE, Config.SAFN_CONFIG: coordinator.shared_text,
-              Config.RUN_ID: run_identity(coordinator.run_dir), Config.PRE_MEAN: list(pre["mean"]),
+    pre = state.preprocessing
+    config = {Config.TASK: Task.PERSONALISE, Config.SAFN_CONFIG: run.shared_text,
+              Config.RUN_ID: run.run_id, Config.PRE_MEAN: list(pre["mean"]),
               Config.PRE_SCALE: list(pre["scale"]),
-              Config.CLASS_COUNTS: [int(c) for c in coordinator.state.class_counts],
+              Config.CLASS_COUNTS: [int(c) for c in state.class_counts],
               Config.SEED: cfg.train.seed, Config.MODEL_LAYOUT: layout.fingerprint(),
               Config.THRESHOLD: float(threshold),
-              Config.HELD_OUT_SITES: sorted(coordinator.held_out),
-              **coordinator.extra}  # the harmonisation fit, if any
-    secure = coordinator.secure if cfg.federation.secure_aggregation else None
+              Config.HELD_OUT_SITES: sorted(setup.held_out),
+              **setup.extra}  # the harmonisation fit, if any
+    secure = setup.secure
     ctx = packing = None
     if secure is not None:
-        ctx = secure.context(coordinator.state.round + 1, "personalise")
+        ctx = secure.context(state.round + 1, "personalise")
         packing = personalise_packing(len(nodes))
         entries, nodes = secure.start(ctx, packing, nodes, None)
         if len(nodes) < secure.min_parties:
-            return _write(coordinator, _unavailable(
+            return _write(run.run_dir, _unavailable(
                 cfg, threshold, {"code": "too_few_keys", "sites": len(nodes),
                                  "min_parties": secure.min_parties}))
         config.update(entries)
@@ -62,10 +71,10 @@ def personalise_sites(coordinator, nodes: list[int], weights: dict, threshold: f
     messages = [Message(RecordDict({CONFIG: ConfigRecord(dict(config)),
                                     ARRAYS: ArrayRecord({MODEL: Array(vector)})}),
                         dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    names = coordinator.desc.names
+    names = setup.described.names
     sites, vectors, refused, failed = {}, {}, {}, []
     answered = set()
-    for reply in coordinator.grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+    for reply in run.grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
         nid = reply.metadata.src_node_id
         if reply.has_error():
             failed.append(names.get(nid, str(nid)))
@@ -93,7 +102,7 @@ def personalise_sites(coordinator, nodes: list[int], weights: dict, threshold: f
         except SecureSumFailed as exc:
             record.update(_unavailable(cfg, threshold, {"code": "secure_sum_failed",
                                                         "reason": str(exc)}, record))
-            return _write(coordinator, record)
+            return _write(run.run_dir, record)
         total = {k: np.asarray(result.values[k]).tolist() for k in ("global", "personal")}
         record["pooled"] = pooled_from_confusion(total, cfg.data.min_cell)
         record["pooled_from"] = {"code": "secure_sum", "sites": int(result.values["sites"]),
@@ -107,11 +116,7 @@ def personalise_sites(coordinator, nodes: list[int], weights: dict, threshold: f
                                  "min_cell": cfg.data.min_cell}
         for s in sites.values():  # the counts served the pooled sum; the record keeps metrics
             s.pop("confusion", None)
-    return _write(coordinator, record)
-
-
-UNAVAILABLE = ("too_few_keys", "secure_sum_failed")
-"""Codes of ``pooled_from`` where the secure sum could not be made (no pooled comparison)."""
+    return _write(run.run_dir, record)
 
 
 def _unavailable(cfg, threshold: float, why: dict, record: dict | None = None) -> dict:
@@ -124,25 +129,10 @@ def _unavailable(cfg, threshold: float, why: dict, record: dict | None = None) -
     return {**base, "pooled": None, "pooled_from": why}
 
 
-def basis_text(pooled_from: dict) -> str:
-    """What the pooled comparison rests on, in words (``pooled_basis`` in the report)."""
-    code = pooled_from["code"]
-    if code == "secure_sum":
-        return f"secure sum over {pooled_from['sites']} sites with a personal model"
-    if code == "reported_sites":
-        return f"sum over the {pooled_from['sites']} sites whose test split passes min_cell"
-    if code == "too_few_keys":
-        return (f"no pooled comparison: only {pooled_from['sites']} sites sent a key for the "
-                f"secure sum, fewer than {pooled_from['min_parties']}")
-    if code == "secure_sum_failed":
-        return f"no pooled comparison: {pooled_from['reason']}"
-    raise ValueError(f"unknown pooled comparison basis {pooled_from!r}")
-
-
-def _write(coordinator, record: dict) -> dict:
+def _write(run_dir: Path, record: dict) -> dict:
     record["pooled_basis"] = basis_text(record["pooled_from"])
     record["summary"] = summary(record)
-    write_json(Path(coordinator.run_dir) / FILE, record)
+    write_json(Path(run_dir) / FILE, record)
     return record
 
 
@@ -160,40 +150,4 @@ def summary(record: dict) -> dict:
             "sites_personal_at_least_global": int(sum(b >= a for a, b in zip(g, p)))}
 
 
-def lines(record: dict) -> list[str]:
-    """The coordinator's report lines for the comparison."""
-    out = []
-    for name, s in record["sites"].items():
-        if name in record["refused"]:
-            out.append(f"personalisation: site {name} has no personal model: "
-                       f"{record['refused'][name]}")
-        elif s.get("kept_global"):
-            out.append(f"personalisation: site {name} keeps the global model (its validation "
-                       "split has a class below min_cell)"
-                       + (f"; balanced accuracy {s['global']['balanced_accuracy']:.3f} "
-                          f"({s['n']} test participants)" if s["reported"] else ""))
-        elif not s["reported"]:
-            out.append(f"personalisation: site {name} withheld its comparison (a class of its "
-                       "test split below min_cell)")
-        else:
-            out.append(f"personalisation: site {name}: balanced accuracy "
-                       f"{s['global']['balanced_accuracy']:.3f} global, "
-                       f"{s['personal']['balanced_accuracy']:.3f} personal "
-                       f"({s['n']} test participants)")
-    for name in record["no_answer"]:
-        out.append(f"personalisation: site {name} did not answer")
-    pooled = record.get("pooled")
-    if pooled:
-        out.append(f"personalisation ({record['method']}): pooled balanced accuracy "
-                   f"{pooled['global']['balanced_accuracy']:.3f} global, "
-                   f"{pooled['personal']['balanced_accuracy']:.3f} personal "
-                   f"({pooled['n']} test participants; {basis_text(record['pooled_from'])})")
-    elif record["pooled_from"]["code"] in UNAVAILABLE:
-        out.append(f"personalisation ({record['method']}): {basis_text(record['pooled_from'])}")
-    else:
-        out.append(f"personalisation ({record['method']}): no pooled comparison (fewer than "
-                   "min_cell test participants of a class in the sum)")
-    return out
-
-
-__all__ = ["personalise_sites", "personalisation_done", "lines", "summary", "FILE", "COMPARED"]
+__all__ = ["personalise_sites", "personalisation_done", "summary", "FILE", "COMPARED"]

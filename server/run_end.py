@@ -10,17 +10,16 @@ not answered within the timeout is only reported: the run's outcome is already w
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from safn_core.federation.events import Event, EventLog
 from safn_core.federation.protocol import CONFIG, Config, Task
 
 
 def tell_sites_run_ended(grid: Grid, shared_text: str, run_id: str, status: str, reason: str,
                          last_round: int, timeout: float,
-                         report: Callable[[str], None] = print) -> list[int]:
+                         events: EventLog) -> list[int]:
     """Send the run-end message to every connected site; the node ids that acknowledged it."""
     config = {Config.TASK: Task.RUN_END, Config.SAFN_CONFIG: shared_text, Config.RUN_ID: run_id,
               Config.RUN_STATUS: status, Config.RUN_REASON: reason,
@@ -34,6 +33,6 @@ def tell_sites_run_ended(grid: Grid, shared_text: str, run_id: str, status: str,
     # an error ("objects unavailable"): only a site still connected without answering waits on
     waiting = (set(nodes) - set(told)) & set(grid.get_node_ids())
     if waiting:
-        report(f"{len(waiting)} of {len(nodes)} connected sites did not acknowledge the end of "
-               f"the run within {timeout:.0f} s; they keep waiting until stopped")
+        events.emit(Event.RUN_END_UNACKNOWLEDGED, waiting=len(waiting), sites=len(nodes),
+                    timeout=timeout)
     return told

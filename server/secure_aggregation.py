@@ -17,6 +17,7 @@ import json
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from safn_core.federation.events import Event, EventLog
 from safn_core.federation.protocol import ARRAYS, CONFIG, MASKED, Config, Describe, SecAgg, Task
 from safn_core.secagg import (AggregationContext, Packing, SecureSumResult, secure_sum,
                               unmask_sum)
@@ -36,12 +37,12 @@ class SecureAggregation:
     """Secure sums for one run: the keys sites announced, and the Grid round trips."""
 
     def __init__(self, grid, run_id: str, timeout: float, base_config: dict, min_sites: int,
-                 max_attempts: int = 3, report=print):
+                 max_attempts: int = 3, events: EventLog | None = None):
         self.grid, self.run_id, self.timeout = grid, run_id, timeout
         self.base_config = dict(base_config)  # what every QUERY carries (safn-config, ...)
         self.min_parties = max(MIN_SECURE_PARTIES, int(min_sites))
         self.max_attempts = max_attempts
-        self.report = report
+        self.events = events if events is not None else EventLog(None, None)
         self.keys: dict[bytes, dict[int, bytes]] = {}  # context → site → public key
         self.retries: list[dict] = []  # aggregations redone after a dropout
 
@@ -101,8 +102,8 @@ class SecureAggregation:
             return SecureSumResult(packing.decode(total), tuple(sorted(ok)), 1, ctx,
                                    packing.decode_clipped(total), {})
         lost = sorted(set(participants) - set(ok))
-        self.report(f"secure aggregation {ctx.name} round {ctx.round}: {len(lost)} site(s) did "
-                    f"not answer; redoing it with the {len(ok)} others and fresh keys")
+        self.events.emit(Event.SECURE_RETRY, aggregation=ctx.name, round=ctx.round,
+                         lost=len(lost), others=len(ok))
         result = secure_sum(sorted(ok), self._request(packing), packing,
                             lambda attempt: ctx.with_attempt(attempt + 1), self.min_parties,
                             self.max_attempts)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from safn_core.errors import SafnError
+from safn_core.federation.events import Event, EventLog
 
 
 class SitesMissing(SafnError):
@@ -34,10 +35,10 @@ def wait_for_nodes(grid, min_sites: int, timeout: float, usable: Callable[[int],
         time.sleep(0.2)
 
 
-def await_rejoin(grid, expected: dict[int, str], away: set[int], timeout: float, when: str,
-                 report: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+def await_rejoin(grid, expected: dict[int, str], away: set[int], timeout: float, round_: int,
+                 events: EventLog, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, interval: float = 0.2) -> set[int]:
-    """At the start of a round: wait up to ``timeout`` seconds for the sites of the run
+    """At the start of round ``round_``: wait up to ``timeout`` seconds for the sites of the run
     (``expected``: node id -> site name) that are not connected, and return the connected ids.
 
     A site that was part of the run and is restarting (a crash, a reboot) thus takes part in the
@@ -45,7 +46,8 @@ def await_rejoin(grid, expected: dict[int, str], away: set[int], timeout: float,
     across rounds by the caller) bounds the cost of a site that left for good: a site still
     missing after a whole wait is added to it and not waited for again; once it is connected at
     the start of a round it leaves ``away`` and is waited for again if it disappears again.
-    Each wait, reconnection and give-up is reported in one line (``report``).
+    Each wait, reconnection and give-up is an `Event.REJOIN` (code ``waiting``, ``back``,
+    ``gone``).
     """
     connected = set(grid.get_node_ids())
     away -= connected
@@ -53,23 +55,24 @@ def await_rejoin(grid, expected: dict[int, str], away: set[int], timeout: float,
     if not missing or timeout <= 0:
         return connected
 
-    def names(ids) -> str:
-        return ", ".join(sorted(expected[n] for n in ids))
+    def names(ids) -> list[str]:
+        return sorted(expected[n] for n in ids)
 
-    report(f"{when}: waiting up to {timeout:.0f} s for {names(missing)} to reconnect "
-           "(federation.rejoin_wait)")
+    events.emit(Event.REJOIN, code="waiting", round=round_, sites=names(missing),
+                timeout=timeout)
     start = clock()
     while missing and clock() - start < timeout:
         sleep(interval)
         connected = set(grid.get_node_ids())
         back = missing & connected
         if back:
-            report(f"{when}: {names(back)} reconnected after {clock() - start:.0f} s")
+            events.emit(Event.REJOIN, code="back", round=round_, sites=names(back),
+                        seconds=clock() - start)
             missing -= back
     if missing:
         away |= missing
-        report(f"{when}: {names(missing)} did not reconnect within {timeout:.0f} s; going on "
-               "without it (not waited for again until it is back)")
+        events.emit(Event.REJOIN, code="gone", round=round_, sites=names(missing),
+                    timeout=timeout)
     return connected
 
 

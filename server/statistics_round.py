@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from safn_core.config import SafnConfig
+from safn_core.federation.events import Event, EventLog
 from safn_core.federation.protocol import (CONFIG, METRICS, SITE, STATISTICS, STATS, Aggregation,
                                            Config, Describe, Metric, Task)
 from safn_core.federation.secure_records import (scaled_packing, scales_from_sum,
@@ -30,19 +31,19 @@ NOT_REPORTED = "not reported"
 
 
 def wait_for_sites(grid: Grid, expected: int, min_sites: int, timeout: float,
-                   report=print) -> list[int]:
+                   events: EventLog) -> list[int]:
     """Node ids once all ``expected`` sites are connected, or, when ``timeout`` passes first,
     the ``min_sites`` or more that are; Flower's own wait has no upper bound."""
     try:
-        return wait_for_nodes(grid, expected, timeout, lambda nid: True,
-                              "at the start of the run")
+        nodes = wait_for_nodes(grid, expected, timeout, lambda nid: True,
+                               "at the start of the run")
     except SitesMissing:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) < min_sites:
             raise
-        report(f"{len(nodes)} of {expected} expected sites connected after {timeout:.0f} s; "
-               f"starting with them (min_sites = {min_sites})")
-        return nodes
+    events.emit(Event.SITES_CONNECTED, connected=len(nodes), expected=expected,
+                timeout=timeout, min_sites=min_sites)
+    return nodes
 
 
 class Described:
@@ -141,7 +142,7 @@ def refusals_in_brief(refused: dict[str, str], shown: int = 10) -> str:
 
 
 def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_text: str,
-                            first_round: int, report=print, context_round: int = 0,
+                            first_round: int, events: EventLog, context_round: int = 0,
                             extra: dict | None = None) -> Described:
     """The statistics round under secure aggregation: each site describes its data structure
     and announces a key (QUERY ``describe``); then the training sites' counts, sums and sums of
@@ -176,8 +177,7 @@ def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_te
                                     Config.SECAGG_SCALES: scales.tolist()})
     clipped = {k: v for r in (result, second) for k, v in r.clipped.items() if v}
     if clipped:
-        report(f"secure aggregation: statistics values clipped to the configured "
-                    f"bounds (federation.secagg): {clipped}")
+        events.emit(Event.STATISTICS_CLIPPED, clipped=clipped)
     stats, counts, withheld = statistics_from_sum(features, result.values, second.values,
                                                   scales, cfg.data.min_cell)
     result = second
@@ -186,11 +186,9 @@ def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_te
                            f"{counts[1]} participants per class, fewer than min_cell = "
                            f"{cfg.data.min_cell}: nothing can be trained safely")
     if withheld:
-        report(f"{len(withheld)} features observed in fewer than min_cell people "
-                    "across the federation are withheld")
+        events.emit(Event.FEATURES_WITHHELD, features=len(withheld))
     desc.stats, desc.counts = [stats], [counts]
     desc.scales = scales
     desc.eligible = set(result.contributors)
-    report(f"secure aggregation: statistics summed over {len(result.contributors)} "
-                "sites; the coordinator sees only federation-wide sums")
+    events.emit(Event.SECURE_STATISTICS, sites=len(result.contributors))
     return desc

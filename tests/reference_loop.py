@@ -20,9 +20,9 @@ import numpy as np
 from safn_core.config import SafnConfig
 from safn_core.data.cohort import Cohort
 from safn_core.errors import DataError
-from safn_core.federation.aggregate import (global_preprocessing, round_line, round_metrics,
-                                            weighted_mean)
+from safn_core.federation.aggregate import global_preprocessing, round_metrics, weighted_mean
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
+from safn_core.federation.event_text import round_line
 from safn_core.federation.sampling import sample_sites, site_seed
 from safn_core.federation.site import Site, SmallCell, state_to_numpy
 from safn_core.preprocess import Preprocessor

@@ -196,18 +196,33 @@ def test_a_run_below_min_sites_for_longer_than_the_wait_stops_with_a_message():
         wait_for_nodes(_Grid(lambda c: []), 2, 0.1, lambda n: True, "at the start of the run")
 
 
+def _strategy(fed, names: dict[int, str], events=None):
+    """The SAFN strategy around Flower's, as the coordinator builds it (no secure sums)."""
+    from server.strategies import flower_strategy
+    from server.strategy import RunSites, SafnStrategy, StrategyOptions
+
+    return SafnStrategy(flower_strategy(fed), StrategyOptions.from_config(fed, 0),
+                        RunSites(names, frozenset(names)), events=events)
+
+
+def _lines():
+    """An event log that keeps what it would show, in English."""
+    from safn_core.federation.event_text import shown
+    from safn_core.federation.events import EventLog
+
+    lines = []
+    return EventLog(None, shown(lines.append)), lines
+
+
 def test_the_strategy_waits_for_eligible_sites_then_stops_the_run():
     from safn_core.config import FederationConfig
     from server.site_waits import SitesMissing
-    from server.strategies import make_strategy
 
-    strategy = make_strategy(FederationConfig(min_sites=2, wait_for_sites=0.3), seed=0)
-    strategy.eligible = {1, 2}
-    strategy.site_names = {1: "a", 2: "b"}
-    chosen = strategy._choose(_Grid(lambda c: [1, 2]), 1.0, 0, 1)
+    strategy = _strategy(FederationConfig(min_sites=2, wait_for_sites=0.3), {1: "a", 2: "b"})
+    chosen = strategy.choose(_Grid(lambda c: [1, 2]), 1.0, 0, 1)
     assert sorted(chosen.get_node_ids()) == [1, 2]
     with pytest.raises(SitesMissing, match="in round 4"):
-        strategy._choose(_Grid(lambda c: [1, 3]), 1.0, 0, 4)
+        strategy.choose(_Grid(lambda c: [1, 3]), 1.0, 0, 4)
 
 
 class _Clock:
@@ -228,11 +243,11 @@ def test_a_round_waits_for_a_reconnecting_site_of_the_run_and_reports_it():
     from server.site_waits import await_rejoin
 
     sites = {1: "site_a", 2: "site_b", 3: "site_c"}
-    lines, clock, away = [], _Clock(), set()
+    (events, lines), clock, away = _lines(), _Clock(), set()
 
     def wait(grid, timeout=60):
-        return await_rejoin(grid, sites, away, timeout, "round 3", lines.append, clock,
-                            clock.sleep, interval=1.0)
+        return await_rejoin(grid, sites, away, timeout, 3, events, clock, clock.sleep,
+                            interval=1.0)
 
     # every site connected: no wait, nothing said
     assert wait(_Grid(lambda c: [1, 2, 3])) == {1, 2, 3}
@@ -245,7 +260,7 @@ def test_a_round_waits_for_a_reconnecting_site_of_the_run_and_reports_it():
     # a node that is not part of the run (never sent statistics) is not waited for
     lines.clear()
     assert await_rejoin(_Grid(lambda c: [1, 2]), {1: "site_a", 2: "site_b"}, away, 60,
-                        "round 3", lines.append, clock, clock.sleep) == {1, 2}
+                        3, events, clock, clock.sleep) == {1, 2}
     assert lines == [] and clock.now == 4
     # rejoin_wait 0: never wait
     assert wait(_Grid(lambda c: [1, 2]), timeout=0) == {1, 2} and lines == []
@@ -255,11 +270,11 @@ def test_a_site_that_stays_away_costs_one_wait_then_is_waited_for_again_once_bac
     from server.site_waits import await_rejoin
 
     sites = {1: "site_a", 2: "site_b", 3: "site_c"}
-    lines, clock, away = [], _Clock(), set()
+    (events, lines), clock, away = _lines(), _Clock(), set()
 
     def wait(grid, when):
-        return await_rejoin(grid, sites, away, 30, when, lines.append, clock, clock.sleep,
-                            interval=1.0)
+        return await_rejoin(grid, sites, away, 30, int(when.split()[1]), events, clock,
+                            clock.sleep, interval=1.0)
 
     assert wait(_Grid(lambda c: [1, 2]), "round 4") == {1, 2}
     assert clock.now == 30 and away == {3}  # the whole wait, bounded
@@ -288,18 +303,15 @@ def test_the_strategy_waits_for_a_reconnecting_site_before_it_draws_a_training_r
     from flwr.supercore.task_identity import TaskIdentity
 
     from safn_core.config import FederationConfig
-    from server.strategies import make_strategy
 
     for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp
         monkeypatch.setattr(TaskIdentity, key, value)
 
     assert FederationConfig().rejoin_wait == 60
-    strategy = make_strategy(FederationConfig(min_sites=2, rejoin_wait=30), seed=0)
-    assert strategy.rejoin_wait == 30
-    strategy.eligible = {1, 2, 3}
-    strategy.site_names = {1: "site_a", 2: "site_b", 3: "site_c"}
-    lines = []
-    strategy.report = lines.append
+    events, lines = _lines()
+    strategy = _strategy(FederationConfig(min_sites=2, rejoin_wait=30),
+                         {1: "site_a", 2: "site_b", 3: "site_c"}, events)
+    assert strategy.options.rejoin_wait == 30
     grid = _Grid(lambda c: [1, 2] if c < 2 else [1, 2, 3])  # site_c back at the second look
     arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
     messages = list(strategy.configure_train(2, arrays, ConfigRecord({}), grid))
@@ -322,13 +334,12 @@ def test_a_site_gone_mid_round_is_named_in_the_rejections(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     from safn_core.config import FederationConfig
-    from server.strategies import make_strategy
+    from safn_core.federation.event_text import rejection_text
 
     for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp
         monkeypatch.setattr(TaskIdentity, key, value)
-    strategy = make_strategy(FederationConfig(min_sites=2, rejoin_wait=0), seed=0)
-    strategy.eligible = {11, 12, 13}
-    strategy.site_names = {11: "site_a", 12: "site_b", 13: "site_c"}
+    strategy = _strategy(FederationConfig(min_sites=2, rejoin_wait=0),
+                         {11: "site_a", 12: "site_b", 13: "site_c"})
     arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
     sent = list(strategy.configure_train(4, arrays, ConfigRecord({}),
                                          _Grid(lambda c: [11, 12, 13])))
@@ -336,10 +347,11 @@ def test_a_site_gone_mid_round_is_named_in_the_rejections(monkeypatch):
         m.metadata.__dict__["_message_id"] = m.object_id
     to_c = next(m for m in sent if m.metadata.dst_node_id == 13)
     gone = create_message_error_unavailable_res_message(to_c.metadata, "node_unavail")
-    assert gone.metadata.src_node_id not in strategy.site_names
-    strategy.screen_train(4, [gone])
-    assert [(x["round"], x["site"]) for x in strategy.rejected] == [(4, "site_c")]
-    assert "Node Unavailable" in strategy.rejected[0]["reason"]
+    assert gone.metadata.src_node_id not in strategy.sites.names
+    strategy.aggregate_train(4, [gone])
+    record = strategy.record()
+    assert record.round == 4 and [x["site"] for x in record.rejected] == ["site_c", "-"]
+    assert "Node Unavailable" in rejection_text(record.rejected[0])
 
 
 # -- what a site's terminal shows (client.site_console) ------------------------------------
@@ -527,9 +539,9 @@ def test_the_run_end_reports_only_sites_still_connected_without_an_answer(monkey
             # connected and silent
             return [Reply(1, False), Reply(2, True)]
 
-    said: list[str] = []
+    events, said = _lines()
     grid = Grid(online_after={3})
-    assert tell_sites_run_ended(grid, "cfg", "run-1", "completed", "", 4, 30, said.append) == [1]
+    assert tell_sites_run_ended(grid, "cfg", "run-1", "completed", "", 4, 30, events) == [1]
     assert [m.metadata.dst_node_id for m in grid.sent] == [1, 2, 3]
     config = grid.sent[0].content["config"]
     assert (config["task"], config["run-status"], config["last-round"]) == ("run-end",
@@ -538,7 +550,7 @@ def test_the_run_end_reports_only_sites_still_connected_without_an_answer(monkey
                     "they keep waiting until stopped"]
     said.clear()
     tell_sites_run_ended(Grid(online_after=set()), "cfg", "run-1", "stopped", "x", 2, 30,
-                         said.append)
+                         events)
     assert said == []
 
 

@@ -8,6 +8,7 @@ run folder), so runs in one test share them as real sites' disks would.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from safn_core.bundle import load_bundle
 from safn_core.config import load_config
 from safn_core.errors import ConfigError
 from safn_core.federation.checkpoint import load_checkpoint
+from safn_core.federation.event_text import rejection_text
 from safn_core.federation.run_folder import load_run_config
 from simulations.virtual_sites import load_virtual_site
 from safn_core.federation.site import Site
@@ -34,8 +36,9 @@ from safn_core.federation.site_privacy import METRIC_KEYS, effective_privacy
 from safn_core.privacy import PrivacyLedger
 from safn_core.processes import descendants
 from safn_core.training.local import make_model
-from server.central_dp import with_central_dp
-from server.strategies import make_strategy
+from server.central_dp import CentralDP
+from server.strategies import flower_strategy
+from server.strategy import RunSites, SafnStrategy, StrategyOptions
 from tests.helpers import SMALL_MODEL, write_toy
 
 pytestmark = pytest.mark.timeout(300)
@@ -149,14 +152,22 @@ def test_refusals_are_recorded_not_averaged_and_central_dp_clips_and_records():
                              "federation.secure_aggregation=false",
                              "federation.central_dp.noise_multiplier=1e-6",
                              "federation.central_dp.clipping_norm=0.1"])
-    strategy = make_strategy(cfg.federation, 0)
-    strategy.site_names = {1: "A", 2: "B", 3: "C"}
-    strategy.round_offset = 4
     glob = {"w": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)}
-    strategy.expected = {k: v.shape for k, v in glob.items()}
-    runner = with_central_dp(strategy, cfg.federation, 3)
-    assert runner.num_sampled_clients == 3 and runner.strategy is strategy
-    runner.current_arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
+    sites = RunSites({1: "A", 2: "B", 3: "C"}, frozenset({1, 2, 3}))
+
+    def strategy_with(min_sites: int) -> SafnStrategy:
+        central = CentralDP(cfg.federation.central_dp, 3)
+        options = StrategyOptions.from_config(cfg.federation, 0)
+        strategy = SafnStrategy(central.wrap(flower_strategy(cfg.federation)),
+                                dataclasses.replace(options, min_sites=min_sites),
+                                sites, central_dp=central,
+                                expected={k: v.shape for k, v in glob.items()})
+        assert strategy.inner.num_sampled_clients == 3  # Flower's own DP wrapper
+        # what Flower's wrapper keeps from configure_train: the global model of the round
+        strategy.inner.current_arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
+        return strategy
+
+    strategy = strategy_with(cfg.federation.min_sites)
     replies = [
         # B sends its arrays in another order: re-ordered before Flower's clipping pairs them
         _reply(2, {"b": np.ones(2, np.float32), "w": np.full(3, 10.0, np.float32)},
@@ -166,29 +177,32 @@ def test_refusals_are_recorded_not_averaged_and_central_dp_clips_and_records():
         _reply(3, None, _metrics(0, dp=1, eps=2.99, refused=1, loss=-1.0),
                "privacy budget exhausted: ε spent so far 2.99 of 3"),
     ]
-    arrays, metrics = runner.aggregate_train(1, replies)
+    arrays, metrics = strategy.aggregate_train(5, replies)
+    record = strategy.record()
     # the refused site is recorded with its reason and its ε, and left out of the average
-    assert strategy.refusals == [{"round": 5, "site": "C",
-                                  "reason": "privacy budget exhausted: ε spent so far 2.99 of 3"}]
-    assert sorted(strategy.last_train) == ["A", "B"] and strategy.rejected == []
-    assert strategy.last_privacy["C"]["refused"] and strategy.last_privacy["C"]["epsilon"] == 2.99
-    assert strategy.last_privacy["B"]["epsilon"] is None and not strategy.last_privacy["B"]["dp"]
+    assert record.round == 5
+    assert record.refused == ({"site": "C",
+                               "reason": "privacy budget exhausted: ε spent so far 2.99 of 3"},)
+    assert sorted(record.trained) == ["A", "B"] and record.rejected == ()
+    assert record.privacy["C"]["refused"] and record.privacy["C"]["epsilon"] == 2.99
+    assert record.privacy["B"]["epsilon"] is None and not record.privacy["B"]["dp"]
     # ε is never averaged; the loss only over sites that report one (a DP site withholds it)
     assert set(metrics.keys()) == {"num-examples", "train-loss"}
     assert metrics["train-loss"] == pytest.approx(0.25) and metrics["num-examples"] == 400
     # Flower's server-side clipping: each update clipped to norm 0.1, then averaged
     new = np.concatenate([arrays["w"].numpy(), arrays["b"].numpy()])
     assert np.linalg.norm(new) == pytest.approx(0.1, rel=1e-3)
-    release = strategy.central[5]
+    release = record.central_dp
     assert release["sites_aggregated"] == 2 and release["max_weight"] == pytest.approx(0.75)
     assert release["effective_noise_multiplier"] == pytest.approx(1e-6 / (3 * 0.75))
 
     # too few usable replies: nothing is released, the model is unchanged, said by round
-    runner.current_arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
-    strategy.min_sites = 2
-    arrays, _ = runner.aggregate_train(2, [replies[2]])
-    assert arrays is None and 6 not in strategy.central
-    assert "fewer than min_sites" in strategy.rejected[-1]["reason"]
+    strategy = strategy_with(2)
+    arrays, _ = strategy.aggregate_train(6, [replies[2]])
+    record = strategy.record()
+    assert arrays is None and record.central_dp is None
+    assert record.rejected[-1]["code"] == "too_few"
+    assert "fewer than min_sites" in rejection_text(record.rejected[-1])
 
 
 # ------------------------------------------------------------------ through Flower (Ray)

@@ -3,7 +3,7 @@
 The coordinator (the ServerApp, in simulation and deployment alike) never hands out sentences
 to be parsed: it emits events, each a code (`Event`) and JSON-safe fields, appended to the run
 folder's ``events.jsonl`` (one complete line per write, flushed) and echoed in English on its
-own console. Whoever follows the run (`safn-server`, a test, a dashboard) reads the same lines
+own console (`safn_core.federation.event_text.shown`). Whoever follows the run (`safn-server`, a test, a dashboard) reads the same lines
 with `EventFollower` and decides what to show; English is made only where it is shown, by
 `safn_core.federation.event_text.render`.
 """
@@ -57,12 +57,13 @@ def _jsonable(value):
 
 
 class EventLog:
-    """Appends events to ``path`` (one JSON line each) and shows each on ``echo`` in English.
+    """Appends events to ``path`` (one JSON line each) and hands each to ``echo`` (e.g.
+    ``event_text.shown(print)``: in English on a console).
 
     ``path`` None keeps events in memory only (`events`); ``echo`` None shows nothing.
     """
 
-    def __init__(self, path: Path | None, echo: Callable[[str], None] | None = print):
+    def __init__(self, path: Path | None, echo: Callable[[dict], None] | None = None):
         self.path = None if path is None else Path(path)
         self.echo = echo
         self.events: list[dict] = []
@@ -70,8 +71,12 @@ class EventLog:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def emit(self, code: str, **fields) -> dict:
-        event = {"event": code, "time": round(time.time(), 3), **_jsonable(fields)}
+    def emit(self, event_code: str, /, **fields) -> dict:
+        """Record event ``event_code`` with ``fields`` (JSON-safe; NumPy values and sets are
+        converted); returns the event."""
+        if {"event", "time"} & set(fields):
+            raise ValueError("'event' and 'time' are an event's own fields")
+        event = {"event": event_code, "time": round(time.time(), 3), **_jsonable(fields)}
         line = json.dumps(event, sort_keys=False, allow_nan=False) + "\n"
         with self._lock:
             self.events.append(event)
@@ -83,9 +88,7 @@ class EventLog:
                 finally:
                     os.close(fd)
         if self.echo is not None:
-            from safn_core.federation.event_text import render
-
-            self.echo(render(event))
+            self.echo(event)
         return event
 
 

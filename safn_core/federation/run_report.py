@@ -35,7 +35,10 @@ def learning_section(rep: Report, history: list[dict], run_dir: Path, curves_cap
 
 def rejected_and_privacy(rep: Report, history: list[dict], run_dir: Path) -> None:
     """Updates the coordinator rejected, by site and round; then ε per site (when DP was on)."""
-    rejected = [x for h in history for x in h.get("rejected", [])]
+    from safn_core.federation.event_text import rejection_text
+
+    rejected = [{"round": x.get("round"), "site": x.get("site"), "reason": rejection_text(x)}
+                for h in history for x in h.get("rejected", [])]
     if rejected:
         rep.heading("Rejected updates").table(pd.DataFrame(rejected))
     privacy_section(rep, history, run_dir)

@@ -1,0 +1,130 @@
+"""What a federated run leaves behind: the model bundle of its selected round and its tables.
+
+`save_federated_bundle` writes ``<run folder>/model`` (the same bundle format as safn-train:
+weights, preprocessing, config, metrics, model card) for the selected round, with that round's
+threshold and metrics, the privacy summary, and where the training and test data came from.
+`rounds_table` is ``rounds.csv``. A run in which no site ever trained has no model:
+`NoSiteTrained`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from safn_core.config import SafnConfig
+from safn_core.errors import SafnError
+from safn_core.federation.aggregate import selected_entry
+from safn_core.federation.checkpoint import RunState
+from safn_core.federation.privacy_report import privacy_summary
+from safn_core.federation.provenance import evaluation_basis
+from safn_core.federation.run_folder import run_identity
+from safn_core.metrics import METRICS
+from safn_core.preprocess import Preprocessor
+from safn_core.training.local import make_model
+
+
+class NoSiteTrained(SafnError):
+    """No site trained in any round (each refused, failed or was rejected): there is no model,
+    and the run ends as failed instead of writing an untrained bundle."""
+
+
+@dataclass(frozen=True)
+class FederatedRun:
+    """What the bundle says of the run besides its state: the sites' own words about their
+    data, who was held out, the DP statistics releases, the model selection."""
+
+    label_names: tuple[str, ...]
+    held_out: frozenset[str]
+    sources: dict
+    gaussian: dict
+    withheld: dict  # site -> why it withheld its statistics
+    selection_rule: str
+    patience: int
+    stopped_early: bool
+
+
+def no_site_trained_reason(history: list[dict], withheld: dict[str, str], rounds: int) -> str:
+    """One line: no site trained, and each site's last reason (refusal, rejected update,
+    withheld statistics)."""
+    from safn_core.federation.event_text import rejection_text
+
+    why: dict[str, str] = {f"site {k}": f"withheld its statistics: {v}"
+                           for k, v in withheld.items()}
+    for e in history:
+        for x in e.get("rejected", []):
+            if x.get("site") not in (None, "-"):
+                why[f"site {x['site']}"] = f"update rejected: {rejection_text(x)}"
+        for x in e.get("refused", []):
+            why[f"site {x['site']}"] = f"refused: {x['reason']}"
+    return (f"no site trained in any of the {rounds} rounds, so there is no model (no bundle "
+            "written)" + "".join(f"; {k} {v}" for k, v in sorted(why.items())))
+
+
+def flower_run_ids(run_dir: Path) -> list[str]:
+    """The Flower runs safn-server submitted for this run folder (``flower_runs.json``)."""
+    try:
+        runs = json.loads((Path(run_dir) / "flower_runs.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [str(r["run_id"]) for r in runs]
+
+
+def rounds_table(history: list[dict]) -> pd.DataFrame:
+    """One row per round and site ('pooled' included): the metric history as a table."""
+    rows = []
+    for e in history:
+        base = {"round": e["round"], "train_loss": e.get("train_loss"),
+                "threshold": e.get("threshold")}
+        if e.get("pooled"):
+            rows.append({**base, "site": "pooled", "n_test": e.get("n_test"), **e["pooled"]})
+        privacy = e.get("privacy") or {}
+        for site, m in (e.get("sites") or {}).items():
+            eps = (privacy.get(site) or {}).get("epsilon")
+            rows.append({**base, "site": site, **(m or {"withheld": True}),
+                         **({"epsilon": eps} if privacy else {})})
+    return pd.DataFrame(rows)
+
+
+def save_federated_bundle(run_dir: Path, cfg: SafnConfig, state: RunState, run: FederatedRun,
+                          harmonisation=None) -> Path:
+    """The selected round's model bundle at ``<run_dir>/model`` (which must not exist)."""
+    from safn_core.bundle import save_bundle
+
+    if not any(e.get("sites_trained") for e in state.history):
+        raise NoSiteTrained(no_site_trained_reason(state.history, run.withheld,
+                                                   cfg.federation.rounds))
+    pre = Preprocessor.from_state(state.preprocessing)
+    model = make_model(pre.modalities, cfg.model, 0)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.selected_weights().items()})
+    last = selected_entry(state.history)  # the selected round: threshold, metrics
+    pooled = last.get("pooled") or {}
+    training_sites = sorted(set(state.sites.values()) - run.held_out)
+    return save_bundle(
+        Path(run_dir) / "model", model, pre, cfg, harmonisation=harmonisation,
+        threshold=last.get("threshold", 0.5), class_counts=state.class_counts,
+        label_names=run.label_names, kind="federated",
+        metrics={"federated_pooled_test": {k: {"mean": v, "sd": None} for k, v in pooled.items()},
+                 **{f"held_out_{name}": {k: {"value": m[k], "ci": m["ci"][k]} for k in METRICS}
+                    for name, m in (last.get("held_out") or {}).items() if m}},
+        extra={"privacy": privacy_summary(state.history, run.gaussian),
+               "run_id": run_identity(run_dir),
+               # Flower's run ids of this run: one per submission (safn-server --resume submits
+               # a new Flower run); none in a simulation
+               "flower_run_ids": flower_run_ids(run_dir),
+               "training": {
+                   "participants": int(sum(state.class_counts)), "sites": training_sites,
+                   "held_out_sites": sorted(run.held_out), "rounds": state.round,
+                   # what the sites said their data is, not this coordinator's data.source
+                   "data_sources": dict(sorted(run.sources.items())),
+                   # participants and sites behind the metrics (no count below min_cell)
+                   "test_evaluation": evaluation_basis(last, training_sites, cfg.data.min_cell),
+                   "selected_round": last.get("round"),
+                   "selection": {"rule": run.selection_rule, "patience": run.patience,
+                                 "stopped_early": run.stopped_early},
+                   "strategy": cfg.federation.strategy,
+                   "local_epochs": cfg.federation.local_epochs}})
