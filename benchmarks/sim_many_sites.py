@@ -16,6 +16,9 @@ Settings a thousand sites of ~7 people force, printed with the figures:
 - ``federation.secure_aggregation=false``: pairwise masking costs every site one mask per other
   site, quadratic in sites (1000 sites: ~1000 ChaCha20 streams of the model per site per round);
   secure aggregation at this scale needs a sparse masking graph, which safn does not have.
+- ``simulation.many_sites_dispatcher=true``: Flower's dispatcher scans every stored message
+  once per node every 0.1 s; the patched one asks only for nodes that have a message
+  (`safn_flower.patches.simulation`; compare with ``--set simulation.many_sites_dispatcher=false``).
 
     .venv/bin/python benchmarks/sim_many_sites.py                    # 250, 500, 1000 sites
     .venv/bin/python benchmarks/sim_many_sites.py --sites 100 --rounds 5
@@ -33,7 +36,8 @@ from pathlib import Path
 from common import PeakMemory, Sampler, config, flower, prepare, tree_rss_mb
 
 MEMORY_TARGET_MB = 4096
-FORCED = ["data.min_cell=1", "federation.secure_aggregation=false"]
+FORCED = ["data.min_cell=1", "federation.secure_aggregation=false",
+          "simulation.many_sites_dispatcher=true"]
 
 
 class RoundMemory(Sampler):

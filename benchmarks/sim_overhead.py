@@ -48,13 +48,11 @@ class RayTimes:
 
 
 def flower_stock_polling(run_dir, cfg, n):
-    """Flower with its own 0.1 s poll intervals (the `safn_flower.patches.SIM` patches undone
-    and not re-applied for this run)."""
-    from safn_flower import patches
-
-    patches.restore(patches.SIM)
+    """Flower with its own 0.1 s poll intervals (no `safn_flower.patches.simulation` Grid
+    wrapper, no dispatcher patch, for this run)."""
     stock = cfg.model_copy(deep=True)
     stock.simulation.fast_polling = False
+    stock.simulation.many_sites_dispatcher = False
     return flower(run_dir, stock, n)
 
 

@@ -45,7 +45,7 @@ from safn_core.processes import end_with_parent, flower_env, signal_group, wait_
 
 INSECURE_WARNING = ("WARNING: --insecure: this site talks to the coordinator WITHOUT TLS and "
                     "without authenticating. Use only for a local test, never with real data.")
-REFUSED_MARK = "Exit Code: 305"
+REFUSED_MARK = "Exit Code: 305"  # Flower's exit line; checked: log_wording.ACTIVATION_EXIT
 
 
 class SiteRefused(SafnError):
@@ -102,6 +102,9 @@ class SiteNode:
         self._last_end = read_run_end(site.state_dir)
 
     def run(self) -> int:
+        from safn_flower.patches.log_wording import check_supernode_log
+
+        check_supernode_log()  # what SiteConsole and REFUSED_MARK read is still said so
         start = time.monotonic()
         wait = self.cfg.site.activation_wait
         while True:

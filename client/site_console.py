@@ -13,6 +13,11 @@ retrying…" warning every few seconds until the SuperNode is stopped. The termi
   retries Flower logs in between;
 - a note when a Flower process (a ClientApp, the SuperNode's heartbeat) failed with a
   traceback (the traceback is in the log).
+
+A SuperNode has no API that says what it is doing, so Flower's own lines are read: "Sent
+successfully", "Connection attempt failed, retrying", "Connection successful after". safn-client
+checks when it starts that the installed Flower still logs them in those words
+(`safn_flower.patches.log_wording.check_supernode_log`, like a patch).
 """
 
 from __future__ import annotations

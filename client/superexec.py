@@ -7,12 +7,12 @@ imports them once and starts each ClientApp as a fork of itself: the same ``flwr
 code with the same arguments, one process per message as before (a crash or leak in one
 message's ClientApp cannot affect the next), without the start-up cost.
 
-`client.supernode` makes the SuperNode start this module instead of ``flower-superexec``. The
-SuperNode connects to the coordinator only once this process says it has imported everything
-(a site is online when it can answer at once; its start-up never counts against a round's
-timeout), and tells it on a pipe whenever it has stored a message for a ClientApp: the SuperExec
-then starts the ClientApp at once rather than at its next poll (which, with the pipe, is only a
-fallback every second). Everything else (tokens, the FAB, the ClientApp protocol) is Flower's.
+`client.supernode` starts this module before Flower's SuperNode (which then runs with
+``--isolation process``) and connects to the coordinator only once this process says, on the pipe
+in `READY_FD_ENV`, that it has imported everything (a site is online when it can answer at once;
+its start-up never counts against a round's timeout). It looks for a new task every
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` s (Flower's public setting; `safn-client` sets it to
+``site.poll_interval``). Everything else (tokens, the FAB, the ClientApp protocol) is Flower's.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ import os
 import sys
 import traceback
 
-from safn_flower import patches
+from safn_flower.patches import superexec as superexec_patches
+
+READY_FD_ENV = "SAFN_SUPEREXEC_READY_FD"
+"""The file descriptor on which this SuperExec says it has imported what ClientApps need."""
 
 SITE_ENV = "SAFN_SITE_CONFIG"
 """The site's resolved site.yaml (set by safn-client): its cohort is loaded before forking."""
@@ -104,13 +107,8 @@ def fork_clientapp(args: list[str]) -> bool:
 
 def main() -> None:
     preload()
-    settings = {"object_pull_backoff": {},
-                "superexec_forking_executor": {"launch_clientapp": fork_clientapp}}
-    wake_fd = os.environ.pop(patches.WAKE_FD_ENV, None)
-    if wake_fd is not None:  # started by client.supernode, which tells it of every new task
-        settings["superexec_wakeup"] = {"fd": int(wake_fd)}
-    patches.apply(settings)
-    ready_fd = os.environ.pop(patches.READY_FD_ENV, None)
+    superexec_patches.prepare(fork_clientapp)
+    ready_fd = os.environ.pop(READY_FD_ENV, None)
     if ready_fd is not None:  # the SuperNode connects to the SuperLink once this is written
         os.write(int(ready_fd), b"ready")
         os.close(int(ready_fd))

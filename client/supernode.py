@@ -17,7 +17,11 @@ The approval list comes from the environment (``SAFN_APPROVED_APPS``: comma-sepa
 ``SAFN_TRUSTED_ENTITIES``: a YAML file), set by `safn-client` from site.yaml.
 
 ``SAFN_WARM_CLIENTAPPS`` (default 1) starts ClientApps from a warm SuperExec
-(`client.superexec`); 0 keeps Flower's fresh ``flwr-clientapp`` process per message.
+(`client.superexec`): this module starts it, waits until it has imported what ClientApps need
+(a site is online only when it can answer at once; its start-up never counts against a round's
+timeout), then runs Flower's SuperNode with ``--isolation process`` (Flower's public option for
+a SuperExec started outside the SuperNode). 0 keeps Flower's fresh ``flwr-clientapp`` process
+per message.
 
 ``SAFN_POLL_INTERVAL`` (seconds, default 3 = Flower's own) sets how long an idle SuperNode waits
 between two pulls from the SuperLink; Flower hard-codes 3 s, which dominates the time per round
@@ -26,7 +30,7 @@ of a small model.
 ``SAFN_NODE_ID_FILE`` (set by `safn-client`: ``<site.state_dir>/node_id``) keeps the node id of
 the site's last activation, so that a SuperNode restarted after a crash ends its own previous
 session and is active again within seconds, instead of being refused until that session has
-missed its heartbeats (`safn_flower.patches`, ``supernode_session_takeover``).
+missed its heartbeats (`safn_flower.patches.supernode`, ``supernode_session_takeover``).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import os
 import sys
 from logging import ERROR, INFO
 
-from safn_flower import patches
+from safn_flower.patches import supernode as supernode_patches
 
 APPROVED_ENV = "SAFN_APPROVED_APPS"
 TRUSTED_ENV = "SAFN_TRUSTED_ENTITIES"
@@ -84,17 +88,53 @@ def app_approval(approved: set[str], trusted: dict[str, str]):
     return verify
 
 
-def supernode_patches(approved: set[str], trusted: dict[str, str], poll_interval: float,
-                      warm: bool, node_id_file: str | None = None) -> dict[str, dict]:
-    """The Flower patches this SuperNode runs with (`safn_flower.patches`), with settings."""
-    out = {"supernode_app_approval": {"verify": app_approval(approved, trusted)},
-           "supernode_poll_interval": {"interval": poll_interval},
-           "supernode_heartbeat": {}, "object_pull_backoff": {}}
-    if node_id_file:
-        out["supernode_session_takeover"] = {"node_id_file": node_id_file}
-    if warm:
-        out["supernode_warm_superexec"] = {"command": [sys.executable, "-m", "client.superexec"]}
-    return out
+SUPEREXEC_READY_WAIT = 600.0
+"""Seconds this SuperNode waits for its warm SuperExec to be ready before it connects anyway."""
+
+
+def _option(argv: list[str], name: str, default: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def superexec_command(argv: list[str]) -> list[str]:
+    """The warm SuperExec for the SuperNode started with ``argv``: Flower's own SuperExec
+    arguments (those its SuperNode passes in ``subprocess`` isolation), for the SuperNode's
+    Runtime API (``--host`` / ``--port``; without TLS, as Flower's own), ended with this
+    process (``--parent-pid``)."""
+    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT
+
+    host = _option(argv, "--host", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    port = _option(argv, "--port", str(SUPERNODE_UVICORN_DEFAULT_PORT))
+    return [sys.executable, "-m", "client.superexec", "--insecure",
+            "--runtime-api-address", f"{host}:{port}", "--parent-pid", str(os.getpid())]
+
+
+def start_warm_superexec(command: list[str], ready_wait: float = SUPEREXEC_READY_WAIT):
+    """Start ``command`` (`client.superexec`) with the write end of a pipe in
+    `client.superexec.READY_FD_ENV`, and return once it wrote to it (it has imported
+    everything), exited, or ``ready_wait`` s passed."""
+    import select
+    import subprocess
+
+    from client.superexec import READY_FD_ENV
+
+    ready_read, ready_write = os.pipe()
+    env = dict(os.environ, **{READY_FD_ENV: str(ready_write)})
+    try:
+        proc = subprocess.Popen(command, env=env, pass_fds=(ready_write,))
+    finally:
+        os.close(ready_write)
+    try:
+        select.select([ready_read], [], [], ready_wait)
+    finally:
+        os.close(ready_read)
+    return proc
 
 
 def main() -> None:
@@ -103,12 +143,15 @@ def main() -> None:
     if not approved and not trusted:
         sys.exit("safn: no approved app (SAFN_APPROVED_APPS) and no trusted entities "
                  "(SAFN_TRUSTED_ENTITIES): refusing to start a SuperNode that would run any app")
-    patches.apply(supernode_patches(approved, trusted, float(os.environ.get(POLL_ENV, "3")),
-                                    os.environ.get(WARM_ENV, "1") != "0",
-                                    os.environ.get(NODE_ID_ENV)))
+    supernode_patches.prepare(app_approval(approved, trusted),
+                              float(os.environ.get(POLL_ENV, "3")), os.environ.get(NODE_ID_ENV))
+    argv = sys.argv[1:]
+    if os.environ.get(WARM_ENV, "1") != "0" and "--isolation" not in argv:
+        start_warm_superexec(superexec_command(argv))
+        argv += ["--isolation", "process"]
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv[0] = "flower-supernode"
+    sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 
 

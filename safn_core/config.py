@@ -333,8 +333,13 @@ class SimulationConfig(Section):
     ray_address: str | None = Field(
         None, description="an existing Ray cluster: 'auto' (the one this machine is a node "
                           "of) or the head's host:port (docs/ray-cluster.md)")
-    fast_polling: bool = Field(True, description="poll Flower's in-memory message queues every "
-                                                 "10 ms instead of 100 ms (idle time per round)")
+    fast_polling: bool = Field(True, description="the ServerApp polls Flower's in-memory Grid "
+                                                 "every 10 ms instead of 100 ms (idle time per "
+                                                 "round)")
+    many_sites_dispatcher: bool = Field(
+        False, description="patch Flower's simulation dispatcher to hand out messages every "
+                           "10 ms, looking only at nodes that have one: pays off from a few "
+                           "hundred virtual sites (docs/flower-patches.md)")
     site_state_dir: Path | None = Field(
         None, description="virtual sites' own state (privacy ledgers), one subfolder per site; "
                           "outside any run folder so later runs find the spent budget (default "

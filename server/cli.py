@@ -7,7 +7,7 @@
     safn-server --app-hash                      the app bundle's sha256, for sites to approve
 
 The run itself is the same ServerApp as in simulation (`server.app`), submitted with the stock
-``flwr run``; the run folder (``server.run_dir``) receives config.yaml, progress.log,
+``flwr run``; the run folder (``server.run_dir``) receives config.yaml, events.jsonl,
 checkpoints/, history.json, rounds.csv, the model bundle, and the SuperLink's log and database.
 While it runs, ``FLWR_HOME=<run_dir>/flower flwr list|log|stop safn`` work as usual.
 """
@@ -27,6 +27,8 @@ from safn_core.deploy_checks import (check_can_listen, check_host, check_server_
                                      check_site_name, load_site_public_key)
 from safn_core.errors import ConfigError, SafnError
 from safn_core.federation.checkpoint import checkpoint_note, checkpointed_round
+from safn_core.federation.event_text import render
+from safn_core.federation.events import EVENTS_FILE, Event, EventFollower
 from safn_core.federation.run_folder import RUN_ID_FILE, run_identity, write_config
 from safn_core.io import write_json
 from safn_core.processes import LogFollower
@@ -88,6 +90,7 @@ class Deployment:
         self.run_dir = Path(cfg.server.run_dir).resolve()
         self.link: SuperLink | None = None
         self.site_nodes: dict[str, str] = {}  # site name -> Flower node id (registration)
+        self.submitted = time.time()  # when the run was submitted (`submit`)
 
     # -- the run folder -------------------------------------------------------------------
 
@@ -111,6 +114,9 @@ class Deployment:
     # -- the session ----------------------------------------------------------------------
 
     def run(self) -> int:
+        from safn_flower.patches.log_wording import check_superlink_log
+
+        check_superlink_log()  # what `follow` reads of the SuperLink's log is still said so
         if self.insecure:
             err_console.print(f"[bold red]{INSECURE_WARNING}[/]")
         self.prepare_run_dir()
@@ -149,27 +155,28 @@ class Deployment:
         runs.append({"run_id": run_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
                      "resume": self.resume, "app_sha256": app_hash(app)})
         write_json(self.run_dir / "flower_runs.json", {"runs": runs})
+        self.submitted = time.time()
         console.print(f"Flower run {run_id} submitted (run id {run_identity(self.run_dir)}, app "
                       f"sha256 {runs[-1]['app_sha256']}); waiting for at least "
                       f"{self.cfg.federation.min_sites} sites")
         return run_id
 
     def follow(self, run_id: str) -> int:
-        """Print progress until the run finishes; the exit status says how it ended."""
-        progress = LogFollower(self.run_dir / "progress.log", from_end=True)
-        history_seen = len(_read_json(self.run_dir / "history.json", []))
+        """Print progress until the run finishes; the exit status says how it ended.
+
+        Progress is the run's events (``events.jsonl``, written by the ServerApp: each shown
+        with `render`, a round's per-site line from its ``entry``); sites connecting and leaving
+        and refused keys come from the SuperLink's log (`safn_flower.patches.log_wording`
+        checked at start that Flower still logs them so). The outcome is the ``run_end`` event,
+        or ``federation_status.json`` from a ServerApp that emits none."""
+        events = EventFollower(self.run_dir / EVENTS_FILE, from_end=True)
         online: set[str] = set()
         last_check, last_listed = time.monotonic(), None
-        started, training = time.time(), False
+        training, end = False, None
         while True:
-            for line in progress.lines():
-                if not line.startswith(STOPPED_LINE):  # the outcome below says it
-                    console.print(line, soft_wrap=True)
-                training = training or line.startswith("statistics round")
-            history = _read_json(self.run_dir / "history.json", [])
-            for record in history[history_seen:]:
-                console.print(site_line(record), soft_wrap=True)
-            history_seen = max(history_seen, len(history))
+            for event in events.events():
+                end = self._show(event) or end
+                training = training or event.get("event") == Event.STATISTICS
             for line in self.superlink_log.lines():
                 note = refusal(line)
                 if note:
@@ -179,26 +186,37 @@ class Deployment:
                 raise DeploymentError(f"the SuperLink stopped unexpectedly; see "
                                       f"{self.link.log}. Resume with --resume")
             status = self.run_dir / "federation_status.json"
-            finished = status.stat().st_mtime if status.exists() else 0
+            finished = end is not None or (status.exists() and status.stat().st_mtime
+                                           > self.submitted)
             # each `flwr` call is a Python process of about two CPU seconds, which a small
             # coordinator's federation needs itself: sites connecting and leaving are read
             # from the SuperLink's log; they are listed only at the start and, while waiting
             # for them, every 30 s (a site that stops heartbeating is not logged); the run's
-            # state is asked for every 30 s (a ServerApp crash writes no status file), and at
-            # once when the ServerApp wrote its final status
+            # state is asked for every 30 s (a ServerApp crash emits no run end), and at once
+            # when the ServerApp said the run ended
             now = time.monotonic()
             if last_listed is None or (not training and now - last_listed > 30):
                 online, last_listed = self._report_nodes(online), now
-            if now - last_check > 30 or finished > started:
+            if now - last_check > 30 or finished:
                 last_check = now
                 info = self.link.cli.run_info(run_id)
                 if info and str(info.get("status", "")).startswith("finished"):
                     break
             time.sleep(0.3)
-        for line in progress.lines():
-            if not line.startswith(STOPPED_LINE):
-                console.print(line, soft_wrap=True)
-        return self._outcome(info)
+        for event in events.events():
+            end = self._show(event) or end
+        return self._outcome(info, end)
+
+    @staticmethod
+    def _show(event: dict) -> dict | None:
+        """Print one run event; returns it when it is the run's end (said by the outcome)."""
+        code = event.get("event")
+        if code == Event.RUN_END:
+            return event
+        console.print(render(event), soft_wrap=True)
+        if code == Event.ROUND and isinstance(event.get("entry"), dict):
+            console.print(site_line(event["entry"]), soft_wrap=True)
+        return None
 
     def _report_nodes(self, before: set[str]) -> set[str]:
         now = {n["node-id"] for n in self.link.cli.nodes() if n.get("status") == "online"}
@@ -222,11 +240,11 @@ class Deployment:
                                    sorted(set(cfg.server.sites) | seen), info)
         console.print(f"report: {path}")
 
-    def _outcome(self, info: dict) -> int:
+    def _outcome(self, info: dict, end: dict | None = None) -> int:
         # Flower's own account of the run: status, network traffic, compute seconds
         write_json(self.run_dir / "flower_run.json", info or {})
         self.write_report(info)
-        status = _read_json(self.run_dir / "federation_status.json")
+        status = run_outcome(end, _read_json(self.run_dir / "federation_status.json"))
         flower = str(info.get("status"))
         flower_id = self.link.cli.run_id_of(info)
         ids = f"run id {run_identity(self.run_dir)}, Flower run {flower_id}"
@@ -266,7 +284,8 @@ SITE_NODES_FILE = "site_nodes.json"
 NODE_EVENT = re.compile(r"\[Fleet\.(Activate|Deactivate)Node\] (?:Activated|Deactivated) "
                         r"node_id=(\d+)")
 """What the SuperLink logs when a site connects or leaves cleanly (Flower 1.42,
-``superlink/servicer/fleet/fleet_handlers.py``, ``activate_node`` / ``deactivate_node``)."""
+``superlink/servicer/fleet/fleet_handlers.py``, ``activate_node`` / ``deactivate_node``; checked
+at start by `safn_flower.patches.log_wording.NODE_EVENTS`)."""
 
 
 def _node_event(line: str, online: set[str], site_nodes: dict[str, str]) -> set[str]:
@@ -280,7 +299,16 @@ def _node_event(line: str, online: set[str], site_nodes: dict[str, str]) -> set[
     return now
 
 
-STOPPED_LINE = "run stopped: "  # the ServerApp's progress line when a run stops (server.app)
+def run_outcome(end: dict | None, status: dict) -> dict:
+    """How the run ended, as ``federation_status.json`` says it (``status``, ``round``,
+    ``reason``): from the ServerApp's ``run_end`` event when it emitted one, else that file."""
+    if end is None:
+        return status
+    out = {"status": end.get("status"), "round": end.get("round")}
+    if end.get("status") != "completed":
+        out["reason"] = end.get("detail") or render(end)
+        out["code"] = end.get("code")
+    return out
 
 
 def online_line(online: set[str], site_nodes: dict[str, str]) -> str:
@@ -325,7 +353,7 @@ def show_status(cfg: SafnConfig) -> int:
     console.print(f"run folder {run_dir}: {state}; {len(history)} of {rounds} rounds recorded"
                   + (f" ({ids})" if ids else ""), soft_wrap=True)
     if history:
-        from safn_core.federation.aggregate import round_line
+        from safn_core.federation.event_text import round_line
 
         console.print(round_line(history[-1], rounds), soft_wrap=True)
     if (run_dir / "model").is_dir():

@@ -182,6 +182,8 @@ class SuperLink:
 
 REFUSED = re.compile(r"activate-node\]\[ApiError:2004\].*?(No SuperNode found with the given "
                      r"public key|could not be activated)")
+"""The SuperLink's log line when it refuses to activate a SuperNode, with the key it was offered
+(only the log names it); checked at start by `safn_flower.patches.log_wording.ACTIVATION_REFUSED`."""
 PEM = re.compile(r"-----BEGIN PUBLIC KEY-----(.*?)-----END PUBLIC KEY-----")
 
 

@@ -7,8 +7,9 @@ runs the ServerApp in a thread next to an in-memory Grid and the ClientApps in R
 nothing left running afterwards. Its run config is empty, so the apps find the run folder (and its
 resolved ``config.yaml``) through the ``SAFN_RUN_DIR`` environment variable, which Ray's workers
 inherit; a deployment passes ``run-dir`` in the run config instead. The app code is the same.
-Flower's 0.1 s simulation polling loops are shortened by `safn_flower.patches` (``SIM``) when
-``simulation.fast_polling`` is on.
+With ``simulation.fast_polling`` the ServerApp's Grid polls every 10 ms instead of Flower's 0.1 s
+(a Grid wrapper, `safn_flower.patches.simulation`); ``simulation.many_sites_dispatcher`` patches
+Flower's dispatcher for hundreds of sites.
 
 On an existing Ray cluster (``simulation.ray_address``) the workers inherit nothing from this
 process and share no disk with it: `simulations.ray_cluster` joins the cluster with the run's
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from safn_core.config import SafnConfig
 from safn_core.federation.run_folder import RUN_DIR_ENV
-from safn_flower import patches
+from safn_flower.patches import simulation as sim_patches
 
 
 def quiet_flower() -> None:
@@ -40,7 +41,7 @@ def quiet_flower() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for name in ("flwr", "ray", "filelock"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # Flower's own DeprecationWarnings stay visible: they are about the internals patched in
+    # Flower's own DeprecationWarnings stay visible: they may be about the internals patched in
     # `safn_flower.patches`. Only a known, harmless NumPy notice from Ray is hidden.
     warnings.filterwarnings("ignore", message=".*NumPy array is not writable.*")
 
@@ -67,36 +68,35 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
     from server.app import simulation_app as server_app
 
     quiet_flower()  # again: importing Flower resets its logger to INFO
-    if cfg.simulation.fast_polling:
-        patches.apply({name: {} for name in patches.SIM})
     t0 = time.perf_counter()
     backend = backend_config(cfg)
     cluster = None
-    try:
-        if cfg.simulation.ray_address:  # an existing cluster: `simulations.ray_cluster`
-            from safn_core.cli.common import console
-            from simulations.ray_cluster import ClusterRun
-
-            cluster = ClusterRun(cfg.simulation.ray_address, run_dir,
-                                 cfg.simulation.num_cpus_per_site)
-            cluster.connect()
-            console.print(cluster.describe())
-            patches.apply(names=patches.SIM_CLUSTER)
-        else:
-            start_ray(backend["init_args"])
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
-                       backend_config=backend, verbose_logging=False)
-    finally:
+    with sim_patches.prepare(server_app, fast_polling=cfg.simulation.fast_polling,
+                             many_sites_dispatcher=cfg.simulation.many_sites_dispatcher,
+                             ray_cluster=bool(cfg.simulation.ray_address)) as app:
         try:
-            if cluster is not None and cluster.disks is not None:
-                cluster.finish()
-        except Exception as exc:  # never hide the run's own outcome behind the clean-up's
-            print(f"safn-sim: the cluster's record ({cluster.run_dir / 'ray_cluster.json'}) was "
-                  f"not written or its nodes' mirrors not removed: {exc}", file=sys.stderr)
+            if cfg.simulation.ray_address:  # an existing cluster: `simulations.ray_cluster`
+                from safn_core.cli.common import console
+                from simulations.ray_cluster import ClusterRun
+
+                cluster = ClusterRun(cfg.simulation.ray_address, run_dir,
+                                     cfg.simulation.num_cpus_per_site)
+                cluster.connect()
+                console.print(cluster.describe())
+            else:
+                start_ray(backend["init_args"])
+            run_simulation(server_app=app, client_app=client_app, num_supernodes=n_sites,
+                           backend_config=backend, verbose_logging=False)
         finally:
-            _stop_ray()
-            if cluster is not None:
-                patches.restore(patches.SIM_CLUSTER)
+            try:
+                if cluster is not None and cluster.disks is not None:
+                    cluster.finish()
+            except Exception as exc:  # never hide the run's own outcome behind the clean-up's
+                print(f"safn-sim: the cluster's record ({cluster.run_dir / 'ray_cluster.json'}) "
+                      f"was not written or its nodes' mirrors not removed: {exc}",
+                      file=sys.stderr)
+            finally:
+                _stop_ray()
     return time.perf_counter() - t0
 
 

@@ -1,74 +1,186 @@
-"""The Flower patches: every target exists as expected on the installed Flower; applying is
-checked first and announced; restoring gives stock Flower back."""
+"""The Flower patches (`safn_flower.patches`): every target exists as expected on the installed
+Flower; applying is checked first and announced; restoring gives stock Flower back; the public
+seams that replaced former patches behave as Flower's own code; the Flower log lines safn reads
+are still logged in those words."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from types import SimpleNamespace
+
 import pytest
 
-from safn_flower import patches
+from safn_flower.patches import core, log_wording, serverapp, simulation, superexec
+from safn_flower.patches import supernode as sn
+
+ALL = (serverapp.PATCHES + sn.PATCHES + superexec.PATCHES + simulation.PATCHES
+       + log_wording.PATCHES)
 
 
 def test_every_patch_target_is_where_and_what_the_patch_expects():
-    assert patches.check() == []
+    assert core.check(ALL) == []
 
 
-def test_every_process_group_names_known_patches():
-    groups = (patches.SIM, patches.SIM_CLUSTER, patches.SERVERAPP, patches.SUPERNODE,
-              patches.SUPEREXEC)
-    for group in groups:
-        assert set(group) <= set(patches.PATCHES)
-    used = {name for group in groups for name in group}
-    assert used == set(patches.PATCHES)
+def test_each_patch_has_its_own_apply_and_a_unique_name():
+    names = [p.name for p in dict.fromkeys(ALL)]
+    assert len(names) == len(set(names))
+    for patch in dict.fromkeys(ALL):
+        assert patch.targets
+        assert (patch.install is None) == (patch in log_wording.PATCHES), patch.name
+    # what the issue dropped or replaced by a public seam is gone
+    assert not {"sim_queue_wait", "sim_grid_pull_interval", "serverapp_grid_polling",
+                "superexec_wakeup", "supernode_warm_superexec"} & set(names)
 
 
-def test_apply_announces_once_and_restore_undoes(capsys):
-    import flwr.server.superlink.fleet.vce.vce_api as vce
-    import flwr.superlink.grid.inmemory_grid as grid
+# -- the ServerApp: a Grid wrapper (seam) and the reply pulls (patch) ----------------------------
 
-    patches.restore(patches.SIM)  # an earlier simulation in this process may have applied them
-    stock_defaults = grid.InMemoryGrid.__init__.__defaults__
-    stock_dispatch = vce.add_messages_to_queue
+class FakeGrid:
+    """A Grid as far as `PollingGrid` sees it: replies become available on the nth pull."""
+
+    def __init__(self, ready_after: dict[str, int]):
+        self.ready_after, self.pulls, self.other = dict(ready_after), 0, "grid attribute"
+
+    def push_messages(self, messages):
+        return [m for m in messages]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        out = [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid))
+               for mid in sorted(message_ids) if self.ready_after.get(mid, 10**9) <= self.pulls]
+        for m in out:
+            self.ready_after.pop(m.metadata.reply_to_message_id)
+        return out
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def test_the_polling_grid_pulls_until_every_reply_is_in_waiting_its_own_interval(monkeypatch):
+    slept: list = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    grid = serverapp.PollingGrid(FakeGrid({"a": 1, "b": 3}), poll_interval=0.05)
+    replies = grid.send_and_receive(["a", "b"], timeout=None)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b"]
+    assert slept == [0.05, 0.05] and grid.grid.pulls == 3
+    assert grid.get_node_ids() == [1, 2] and grid.other == "grid attribute"  # the rest is the Grid's
+    assert serverapp.PollingGrid(grid, 0.2).grid is grid.grid  # never wrapped twice
+
+
+def test_the_polling_grid_returns_what_came_when_the_timeout_passes():
+    grid = serverapp.PollingGrid(FakeGrid({"a": 1}), poll_interval=0.01)
+    t = time.monotonic()
+    replies = grid.send_and_receive(["a", "never"], timeout=0.2)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert 0.15 < time.monotonic() - t < 2
+
+
+def test_prepare_wraps_a_deployed_grid_and_patches_its_reply_pulls_once(capsys):
+    import flwr.superlink.grid.http_grid as http_grid
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    stock = http_grid.pull_objects
+    core.restore(["serverapp_reply_pulls"])
     try:
-        assert patches.apply({n: {} for n in patches.SIM}) == patches.SIM
-        assert grid.InMemoryGrid.__init__.__defaults__ == (0.01,)
-        assert vce.add_messages_to_queue is not stock_dispatch
-        line = capsys.readouterr().err.strip().splitlines()
-        assert len(line) == 1 and "sim_grid_pull_interval, sim_dispatch_interval" in line[0]
-        assert patches.apply({n: {} for n in patches.SIM}) == ()  # already applied: no-op
+        grid = serverapp.prepare(HttpGrid(token="t"), 0.2)
+        assert isinstance(grid, serverapp.PollingGrid) and grid.poll_interval == 0.2
+        assert http_grid.pull_objects is not stock
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "serverapp_reply_pulls" in err[0]
+        serverapp.prepare(HttpGrid(token="t"), 0.2)  # already applied: not again, not announced
+        assert capsys.readouterr().err == ""
     finally:
-        patches.restore(patches.SIM)
-    assert grid.InMemoryGrid.__init__.__defaults__ == stock_defaults
-    assert vce.add_messages_to_queue is stock_dispatch
+        core.restore(["serverapp_reply_pulls"])
+    assert http_grid.pull_objects is stock
+    # a simulation's in-memory Grid is only wrapped
+    assert isinstance(serverapp.prepare(FakeGrid({}), 0.01), serverapp.PollingGrid)
+    assert http_grid.pull_objects is stock
 
 
 def test_a_moved_target_is_refused_before_anything_is_patched(monkeypatch):
     import flwr.superlink.grid.http_grid as http_grid
-    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid.http_grid import HttpGrid
 
-    stock = dict(inflatable_utils.pull_objects.__kwdefaults__)
-    monkeypatch.delattr(http_grid, "time")  # as if a Flower upgrade dropped it
-    with pytest.raises(patches.FlowerPatchError, match="serverapp_grid_polling.*http_grid.time"):
-        patches.apply({n: {} for n in patches.SERVERAPP})
-    assert inflatable_utils.pull_objects.__kwdefaults__ == stock  # nothing half-applied
+    monkeypatch.delattr(http_grid.HttpGrid, "pull_messages")  # as if an upgrade moved it
+    stock = http_grid.pull_objects
+    with pytest.raises(core.FlowerPatchError,
+                       match="serverapp_reply_pulls.*HttpGrid.pull_messages"):
+        serverapp.prepare(HttpGrid(token="t"), 0.2)
+    assert http_grid.pull_objects is stock and "serverapp_reply_pulls" not in core.applied()
+
+
+def test_a_reply_whose_upload_never_completes_is_given_up_on_not_waited_for_for_hours():
+    """serverapp_reply_pulls: the Grid's pull of a reply's objects is bounded (a site killed
+    while sending its update) and retried quickly; other pulls keep Flower's defaults."""
+    import flwr.superlink.grid.http_grid as http_grid
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    tries = []
+
+    def never_there(object_id):  # the sender died before it uploaded this object
+        tries.append(object_id)
+        raise iu.ObjectUnavailableError(object_id)
+
+    assert http_grid.pull_objects.__kwdefaults__["max_time"] == 7200  # Flower's: 2 hours
+    core.apply([(serverapp.REPLY_PULLS, {"seconds": 0})], announce=False)
+    try:
+        with pytest.raises(iu.ObjectPullError, match="timeout or retry limit"):
+            http_grid.pull_objects(["obj"], never_there)
+        assert tries == ["obj"]  # given up at the bound (0 s here), not after 2 hours
+        assert iu.pull_objects.__kwdefaults__["max_time"] == 7200  # other pulls unchanged
+        assert core.check([serverapp.REPLY_PULLS]) == []  # re-checkable once applied
+    finally:
+        core.restore(["serverapp_reply_pulls"])
+    assert http_grid.pull_objects is iu.pull_objects
+    assert serverapp.REPLY_UPLOAD_WAIT == 30
+
+
+# -- the simulation driver ----------------------------------------------------------------------
+
+def test_simulation_patches_only_what_is_asked_and_restores_it(capsys):
+    import flwr.server.superlink.fleet.vce.vce_api as vce
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    stock_dispatch, stock_terminate = vce.add_messages_to_queue, RayBackend.terminate
+    app = object()
+    with simulation.prepare(app, fast_polling=False) as run:
+        assert run is app and vce.add_messages_to_queue is stock_dispatch
+    assert capsys.readouterr().err == ""  # nothing patched, nothing announced
+    with simulation.prepare(app, fast_polling=True, many_sites_dispatcher=True,
+                            ray_cluster=True) as run:
+        from flwr.serverapp import ServerApp
+
+        assert isinstance(run, ServerApp)  # runs ``app`` with a PollingGrid
+        assert vce.add_messages_to_queue is not stock_dispatch
+        assert RayBackend.terminate is not stock_terminate
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "sim_dispatch_interval, sim_ray_left_running" in err[0]
+    assert vce.add_messages_to_queue is stock_dispatch and RayBackend.terminate is stock_terminate
+
+
+def test_the_fast_simulation_server_app_runs_the_app_with_a_polling_grid():
+    seen = []
+    app = simulation.polled_server_app(lambda grid, context: seen.append((grid, context)))
+    inner = FakeGrid({})
+    app(inner, "context")
+    ((grid, context),) = seen
+    assert isinstance(grid, serverapp.PollingGrid) and grid.grid is inner
+    assert grid.poll_interval == simulation.GRID_POLL_INTERVAL and context == "context"
 
 
 def test_a_changed_signature_is_reported(monkeypatch):
     import flwr.server.superlink.fleet.vce.vce_api as vce
 
     monkeypatch.setattr(vce, "add_messages_to_queue", lambda state, queue: None)
-    problems = patches.check(["sim_dispatch_interval"])
+    problems = core.check([simulation.DISPATCH])
     assert problems and "parameters ('state', 'queue')" in problems[0]
 
 
-def test_unknown_patch_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown Flower patches"):
-        patches.apply({"no_such_patch": {}})
-
+# -- a site's SuperNode ------------------------------------------------------------------------
 
 def test_poll_clock_caps_sleep_only():
-    import time
-
-    clock = patches.PollClock(0.0)
+    clock = sn.PollClock(0.0)
     t0 = time.monotonic()
     clock.sleep(30)
     assert time.monotonic() - t0 < 5 and clock.monotonic() >= t0
@@ -114,24 +226,24 @@ def test_a_restarted_supernode_ends_its_previous_session_then_activates(monkeypa
 
     def start():
         """One SuperNode process: the patch applied, then Flower's connection opened."""
-        patches.apply({"supernode_session_takeover": {"node_id_file": str(node_file),
-                                                      "sleep": slept.append}}, announce=False)
+        core.apply([(sn.SESSION_TAKEOVER, {"node_id_file": str(node_file),
+                                           "sleep": slept.append})], announce=False)
         try:
             client = conn.FleetHttpClient.from_server_address("127.0.0.1:1", True)
             client.ActivateNode(object())
             return client
         finally:
-            patches.restore(["supernode_session_takeover"])
+            core.restore(["supernode_session_takeover"])
 
     start()  # first start: no previous session, nothing to end
     assert calls == [("activate",)] and slept == []
-    assert patches.read_node_id(node_file) == 42
+    assert sn.read_node_id(node_file) == 42
     assert conn.FleetHttpClient is Fleet  # restored
 
     calls.clear()
     client = start()  # restarted (e.g. after SIGKILL): its session may still be online
     assert calls == [("deactivate", 42), ("activate",)]
-    assert slept == [patches.SESSION_TAKEOVER_GRACE]
+    assert slept == [sn.SESSION_TAKEOVER_GRACE]
     calls.clear()
     client.ActivateNode(object())  # Flower's retry of the activation: the session is ended once
     assert calls == [("activate",)]
@@ -142,14 +254,14 @@ def test_a_restarted_supernode_ends_its_previous_session_then_activates(monkeypa
         answers["deactivate"] = status(code)
         start()
         assert calls == [("deactivate", 42), ("activate",)]
-        assert slept == ([patches.SESSION_TAKEOVER_GRACE] if waits else [])
+        assert slept == ([sn.SESSION_TAKEOVER_GRACE] if waits else [])
 
     # the SuperLink not reachable yet: the error goes to Flower's retry, which asks again
     calls.clear()
     slept.clear()
     answers["deactivate"] = httpx.ConnectError("refused")
-    patches.apply({"supernode_session_takeover": {"node_id_file": str(node_file),
-                                                  "sleep": slept.append}}, announce=False)
+    core.apply([(sn.SESSION_TAKEOVER, {"node_id_file": str(node_file),
+                                       "sleep": slept.append})], announce=False)
     try:
         client = conn.FleetHttpClient.from_server_address("127.0.0.1:1", True)
         with pytest.raises(httpx.ConnectError):
@@ -157,35 +269,9 @@ def test_a_restarted_supernode_ends_its_previous_session_then_activates(monkeypa
         answers.pop("deactivate")
         client.ActivateNode(object())
     finally:
-        patches.restore(["supernode_session_takeover"])
+        core.restore(["supernode_session_takeover"])
     assert calls == [("deactivate", 42), ("deactivate", 42), ("activate",)]
-    assert slept == [patches.SESSION_TAKEOVER_GRACE]
-
-
-def test_a_reply_whose_upload_never_completes_is_given_up_on_not_waited_for_for_hours():
-    """serverapp_reply_upload_wait: the Grid's pull of a reply's objects is bounded (a site
-    killed while sending its update), other pulls keep Flower's own bound."""
-    import flwr.superlink.grid.http_grid as http_grid
-    from flwr.supercore.inflatable import inflatable_utils as iu
-
-    tries = []
-
-    def never_there(object_id):  # the sender died before it uploaded this object
-        tries.append(object_id)
-        raise iu.ObjectUnavailableError(object_id)
-
-    assert http_grid.pull_objects.__kwdefaults__["max_time"] == 7200  # Flower's: 2 hours
-    patches.apply({"serverapp_reply_upload_wait": {"seconds": 0}}, announce=False)
-    try:
-        with pytest.raises(iu.ObjectPullError, match="timeout or retry limit"):
-            http_grid.pull_objects(["obj"], never_there)
-        assert tries == ["obj"]  # given up at the bound (0 s here), not after 2 hours
-        assert iu.pull_objects.__kwdefaults__["max_time"] == 7200  # other pulls unchanged
-        assert patches.check(["serverapp_reply_upload_wait"]) == []  # re-checkable once applied
-    finally:
-        patches.restore(["serverapp_reply_upload_wait"])
-    assert http_grid.pull_objects is iu.pull_objects
-    assert patches.REPLY_UPLOAD_WAIT == 30
+    assert slept == [sn.SESSION_TAKEOVER_GRACE]
 
 
 def test_supernode_waits_for_a_clientapp_reply_in_short_steps_but_polls_the_superlink_slowly(
@@ -193,15 +279,13 @@ def test_supernode_waits_for_a_clientapp_reply_in_short_steps_but_polls_the_supe
     """supernode_poll_interval: Flower's SuperNode sleeps 3 s between pulls from the SuperLink
     (capped at the site's poll interval) and 0.5 s between looks at its own state for a reply
     (capped at `LOCAL_WAIT`: no network request)."""
-    import time
-
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    clock = patches.PollClock(0.2, local=patches.LOCAL_WAIT)
+    clock = sn.PollClock(0.2, local=sn.LOCAL_WAIT)
     clock.sleep(3)    # idle: the next pull from the SuperLink
     clock.sleep(0.5)  # waiting for the ClientApp's reply
-    assert slept == [0.2, patches.LOCAL_WAIT]
-    assert patches.LOCAL_WAIT <= 0.01
+    assert slept == [0.2, sn.LOCAL_WAIT]
+    assert sn.LOCAL_WAIT <= 0.01
 
 
 def test_the_supernode_sleeps_only_where_the_poll_clock_expects(monkeypatch):
@@ -213,109 +297,124 @@ def test_the_supernode_sleeps_only_where_the_poll_clock_expects(monkeypatch):
 
     source = inspect.getsource(sci).replace("time.sleep(0.5)", "time.sleep(0.7)")
     monkeypatch.setattr(inspect, "getsource", lambda module: source)
-    problems = patches.check(["supernode_poll_interval"])
+    problems = core.check([sn.POLL_INTERVAL])
     assert problems and "sleeps ['0.7', '3'], expected ['0.5', '3']" in problems[0]
 
 
-WAITING_SUPEREXEC = """
-import os, sys, time
+def test_supernode_prepare_applies_its_patches_and_restore_gives_flower_back():
+    from flwr.supercore.inflatable import inflatable_utils as iu
+    from flwr.supernode import start_client_internal as sci
+
+    stock_pull, stock_defaults = sci._pull_and_store_message, dict(iu.pull_objects.__kwdefaults__)
+    names = sn.prepare(lambda fab, flower: True, 0.2)
+    try:
+        assert names == ("supernode_app_approval", "supernode_poll_interval",
+                         "supernode_heartbeat", "object_pull_backoff")
+        assert sci._pull_and_store_message is not stock_pull
+        assert iu.pull_objects.__kwdefaults__["initial_backoff"] == 0.02
+    finally:
+        core.restore(names)
+    assert sci._pull_and_store_message is stock_pull
+    assert iu.pull_objects.__kwdefaults__ == stock_defaults
+
+
+# -- the warm SuperExec: started by client.supernode, Flower's --isolation process --------------
+
+def test_the_warm_superexec_is_started_with_flowers_own_arguments():
+    from client.supernode import superexec_command
+
+    cmd = superexec_command(["--superlink", "x:1", "--host", "0.0.0.0", "--port", "9123"])
+    assert cmd[1:3] == ["-m", "client.superexec"]
+    assert cmd[3:] == ["--insecure", "--runtime-api-address", "127.0.0.1:9123",
+                       "--parent-pid", str(os.getpid())]
+    assert superexec_command([])[5] == "127.0.0.1:9094"  # Flower's default Runtime API port
+
+
+READY_SUPEREXEC = """
+import os, sys
 from pathlib import Path
-from safn_flower import patches
-clock = patches.WakeClock(int(os.environ[patches.WAKE_FD_ENV]), idle=60)
+from client.superexec import READY_FD_ENV
 Path(sys.argv[1]).write_text("imported")  # the preload, done before it says it is ready
-os.write(int(os.environ[patches.READY_FD_ENV]), b"ready")
-print("ready", flush=True)
-t = time.monotonic()
-clock.sleep(60)
-print(f"woke {time.monotonic() - t:.3f}", flush=True)
-clock.sleep(60)  # the SuperNode (the pipe's writer) is gone: end of file, no wait
-print("eof", clock.fd, flush=True)
+os.write(int(os.environ[READY_FD_ENV]), b"ready")
+sys.stdin.read()
 """
 
 
-def test_a_supernode_wakes_its_superexec_when_it_stores_a_message(tmp_path):
-    """supernode_warm_superexec + superexec_wakeup: Flower's SuperNode starts the SuperExec and
-    goes on (to connect) only once it said it is ready; storing a message for a ClientApp
-    writes to a pipe, and the SuperExec's poll sleep ends at once instead of after its
-    interval; when the SuperNode has gone, the sleep does not spin on the closed pipe."""
+def test_the_supernode_goes_on_once_its_superexec_is_ready(tmp_path):
     import subprocess
-    import sys
+
+    from client.supernode import start_warm_superexec
 
     marker = tmp_path / "preloaded"
-    swap = patches._SuperExecSwap([sys.executable, "-c", WAITING_SUPEREXEC, str(marker)])
-    proc = swap.Popen(["flower-superexec"], stdout=subprocess.PIPE, text=True)
+    proc = start_warm_superexec([sys.executable, "-c", READY_SUPEREXEC, str(marker)])
     try:
-        assert marker.read_text() == "imported"  # Popen returned after the preload
-        assert proc.stdout.readline().strip() == "ready"
-        stored = []
-
-        class State:  # Flower's NodeState, as far as the wrapper sees it
-            def store_message(self, message):
-                stored.append(message)
-
-            def get_node_id(self):
-                return 7
-
-        state = patches._WakingState(State(), swap.wake)
-        state.store_message("msg")
-        woke = proc.stdout.readline().split()
-        assert stored == ["msg"] and state.get_node_id() == 7
-        assert woke[0] == "woke" and float(woke[1]) < 30  # not the 60 s poll
-        for fd in swap._wake_fds:  # the SuperNode exits
-            import os
-
-            os.close(fd)
-        swap._wake_fds.clear()
-        assert proc.stdout.readline().split() == ["eof", "None"]
+        assert marker.read_text() == "imported"  # returned after the preload, not before
+        assert proc.poll() is None
     finally:
         proc.kill()
         proc.wait()
+    dead = start_warm_superexec([sys.executable, "-c", "raise SystemExit(3)"], ready_wait=600)
+    assert dead.wait(60) == 3  # returned at its exit (end of file), not after 600 s
+    assert subprocess  # noqa: the module is what start_warm_superexec uses
 
 
-def test_a_superexec_that_dies_before_it_is_ready_does_not_hold_the_supernode():
-    import subprocess
-    import sys
+def test_superexec_prepare_forks_clientapps_and_restores():
+    from flwr.supercore.superexec.executor import factory
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
-    swap = patches._SuperExecSwap([sys.executable, "-c", "raise SystemExit(3)"], ready_wait=600)
-    proc = swap.Popen(["flower-superexec"], stderr=subprocess.DEVNULL)
-    assert proc.wait(60) == 3  # Popen returned at its exit (end of file), not after 600 s
+    names = superexec.prepare(lambda args: True)
+    try:
+        assert "superexec_forking_executor" in names
+        assert factory.SubprocessExecutor is not SubprocessExecutor
+        assert issubclass(factory.SubprocessExecutor, SubprocessExecutor)
+    finally:
+        core.restore(names)
+    assert factory.SubprocessExecutor is SubprocessExecutor
 
 
-def test_warm_superexec_wraps_app_approval_and_restores_in_reverse(monkeypatch):
-    """Two SuperNode patches wrap Flower's ``_pull_and_store_message``: restoring them (in any
-    order of names) gives Flower's own function back."""
+# -- the Flower log lines safn reads -------------------------------------------------------------
+
+def test_the_log_lines_safn_reads_are_still_logged_so():
+    log_wording.check_superlink_log()
+    log_wording.check_supernode_log()
+
+
+def test_a_reworded_log_line_stops_the_process_that_reads_it(monkeypatch):
+    from flwr.superlink.servicer.fleet import fleet_handlers
     from flwr.supernode import start_client_internal as sci
 
-    stock = sci._pull_and_store_message
-    patches.apply({"supernode_app_approval": {"verify": lambda fab, flower: True},
-                   "supernode_warm_superexec": {"command": ["true"]}}, announce=False)
-    try:
-        assert sci._pull_and_store_message is not stock
-    finally:
-        patches.restore(["supernode_app_approval", "supernode_warm_superexec"])
-    assert sci._pull_and_store_message is stock
+    def _push_messages(**kwargs):
+        print("Sent!")  # a Flower that says it differently
+
+    monkeypatch.setattr(sci, "_push_messages", _push_messages)
+    with pytest.raises(core.FlowerPatchError, match="log_reply_sent.*Sent successfully"):
+        log_wording.check_supernode_log()
+
+    def activate_node(request, state):
+        return None
+
+    monkeypatch.setattr(fleet_handlers, "activate_node", activate_node)
+    with pytest.raises(core.FlowerPatchError, match="log_node_events.*Activated node_id"):
+        log_wording.check_superlink_log()
 
 
-def test_the_simulation_runtime_reads_its_queues_with_short_waits():
-    """sim_queue_wait: Flower's simulation workers block up to 1 s on an empty queue before
-    they see the stop event; the patched queue returns (Empty) after at most 20 ms, and still
-    hands over what is in it."""
-    import queue
-    import time
+def test_the_parsers_match_the_wording_that_is_checked():
+    """What server.cli / server.superlink / client.site_console match is what the checks find in
+    Flower's source (the format strings filled in as Flower fills them)."""
+    from client.cli import REFUSED_MARK
+    from client.site_console import SiteConsole
+    from server.cli import NODE_EVENT
+    from server.superlink import REFUSED
 
-    import flwr.server.superlink.fleet.vce.vce_api as vce
-
-    patches.restore(["sim_queue_wait"])
-    assert vce.Queue is queue.Queue
-    patches.apply({"sim_queue_wait": {}}, announce=False)
-    try:
-        q = vce.Queue()
-        t = time.monotonic()
-        with pytest.raises(queue.Empty):
-            q.get(timeout=1.0)  # what vce_api.worker calls
-        assert time.monotonic() - t < 0.5
-        q.put("message")
-        assert q.get(timeout=1.0) == "message"
-    finally:
-        patches.restore(["sim_queue_wait"])
-    assert vce.Queue is queue.Queue
+    assert NODE_EVENT.search("INFO :      [Fleet.ActivateNode] Activated node_id=%s" % 7)
+    assert NODE_EVENT.search("[Fleet.DeactivateNode] Deactivated node_id=%s" % 7)
+    err = ("Attempted to register SuperNode with public key: b'k', exception: "
+           "No SuperNode found with the given public key.")
+    assert REFUSED.search("[%s][ApiError:%d] %s" % ("/v1/fleet/activate-node", 2004, err))
+    assert REFUSED_MARK in "Exit Code: %s\n" % 305
+    shown = []
+    term = SiteConsole("h:1", "log", shown.append)
+    term.feed("WARNING :  " + "Connection attempt failed, retrying in %.2f seconds" % 1.2)
+    term.feed("INFO :  " + "Connection successful after %.2f seconds and %s tries." % (3, 2))
+    term.feed("INFO :  Sent successfully")
+    assert term.replies_sent == 1 and len(shown) == 2

@@ -1,5 +1,5 @@
 """What a thousand virtual sites need: the simulation's dispatcher asks Flower's in-memory state
-only for nodes that have a message (`safn_flower.patches._nodes_with_undelivered`: the same
+only for nodes that have a message (`safn_flower.patches.simulation.nodes_with_undelivered`: the same
 messages reach the same nodes, without one full scan of the store per node per sweep); a run
 that stops for lack of sites says why in a line of bounded length. Scale figures:
 benchmarks/sim_many_sites.py."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
-from safn_flower.patches import _nodes_with_undelivered
+from safn_flower.patches.simulation import nodes_with_undelivered as _nodes_with_undelivered
 
 
 def _msg(dst: int, delivered: str = "") -> SimpleNamespace:

@@ -268,9 +268,9 @@ def test_the_ray_backend_patch_ends_the_actors_and_leaves_ray_running(monkeypatc
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
-    from safn_flower import patches
+    from safn_flower.patches import core, simulation
 
-    assert patches.check(["sim_ray_left_running"]) == []
+    assert core.check([simulation.RAY_LEFT_RUNNING]) == []
     stock = RayBackend.terminate
     ended, shut = [], []
     monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
@@ -281,12 +281,12 @@ def test_the_ray_backend_patch_ends_the_actors_and_leaves_ray_running(monkeypatc
 
     backend = RayBackend.__new__(RayBackend)
     backend.pool = Pool()
-    patches.apply(names=("sim_ray_left_running",), announce=False)
+    core.apply([(simulation.RAY_LEFT_RUNNING, {})], announce=False)
     try:
         RayBackend.terminate(backend)
         assert ended == [True] and shut == []
     finally:
-        patches.restore(("sim_ray_left_running",))
+        core.restore(["sim_ray_left_running"])
     assert RayBackend.terminate is stock
     RayBackend.terminate(backend)  # stock Flower shuts Ray down
     assert shut == [True]

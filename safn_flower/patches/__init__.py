@@ -1,0 +1,30 @@
+"""Every change safn makes to private Flower 1.42 code, one module per process that makes it,
+each patch carrying its own check and apply (`core`), checked before it is applied, announced in
+one line, restorable, and tested against the installed Flower (tests/test_flower_patches.py).
+
+- `serverapp.prepare(grid, poll_interval)`: the coordinator's ServerApp (deployed);
+- `supernode.prepare(...)`: a site's SuperNode (`client.supernode`);
+- `superexec.prepare(...)`: a site's warm SuperExec (`client.superexec`);
+- `simulation.prepare(...)`: the simulation driver (`simulations.engine`);
+- `log_wording.check_superlink_log()` / `check_supernode_log()`: the Flower log lines safn-server
+  and safn-client read, checked like patches when they start.
+
+docs/flower-patches.md lists them, what each is for, what it measured, the Flower API it would
+need upstream, and the public seams used instead of former patches.
+"""
+
+from safn_flower.patches.core import FlowerPatchError  # noqa: F401
+
+
+def apply(settings: dict[str, dict]) -> tuple[str, ...]:
+    """TRANSITIONAL, for ``server.app.run_coordinator`` until it calls
+    ``grid = safn_flower.patches.serverapp.prepare(grid, cfg.server.poll_interval)``: applies
+    the ServerApp's reply-pull patch only (the Grid's polling is a Grid wrapper now, which needs
+    the Grid). Delete once server/app.py no longer calls it."""
+    from safn_flower.patches import core, serverapp
+
+    known = {"serverapp_grid_polling", "serverapp_reply_upload_wait", "object_pull_backoff"}
+    unknown = set(settings) - known
+    if unknown:
+        raise ValueError(f"unknown Flower patches {sorted(unknown)}; see safn_flower.patches")
+    return core.apply([(serverapp.REPLY_PULLS, {})])
