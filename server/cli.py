@@ -90,7 +90,6 @@ class Deployment:
         self.run_dir = Path(cfg.server.run_dir).resolve()
         self.link: SuperLink | None = None
         self.site_nodes: dict[str, str] = {}  # site name -> Flower node id (registration)
-        self.submitted = time.time()  # when the run was submitted (`submit`)
 
     # -- the run folder -------------------------------------------------------------------
 
@@ -155,7 +154,6 @@ class Deployment:
         runs.append({"run_id": run_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
                      "resume": self.resume, "app_sha256": app_hash(app)})
         write_json(self.run_dir / "flower_runs.json", {"runs": runs})
-        self.submitted = time.time()
         console.print(f"Flower run {run_id} submitted (run id {run_identity(self.run_dir)}, app "
                       f"sha256 {runs[-1]['app_sha256']}); waiting for at least "
                       f"{self.cfg.federation.min_sites} sites")
@@ -172,7 +170,7 @@ class Deployment:
         events = EventFollower(self.run_dir / EVENTS_FILE, from_end=True)
         online: set[str] = set()
         last_check, last_listed = time.monotonic(), None
-        training, end = False, None
+        training, end, started = False, None, time.time()
         while True:
             for event in events.events():
                 end = self._show(event) or end
@@ -186,8 +184,7 @@ class Deployment:
                 raise DeploymentError(f"the SuperLink stopped unexpectedly; see "
                                       f"{self.link.log}. Resume with --resume")
             status = self.run_dir / "federation_status.json"
-            finished = end is not None or (status.exists() and status.stat().st_mtime
-                                           > self.submitted)
+            finished = end is not None or (status.exists() and status.stat().st_mtime > started)
             # each `flwr` call is a Python process of about two CPU seconds, which a small
             # coordinator's federation needs itself: sites connecting and leaving are read
             # from the SuperLink's log; they are listed only at the start and, while waiting
@@ -213,7 +210,12 @@ class Deployment:
         code = event.get("event")
         if code == Event.RUN_END:
             return event
-        console.print(render(event), soft_wrap=True)
+        try:
+            text = render(event)
+        except (KeyError, TypeError, ValueError):  # an event this safn-server cannot phrase
+            text = f"{code}: " + json.dumps({k: v for k, v in event.items()
+                                              if k not in ("event", "time")})
+        console.print(text, soft_wrap=True)
         if code == Event.ROUND and isinstance(event.get("entry"), dict):
             console.print(site_line(event["entry"]), soft_wrap=True)
         return None
@@ -306,7 +308,7 @@ def run_outcome(end: dict | None, status: dict) -> dict:
         return status
     out = {"status": end.get("status"), "round": end.get("round")}
     if end.get("status") != "completed":
-        out["reason"] = end.get("detail") or render(end)
+        out["reason"] = end.get("detail") or str(end.get("code"))
         out["code"] = end.get("code")
     return out
 

@@ -627,3 +627,74 @@ def test_the_coordinator_reads_sites_connecting_from_the_log_not_every_few_secon
     assert calls["nodes"][0] == 0 and 2 not in calls["nodes"] and len(calls["nodes"]) <= 3
     # every 30 s (of 72), then at once after the final status (not 12 times)
     assert calls["run_info"][-1] == 12 and len(calls["run_info"]) <= 4
+
+
+def test_the_coordinator_follows_the_runs_events_not_its_printed_text(tmp_path, monkeypatch):
+    """safn-server shows the ServerApp's events (``events.jsonl``) in English (`render`), a
+    round's per-site line from its ``entry``, and ends on the ``run_end`` event (asking Flower
+    for the run's state at once), its outcome from that event."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    import server.cli as cli_mod
+    from safn_core.federation.events import EVENTS_FILE, Event, EventLog
+    from safn_core.processes import LogFollower
+    from server.cli import Deployment, run_outcome
+
+    (tmp_path / "superlink.log").write_text("")
+    log = EventLog(tmp_path / EVENTS_FILE, echo=None)
+    entry = {"round": 1, "sites_trained": ["site_a"], "sites": {"site_a": {"roc_auc": 0.75}}}
+    steps = {1: lambda: log.emit(Event.STATISTICS, participants=10),
+             2: lambda: log.emit(Event.ROUND, entry=entry, rounds=2),
+             3: lambda: log.emit(Event.RUN_END, status="failed", code="SitesMissing",
+                                 detail="only 1 of the 2 sites needed were connected", round=1)}
+    clock = SimpleNamespace(t=0.0, iteration=0, info=[])
+
+    class Time:
+        time = staticmethod(real_time.time)
+
+        @staticmethod
+        def monotonic():
+            return clock.t
+
+        @staticmethod
+        def sleep(_seconds):
+            clock.t += 1
+            clock.iteration += 1
+            steps.get(clock.iteration, lambda: None)()
+
+    class Cli:
+        def nodes(self):
+            return []
+
+        def run_info(self, run_id):
+            clock.info.append(clock.iteration)
+            done = clock.iteration >= 3
+            return {"status": "finished:failed" if done else "running", "run-id": run_id}
+
+        @staticmethod
+        def run_id_of(info):
+            return str(info["run-id"])
+
+    said, outcome = [], []
+    monkeypatch.setattr(cli_mod, "time", Time)
+    monkeypatch.setattr(cli_mod, "render", lambda e: f"<{e['event']}>")  # event_text's table
+    monkeypatch.setattr(cli_mod, "console", SimpleNamespace(
+        print=lambda text, **_: said.append(str(text))))
+    dep = Deployment.__new__(Deployment)
+    dep.run_dir, dep.insecure, dep.site_nodes = tmp_path, True, {}
+    dep.link = SimpleNamespace(child=SimpleNamespace(alive=lambda: True), cli=Cli(),
+                               log=tmp_path / "superlink.log")
+    dep.superlink_log = LogFollower(tmp_path / "superlink.log")
+    monkeypatch.setattr(dep, "_outcome", lambda info, end: outcome.append((info, end)) or 1)
+    assert dep.follow("42") == 1
+    assert said == ["<statistics>", "<round>", "  round 1 sites: site_a trained, site_a ROC-AUC "
+                    "0.750"]  # not the run's end: the outcome says how the run ended
+    assert clock.info[-1] == 3  # Flower asked at once after the run's end
+    ((info, end),) = outcome
+    assert end["event"] == Event.RUN_END
+    assert run_outcome(end, {}) == {"status": "failed", "round": 1, "code": "SitesMissing",
+                                    "reason": "only 1 of the 2 sites needed were connected"}
+    # a ServerApp that emits no run end: federation_status.json as before
+    assert run_outcome(None, {"status": "completed", "round": 2}) == {"status": "completed",
+                                                                       "round": 2}
