@@ -105,6 +105,32 @@ def fork_clientapp(args: list[str]) -> bool:
     return True
 
 
+RUNTIME_API_WAIT = 120.0
+"""Seconds this SuperExec waits for its SuperNode's Runtime API to accept connections."""
+
+
+def wait_for_runtime_api(argv: list[str], timeout: float = RUNTIME_API_WAIT) -> None:
+    """Until the SuperNode's Runtime API (``--runtime-api-address``) accepts a connection, at
+    most ``timeout`` s. Started before its SuperNode (`client.supernode`), this SuperExec would
+    otherwise meet a closed port, and Flower's retry would log "Connection attempt failed",
+    which the site's terminal reads as lost contact with the coordinator."""
+    import socket
+    import time
+
+    address = next((argv[i + 1] for i, a in enumerate(argv[:-1])
+                    if a == "--runtime-api-address"), None)
+    if address is None:
+        return
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+
+
 def main() -> None:
     preload()
     superexec_patches.prepare(fork_clientapp)
@@ -112,6 +138,7 @@ def main() -> None:
     if ready_fd is not None:  # the SuperNode connects to the SuperLink once this is written
         os.write(int(ready_fd), b"ready")
         os.close(int(ready_fd))
+        wait_for_runtime_api(sys.argv[1:])  # the SuperNode starts serving it only now
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     sys.argv[0] = "flower-superexec"

@@ -418,3 +418,23 @@ def test_the_parsers_match_the_wording_that_is_checked():
     term.feed("INFO :  " + "Connection successful after %.2f seconds and %s tries." % (3, 2))
     term.feed("INFO :  Sent successfully")
     assert term.replies_sent == 1 and len(shown) == 2
+
+
+def test_the_warm_superexec_waits_for_its_supernodes_runtime_api():
+    """Started before its SuperNode, the SuperExec polls only once the Runtime API listens (no
+    "Connection attempt failed" from Flower's retry, which a site's terminal reads as lost
+    contact); it gives up waiting after its bound."""
+    import socket
+
+    from client.superexec import wait_for_runtime_api
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        t = time.monotonic()
+        wait_for_runtime_api(["--insecure", "--runtime-api-address", f"127.0.0.1:{port}"], 30)
+        assert time.monotonic() - t < 5
+    t = time.monotonic()
+    wait_for_runtime_api(["--runtime-api-address", f"127.0.0.1:{port}"], 0.3)  # closed now
+    assert 0.25 < time.monotonic() - t < 5
