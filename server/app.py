@@ -166,11 +166,10 @@ def run_coordinator(grid: Grid, context: Context, deployed: bool) -> None:
     torch.set_num_threads(1)
     run_dir = run_dir_from(dict(context.run_config))
     cfg = load_run_config(run_dir)
-    if deployed:
-        from safn_flower import patches
+    if deployed:  # the Grid a SuperLink's ServerApp gets, with safn's polling and pulls
+        from safn_flower.patches import serverapp as serverapp_patches
 
-        patches.apply({"serverapp_grid_polling": {"interval": cfg.server.poll_interval},
-                       "serverapp_reply_upload_wait": {}, "object_pull_backoff": {}})
+        grid = serverapp_patches.prepare(grid, cfg.server.poll_interval)
     progress = run_dir / "progress.log"
 
     def echo(text: str) -> None:

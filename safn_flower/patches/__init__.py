@@ -15,16 +15,3 @@ need upstream, and the public seams used instead of former patches.
 
 from safn_flower.patches.core import FlowerPatchError  # noqa: F401
 
-
-def apply(settings: dict[str, dict]) -> tuple[str, ...]:
-    """TRANSITIONAL, for ``server.app.run_coordinator`` until it calls
-    ``grid = safn_flower.patches.serverapp.prepare(grid, cfg.server.poll_interval)``: applies
-    the ServerApp's reply-pull patch only (the Grid's polling is a Grid wrapper now, which needs
-    the Grid). Delete once server/app.py no longer calls it."""
-    from safn_flower.patches import core, serverapp
-
-    known = {"serverapp_grid_polling", "serverapp_reply_upload_wait", "object_pull_backoff"}
-    unknown = set(settings) - known
-    if unknown:
-        raise ValueError(f"unknown Flower patches {sorted(unknown)}; see safn_flower.patches")
-    return core.apply([(serverapp.REPLY_PULLS, {})])
