@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 
 from safn_core.federation.protocol import (ARRAYS, METRICS, REFUSAL, WITHHELD, Describe, Metric,
                                            is_withheld)
@@ -135,12 +135,10 @@ def too_few(kept: int, min_sites: int) -> dict:
     return {"site": "-", "code": Rejection.TOO_FEW, "kept": int(kept), "min_sites": int(min_sites)}
 
 
-def train_metrics(replies, weighted_by_key: str) -> dict:
+def train_metrics(replies, weighted_by_key: str) -> MetricRecord:
     """Flower's train metrics aggregation: examples summed, loss weighted by examples over the
     sites that report one (a DP site withholds its loss as −1); ε and every other privacy key
     are never averaged."""
-    from flwr.app import MetricRecord
-
     n = [float(r[METRICS][Metric.NUM_EXAMPLES]) for r in replies]
     loss = [float(r[METRICS][Metric.TRAIN_LOSS]) for r in replies]
     reported = [(w, lo) for w, lo in zip(n, loss) if not is_withheld(lo)]
@@ -150,10 +148,8 @@ def train_metrics(replies, weighted_by_key: str) -> dict:
                                              if weight else WITHHELD)})
 
 
-def evaluate_metrics(replies, weighted_by_key: str):
+def evaluate_metrics(replies, weighted_by_key: str) -> MetricRecord:
     """Flower's evaluate metrics aggregation: only the example count (the coordinator builds
     the metrics from score histograms; averaging counts would be wrong)."""
-    from flwr.app import MetricRecord
-
     return MetricRecord({Metric.NUM_EXAMPLES: int(sum(int(r[METRICS][Metric.NUM_EXAMPLES])
                                                       for r in replies))})

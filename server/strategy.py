@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from safn_core.config import FederationConfig
-from safn_core.federation.events import Event, EventLog
+from safn_core.federation.events import EventLog
 from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, WITHHELD, Config, Metric,
                                            evaluation_from_metrics)
 from safn_core.federation.round_record import RoundRecord
