@@ -1,0 +1,53 @@
+"""Where a cohort comes from: the data section and the built-in synthetic cohort (synth)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from safn_core.config.base import Section
+
+
+class SynthConfig(Section):
+    """The built-in synthetic PPMI-style cohort (`safn-synth`).
+
+    ``n_pd`` and ``n_hc`` count participants with all four modalities; the generator adds
+    participants without MRI and SWEDD/prodromal participants around them, as a real download has.
+    """
+
+    seed: int = 0
+    n_pd: int = Field(570, ge=2)
+    n_hc: int = Field(133, ge=2)
+    n_without_mri: int = Field(297, ge=0, description="PD/HC participants with no baseline MRI")
+    n_swedd: int = Field(64, ge=0)
+    n_prodromal: int = Field(65, ge=0)
+    n_sites: int = Field(5, ge=1, le=200)
+    site_size_alpha: float = Field(2.0, gt=0, description="Dirichlet concentration of site sizes")
+    min_site_size: int = Field(40, ge=1, description="floor on complete participants per site")
+    site_ratio_spread: float = Field(0.35, ge=0, description="SD of the site's PD/HC log-odds shift")
+    scanner_effects: bool = True
+    naming: Literal["2023", "legacy"] = "2023"
+    per_site: bool = Field(False, description="write one download per site instead of one")
+
+
+class DataConfig(Section):
+    """Where a cohort comes from and how it is read."""
+
+    source: Literal["synthetic", "ppmi", "table"] = "synthetic"
+    path: Path | None = Field(None, description="PPMI download folder, or the CSV/Parquet table")
+    mapping: Path | None = Field(None, description="YAML column mapping for source: table")
+    exclude_motor: bool = Field(False, description="drop MDS-UPDRS I-III totals and H&Y")
+    require_all_modalities: bool = Field(
+        True, description="keep only participants with every modality (the paper's cohort)")
+    normalise_volumes_by_etiv: bool = False
+    min_cell: int = Field(5, ge=1, description="smallest group a statistic may describe")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.source in ("ppmi", "table") and self.path is None:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.source == "table" and self.mapping is None:
+            raise ValueError("data.mapping is required when data.source is 'table'")
+        return self

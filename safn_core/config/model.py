@@ -1,0 +1,110 @@
+"""The SAFN model with its loss (model) and how it is trained and evaluated locally (train)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from safn_core.config.base import Section
+
+
+class ModelConfig(Section):
+    """The SAFN model and its loss (docs/model.md); every ablation is a switch here.
+
+    Ablations: ``cross_attention: false`` (tokens skip the cross-attention, FFN sublayer only),
+    ``sparsity_lambda: 0`` (no entropy penalty on the gate), ``loss: ce`` (plain cross-entropy),
+    ``gate: sparsemax | entmax15`` (sparse gates with exact zeros).
+    """
+
+    d_model: int = Field(64, ge=1, description="token width D of every modality encoder")
+    n_heads: int = Field(4, ge=1, description="attention heads; must divide d_model")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    encoder_hidden: int = Field(128, ge=1, description="hidden width of each modality encoder")
+    ffn_hidden: int = Field(128, ge=0, description="hidden width of the attention blocks' FFN; "
+                                                   "0 = no FFN sublayer")
+    cross_attention: bool = Field(
+        True, description="false = ablation 'no cross-attention' (FFN sublayer only)")
+    gate: Literal["softmax", "sparsemax", "entmax15"] = "softmax"
+    sparsity_lambda: float = Field(
+        0.01, ge=0.0, description="weight of the mean gate entropy; 0 = no sparsity penalty")
+    loss: Literal["cb_focal", "ce"] = "cb_focal"
+    focal_gamma: float = Field(1.5, ge=0.0)
+    cb_beta: float = Field(0.999, ge=0.0, lt=1.0, description="class-balanced beta, in [0, 1)")
+    head_hidden: int = Field(64, ge=1, description="hidden width of the classification head")
+    numeric_embedding: Literal["none", "periodic"] = Field(
+        "none", description="per-feature input embedding of the modality encoders: periodic = "
+                            "PLR(lite), Gorishniy et al. 2022 (safn_core.model.embeddings)")
+    n_frequencies: int = Field(16, ge=1, description="periodic embedding: frequencies k per "
+                                                     "feature")
+    frequency_sigma: float = Field(0.1, gt=0, description="periodic embedding: SD of the "
+                                                          "initial frequencies")
+    embedding_dim: int = Field(8, ge=1, description="periodic embedding: width d_e per feature")
+    linear_path: bool = Field(False, description="add a gated linear path from each "
+                              "modality's features to the logits (wide and deep)")
+    feature_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a "
+                                   "feature is zeroed (its training mean) in training")
+    feature_noise: float = Field(0.0, ge=0.0, description="SD of Gaussian noise added to every "
+                                 "scaled feature in training (0 = none)")
+    ensemble_size: int = Field(1, ge=1, le=64, description="k ensemble members sharing every "
+                               "weight but an input adapter (TabM-mini); 1 = a single model")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model}); "
+                f"e.g. d_model {self.n_heads * max(1, round(self.d_model / self.n_heads))} "
+                f"or n_heads 1")
+        return self
+
+
+class TrainConfig(Section):
+    """Local training of SAFN (every engine) and the centralised evaluation (`safn-train`)."""
+
+    seed: int = 0
+    max_epochs: int = Field(150, ge=1, description="upper bound; early stopping usually ends sooner")
+    patience: int = Field(15, ge=1, description="epochs without validation improvement to stop")
+    select: Literal["val_loss", "val_roc_auc", "last"] = Field(
+        "val_loss", description="what early stopping keeps (centralised fits): the epoch with the "
+                                "lowest validation loss or the highest validation ROC-AUC; last = "
+                                "no early stopping, train.max_epochs epochs")
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: the learning rate decays from train.lr to about 0 over "
+                                "the fit's planned epochs, stepped after every optimizer step "
+                                "(centralised and comparator fits, fit_by_rounds; federated "
+                                "sites keep train.lr)")
+    warmup_epochs: int = Field(0, ge=0, description="linear warm-up of the learning rate over "
+                                                    "the first epochs (either lr_schedule)")
+    weight_decay: float = Field(1e-4, ge=0)
+    weight_averaging: Literal["none", "ema"] = Field(
+        "none", description="ema: validate, select and keep an exponential moving average of "
+                            "the weights (centralised and comparator fits, fit_by_rounds)")
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="per-step decay of the ema weights")
+    val_fraction: float = Field(0.2, gt=0, lt=0.5,
+                                description="inner validation split for early stopping/threshold")
+    temperature_scaling: bool = Field(
+        True, description="fit a temperature T on the validation split's logits after early "
+                          "stopping (safn-train's folds and bundle): p = σ(z/T), rankings kept")
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(3, ge=1)
+    workers: int = Field(2, ge=1, description="parallel fold fits (processes)")
+    feature_sets: list[Literal["all", "no_motor", "imaging_demographics"]] = Field(
+        default_factory=lambda: ["all", "no_motor", "imaging_demographics"])
+    baselines: list[Literal["majority", "logistic_regression", "random_forest",
+                            "hist_gradient_boosting", "hist_gradient_boosting_es", "mlp"]] = Field(
+        default_factory=lambda: ["majority", "logistic_regression", "random_forest",
+                                 "hist_gradient_boosting", "hist_gradient_boosting_es", "mlp"])
+    ablations: list[Literal["no_cross_attention", "no_sparsity", "plain_ce"]] = Field(
+        default_factory=lambda: ["no_cross_attention", "no_sparsity", "plain_ce"])
+    modality_drop: bool = Field(True, description="modality-drop ablation at test time")
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_training(self) -> "TrainConfig":
+        if self.warmup_epochs >= self.max_epochs:
+            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be smaller than "
+                             f"train.max_epochs ({self.max_epochs}): the warm-up would take the "
+                             "whole training")
+        return self

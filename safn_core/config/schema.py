@@ -1,0 +1,40 @@
+"""The whole configuration, `SafnConfig`: every section, and the checks that span sections."""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from safn_core.config.base import Section
+from safn_core.config.data import DataConfig, SynthConfig
+from safn_core.config.deployment import ServerConfig, SimulationConfig, SiteConfig
+from safn_core.config.federation import FederationConfig
+from safn_core.config.model import ModelConfig, TrainConfig
+from safn_core.config.privacy import PrivacyConfig
+from safn_core.config.site_differences import HarmonisationConfig, PersonalisationConfig
+
+
+class SafnConfig(Section):
+    """The whole configuration; each command uses the sections it needs."""
+
+    data: DataConfig = DataConfig()
+    synth: SynthConfig = SynthConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    simulation: SimulationConfig = SimulationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    personalisation: PersonalisationConfig = PersonalisationConfig()
+    harmonisation: HarmonisationConfig = HarmonisationConfig()
+    site: SiteConfig | None = None
+    server: ServerConfig = ServerConfig()
+
+    @model_validator(mode="after")
+    def _secure_aggregation_sites(self) -> "SafnConfig":
+        training = set(self.server.sites) - set(self.server.held_out_sites)
+        if self.federation.secure_aggregation and self.server.sites and len(training) < 3:
+            raise ValueError(
+                f"federation.secure_aggregation needs at least 3 training sites, server.sites "
+                f"lists {len(training)} (held-out sites do not count): with 2, a sum reveals "
+                "each site's values to the other. Add sites, or set "
+                "federation.secure_aggregation: false explicitly if you accept that exposure")
+        return self
