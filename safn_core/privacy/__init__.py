@@ -4,8 +4,8 @@
 - `SitePrivacy` (engine.py): a run's DP-SGD rounds on top of it (plan, check, train, report).
 - `release_statistics` / `privatise_statistics` (stats.py): the statistics round through the
   Gaussian mechanism, charged to the same ledger.
-- `PrivacyLedger` (ledger.py): the append-only, locked, atomically written record of every
-  release on the site's data.
+- `PrivacyLedger` (ledger.py; the file, its lock and writes: ledger_file.py): the append-only,
+  locked, atomically written record of every release on the site's data.
 - `Accountant` / `epsilon` (accountant.py): ε from the ledger with Opacus' RDP or PRV accountant.
 - `calibrate_noise` (calibration.py): σ for a whole planned run on what is left of the budget.
 - randomness.py: where the noise and the Poisson sampling draw from (secure, seeded, OS entropy).

@@ -59,7 +59,7 @@ from safn_core.federation.protocol import WITHHELD, Metric
 from safn_core.privacy.budget import SiteBudget
 from safn_core.privacy.calibration import calibrate_noise, sample_rate_for, steps_per_epoch
 from safn_core.privacy.errors import BudgetExhausted, PrivacyError
-from safn_core.privacy.ledger import now
+from safn_core.privacy.ledger_file import now
 from safn_core.privacy.randomness import NOISE, SAMPLING, torch_generator
 from safn_core.training import local
 from safn_core.training.local import Arrays, make_loader, make_model, make_optimizer

@@ -1,32 +1,21 @@
 """A site's privacy ledger: every DP release ever made on its data, on its own disk, append-only.
 
-The ledger is one JSON file (default ``<site state folder>/privacy_ledger.json``)::
-
-    {"format": "safn-privacy-ledger/1", "site": "...", "revision": 12,
-     "fingerprint": "sha256:…",          # participant ids + feature list of the training split
-     "accountant": "rdp", "delta": 1e-4,
-     "entries": [{"seq": 1, "kind": "train", "run_id": "…", "round": 1,
-                  "noise_multiplier": 1.07, "sample_rate": 0.25, "steps": 8,
-                  "steps_taken": 8, "status": "confirmed", "reserved_at": "…", "confirmed_at": "…"},
-                 ...],
-     "plans": {"<run id>": {"noise_multiplier": 1.07, "sample_rate": 0.25, ...}},
-     "events": [{"time": "…", "kind": "created", ...}, ...]}
+The file (its JSON format, lock, atomic and append-only writes) is `ledger_file`; this module is
+the record kept in it: who it is for, what was spent and planned, and the transactions that add to
+it.
 
 Each entry is one Poisson-subsampled Gaussian release, ``(noise_multiplier, sample_rate, steps)``
 in Opacus' accountant-history form (a statistics release is ``(σ, 1.0, 1)``), so the whole history
 is what an Opacus accountant would have recorded, and ε is recomputed from it at any time.
 
-Rules that keep it honest:
+Rules that keep it honest (with the file's: append-only, atomic, locked; see `ledger_file`):
 
-- **Append-only.** Entries are never removed; an entry's charged ``steps`` never decreases and
-  ``confirmed`` never goes back to ``reserved``. Every write is checked against the file on disk and
-  refused (`LedgerRewind`) if it would forget anything: an older in-memory copy cannot overwrite a
-  newer ledger, and a ledger replaced behind a running process by an older copy is detected.
+- **Append-only.** An older in-memory copy cannot overwrite a newer ledger, and a ledger replaced
+  behind a running process by an older copy is detected.
 - **Reserve, then train, then confirm.** Spend is written *before* the training it pays for; a
   crash between the two leaves the reservation charged in full (never under-counted).
-- **Atomic.** Written through a temporary file, fsync and rename (`safn_core.io.write_atomic`).
-- **Locked.** Every read-modify-write holds an exclusive lock on ``<ledger>.lock`` (``flock``),
-  so two processes cannot both spend the last of a budget; the OS releases it if a process dies.
+- **Locked.** Every read-modify-write holds the file's lock, so two processes cannot both spend
+  the last of a budget.
 - **Bound to the data.** A ledger for another training split (fingerprint), accountant or δ is
   refused unless the site says ``privacy.accept_ledger_change: true``; the old spend then still
   counts (the people in both splits have already paid it).
@@ -37,52 +26,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import socket
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from safn_core.io import write_json
-from safn_core.privacy.errors import LedgerError, LedgerLocked, LedgerMismatch, LedgerRewind
-
-FORMAT = "safn-privacy-ledger/1"
-DEFAULT_NAME = "privacy_ledger.json"
-LOCK_TIMEOUT = 60.0
-
-try:  # POSIX
-    import fcntl
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-except ImportError:  # pragma: no cover - Windows
-    import msvcrt
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+from safn_core.privacy.errors import LedgerError, LedgerMismatch
+from safn_core.privacy.ledger_file import (
+    DEFAULT_NAME, FORMAT, LOCK_TIMEOUT, charged, hold_lock, now, read_state, reread_state,
+    write_over,
+)
 
 
 def data_fingerprint(participant_ids: Iterable[Any], features: Iterable[str]) -> str:
@@ -133,35 +86,6 @@ def merge_history(history: Iterable[tuple[float, float, int]]) -> list[tuple[flo
     return out
 
 
-def _charged(entry: dict) -> int:
-    """Steps an entry costs: the reservation, or what was taken if that was more."""
-    return max(int(entry["steps"]), int(entry.get("steps_taken") or 0))
-
-
-def _extends(new: dict, old: dict) -> str | None:
-    """Why ``new`` does not keep everything ``old`` records (None when it does)."""
-    if int(new.get("revision", 0)) < int(old.get("revision", 0)):
-        return f"it is revision {new.get('revision')}, the one on disk is {old.get('revision')}"
-    old_e, new_e = old.get("entries", []), new.get("entries", [])
-    if len(new_e) < len(old_e):
-        return f"it holds {len(new_e)} spend entries, the one on disk {len(old_e)}"
-    for a, b in zip(old_e, new_e):
-        same = all(a.get(k) == b.get(k) for k in
-                   ("seq", "kind", "run_id", "round", "noise_multiplier", "sample_rate"))
-        if not same:
-            return f"spend entry {a.get('seq')} differs from the one on disk"
-        if _charged(b) < _charged(a):
-            return f"spend entry {a.get('seq')} would charge fewer steps than recorded"
-        if a.get("status") == "confirmed" and b.get("status") != "confirmed":
-            return f"spend entry {a.get('seq')} would lose its confirmation"
-    for run_id, plan in old.get("plans", {}).items():
-        if new.get("plans", {}).get(run_id) != plan:
-            return f"the plan of run {run_id!r} differs from the one on disk"
-    if len(new.get("events", [])) < len(old.get("events", [])):
-        return "it holds fewer events than the one on disk"
-    return None
-
-
 # ----------------------------------------------------------------------------------- the ledger
 
 
@@ -172,7 +96,7 @@ class PrivacyLedger:
         self.path = Path(path)
         self._state = state
         self._depth = 0
-        self._fd: int | None = None
+        self._held = False  # this object holds the file's lock
         self._dirty = False
         self.lock_timeout = lock_timeout
 
@@ -190,7 +114,7 @@ class PrivacyLedger:
         """
         ledger = cls(Path(path), {}, lock_timeout)
         with ledger._locked():
-            state = _read(ledger.path)
+            state = read_state(ledger.path)
             if state is None:
                 state = {"format": FORMAT, "site": site, "created": now(), "revision": 0,
                          "fingerprint": fingerprint, "accountant": accountant,
@@ -229,7 +153,7 @@ class PrivacyLedger:
     @classmethod
     def read(cls, path: str | Path) -> "PrivacyLedger":
         """A read-only view of an existing ledger (no checks, no lock held afterwards)."""
-        state = _read(Path(path))
+        state = read_state(Path(path))
         if state is None:
             raise LedgerError(f"{path}: no privacy ledger there")
         return cls(Path(path), state)
@@ -266,11 +190,11 @@ class PrivacyLedger:
 
     def history(self) -> list[tuple[float, float, int]]:
         """Every charged release as Opacus accountant history, consecutive equal ones merged."""
-        return merge_history((e["noise_multiplier"], e["sample_rate"], _charged(e))
+        return merge_history((e["noise_multiplier"], e["sample_rate"], charged(e))
                              for e in self._state["entries"])
 
     def charged_steps(self, run_id: str | None = None, kind: str | None = None) -> int:
-        return sum(_charged(e) for e in self._state["entries"]
+        return sum(charged(e) for e in self._state["entries"]
                    if (run_id is None or e["run_id"] == run_id)
                    and (kind is None or e["kind"] == kind))
 
@@ -367,90 +291,25 @@ class PrivacyLedger:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        if self._fd is not None:  # already held by this object
+        if self._held:  # already held by this object
             yield
             return
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + self.lock_timeout
-            while not _try_lock(fd):
-                if time.monotonic() >= deadline:
-                    try:
-                        holder = lock_path.read_text(encoding="utf-8").strip() or "unknown"
-                    except OSError:
-                        holder = "unknown"
-                    raise LedgerLocked(
-                        f"{self.path}: the privacy ledger is locked by another process "
-                        f"({holder}) for more than {self.lock_timeout:g} s; two processes must "
-                        f"not train the same site at once. Stop the other one, then retry")
-                time.sleep(0.02)
-            try:
-                os.ftruncate(fd, 0)
-                os.lseek(fd, 0, os.SEEK_SET)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n"
-                         .encode())
-            except OSError:
-                pass
-            self._fd = fd
+        with hold_lock(self.path, self.lock_timeout):
+            self._held = True
             try:
                 yield
             finally:
-                self._fd = None
-                _unlock(fd)
-        finally:
-            os.close(fd)
+                self._held = False
 
     def _reload(self) -> None:
-        disk = _read(self.path)
-        if disk is None:
-            if self._state.get("revision", 0) > 0:
-                raise LedgerRewind(
-                    f"{self.path}: the privacy ledger disappeared while this site was using it "
-                    f"(revision {self.revision}); restore it from backup — a missing ledger "
-                    f"would reset the site's spent budget to zero")
-            return
-        why = _extends(disk, self._state) if self._state else None
-        if why is not None:
-            raise LedgerRewind(
-                f"{self.path}: the privacy ledger on disk records less than this process has "
-                f"seen ({why}); it was replaced by an older copy. Restore the newest copy; a "
-                f"ledger must never be rewound")
-        self._state = disk
+        disk = reread_state(self.path, self._state)
+        if disk is not None:
+            self._state = disk
 
     def _write(self) -> None:
-        disk = _read(self.path)
-        if disk is not None:
-            why = _extends(self._state, disk)
-            if why is not None:
-                raise LedgerRewind(
-                    f"{self.path}: refusing to write an older privacy ledger over the one on "
-                    f"disk ({why}); a ledger is append-only and never rewound")
-            self._state["revision"] = int(disk.get("revision", 0)) + 1
-        else:
-            self._state["revision"] = int(self._state.get("revision", 0)) + 1
-        self._state["updated"] = now()
-        write_json(self.path, self._state)
+        write_over(self.path, self._state)
         self._dirty = False
 
 
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1e-300)
-
-
-def _read(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LedgerError(f"{path}: the privacy ledger cannot be read ({exc}); do not delete "
-                          f"it (that would reset the site's spent budget): restore it from "
-                          f"backup") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise LedgerError(f"{path}: not a safn privacy ledger (expected format {FORMAT!r})")
-    for key in ("fingerprint", "accountant", "delta", "entries", "plans", "events", "revision"):
-        if key not in state:
-            raise LedgerError(f"{path}: the privacy ledger lacks '{key}'; restore it from backup")
-    return state
