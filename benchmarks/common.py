@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # safn's packages,
 
 from safn_core.config import SafnConfig, dump_config, load_config  # noqa: E402
 from safn_core.data.sources import load_cohort  # noqa: E402
-from simulations.partition import partition  # noqa: E402
+from safn.simulations.partition import partition  # noqa: E402
 from safn_core.federation.run_folder import write_config  # noqa: E402
-from simulations.virtual_sites import load_virtual_site, write_virtual_sites  # noqa: E402
+from safn.simulations.virtual_sites import load_virtual_site, write_virtual_sites  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def sites_of(run_dir: Path, n: int) -> dict:
 
 def flower(run_dir: Path, cfg: SafnConfig, n_sites: int) -> dict:
     """safn-sim's Flower run (same function); wall time and its breakdown."""
-    from simulations.engine import run_flower_simulation
+    from safn.simulations.engine import run_flower_simulation
 
     wall = run_flower_simulation(run_dir, cfg, n_sites)
     history = json.loads((run_dir / "history.json").read_text())

@@ -58,7 +58,7 @@ def score(run_dir: Path) -> dict:
 
     from safn_core.bundle import load_bundle
     from safn_core.federation.run_folder import load_run_config
-    from simulations.virtual_sites import load_virtual_site, virtual_site_names
+    from safn.simulations.virtual_sites import load_virtual_site, virtual_site_names
     from safn_core.federation.site import Site
     from safn_core.metrics import binary_metrics, choose_threshold
     from safn_core.training.local import Arrays, predict

@@ -47,11 +47,11 @@ def simulated(variant: str, rounds: int, seed: int, overrides: list[str]) -> dic
     cfg = config(["simulation.compare=false", f"federation.rounds={rounds}",
                   f"train.seed={seed}", VARIANTS[variant], *overrides])
     run_dir, parts = prepare(cfg)
-    import simulations.client_app as real
+    import safn.simulations.client_app as real
 
     stock = real.app
     real.app = sim_bytes.instrumented_client_app()
-    from simulations.engine import run_flower_simulation
+    from safn.simulations.engine import run_flower_simulation
 
     try:
         run_flower_simulation(run_dir, cfg, len(parts))

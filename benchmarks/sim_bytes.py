@@ -62,7 +62,7 @@ def log_sizes(msg, context, call_next):
 
 def instrumented_client_app():
     """The simulation's ClientApp with every message's size logged (`log_sizes`)."""
-    from simulations.client_app import simulation_client_app
+    from safn.simulations.client_app import simulation_client_app
 
     return simulation_client_app(mods=[log_sizes])
 
@@ -74,10 +74,10 @@ def main() -> None:
     cfg = config(["simulation.compare=false", "federation.rounds=2", *args.overrides])
     run_dir, parts = prepare(cfg)
     os.environ["SAFN_BYTES_LOG"] = LOG
-    import simulations.client_app as real
+    import safn.simulations.client_app as real
 
     real.app = instrumented_client_app()  # run_flower_simulation imports `app` from here
-    from simulations.engine import run_flower_simulation
+    from safn.simulations.engine import run_flower_simulation
 
     try:
         run_flower_simulation(run_dir, cfg, len(parts))

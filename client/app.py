@@ -9,16 +9,16 @@ Three message types, each answered from the site's own data:
 - ``evaluate``: per-class score histograms of the validation and test splits (zeros and a flag
   when a class has fewer than ``min_cell`` people there);
 - ``personalise`` (a query, personalised runs only): the site's personal model against the
-  global one on its test split (`client.personal_replies`; Ditto's personal training happens
+  global one on its test split (`safn.client.personal_replies`; Ditto's personal training happens
   inside ``train``).
 
 Nothing participant-level is ever put in a reply. Which site a message is for and how to read
-its model: `client.site_context`; the replies under secure aggregation: `client.secure_replies`;
+its model: `safn.client.site_context`; the replies under secure aggregation: `safn.client.secure_replies`;
 every key on the wire: `safn_core.federation.protocol`.
 
 `make_client_app` builds the ClientApp over a `SiteSource`, the one part that differs between
-modes: ``app`` below is a deployed site's (the app bundle's component ``client.app:app``), the
-simulation's is built in `simulations.client_app` (virtual sites, their files on a Ray cluster).
+modes: ``app`` below is a deployed site's (the app bundle's component ``safn.client.app:app``), the
+simulation's is built in `safn.simulations.client_app` (virtual sites, their files on a Ray cluster).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client import harmonisation_replies as harmonisation
-from client import personal_replies as personal
-from client import secure_aggregation as secure
-from client import secure_replies as replies
-from client import site_context as sc
-from client.audit import audit_mod
-from client.run_end import record_run_end
-from client.site_console import say
+from safn.client import harmonisation_replies as harmonisation
+from safn.client import personal_replies as personal
+from safn.client import secure_aggregation as secure
+from safn.client import secure_replies as replies
+from safn.client import site_context as sc
+from safn.client.audit import audit_mod
+from safn.client.run_end import record_run_end
+from safn.client.site_console import say
 from safn_core.federation.sampling import site_seed
 from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, REFUSAL, SITE, STATS, Config,
                                            Describe, Metric, Task, evaluation_to_metrics,
@@ -50,7 +50,7 @@ def make_client_app(sites: sc.SiteSource, mods: Sequence[Mod] = ()) -> ClientApp
 
     ``mods`` run first, around everything else (e.g. a simulation's virtual-site files on a Ray
     cluster); then the site lookup (`site_context.SiteSourceMod`) and the site's audit trail of
-    what leaves it (`client.audit`; only where the node config names an audit log)."""
+    what leaves it (`safn.client.audit`; only where the node config names an audit log)."""
     app = ClientApp(mods=[*mods, sc.SiteSourceMod(sites), audit_mod])
     app.query()(query)
     app.train()(train)

@@ -2,18 +2,18 @@
 
 1. Checks, with no network: the site file, TLS material and key, app approval, privacy settings
    and the site's data against the data contract. Unfit data means the site does not join.
-2. Probes ``site.superlink`` (`client.reachability`): nothing answering there (refused, name
+2. Probes ``site.superlink`` (`safn.client.reachability`): nothing answering there (refused, name
    not resolving, no answer) is said at once and waited for up to ``site.connect_wait``
    seconds; a TLS mismatch (certificate not for that name, another CA, a coordinator without
    TLS) stops at once, saying which.
-3. Starts a Flower SuperNode (`client.supernode`: stock SuperNode + the site's app approval)
+3. Starts a Flower SuperNode (`safn.client.supernode`: stock SuperNode + the site's app approval)
    that serves the SAFN ClientApp on the site's own data; TLS and key authentication unless
    ``--insecure``. Flower's output goes to ``<site.state_dir>/supernode.log``; the terminal
-   shows one line per round and what needs the site's attention (`client.site_console`).
+   shows one line per round and what needs the site's attention (`safn.client.site_console`).
 4. When the SuperLink refuses to activate the site (its key is not registered, or the site's
    previous connection has not timed out after a crash), retries for ``site.activation_wait``
    seconds, then stops with a message naming the key and its fingerprint.
-5. When the coordinator says the run completed (`client.run_end`), stops the SuperNode and exits
+5. When the coordinator says the run completed (`safn.client.run_end`), stops the SuperNode and exits
    0; ``--stay`` keeps serving for the next run (a new coordinator that does not know the
    SuperNode's session ends it: the site waits for the coordinator and starts a new one). A
    stopped run (the coordinator may resume it) keeps the site connected. A SuperNode that stops
@@ -34,8 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-from client.run_end import read_run_end
-from client.site_console import SiteConsole
+from safn.client.run_end import read_run_end
+from safn.client.site_console import SiteConsole
 from safn_core.cli.common import console, entry, err_console
 from safn_core.config import dump_config, load_config
 from safn_core.errors import ConfigError, SafnError
@@ -54,7 +54,7 @@ class SiteRefused(SafnError):
 
 def supernode_command(cfg, site_file: Path, insecure: bool) -> list[str]:
     site = cfg.site
-    cmd = [sys.executable, "-m", "client.supernode", "--superlink", site.superlink,
+    cmd = [sys.executable, "-m", "safn.client.supernode", "--superlink", site.superlink,
            "--host", "127.0.0.1", "--port", str(site.local_port),
            "--node-config", f"site-config={_toml_string(str(site_file))} "
                             f"audit-log={_toml_string(str(audit_log(cfg)))}",
@@ -80,8 +80,8 @@ class SiteNode:
 
     def __init__(self, cfg, site_file: Path, insecure: bool, stay: bool = False,
                  verbose: bool = False):
-        from client.superexec import SITE_ENV
-        from client.supernode import APPROVED_ENV, NODE_ID_ENV, POLL_ENV, TRUSTED_ENV
+        from safn.client.superexec import SITE_ENV
+        from safn.client.supernode import APPROVED_ENV, NODE_ID_ENV, POLL_ENV, TRUSTED_ENV
 
         site = cfg.site
         self.cfg, self.log = cfg, Path(site.state_dir) / "supernode.log"
@@ -133,7 +133,7 @@ class SiteNode:
 
     def rejoin(self) -> None:
         """--stay, after a run ended: wait (without a limit) for the coordinator's next run."""
-        from client.reachability import wait_for_coordinator
+        from safn.client.reachability import wait_for_coordinator
 
         site = self.cfg.site
         console.print(f"site {site.name}: the coordinator's session ended; waiting for its next "
@@ -145,7 +145,7 @@ class SiteNode:
                              stopped=lambda: self.stopping)
 
     def _refusal(self, how_long: str) -> str:
-        """The coordinator answered with the expected TLS (`client.reachability` checked) and
+        """The coordinator answered with the expected TLS (`safn.client.reachability` checked) and
         refused to activate this site: the key is the cause."""
         site = self.cfg.site
         key = "" if self.insecure else f" (key {site.private_key}, {key_fingerprint(site)})"
@@ -200,7 +200,7 @@ class SiteNode:
         return code, refused.is_set()
 
     def _check_run_end(self) -> None:
-        """Leave once the coordinator said the run completed (`client.run_end`); a stopped run
+        """Leave once the coordinator said the run completed (`safn.client.run_end`); a stopped run
         may be resumed, so the site stays for it."""
         end = read_run_end(self.cfg.site.state_dir)
         if end is None or end == self._last_end:
@@ -281,7 +281,7 @@ def run(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--site {args.site}: file not found; pass the site's own YAML "
                           "(see deploy/examples/site_a.yaml)")
     cfg = load_config(args.site, args.overrides)
-    from client.preflight import preflight
+    from safn.client.preflight import preflight
 
     if args.insecure:
         err_console.print(f"[bold red]{INSECURE_WARNING}[/]")
@@ -307,7 +307,7 @@ def run(argv: list[str] | None = None) -> int:
     write_cohort(state / "cohort", found.cohort)
     console.print(f"site {site.name}: connecting to {site.superlink} "
                   f"({'INSECURE' if args.insecure else 'TLS, key authentication'})")
-    from client.reachability import wait_for_coordinator
+    from safn.client.reachability import wait_for_coordinator
 
     wait_for_coordinator(site.superlink, None if args.insecure else site.root_certificates,
                          str(args.site), site.connect_wait,

@@ -3,7 +3,7 @@
 
 - Round 1 and round 2 of the fit: the site's sums from its training split (plain: the
   ``harmonise`` query; under secure aggregation: inside the masked vector of the
-  ``harmonise-means`` / ``harmonise-residuals`` secure sums, `client.secure_replies`). A site
+  ``harmonise-means`` / ``harmonise-residuals`` secure sums, `safn.client.secure_replies`). A site
   that cannot take part (too few participants, a constant feature, a missing covariate, or a
   DP site whose statistics are released only through the Gaussian mechanism: these sums are
   exact) says why; under secure aggregation it sends masked zeros beside its reason.
@@ -20,8 +20,8 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client import site_context as sc
-from client.site_console import say
+from safn.client import site_context as sc
+from safn.client.site_console import say
 from safn_core.errors import SafnError
 from safn_core.federation.protocol import (ARRAYS, CONFIG, REFUSAL, SITE, Aggregation, Config,
                                            Describe)

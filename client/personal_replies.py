@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import secure_aggregation as secure
-from client import site_context as sc
-from client.site_console import say
+from safn.client import secure_aggregation as secure
+from safn.client import site_context as sc
+from safn.client.site_console import say
 from safn_core.errors import SafnError
 from safn_core.federation.sampling import site_seed
 from safn_core.federation.personal_comparison import Comparison, personalise

@@ -12,7 +12,7 @@ SuperNode will use, and tells the causes apart within seconds:
   issued for the name in ``site.superlink``, or the coordinator runs without TLS, or it runs with
   TLS and the site runs ``--insecure``): stops at once, naming the certificate's own names;
 - the handshake passes: whatever goes wrong next is Flower's activation, i.e. the site's key
-  (`client.cli`).
+  (`safn.client.cli`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The end of a run, as a site learns it: the coordinator's ``run-end`` message.
 
 When a deployed run is over (completed, or stopped with its checkpoint kept), the ServerApp
-tells every connected site (`server.run_end`). The site's ClientApp records it in
+tells every connected site (`safn.server.run_end`). The site's ClientApp records it in
 ``<site.state_dir>/run_end.json`` (written atomically; one file, the latest run's end) and says
 so on the site's terminal. `safn-client` waits for that file to change: after a completed run
 it stops its SuperNode and exits 0 (``--stay``: keeps serving, for the next run); after a
@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from client.site_console import RUN_END_LINE, say
+from safn.client.site_console import RUN_END_LINE, say
 from safn_core.federation.protocol import CONFIG, SITE, Config, Describe, RunEnd
 from safn_core.io import write_json
 
@@ -27,7 +27,7 @@ def record_run_end(msg, context):
     acknowledge it. (Flower is imported here: `safn-client` reads the file without it.)"""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    from client import site_context as sc
+    from safn.client import site_context as sc
 
     config = msg.content[CONFIG]
     site = sc.site_for(context, config)

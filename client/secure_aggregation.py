@@ -7,7 +7,7 @@ and the aggregation's context; what it will sum is kept on its own disk
 another site drops out the coordinator can ask the survivors to mask the same values again
 under fresh keys, without training or evaluating again.
 
-Message fields (config records, set by `server.secure_aggregation`): ``secagg-context`` (the
+Message fields (config records, set by `safn.server.secure_aggregation`): ``secagg-context`` (the
 aggregation's context, JSON), ``secagg-packing`` (its `Packing`, JSON), ``secagg-peer-ids`` /
 ``secagg-peer-keys`` (every participant's public key for the context) and ``secagg-next`` (the
 context of the next aggregation: the site announces its public key for it in the reply).

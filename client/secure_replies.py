@@ -1,7 +1,7 @@
 """A site's replies under secure aggregation: masked vectors, and the secure sums it is asked
 to redo.
 
-Training and evaluation replies carry one masked vector (`client.secure_aggregation`) and,
+Training and evaluation replies carry one masked vector (`safn.client.secure_aggregation`) and,
 beside it, only what is not a per-site statistic; a site that does not train sends masked zeros
 so that every other site's masks still cancel. The statistics are masked in two secure sums
 (`safn_core.federation.secure_records`); ``secagg-keys`` / ``secagg-mask`` queries redo a sum
@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import harmonisation_replies as harmonisation
-from client import secure_aggregation as secure
-from client import site_context as sc
-from client.site_console import say
+from safn.client import harmonisation_replies as harmonisation
+from safn.client import secure_aggregation as secure
+from safn.client import site_context as sc
+from safn.client.site_console import say
 from safn_core.federation.sampling import site_seed
 from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, REFUSAL, STATISTICS,
                                            WITHHELD, Aggregation, Config, Describe, Metric)

@@ -1,7 +1,7 @@
 """What a site's terminal shows while it serves a run: safn's own lines, not Flower's flood.
 
 The SuperNode, its SuperExec and the ClientApps share one output stream; all of it goes to
-``<site.state_dir>/supernode.log`` (`client.cli`). Flower writes about 200 INFO/DEBUG lines a
+``<site.state_dir>/supernode.log`` (`safn.client.cli`). Flower writes about 200 INFO/DEBUG lines a
 site for a five-round run, and after the coordinator stops, a "Connection attempt failed,
 retrying…" warning every few seconds until the SuperNode is stopped. The terminal gets:
 

@@ -1,11 +1,11 @@
 """Which site a ClientApp message is for, and how to read the model and settings it carries.
 
 What differs between a deployment and a simulation is one object, a `SiteSource`, given to
-`client.app.make_client_app`: how a message's site and its cohort are found, where the site
+`safn.client.app.make_client_app`: how a message's site and its cohort are found, where the site
 keeps its own state, where its harmonised training split goes and what kind of data it says it
 has. A deployed SuperNode serves its own site (`DeployedSite`: ``site-config`` in the node
 config, the site's own site.yaml: data, split seed, privacy, min_cell); a simulation serves
-virtual sites by Flower's ``partition-id`` (`simulations.client_app.VirtualSites`). The app's
+virtual sites by Flower's ``partition-id`` (`safn.simulations.client_app.VirtualSites`). The app's
 `SiteSourceMod` makes its source the one the functions below use for each message; everything
 else here is the same code in both. The run's shared settings arrive in every message as
 ``safn-config``, so a site never reads the coordinator's files. Sites are cached per process:
@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
-from client import secure_aggregation as secure
+from safn.client import secure_aggregation as secure
 from safn_core.data.cohort_store import read_cohort
 from safn_core.federation.protocol import MODEL, Config, Layout, NodeConfig
 from safn_core.federation.shared_config import shared_config, site_run_config
@@ -113,7 +113,7 @@ def site_source() -> SiteSource:
         return _SOURCE.get()
     except LookupError:
         raise RuntimeError("no site source for this message: a ClientApp's handlers run under "
-                           "the `SiteSourceMod` of `client.app.make_client_app`") from None
+                           "the `SiteSourceMod` of `safn.client.app.make_client_app`") from None
 
 
 def site_for(context: Context, config: ConfigRecord) -> Site:

@@ -1,4 +1,4 @@
-"""The site's Flower SuperExec with warm ClientApps (``python -m client.superexec``).
+"""The site's Flower SuperExec with warm ClientApps (``python -m safn.client.superexec``).
 
 Flower's SuperExec starts a fresh ``flwr-clientapp`` process for every message, so every train
 and evaluate message pays for starting Python and importing Flower, PyTorch and safn (2-3 s of
@@ -7,7 +7,7 @@ imports them once and starts each ClientApp as a fork of itself: the same ``flwr
 code with the same arguments, one process per message as before (a crash or leak in one
 message's ClientApp cannot affect the next), without the start-up cost.
 
-`client.supernode` starts this module before Flower's SuperNode (which then runs with
+`safn.client.supernode` starts this module before Flower's SuperNode (which then runs with
 ``--isolation process``) and connects to the coordinator only once this process says, on the pipe
 in `READY_FD_ENV`, that it has imported everything (a site is online when it can answer at once;
 its start-up never counts against a round's timeout). It looks for a new task every
@@ -35,7 +35,7 @@ def preload() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import client.app  # noqa: F401  (Flower, PyTorch, safn_core)
+    import safn.client.app  # noqa: F401  (Flower, PyTorch, safn_core)
     import flwr.supernode.cli  # noqa: F401
     import safn_core.privacy  # noqa: F401  (Opacus, for DP rounds)
     # the first optimizer of a process imports torch._dynamo (about a second): pay it here
@@ -111,7 +111,7 @@ RUNTIME_API_WAIT = 120.0
 
 def wait_for_runtime_api(argv: list[str], timeout: float = RUNTIME_API_WAIT) -> None:
     """Until the SuperNode's Runtime API (``--runtime-api-address``) accepts a connection, at
-    most ``timeout`` s. Started before its SuperNode (`client.supernode`), this SuperExec would
+    most ``timeout`` s. Started before its SuperNode (`safn.client.supernode`), this SuperExec would
     otherwise meet a closed port, and Flower's retry would log "Connection attempt failed",
     which the site's terminal reads as lost contact with the coordinator."""
     import socket

@@ -1,4 +1,4 @@
-"""A Flower SuperNode that runs only app bundles its site approved (``python -m client.supernode``).
+"""A Flower SuperNode that runs only app bundles its site approved (``python -m safn.client.supernode``).
 
 `safn-client` starts this module instead of the bare ``flower-supernode`` console script. It is
 the same SuperNode (same arguments, same Fleet protocol), with one addition made before any
@@ -17,7 +17,7 @@ The approval list comes from the environment (``SAFN_APPROVED_APPS``: comma-sepa
 ``SAFN_TRUSTED_ENTITIES``: a YAML file), set by `safn-client` from site.yaml.
 
 ``SAFN_WARM_CLIENTAPPS`` (default 1) starts ClientApps from a warm SuperExec
-(`client.superexec`): this module starts it, waits until it has imported what ClientApps need
+(`safn.client.superexec`): this module starts it, waits until it has imported what ClientApps need
 (a site is online only when it can answer at once; its start-up never counts against a round's
 timeout), then runs Flower's SuperNode with ``--isolation process`` (Flower's public option for
 a SuperExec started outside the SuperNode). 0 keeps Flower's fresh ``flwr-clientapp`` process
@@ -111,18 +111,18 @@ def superexec_command(argv: list[str]) -> list[str]:
     host = _option(argv, "--host", "127.0.0.1")
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     port = _option(argv, "--port", str(SUPERNODE_UVICORN_DEFAULT_PORT))
-    return [sys.executable, "-m", "client.superexec", "--insecure",
+    return [sys.executable, "-m", "safn.client.superexec", "--insecure",
             "--runtime-api-address", f"{host}:{port}", "--parent-pid", str(os.getpid())]
 
 
 def start_warm_superexec(command: list[str], ready_wait: float = SUPEREXEC_READY_WAIT):
-    """Start ``command`` (`client.superexec`) with the write end of a pipe in
-    `client.superexec.READY_FD_ENV`, and return once it wrote to it (it has imported
+    """Start ``command`` (`safn.client.superexec`) with the write end of a pipe in
+    `safn.client.superexec.READY_FD_ENV`, and return once it wrote to it (it has imported
     everything), exited, or ``ready_wait`` s passed."""
     import select
     import subprocess
 
-    from client.superexec import READY_FD_ENV
+    from safn.client.superexec import READY_FD_ENV
 
     ready_read, ready_write = os.pipe()
     env = dict(os.environ, **{READY_FD_ENV: str(ready_write)})

@@ -1,7 +1,7 @@
 """The SAFN Flower app bundle (FAB): where its source is, and its sha256.
 
 The bundle is ``server/flwr_app/safn/pyproject.toml`` alone (components name the installed
-``server.app`` and ``client.app``). Flower builds FABs deterministically (sorted files, fixed zip
+``safn.server.app`` and ``safn.client.app``). Flower builds FABs deterministically (sorted files, fixed zip
 timestamps), so the coordinator and every site compute the same hash from the same safn
 version; Flower's SuperLink identifies a run's app by exactly this hash.
 """

@@ -1,9 +1,9 @@
 """The SAFN ServerApp: the coordinator's side of a run, in simulation and deployment alike.
 
-A run (`Coordinator.run`): the statistics phase (`server.run_setup.prepare_run`: sites,
+A run (`Coordinator.run`): the statistics phase (`safn.server.run_setup.prepare_run`: sites,
 statistics round, harmonisation) gives a frozen `RunSetup`; the book of rounds
-(`server.round_book.RoundBook`) starts a new model or resumes the run folder's checkpoint; the
-SAFN strategy (`server.strategy.SafnStrategy`, around Flower's own) runs the remaining rounds and
+(`safn.server.round_book.RoundBook`) starts a new model or resumes the run folder's checkpoint; the
+SAFN strategy (`safn.server.strategy.SafnStrategy`, around Flower's own) runs the remaining rounds and
 reports each to the book, which makes its history entry, selects the model, checkpoints and
 says when to stop early; then the selected round's model bundle
 (`safn_core.federation.federated_bundle`) and, for a personalised run, each site's personal
@@ -38,15 +38,15 @@ from safn_core.federation.secure_records import evaluate_packing, train_packing
 from safn_core.io import write_json
 from safn_core.preprocess import Preprocessor
 from safn_core.secagg import SecureAggregationRefused, SecureSumFailed
-from server.central_dp import CentralDP
-from server.round_book import RoundBook
-from server.run_context import RunContext
-from server.run_end import tell_sites_run_ended
-from server.run_setup import RunSetup, prepare_run
-from server.secure_strategy import SecureSum
-from server.site_waits import SitesMissing
-from server.strategies import flower_strategy, optimizer_state, restore_optimizer_state
-from server.strategy import SafnStrategy, StrategyOptions
+from safn.server.central_dp import CentralDP
+from safn.server.round_book import RoundBook
+from safn.server.run_context import RunContext
+from safn.server.run_end import tell_sites_run_ended
+from safn.server.run_setup import RunSetup, prepare_run
+from safn.server.secure_strategy import SecureSum
+from safn.server.site_waits import SitesMissing
+from safn.server.strategies import flower_strategy, optimizer_state, restore_optimizer_state
+from safn.server.strategy import SafnStrategy, StrategyOptions
 
 RUN_STOPPERS = (SitesMissing, SecureAggregationRefused, SecureSumFailed, NoSiteTrained)
 """What ends a run as failed (with its checkpoint intact), not as a crash."""
@@ -123,7 +123,7 @@ class Coordinator:
         harmonisation = None
         if setup.harmonisation is not None:  # every site harmonised its data with this fit
             from safn_core.harmonisation.record import HarmonisationRecord
-            from server.harmonisation import fitted_on
+            from safn.server.harmonisation import fitted_on
 
             harmonisation = HarmonisationRecord.from_config(
                 setup.harmonisation, run.cfg.harmonisation, fitted_on(run.run_dir))
@@ -137,9 +137,9 @@ class Coordinator:
 
     def _personalise(self, setup: RunSetup, state: RunState) -> None:
         """A personalised run's last step: each training site's personal model against the
-        selected global one on its test split (`server.personalisation`); once per run."""
+        selected global one on its test split (`safn.server.personalisation`); once per run."""
         from safn_core.federation.aggregate import selected_entry
-        from server.personalisation import personalisation_done, personalise_sites
+        from safn.server.personalisation import personalisation_done, personalise_sites
 
         if not self.run.cfg.personalisation.enabled or personalisation_done(self.run.run_dir):
             return
@@ -201,4 +201,4 @@ def run_coordinator(grid: Grid, context: Context, deployed: bool) -> None:
 
 
 app = make_server_app(deployed=True)  # the app bundle's component (`safn_flower/flwr_app`)
-simulation_app = make_server_app(deployed=False)  # safn-sim's (`simulations.engine`)
+simulation_app = make_server_app(deployed=False)  # safn-sim's (`safn.simulations.engine`)

@@ -6,7 +6,7 @@
     safn-server --config server.yaml --status   what the run folder says (and the SuperLink, if up)
     safn-server --app-hash                      the app bundle's sha256, for sites to approve
 
-The run itself is the same ServerApp as in simulation (`server.app`), submitted with the stock
+The run itself is the same ServerApp as in simulation (`safn.server.app`), submitted with the stock
 ``flwr run``; the run folder (``server.run_dir``) receives config.yaml, events.jsonl,
 checkpoints/, history.json, rounds.csv, the model bundle, and the SuperLink's log and database.
 While it runs, ``FLWR_HOME=<run_dir>/flower flwr list|log|stop safn`` work as usual.
@@ -33,7 +33,7 @@ from safn_core.federation.run_folder import RUN_ID_FILE, run_identity, write_con
 from safn_core.io import write_json
 from safn_core.processes import LogFollower
 from safn_flower.fab import app_dir, app_hash
-from server.superlink import (DeploymentError, SuperLink, certificate_paths,
+from safn.server.superlink import (DeploymentError, SuperLink, certificate_paths,
                               openssh_fingerprint, refusal)
 
 INSECURE_WARNING = ("WARNING: --insecure: TLS and site authentication are OFF. Anyone who can "

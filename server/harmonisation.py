@@ -37,8 +37,8 @@ from safn_core.harmonisation import (CombatFit, MeanSums, ResidualSums, solve_me
                                      solve_variance)
 from safn_core.harmonisation.setup import combat_spec
 from safn_core.io import write_json
-from server.run_context import RunContext
-from server.site_waits import SitesMissing
+from safn.server.run_context import RunContext
+from safn.server.site_waits import SitesMissing
 
 FILE = "harmonisation.json"
 
@@ -65,7 +65,7 @@ def fitted_on(run_dir: Path) -> str:
 
 def fit_harmonisation(run: RunContext, desc, secure, held_out: frozenset[str]) -> CombatFit:
     """The run's fit: the saved one when resuming, else the two rounds above (secure sums
-    through ``secure``, a `server.secure_aggregation.SecureAggregation`, when it is given)."""
+    through ``secure``, a `safn.server.secure_aggregation.SecureAggregation`, when it is given)."""
     saved = load_fit(run.run_dir)
     if saved is not None:
         run.events.emit(Event.HARMONISATION, code="kept", participants=saved.n,

@@ -3,7 +3,7 @@ personal model with the global one on its own test split.
 
 After the bundle of the selected global model is written, the coordinator sends that model and
 the federation's threshold to every training site in one ``personalise`` query
-(`client.personal_replies`). Each site answers with its own comparison where its test classes
+(`safn.client.personal_replies`). Each site answers with its own comparison where its test classes
 pass ``min_cell``; the pooled comparison comes from the sites' confusion counts, summed by
 secure aggregation when the run uses it (``personalise``, `secure_records.personalise_packing`;
 ``min_cell`` then applies to the pooled class totals) and otherwise from the sites that
@@ -29,8 +29,8 @@ from safn_core.io import write_json
 
 if TYPE_CHECKING:
     from safn_core.federation.checkpoint import RunState
-    from server.run_context import RunContext
-    from server.run_setup import RunSetup
+    from safn.server.run_context import RunContext
+    from safn.server.run_setup import RunSetup
 
 FILE = "personalisation.json"
 

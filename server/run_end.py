@@ -1,4 +1,4 @@
-"""Telling the sites that a deployed run is over (`client.run_end` is the site's side).
+"""Telling the sites that a deployed run is over (`safn.client.run_end` is the site's side).
 
 Flower's SuperNode cannot tell a run that ended from a coordinator that crashed: once the
 SuperLink is gone it retries for ever. So the ServerApp's last act is one QUERY message

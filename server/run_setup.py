@@ -18,11 +18,11 @@ from safn_core.federation.checkpoint import load_checkpoint
 from safn_core.federation.events import Event
 from safn_core.federation.protocol import Config, Describe, Metric, modalities_from_record
 from safn_core.federation.run_folder import expected_sites
-from server.run_context import RunContext
-from server.secure_aggregation import SecureAggregation
-from server.statistics_round import (Described, secure_statistics_round, statistics_round,
+from safn.server.run_context import RunContext
+from safn.server.secure_aggregation import SecureAggregation
+from safn.server.statistics_round import (Described, secure_statistics_round, statistics_round,
                                      wait_for_sites)
-from server.strategy import RunSites
+from safn.server.strategy import RunSites
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def prepare_run(run: RunContext) -> RunSetup:
     held_out = frozenset(desc.names[n] for n in desc.held_out)
     fit, extra = None, {}
     if cfg.harmonisation.enabled:
-        from server.harmonisation import fit_harmonisation
+        from safn.server.harmonisation import fit_harmonisation
 
         fit = fit_harmonisation(run, desc, secure, held_out)
         extra = {Config.HARMONISATION_FIT: json.dumps(fit.to_dict())}

@@ -1,4 +1,4 @@
-"""Secure aggregation as a part of the SAFN strategy (`server.secure_aggregation` runs the
+"""Secure aggregation as a part of the SAFN strategy (`safn.server.secure_aggregation` runs the
 protocol).
 
 `SecureSum` puts each aggregation's context, packing and participants' keys into the round's
@@ -19,8 +19,8 @@ from flwr.app import Message
 from safn_core.federation.protocol import ARRAYS, MASKED, METRICS, Metric
 from safn_core.federation.round_record import SecureEvaluation, SecureTrainSum
 from safn_core.secagg.packing import Packing
-from server.secure_aggregation import SecureAggregation
-from server.site_waits import OnlyNodes, SitesMissing
+from safn.server.secure_aggregation import SecureAggregation
+from safn.server.site_waits import OnlyNodes, SitesMissing
 
 
 @dataclass(frozen=True)

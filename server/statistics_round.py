@@ -19,8 +19,8 @@ from safn_core.federation.secure_records import (scaled_packing, scales_from_sum
                                                  statistics_from_sum, statistics_packing)
 from safn_core.preprocess import FeatureStats
 from safn_core.secagg import SecureAggregationRefused
-from server.secure_aggregation import NEXT, context_json
-from server.site_waits import SitesMissing, wait_for_nodes
+from safn.server.secure_aggregation import NEXT, context_json
+from safn.server.site_waits import SitesMissing, wait_for_nodes
 
 
 GAUSSIAN_KEYS = (Metric.NOISE_MULTIPLIER, Metric.EPSILON, Metric.DELTA)

@@ -1,11 +1,11 @@
 """Flower's own strategies, built by Flower's constructors from ``federation.*``.
 
-`flower_strategy` returns the FedAvg / FedProx / FedAdam / FedYogi that `server.strategy.
+`flower_strategy` returns the FedAvg / FedProx / FedAdam / FedYogi that `safn.server.strategy.
 SafnStrategy` wraps. The SAFN strategy chooses each round's sites itself (by name, seeded per
 round) and offers Flower's strategy only those, so Flower's strategy is told to take every site
 it is offered (fraction 1, at least 1 node); the real fractions and minimum are the SAFN
 strategy's options, and its ``summary()`` logs both. Flower's metric aggregations are replaced
-by `server.screening.train_metrics` / `evaluate_metrics` (ε and counts are never averaged).
+by `safn.server.screening.train_metrics` / `evaluate_metrics` (ε and counts are never averaged).
 
 The adaptive optimisers' moments (``m_t``, ``v_t``: public attributes of Flower's FedOpt) are
 what a checkpoint must keep of a strategy: `optimizer_state` / `restore_optimizer_state`.
@@ -17,7 +17,7 @@ import numpy as np
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from safn_core.config import FederationConfig
-from server.screening import evaluate_metrics, train_metrics
+from safn.server.screening import evaluate_metrics, train_metrics
 
 FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam,
                      "fedyogi": FedYogi}

@@ -8,15 +8,15 @@ clips) and does not reach into it. It adds:
   (`safn_core.federation.sampling.sample_sites`, seeded per round) among the connected sites
   that passed the statistics round, and only those are offered to Flower's strategy, which
   takes every site it is offered;
-- bounded waits: for ``min_sites`` sites (`server.site_waits.wait_for_nodes`) and, before a
+- bounded waits: for ``min_sites`` sites (`safn.server.site_waits.wait_for_nodes`) and, before a
   training round, for sites of the run that are reconnecting (``rejoin_wait``);
 - a deterministic aggregation order (replies sorted by site name: float sums depend on order);
-- screening of training replies (`server.screening`): NaN/Inf values, wrong array names or
+- screening of training replies (`safn.server.screening`): NaN/Inf values, wrong array names or
   shapes, failed sites and refusals are recorded by site and never averaged; a round with
   fewer than ``min_sites`` usable replies leaves the model unchanged;
 - held-out sites, which evaluate every round (alone, in plain text) and never train;
-- the parts it is given: secure aggregation (`server.secure_strategy.SecureSum`: the
-  coordinator sees only sums) and central DP (`server.central_dp.CentralDP`).
+- the parts it is given: secure aggregation (`safn.server.secure_strategy.SecureSum`: the
+  coordinator sees only sums) and central DP (`safn.server.central_dp.CentralDP`).
 
 `start` runs rounds ``first_round`` … ``num_rounds`` (a resumed run starts after its last
 checkpointed round, with the real round numbers: FedAdam's bias correction and the sites'
@@ -45,10 +45,10 @@ from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, WITHHELD, Co
                                            evaluation_from_metrics)
 from safn_core.federation.round_record import RoundRecord
 from safn_core.federation.sampling import sample_sites
-from server import screening
-from server.central_dp import CentralDP
-from server.secure_strategy import SecureSum
-from server.site_waits import OnlyNodes, await_rejoin, wait_for_nodes
+from safn.server import screening
+from safn.server.central_dp import CentralDP
+from safn.server.secure_strategy import SecureSum
+from safn.server.site_waits import OnlyNodes, await_rejoin, wait_for_nodes
 
 
 @dataclass(frozen=True)

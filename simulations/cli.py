@@ -1,9 +1,9 @@
 """``safn-sim``: a federated simulation on Flower's Simulation Engine (Ray backend).
 
-The cohort is sharded into virtual sites (`simulations.partition`, written by
-`simulations.virtual_sites`); the same ServerApp and ClientApp that a deployment runs train SAFN
-across them (`simulations.engine`). In the same run and on the same per-site splits it also trains
-the pooled model and one local-only model per site (`simulations.compare`), and prints one
+The cohort is sharded into virtual sites (`safn.simulations.partition`, written by
+`safn.simulations.virtual_sites`); the same ServerApp and ClientApp that a deployment runs train SAFN
+across them (`safn.simulations.engine`). In the same run and on the same per-site splits it also trains
+the pooled model and one local-only model per site (`safn.simulations.compare`), and prints one
 comparison table on the pooled test set (the union of the sites' test splits).
 """
 
@@ -24,8 +24,8 @@ from safn_core.config import SafnConfig, dump_config
 from safn_core.errors import SafnError
 from safn_core.federation.aggregate import selected_entry
 from safn_core.training.selection import RoundSelection
-from simulations.compare import build_sites, compare
-from simulations.engine import run_flower_simulation
+from safn.simulations.compare import build_sites, compare
+from safn.simulations.engine import run_flower_simulation
 
 SHOWN = ("roc_auc", "pr_auc_pd", "pr_auc_hc", "balanced_accuracy", "sensitivity", "specificity",
          "f1", "mcc", "brier")
@@ -90,7 +90,7 @@ def load_federated(run_dir: Path):
 
 def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.DataFrame:
     """Leave-one-site-out: one federation per held-out site, then the external table."""
-    from simulations.loso import leave_one_site_out, summarise_loso
+    from safn.simulations.loso import leave_one_site_out, summarise_loso
 
     if cfg.federation.secure_aggregation and len(parts) - 1 < 3:
         from safn_core.errors import ConfigError
@@ -129,7 +129,7 @@ def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.Da
 def check_cluster(cfg: SafnConfig) -> None:
     """On a Ray cluster: join it once before anything is written (`ray_cluster.preflight`)."""
     if cfg.simulation.ray_address:
-        from simulations.ray_cluster import preflight
+        from safn.simulations.ray_cluster import preflight
 
         preflight(cfg.simulation.ray_address, cfg.simulation.num_cpus_per_site)
 
@@ -157,8 +157,8 @@ def run(argv: list[str] | None = None) -> int:
     from safn_core.data.sources import load_cohort
     from safn_core.federation.checkpoint import load_checkpoint
     from safn_core.federation.run_folder import load_run_config, write_config
-    from simulations.partition import summary
-    from simulations.virtual_sites import SIM_SITE_STATE, write_virtual_sites
+    from safn.simulations.partition import summary
+    from safn.simulations.virtual_sites import SIM_SITE_STATE, write_virtual_sites
 
     if args.resume:
         run_dir = args.resume
@@ -247,7 +247,7 @@ def run(argv: list[str] | None = None) -> int:
     if cfg.simulation.loso and not (run_dir / "loso.csv").exists():
         loso = run_loso(cohort, parts, cfg, run_dir, df if cfg.simulation.compare else None)
         results["loso"] = json.loads((run_dir / "loso.json").read_text())
-    from simulations.report import write_sim_report
+    from safn.simulations.report import write_sim_report
 
     write_sim_report(run_dir, cfg, cohort.report.source, summ, state.history,
                      df if cfg.simulation.compare else None, loso)

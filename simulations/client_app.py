@@ -1,10 +1,10 @@
-"""The simulation's ClientApp: the deployed site's handlers (`client.app`) over virtual sites.
+"""The simulation's ClientApp: the deployed site's handlers (`safn.client.app`) over virtual sites.
 
-Only the site lookup differs from a deployment (`client.site_context.SiteSource`): Flower's
+Only the site lookup differs from a deployment (`safn.client.site_context.SiteSource`): Flower's
 ``partition-id`` names a virtual site, whose table safn-sim wrote into the run folder and whose
-own state lives in its folder outside it (`simulations.virtual_sites`); the run folder is found
+own state lives in its folder outside it (`safn.simulations.virtual_sites`); the run folder is found
 through ``SAFN_RUN_DIR`` (`safn_core.federation.run_folder`). On a Ray cluster,
-`simulations.site_disks.site_disk_mod` first brings the virtual site's files to the worker's node
+`safn.simulations.site_disks.site_disk_mod` first brings the virtual site's files to the worker's node
 and takes its changed state back.
 """
 
@@ -18,13 +18,13 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.app import make_client_app
+from safn.client.app import make_client_app
 from safn_core.federation.protocol import NodeConfig
 from safn_core.federation.run_folder import load_run_config, run_dir_from
 from safn_core.federation.shared_config import shared_config
 from safn_core.federation.site import Site
-from simulations.site_disks import site_disk_mod
-from simulations.virtual_sites import load_virtual_site, virtual_site_state_dir
+from safn.simulations.site_disks import site_disk_mod
+from safn.simulations.virtual_sites import load_virtual_site, virtual_site_state_dir
 
 
 @lru_cache(maxsize=256)
@@ -39,7 +39,7 @@ def _run_dir(context: Context) -> Path:
 
 
 class VirtualSites:
-    """A simulation's virtual sites (a `client.site_context.SiteSource`), by ``partition-id``."""
+    """A simulation's virtual sites (a `safn.client.site_context.SiteSource`), by ``partition-id``."""
 
     def site(self, context: Context, shared_text: str) -> Site:
         partition_id = int(context.node_config[NodeConfig.PARTITION_ID])
@@ -66,5 +66,5 @@ def simulation_client_app(mods: Sequence[Mod] = ()) -> ClientApp:
     return make_client_app(VirtualSites(), mods=[site_disk_mod, *mods])
 
 
-# what `simulations.engine` runs
+# what `safn.simulations.engine` runs
 app = simulation_client_app()

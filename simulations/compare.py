@@ -9,7 +9,7 @@ from safn_core.config import SafnConfig
 
 
 def build_sites(cohort, cfg: SafnConfig) -> dict[str, np.ndarray]:
-    from simulations.partition import partition
+    from safn.simulations.partition import partition
 
     s = cfg.simulation
     return partition(cohort, s.partition, s.n_sites, alpha=s.dirichlet_alpha,

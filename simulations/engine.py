@@ -12,9 +12,9 @@ With ``simulation.fast_polling`` the ServerApp's Grid polls every 10 ms instead 
 Flower's dispatcher for hundreds of sites.
 
 On an existing Ray cluster (``simulation.ray_address``) the workers inherit nothing from this
-process and share no disk with it: `simulations.ray_cluster` joins the cluster with the run's
+process and share no disk with it: `safn.simulations.ray_cluster` joins the cluster with the run's
 runtime environment, and the virtual sites' files reach the ClientApps through Ray
-(`simulations.site_disks`).
+(`safn.simulations.site_disks`).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
     os.environ[RUN_DIR_ENV] = str(Path(run_dir).resolve())
     from flwr.simulation import run_simulation
 
-    from simulations.client_app import app as client_app
-    from server.app import simulation_app as server_app
+    from safn.simulations.client_app import app as client_app
+    from safn.server.app import simulation_app as server_app
 
     quiet_flower()  # again: importing Flower resets its logger to INFO
     t0 = time.perf_counter()
@@ -75,9 +75,9 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
                              many_sites_dispatcher=cfg.simulation.many_sites_dispatcher,
                              ray_cluster=bool(cfg.simulation.ray_address)) as app:
         try:
-            if cfg.simulation.ray_address:  # an existing cluster: `simulations.ray_cluster`
+            if cfg.simulation.ray_address:  # an existing cluster: `safn.simulations.ray_cluster`
                 from safn_core.cli.common import console
-                from simulations.ray_cluster import ClusterRun
+                from safn.simulations.ray_cluster import ClusterRun
 
                 cluster = ClusterRun(cfg.simulation.ray_address, run_dir,
                                      cfg.simulation.num_cpus_per_site)

@@ -18,7 +18,7 @@ import pandas as pd
 from safn_core.config import SafnConfig, dump_config
 from safn_core.data.cohort import Cohort
 from safn_core.federation.run_folder import write_config
-from simulations.virtual_sites import write_virtual_sites
+from safn.simulations.virtual_sites import write_virtual_sites
 from safn_core.metrics import METRICS, binary_metrics, bootstrap_ci
 
 

@@ -8,7 +8,7 @@ What runs and travels where (docs/ray-cluster.md):
   from each node's CPUs and ``simulation.num_cpus_per_site``;
 - the job's runtime environment carries one variable, the name of the run's `SiteDisks` actor
   (on the driver's node); the virtual sites' cohorts travel through Ray's object store and their
-  state folders through that actor (`simulations.site_disks`); no shared disk, no inherited
+  state folders through that actor (`safn.simulations.site_disks`); no shared disk, no inherited
   environment;
 - at the end, ``ray_cluster.json`` in the run folder records the cluster's nodes and how many
   messages each virtual site's ClientApp handled on which node, and every node's mirror of the
@@ -115,7 +115,7 @@ class ClusterRun:
         sites' disks on this node."""
         import ray
 
-        from simulations.site_disks import DISKS_ENV
+        from safn.simulations.site_disks import DISKS_ENV
 
         join(self.address, namespace=self.disks_name,
              runtime_env={"env_vars": {DISKS_ENV: self.disks_name}})
@@ -127,8 +127,8 @@ class ClusterRun:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from simulations.site_disks import SiteDisks, files_of, safn_version
-        from simulations.virtual_sites import virtual_site_names, virtual_sites_state_root
+        from safn.simulations.site_disks import SiteDisks, files_of, safn_version
+        from safn.simulations.virtual_sites import virtual_site_names, virtual_sites_state_root
 
         here = ray.get_runtime_context().get_node_id()
         run_files = {name: (self.run_dir / name).read_bytes()
@@ -154,7 +154,7 @@ class ClusterRun:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from simulations.site_disks import remove_mirror
+        from safn.simulations.site_disks import remove_mirror
 
         placement = ray.get(self.disks.placement.remote())
         per_node: dict[str, int] = {}

@@ -4,7 +4,7 @@ On one machine a virtual site's ClientApp reads its table from the run folder an
 state (privacy ledger, secure-aggregation secret and cache, personal models, run end) in its
 state folder, both on the driver's disk, found through ``SAFN_RUN_DIR``. A ClientApp on another
 node of a Ray cluster has neither: Ray starts workers with the cluster's environment, not the
-driver's, and nodes share no disk. So, on a cluster (`simulations.ray_cluster`):
+driver's, and nodes share no disk. So, on a cluster (`safn.simulations.ray_cluster`):
 
 - the driver puts each virtual site's cohort files into Ray's object store and starts one
   `SiteDisks` actor on its own node; the actor's name reaches every worker in the job's runtime
@@ -72,7 +72,7 @@ def inside(folder: Path, relative: str) -> Path:
 class SiteDisks:
     """The driver's side: serves the run's files and keeps each virtual site's state folder.
 
-    A Ray actor pinned to the driver's node (`simulations.ray_cluster.start_site_disks`). The
+    A Ray actor pinned to the driver's node (`safn.simulations.ray_cluster.start_site_disks`). The
     cohorts are object references the driver put into the object store; ClientApps fetch them
     from there, node to node, not through this actor.
     """
@@ -212,7 +212,7 @@ _MIRROR: SiteMirror | None = None
 
 
 def site_disk_mod(msg, context, call_next):
-    """The simulation's ClientApp mod (`simulations.client_app`): on a Ray cluster, the virtual
+    """The simulation's ClientApp mod (`safn.simulations.client_app`): on a Ray cluster, the virtual
     site's files from the driver before the message and its changed state back after it. Does
     nothing on one machine, where the run folder is on this disk."""
     from safn_core.federation.protocol import NodeConfig

@@ -168,7 +168,7 @@ def test_a_site_with_an_unlisted_key_is_refused(federation):
     said = intruder.output()
     # the SuperLink answered with the right TLS, so the key is the cause, named with its
     # fingerprint (as ssh-keygen -lf prints it for site_c.pub)
-    from server.superlink import openssh_fingerprint
+    from safn.server.superlink import openssh_fingerprint
 
     fingerprint = openssh_fingerprint(fed.m["certs"] / "sites" / "site_c.pub")
     # (it may first have found nothing answering, if it started before the SuperLink did)
@@ -238,7 +238,7 @@ POISON = '''#!{python}
 import sys
 import numpy as np
 from flwr.app import Array, ArrayRecord
-import client.app as ca
+import safn.client.app as ca
 
 key = next(k for k in ca.app._registered_funcs if k.startswith("train"))
 honest = ca.app._registered_funcs[key]
@@ -264,7 +264,7 @@ def test_a_nan_update_is_rejected_and_reported_by_site(federation, tmp_path):
     script.write_text(POISON.format(python=sys.executable))
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     # plain aggregation: the coordinator screens updates it can see (under secure aggregation
-    # a site screens its own, client.app)
+    # a site screens its own, safn.client.app)
     fed = federation(rounds=2, secure_aggregation=False)
     server = fed.server()
     fed.site("site_a")

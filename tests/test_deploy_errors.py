@@ -458,7 +458,7 @@ def test_the_base_configurations_pass(material, tmp_path):
     """The configurations the cases break are fine as they are: the site passes its checks
     (without writing into its state folder) and the coordinator's checks pass."""
     from safn_core.config import load_config
-    from server.cli import validate_server
+    from safn.server.cli import validate_server
 
     folder = tmp_path / "base"
     site = prepare(Case("site", ()), folder / "site", material, [])

@@ -62,7 +62,7 @@ def _pem_line(openssh_pub: str) -> tuple[str, str]:
 
 
 def test_a_refusal_in_the_superlink_log_names_the_key_as_ssh_keygen_does(tmp_path):
-    from server.superlink import openssh_fingerprint, refusal
+    from safn.server.superlink import openssh_fingerprint, refusal
 
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
                     str(tmp_path / "k")], check=True)
@@ -96,7 +96,7 @@ def _site_file(tmp_path: Path, **site) -> Path:
 
 
 def _check(path: Path, insecure: bool = False):
-    from client.preflight import check_security, require_site
+    from safn.client.preflight import check_security, require_site
     from safn_core.config import load_config
 
     cfg = load_config(path)
@@ -161,7 +161,7 @@ def test_the_app_hash_is_the_bundle_flower_builds_and_needs_no_config():
     assert out.returncode == 0 and out.stdout.strip() == app_hash(APP_SOURCE)
     assert len(out.stdout.strip()) == 64
     text = (ROOT / "safn_flower" / "flwr_app" / "safn" / "pyproject.toml").read_text()
-    assert 'serverapp = "server.app:app"' in text and 'clientapp = "client.app:app"' in text
+    assert 'serverapp = "safn.server.app:app"' in text and 'clientapp = "safn.client.app:app"' in text
     assert sys.executable  # the components resolve to this installation's packages
 
 
@@ -177,7 +177,7 @@ class _Grid:
 
 
 def test_a_run_below_min_sites_for_longer_than_the_wait_stops_with_a_message():
-    from server.site_waits import SitesMissing, wait_for_nodes
+    from safn.server.site_waits import SitesMissing, wait_for_nodes
 
     # two sites stay: no wait
     assert wait_for_nodes(_Grid(lambda c: [1, 2]), 2, 5, lambda n: True, "in round 3") == [1, 2]
@@ -198,8 +198,8 @@ def test_a_run_below_min_sites_for_longer_than_the_wait_stops_with_a_message():
 
 def _strategy(fed, names: dict[int, str], events=None):
     """The SAFN strategy around Flower's, as the coordinator builds it (no secure sums)."""
-    from server.strategies import flower_strategy
-    from server.strategy import RunSites, SafnStrategy, StrategyOptions
+    from safn.server.strategies import flower_strategy
+    from safn.server.strategy import RunSites, SafnStrategy, StrategyOptions
 
     return SafnStrategy(flower_strategy(fed), StrategyOptions.from_config(fed, 0),
                         RunSites(names, frozenset(names)), events=events)
@@ -216,7 +216,7 @@ def _lines():
 
 def test_the_strategy_waits_for_eligible_sites_then_stops_the_run():
     from safn_core.config import FederationConfig
-    from server.site_waits import SitesMissing
+    from safn.server.site_waits import SitesMissing
 
     strategy = _strategy(FederationConfig(min_sites=2, wait_for_sites=0.3), {1: "a", 2: "b"})
     chosen = strategy.choose(_Grid(lambda c: [1, 2]), 1.0, 0, 1)
@@ -240,7 +240,7 @@ class _Clock:
 
 
 def test_a_round_waits_for_a_reconnecting_site_of_the_run_and_reports_it():
-    from server.site_waits import await_rejoin
+    from safn.server.site_waits import await_rejoin
 
     sites = {1: "site_a", 2: "site_b", 3: "site_c"}
     (events, lines), clock, away = _lines(), _Clock(), set()
@@ -267,7 +267,7 @@ def test_a_round_waits_for_a_reconnecting_site_of_the_run_and_reports_it():
 
 
 def test_a_site_that_stays_away_costs_one_wait_then_is_waited_for_again_once_back():
-    from server.site_waits import await_rejoin
+    from safn.server.site_waits import await_rejoin
 
     sites = {1: "site_a", 2: "site_b", 3: "site_c"}
     (events, lines), clock, away = _lines(), _Clock(), set()
@@ -354,7 +354,7 @@ def test_a_site_gone_mid_round_is_named_in_the_rejections(monkeypatch):
     assert "Node Unavailable" in rejection_text(record.rejected[0])
 
 
-# -- what a site's terminal shows (client.site_console) ------------------------------------
+# -- what a site's terminal shows (safn.client.site_console) ------------------------------------
 
 
 def _flower(level: str, message: str) -> str:
@@ -363,13 +363,13 @@ def _flower(level: str, message: str) -> str:
 
 
 def test_the_site_terminal_shows_safn_lines_one_loss_of_contact_and_each_error_once():
-    from client.site_console import SITE_MARK, SiteConsole
+    from safn.client.site_console import SITE_MARK, SiteConsole
 
     shown: list[str] = []
     term = SiteConsole("coord:9092", "/state/supernode.log", shown.append)
     lines = [_flower("INFO", "[RUN 12]"), _flower("INFO", "Receiving: train message (ID: 1)"),
              f"{SITE_MARK}round 1: trained on 76 participants, loss 0.1459\n",
-             "12/01/2026 19:18:28:DEBUG:Loading ClientApp `client.app:app`\n",
+             "12/01/2026 19:18:28:DEBUG:Loading ClientApp `safn.client.app:app`\n",
              _flower("INFO", "safn: app bundle sha256 ab is approved by this site"),
              _flower("INFO", "safn: app bundle sha256 ab is approved by this site")]
     lines += [_flower("WARNING", "Connection attempt failed, retrying in 1.20 seconds")] * 40
@@ -390,7 +390,7 @@ def test_the_site_terminal_shows_safn_lines_one_loss_of_contact_and_each_error_o
 
 
 def test_the_run_end_counts_as_acknowledged_only_once_a_reply_left_after_it():
-    from client.site_console import RUN_END_LINE, SITE_MARK, SiteConsole
+    from safn.client.site_console import RUN_END_LINE, SITE_MARK, SiteConsole
 
     term = SiteConsole("coord:9092", "log", lambda line: None)
     term.feed(_flower("INFO", "Sent successfully"))  # the evaluate reply, before the end
@@ -402,7 +402,7 @@ def test_the_run_end_counts_as_acknowledged_only_once_a_reply_left_after_it():
     assert term.run_end_acknowledged
 
 
-# -- is the coordinator there (client.reachability) ----------------------------------------
+# -- is the coordinator there (safn.client.reachability) ----------------------------------------
 
 
 class _ProbeClock:
@@ -417,7 +417,7 @@ class _ProbeClock:
 
 
 def test_a_site_says_at_once_that_nothing_answers_and_waits_for_the_coordinator():
-    from client.reachability import Reach, wait_for_coordinator
+    from safn.client.reachability import Reach, wait_for_coordinator
 
     clock, said = _ProbeClock(), []
     answers = iter([Reach("refused", "connection refused")] * 3 + [Reach("ok")])
@@ -430,7 +430,7 @@ def test_a_site_says_at_once_that_nothing_answers_and_waits_for_the_coordinator(
 
 
 def test_a_site_stops_after_its_connect_wait_and_at_once_on_a_tls_mismatch():
-    from client.reachability import CoordinatorUnreachable, Reach, wait_for_coordinator
+    from safn.client.reachability import CoordinatorUnreachable, Reach, wait_for_coordinator
 
     clock = _ProbeClock()
     with pytest.raises(CoordinatorUnreachable, match=r"^the host name 'coord' in "
@@ -449,7 +449,7 @@ def test_a_site_stops_after_its_connect_wait_and_at_once_on_a_tls_mismatch():
 
 
 def test_the_coordinator_names_the_sites_online_and_those_it_waits_for():
-    from server.cli import online_line
+    from safn.server.cli import online_line
 
     nodes = {"site_a": "11", "site_b": "22", "site_c": "33"}
     assert online_line({"11", "33"}, nodes) == \
@@ -474,11 +474,11 @@ def test_a_stopped_run_mentions_a_checkpoint_only_when_it_has_one(tmp_path):
 
 
 def test_a_site_leaves_after_a_completed_run_and_stays_for_a_stopped_one(tmp_path):
-    from client.cli import SiteNode, key_fingerprint
-    from client.site_console import RUN_END_LINE, SITE_MARK, SiteConsole
+    from safn.client.cli import SiteNode, key_fingerprint
+    from safn.client.site_console import RUN_END_LINE, SITE_MARK, SiteConsole
     from safn_core.config import load_config
     from safn_core.io import write_json
-    from server.superlink import openssh_fingerprint
+    from safn.server.superlink import openssh_fingerprint
 
     cfg = load_config(_site_file(tmp_path, state_dir=str(tmp_path / "state")))
     # the refusal message names the key by the fingerprint ssh-keygen gives its .pub
@@ -512,7 +512,7 @@ def test_a_site_leaves_after_a_completed_run_and_stays_for_a_stopped_one(tmp_pat
 def test_the_run_end_reports_only_sites_still_connected_without_an_answer(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
-    from server.run_end import tell_sites_run_ended
+    from safn.server.run_end import tell_sites_run_ended
 
     for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp
         monkeypatch.setattr(TaskIdentity, key, value)
@@ -565,9 +565,9 @@ def test_the_coordinator_reads_sites_connecting_from_the_log_not_every_few_secon
     import time as real_time
     from types import SimpleNamespace
 
-    import server.cli as cli_mod
+    import safn.server.cli as cli_mod
     from safn_core.processes import LogFollower
-    from server.cli import Deployment
+    from safn.server.cli import Deployment
 
     link_log = tmp_path / "superlink.log"
     link_log.write_text("")
@@ -636,10 +636,10 @@ def test_the_coordinator_follows_the_runs_events_not_its_printed_text(tmp_path, 
     import time as real_time
     from types import SimpleNamespace
 
-    import server.cli as cli_mod
+    import safn.server.cli as cli_mod
     from safn_core.federation.events import EVENTS_FILE, Event, EventLog
     from safn_core.processes import LogFollower
-    from server.cli import Deployment, run_outcome
+    from safn.server.cli import Deployment, run_outcome
 
     (tmp_path / "superlink.log").write_text("")
     log = EventLog(tmp_path / EVENTS_FILE, echo=None)

@@ -30,15 +30,15 @@ from safn_core.errors import ConfigError
 from safn_core.federation.checkpoint import load_checkpoint
 from safn_core.federation.event_text import rejection_text
 from safn_core.federation.run_folder import load_run_config
-from simulations.virtual_sites import load_virtual_site
+from safn.simulations.virtual_sites import load_virtual_site
 from safn_core.federation.site import Site
 from safn_core.federation.site_privacy import METRIC_KEYS, effective_privacy
 from safn_core.privacy import PrivacyLedger
 from safn_core.processes import descendants
 from safn_core.training.local import make_model
-from server.central_dp import CentralDP
-from server.strategies import flower_strategy
-from server.strategy import RunSites, SafnStrategy, StrategyOptions
+from safn.server.central_dp import CentralDP
+from safn.server.strategies import flower_strategy
+from safn.server.strategy import RunSites, SafnStrategy, StrategyOptions
 from tests.helpers import SMALL_MODEL, write_toy
 
 pytestmark = pytest.mark.timeout(300)

@@ -15,7 +15,7 @@ from safn_core.federation.aggregate import global_preprocessing, round_metrics, 
 from safn_core.federation.protocol import modalities_from_record, modalities_to_record
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.sampling import sample_sites
-from simulations.partition import partition, summary
+from safn.simulations.partition import partition, summary
 from safn_core.federation.site import Site, SmallCell, split_participants
 from safn_core.metrics import binary_metrics, metrics_from_histogram, score_histogram
 from safn_core.preprocess import Preprocessor

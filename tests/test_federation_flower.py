@@ -16,7 +16,7 @@ import torch
 from safn_core.bundle import load_bundle
 from safn_core.federation.checkpoint import load_checkpoint
 from safn_core.federation.run_folder import load_run_config
-from simulations.virtual_sites import load_virtual_site, virtual_site_names
+from safn.simulations.virtual_sites import load_virtual_site, virtual_site_names
 from tests.helpers import SMALL_MODEL, truncate_checkpoints, write_toy
 from tests.reference_loop import run_in_process
 

@@ -318,13 +318,13 @@ def test_supernode_prepare_applies_its_patches_and_restore_gives_flower_back():
     assert iu.pull_objects.__kwdefaults__ == stock_defaults
 
 
-# -- the warm SuperExec: started by client.supernode, Flower's --isolation process --------------
+# -- the warm SuperExec: started by safn.client.supernode, Flower's --isolation process --------------
 
 def test_the_warm_superexec_is_started_with_flowers_own_arguments():
-    from client.supernode import superexec_command
+    from safn.client.supernode import superexec_command
 
     cmd = superexec_command(["--superlink", "x:1", "--host", "0.0.0.0", "--port", "9123"])
-    assert cmd[1:3] == ["-m", "client.superexec"]
+    assert cmd[1:3] == ["-m", "safn.client.superexec"]
     assert cmd[3:] == ["--insecure", "--runtime-api-address", "127.0.0.1:9123",
                        "--parent-pid", str(os.getpid())]
     assert superexec_command([])[5] == "127.0.0.1:9094"  # Flower's default Runtime API port
@@ -333,7 +333,7 @@ def test_the_warm_superexec_is_started_with_flowers_own_arguments():
 READY_SUPEREXEC = """
 import os, sys
 from pathlib import Path
-from client.superexec import READY_FD_ENV
+from safn.client.superexec import READY_FD_ENV
 Path(sys.argv[1]).write_text("imported")  # the preload, done before it says it is ready
 os.write(int(os.environ[READY_FD_ENV]), b"ready")
 sys.stdin.read()
@@ -343,7 +343,7 @@ sys.stdin.read()
 def test_the_supernode_goes_on_once_its_superexec_is_ready(tmp_path):
     import subprocess
 
-    from client.supernode import start_warm_superexec
+    from safn.client.supernode import start_warm_superexec
 
     marker = tmp_path / "preloaded"
     proc = start_warm_superexec([sys.executable, "-c", READY_SUPEREXEC, str(marker)])
@@ -399,12 +399,12 @@ def test_a_reworded_log_line_stops_the_process_that_reads_it(monkeypatch):
 
 
 def test_the_parsers_match_the_wording_that_is_checked():
-    """What server.cli / server.superlink / client.site_console match is what the checks find in
+    """What safn.server.cli / safn.server.superlink / safn.client.site_console match is what the checks find in
     Flower's source (the format strings filled in as Flower fills them)."""
-    from client.cli import REFUSED_MARK
-    from client.site_console import SiteConsole
-    from server.cli import NODE_EVENT
-    from server.superlink import REFUSED
+    from safn.client.cli import REFUSED_MARK
+    from safn.client.site_console import SiteConsole
+    from safn.server.cli import NODE_EVENT
+    from safn.server.superlink import REFUSED
 
     assert NODE_EVENT.search("INFO :      [Fleet.ActivateNode] Activated node_id=%s" % 7)
     assert NODE_EVENT.search("[Fleet.DeactivateNode] Deactivated node_id=%s" % 7)
@@ -426,7 +426,7 @@ def test_the_warm_superexec_waits_for_its_supernodes_runtime_api():
     contact); it gives up waiting after its bound."""
     import socket
 
-    from client.superexec import wait_for_runtime_api
+    from safn.client.superexec import wait_for_runtime_api
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))

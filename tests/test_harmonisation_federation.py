@@ -1,4 +1,4 @@
-"""Federated ComBat in the federation (`server.harmonisation`, `client.harmonisation_replies`,
+"""Federated ComBat in the federation (`safn.server.harmonisation`, `safn.client.harmonisation_replies`,
 `safn_core.federation.site_harmonisation`): the fit the sites reach from sums equals pooled
 neuroCombat on their training splits, validation and test rows shape nothing, a held-out site
 adjusts itself without changing anyone else's data, and the preprocessing is fitted on the
@@ -35,7 +35,7 @@ SMALL_COHORT = ["synth.n_pd=260", "synth.n_hc=140", "synth.n_without_mri=0",
 
 def _cohort_and_sites(*overrides):
     from safn_core.data.sources import load_cohort
-    from simulations.compare import build_sites
+    from safn.simulations.compare import build_sites
 
     cfg = load_config(None, [*SMALL_COHORT, *SMALL_MODEL, "harmonisation.method=combat",
                              *overrides])
@@ -80,7 +80,7 @@ def test_sums_come_from_the_training_split_only_and_scaling_changes_nothing():
 
 
 def test_a_site_that_cannot_take_part_says_why():
-    from client.harmonisation_replies import sums
+    from safn.client.harmonisation_replies import sums
     from safn_core.federation.protocol import Config
     from safn_core.federation.shared_config import shared_config_text
 
@@ -120,7 +120,7 @@ def _neurocombat(frames: list[pd.DataFrame], spec: CombatSpec) -> np.ndarray:
 @pytest.mark.parametrize("secure", [True, False], ids=["secure", "plain"])
 def test_federated_combat_equals_pooled_neurocombat_on_the_training_splits(tmp_path, secure):
     from safn_core.bundle import load_bundle
-    from simulations.virtual_sites import load_virtual_site, virtual_site_names
+    from safn.simulations.virtual_sites import load_virtual_site, virtual_site_names
 
     out = tmp_path / "run"
     sets = [*SMALL_COHORT, *SMALL_MODEL, "harmonisation.method=combat", "federation.rounds=1",

@@ -13,7 +13,8 @@ from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("safn_core", "server", "client", "simulations", "safn_flower")
+PACKAGES = ("safn_core", "safn.server", "safn.client", "safn.simulations", "safn_flower")
+FOLDERS = {"safn.server": "server", "safn.client": "client", "safn.simulations": "simulations"}
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -42,11 +43,32 @@ def test_the_import_contracts_hold():
     assert " 0 broken" in report, report
 
 
+def test_every_package_is_installed_under_its_name_and_no_generic_top_level_name():
+    """pyproject.toml lists every package (a folder with __init__.py), the coordinator, site and
+    simulation as safn.server / safn.client / safn.simulations; from outside the checkout those
+    are importable and the generic names server, client, simulations are not."""
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, folders = set(meta["packages"]), meta["package-dir"]
+    assert folders == FOLDERS
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("safn_core", "safn_flower")
+             for p in (ROOT / top).rglob("__init__.py")}
+    found |= {name for name, folder in FOLDERS.items() if (ROOT / folder / "__init__.py").is_file()}
+    assert listed == found, (sorted(found - listed), sorted(listed - found))
+    code = ("import importlib.util as u\n"
+            "print([u.find_spec(n) is not None for n in ('safn.server', 'safn.client', "
+            "'safn.simulations', 'server', 'client', 'simulations')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(sys.executable).parent, timeout=120)
+    assert out.stdout.strip() == "[True, True, True, False, False, False]", out.stderr
+
+
 def test_the_import_graph_sees_imports_inside_functions():
     """What the contracts rest on: an import inside a function is an edge of the graph
-    (`client.run_end` reads its site inside its handler)."""
-    assert _graph().direct_import_exists(importer="client.run_end",
-                                         imported="client.site_context")
+    (`safn.client.run_end` reads its site inside its handler)."""
+    assert _graph().direct_import_exists(importer="safn.client.run_end",
+                                         imported="safn.client.site_context")
 
 
 def _shortest_cycle(graph, start: str, modules: set[str]) -> list[str] | None:
@@ -71,7 +93,8 @@ def test_no_import_cycles():
     """No module imports, directly or through others, a module that imports it back; each
     circle is reported once, with the line of every import in it."""
     graph = _graph()
-    modules = {m for m in graph.modules if m.split(".")[0] in PACKAGES}
+    modules = {m for m in graph.modules
+               if any(m == p or m.startswith(p + ".") for p in PACKAGES)}
     assert len(modules) > 150
     cycles, seen = [], set()
     for module in sorted(modules):
@@ -99,7 +122,7 @@ sys.meta_path.insert(0, Block())
 def test_every_safn_core_module_imports_without_flower_or_the_apps():
     modules = _modules("safn_core")
     assert "safn_core.federation.run_folder" in modules and len(modules) > 40
-    code = BLOCKER.format(blocked=["flwr", "server", "client", "simulations", "safn_flower"]) + (
+    code = BLOCKER.format(blocked=["flwr", "safn", "safn_flower"]) + (
         "import importlib\n"
         f"for m in {modules!r}:\n"
         "    importlib.import_module(m)\n"
@@ -111,7 +134,7 @@ def test_every_safn_core_module_imports_without_flower_or_the_apps():
 
 
 def test_the_blocker_itself_catches_a_flower_import():
-    out = _run(BLOCKER.format(blocked=["flwr"]) + "import server.strategies\n")
+    out = _run(BLOCKER.format(blocked=["flwr"]) + "import safn.server.strategies\n")
     assert out.returncode != 0 and "blocked import of flwr" in out.stderr
 
 

@@ -26,7 +26,7 @@ def test_only_nodes_with_an_undelivered_message_are_asked_in_node_order():
 
 
 def test_a_thousand_refusals_make_one_bounded_line():
-    from server.statistics_round import refusals_in_brief
+    from safn.server.statistics_round import refusals_in_brief
 
     refused = {f"site_{i:04d}": "its training split has 0 / 4 participants per class"
                for i in range(1000)}

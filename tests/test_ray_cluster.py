@@ -1,4 +1,4 @@
-"""safn-sim on an existing Ray cluster (`simulations.ray_cluster`, `simulations.site_disks`).
+"""safn-sim on an existing Ray cluster (`safn.simulations.ray_cluster`, `safn.simulations.site_disks`).
 
 The end-to-end test starts a real three-node Ray cluster on this machine (`ray start` for a head
 without CPUs and two worker nodes of one CPU each: every ClientApp runs on a worker node, a
@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from safn_core.errors import ConfigError
-from simulations import ray_cluster as joining
-from simulations.site_disks import digests, files_of, inside
+from safn.simulations import ray_cluster as joining
+from safn.simulations.site_disks import digests, files_of, inside
 from tests.helpers import SMALL_MODEL
 from tests.deploy_harness import BIN, free_port
 from tests.ray_cluster_harness import ray_cluster
@@ -123,8 +123,8 @@ def _run_folder(tmp_path: Path) -> Path:
     from safn_core.config import dump_config, load_config
     from safn_core.data.sources import load_cohort
     from safn_core.federation.run_folder import write_config
-    from simulations.compare import build_sites
-    from simulations.virtual_sites import write_virtual_sites
+    from safn.simulations.compare import build_sites
+    from safn.simulations.virtual_sites import write_virtual_sites
 
     run = tmp_path / "run"
     cfg = load_config(None, ["synth.n_pd=60", "synth.n_hc=30", "simulation.partition=iid",
@@ -140,7 +140,7 @@ def _run_folder(tmp_path: Path) -> Path:
 def _worker_round(disks_name: str, partition_id: int, write: dict, remove: list,
                   harmonised: str | None):
     """What `site_disk_mod` does around a message, in a Ray task (a worker process)."""
-    from simulations.site_disks import SiteMirror, STATE as state, inside as within
+    from safn.simulations.site_disks import SiteMirror, STATE as state, inside as within
     from safn_core.data.cohort_store import read_cohort
 
     mirror = SiteMirror(disks_name)
@@ -167,8 +167,8 @@ def test_a_worker_reads_a_site_from_the_object_store_and_its_state_comes_back(
     import shutil
 
     from safn_core.data.cohort_store import read_cohort
-    from simulations.ray_cluster import ClusterRun
-    from simulations.virtual_sites import virtual_site_names
+    from safn.simulations.ray_cluster import ClusterRun
+    from safn.simulations.virtual_sites import virtual_site_names
 
     ray = local_ray
     run = _run_folder(tmp_path)
@@ -216,7 +216,7 @@ def test_paths_from_a_worker_stay_inside_the_site_folder(tmp_path):
 
 
 def test_a_node_with_another_safn_is_refused(monkeypatch):
-    from simulations import site_disks
+    from safn.simulations import site_disks
 
     monkeypatch.setattr(site_disks, "safn_version", lambda: "0.0.1")
     with pytest.raises(RuntimeError, match="this Ray node runs safn 0.0.1, the driver"):

@@ -169,7 +169,7 @@ def test_fit_with_early_stopping_follows_train_select(select):
 # ---- compare() ---------------------------------------------------------------------------------
 
 def test_compare_trains_comparators_by_the_federations_rule(tmp_path, monkeypatch):
-    from simulations.compare import build_sites, compare
+    from safn.simulations.compare import build_sites, compare
 
     cohort = toy_cohort(tmp_path)
     cfg = load_config(None, SMALL_MODEL + ["federation.rounds=3", "federation.local_epochs=2",

@@ -133,13 +133,13 @@ class Recorder:
 
 def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_round(
         tmp_path, monkeypatch):
-    import server.app as server_app
+    import safn.server.app as server_app
     from safn_core.config import dump_config
     from safn_core.data.sources import load_cohort
     from safn_core.federation.run_folder import write_config
-    from simulations.compare import build_sites
-    from simulations.engine import run_flower_simulation
-    from simulations.virtual_sites import write_virtual_sites
+    from safn.simulations.compare import build_sites
+    from safn.simulations.engine import run_flower_simulation
+    from safn.simulations.virtual_sites import write_virtual_sites
 
     csv, mapping = write_toy(tmp_path, n=320)
     cfg = load_config(None, ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}",
@@ -219,7 +219,7 @@ def _personal_models_stayed_at_the_sites(rec, run_dir, cfg, training_sites, bund
     from safn_core.federation.personal_store import PersonalStore
     from safn_core.federation.protocol import Layout
     from safn_core.federation.run_folder import run_identity
-    from simulations.virtual_sites import virtual_site_state_dir
+    from safn.simulations.virtual_sites import virtual_site_state_dir
 
     record = json.loads((run_dir / "personalisation.json").read_text())
     assert record["method"] == "ditto" and sorted(record["sites"]) == sorted(

@@ -2,7 +2,7 @@
 
 safn-client prepares a deployed site's cohort once (its ClientApp runs in a fresh process per
 message and must not re-read a PPMI download each time); a simulation writes each virtual site
-in the same format (`simulations.virtual_sites`). Both are read back by `read_cohort`.
+in the same format (`safn.simulations.virtual_sites`). Both are read back by `read_cohort`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
   test split, with every figure (also those below ``min_cell``, which never leave the site).
 
 Every file is written atomically; another run's folder is never touched. In a simulation the
-state folder is the virtual site's (`simulations.virtual_sites`), outside the run folder.
+state folder is the virtual site's (`safn.simulations.virtual_sites`), outside the run folder.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ is a ledger entry of kind ``personal``. A budget that cannot pay for it refuses 
 model (the federation goes on).
 
 Why a site keeps the global model, or trains no personal model, is a code with its counts, never
-a sentence (the site's terminal renders it, `client.personal_replies`):
+a sentence (the site's terminal renders it, `safn.client.personal_replies`):
 
 - ``{"code": "validation_too_small", "class_counts": [n0, n1], "min_cell": m}``
 - ``{"code": "privacy_refused", "reason": "<the ledger's or budget's one line>"}``

@@ -1,6 +1,6 @@
 """The message protocol between the coordinator and the sites: every name on the wire.
 
-Client (`client.app`), coordinator (`server.*`) and strategies read and write messages only
+Client (`safn.client.app`), coordinator (`server.*`) and strategies read and write messages only
 through these names, so a renamed key is a change here and nowhere else. Flower's Message API
 carries a `RecordDict` of named records; SAFN uses:
 

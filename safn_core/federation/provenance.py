@@ -5,7 +5,7 @@ The coordinator's own ``data`` section says nothing about the sites' data (it is
 coordinator), so the model card and the run report take both from what the sites said:
 
 - ``data_sources``: site → the kind of data its own ``data.source`` names (``synthetic``,
-  ``ppmi``, ``table``), from the statistics round (`server.statistics_round.Described.sources`);
+  ``ppmi``, ``table``), from the statistics round (`safn.server.statistics_round.Described.sources`);
 - ``test_evaluation`` (`evaluation_basis`): the selected round's pooled test participants, the
   sites they come from, the sites that withheld theirs, and each held-out site's own count.
 

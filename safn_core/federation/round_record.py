@@ -1,6 +1,6 @@
 """One federated round as data, and the history entry it makes.
 
-The strategy (`server.strategy.SafnStrategy`) reports each round as a frozen `RoundRecord` of
+The strategy (`safn.server.strategy.SafnStrategy`) reports each round as a frozen `RoundRecord` of
 plain values (no Flower types): what each site's reply said once screened, what the secure
 sums returned, the central DP release. `round_entry` turns a record into the round's entry of
 ``history.json`` and is a pure function of it (and of the run's earlier entries, for ε over

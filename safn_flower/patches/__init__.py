@@ -3,9 +3,9 @@ each patch carrying its own check and apply (`core`), checked before it is appli
 one line, restorable, and tested against the installed Flower (tests/test_flower_patches.py).
 
 - `serverapp.prepare(grid, poll_interval)`: the coordinator's ServerApp (deployed);
-- `supernode.prepare(...)`: a site's SuperNode (`client.supernode`);
-- `superexec.prepare(...)`: a site's warm SuperExec (`client.superexec`);
-- `simulation.prepare(...)`: the simulation driver (`simulations.engine`);
+- `supernode.prepare(...)`: a site's SuperNode (`safn.client.supernode`);
+- `superexec.prepare(...)`: a site's warm SuperExec (`safn.client.superexec`);
+- `simulation.prepare(...)`: the simulation driver (`safn.simulations.engine`);
 - `log_wording.check_superlink_log()` / `check_supernode_log()`: the Flower log lines safn-server
   and safn-client read, checked like patches when they start.
 

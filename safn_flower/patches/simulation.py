@@ -1,4 +1,4 @@
-"""The simulation driver (safn-sim: `simulations.engine`, Flower's Simulation Engine in this
+"""The simulation driver (safn-sim: `safn.simulations.engine`, Flower's Simulation Engine in this
 process). One entry point: `prepare`, a context manager around one simulation.
 
 - Grid polling (a public seam, no patch): with ``simulation.fast_polling`` the ServerApp's
@@ -10,7 +10,7 @@ process). One entry point: `prepare`, a context manager around one simulation.
   where it pays off (benchmarks/sim_many_sites.py).
 - `RAY_LEFT_RUNNING` (a patch, only on an existing Ray cluster: ``simulation.ray_address``):
   Flower's Ray backend shuts Ray down when the run ends, before safn-sim has read where the
-  ClientApps ran and removed the sites' mirrors (`simulations.ray_cluster`).
+  ClientApps ran and removed the sites' mirrors (`safn.simulations.ray_cluster`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ DISPATCH = Patch(
 
 def _install_ray_left_running() -> None:
     """The backend's actors are ended as before; Ray itself is left to safn-sim, which shuts it
-    down after reading the cluster's state (`simulations.ray_cluster`)."""
+    down after reading the cluster's state (`safn.simulations.ray_cluster`)."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     def terminate(self) -> None:

@@ -1,4 +1,4 @@
-"""A site's warm SuperExec process (`client.superexec`). One entry point: `prepare`.
+"""A site's warm SuperExec process (`safn.client.superexec`). One entry point: `prepare`.
 
 - `FORKING_EXECUTOR` (a patch): Flower's SuperExec starts every ClientApp as a fresh
   ``flwr-clientapp`` process (2-3 s of imports each); this one forks it from the warm process,

@@ -1,4 +1,4 @@
-"""A site's SuperNode process (`client.supernode`). One entry point: `prepare`.
+"""A site's SuperNode process (`safn.client.supernode`). One entry point: `prepare`.
 
 Patches (each checked before it is applied, announced in one line, restorable):
 
@@ -9,8 +9,8 @@ Patches (each checked before it is applied, announced in one line, restorable):
 - `SESSION_TAKEOVER`: a SuperNode restarted after a crash ends its own previous session;
 - `core.OBJECT_PULL_BACKOFF`: a message's objects are retried after 20 ms, not 1 s.
 
-Warm ClientApps need no patch here: `client.supernode` starts its own SuperExec
-(`client.superexec`) and runs Flower's SuperNode with ``--isolation process`` (a public option).
+Warm ClientApps need no patch here: `safn.client.supernode` starts its own SuperExec
+(`safn.client.superexec`) and runs Flower's SuperNode with ``--isolation process`` (a public option).
 """
 
 from __future__ import annotations
