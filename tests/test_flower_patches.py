@@ -157,6 +157,51 @@ def test_simulation_patches_only_what_is_asked_and_restores_it(capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "sim_dispatch_interval, sim_ray_left_running" in err[0]
     assert vce.add_messages_to_queue is stock_dispatch and RayBackend.terminate is stock_terminate
+    # fast polling alone: the dispatcher's sweeps 10 ms apart, nothing for a Ray cluster
+    with simulation.prepare(app, fast_polling=True):
+        assert vce.add_messages_to_queue is not stock_dispatch
+        assert RayBackend.terminate is stock_terminate
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith("internals: sim_dispatch_interval")
+    assert vce.add_messages_to_queue is stock_dispatch
+
+
+def test_the_dispatcher_hands_out_every_pending_message_with_either_sweep():
+    """Flower's sweep (every node asked) and the many-sites one (only nodes with a message)
+    put the same messages in the queue."""
+    import queue
+    import threading
+
+    import flwr.server.superlink.fleet.vce.vce_api as vce
+
+    class State:
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.pending = {1: ["m1"], 3: ["m3a", "m3b"]}
+            self.message_ins_store = {
+                m: type("M", (), {"metadata": type("D", (), {"dst_node_id": n,
+                                                             "delivered_at": ""})()})()
+                for n, ms in self.pending.items() for m in ms}
+            self.asked = []
+
+        def get_message_ins(self, node_id, limit):
+            self.asked.append(node_id)
+            out = self.pending.get(node_id, [])[:limit]
+            self.pending[node_id] = self.pending.get(node_id, [])[limit:]
+            return out
+
+    for only_pending in (False, True):
+        with simulation.prepare(object(), fast_polling=not only_pending,
+                                many_sites_dispatcher=only_pending):
+            state, q, stop = State(), queue.Queue(), threading.Event()
+            worker = threading.Thread(target=vce.add_messages_to_queue,
+                                      args=(state, q, {1: 0, 2: 1, 3: 2}, stop))
+            worker.start()
+            got = [q.get(timeout=30) for _ in range(3)]
+            stop.set()
+            worker.join(30)
+        assert sorted(got) == ["m1", "m3a", "m3b"]
+        assert (2 in state.asked) is (not only_pending)  # only Flower's sweep asks node 2
 
 
 def test_the_fast_simulation_server_app_runs_the_app_with_a_polling_grid():

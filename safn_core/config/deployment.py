@@ -30,12 +30,14 @@ class SimulationConfig(Section):
         None, description="an existing Ray cluster: 'auto' (the one this machine is a node "
                           "of) or the head's host:port (docs/ray-cluster.md)")
     fast_polling: bool = Field(True, description="the ServerApp polls Flower's in-memory Grid "
+                                                 "and Flower's dispatcher hands out messages "
                                                  "every 10 ms instead of 100 ms (idle time per "
-                                                 "round)")
+                                                 "round; docs/flower-patches.md)")
     many_sites_dispatcher: bool = Field(
-        False, description="patch Flower's simulation dispatcher to hand out messages every "
-                           "10 ms, looking only at nodes that have one: pays off from a few "
-                           "hundred virtual sites (docs/flower-patches.md)")
+        False, description="Flower's simulation dispatcher looks only at nodes that have a "
+                           "message (read from its state under its lock) instead of asking "
+                           "every node: pays off from a few hundred virtual sites "
+                           "(docs/flower-patches.md)")
     site_state_dir: Path | None = Field(
         None, description="virtual sites' own state (privacy ledgers), one subfolder per site; "
                           "outside any run folder so later runs find the spent budget (default "

@@ -4,10 +4,13 @@ process). One entry point: `prepare`, a context manager around one simulation.
 - Grid polling (a public seam, no patch): with ``simulation.fast_polling`` the ServerApp's
   in-memory Grid is wrapped in `serverapp.PollingGrid` (10 ms between polls; Flower: 0.1 s),
   by running the ServerApp through a ServerApp of ours (``ServerApp.__call__`` is public).
-- `DISPATCH` (a patch, opt-in: ``simulation.many_sites_dispatcher``): Flower's dispatcher asks
-  its in-memory state for every node's messages every 0.1 s; at hundreds of virtual sites that
-  scan is most of the driver's CPU. Reads Flower's state under its lock, so it is used only
-  where it pays off (benchmarks/sim_many_sites.py).
+- `DISPATCH` (a patch): Flower's dispatcher hands the ClientApps their messages in sweeps
+  0.1 s apart, and each sweep asks its in-memory state for every node's messages. With
+  ``simulation.fast_polling`` (the default) the sweeps are 10 ms apart, Flower's own sweep
+  otherwise unchanged: at 5 sites that is ~0.12 s of every round (benchmarks/sim_overhead.py,
+  docs/flower-patches.md). With ``simulation.many_sites_dispatcher`` a sweep also asks only for
+  the nodes that have a message, read from Flower's state under its lock: at hundreds of
+  virtual sites the full sweep is most of the driver's CPU (benchmarks/sim_many_sites.py).
 - `RAY_LEFT_RUNNING` (a patch, only on an existing Ray cluster: ``simulation.ray_address``):
   Flower's Ray backend shuts Ray down when the run ends, before safn-sim has read where the
   ClientApps ran and removed the sites' mirrors (`safn.simulations.ray_cluster`).
@@ -43,15 +46,17 @@ def nodes_with_undelivered(state, nodes_mapping) -> list:
     return [node_id for node_id in nodes_mapping if node_id in pending]
 
 
-def _install_dispatch(interval: float = DISPATCH_INTERVAL) -> None:
-    """Flower's own dispatcher loop with a shorter wait, asking only for nodes that have a
-    message (`nodes_with_undelivered`)."""
+def _install_dispatch(interval: float = DISPATCH_INTERVAL, only_pending: bool = False) -> None:
+    """Flower's own dispatcher loop with a shorter wait; with ``only_pending``, asking only for
+    nodes that have a message (`nodes_with_undelivered`)."""
     import flwr.server.superlink.fleet.vce.vce_api as vce
 
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
         wait = max(interval, 2e-4 * len(nodes_mapping))
         while not f_stop.is_set():
-            for node_id in nodes_with_undelivered(state, nodes_mapping):
+            nodes = (nodes_with_undelivered(state, nodes_mapping) if only_pending
+                     else list(nodes_mapping.keys()))
+            for node_id in nodes:
                 for msg in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(msg)
             f_stop.wait(wait)
@@ -63,8 +68,9 @@ _LS = "flwr.server.superlink.linkstate.in_memory_linkstate"
 
 DISPATCH = Patch(
     "sim_dispatch_interval",
-    "the simulation's dispatcher asks the in-memory state for every node's messages (a scan of "
-    "all stored messages per node) every 0.1 s before handing them to Ray actors",
+    "the simulation's dispatcher hands messages to the Ray actors in sweeps 0.1 s apart, each "
+    "asking the in-memory state for every node's messages (a scan of all stored messages per "
+    "node)",
     (target("flwr.server.superlink.fleet.vce.vce_api", "add_messages_to_queue",
             core.params("state", "queue", "nodes_mapping", "f_stop")),
      target(_LS, "InMemoryLinkState.__init__", core.calls("message_ins_store", "lock")),
@@ -117,10 +123,12 @@ def prepare(server_app, *, fast_polling: bool, many_sites_dispatcher: bool = Fal
             ray_cluster: bool = False) -> Iterator[object]:
     """Around one simulation: yields the ServerApp to run (``server_app``, its Grid polled every
     `GRID_POLL_INTERVAL` s with ``fast_polling``), with the dispatcher patch when
-    ``many_sites_dispatcher`` and the Ray patch on a ``ray_cluster`` (checked first, announced
-    in one line; `FlowerPatchError` before anything changes); the patches it applied are
-    undone at the end."""
-    chosen = ([(DISPATCH, {})] if many_sites_dispatcher else []) + \
+    ``fast_polling`` (sweeps 10 ms apart) or ``many_sites_dispatcher`` (also asking only for
+    nodes with a message) and the Ray patch on a ``ray_cluster`` (checked first, announced in
+    one line; `FlowerPatchError` before anything changes); the patches it applied are undone at
+    the end."""
+    dispatch = fast_polling or many_sites_dispatcher
+    chosen = ([(DISPATCH, {"only_pending": many_sites_dispatcher})] if dispatch else []) + \
         ([(RAY_LEFT_RUNNING, {})] if ray_cluster else [])
     done = core.apply(chosen)
     try:
