@@ -36,7 +36,7 @@ WITHHELD = {"val": np.zeros((2, BINS), np.int64), "test": np.zeros((2, BINS), np
 
 def federated_meta(sources: dict, entry: dict, training_sites: list[str], held_out=(),
                    min_cell: int = 5) -> dict:
-    """A federated bundle's meta as `safn.server.app.Coordinator._finish` writes it."""
+    """A federated bundle's meta as `safn_core.federation.federated_bundle.save_federated_bundle` writes it."""
     return {"kind": "federated", "threshold": entry.get("threshold", 0.5),
             "class_counts": [60, 90], "label_names": ["HC", "PD"],
             "metrics": {"federated_pooled_test": {k: {"mean": v, "sd": None}

@@ -1,6 +1,6 @@
 """Privacy in a run's history: ε per site per round, refusals, central DP (no Flower here).
 
-A round's history entry (`safn.server.app.Coordinator._end_of_round`) may carry:
+A round's history entry (`safn_core.federation.round_record.round_entry`) may carry:
 
 - ``privacy``: ``{site: {dp, epsilon, delta, epsilon_budget, noise_multiplier, dp_steps,
   refused}}`` for every site that answered the training message, when at least one site trains
