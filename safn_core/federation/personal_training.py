@@ -2,7 +2,7 @@
 (`personal_store`). No Flower here; the comparison with the global model is
 `personal_comparison`, what goes on the wire `personal_wire`.
 
-Two methods (`safn_core.config.PersonalisationConfig`):
+Two methods (`safn_core.config.site_differences.PersonalisationConfig`):
 
 - ``fine_tune``, once after the federation (`fine_tune`, called by
   `personal_comparison.personalise`): from the selected global model, up to

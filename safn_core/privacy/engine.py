@@ -312,7 +312,7 @@ class SitePrivacy(SiteBudget):
         Returns the new weights (plain parameter names, the layout of a non-DP site) and the
         round's `RoundReport`. A round that does not fit raises `BudgetExhausted` before
         anything is trained or spent. ``kind`` names the ledger entry (``"train"``: the
-        federation's model; ``"personal"``: the site's own, `safn_core.federation.personal`).
+        federation's model; ``"personal"``: the site's own, `safn_core.federation.personal_training`).
         ``anchor``: the weights the proximal term pulls towards (default ``state``; Ditto
         starts from the personal model and pulls it towards the global one).
         """
