@@ -117,7 +117,7 @@ class LogFollower:
     def __init__(self, path: Path, from_end: bool = False):
         self.path = Path(path)
         self.pos = self.path.stat().st_size if from_end and self.path.exists() else 0
-        self._partial = ""
+        self._partial = b""  # a line still being written (never decoded half)
 
     def lines(self) -> list[str]:
         if not self.path.exists():
@@ -126,9 +126,8 @@ class LogFollower:
             fh.seek(self.pos)
             data = fh.read()
         self.pos += len(data)
-        text = self._partial + data.decode("utf-8", "replace")
-        *complete, self._partial = text.split("\n")
-        return complete
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        return [line.decode("utf-8", "replace") for line in complete]
 
 
 def descendants(root: int) -> list[int]:

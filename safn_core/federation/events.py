@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from safn_core.processes import LogFollower
+
 EVENTS_FILE = "events.jsonl"
 
 
@@ -93,26 +95,14 @@ class EventLog:
 
 
 class EventFollower:
-    """The new events of a run folder's ``events.jsonl``, from where the last call stopped."""
+    """The new events of a run folder's ``events.jsonl``, from where the last call stopped (a
+    line still being written is read once it is complete)."""
 
     def __init__(self, path: Path, from_end: bool = False):
-        self.path = Path(path)
-        self.pos = self.path.stat().st_size if from_end and self.path.exists() else 0
-        self._partial = b""
+        self._lines = LogFollower(path, from_end=from_end)
 
     def events(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with self.path.open("rb") as fh:
-            fh.seek(self.pos)
-            data = fh.read()
-        self.pos += len(data)
-        *complete, self._partial = (self._partial + data).split(b"\n")
-        out = []
-        for raw in complete:
-            if raw.strip():
-                out.append(json.loads(raw))
-        return out
+        return [json.loads(line) for line in self._lines.lines() if line.strip()]
 
 
 def read_events(run_dir: Path) -> list[dict]:
