@@ -101,3 +101,15 @@ def test_rejections_are_codes_with_their_facts():
                            "expected": [4]}) == "wrong shape of w: (3,) instead of (4,)"
     assert rejection_text({"site": "a", "reason": "an old history's words"}) == (
         "an old history's words")
+
+
+def test_a_character_split_across_two_reads_is_read_whole(tmp_path):
+    path = tmp_path / EVENTS_FILE
+    follower = EventFollower(path)
+    raw = json.dumps({"event": "note", "code": "ε"}, ensure_ascii=False).encode() + b"\n"
+    cut = raw.index("ε".encode()) + 1  # inside the two bytes of ε
+    path.write_bytes(raw[:cut])
+    assert follower.events() == []
+    with path.open("ab") as fh:
+        fh.write(raw[cut:])
+    assert follower.events() == [{"event": "note", "code": "ε"}]
