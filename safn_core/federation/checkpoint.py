@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from safn_core.errors import DataError
+from safn_core.federation.event_text import checkpoint_text
 from safn_core.io import write_atomic, write_json
 
 
@@ -71,10 +72,7 @@ def checkpointed_round(run_dir: Path) -> int | None:
 
 def checkpoint_note(run_dir: Path) -> str:
     """What a stopped run keeps, in words: its checkpoint, or that it has none."""
-    r = checkpointed_round(run_dir)
-    if r is None:
-        return "no round was completed, so there is no checkpoint"
-    return f"the checkpoint of round {r} is kept in {Path(run_dir) / 'checkpoints'}"
+    return checkpoint_text(checkpointed_round(run_dir), Path(run_dir) / "checkpoints")
 
 
 def load_checkpoint(run_dir: Path) -> RunState | None:

@@ -71,13 +71,19 @@ def _stopped_early(e: dict) -> str:
             f"{e['selected_round']}")
 
 
+def checkpoint_text(kept_round: int | None, folder) -> str:
+    """What a stopped run keeps, in words: the checkpoint of ``kept_round`` in ``folder``, or
+    that it has none."""
+    if kept_round is None:
+        return "no round was completed, so there is no checkpoint"
+    return f"the checkpoint of round {kept_round} is kept in {folder}"
+
+
 def _run_end(e: dict) -> str:
     if e["status"] == "completed":
         return f"run completed after round {e['round']}"
-    kept = e.get("checkpoint_round")
-    note = ("no round was completed, so there is no checkpoint" if kept is None else
-            f"the checkpoint of round {kept} is kept in {e['checkpoints']}")
-    return f"run stopped: {e['detail']}; {note}"
+    return (f"run stopped: {e['detail']}; "
+            f"{checkpoint_text(e.get('checkpoint_round'), e.get('checkpoints'))}")
 
 
 def round_text(e: dict) -> str:

@@ -18,7 +18,7 @@ def site_seed(seed: int, server_round: int, partition_id: int) -> int:
 def sample_sites(names: list[str], fraction: float, min_sites: int, seed: int,
                  server_round: int) -> list[str]:
     """Sites taking part in a round: seeded per round, so a resumed run samples the same."""
-    k = min(len(names), max(int(len(names) * fraction), min_sites))
+    k = sites_per_round(len(names), fraction, min_sites)
     rng = random.Random(seed * 1_000_003 + server_round)
     return sorted(rng.sample(sorted(names), k))
 
