@@ -99,8 +99,7 @@ def _statistics(run: RunContext, nodes: list[int], secure: SecureAggregation | N
                                 run_id=run.run_id, extra=extra or None)
     saved = load_checkpoint(run.run_dir)
     first_round = (saved.round if saved is not None else 0) + 1
-    if extra:
-        return secure_statistics_round(secure, nodes, run.cfg, run.shared_text, first_round,
-                                       run.events, context_round=1, extra=extra)
+    # the second statistics round (after harmonisation) sums under contexts of its own
     return secure_statistics_round(secure, nodes, run.cfg, run.shared_text, first_round,
-                                   run.events)
+                                   run.events, context_round=1 if extra else 0,
+                                   extra=extra or None)
