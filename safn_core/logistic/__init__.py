@@ -1,0 +1,8 @@
+"""Exact logistic regression from summed statistics: pooled, federated and under secure
+aggregation (`safn_core.logistic.newton`), and its fixed-point layout (`packing`)."""
+
+from safn_core.logistic.newton import (PENALTIES, LogisticFit, add_sums, class_weights,
+                                       fit_pooled, site_sums, solve)
+
+__all__ = ["PENALTIES", "LogisticFit", "add_sums", "class_weights", "fit_pooled", "site_sums",
+           "solve"]
