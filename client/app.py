@@ -8,6 +8,8 @@ Three message types, each answered from the site's own data:
   server in the train config), FedProx's proximal term when the strategy asks for it;
 - ``evaluate``: per-class score histograms of the validation and test splits (zeros and a flag
   when a class has fewer than ``min_cell`` people there);
+- ``logistic`` (a query, plain runs): a Newton round's sums of the logistic regression floor
+  (`safn.client.logistic_replies`; under secure aggregation inside a secure sum);
 - ``personalise`` (a query, personalised runs only): the site's personal model against the
   global one on its test split (`safn.client.personal_replies`; Ditto's personal training happens
   inside ``train``).
@@ -30,6 +32,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from safn.client import harmonisation_replies as harmonisation
+from safn.client import logistic_replies as logistic
 from safn.client import personal_replies as personal
 from safn.client import secure_aggregation as secure
 from safn.client import secure_replies as replies
@@ -72,6 +75,8 @@ def query(msg: Message, context: Context) -> Message:
         return personal.personalise_reply(msg, context)
     if task == Task.HARMONISE:
         return harmonisation.harmonise_reply(msg, context)
+    if task == Task.LOGISTIC:
+        return logistic.logistic_reply(msg, context)
     reply = describe(msg, context)
     said = reply.content[SITE]
     say("statistics round: " + ("described this site's data" if said[Describe.OK] else

@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from safn.client import harmonisation_replies as harmonisation
+from safn.client import logistic_replies as logistic
 from safn.client import secure_aggregation as secure
 from safn.client import site_context as sc
 from safn.client.site_console import say
@@ -57,6 +58,11 @@ def secagg_mask(msg: Message, context: Context) -> Message:
                 content[REFUSAL] = ConfigRecord({Describe.REASON: reason})
                 values = harmonisation.zeros(site, config, step)
             values["n"] = np.rint(values["n"]).astype(np.int64)  # a count field
+        elif ctx.name == Aggregation.LOGISTIC:  # a Newton round of the logistic floor
+            values, reason = logistic.values(site, config, secure=True)
+            if reason is not None:
+                say(f"logistic regression floor: not taking part: {reason} (masked zeros sent)")
+                content[REFUSAL] = ConfigRecord({Describe.REASON: reason})
         elif ctx.name in (Aggregation.STATISTICS, Aggregation.STATISTICS_SCALED):
             values, mechanism = statistics_values_of(msg, context, site, config, ctx.name)
             content[STATISTICS] = ConfigRecord(mechanism)  # the site's own privacy report

@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from safn_core.config import SafnConfig
+from safn_core.federation.aggregate import global_preprocessing
 from safn_core.federation.checkpoint import RunState, checkpointed_round
 from safn_core.federation.event_text import shown
 from safn_core.federation.events import EVENTS_FILE, Event, EventLog
@@ -39,6 +40,7 @@ from safn_core.io import write_json
 from safn_core.preprocess import Preprocessor
 from safn_core.secagg import SecureAggregationRefused, SecureSumFailed
 from safn.server.central_dp import CentralDP
+from safn.server.logistic_floor import fit_floor, floor_wanted
 from safn.server.round_book import RoundBook
 from safn.server.run_context import RunContext
 from safn.server.run_end import tell_sites_run_ended
@@ -64,14 +66,18 @@ class Coordinator:
         random.seed(run.cfg.train.seed)  # anything left to Flower's random.sample is seeded
         setup = prepare_run(run)
         write_data_sources(run.run_dir, setup.described.sources)  # for the run report
-        book = RoundBook.open(run.run_dir, run.cfg, run.events, setup)
+        desc = setup.described
+        pre, counts = global_preprocessing(setup.modalities, desc.stats, desc.counts)
+        floor = fit_floor(run, setup, pre, counts) if floor_wanted(run.cfg) else None
+        book = RoundBook.open(run.run_dir, run.cfg, run.events, setup, pre, counts, floor)
         if not book.stopped and book.state.round < fed.rounds:
-            self._train(setup, book)
+            # a new run whose model starts at the floor evaluates it first (round 0)
+            self._train(setup, book, evaluate_first=floor is not None and not book.state.history)
         self._finish(setup, book)
         self._personalise(setup, book.state)
         return book.state
 
-    def _train(self, setup: RunSetup, book: RoundBook) -> None:
+    def _train(self, setup: RunSetup, book: RoundBook, evaluate_first: bool = False) -> None:
         run, fed, seed = self.run, self.run.cfg.federation, self.run.cfg.train.seed
         state = book.state
         base = flower_strategy(fed)
@@ -110,7 +116,8 @@ class Coordinator:
             num_rounds=fed.rounds, timeout=fed.round_timeout, train_config=config,
             evaluate_config=ConfigRecord(dict(config)), first_round=state.round + 1,
             on_round=lambda record, arrays: book.close_round(
-                record, arrays[MODEL].numpy(), optimizer_state(base)))
+                record, arrays[MODEL].numpy(), optimizer_state(base)),
+            evaluate_first=evaluate_first)
 
     def _finish(self, setup: RunSetup, book: RoundBook) -> None:
         """Per-round tables, then the model bundle of the selected round."""

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from safn_core.config import SafnConfig
-from safn_core.federation.aggregate import global_preprocessing
 from safn_core.federation.checkpoint import RunState, load_checkpoint, save_checkpoint
 from safn_core.federation.events import Event, EventLog
 from safn_core.federation.wire import Layout
@@ -39,13 +38,18 @@ class RoundBook:
         self._t_last = time.perf_counter()
 
     @classmethod
-    def open(cls, run_dir: Path, cfg: SafnConfig, events: EventLog, setup) -> RoundBook:
-        """The book of a new run, or of the run folder's checkpointed one (resumed)."""
+    def open(cls, run_dir: Path, cfg: SafnConfig, events: EventLog, setup, pre,
+             class_counts: list[int], floor=None) -> RoundBook:
+        """The book of a new run, or of the run folder's checkpointed one (resumed). ``pre``
+        and ``class_counts``: the federation's preprocessing (`global_preprocessing`);
+        ``floor``: the logistic regression floor (`safn.server.logistic_floor`) a new model's
+        wide path starts from."""
         desc = setup.described
-        pre, class_counts = global_preprocessing(setup.modalities, desc.stats, desc.counts)
         state = load_checkpoint(run_dir)
         if state is None:
             model = make_model(setup.modalities, cfg.model, cfg.train.seed)
+            if floor is not None:
+                model.set_wide(floor.coef, floor.intercept)
             events.emit(Event.STATISTICS, participants=sum(class_counts),
                         sites=len(desc.eligible), class_counts=list(class_counts))
             state = RunState(0, state_to_numpy(model), pre.state_dict(), class_counts)

@@ -112,9 +112,12 @@ class SecureAggregation:
         return result
 
     def sum_now(self, ctx: AggregationContext, packing: Packing, nodes: list[int],
-                extra: dict | None = None) -> SecureSumResult:
-        """A secure sum run entirely by QUERY messages (the statistics round)."""
-        entries, ids = self.start(ctx, packing, nodes, None)
+                extra: dict | None = None,
+                next_ctx: AggregationContext | None = None) -> SecureSumResult:
+        """A secure sum run entirely by QUERY messages (the statistics round, ComBat's and the
+        logistic floor's sums). ``next_ctx``: the sum that follows, whose keys the sites then
+        announce in their replies (no key query before it)."""
+        entries, ids = self.start(ctx, packing, nodes, next_ctx)
         if len(ids) < self.min_parties:
             from safn_core.secagg import SecureSumFailed
 

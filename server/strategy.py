@@ -157,10 +157,12 @@ class SafnStrategy(Strategy):
               evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *,
               first_round: int = 1,
-              on_round: Callable[[RoundRecord, ArrayRecord], bool] | None = None
-              ) -> StrategyResult:
+              on_round: Callable[[RoundRecord, ArrayRecord], bool] | None = None,
+              evaluate_first: bool = False) -> StrategyResult:
         """Rounds ``first_round`` … ``num_rounds``: train, aggregate, evaluate; after each, the
-        round's record to ``on_round`` (True: stop here)."""
+        round's record to ``on_round`` (True: stop here). ``evaluate_first``: before round 1,
+        round 0 evaluates ``initial_arrays`` without training (the model SAFN starts from, so
+        that the selection can keep it)."""
         log(INFO, "Starting %s strategy:", type(self).__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
@@ -169,6 +171,17 @@ class SafnStrategy(Strategy):
         flower = Result(arrays=initial_arrays)
         arrays, last, stopped = initial_arrays, first_round - 1, False
         t0 = time.time()
+        if evaluate_first and first_round == 1:
+            log(INFO, "")
+            log(INFO, "[ROUND 0/%s: evaluation of the initial model]", num_rounds)
+            self._round = _Round(0)
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(0, arrays, evaluate_config, grid),
+                timeout=timeout)
+            self.aggregate_evaluate(0, replies)
+            last = 0
+            if on_round is not None and on_round(self.record(), arrays):
+                return StrategyResult(arrays, 0, True, flower)
         for r in range(first_round, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", r, num_rounds)

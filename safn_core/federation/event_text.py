@@ -65,6 +65,26 @@ def _harmonisation(e: dict) -> str:
             + ("; securely summed)" if e.get("secure") else ")"))
 
 
+def _logistic(e: dict) -> str:
+    code = e["code"]
+    if code == "kept":
+        return f"logistic regression floor: kept from {e['file']} (penalty {e['penalty']:g})"
+    if code == "skipped":
+        return (f"logistic regression floor: not fitted, {e['reason']}; SAFN's wide path starts "
+                "at zero")
+    text = (f"logistic regression floor: fitted on the training splits of {e['sites']} sites in "
+            f"{e['iterations']} Newton rounds ({e['participants']} participants"
+            + (", securely summed" if e.get("secure") else "")
+            + f"); penalty {e['penalty']:g} chosen by the pooled validation loss; SAFN starts "
+            "from it")
+    if e.get("clipped"):
+        text += (f" ({e['clipped']} feature values beyond the fixed-point bound were clipped: "
+                 "the fit is close to, not equal to, the pooled one)")
+    if not e.get("converged", True):
+        text += " (Newton did not converge within its round limit)"
+    return text
+
+
 def _stopped_early(e: dict) -> str:
     return (f"early stopping after round {e['round']}: {e['patience']} rounds without "
             f"improvement of the pooled {e['select'].replace('_', ' ')}; the model is round "
@@ -114,6 +134,7 @@ _TEXT: dict[str, Callable[[dict], str]] = {
     Event.RESUMED: lambda e: f"resuming after round {e['round']} of {e['rounds']}",
     Event.NOTE: _note,
     Event.HARMONISATION: _harmonisation,
+    Event.LOGISTIC: _logistic,
     Event.REJOIN: _rejoin,
     Event.SECURE_RETRY: lambda e: (f"secure aggregation {e['aggregation']} round {e['round']}: "
                                    f"{e['lost']} site(s) did not answer; redoing it with the "
@@ -168,6 +189,8 @@ def round_line(entry: dict, rounds: int) -> str:
     """One readable progress line per round (pooled metrics, sites that reported), then
     indented lines for ε per site, central DP, refusals and rejected updates."""
     text = f"round {entry['round']:>3}/{rounds}"
+    if entry["round"] == 0:
+        text += "  (the initial model, the logistic regression floor: no training)"
     if "train_loss" in entry:
         text += f"  train loss {entry['train_loss']:.4f}"
     p = entry.get("pooled")

@@ -36,6 +36,7 @@ class Event:
     RESUMED = "resumed"  # resuming after round r
     NOTE = "note"  # a resume's note (code): data changed, selection rule kept
     HARMONISATION = "harmonisation"  # ComBat fitted / kept / clipped (code)
+    LOGISTIC = "logistic"  # the logistic regression floor fitted / kept / skipped (code)
     REJOIN = "rejoin"  # a round's wait for reconnecting sites (code: waiting/back/gone)
     SECURE_RETRY = "secure_retry"  # a secure sum redone without the sites that dropped out
     ROUND = "round"  # a round's history entry

@@ -73,6 +73,7 @@ class Task:
     RUN_END = "run-end"            # the run is over (completed or stopped): sites may leave
     PERSONALISE = "personalise"    # personalisation: each site's personal vs the global model
     HARMONISE = "harmonise"        # federated ComBat, plain: a site's sums (Config.HARMONISE_STEP)
+    LOGISTIC = "logistic"          # the logistic regression floor, plain: a Newton round's sums
 
 
 class RunEnd:
@@ -111,6 +112,9 @@ class Config:
     HARMONISATION_MEANS = "harmonisation-means"    # round 2: the mean model (JSON)
     HARMONISATION_FIT = "harmonisation-fit"        # every message after the fit (JSON): sites
     # harmonise their data with it before they describe, train or evaluate
+    # the logistic regression floor (`safn_core.federation.site_logistic`)
+    LOGISTIC_BETAS = "logistic-betas"      # every candidate's coefficients, flat (K × (1 + F))
+    LOGISTIC_WEIGHTS = "logistic-weights"  # the balanced class weights (HC, PD)
 
 
 class SecAgg:
@@ -137,6 +141,7 @@ class Aggregation:
     PERSONALISE = "personalise"
     HARMONISE_MEANS = "harmonise-means"
     HARMONISE_RESIDUALS = "harmonise-residuals"
+    LOGISTIC = "logistic"          # one Newton round of the logistic regression floor
 
 
 class Metric:

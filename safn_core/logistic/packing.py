@@ -34,6 +34,7 @@ def newton_packing(n_features: int, n_candidates: int, weights, max_site_example
         Field.real("objective", (n_candidates,), clip=n * s * LOSS_CAP),
         Field.real("val_loss", (n_candidates, 2), clip=n * LOSS_CAP),
         Field.count("val_n", (2,)),
+        Field.count("clipped", (1,)),  # feature values clipped to FEATURE_BOUND (`clipped_features`)
     ), int(parties))
 
 

@@ -1,0 +1,166 @@
+"""The logistic regression floor at the coordinator: exact federated logistic regression between
+the statistics round and the first training round, the start of SAFN's wide path.
+
+Newton's method (`safn_core.logistic.newton.solve`) runs at the coordinator; each of its rounds
+asks every training site for the sums of its training split at every candidate penalty's
+coefficients (`safn_core.federation.site_logistic`): plain ``logistic`` queries, or under
+secure aggregation one ``logistic`` secure sum per Newton round, so the coordinator sees only
+federation-wide sums. The result equals the pooled fit on the union of the training splits (to
+the fixed-point precision under secure aggregation, far below 1e-6), with the penalty chosen by
+the pooled class-balanced validation loss.
+
+The floor needs every training site: one that cannot send its sums (a DP-SGD site never sends
+exact statistics; a plain site with a class below ``min_cell``; a site that drops out) means
+the run goes without it, says so (`Event.LOGISTIC`, code ``skipped``) and SAFN's wide path
+starts at zero. The fit is kept in ``<run folder>/logistic.json`` (a resumed run reuses it, and
+the bundle and report read it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from safn_core.federation.events import Event
+from safn_core.federation.protocol import (ARRAYS, CONFIG, REFUSAL, Aggregation, Config,
+                                           Describe, Task)
+from safn_core.io import write_json
+from safn_core.logistic import PENALTIES, LogisticFit, class_weights, solve
+from safn_core.logistic.newton import FIELDS
+from safn_core.logistic.packing import newton_packing
+from safn_core.secagg import SecureSumFailed
+from safn.server.run_context import RunContext
+
+FILE = "logistic.json"
+MAX_ROUNDS = 50
+
+
+class FloorSkipped(Exception):
+    """The floor cannot be fitted on every training site's data (the reason, in words)."""
+
+
+def load_floor(run_dir: Path) -> LogisticFit | None:
+    """The run's fit from ``logistic.json`` (None: not fitted, or skipped)."""
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return LogisticFit.from_dict(record["fit"]) if record.get("fit") else None
+
+
+def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:
+    """The run's floor: kept from the run folder, fitted now, or None (skipped, with why)."""
+    path = Path(run.run_dir) / FILE
+    if path.is_file():
+        fit = load_floor(run.run_dir)
+        if fit is not None:
+            run.events.emit(Event.LOGISTIC, code="kept", file=str(path), penalty=fit.penalty)
+        return fit
+    nodes = sorted(setup.sites.eligible)
+    names = {n: setup.sites.name(n) for n in nodes}
+    n_features = len(pre.features)
+    try:
+        weights = class_weights(class_counts)
+        sums = _SecureRounds(run, setup.secure, nodes, names, pre, weights, n_features) \
+            if setup.secure is not None else _PlainRounds(run, nodes, names, pre, weights)
+        fit = solve(sums, n_features, weights, PENALTIES, max_rounds=MAX_ROUNDS)
+        expected = [int(c) for c in class_counts]
+        if list(fit.n_train) != expected:
+            raise FloorSkipped(f"its sums cover {sum(fit.n_train)} training participants, the "
+                               f"statistics round {sum(expected)}")
+    except (FloorSkipped, SecureSumFailed, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        write_json(path, {"fit": None, "skipped": reason})
+        run.events.emit(Event.LOGISTIC, code="skipped", reason=reason)
+        return None
+    write_json(path, {"fit": fit.to_dict(), "sites": sorted(names.values()),
+                      "secure_aggregation": setup.secure is not None,
+                      "clipped": sums.clipped, "features": list(pre.features)})
+    run.events.emit(Event.LOGISTIC, code="fitted", sites=len(nodes),
+                    participants=int(sum(fit.n_train)), iterations=fit.iterations,
+                    penalty=fit.penalty, converged=fit.converged, clipped=sums.clipped,
+                    secure=setup.secure is not None)
+    return fit
+
+
+def _request(pre, betas: np.ndarray, weights) -> dict:
+    return {Config.PRE_MEAN: pre.mean_.tolist(), Config.PRE_SCALE: pre.scale_.tolist(),
+            Config.LOGISTIC_BETAS: np.asarray(betas, dtype=np.float64).ravel().tolist(),
+            Config.LOGISTIC_WEIGHTS: [float(w) for w in weights]}
+
+
+class _PlainRounds:
+    """A Newton round as ``logistic`` queries: the sum of the sites' replies."""
+
+    def __init__(self, run: RunContext, nodes, names, pre, weights):
+        self.run, self.nodes, self.names, self.pre, self.weights = run, nodes, names, pre, weights
+        self.clipped = 0
+
+    def __call__(self, betas: np.ndarray) -> dict:
+        run = self.run
+        config = {Config.TASK: Task.LOGISTIC, Config.SAFN_CONFIG: run.shared_text,
+                  Config.RUN_ID: run.run_id,
+                  Config.HELD_OUT_SITES: list(run.cfg.server.held_out_sites),
+                  **_request(self.pre, betas, self.weights)}
+        messages = [Message(RecordDict({CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
+                            message_type=MessageType.QUERY) for n in self.nodes]
+        parts, answered = [], set()
+        for reply in run.grid.send_and_receive(messages, timeout=run.cfg.federation.round_timeout):
+            nid = reply.metadata.src_node_id
+            name = self.names.get(nid, str(nid))
+            if reply.has_error():
+                raise FloorSkipped(f"site {name}'s ClientApp failed ({reply.error.reason})")
+            if REFUSAL in reply.content.config_records:
+                raise FloorSkipped(f"site {name} cannot take part: "
+                                   f"{reply.content[REFUSAL][Describe.REASON]}")
+            arrays = reply.content[ARRAYS]
+            parts.append({k: arrays[k].numpy() for k in arrays.keys()})
+            answered.add(nid)
+        silent = sorted(self.names[n] for n in self.nodes if n not in answered)
+        if silent:
+            raise FloorSkipped(f"site(s) {', '.join(silent)} did not answer")
+        total = {k: np.sum([p[k] for p in parts], axis=0) for k in (*FIELDS, "clipped")}
+        self.clipped = max(self.clipped, int(total["clipped"][0]))
+        return total
+
+
+class _SecureRounds:
+    """A Newton round as one secure sum among the training sites."""
+
+    def __init__(self, run: RunContext, secure, nodes, names, pre, weights, n_features: int):
+        self.run, self.secure, self.nodes, self.names = run, secure, nodes, names
+        self.pre, self.weights = pre, weights
+        self.packing = newton_packing(n_features, len(PENALTIES), weights,
+                                      run.cfg.federation.secagg.max_site_examples, len(nodes))
+        self.iteration = 0
+        self.clipped = 0
+
+    def __call__(self, betas: np.ndarray) -> dict:
+        self.iteration += 1
+        ctx = self.secure.context(self.iteration, Aggregation.LOGISTIC)
+        result = self.secure.sum_now(ctx, self.packing, self.nodes,
+                                     _request(self.pre, betas, self.weights),
+                                     next_ctx=self.secure.context(self.iteration + 1,
+                                                                  Aggregation.LOGISTIC))
+        refused = {self.names.get(nid, str(nid)): str(content[REFUSAL][Describe.REASON])
+                   for nid, content in self.secure.last_contents.items()
+                   if REFUSAL in content.config_records}
+        if refused:
+            raise FloorSkipped("; ".join(f"site {k} cannot take part: {v}"
+                                         for k, v in sorted(refused.items())))
+        if len(result.contributors) < len(self.nodes):
+            raise FloorSkipped(f"{len(self.nodes) - len(result.contributors)} site(s) dropped "
+                               "out of its secure sum")
+        values = {k: np.asarray(v) for k, v in result.values.items()}
+        if result.clipped and any(result.clipped.values()):
+            raise FloorSkipped(f"its sums exceeded their fixed-point bounds ({result.clipped})")
+        self.clipped = max(self.clipped, int(values["clipped"][0]))
+        return values
+
+
+def floor_wanted(cfg) -> bool:
+    """The floor is fitted when SAFN has a wide path to start from it (``model.wide``)."""
+    return cfg.model.wide != "off"

@@ -1,0 +1,110 @@
+"""The logistic regression floor in a real Flower simulation: the federated fit equals the pooled
+one on the same training splits (plain and under secure aggregation), SAFN starts from it
+(round 0 evaluates the floor, and predicts its probabilities), and a DP-SGD run goes without it
+and says so."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from safn_core.config import dump_config, load_config
+from tests.helpers import SMALL_MODEL, write_toy
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _simulate(tmp_path, *overrides):
+    from safn_core.data.sources import load_cohort
+    from safn_core.federation.run_folder import write_config
+    from safn.simulations.compare import build_sites
+    from safn.simulations.engine import run_flower_simulation
+    from safn.simulations.virtual_sites import write_virtual_sites
+
+    csv, mapping = write_toy(tmp_path, n=320)
+    cfg = load_config(None, ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}",
+                             "simulation.partition=iid", "simulation.n_sites=4",
+                             "federation.rounds=2", "federation.select=val_loss",
+                             f"simulation.site_state_dir={tmp_path / 'state'}",
+                             "model.wide=trained", *SMALL_MODEL, *overrides])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cohort = load_cohort(cfg.data, cfg.synth)
+    parts = build_sites(cohort, cfg)
+    write_config(run_dir, dump_config(cfg))
+    write_virtual_sites(run_dir, cohort, parts)
+    run_flower_simulation(run_dir, cfg, len(parts))
+    return run_dir, cfg, cohort, parts
+
+
+def _pooled(run_dir, cfg, cohort, parts):
+    """The pooled fit on the union of the sites' training splits, preprocessed as the
+    federation preprocessed them (the checkpoint's preprocessing)."""
+    from safn_core.federation.checkpoint import load_checkpoint
+    from safn_core.federation.site import Site
+    from safn_core.logistic import fit_pooled
+    from safn_core.preprocess import Preprocessor
+
+    pre = Preprocessor.from_state(load_checkpoint(run_dir).preprocessing)
+    sites = [Site(name, cohort.subset(ids), cfg) for name, ids in parts.items()]
+    train = [s.arrays(pre, "train") for s in sites]
+    val = [s.arrays(pre, "val") for s in sites]
+    x = np.concatenate([a.x for a in train]).astype(np.float64)
+    y = np.concatenate([a.y for a in train])
+    fit = fit_pooled(x, y, np.concatenate([a.x for a in val]).astype(np.float64),
+                     np.concatenate([a.y for a in val]))
+    return fit, pre, sites
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
+def test_the_federated_floor_equals_the_pooled_fit_and_safn_starts_from_it(tmp_path, secure):
+    from safn_core.bundle import load_bundle
+    from safn_core.logistic import LogisticFit
+    from safn_core.training.local import Arrays, make_model, predict
+
+    run_dir, cfg, cohort, parts = _simulate(
+        tmp_path, f"federation.secure_aggregation={str(secure).lower()}")
+    record = json.loads((run_dir / "logistic.json").read_text())
+    assert record["secure_aggregation"] is secure
+    assert record["sites"] == sorted(parts)
+    fed = LogisticFit.from_dict(record["fit"])
+    pooled, pre, sites = _pooled(run_dir, cfg, cohort, parts)
+    assert fed.converged and fed.penalty == pooled.penalty
+    assert np.abs(fed.coef - pooled.coef).max() < 1e-6
+    assert abs(fed.intercept - pooled.intercept) < 1e-6
+    assert list(fed.n_train) == [int(v) for v in np.bincount(
+        np.concatenate([s.arrays(pre, "train").y for s in sites]), minlength=2)]
+
+    # round 0 evaluated the initial model before any training; SAFN's initial model is the floor
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["round"] for e in history] == [0, 1, 2]
+    assert "train_loss" not in history[0] and history[0]["pooled"] is not None
+    model = make_model(pre.modalities, cfg.model, cfg.train.seed)
+    model.set_wide(fed.coef, fed.intercept)
+    test = Arrays(np.concatenate([s.arrays(pre, "test").x for s in sites]),
+                  np.concatenate([s.arrays(pre, "test").mask for s in sites]),
+                  np.concatenate([s.arrays(pre, "test").y for s in sites]))
+    p_model, _ = predict(model, test)
+    np.testing.assert_allclose(p_model, fed.predict_proba(test.x.astype(np.float64)),
+                               atol=1e-5)
+    # the bundle keeps the selected round (0 when no training round improved on the floor)
+    bundle = load_bundle(run_dir / "model")
+    assert bundle.meta["training"]["selected_round"] in (0, 1, 2)
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    fitted = [e for e in events if e["event"] == "logistic"]
+    assert [e["code"] for e in fitted] == ["fitted"]
+    assert fitted[0]["secure"] is secure and fitted[0]["participants"] == sum(fed.n_train)
+    assert "logistic regression floor: fitted" in (run_dir / "progress.log").read_text()
+
+
+def test_a_dp_run_goes_without_the_floor_and_says_why(tmp_path):
+    run_dir, *_ = _simulate(tmp_path, "privacy.mode=dp-sgd", "privacy.epsilon=8",
+                            "federation.rounds=1", "federation.secure_aggregation=false")
+    record = json.loads((run_dir / "logistic.json").read_text())
+    assert record["fit"] is None and "DP-SGD" in record["skipped"]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["round"] for e in history] == [1]  # no round 0: nothing to keep from a floor
+    assert json.loads((run_dir / "federation_status.json").read_text())["status"] == "completed"
+    assert "logistic regression floor: not fitted" in (run_dir / "progress.log").read_text()
