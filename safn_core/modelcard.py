@@ -203,6 +203,17 @@ def model_card(meta: dict, config: SafnConfig) -> str:
                      f"{training['selected_round']}, selected by pooled validation "
                      f"({sel.get('rule')}, patience {sel.get('patience')}"
                      f"{', stopped early' if sel.get('stopped_early') else ''})")
+    floor = training.get("logistic_floor")
+    if floor and floor.get("skipped") is not None:
+        lines.append(f"- logistic regression floor: not fitted ({floor['skipped']}); the wide "
+                     "path started at zero")
+    elif floor:
+        lines.append(f"- starts from the exact federated logistic regression (the wide path; "
+                     f"penalty λ {floor['penalty']:g} chosen by pooled validation loss, "
+                     f"{floor['newton_rounds']} Newton rounds over {len(floor['sites'])} sites"
+                     + (", securely summed" if floor.get("secure_aggregation") else "")
+                     + "); round 0 is that regression, kept if no training round beats it on "
+                     "validation")
     if sites:
         lines.append("- sites: " + ", ".join(f"{s} ({n})" if n is not None else str(s)
                                               for s, n in sites.items()))

@@ -30,8 +30,8 @@ from safn_core.federation.aggregate import global_preprocessing
 from safn_core.federation.checkpoint import RunState, checkpointed_round
 from safn_core.federation.event_text import shown
 from safn_core.federation.events import EVENTS_FILE, Event, EventLog
-from safn_core.federation.federated_bundle import (FederatedRun, NoSiteTrained, rounds_table,
-                                                   save_federated_bundle)
+from safn_core.federation.federated_bundle import (FederatedRun, NoSiteTrained, floor_summary,
+                                                   rounds_table, save_federated_bundle)
 from safn_core.federation.protocol import MODEL, Config, RunEnd
 from safn_core.federation.run_folder import load_run_config, run_dir_from, write_data_sources
 from safn_core.federation.sampling import sites_per_round
@@ -40,7 +40,7 @@ from safn_core.io import write_json
 from safn_core.preprocess import Preprocessor
 from safn_core.secagg import SecureAggregationRefused, SecureSumFailed
 from safn.server.central_dp import CentralDP
-from safn.server.logistic_floor import fit_floor, floor_wanted
+from safn.server.logistic_floor import fit_floor, floor_record, floor_wanted
 from safn.server.round_book import RoundBook
 from safn.server.run_context import RunContext
 from safn.server.run_end import tell_sites_run_ended
@@ -139,7 +139,8 @@ class Coordinator:
             label_names=setup.label_names, held_out=setup.held_out, sources=desc.sources,
             gaussian=desc.gaussian, withheld=desc.refused, selection_rule=selection.select,
             patience=selection.patience,
-            stopped_early=selection.should_stop and state.round < run.cfg.federation.rounds),
+            stopped_early=selection.should_stop and state.round < run.cfg.federation.rounds,
+            logistic_floor=floor_summary(floor_record(run.run_dir), state.history)),
             harmonisation=harmonisation)
 
     def _personalise(self, setup: RunSetup, state: RunState) -> None:

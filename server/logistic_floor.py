@@ -42,13 +42,16 @@ class FloorSkipped(Exception):
     """The floor cannot be fitted on every training site's data (the reason, in words)."""
 
 
+def floor_record(run_dir: Path) -> dict | None:
+    """``logistic.json`` as written (None: the run has no floor file)."""
+    path = Path(run_dir) / FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_floor(run_dir: Path) -> LogisticFit | None:
     """The run's fit from ``logistic.json`` (None: not fitted, or skipped)."""
-    path = Path(run_dir) / FILE
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return LogisticFit.from_dict(record["fit"]) if record.get("fit") else None
+    record = floor_record(run_dir)
+    return LogisticFit.from_dict(record["fit"]) if record and record.get("fit") else None
 
 
 def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:

@@ -104,7 +104,17 @@ def run_in_process(sites: dict[str, Cohort], cfg: SafnConfig, run_dir: Path | No
     if state is None:
         pre, class_counts = global_preprocessing(modalities, stats, counts)
         model = make_model(modalities, cfg.model, cfg.train.seed)
+        floor = _floor(objs, pre, class_counts) if cfg.model.wide != "off" else None
+        if floor is not None:
+            model.set_wide(floor.coef, floor.intercept)
         state = RunState(0, state_to_numpy(model), pre.state_dict(), class_counts)
+        if floor is not None:  # round 0: the floor evaluated before any training
+            evaluated = sample_sites(list(objs), fed.fraction_evaluate, fed.min_sites,
+                                     cfg.train.seed + 1, 0)
+            hists = {name: objs[name].evaluate(state.weights, pre, cfg.model,
+                                               fed.histogram_bins) for name in evaluated}
+            state.history.append({"round": 0, **round_metrics(hists)})
+            report(round_line(state.history[0], fed.rounds))
     pre = Preprocessor.from_state(state.preprocessing)
     opt = ServerOptimizer(fed.strategy, fed.server_lr, fed.tau, fed.beta_1, fed.beta_2)
     opt.set_state(state.strategy_state)
@@ -134,3 +144,17 @@ def run_in_process(sites: dict[str, Cohort], cfg: SafnConfig, run_dir: Path | No
             save_checkpoint(run_dir, state)
         report(round_line(entry, fed.rounds))
     return state
+
+
+def _floor(sites: dict[str, Site], pre: Preprocessor, class_counts):
+    """The logistic regression floor from the sites' plain sums (the coordinator's
+    `safn.server.logistic_floor` without Flower): None when a site refuses."""
+    from safn_core.federation.site_logistic import logistic_values, refusal
+    from safn_core.logistic import PENALTIES, add_sums, class_weights, solve
+
+    if any(refusal(site, secure=False) for site in sites.values()):
+        return None
+    weights = class_weights(class_counts)
+    return solve(lambda betas: add_sums(logistic_values(site, pre, betas, weights, False)
+                                        for site in sites.values()),
+                 len(pre.features), weights, PENALTIES)

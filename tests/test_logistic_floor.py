@@ -92,6 +92,11 @@ def test_the_federated_floor_equals_the_pooled_fit_and_safn_starts_from_it(tmp_p
     # the bundle keeps the selected round (0 when no training round improved on the floor)
     bundle = load_bundle(run_dir / "model")
     assert bundle.meta["training"]["selected_round"] in (0, 1, 2)
+    floor = bundle.meta["training"]["logistic_floor"]
+    assert floor["penalty"] == fed.penalty and floor["secure_aggregation"] is secure
+    assert floor["pooled_test"] == history[0]["pooled"]
+    assert "starts from the exact federated logistic regression" in \
+        (run_dir / "model" / "model_card.md").read_text()
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     fitted = [e for e in events if e["event"] == "logistic"]
     assert [e["code"] for e in fitted] == ["fitted"]

@@ -46,6 +46,7 @@ class FederatedRun:
     selection_rule: str
     patience: int
     stopped_early: bool
+    logistic_floor: dict | None = None  # `floor_summary`: the floor SAFN started from, or why not
 
 
 def no_site_trained_reason(history: list[dict], withheld: dict[str, str], rounds: int) -> str:
@@ -63,6 +64,22 @@ def no_site_trained_reason(history: list[dict], withheld: dict[str, str], rounds
             why[f"site {x['site']}"] = f"refused: {x['reason']}"
     return (f"no site trained in any of the {rounds} rounds, so there is no model (no bundle "
             "written)" + "".join(f"; {k} {v}" for k, v in sorted(why.items())))
+
+
+def floor_summary(record: dict | None, history: list[dict]) -> dict | None:
+    """The logistic regression floor for the bundle (``logistic.json``'s record): its penalty,
+    Newton rounds and sites, round 0's pooled test metrics (the floor evaluated before any
+    training), or why the run went without it; None when the model has no wide path."""
+    if record is None:
+        return None
+    if not record.get("fit"):
+        return {"skipped": record.get("skipped", "")}
+    fit = record["fit"]
+    round0 = next((e for e in history if e.get("round") == 0), {})
+    return {"penalty": fit["penalty"], "newton_rounds": fit["iterations"],
+            "converged": fit["converged"], "sites": record.get("sites", []),
+            "secure_aggregation": bool(record.get("secure_aggregation")),
+            "pooled_test": round0.get("pooled")}
 
 
 def flower_run_ids(run_dir: Path) -> list[str]:
@@ -126,5 +143,6 @@ def save_federated_bundle(run_dir: Path, cfg: SafnConfig, state: RunState, run: 
                    "selected_round": last.get("round"),
                    "selection": {"rule": run.selection_rule, "patience": run.patience,
                                  "stopped_early": run.stopped_early},
+                   "logistic_floor": run.logistic_floor,
                    "strategy": cfg.federation.strategy,
                    "local_epochs": cfg.federation.local_epochs}})
