@@ -122,7 +122,7 @@ def auc_from_histogram(hist: np.ndarray) -> dict[str, float]:
 # -------------------------------------------------------------------------------- uncertainty
 
 
-def _percentile_intervals(draws: dict[str, list[float]],
+def _percentile_intervals(draws: dict[str, np.ndarray],
                           level: float) -> dict[str, tuple[float, float]]:
     """Percentile interval of each metric's bootstrap draws (undefined draws left out)."""
     lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
@@ -135,23 +135,125 @@ def _percentile_intervals(draws: dict[str, list[float]],
     return out
 
 
+def _count_metrics(neg: np.ndarray, pos: np.ndarray, predicted_pd: np.ndarray,
+                   scores: np.ndarray) -> dict[str, np.ndarray]:
+    """The metric set of a batch of samples given as counts per score value.
+
+    ``neg``, ``pos``: (draws, values) counts of HC and PD participants per score value, values
+    in ascending order of score (the distinct scores of a test set, or a histogram's bins);
+    ``predicted_pd``: (values,) whether a value is classified PD at the threshold; ``scores``:
+    (values,) the score of each value (Brier). Ties within a value count one half for ROC-AUC and
+    are one threshold step for PR-AUC, so on distinct scores this is exactly `binary_metrics`
+    (scikit-learn's formulas) and on histogram bins exactly `metrics_from_histogram`, one value
+    per draw.
+    """
+    neg = np.asarray(neg, dtype=float)
+    pos = np.asarray(pos, dtype=float)
+    n_neg, n_pos = neg.sum(axis=1), pos.sum(axis=1)
+    n = n_neg + n_pos
+    both = (n_neg > 0) & (n_pos > 0)
+    tp = pos[:, predicted_pd].sum(axis=1)
+    fp = neg[:, predicted_pd].sum(axis=1)
+    fn, tn = n_pos - tp, n_neg - fp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sens = np.where(n_pos > 0, tp / n_pos, np.nan)
+        spec = np.where(n_neg > 0, tn / n_neg, np.nan)
+        f1_den = 2 * tp + fp + fn
+        mcc_den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        neg_below = np.cumsum(neg, axis=1) - neg
+        roc = (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
+        # average precision, PD positive: thresholds from the top value down, Σ ΔR · P
+        tp_c = np.cumsum(pos[:, ::-1], axis=1)
+        fp_c = np.cumsum(neg[:, ::-1], axis=1)
+        ap_pd = (pos[:, ::-1] * tp_c / np.maximum(tp_c + fp_c, 1)).sum(axis=1) / n_pos
+        # HC positive (scores 1 − p): thresholds from the bottom value up
+        tn_c, fn_c = np.cumsum(neg, axis=1), np.cumsum(pos, axis=1)
+        ap_hc = (neg * tn_c / np.maximum(tn_c + fn_c, 1)).sum(axis=1) / n_neg
+        brier = ((1 - scores) ** 2 * pos + scores ** 2 * neg).sum(axis=1) / n
+        out = {
+            "accuracy": (tp + tn) / n,
+            "balanced_accuracy": np.where(both, (sens + spec) / 2, np.nan),
+            "sensitivity": sens, "specificity": spec,
+            "roc_auc": np.where(both, roc, np.nan),
+            "pr_auc_pd": np.where(both, ap_pd, np.nan),
+            "pr_auc_hc": np.where(both, ap_hc, np.nan),
+            "f1": np.where(f1_den > 0, 2 * tp / f1_den, 0.0),
+            "mcc": np.where(both, np.where(mcc_den > 0, (tp * tn - fp * fn) / mcc_den, 0.0),
+                            np.nan),
+            "brier": brier,
+        }
+    return {k: out[k] for k in METRICS}
+
+
+_CELLS_PER_CHUNK = 2_000_000
+"""Bootstrap draws are evaluated in chunks of about this many (draw, value) cells, which bounds
+the memory of a large test set (a few arrays of this many floats at a time)."""
+
+
+def _bootstrap(draw, cells_per_draw: int, predicted_pd: np.ndarray, scores: np.ndarray,
+               n_boot: int, level: float, keys) -> dict[str, tuple[float, float]]:
+    """Percentile intervals over ``n_boot`` draws of ``draw(size) → (neg, pos)`` counts, in
+    chunks of draws of about ``_CELLS_PER_CHUNK`` cells (``cells_per_draw`` each)."""
+    chunk = max(1, _CELLS_PER_CHUNK // max(cells_per_draw, 1))
+    draws: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for start in range(0, n_boot, chunk):
+        neg, pos = draw(min(chunk, n_boot - start))
+        m = _count_metrics(neg, pos, predicted_pd, scores)
+        for k in keys:
+            draws[k].append(m[k])
+    return _percentile_intervals({k: np.concatenate(v) if v else np.array([])
+                                  for k, v in draws.items()}, level)
+
+
+def interval_lists(ci: dict[str, tuple[float, float]]) -> dict[str, list[float] | None]:
+    """Intervals as JSON holds them: metric → [low, high], None where undefined (a metric no
+    resample could compute)."""
+    return {k: None if any(np.isnan(b) for b in v) else [float(v[0]), float(v[1])]
+            for k, v in ci.items()}
+
+
 def bootstrap_ci(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, n_boot: int = 1000,
                  seed: int = 0, level: float = 0.95,
                  keys=METRICS) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap confidence intervals of each metric (participants resampled,
-    stratified by class so that every resample holds both classes)."""
+    stratified by class so that every resample holds both classes).
+
+    Vectorised: each resample is counted per distinct score (`_count_metrics`), so 1000
+    resamples of a few hundred participants take milliseconds. The participants drawn depend
+    only on the labels, ``n_boot`` and ``seed``: models scored on the same test set with the
+    same seed are resampled on the same participants.
+    """
     y = np.asarray(y).astype(int)
-    p = np.asarray(p, dtype=float)
+    p = np.clip(np.asarray(p, dtype=float), 0.0, 1.0)
     rng = np.random.default_rng(seed)
+    values, inv = np.unique(p, return_inverse=True)
+    v = len(values)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    draws = {k: [] for k in keys}
-    for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) \
-            if len(pos) and len(neg) else rng.choice(len(y), len(y))
-        m = binary_metrics(y[idx], p[idx], threshold)
-        for k in keys:
-            draws[k].append(m[k])
-    return _percentile_intervals(draws, level)
+    stratified = len(pos) > 0 and len(neg) > 0
+    everyone = np.arange(len(y))
+
+    def counts(members: np.ndarray, size: int) -> np.ndarray:
+        """(size, values) counts per score value of ``size`` resamples of ``members``."""
+        if not len(members):
+            return np.zeros((size, v), dtype=np.int64)
+        drawn = inv[members[rng.integers(0, len(members), (size, len(members)))]]
+        flat = (np.arange(size)[:, None] * v + drawn).ravel()
+        return np.bincount(flat, minlength=size * v).reshape(size, v)
+
+    def draw(size: int):
+        if stratified:
+            pos_counts = counts(pos, size)
+            return counts(neg, size), pos_counts
+        # one class only: resample everyone (all of one class)
+        drawn = counts(everyone, size)
+        zero = np.zeros_like(drawn)
+        return (zero, drawn) if len(pos) else (drawn, zero)
+
+    if len(y) == 0:
+        return {k: (np.nan, np.nan) for k in keys}
+    # chunks by participants (not distinct scores): the resampled participants then depend
+    # only on the labels, n_boot and seed, whatever the scores
+    return _bootstrap(draw, len(y), values >= threshold, values, n_boot, level, keys)
 
 
 MIN_OVERLAP = 3
@@ -316,17 +418,29 @@ def bootstrap_histogram_ci(hist: np.ndarray, threshold: float, n_boot: int = 500
                            seed: int = 0, level: float = 0.95,
                            keys=METRICS) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap CIs from per-class score histograms alone (a held-out site's
-    evaluation reply): resampling participants with replacement within each class is drawing
-    each class's histogram from a multinomial over its bins, so no participant's score is needed.
-    Agrees with `bootstrap_ci` on the binned scores."""
-    hist = np.asarray(hist, dtype=np.int64)
+    evaluation reply, or the pooled test histograms of a federation): resampling participants
+    with replacement within each class is drawing each class's histogram from a multinomial
+    over its bins, so no participant's score is needed. Agrees with `bootstrap_ci` on the
+    binned scores. Vectorised (`_count_metrics`): 500 draws of 1000 bins take milliseconds."""
+    hist = np.rint(np.asarray(hist, dtype=float)).clip(min=0).astype(np.int64)
+    bins = hist.shape[1]
+    cut = int(round(threshold * bins))
+    # empty bins change no metric of any draw (no draw puts anyone there): leave them out
+    kept = np.flatnonzero(hist.sum(axis=0) > 0)
+    hist = hist[:, kept]
     rng = np.random.default_rng(seed)
-    draws = {k: [] for k in keys}
-    probs = [h / h.sum() if h.sum() else None for h in hist]
-    for _ in range(n_boot):
-        sample = np.stack([rng.multinomial(int(h.sum()), pr) if pr is not None else h
-                           for h, pr in zip(hist, probs)])
-        m = metrics_from_histogram(sample, threshold)
-        for k in keys:
-            draws[k].append(m[k])
-    return _percentile_intervals(draws, level)
+
+    def class_draws(h: np.ndarray, size: int) -> np.ndarray:
+        total = int(h.sum())
+        if total == 0:
+            return np.zeros((size, len(kept)), dtype=np.int64)
+        return rng.multinomial(total, h / total, size=size)
+
+    def draw(size: int):
+        neg = class_draws(hist[0], size)
+        return neg, class_draws(hist[1], size)
+
+    if hist.sum() == 0:
+        return {k: (np.nan, np.nan) for k in keys}
+    centres = (kept + 0.5) / bins
+    return _bootstrap(draw, len(kept), kept >= cut, centres, n_boot, level, keys)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import html
+import math
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,20 +29,51 @@ figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:.85rem;color:#555}
 pre{background:#f6f8fa;padding:.7rem;overflow:auto;font-size:.8rem}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5rem .8rem;font-size:.9rem}
+.ci{white-space:nowrap;color:#555}
 """
 
 
-def _fmt(value) -> str:
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def interval_text(value, ci=None, digits: int = 3, sep: str = " ") -> str:
+    """A figure with its interval, ``0.912 [0.871, 0.948]``: the point estimate, then the
+    interval's bounds in brackets after ``sep`` (a newline puts them on a second line of a
+    console cell). "—" for a missing figure; the figure alone when the interval is missing."""
+    if _missing(value):
+        return "—"
+    text = f"{float(value):.{digits}f}"
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(_missing(b) for b in ci):
+        return text
+    return f"{text}{sep}[{float(ci[0]):.{digits}f}, {float(ci[1]):.{digits}f}]"
+
+
+_INTERVAL = re.compile(r"^(\S+) (\[[^\]]*\])$")
+"""A figure followed by its interval (`interval_text`): the interval wraps as one piece."""
+
+
+def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
-        return "—" if value != value else f"{value:.3f}"
-    return html.escape(str(value))
+        return "—" if value != value else f"{value:.{digits}f}"
+    text = html.escape(str(value))
+    m = _INTERVAL.match(text)
+    return f'{m.group(1)} <span class="ci">{m.group(2)}</span>' if m else text
 
 
-def _cell(value) -> str:
-    """Numbers (and "0.9 ± 0.1" figures) right-aligned, text left-aligned."""
-    text = _fmt(value)
+def _cell(value, digits: int = 3) -> str:
+    """Numbers (and "0.9 ± 0.1", "0.912 [0.871, 0.948]" figures) right-aligned, text
+    left-aligned."""
+    text = _fmt(value, digits)
     numeric = isinstance(value, (int, float)) or text[:1].isdigit() or text[:1] in "-+—"
     return f"<td>{text}</td>" if numeric else f'<td class="t">{text}</td>'
+
+
+def _digits(column) -> int:
+    """Decimals of a column's floats: one for percentages (a column named "% …" or "… %"),
+    three otherwise."""
+    name = str(column).strip()
+    return 1 if name.startswith("%") or name.endswith("%") else 3
 
 
 class Report:
@@ -65,7 +98,8 @@ class Report:
             data = pd.DataFrame({"": list(data.keys()), "value": list(data.values())})
         df = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-        rows = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>"
+        digits = [_digits(c) for c in df.columns]
+        rows = "".join("<tr>" + "".join(_cell(v, d) for v, d in zip(row, digits)) + "</tr>"
                        for row in df.itertuples(index=False))
         cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
         self.parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")

@@ -23,8 +23,9 @@ from safn_core.cli.common import (base_parser, config_from_args, console, entry,
 from safn_core.config import SafnConfig, dump_config
 from safn_core.errors import SafnError
 from safn_core.federation.aggregate import selected_entry
+from safn_core.report import interval_text
 from safn_core.training.selection import RoundSelection
-from safn.simulations.compare import build_sites, compare
+from safn.simulations.compare import N_BOOT, build_sites, compare, flat_intervals
 from safn.simulations.engine import run_flower_simulation
 
 SHOWN = ("roc_auc", "pr_auc_pd", "pr_auc_hc", "balanced_accuracy", "sensitivity", "specificity",
@@ -32,9 +33,11 @@ SHOWN = ("roc_auc", "pr_auc_pd", "pr_auc_hc", "balanced_accuracy", "sensitivity"
 
 
 def print_comparison(df: pd.DataFrame, n_test: int, n_sites: int) -> None:
-    t = Table(title=f"Evaluated on the pooled test set: the union of the {n_sites} sites' test "
+    t = Table(show_lines=True,
+              title=f"Evaluated on the pooled test set: the union of the {n_sites} sites' test "
                     f"splits ({n_test} participants). Each model's threshold from its own "
-                    "validation data.")
+                    "validation data. Under each figure its 95% interval (bootstrap over the "
+                    "test participants).")
     t.add_column("model")
     t.add_column("n train", justify="right")
     t.add_column("round", justify="right")  # the selected round (same rule for every model)
@@ -43,7 +46,7 @@ def print_comparison(df: pd.DataFrame, n_test: int, n_sites: int) -> None:
     for _, r in df.iterrows():
         rnd = r.get("selected_round")
         t.add_row(str(r.model), str(r.n_train), "-" if pd.isna(rnd) else str(int(rnd)),
-                  *[f"{float(r[k]):.3f}" for k in SHOWN])
+                  *[interval_text(r[k], r.get(f"{k}_ci"), sep="\n") for k in SHOWN])
     console.print(t)
 
 
@@ -102,13 +105,14 @@ def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.Da
                               report=console.print)
     cols = ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "sensitivity",
             "specificity")
-    t = Table(title="leave-one-site-out: federation trained on the other sites, tested on all "
+    t = Table(show_lines=True,
+              title="leave-one-site-out: federation trained on the other sites, tested on all "
                     "of the held-out site (bootstrap 95% CI)")
     for c in ("held-out site", "n", *cols):
         t.add_column(c, justify="left" if c == "held-out site" else "right")
     for _, r in loso.iterrows():
-        t.add_row(r.held_out, str(r.n), *[f"{r[k]:.3f} [{r[k + '_ci'][0]:.2f}, "
-                                          f"{r[k + '_ci'][1]:.2f}]" for k in cols])
+        t.add_row(r.held_out, str(r.n), *[interval_text(r[k], r.get(f"{k}_ci"), sep="\n")
+                                          for k in cols])
     summ = summarise_loso(loso)
     t.add_section()
     t.add_row("mean ± SD across held-out sites", str(int(loso.n.sum())),
@@ -118,9 +122,10 @@ def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.Da
             row = comparison[comparison.kind == kind]
             if not row.empty:
                 r = row.iloc[0]
-                t.add_row(f"{r.model} (pooled test)", "", *[f"{float(r[k]):.3f}" for k in cols])
+                t.add_row(f"{r.model} (pooled test)", "",
+                          *[interval_text(r[k], r.get(f"{k}_ci"), sep="\n") for k in cols])
     console.print(t)
-    loso.to_csv(run_dir / "loso.csv", index=False)
+    flat_intervals(loso).to_csv(run_dir / "loso.csv", index=False)
     write_json(run_dir / "loso.json", {"sites": loso.replace({np.nan: None}).to_dict("records"),
                                        "summary": summ})
     return loso
@@ -239,9 +244,11 @@ def run(argv: list[str] | None = None) -> int:
         df, n_test = compare(cohort, parts, cfg, load_federated(run_dir))
         print_comparison(df, n_test, len(parts))
         if not (run_dir / "comparison.csv").exists():
-            df.to_csv(run_dir / "comparison.csv", index=False)
+            flat_intervals(df).to_csv(run_dir / "comparison.csv", index=False)
         results["comparison"] = {"evaluated_on": f"pooled test set: union of the {len(parts)} "
                                                  f"sites' test splits ({n_test} participants)",
+                                 "intervals": {"level": 0.95, "method": "participant_bootstrap",
+                                               "resamples": N_BOOT, "seed": cfg.train.seed},
                                  "rows": df.replace({np.nan: None}).to_dict("records")}
     loso = None
     if cfg.simulation.loso and not (run_dir / "loso.csv").exists():

@@ -6,6 +6,32 @@ import numpy as np
 import pandas as pd
 
 from safn_core.config import SafnConfig
+from safn_core.metrics import METRICS, interval_lists
+
+N_BOOT = 1000
+"""Bootstrap resamples of the pooled test set behind each row's 95 % intervals."""
+
+
+def interval_columns(ci: dict[str, tuple[float, float]]) -> dict[str, list | None]:
+    """``{metric}_ci``: [low, high] of each metric (None for an interval that is undefined)."""
+    return {f"{k}_ci": v for k, v in interval_lists(ci).items()}
+
+
+def flat_intervals(df: pd.DataFrame) -> pd.DataFrame:
+    """A table as its CSV file holds it (``comparison.csv``, ``loso.csv``): each
+    ``{metric}_ci`` ([low, high]) as two columns, ``{metric}_ci_low`` and ``{metric}_ci_high``."""
+    out = df.copy()
+    for k in METRICS:
+        col = f"{k}_ci"
+        if col not in out:
+            continue
+        bounds = [(c[0], c[1]) if isinstance(c, (list, tuple)) else (np.nan, np.nan)
+                  for c in out[col]]
+        at = out.columns.get_loc(col)
+        out = out.drop(columns=col)
+        out.insert(at, f"{k}_ci_high", [b[1] for b in bounds])
+        out.insert(at, f"{k}_ci_low", [b[0] for b in bounds])
+    return out
 
 
 def build_sites(cohort, cfg: SafnConfig) -> dict[str, np.ndarray]:
@@ -31,6 +57,11 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
     own validation data (pooled: all sites'; local: its site's; federated: all sites', the
     threshold the federation also picks from pooled validation histograms).
 
+    Every metric has a 95 % interval beside it (``{metric}_ci``: [low, high]): a percentile
+    bootstrap over the pooled test set's participants, resampled within each class
+    (`bootstrap_ci`, ``N_BOOT`` resamples, seed ``train.seed``). All rows are scored on the same
+    test set with the same seed, so every model is resampled on the same participants.
+
     ``federated``: ``(model, preprocessor)`` or ``(model, preprocessor, selected_round)``.
     Each row has the selected round (``selected_round``; ``None`` for a federated model given
     without it). With ``harmonisation.method: combat`` every model trains and is scored on the
@@ -40,7 +71,7 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
     import torch
 
     from safn_core.federation.site import Site
-    from safn_core.metrics import binary_metrics, choose_threshold
+    from safn_core.metrics import binary_metrics, bootstrap_ci, choose_threshold
     from safn_core.preprocess import Preprocessor
     from safn_core.training.local import Arrays, fit_by_rounds, predict
 
@@ -65,9 +96,10 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
         p_val, _ = predict(model, val)
         p_test, _ = predict(model, test)
         t = choose_threshold(val.y, p_val)
+        ci = bootstrap_ci(test.y, p_test, t, n_boot=N_BOOT, seed=cfg.train.seed)
         rows.append({"model": name, "kind": kind, "n_train": int(n_train), "sites": sites_used,
                      "threshold": t, "selected_round": selected_round,
-                     **binary_metrics(test.y, p_test, t)})
+                     **binary_metrics(test.y, p_test, t), **interval_columns(ci)})
 
     pooled_pre = Preprocessor(cohort.modalities).fit(table.loc[ids["train"]])
     tr = Arrays.from_table(pooled_pre, table.loc[ids["train"]])

@@ -3,8 +3,9 @@
 For every site: train the federation on the others (a complete federated run with its own
 statistics round, in ``<run>/loso/<site>/``), then evaluate the final model on ALL of the held-out
 site's participants, which it never saw, not even for preprocessing or the threshold (both come
-from the training sites). Per-site metrics carry bootstrap 95 % CIs; the summary is the mean and
-SD across held-out sites.
+from the training sites). Per-site metrics carry bootstrap 95 % CIs (``{metric}_ci``: [low,
+high], participants of the held-out site resampled within each class, seed ``train.seed``); the
+summary is the mean and SD across held-out sites.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safn_core.data.cohort import Cohort
 from safn_core.federation.run_folder import write_config
 from safn.simulations.virtual_sites import write_virtual_sites
 from safn_core.metrics import METRICS, binary_metrics, bootstrap_ci
+from safn.simulations.compare import interval_columns
 
 
 def evaluate_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
@@ -36,7 +38,7 @@ def evaluate_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
     point = binary_metrics(data.y, p, threshold)
     ci = bootstrap_ci(data.y, p, threshold, n_boot=n_boot, seed=seed)
     return {"n": len(data), "positive": int(data.y.sum()), "threshold": threshold,
-            **{k: point[k] for k in METRICS}, **{f"{k}_ci": list(ci[k]) for k in METRICS}}
+            **{k: point[k] for k in METRICS}, **interval_columns(ci)}
 
 
 def leave_one_site_out(cohort: Cohort, parts: dict[str, np.ndarray], cfg: SafnConfig,

@@ -10,7 +10,13 @@ from safn_core.config import SafnConfig, dump_config
 from safn_core.federation.aggregate import selected_entry
 from safn_core.federation.run_report import learning_section, rejected_and_privacy
 from safn_core.metrics import METRICS
-from safn_core.report import Report
+from safn_core.report import Report, interval_text
+
+
+def with_intervals(df: pd.DataFrame, metric: str) -> list[str]:
+    """A metric's column with its 95 % interval (``{metric}_ci``) beside each figure."""
+    cis = df[f"{metric}_ci"] if f"{metric}_ci" in df else [None] * len(df)
+    return [interval_text(v, ci) for v, ci in zip(df[metric], cis)]
 
 
 def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.DataFrame,
@@ -32,17 +38,21 @@ def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.Data
         rejected_and_privacy(rep, history, run_dir)
     if comparison is not None and not comparison.empty:
         rep.heading("Pooled vs federated vs local-only (pooled test set)")
-        cols = ["model", "n_train", *(["selected_round"] if "selected_round" in comparison
-                                      else []), *METRICS]
-        rep.table(comparison[cols], f"every model selected by {cfg.federation.select} on its own "
-                                    f"validation data, patience {cfg.federation.patience} rounds "
-                                    f"of {cfg.federation.local_epochs} epochs")
+        shown = comparison[["model", "n_train", *(["selected_round"] if "selected_round" in
+                                                  comparison else [])]].copy()
+        for k in METRICS:
+            shown[k] = with_intervals(comparison, k)
+        rep.table(shown, f"every model selected by {cfg.federation.select} on its own "
+                         f"validation data, patience {cfg.federation.patience} rounds of "
+                         f"{cfg.federation.local_epochs} epochs; 95 % interval in brackets "
+                         "(bootstrap over the pooled test set's participants, resampled within "
+                         "each class): where one model's figure lies inside another's interval, "
+                         "the difference between them may be chance")
     if loso is not None and not loso.empty:
         rep.heading("Leave-one-site-out external validation")
         shown = loso[["held_out", "n", "positive"]].copy()
         for k in ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "mcc"):
-            shown[k] = [f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" for v, ci in
-                        zip(loso[k], loso[f"{k}_ci"])]
+            shown[k] = with_intervals(loso, k)
         rep.table(shown, "per held-out site, bootstrap 95 % CI in brackets")
     rep.heading("Configuration").code(dump_config(cfg))
     return rep.write(run_dir / "report.html")

@@ -75,7 +75,17 @@ def test_safn_sim_end_to_end(table, tmp_path):
     assert comparison.roc_auc.between(0, 1).all()
     results = json.loads((out / "results.json").read_text())
     assert "pooled test set" in results["comparison"]["evaluated_on"]
+    # every figure with its 95 % interval: printed, in results.json, in comparison.csv
+    assert (comparison.roc_auc_ci_low <= comparison.roc_auc).all()
+    assert (comparison.roc_auc <= comparison.roc_auc_ci_high).all()
+    for row in results["comparison"]["rows"]:
+        lo, hi = row["balanced_accuracy_ci"]
+        assert lo <= row["balanced_accuracy"] <= hi
+        assert f"[{row['roc_auc_ci'][0]:.3f}, {row['roc_auc_ci'][1]:.3f}]" in text
     history = json.loads((out / "history.json").read_text())
+    # the federation's pooled test metrics: intervals from the summed histograms' counts
+    assert all(e["pooled_ci"]["roc_auc"][0] <= e["pooled"]["roc_auc"]
+               <= e["pooled_ci"]["roc_auc"][1] for e in history)
     assert [e["round"] for e in history] == [1, 2, 3]
     # plain evaluation replies carry the validation loss sums: the run selects by them
     assert all(e["val_loss"] > 0 and 0 <= e["val_roc_auc"] <= 1 for e in history)
@@ -175,6 +185,8 @@ def test_leave_one_site_out_through_flower(tmp_path):
     assert abs(summary["roc_auc"]["mean"] - loso.roc_auc.mean()) < 1e-9
     first = json.loads((out / "loso.json").read_text())["sites"][0]
     assert first["roc_auc_ci"][0] <= first["roc_auc"] <= first["roc_auc_ci"][1]
+    assert (loso.roc_auc_ci_low <= loso.roc_auc).all()
+    assert (loso.roc_auc <= loso.roc_auc_ci_high).all()
     html = (out / "report.html").read_text()
     assert "Leave-one-site-out" in html and html.count("data:image/png;base64,") >= 1
 

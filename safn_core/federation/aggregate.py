@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from safn_core.data.cohort import Modality
-from safn_core.metrics import (bootstrap_histogram_ci, metrics_from_histogram,
+from safn_core.metrics import (bootstrap_histogram_ci, interval_lists, metrics_from_histogram,
                                 threshold_from_histogram)
 from safn_core.preprocess import FeatureStats, Preprocessor
 
@@ -47,6 +47,14 @@ def weighted_mean(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str,
 # ------------------------------------------------------------------ evaluation
 
 
+def pooled_intervals(test: np.ndarray, threshold: float) -> dict[str, list[float] | None]:
+    """95 % intervals of the pooled test metrics (``pooled_ci``: metric → [low, high]): a
+    bootstrap over the pooled test histograms' counts (participants resampled within each class,
+    `bootstrap_histogram_ci`, fixed seed), so no participant's score is needed; the coordinator
+    learns nothing beyond the histograms it already holds."""
+    return interval_lists(bootstrap_histogram_ci(test, threshold))
+
+
 def round_metrics(site_hists: dict[str, dict]) -> dict:
     """Pooled metrics (threshold from the pooled validation histogram) and per-site metrics.
 
@@ -56,7 +64,8 @@ def round_metrics(site_hists: dict[str, dict]) -> dict:
     the histograms, never from averaging site AUCs; pooled accuracy / sensitivity / specificity
     from the summed confusion counts at the threshold. The pooled validation loss and ROC-AUC
     (``val_loss``, ``val_roc_auc``: what the coordinator selects a round by) come from the same
-    reporting sites' sums.
+    reporting sites' sums. ``pooled_ci``: the pooled test metrics' 95 % intervals
+    (`pooled_intervals`), where there are pooled test metrics.
     """
     reported = {k: h for k, h in site_hists.items() if not h["withheld"]}
     bins = next(iter(site_hists.values()))["test"].shape[1]
@@ -67,6 +76,7 @@ def round_metrics(site_hists: dict[str, dict]) -> dict:
     per_site = {name: (None if h["withheld"] else metrics_from_histogram(h["test"], threshold))
                 for name, h in site_hists.items()}
     out = {"threshold": threshold, "pooled": pooled, "sites": per_site,
+           **({"pooled_ci": pooled_intervals(test, threshold)} if pooled else {}),
            "sites_reported": len(reported),
            "sites_withheld": sorted(set(site_hists) - set(reported)),
            "n_test": int(test.sum()), "n_val": int(val.sum())}
@@ -99,6 +109,8 @@ def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
     own counts pass ``min_cell`` (None otherwise). No per-site histogram exists here.
     ``summed_sites``: the names of the sites whose values are in the sum (``sites_summed``,
     recorded with the pooled metrics: which sites they rest on, not how many people each has).
+    ``pooled_ci``: the pooled test metrics' 95 % intervals from the summed histograms
+    (`pooled_intervals`), where the pooled test metrics pass ``min_cell``.
     """
     val, test = np.asarray(pooled["val"]), np.asarray(pooled["test"])
     val_ok = val.sum(axis=1).min() >= min_cell
@@ -113,6 +125,8 @@ def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
            "sites_withheld": sorted(n for n, m in site_metrics.items() if not m),
            "n_test": int(test.sum()) if test_ok else 0, "n_val": int(val.sum()) if val_ok else 0,
            "secure_aggregation": True}
+    if test_ok:
+        out["pooled_ci"] = pooled_intervals(test, threshold)
     if test_ok and summed_sites is not None:
         out["sites_summed"] = sorted(summed_sites)
     if val_ok:

@@ -13,13 +13,14 @@ from safn_core.federation.aggregate import selected_entry
 from safn_core.federation.provenance import (basis_lines, evaluation_basis, source_name,
                                              synthetic_sites)
 from safn_core.federation.run_folder import data_sources, run_identity
-from safn_core.report import Report
+from safn_core.report import Report, interval_text
 
 
 def learning_section(rep: Report, history: list[dict], run_dir: Path, curves_caption: str,
                      final_caption: str) -> None:
     """Learning curves per round (pooled and per site), which round the run selected and by
-    which rule, and the selected round's pooled test metrics."""
+    which rule, and the selected round's pooled test metrics with their 95 % intervals
+    (``pooled_ci`` of its history entry, where the run recorded them)."""
     plots.learning_curves(history, Path(run_dir) / "learning_curves.png")
     rep.heading("Learning curves")
     rep.figure(Path(run_dir) / "learning_curves.png", curves_caption)
@@ -30,7 +31,12 @@ def learning_section(rep: Report, history: list[dict], run_dir: Path, curves_cap
                  f"val ROC-AUC {chosen.get('val_roc_auc', float('nan')):.3f}); its test metrics "
                  "below are reported, not used to choose it.")
     if chosen.get("pooled"):
-        rep.table(dict(chosen["pooled"]), final_caption)
+        cis = chosen.get("pooled_ci") or {}
+        rep.table({k: interval_text(v, cis.get(k)) if k in cis else v
+                   for k, v in chosen["pooled"].items()},
+                  final_caption + ("; 95 % interval in brackets (bootstrap over the pooled test "
+                                   "histograms' counts: participants resampled within each "
+                                   "class)" if cis else ""))
 
 
 def rejected_and_privacy(rep: Report, history: list[dict], run_dir: Path) -> None:
@@ -163,8 +169,8 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
                 row = {"site": site, "n": (m or {}).get("n")}
                 for k in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity",
                           "pr_auc_pd", "mcc"):
-                    row[k] = (f"{m[k]:.3f} [{m['ci'][k][0]:.3f}, {m['ci'][k][1]:.3f}]"
-                              if m else "withheld (min_cell)")
+                    row[k] = (interval_text(m[k], (m.get("ci") or {}).get(k)) if m
+                              else "withheld (min_cell)")
                 rows.append(row)
             rep.table(pd.DataFrame(rows),
                       "all participants of each held-out site, at the training sites' "
