@@ -65,6 +65,8 @@ EXAMPLES = {
                      configured_select="last", configured_patience=3),
     Event.HARMONISATION: dict(code="fitted", sites=3, participants=200, features=40,
                               covariates=["AGE"], secure=True),
+    Event.LOGISTIC: dict(code="fitted", sites=3, participants=200, iterations=9, penalty=10.0,
+                         converged=True, clipped=0, secure=True),
     Event.REJOIN: dict(code="back", round=4, sites=["b"], seconds=3.0),
     Event.SECURE_RETRY: dict(aggregation="train", round=2, lost=1, others=3),
     Event.ROUND: dict(entry={"round": 1, "train_loss": 0.5,
@@ -92,6 +94,20 @@ def test_every_event_code_has_its_english():
     assert render({"event": Event.RUN_END, **EXAMPLES[Event.RUN_END]}) == (
         "run stopped: only 1 site; the checkpoint of round 2 is kept in /run/checkpoints")
     assert render({"event": "unknown", "x": 1}) == "unknown: {'x': 1}"
+
+
+def test_the_floor_s_events_say_what_happened():
+    base = {"event": Event.LOGISTIC, "time": 0.0}
+    assert render({**base, **EXAMPLES[Event.LOGISTIC]}) == (
+        "logistic regression floor: fitted on the training splits of 3 sites in 9 Newton rounds "
+        "(200 participants, securely summed); penalty 10 chosen by the pooled validation loss; "
+        "SAFN starts from it")
+    assert "not equal to" in render({**base, **EXAMPLES[Event.LOGISTIC], "clipped": 4})
+    assert render({**base, "code": "skipped", "reason": "site a cannot take part: DP"}) == (
+        "logistic regression floor: not fitted, site a cannot take part: DP; SAFN's wide path "
+        "starts at zero")
+    assert render({**base, "code": "kept", "file": "/r/logistic.json", "penalty": 0.1}) == (
+        "logistic regression floor: kept from /r/logistic.json (penalty 0.1)")
 
 
 def test_rejections_are_codes_with_their_facts():
