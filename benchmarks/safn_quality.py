@@ -7,8 +7,10 @@ every baseline sees the same splits and the same preprocessed features. Rows:
 
   SAFN variants   ``--variants`` picks them by name from `VARIANTS` (SAFN = configs/train.yaml's
                   model; the others change one thing each, named in the row)
-  baselines       configs/train.yaml's (majority, logistic regression, random forest, gradient
-                  boosting with 100 trees and early-stopped on the validation split, MLP)
+  baselines       configs/train.yaml's (majority, logistic regression with C = 0.1, the exact
+                  logistic regression with its penalty chosen on the validation split, random
+                  forest, gradient boosting with 100 trees and early-stopped on the validation
+                  split, MLP)
 
 Cohorts (``--cohorts``):
 
@@ -19,12 +21,15 @@ Cohorts (``--cohorts``):
                         benchmarks/cohorts.py)
 
 Each cohort's line also gives SAFN's mean gate weight per modality on the test folds (with the
-range over folds). Columns: ROC-AUC and balanced accuracy, mean ± SD over the 15 test folds, then each SAFN variant's
-difference to the best baseline (by mean, per metric, the majority class excluded). Target
-(issue #13): SAFN ROC-AUC and balanced accuracy ≥ the best baseline's on every cohort, printed
-MET / MISSED with the figures.
+range over folds) and, with a wide path, each modality's share of the wide logit's variance
+(`safn_core.model.SAFN.wide_shares`). Columns: ROC-AUC and balanced accuracy, mean ± SD over the
+15 test folds, then each SAFN variant's difference to the best baseline (by mean, per metric,
+the majority class excluded), and the epoch early stopping kept (mean over the folds, and the
+share of folds that kept epoch 0: the logistic regression the wide path starts from). Target
+(issue #27): the default SAFN's ROC-AUC and balanced accuracy ≥ the best baseline's − 0.005 on
+every cohort, printed MET / MISSED with the figures.
 
-    .venv/bin/python benchmarks/safn_quality.py                      # everything (~1 h, 2 cores)
+    .venv/bin/python benchmarks/safn_quality.py                      # everything (hours, 2 cores)
     .venv/bin/python benchmarks/safn_quality.py --cohorts ad_data --variants SAFN periodic
     .venv/bin/python benchmarks/safn_quality.py --set train.repeats=1 --out table.md
 """
@@ -48,8 +53,39 @@ from safn_core.data.sources import load_cohort  # noqa: E402
 from safn_core.training.crossval import cross_validate  # noqa: E402
 
 # name -> config changes against configs/train.yaml's (one idea per row): "model.x" / "train.x"
+# The rows of issue #27 name wide path, members and rule in full, so they do not move with the
+# defaults: "paper" is the paper's SAFN (no wide path, one member, validation-loss stopping) with
+# everything else at today's defaults.
+PAPER = {"model.wide": "off", "model.ensemble_size": 1, "train.select": "val_loss"}
 VARIANTS: dict[str, dict] = {
     "SAFN": {},
+    "paper": PAPER,
+    "wide_frozen": {**PAPER, "model.wide": "frozen"},
+    "wide_trained": {**PAPER, "model.wide": "trained"},
+    "wide_frozen+select_roc_auc": {**PAPER, "model.wide": "frozen",
+                                   "train.select": "val_roc_auc"},
+    "wide_trained+select_roc_auc": {**PAPER, "model.wide": "trained",
+                                    "train.select": "val_roc_auc"},
+    "wide_frozen+tabm8": {**PAPER, "model.wide": "frozen", "model.ensemble_size": 8},
+    "wide_trained+tabm8": {**PAPER, "model.wide": "trained", "model.ensemble_size": 8},
+    "wide_frozen+tabm8+select_roc_auc": {**PAPER, "model.wide": "frozen",
+                                         "model.ensemble_size": 8,
+                                         "train.select": "val_roc_auc"},
+    "wide_trained+tabm8+select_roc_auc": {**PAPER, "model.wide": "trained",
+                                          "model.ensemble_size": 8,
+                                          "train.select": "val_roc_auc"},
+    "wide_frozen+tabm16": {**PAPER, "model.wide": "frozen", "model.ensemble_size": 16},
+    "wide_trained+tabm16": {**PAPER, "model.wide": "trained", "model.ensemble_size": 16},
+    "wide_frozen+tabm32": {**PAPER, "model.wide": "frozen", "model.ensemble_size": 32},
+    "wide_trained+tabm32": {**PAPER, "model.wide": "trained", "model.ensemble_size": 32},
+    "wide_frozen+tabm32+select_roc_auc": {**PAPER, "model.wide": "frozen",
+                                          "model.ensemble_size": 32,
+                                          "train.select": "val_roc_auc"},
+    "wide_trained+tabm32+select_roc_auc": {**PAPER, "model.wide": "trained",
+                                           "model.ensemble_size": 32,
+                                           "train.select": "val_roc_auc"},
+    "paper+tabm8": {**PAPER, "model.ensemble_size": 8},
+    "paper+tabm32": {**PAPER, "model.ensemble_size": 32},
     "periodic": {"model.numeric_embedding": "periodic"},
     "periodic_sigma0.02": {"model.numeric_embedding": "periodic", "model.frequency_sigma": 0.02},
     "feature_dropout": {"model.feature_dropout": 0.1},
@@ -119,11 +155,21 @@ def cohort_config(name: str, folder: Path, overrides: list[str]):
     return load_cohort(cfg.data, cfg.synth), cfg
 
 
+TOLERANCE = 0.005
+"""Issue #27's target: default SAFN ≥ the best baseline − this, per metric and cohort."""
+
+
 def summarise(folds, name: str) -> dict:
     rows = {}
     for model, df in folds.groupby("model", sort=False):
         rows[model] = {m: (float(df[m].mean()), float(df[m].std(ddof=1)), df[m].tolist())
                        for m, _ in METRICS}
+        if "best_epoch" in df and df["best_epoch"].notna().any():
+            kept = df["best_epoch"].dropna()
+            rows[model]["epoch0"] = float((kept == 0).mean())
+            rows[model]["best_epoch"] = float(kept.mean())
+        if "lr_penalty" in df and df["lr_penalty"].notna().any():
+            rows[model]["lr_penalty"] = float(df["lr_penalty"].median())
     return {"cohort": name, "rows": rows}
 
 
@@ -154,16 +200,21 @@ def best_baseline(result: dict, variants: list[str]) -> dict[str, tuple[str, flo
 
 def render(results: list[dict], variants: list[str]) -> str:
     lines = ["| cohort | model | ROC-AUC | bal acc | Δ ROC-AUC vs best baseline | "
-             "Δ bal acc vs best baseline |", "|---|---|---:|---:|---:|---:|"]
+             "Δ bal acc vs best baseline | epoch kept (mean; share 0) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for res in results:
         best = best_baseline(res, variants)
         for model, v in res["rows"].items():
             is_variant = model in variants
             deltas = [f"{v[m][0] - best[m][1]:+.3f}" if is_variant else "" for m, _ in METRICS]
             label = f"SAFN ({model})" if is_variant and model != "SAFN" else model
+            kept = ""
+            if is_variant and "best_epoch" in v:
+                kept = f"{v['best_epoch']:.1f}; {v['epoch0']:.2f}"
             lines.append(f"| {res['cohort']} | {label} | {v['roc_auc'][0]:.3f} ± "
                          f"{v['roc_auc'][1]:.3f} | {v['balanced_accuracy'][0]:.3f} ± "
-                         f"{v['balanced_accuracy'][1]:.3f} | {deltas[0]} | {deltas[1]} |")
+                         f"{v['balanced_accuracy'][1]:.3f} | {deltas[0]} | {deltas[1]} | "
+                         f"{kept} |")
     return "\n".join(lines)
 
 
@@ -175,9 +226,11 @@ def targets(results: list[dict], variants: list[str]) -> list[str]:
             continue
         for m, label in METRICS:
             safn = res["rows"]["SAFN"][m][0]
-            verdict = "MET" if safn >= best[m][1] else "MISSED"
+            # rounded as printed: a difference of -0.0050 is within the target
+            verdict = "MET" if round(safn - best[m][1], 4) >= -TOLERANCE else "MISSED"
             out.append(f"{verdict}: {res['cohort']} SAFN {label} {safn:.3f} vs best baseline "
-                       f"{best[m][0]} {best[m][1]:.3f} ({safn - best[m][1]:+.3f})")
+                       f"{best[m][0]} {best[m][1]:.3f} ({safn - best[m][1]:+.3f}; target "
+                       f">= -{TOLERANCE})")
     return out
 
 
@@ -200,10 +253,20 @@ def main() -> None:
             res["seconds"] = time.perf_counter() - t0
             res["participants"] = len(cohort)
             # SAFN's mean gate weight per modality over the test folds (run_fold's weights)
-            w = cv["weights"].drop(columns=["repeat", "fold", "feature_set"])
+            w = cv["weights"]
+            w = w.drop(columns=["repeat", "fold", "feature_set"]) if not w.empty else w
             res["gate"] = {m: (float(w[m].mean()), float(w[m].min()), float(w[m].max()))
-                           for m in w.columns}
+                           for m in w.columns}  # empty without a "SAFN" row
             res["calibration"] = calibration(cv["folds"])
+            shares = cv.get("wide_shares")
+            if shares is not None and not shares.empty:
+                w = shares.drop(columns=["repeat", "fold", "feature_set"])
+                res["wide_shares"] = {m: (float(w[m].mean()), float(w[m].min()),
+                                          float(w[m].max())) for m in w.columns}
+                print(f"{name}: SAFN wide path, share of the wide logit's variance on the test "
+                      "folds (fold range): " + ", ".join(
+                          f"{m} {mean:.2f} [{lo:.2f}, {hi:.2f}]"
+                          for m, (mean, lo, hi) in res["wide_shares"].items()), flush=True)
             results.append(res)
             if res["calibration"]:
                 c = res["calibration"]

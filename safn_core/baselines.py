@@ -8,6 +8,13 @@ column reaches them as its one-hot indicators (`safn_core.data.table_loader`).
 are added until the class-balanced log loss on the *same* validation split that stops SAFN has not
 improved for `ES_PATIENCE` trees (scikit-learn's ``X_val``; its default would carve a hold-out
 out of the training part instead), and the ensemble of the best iteration is kept.
+
+``exact_logistic_regression`` is the solver SAFN's wide path starts from and the federation fits
+across sites (`safn_core.logistic`): L2-penalised, class-balanced logistic regression by Newton's
+method, pooled, its penalty λ chosen from `safn_core.logistic.PENALTIES` by the class-balanced
+log loss of the same validation split (equal to scikit-learn's
+``LogisticRegression(C=1/λ, class_weight="balanced")``). ``logistic_regression`` keeps its fixed
+C = 0.1 (λ = 10).
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 
-BASELINES = ("majority", "logistic_regression", "random_forest", "hist_gradient_boosting",
-             "hist_gradient_boosting_es", "mlp")
+BASELINES = ("majority", "logistic_regression", "exact_logistic_regression", "random_forest",
+             "hist_gradient_boosting", "hist_gradient_boosting_es", "mlp")
+NEEDS_VALIDATION = ("exact_logistic_regression", "hist_gradient_boosting_es")
 ES_MAX_ITER = 2000  # upper bound on trees of hist_gradient_boosting_es
 ES_PATIENCE = 50  # trees without validation improvement before it stops
 
@@ -46,6 +54,8 @@ def make_baseline(name: str, seed: int):
                                               class_weight="balanced", early_stopping=True,
                                               scoring="loss", n_iter_no_change=ES_PATIENCE,
                                               random_state=seed)
+    if name == "exact_logistic_regression":
+        return None  # not an estimator: fit_predict runs safn_core.logistic.fit_pooled
     if name == "mlp":
         # no internal early stopping: its 10 % hold-out of a small fold stops it after a few
         # epochs; a fixed budget with L2 is steadier on a few hundred participants
@@ -80,15 +90,22 @@ def fit_predict(name: str, x_train: np.ndarray, y_train: np.ndarray, x_eval: lis
     """Fit the baseline on the training fold and return P(positive) for each evaluation set.
 
     ``val``: the validation split (features, labels) that early-stops SAFN; needed by
-    ``hist_gradient_boosting_es``, which stops on it, and unused by the others.
+    ``hist_gradient_boosting_es``, which stops on it, and ``exact_logistic_regression``, which
+    chooses its penalty on it; unused by the others.
     """
     model = make_baseline(name, seed)
-    if name == "hist_gradient_boosting_es":
+    if name in NEEDS_VALIDATION:
         if val is None:
-            raise ValueError("hist_gradient_boosting_es needs the validation split (val=...)")
+            raise ValueError(f"{name} needs the validation split (val=...)")
         if len(np.unique(y_train)) < 2 or len(np.unique(val[1])) < 2:
-            raise ValueError("hist_gradient_boosting_es needs both classes in the training and "
-                             "the validation split")
+            raise ValueError(f"{name} needs both classes in the training and the validation "
+                             "split")
+    if name == "exact_logistic_regression":
+        from safn_core.logistic import fit_pooled
+
+        fit = fit_pooled(x_train, y_train, *val)
+        return [fit.predict_proba(x) for x in x_eval]
+    if name == "hist_gradient_boosting_es":
         best = _boost_until_validation_stops(model, x_train, y_train, *val)
         col = list(model.classes_).index(1)
         return [_staged(model, x, best)[:, col] for x in x_eval]

@@ -42,6 +42,15 @@ class ModelConfig(Section):
     embedding_dim: int = Field(8, ge=1, description="periodic embedding: width d_e per feature")
     linear_path: bool = Field(False, description="add a gated linear path from each "
                               "modality's features to the logits (wide and deep)")
+    wide: Literal["off", "trained", "frozen"] = Field(
+        "off", description="the wide path: one ungated linear layer from all features to the "
+                           "logits, added to every member's deep logits, set to the exact "
+                           "logistic regression before training (safn_core.logistic; "
+                           "fit_by_rounds), with the deep path's output layer at zero so the "
+                           "untrained model IS that regression. off = no wide path (the "
+                           "paper's SAFN); trained = the wide path then trains with the rest; "
+                           "frozen = it stays at the regression and only the deep path trains "
+                           "(on its residual)")
     feature_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a "
                                    "feature is zeroed (its training mean) in training")
     feature_noise: float = Field(0.0, ge=0.0, description="SD of Gaussian noise added to every "
@@ -93,10 +102,12 @@ class TrainConfig(Section):
     workers: int = Field(2, ge=1, description="parallel fold fits (processes)")
     feature_sets: list[Literal["all", "no_motor", "imaging_demographics"]] = Field(
         default_factory=lambda: ["all", "no_motor", "imaging_demographics"])
-    baselines: list[Literal["majority", "logistic_regression", "random_forest",
-                            "hist_gradient_boosting", "hist_gradient_boosting_es", "mlp"]] = Field(
-        default_factory=lambda: ["majority", "logistic_regression", "random_forest",
-                                 "hist_gradient_boosting", "hist_gradient_boosting_es", "mlp"])
+    baselines: list[Literal["majority", "logistic_regression", "exact_logistic_regression",
+                            "random_forest", "hist_gradient_boosting",
+                            "hist_gradient_boosting_es", "mlp"]] = Field(
+        default_factory=lambda: ["majority", "logistic_regression", "exact_logistic_regression",
+                                 "random_forest", "hist_gradient_boosting",
+                                 "hist_gradient_boosting_es", "mlp"])
     ablations: list[Literal["no_cross_attention", "no_sparsity", "plain_ce"]] = Field(
         default_factory=lambda: ["no_cross_attention", "no_sparsity", "plain_ce"])
     modality_drop: bool = Field(True, description="modality-drop ablation at test time")

@@ -8,7 +8,8 @@ Reference design: docs/model.md. For modalities m = 1..M (any number, each on th
     I' = Block(q=I, kv=C);  C' = Block(q=C, kv=I)        two blocks of the same shape
     Z = [I'; C']  (kept in modality order)
     α = gate(Z) (B, M), f = Σ_m α_m z_m, logits = Head(f) (B, 2)
-    [+ Σ_m α_m L_m(x_m)]                  cfg.linear_path: a gated linear ("wide") path
+    [+ Σ_m α_m L_m(x_m)]                  cfg.linear_path: a gated linear path
+    [+ W x + b]                           cfg.wide: the ungated wide path (logistic regression)
 
 With ``cfg.ensemble_size`` k > 1 (TabM-mini, `safn_core.model.embeddings.EnsembleAdapter`) the
 whole network runs k members at once: each modality's features enter as ``x_m ⊙ r_{m,i}``
@@ -29,6 +30,18 @@ straight to the logits, weighted by the same gate α: the "wide" half of a wide-
 which gives SAFN the linear model's inductive bias where the signal is mostly linear and small
 (the deep path then learns what the linear path misses). α still says how much each modality
 counts, now for both paths.
+
+With ``cfg.wide`` ("trained" or "frozen") one more linear layer, ``wide``, maps all features
+concatenated (the preprocessed z-scores; an absent modality's features are zeros, its training
+mean) straight to the logits, ungated, and is *added* to the deep logits (to every member's,
+with ensemble members). The deep path's output layer then starts at zero, so the untrained model
+is exactly the wide path; `set_wide` puts a logistic regression there (row 0 = 0, row 1 = the
+coefficients, bias [0, intercept]), after which P(positive) = σ(intercept + coef·x) before any
+training: SAFN starts where logistic regression ends (`safn_core.training.local.fit_by_rounds`
+fits it). "frozen" keeps the wide path's weights fixed (``requires_grad`` False: the parameter
+names and shapes stay those of "trained", and Opacus skips it), "trained" trains it with the
+rest. The gate weights α describe the deep path; `wide_shares` says how much each modality
+contributes to the wide logit on given data.
 
 ``In`` is the identity by default; ``cfg.feature_dropout`` adds feature dropout and
 ``cfg.numeric_embedding = "periodic"`` a periodic embedding of every feature
@@ -227,6 +240,19 @@ class SAFN(nn.Module):
         out = nn.Linear(cfg.head_hidden, n_classes) if self.ensemble_size == 1 \
             else GroupedLinear(self.ensemble_size, cfg.head_hidden, n_classes)
         self.head = nn.Sequential(hidden, nn.GELU(), FastDropout(cfg.dropout), out)
+        self.n_classes = n_classes
+        if cfg.wide != "off":
+            # built last, so that every other layer draws the same initial weights as without
+            # it; the deep output starts at zero: the untrained model is the wide path alone
+            with torch.no_grad():
+                out.weight.zero_()
+                out.bias.zero_()
+            self.wide = nn.Linear(sum(self.n_features), n_classes)
+            with torch.no_grad():
+                self.wide.weight.zero_()
+                self.wide.bias.zero_()
+            if cfg.wide == "frozen":
+                self.wide.requires_grad_(False)
 
     # ----------------------------------------------------------------------------------------
     # Inputs
@@ -306,9 +332,10 @@ class SAFN(nn.Module):
         """
         xs, mask = self._split_inputs(x, mask)
         ensemble = self.ensemble_size > 1
-        hidden = []
+        hidden, flat = [], []
         for m, (enc, xm) in enumerate(zip(self.encoders, xs)):
             xm = torch.where(mask[:, m:m + 1], xm, torch.zeros_like(xm))  # absent → 0, NaN-safe
+            flat.append(xm)
             if ensemble:
                 xm = self.adapters[m](xm)  # (B, k, n_m)
             xs[m] = xm
@@ -320,6 +347,9 @@ class SAFN(nn.Module):
         if self.cfg.linear_path:
             wide = torch.stack([lin(xm) for lin, xm in zip(self.linear, xs)], dim=-2)  # (.., M, C)
             logits = logits + (alpha.unsqueeze(-1) * wide).sum(dim=-2)
+        if self.cfg.wide != "off":  # ungated, added to every member's logits
+            wide = self.wide(torch.cat(flat, dim=1))  # (B, C)
+            logits = logits + (wide.unsqueeze(1) if ensemble else wide)
         if ensemble and not members:
             logits = torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=1) \
                 - math.log(self.ensemble_size)
@@ -357,7 +387,83 @@ class SAFN(nn.Module):
             self.train(was_training)
         return alpha
 
+    # ----------------------------------------------------------------------------------------
+    # The wide path
+    # ----------------------------------------------------------------------------------------
+
+    def _wide_layer(self) -> nn.Linear:
+        if self.cfg.wide == "off":
+            raise ValueError("this SAFN has no wide path (model.wide is 'off')")
+        return self.wide
+
+    @torch.no_grad()
+    def set_wide(self, coef, intercept: float) -> None:
+        """Put a binary logistic regression in the wide path: ``coef`` (F,) on the features
+        concatenated in modality order (as the model receives them), ``intercept`` a number.
+
+        With two classes the logits' difference is what a probability reads, so row 0 (HC) is
+        set to 0 and row 1 (PD) to ``coef``, the bias to [0, intercept]: the wide path's
+        P(PD) is σ(intercept + coef·x). While the deep path's output is still zero (a model
+        as built), the model's P(PD) is exactly that — with ensemble members too, every member
+        starting there. Works whether the wide path is frozen or trained (``requires_grad``
+        is left as it is); only ``n_classes`` = 2.
+        """
+        layer = self._wide_layer()
+        if self.n_classes != 2:
+            raise ValueError(f"set_wide sets a binary logistic regression; this SAFN has "
+                             f"{self.n_classes} classes")
+        coef = torch.as_tensor(coef, dtype=layer.weight.dtype).reshape(-1)
+        if coef.numel() != layer.in_features:
+            raise ValueError(f"set_wide: {coef.numel()} coefficients for "
+                             f"{layer.in_features} features")
+        if not bool(torch.isfinite(coef).all()) or not math.isfinite(float(intercept)):
+            raise ValueError("set_wide: the coefficients and intercept must be finite")
+        layer.weight.zero_()
+        layer.weight[1].copy_(coef)
+        layer.bias.zero_()
+        layer.bias[1] = float(intercept)
+
+    @torch.no_grad()
+    def wide_parts(self, x, mask: Tensor | None = None) -> Tensor:
+        """Each modality's part of the wide path's logit of PD (logit 1 − logit 0), (B, M):
+        ``x_m · (w_1 − w_0)_m``, absent modalities 0; the row sums plus the bias difference
+        are the wide logit."""
+        layer = self._wide_layer()
+        if self.n_classes != 2:
+            raise ValueError(f"wide_parts reads the logit of the positive class of a binary "
+                             f"model; this SAFN has {self.n_classes} classes")
+        xs, mask = self._split_inputs(x, mask)
+        w = layer.weight[1] - layer.weight[0]
+        parts, start = [], 0
+        for m, xm in enumerate(xs):
+            stop = start + xm.shape[1]
+            xm = torch.where(mask[:, m:m + 1], xm, torch.zeros_like(xm))
+            parts.append(xm @ w[start:stop])
+            start = stop
+        return torch.stack(parts, dim=1)
+
+    @torch.no_grad()
+    def wide_shares(self, x, mask: Tensor | None = None) -> dict[str, float]:
+        """Each modality's share of the wide logit's variance on the given participants.
+
+        With ``c_m`` = modality m's part of the wide logit (`wide_parts`) and ``s = Σ_m c_m``,
+        the share is ``Cov(c_m, s) / Var(s)``: the shares add up to 1 exactly (the variance
+        of a sum is the sum of each part's covariance with it) and a modality whose part
+        works against the others can get a negative share. All shares are 0 when the wide
+        logit does not vary (e.g. a wide path still at zero). The gate weights α describe the
+        deep path; these describe the wide one.
+        """
+        parts = self.wide_parts(x, mask).double()
+        total = parts.sum(dim=1)
+        centred, total_c = parts - parts.mean(dim=0), total - total.mean()
+        var = float((total_c * total_c).sum())
+        if len(total) < 2 or var <= 1e-12 * max(1.0, float((total * total).sum())):
+            return {name: 0.0 for name in self.modality_names}
+        cov = (centred * total_c.unsqueeze(1)).sum(dim=0) / var
+        return {name: float(v) for name, v in zip(self.modality_names, cov)}
+
     def extra_repr(self) -> str:
         mods = ", ".join(f"{s.name}:{s.n_features}:{s.side}" for s in self.specs)
         return (f"modalities=[{mods}], gate={self.cfg.gate}, "
-                f"cross_attention={self.cfg.cross_attention}, members={self.ensemble_size}")
+                f"cross_attention={self.cfg.cross_attention}, members={self.ensemble_size}, "
+                f"wide={self.cfg.wide}")

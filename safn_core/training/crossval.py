@@ -7,6 +7,13 @@ only; SAFN early-stops, fits its temperature (``train.temperature_scaling``,
 test fold is touched only to score. SAFN, its ablations and the baselines all see the same splits
 and the same preprocessed features, so the table compares models, not data.
 
+With a wide path (``model.wide``) every SAFN fit starts from the exact logistic regression of
+its inner training part, penalty chosen on its validation part (`fit_with_early_stopping`),
+which can keep it (epoch 0). A SAFN row then also gives the penalty (``lr_penalty``) and the
+epoch kept (``best_epoch``; 0 = the logistic regression itself), and the SAFN row of every fold
+each modality's share of the wide logit's variance on the test fold (``wide_shares``,
+`safn_core.model.SAFN.wide_shares`), next to the deep path's gate weights α.
+
 With ``harmonisation.method: combat``, ComBat comes first, inside each fold: fitted on the inner
 training part only with the site column as the batch, applied to the validation and test parts
 (a site absent from the training part adjusts itself from its own rows of that part), and the
@@ -191,7 +198,7 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
     # harmonised (fitted on split.train only) before anything is fitted on it
     table = harmonise_fold(cohort, split, cfg).table if cfg.harmonisation.enabled \
         else cohort.table
-    rows, preds, weights, drops = [], [], [], []
+    rows, preds, weights, drops, shares = [], [], [], [], []
     seed = cfg.train.seed + 7919 * split.repeat + 31 * split.fold
 
     def record(model_name, fs_name, p_val, y_val, p_test, y_test, extra=None):
@@ -214,11 +221,19 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
             fit = fit_with_early_stopping(tr, va, mods, model_cfg, train_cfg, seed)
             p_val, p_test, alpha, extra = safn_predictions(
                 fit.model, va, te, train_cfg.temperature_scaling, cfg.data.min_cell)
-            record(name, fs_name, p_val, va.y, p_test, te.y, {"epochs": fit.epochs_run, **extra})
+            extra = {"epochs": fit.epochs_run, "best_epoch": fit.best_epoch, **extra}
+            if fit.logistic is not None:
+                extra["lr_penalty"] = fit.logistic.penalty
+            record(name, fs_name, p_val, va.y, p_test, te.y, extra)
             if name == "SAFN":
                 weights.append({"repeat": split.repeat, "fold": split.fold,
                                 "feature_set": fs_name,
                                 **{m.name: float(a) for m, a in zip(mods, alpha.mean(0))}})
+                if model_cfg.wide != "off":
+                    shares.append({"repeat": split.repeat, "fold": split.fold,
+                                   "feature_set": fs_name,
+                                   **fit.model.wide_shares(torch.from_numpy(te.x),
+                                                           torch.from_numpy(te.mask))})
                 if cfg.train.modality_drop:
                     drops.append({"repeat": split.repeat, "fold": split.fold,
                                   "feature_set": fs_name,
@@ -227,7 +242,7 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
             p_val, p_test = fit_predict(b, tr.x, tr.y, [va.x, te.x], seed, val=(va.x, va.y))
             record(b, fs_name, p_val, va.y, p_test, te.y)
     return {"rows": rows, "preds": pd.concat(preds, ignore_index=True), "weights": weights,
-            "drops": drops}
+            "drops": drops, "wide_shares": shares}
 
 
 def _worker_init() -> None:
@@ -241,7 +256,10 @@ def _worker_init() -> None:
 def cross_validate(cohort: Cohort, cfg: SafnConfig,
                    progress: Callable[[int, int], None] | None = None,
                    variants: list[tuple] | None = None) -> dict:
-    """Run every split (in parallel worker processes); gather metrics and predictions.
+    """Run every split (in parallel worker processes); gather metrics and predictions
+    (``folds``, ``predictions``), SAFN's gate weights α (``weights``), the modality-drop
+    ablation (``modality_drop``) and, with a wide path, each modality's share of the wide
+    logit's variance (``wide_shares``), one row per fold and feature set.
 
     ``variants``: the SAFN variants of `run_fold` (None: SAFN and its configured ablations).
     """
@@ -269,6 +287,7 @@ def cross_validate(cohort: Cohort, cfg: SafnConfig,
         "predictions": pd.concat([res["preds"] for res in results], ignore_index=True),
         "weights": pd.DataFrame([w for res in results for w in res["weights"]]),
         "modality_drop": pd.DataFrame([d for res in results for d in res["drops"]]),
+        "wide_shares": pd.DataFrame([w for res in results for w in res["wide_shares"]]),
         "n_splits": len(splits),
     }
 

@@ -7,6 +7,12 @@ federation's rounds and round-selection rule (`safn_core.training.selection`), f
 local-only comparators; `fit_with_early_stopping` is its epoch-wise case (cross-validation).
 Only `fit_by_rounds` follows ``train.lr_schedule`` and ``train.weight_averaging``: a federated
 site trains a few local epochs per round with the constant ``train.lr``.
+
+With a wide path (``model.wide``: trained or frozen) `fit_by_rounds` first fits the exact
+class-balanced logistic regression on its own training split, the penalty chosen on its own
+validation split (`safn_core.logistic.fit_pooled`), sets the wide path to it and validates that
+untrained model as round 0: the selection can keep the logistic regression itself when no round
+of training improves on it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from safn_core.config import ModelConfig, TrainConfig
 from safn_core.data.cohort import LABEL, Modality
+from safn_core.logistic import LogisticFit, fit_pooled
 from safn_core.model import SAFN, total_loss
 from safn_core.metrics import cross_entropy_sum
 from safn_core.model.losses import classification_loss
@@ -177,6 +184,12 @@ class FitResult:
     loss; ``selected_round``: the kept round of `fit_by_rounds` (= ``best_epoch`` for
     `fit_with_early_stopping`, whose rounds are single epochs); ``history``: one entry per
     round (``round``, ``epoch``, ``train_loss``, ``val_loss``, ``val_roc_auc``).
+
+    With a wide path (``model.wide``) ``logistic`` is the logistic regression it started from
+    (`safn_core.logistic.LogisticFit`; None without a wide path, or where it could not be
+    fitted: ``logistic_note`` says why), and ``history`` starts with round 0 (epoch 0,
+    ``train_loss`` None): that untrained model, which the selection may keep
+    (``selected_round`` = ``best_epoch`` = 0: the model is the logistic regression).
     """
 
     model: SAFN
@@ -185,6 +198,8 @@ class FitResult:
     best_val_loss: float
     history: list[dict] = field(default_factory=list)
     selected_round: int | None = None
+    logistic: LogisticFit | None = None
+    logistic_note: str | None = None
 
 
 def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
@@ -203,6 +218,10 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
     and ``patience`` this gives a pooled or local-only comparator the federated model's
     protocol and epoch budget, and with ``val_loss="cross_entropy"`` the federation's
     validation loss (`validation_metrics`).
+
+    With a wide path (``model.wide`` not off) the model starts as the exact logistic regression
+    of ``train`` (penalty chosen on ``val``, `start_from_logistic`), validated as round 0
+    before any training; the selection keeps it unless a later round improves on it.
     """
     if rounds < 1 or epochs_per_round < 1:
         raise ValueError(f"rounds and epochs_per_round must be >= 1 (got {rounds}, "
@@ -210,6 +229,7 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
     selection = RoundSelection(select, patience)
     model = make_model(modalities, model_cfg, seed)
     counts = train.class_counts()
+    logistic, note = start_from_logistic(model, train, val)
     optimizer = make_optimizer(model, train_cfg)
     loader = make_loader(train, train_cfg.batch_size, seed)
     averaged, average_step = _weight_average(model, train_cfg)
@@ -218,9 +238,12 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
     after_step = _each(average_step, schedule.step if schedule is not None else None)
     kept = averaged if averaged is not None else model  # what is validated and returned
     best_state, history = None, []
-    for r in range(1, rounds + 1):
-        train_loss = run_epochs(model, loader, optimizer, epochs_per_round, model_cfg, counts,
-                                after_step=after_step)
+    first = 0 if model_cfg.wide != "off" else 1  # round 0: the logistic regression itself
+    for r in range(first, rounds + 1):
+        train_loss = None
+        if r > 0:
+            train_loss = run_epochs(model, loader, optimizer, epochs_per_round, model_cfg,
+                                    counts, after_step=after_step)
         loss, val_auc = validation_metrics(kept, val, model_cfg, counts, val_loss)
         history.append({"round": r, "epoch": r * epochs_per_round, "train_loss": train_loss,
                         "val_loss": loss, "val_roc_auc": val_auc})
@@ -230,8 +253,38 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
             break
     model.load_state_dict(best_state)
     best = selection.best_round_
-    return FitResult(model, len(history) * epochs_per_round, best * epochs_per_round,
-                     float(history[best - 1]["val_loss"]), history, selected_round=best)
+    return FitResult(model, history[-1]["round"] * epochs_per_round, best * epochs_per_round,
+                     float(history[best - first]["val_loss"]), history, selected_round=best,
+                     logistic=logistic, logistic_note=note)
+
+
+def start_from_logistic(model: SAFN, train: Arrays, val: Arrays
+                        ) -> tuple[LogisticFit | None, str | None]:
+    """Set ``model``'s wide path to the exact logistic regression of ``train`` (penalty chosen
+    on ``val``'s class-balanced log loss, `safn_core.logistic.fit_pooled`).
+
+    Returns ``(fit, None)``; ``(None, why)`` where it cannot be fitted (a class absent from
+    ``train``: the wide path then stays at zero and training starts from there); ``(None,
+    None)`` without a wide path. The regression sees the features as the wide path does: an
+    absent modality's are 0, its training mean.
+    """
+    if model.cfg.wide == "off":
+        return None, None
+    counts = train.class_counts()
+    if min(counts) < 1:
+        return None, (f"no logistic regression start: the training split has class counts "
+                      f"{counts}")
+    fit = fit_pooled(_as_seen(model, train), train.y, _as_seen(model, val), val.y)
+    model.set_wide(fit.coef, fit.intercept)
+    return fit, None
+
+
+def _as_seen(model: SAFN, data: Arrays) -> np.ndarray:
+    """``data.x`` as the wide path sees it: an absent modality's features are 0."""
+    if data.mask.all():
+        return data.x
+    keep = np.repeat(data.mask, model.n_features, axis=1)
+    return np.where(keep, data.x, 0).astype(data.x.dtype, copy=False)
 
 
 def _weight_average(model: nn.Module, cfg: TrainConfig):
