@@ -69,7 +69,8 @@ def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:
         weights = class_weights(class_counts)
         sums = _SecureRounds(run, setup.secure, nodes, names, pre, weights, n_features) \
             if setup.secure is not None else _PlainRounds(run, nodes, names, pre, weights)
-        fit = solve(sums, n_features, weights, PENALTIES, max_rounds=MAX_ROUNDS)
+        fit = solve(sums, n_features, weights, PENALTIES, max_rounds=MAX_ROUNDS,
+                    gradient_floor=getattr(sums, "gradient_floor", 0.0))
         expected = [int(c) for c in class_counts]
         if list(fit.n_train) != expected:
             raise FloorSkipped(f"its sums cover {sum(fit.n_train)} training participants, the "
@@ -140,6 +141,8 @@ class _SecureRounds:
                                       run.cfg.federation.secagg.max_site_examples, len(nodes))
         self.iteration = 0
         self.clipped = 0
+        # below this the summed gradient is fixed-point noise (safn_core.logistic.packing)
+        self.gradient_floor = 10 * self.packing.error_bound("grad")
 
     def __call__(self, betas: np.ndarray) -> dict:
         self.iteration += 1

@@ -117,8 +117,18 @@ def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.Da
     t.add_section()
     t.add_row("mean ± SD across held-out sites", str(int(loso.n.sum())),
               *[f"{summ[k]['mean']:.3f} ± {summ[k]['sd']:.3f}" for k in cols])
+    floor = summarise_loso(loso, "floor_")
+    if floor:
+        t.add_section()
+        for _, r in loso.iterrows():
+            t.add_row(f"{r.held_out}: logistic regression floor", str(r.n),
+                      *[interval_text(r[f"floor_{k}"], r.get(f"floor_{k}_ci"), sep="\n")
+                        for k in cols])
+        t.add_row("floor: mean ± SD across held-out sites", str(int(loso.n.sum())),
+                  *[f"{floor[k]['mean']:.3f} ± {floor[k]['sd']:.3f}" for k in cols])
     if comparison is not None:
-        for kind in ("pooled", "federated", "best-local"):
+        t.add_section()
+        for kind in ("pooled", "federated", "federated-lr", "pooled-lr", "best-local"):
             row = comparison[comparison.kind == kind]
             if not row.empty:
                 r = row.iloc[0]
@@ -127,7 +137,7 @@ def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.Da
     console.print(t)
     flat_intervals(loso).to_csv(run_dir / "loso.csv", index=False)
     write_json(run_dir / "loso.json", {"sites": loso.replace({np.nan: None}).to_dict("records"),
-                                       "summary": summ})
+                                       "summary": summ, "floor_summary": floor or None})
     return loso
 
 
@@ -241,7 +251,9 @@ def run(argv: list[str] | None = None) -> int:
         results["personalisation"] = json.loads((run_dir / "personalisation.json").read_text())
     if cfg.simulation.compare:
         console.print("training the pooled and local-only models on the same splits ...")
-        df, n_test = compare(cohort, parts, cfg, load_federated(run_dir))
+        from safn.server.logistic_floor import load_floor
+
+        df, n_test = compare(cohort, parts, cfg, load_federated(run_dir), load_floor(run_dir))
         print_comparison(df, n_test, len(parts))
         if not (run_dir / "comparison.csv").exists():
             flat_intervals(df).to_csv(run_dir / "comparison.csv", index=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from safn_core.config import SafnConfig
-from safn_core.metrics import METRICS, interval_lists
+from safn_core.metrics import interval_lists
 
 N_BOOT = 1000
 """Bootstrap resamples of the pooled test set behind each row's 95 % intervals."""
@@ -21,16 +21,13 @@ def flat_intervals(df: pd.DataFrame) -> pd.DataFrame:
     """A table as its CSV file holds it (``comparison.csv``, ``loso.csv``): each
     ``{metric}_ci`` ([low, high]) as two columns, ``{metric}_ci_low`` and ``{metric}_ci_high``."""
     out = df.copy()
-    for k in METRICS:
-        col = f"{k}_ci"
-        if col not in out:
-            continue
+    for col in [c for c in out.columns if str(c).endswith("_ci")]:  # floor_{metric}_ci too
         bounds = [(c[0], c[1]) if isinstance(c, (list, tuple)) else (np.nan, np.nan)
                   for c in out[col]]
         at = out.columns.get_loc(col)
         out = out.drop(columns=col)
-        out.insert(at, f"{k}_ci_high", [b[1] for b in bounds])
-        out.insert(at, f"{k}_ci_low", [b[0] for b in bounds])
+        out.insert(at, f"{col}_high", [b[1] for b in bounds])
+        out.insert(at, f"{col}_low", [b[0] for b in bounds])
     return out
 
 
@@ -42,7 +39,8 @@ def build_sites(cohort, cfg: SafnConfig) -> dict[str, np.ndarray]:
                      size_alpha=s.size_skew, seed=s.seed)
 
 
-def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.DataFrame, int]:
+def compare(cohort, parts: dict, cfg: SafnConfig, federated=None,
+            floor=None) -> tuple[pd.DataFrame, int]:
     """Pooled, federated and local-only models scored on the pooled test set.
 
     All use the sites' own train/validation/test splits (the federation's): the pooled model
@@ -62,6 +60,12 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
     (`bootstrap_ci`, ``N_BOOT`` resamples, seed ``train.seed``). All rows are scored on the same
     test set with the same seed, so every model is resampled on the same participants.
 
+    Logistic regression rows, by the exact solver SAFN's wide path starts from
+    (`safn_core.logistic`, the penalty chosen on each model's own validation data): the
+    federation's floor (``floor``, a `LogisticFit` on the federated model's preprocessing: it
+    equals the pooled one), the pooled one and one per site (local-only), so that every SAFN
+    row has the linear model it must beat beside it.
+
     ``federated``: ``(model, preprocessor)`` or ``(model, preprocessor, selected_round)``.
     Each row has the selected round (``selected_round``; ``None`` for a federated model given
     without it). With ``harmonisation.method: combat`` every model trains and is scored on the
@@ -71,6 +75,7 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
     import torch
 
     from safn_core.federation.site import Site
+    from safn_core.logistic import LogisticFit, fit_pooled
     from safn_core.metrics import binary_metrics, bootstrap_ci, choose_threshold
     from safn_core.preprocess import Preprocessor
     from safn_core.training.local import Arrays, fit_by_rounds, predict
@@ -91,10 +96,14 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
                              val_loss="cross_entropy")  # the federation's validation loss
 
     def score(name, kind, model, pre, val_ids, n_train, sites_used, selected_round):
+        """A row for ``model``: SAFN, or a `LogisticFit` (its probabilities on the same
+        preprocessed features)."""
         val = Arrays.from_table(pre, table.loc[val_ids])
         test = Arrays.from_table(pre, table.loc[ids["test"]])
-        p_val, _ = predict(model, val)
-        p_test, _ = predict(model, test)
+        if isinstance(model, LogisticFit):
+            p_val, p_test = (model.predict_proba(a.x.astype(np.float64)) for a in (val, test))
+        else:
+            p_val, p_test = predict(model, val)[0], predict(model, test)[0]
         t = choose_threshold(val.y, p_val)
         ci = bootstrap_ci(test.y, p_test, t, n_boot=N_BOOT, seed=cfg.train.seed)
         rows.append({"model": name, "kind": kind, "n_train": int(n_train), "sites": sites_used,
@@ -111,6 +120,11 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
         model, pre, *selected = federated
         score("federated", "federated", model, pre, ids["val"], len(tr), len(sites),
               selected[0] if selected else None)
+        if floor is not None:
+            score("federated logistic regression (the floor)", "federated-lr", floor, pre,
+                  ids["val"], len(tr), len(sites), None)
+    score("pooled logistic regression", "pooled-lr", fit_pooled(tr.x, tr.y, va.x, va.y),
+          pooled_pre, ids["val"], len(tr), len(sites), None)
     for name, site in sites.items():
         counts = np.bincount(table.loc[site.split.train, "label"], minlength=2)
         if counts.min() < 2 or len(np.unique(table.loc[site.split.val, "label"])) < 2:
@@ -121,13 +135,20 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None) -> tuple[pd.Da
         own = fit(tr_s, va_s)
         score(f"local-only {name}", "local", own.model, pre, site.split.val, len(tr_s), 1,
               own.selected_round)
+        score(f"local-only logistic regression {name}", "local-lr",
+              fit_pooled(tr_s.x, tr_s.y, va_s.x, va_s.y), pre, site.split.val, len(tr_s), 1,
+              None)
     df = pd.DataFrame(rows)
-    local = df[df.kind == "local"]
-    if not local.empty:
-        best = local.loc[local.roc_auc.idxmax()].copy()
-        best["model"] = f"best local-only ({best['model'].removeprefix('local-only ')})"
-        best["kind"] = "best-local"
-        df = pd.concat([df, best.to_frame().T], ignore_index=True)
+    for kind, best_kind, prefix, label in (
+            ("local", "best-local", "local-only ", "best local-only"),
+            ("local-lr", "best-local-lr", "local-only logistic regression ",
+             "best local-only logistic regression")):
+        local = df[df.kind == kind]
+        if not local.empty:
+            best = local.loc[local.roc_auc.astype(float).idxmax()].copy()
+            best["model"] = f"{label} ({best['model'].removeprefix(prefix)})"
+            best["kind"] = best_kind
+            df = pd.concat([df, best.to_frame().T], ignore_index=True)
     return df, len(ids["test"])
 
 

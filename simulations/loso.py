@@ -5,7 +5,9 @@ statistics round, in ``<run>/loso/<site>/``), then evaluate the final model on A
 site's participants, which it never saw, not even for preprocessing or the threshold (both come
 from the training sites). Per-site metrics carry bootstrap 95 % CIs (``{metric}_ci``: [low,
 high], participants of the held-out site resampled within each class, seed ``train.seed``); the
-summary is the mean and SD across held-out sites.
+summary is the mean and SD across held-out sites. Each row also has the federation's logistic
+regression floor on the same participants (``floor_{metric}``), the linear model SAFN started
+from, where the run fitted one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,31 @@ def evaluate_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
             **{k: point[k] for k in METRICS}, **interval_columns(ci)}
 
 
+def evaluate_floor_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
+                            n_boot: int = 1000, seed: int = 0) -> dict:
+    """The same for the federation's logistic regression floor (``floor_{metric}``, with its
+    intervals): its probabilities on the bundle's preprocessing of the held-out table, at the
+    threshold round 0 chose on the training sites' pooled validation histograms (round 0 is the
+    floor itself); {} for a run without a floor."""
+    import json
+
+    from safn_core.bundle import load_bundle
+    from safn.server.logistic_floor import load_floor
+
+    fit = load_floor(run_dir)
+    history = json.loads((Path(run_dir) / "history.json").read_text())
+    round0 = next((e for e in history if e.get("round") == 0), None)
+    if fit is None or round0 is None:
+        return {}
+    data = load_bundle(Path(run_dir) / "model").arrays(table, min_cell=cfg.data.min_cell)
+    p = fit.predict_proba(data.x.astype(np.float64))
+    threshold = float(round0.get("threshold", 0.5))
+    point = binary_metrics(data.y, p, threshold)
+    ci = bootstrap_ci(data.y, p, threshold, n_boot=n_boot, seed=seed)
+    return {"floor_threshold": threshold, **{f"floor_{k}": point[k] for k in METRICS},
+            **{f"floor_{k}": v for k, v in interval_columns(ci).items()}}
+
+
 def leave_one_site_out(cohort: Cohort, parts: dict[str, np.ndarray], cfg: SafnConfig,
                        run_dir: Path, run_federation: Callable[[Path, SafnConfig, int], float],
                        report=print) -> pd.DataFrame:
@@ -55,11 +82,16 @@ def leave_one_site_out(cohort: Cohort, parts: dict[str, np.ndarray], cfg: SafnCo
         report(f"leave-one-site-out: training on {len(train_parts)} sites, holding out {held}")
         run_federation(sub, cfg, len(train_parts))
         res = evaluate_held_out(sub, cfg, cohort.table.loc[ids], seed=cfg.train.seed)
-        rows.append({"held_out": held, **res})
+        floor = evaluate_floor_held_out(sub, cfg, cohort.table.loc[ids], seed=cfg.train.seed)
+        rows.append({"held_out": held, **res, **floor})
     return pd.DataFrame(rows)
 
 
-def summarise_loso(df: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Mean and SD across held-out sites of each metric."""
-    return {k: {"mean": float(df[k].mean()), "sd": float(df[k].std(ddof=1)) if len(df) > 1 else 0.0}
+def summarise_loso(df: pd.DataFrame, prefix: str = "") -> dict[str, dict[str, float]]:
+    """Mean and SD across held-out sites of each metric (``prefix="floor_"``: the logistic
+    regression floor's; {} when the runs had none)."""
+    if f"{prefix}{METRICS[0]}" not in df:
+        return {}
+    return {k: {"mean": float(df[f"{prefix}{k}"].mean()),
+                "sd": float(df[f"{prefix}{k}"].std(ddof=1)) if len(df) > 1 else 0.0}
             for k in METRICS}

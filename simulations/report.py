@@ -54,5 +54,11 @@ def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.Data
         for k in ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "mcc"):
             shown[k] = with_intervals(loso, k)
         rep.table(shown, "per held-out site, bootstrap 95 % CI in brackets")
+        if "floor_roc_auc" in loso:
+            floor = loso[["held_out", "n"]].copy()
+            for k in ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "mcc"):
+                floor[k] = with_intervals(loso, f"floor_{k}")
+            rep.table(floor, "the same held-out sites, the federation's logistic regression "
+                             "floor (the model SAFN started from, at its round-0 threshold)")
     rep.heading("Configuration").code(dump_config(cfg))
     return rep.write(run_dir / "report.html")

@@ -104,6 +104,28 @@ def test_the_federated_floor_equals_the_pooled_fit_and_safn_starts_from_it(tmp_p
     assert "logistic regression floor: fitted" in (run_dir / "progress.log").read_text()
 
 
+def test_the_comparison_has_the_floor_pooled_and_local_logistic_regressions(tmp_path):
+    """safn-sim's table: the federated floor scores as the pooled logistic regression on the
+    pooled test set (the same fit), and each site has its local-only logistic regression."""
+    from safn_core.bundle import load_bundle
+    from safn.server.logistic_floor import load_floor
+    from safn.simulations.compare import compare, flat_intervals
+
+    run_dir, cfg, cohort, parts = _simulate(tmp_path, "federation.secure_aggregation=false",
+                                            "federation.rounds=1")
+    bundle = load_bundle(run_dir / "model")
+    df, _ = compare(cohort, parts, cfg, (bundle.model, bundle.preprocessor), load_floor(run_dir))
+    rows = df.set_index("kind")
+    floor, pooled = rows.loc["federated-lr"], rows.loc["pooled-lr"]
+    for k in ("roc_auc", "balanced_accuracy", "brier", "threshold"):
+        assert float(floor[k]) == pytest.approx(float(pooled[k]), abs=1e-6), k
+    assert list(floor["roc_auc_ci"]) == pytest.approx(list(pooled["roc_auc_ci"]), abs=1e-6)
+    local = df[df.kind == "local-lr"]
+    assert sorted(local.model) == sorted(f"local-only logistic regression {n}" for n in parts)
+    assert (df.kind == "best-local-lr").sum() == 1
+    assert "roc_auc_ci_low" in flat_intervals(df).columns
+
+
 def test_a_dp_run_goes_without_the_floor_and_says_why(tmp_path):
     run_dir, *_ = _simulate(tmp_path, "privacy.mode=dp-sgd", "privacy.epsilon=8",
                             "federation.rounds=1", "federation.secure_aggregation=false")

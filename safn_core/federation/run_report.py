@@ -37,6 +37,31 @@ def learning_section(rep: Report, history: list[dict], run_dir: Path, curves_cap
                   final_caption + ("; 95 % interval in brackets (bootstrap over the pooled test "
                                    "histograms' counts: participants resampled within each "
                                    "class)" if cis else ""))
+    floor_comparison(rep, history)
+
+
+FLOOR_METRICS = ("roc_auc", "balanced_accuracy", "pr_auc_pd", "sensitivity", "specificity")
+
+
+def floor_comparison(rep: Report, history: list[dict]) -> None:
+    """The selected model beside the logistic regression floor it started from (round 0, where
+    the run had one), on the same pooled test histograms, with their intervals."""
+    round0 = next((e for e in history if e.get("round") == 0), None)
+    chosen = selected_entry(history)
+    if not round0 or not round0.get("pooled") or not chosen.get("pooled"):
+        return
+    rows = []
+    for label, e in ((f"SAFN (selected round {chosen['round']})", chosen),
+                     ("logistic regression floor (round 0)", round0)):
+        cis = e.get("pooled_ci") or {}
+        rows.append({"model": label, **{k: interval_text(e["pooled"][k], cis.get(k))
+                                        for k in FLOOR_METRICS if k in e["pooled"]}})
+    rep.heading("SAFN against the logistic regression it started from")
+    rep.table(pd.DataFrame(rows),
+              "both on the pooled test histograms of the training sites, each at the threshold "
+              "its round chose on pooled validation; the floor is the exact federated logistic "
+              "regression (SAFN's wide path before any training): round 0 is kept unless a "
+              "training round beats it on validation")
 
 
 def rejected_and_privacy(rep: Report, history: list[dict], run_dir: Path) -> None:

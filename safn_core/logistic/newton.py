@@ -173,8 +173,12 @@ class NewtonState:
         return cls(penalties, betas, betas.copy(), np.full(len(penalties), np.inf),
                    np.zeros(len(penalties), dtype=bool), np.full(len(penalties), np.inf))
 
-    def update(self, sums: Mapping[str, np.ndarray], tol: float) -> None:
-        """One round: accept or halve each candidate's step, then take Newton steps."""
+    def update(self, sums: Mapping[str, np.ndarray], tol: float,
+               gradient_floor: float = 0.0) -> None:
+        """One round: accept or halve each candidate's step, then take Newton steps. A
+        candidate has converged when its step is below ``tol`` in every coordinate, or when
+        its gradient is below ``gradient_floor`` in every coordinate (the precision of summed
+        gradients in fixed point: below it the sums cannot say which way to go)."""
         size = self.betas.shape[1]
         rows, cols = triangle(size)
         ridge = np.ones(size)
@@ -191,6 +195,10 @@ class NewtonState:
             hess[rows, cols] = sums["hess"][k]
             hess = hess + np.triu(hess, 1).T + np.diag(lam * ridge)
             grad = np.asarray(sums["grad"][k], dtype=np.float64) + lam * ridge * beta
+            if gradient_floor > 0 and float(np.max(np.abs(grad))) <= gradient_floor:
+                self.previous[k], self.previous_objective[k] = beta, objective
+                self.converged[k] = True
+                continue
             try:
                 step = np.linalg.solve(hess, grad)
             except np.linalg.LinAlgError:
@@ -203,9 +211,11 @@ class NewtonState:
 
 
 def solve(round_sums: Callable[[np.ndarray], Mapping[str, np.ndarray]], n_features: int,
-          weights, penalties=PENALTIES, *, tol: float = 1e-10,
+          weights, penalties=PENALTIES, *, tol: float = 1e-10, gradient_floor: float = 0.0,
           max_rounds: int = 100) -> LogisticFit:
-    """Newton's method for every candidate through ``round_sums(betas) -> summed site_sums``.
+    """Newton's method for every candidate through ``round_sums(betas) -> summed site_sums``
+    (``gradient_floor``: the gradient's fixed-point precision under secure aggregation, 10 ×
+    `Packing.error_bound` of its field; 0 for exact sums).
 
     Returns the candidate with the lowest class-balanced validation log loss (the smallest
     penalty among ties; the middle of the grid if no validation loss could be computed)."""
@@ -214,7 +224,7 @@ def solve(round_sums: Callable[[np.ndarray], Mapping[str, np.ndarray]], n_featur
     while rounds < max_rounds and not state.converged.all():
         sums = round_sums(state.betas.copy())
         rounds += 1
-        state.update(sums, tol)
+        state.update(sums, tol, gradient_floor)
     # the validation losses of the last round were taken at coefficients within tol of the final
     val = balanced_val_loss(sums["val_loss"], sums["val_n"]) if sums is not None \
         else [None] * len(state.penalties)
