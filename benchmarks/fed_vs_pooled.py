@@ -25,15 +25,18 @@ Rows (``--rows`` picks them by name):
                         recipe of benchmarks/privacy_utility.py: its train.* settings also apply
                         to this row's pooled and local-only models, which are trained without DP)
 
-Columns (mean ± SD over seeds): pooled, federated, best local-only, federated − pooled,
-federated − best local-only, and the round the federation selected (results.json's
+Columns (mean ± SD over seeds): pooled, federated, the federation's logistic regression floor
+(federated LR: the exact federated fit SAFN's wide path starts from; "-" in a run without one),
+best local-only, federated − pooled, federated − federated LR, federated − best local-only, and
+the round the federation selected (results.json's
 ``federated.selected_round`` or top-level ``selected_round``; "-" where the run does not report
 one). Targets, each printed MET / MISSED with its figures:
 
   * federated − pooled ≥ −0.01 (mean over seeds) in every row;
   * federated > best local-only (mean over seeds) in every row;
   * the DP row's federated ROC-AUC within 0.03 of the synthetic row's (mean of the per-seed
-    paired drop synthetic − DP ≤ 0.03).
+    paired drop synthetic − DP ≤ 0.03);
+  * issue #27, every non-DP row: federated SAFN ≥ federated LR, and |federated − pooled| ≤ 0.01.
 
     .venv/bin/python benchmarks/fed_vs_pooled.py                        # 6 rows × 3 seeds
     .venv/bin/python benchmarks/fed_vs_pooled.py --rows synthetic dp_eps3 --seeds 0 1
@@ -68,10 +71,11 @@ from privacy_utility import DP_RECIPE  # noqa: E402  (benchmarks/ is on sys.path
 CONFIG = ROOT / "configs" / "simulation.yaml"
 GAP_TARGET = -0.01  # federated − pooled, at least
 DP_TARGET = 0.03  # synthetic − DP federated, at most
-COLUMNS = ("pooled", "federated", "best_local", "fed_minus_pooled", "fed_minus_best_local",
-           "selected_round", "fed_balanced_accuracy")
-HEADERS = ("pooled", "federated", "best local-only", "fed − pooled", "fed − best local",
-           "selected round", "fed bal. acc.")
+COLUMNS = ("pooled", "federated", "federated_lr", "best_local", "fed_minus_pooled",
+           "fed_minus_fed_lr", "fed_minus_best_local", "selected_round", "fed_balanced_accuracy")
+HEADERS = ("pooled", "federated", "federated LR", "best local-only", "fed − pooled",
+           "fed − fed LR", "fed − best local", "selected round", "fed bal. acc.")
+FLOOR_GAP = 0.01  # issue #27: federated SAFN within this of pooled SAFN (non-DP rows)
 MAJORITY = "majority-class baseline: ROC-AUC 0.500, balanced accuracy 0.500"
 
 
@@ -142,13 +146,16 @@ def one_run(row: Row, seed: int, work: Path, user: list[str], cache: dict) -> di
     results = json.loads((out / "results.json").read_text())
     comparison = results["comparison"]
     rows = comparison["rows"]
-    auc = {r["kind"]: r["roc_auc"] for r in rows if r["kind"] != "local"}
+    auc = {r["kind"]: r["roc_auc"] for r in rows if r["kind"] not in ("local", "local-lr")}
     bal = next(r["balanced_accuracy"] for r in rows if r["kind"] == "federated")
     if "best-local" not in auc:  # no site could train a local-only model
         auc["best-local"] = float("nan")
+    # the federation's logistic regression floor (absent: no wide path, or a DP run without it)
+    fed_lr = auc.get("federated-lr")
     return {"seed": seed, "pooled": auc["pooled"], "federated": auc["federated"],
-            "best_local": auc["best-local"],
+            "federated_lr": fed_lr, "best_local": auc["best-local"],
             "fed_minus_pooled": auc["federated"] - auc["pooled"],
+            "fed_minus_fed_lr": None if fed_lr is None else auc["federated"] - fed_lr,
             "fed_minus_best_local": auc["federated"] - auc["best-local"],
             "selected_round": selected_round(results), "fed_balanced_accuracy": bal,
             "rounds": results.get("rounds"),
@@ -192,6 +199,18 @@ def targets(summary: dict, runs: dict) -> list[dict]:
         out.append({"target": "federated > best local-only in every row",
                     "met": all(o > 0 for o in over.values()),
                     "figures": ", ".join(f"{n} {o:+.3f}" for n, o in over.items())})
+        # issue #27, on every non-DP row
+        plain = [n for n in done if not n.startswith("dp")]
+        floor = {n: (summary[n]["fed_minus_fed_lr"] or {}).get("mean") for n in plain}
+        out.append({"target": "federated SAFN ≥ federated logistic regression in every non-DP row",
+                    "met": all(f is not None and f >= 0 for f in floor.values()),
+                    "figures": ", ".join(f"{n} " + ("no floor" if f is None else f"{f:+.3f}")
+                                         for n, f in floor.items())})
+        near = {n: gaps[n] for n in plain}
+        out.append({"target": f"federated SAFN within {FLOOR_GAP} of pooled SAFN in every non-DP "
+                              "row",
+                    "met": all(abs(g) <= FLOOR_GAP for g in near.values()),
+                    "figures": ", ".join(f"{n} {g:+.3f}" for n, g in near.items())})
     if "dp_eps3" in done and "synthetic" in done:
         base = {r["seed"]: r["federated"] for r in runs["synthetic"] if "failed" not in r}
         drops = [base[r["seed"]] - r["federated"] for r in runs["dp_eps3"]
@@ -262,8 +281,10 @@ def main() -> None:
                     print(f"{name} seed {seed}: FAILED: {r['failed']}", flush=True)
                     continue
                 sel = "-" if r["selected_round"] is None else r["selected_round"]
+                lr = "-" if r["federated_lr"] is None else f"{r['federated_lr']:.4f}"
                 print(f"{name} seed {seed}: pooled {r['pooled']:.4f}  federated "
-                      f"{r['federated']:.4f}  best local {r['best_local']:.4f} "
+                      f"{r['federated']:.4f}  federated LR {lr}  best local "
+                      f"{r['best_local']:.4f} "
                       f"({r['best_local_site']}, {r['n_local']} local models)  fed − pooled "
                       f"{r['fed_minus_pooled']:+.4f}  fed − best local "
                       f"{r['fed_minus_best_local']:+.4f}  selected round {sel} of "
