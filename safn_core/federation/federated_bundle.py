@@ -125,7 +125,9 @@ def save_federated_bundle(run_dir: Path, cfg: SafnConfig, state: RunState, run: 
         Path(run_dir) / "model", model, pre, cfg, harmonisation=harmonisation,
         threshold=last.get("threshold", 0.5), class_counts=state.class_counts,
         label_names=run.label_names, kind="federated",
-        metrics={"federated_pooled_test": {k: {"mean": v, "sd": None} for k, v in pooled.items()},
+        # each figure with its 95 % interval from the pooled test histograms (round's pooled_ci)
+        metrics={"federated_pooled_test": {k: {"value": v, "ci": (last.get("pooled_ci") or {})
+                                               .get(k)} for k, v in pooled.items()},
                  **{f"held_out_{name}": {k: {"value": m[k], "ci": m["ci"][k]} for k in METRICS}
                     for name, m in (last.get("held_out") or {}).items() if m}},
         extra={"privacy": privacy_summary(state.history, run.gaussian),
