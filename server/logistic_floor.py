@@ -67,8 +67,11 @@ def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:
     n_features = len(pre.features)
     try:
         weights = class_weights(class_counts)
+        # (under harmonisation the sites must fit on their harmonised data: the plain queries
+        # carry the fit, `setup.extra`; the secure driver's base config already does)
         sums = _SecureRounds(run, setup.secure, nodes, names, pre, weights, n_features) \
-            if setup.secure is not None else _PlainRounds(run, nodes, names, pre, weights)
+            if setup.secure is not None else _PlainRounds(run, nodes, names, pre, weights,
+                                                          dict(setup.extra))
         fit = solve(sums, n_features, weights, PENALTIES, max_rounds=MAX_ROUNDS,
                     gradient_floor=getattr(sums, "gradient_floor", 0.0))
         expected = [int(c) for c in class_counts]
@@ -99,8 +102,9 @@ def _request(pre, betas: np.ndarray, weights) -> dict:
 class _PlainRounds:
     """A Newton round as ``logistic`` queries: the sum of the sites' replies."""
 
-    def __init__(self, run: RunContext, nodes, names, pre, weights):
+    def __init__(self, run: RunContext, nodes, names, pre, weights, extra: dict):
         self.run, self.nodes, self.names, self.pre, self.weights = run, nodes, names, pre, weights
+        self.extra = extra  # what every message of the run carries (the harmonisation fit)
         self.clipped = 0
 
     def __call__(self, betas: np.ndarray) -> dict:
@@ -108,7 +112,7 @@ class _PlainRounds:
         config = {Config.TASK: Task.LOGISTIC, Config.SAFN_CONFIG: run.shared_text,
                   Config.RUN_ID: run.run_id,
                   Config.HELD_OUT_SITES: list(run.cfg.server.held_out_sites),
-                  **_request(self.pre, betas, self.weights)}
+                  **self.extra, **_request(self.pre, betas, self.weights)}
         messages = [Message(RecordDict({CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
                             message_type=MessageType.QUERY) for n in self.nodes]
         parts, answered = [], set()

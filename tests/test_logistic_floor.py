@@ -16,6 +16,44 @@ from tests.helpers import SMALL_MODEL, write_toy
 pytestmark = pytest.mark.timeout(600)
 
 
+def _simulate_synthetic(tmp_path, *overrides):
+    """A small synthetic federation (5 natural sites) with the floor."""
+    from safn_core.data.sources import load_cohort
+    from safn_core.federation.run_folder import write_config
+    from safn.simulations.compare import build_sites
+    from safn.simulations.engine import run_flower_simulation
+    from safn.simulations.virtual_sites import write_virtual_sites
+
+    cfg = load_config(None, ["synth.n_pd=260", "synth.n_hc=140", "synth.n_without_mri=0",
+                             "synth.n_swedd=0", "synth.n_prodromal=0", "synth.min_site_size=60",
+                             "federation.rounds=1", "model.wide=trained",
+                             f"simulation.site_state_dir={tmp_path / 'state'}", *SMALL_MODEL,
+                             *overrides])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True)
+    cohort = load_cohort(cfg.data, cfg.synth)
+    parts = build_sites(cohort, cfg)
+    write_config(run_dir, dump_config(cfg))
+    write_virtual_sites(run_dir, cohort, parts)
+    run_flower_simulation(run_dir, cfg, len(parts))
+    return run_dir
+
+
+def test_under_harmonisation_the_floor_is_fitted_on_the_harmonised_data(tmp_path):
+    """Plain queries carry the harmonisation fit like every later message (the secure sums'
+    base config does too): both fits are on the harmonised training splits, so they agree; a
+    plain fit on unharmonised data would not."""
+    from safn.server.logistic_floor import load_floor
+
+    fits = {secure: load_floor(_simulate_synthetic(
+        tmp_path / str(secure), "harmonisation.method=combat",
+        f"federation.secure_aggregation={str(secure).lower()}")) for secure in (False, True)}
+    unharmonised = load_floor(_simulate_synthetic(tmp_path / "raw",
+                                                  "federation.secure_aggregation=false"))
+    assert np.abs(fits[False].coef - fits[True].coef).max() < 1e-6
+    assert np.abs(fits[False].coef - unharmonised.coef).max() > 1e-3
+
+
 def _simulate(tmp_path, *overrides):
     from safn_core.data.sources import load_cohort
     from safn_core.federation.run_folder import write_config
