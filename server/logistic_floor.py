@@ -11,8 +11,9 @@ the pooled class-balanced validation loss.
 
 The floor needs every training site: one that cannot send its sums (a DP-SGD site never sends
 exact statistics; a plain site with a class below ``min_cell``; a site that drops out) means
-the run goes without it, says so (`Event.LOGISTIC`, code ``skipped``) and SAFN's wide path
-starts at zero. The fit is kept in ``<run folder>/logistic.json`` (a resumed run reuses it, and
+the run goes without it, and so does a run under central DP (its released models are noised;
+an exact regression inside them would bypass that). The run says so (`Event.LOGISTIC`, code
+``skipped``) and SAFN's wide path starts at zero. The fit is kept in ``<run folder>/logistic.json`` (a resumed run reuses it, and
 the bundle and report read it).
 """
 
@@ -66,6 +67,9 @@ def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:
     names = {n: setup.sites.name(n) for n in nodes}
     n_features = len(pre.features)
     try:
+        if run.cfg.federation.central_dp.enabled:
+            raise FloorSkipped("central DP (federation.central_dp) releases only noised models, "
+                               "and an exact logistic regression in the model would bypass it")
         weights = class_weights(class_counts)
         # (under harmonisation the sites must fit on their harmonised data: the plain queries
         # carry the fit, `setup.extra`; the secure driver's base config already does)

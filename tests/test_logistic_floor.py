@@ -173,3 +173,13 @@ def test_a_dp_run_goes_without_the_floor_and_says_why(tmp_path):
     assert [e["round"] for e in history] == [1]  # no round 0: nothing to keep from a floor
     assert json.loads((run_dir / "federation_status.json").read_text())["status"] == "completed"
     assert "logistic regression floor: not fitted" in (run_dir / "progress.log").read_text()
+
+
+def test_central_dp_goes_without_the_floor(tmp_path):
+    """An exact regression inside a model released under central DP would bypass its noise."""
+    run_dir, *_ = _simulate(tmp_path, "federation.central_dp.enabled=true",
+                            "federation.strategy=fedavg", "federation.rounds=1",
+                            "federation.secure_aggregation=false")
+    record = json.loads((run_dir / "logistic.json").read_text())
+    assert record["fit"] is None and "central DP" in record["skipped"]
+    assert [e["round"] for e in json.loads((run_dir / "history.json").read_text())] == [1]
