@@ -70,8 +70,10 @@ def test_safn_sim_end_to_end(table, tmp_path):
     bundle = load_bundle(out / "model")
     assert bundle.meta["kind"] == "federated" and bundle.meta["training"]["rounds"] == 3
     comparison = pd.read_csv(out / "comparison.csv")
-    assert list(comparison.kind) == ["pooled", "federated", "local", "local", "local",
-                                     "best-local"]
+    # each SAFN row beside its logistic regression (the floor where the model has a wide path)
+    floor = ["federated-lr"] if bundle.meta["training"].get("logistic_floor") else []
+    assert list(comparison.kind) == ["pooled", "federated", *floor, "pooled-lr",
+                                     *["local", "local-lr"] * 3, "best-local", "best-local-lr"]
     assert comparison.roc_auc.between(0, 1).all()
     results = json.loads((out / "results.json").read_text())
     assert "pooled test set" in results["comparison"]["evaluated_on"]
@@ -229,7 +231,9 @@ def test_the_bundle_is_the_round_with_the_best_pooled_validation_loss_and_resume
     results = json.loads((full / "results.json").read_text())
     assert results["selected_round"] == chosen
     rows = results["comparison"]["rows"]
-    assert all(r["selected_round"] >= 1 for r in rows)
+    safn_rows = [r for r in rows if not r["kind"].endswith("-lr")]
+    assert all(r["selected_round"] >= 0 for r in safn_rows)
+    assert all(r["selected_round"] is None for r in rows if r["kind"].endswith("-lr"))
     assert next(r for r in rows if r["kind"] == "federated")["selected_round"] == chosen
 
     # stopped one round after its best, resumed: the checkpoint kept the best round's weights,
