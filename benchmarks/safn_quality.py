@@ -56,7 +56,12 @@ from safn_core.training.crossval import cross_validate  # noqa: E402
 # The rows of issue #27 name wide path, members and rule in full, so they do not move with the
 # defaults: "paper" is the paper's SAFN (no wide path, one member, validation-loss stopping) with
 # everything else at today's defaults.
-PAPER = {"model.wide": "off", "model.ensemble_size": 1, "train.select": "val_loss"}
+PAPER = {"model.wide": "off", "model.ensemble_size": 1, "train.select": "val_loss",
+         "train.wide_weight_decay": None}
+# "fading": a trained wide path with a strong decoupled weight decay of its own
+# (train.wide_weight_decay): the regression fades unless the data hold it up
+FADING = {**PAPER, "model.wide": "trained", "train.wide_weight_decay": 30.0}
+CALIBRATED = {"train.select": "val_loss_calibrated"}
 VARIANTS: dict[str, dict] = {
     "SAFN": {},
     "paper": PAPER,
@@ -85,6 +90,24 @@ VARIANTS: dict[str, dict] = {
                                            "model.ensemble_size": 32,
                                            "train.select": "val_roc_auc"},
     "paper+tabm8": {**PAPER, "model.ensemble_size": 8},
+    "paper+tabm8+select_calibrated": {**PAPER, "model.ensemble_size": 8, **CALIBRATED},
+    "wide_frozen+select_calibrated": {**PAPER, "model.wide": "frozen", **CALIBRATED},
+    "wide_frozen+tabm8+select_calibrated": {**PAPER, "model.wide": "frozen",
+                                            "model.ensemble_size": 8, **CALIBRATED},
+    "wide_fading": FADING,
+    "wide_fading+select_calibrated": {**FADING, **CALIBRATED},
+    "wide_fading+tabm8": {**FADING, "model.ensemble_size": 8},
+    "wide_fading+tabm8+select_calibrated": {**FADING, "model.ensemble_size": 8, **CALIBRATED},
+    "wide_fading3+tabm8": {**FADING, "model.ensemble_size": 8, "train.wide_weight_decay": 3.0},
+    "wide_fading10+tabm8": {**FADING, "model.ensemble_size": 8, "train.wide_weight_decay": 10.0},
+    "wide_fading+tabm4": {**FADING, "model.ensemble_size": 4},
+    "wide_fading10+tabm8+select_calibrated": {**FADING, "model.ensemble_size": 8, **CALIBRATED,
+                                              "train.wide_weight_decay": 10.0},
+    "wide_fading100+tabm8+select_calibrated": {**FADING, "model.ensemble_size": 8,
+                                               **CALIBRATED, "train.wide_weight_decay": 100.0},
+    "wide_fading+tabm16+select_calibrated": {**FADING, "model.ensemble_size": 16, **CALIBRATED},
+    "wide_fading+tabm32+select_calibrated": {**FADING, "model.ensemble_size": 32, **CALIBRATED},
+    "wide_fading+tabm32": {**FADING, "model.ensemble_size": 32},
     "paper+tabm32": {**PAPER, "model.ensemble_size": 32},
     "periodic": {"model.numeric_embedding": "periodic"},
     "periodic_sigma0.02": {"model.numeric_embedding": "periodic", "model.frequency_sigma": 0.02},
@@ -119,6 +142,7 @@ VARIANTS: dict[str, dict] = {
     "no_ffn": {"model.ffn_hidden": 0},
     "no_ffn+select_roc_auc": {"model.ffn_hidden": 0, "train.select": "val_roc_auc"},
     "select_roc_auc": {"train.select": "val_roc_auc"},
+    "select_calibrated": CALIBRATED,
     "tiny+ema": {"model.d_model": 16, "model.n_heads": 2, "model.encoder_hidden": 32,
                  "model.ffn_hidden": 32, "model.head_hidden": 16,
                  "train.weight_averaging": "ema"},

@@ -280,6 +280,7 @@ def test_constant_is_the_plain_loop_it_always_was(monkeypatch):
     assert np.all(lrs == 0.01)
     cfg = TrainConfig(batch_size=32, lr=0.01)
     model = local.make_model(MODS, MODEL, 0)
+    local.start_from_logistic(model, TR, VA)  # the wide path's start (model.wide, default on)
     local.run_epochs(model, local.make_loader(TR, 32, 0), local.make_optimizer(model, cfg), 3,
                      MODEL, TR.class_counts())
     for a, b in zip(fit.model.state_dict().values(), model.state_dict().values()):

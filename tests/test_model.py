@@ -22,7 +22,10 @@ from safn_core.model import (SAFN, MultiHeadAttention, cb_focal_loss, class_bala
 
 MODS = [("ct", 5, "imaging"), ("vol", 4, "imaging"), ("cli", 6, "clinical"), ("dem", 3, "clinical")]
 N_FEAT = sum(n for _, n, _ in MODS)
-SMALL = dict(d_model=16, n_heads=4, encoder_hidden=16, ffn_hidden=16, head_hidden=8)
+# the paper's structure (no wide path, one member); the defaults' wide path and ensemble are
+# tested as variants here and in tests/test_wide_path.py
+SMALL = dict(d_model=16, n_heads=4, encoder_hidden=16, ffn_hidden=16, head_hidden=8, wide="off",
+             ensemble_size=1)
 # the optional input layers of the modality encoders (safn_core.model.embeddings)
 PERIODIC = dict(numeric_embedding="periodic", n_frequencies=3, embedding_dim=4)
 ENSEMBLE = dict(ensemble_size=3)
@@ -60,6 +63,11 @@ def strip(sd):
 def test_model_config_defaults_and_validation():
     cfg = SafnConfig().model
     assert (cfg.d_model, cfg.n_heads, cfg.dropout) == (64, 4, 0.2)
+    # issue #27: the wide path (trained, fading) and 8 ensemble members by default
+    assert (cfg.wide, cfg.ensemble_size) == ("trained", 8)
+    assert SafnConfig().train.wide_weight_decay == 30.0 and SafnConfig().train.select == "val_loss"
+    with pytest.raises(ValidationError):
+        ModelConfig(wide="on")
     assert (cfg.gate, cfg.loss, cfg.cb_beta, cfg.focal_gamma) == ("softmax", "cb_focal", 0.999, 1.5)
     assert cfg.cross_attention is True and cfg.sparsity_lambda == 0.01
     with pytest.raises(ValidationError, match=r"model\.n_heads"):

@@ -64,6 +64,22 @@ def test_safn_at_epoch_0_predicts_the_logistic_regressions_probabilities(wide, k
 
 
 @pytest.mark.parametrize("wide,k", WIDE)
+def test_an_absent_modalitys_values_never_reach_the_wide_path(wide, k):
+    model = SAFN(MODS, cfg(wide, k), seed=0).eval()
+    model.set_wide([0.4, -0.2, 0.1, 0.9, -0.3], 0.2)
+    x, mask = torch.from_numpy(TE.x[:6]).float(), torch.ones(6, 2, dtype=torch.bool)
+    mask[0, 1] = mask[1, 0] = False
+    ref = model(x, mask)
+    garbage = x.clone()
+    garbage[0, 3:] = float("nan")
+    garbage[1, :3] = 1e3
+    assert torch.equal(model(garbage, mask), ref)
+    moved = x.clone()
+    moved[2, 3:] += 1.0  # a present modality does count
+    assert not torch.allclose(model(moved, mask)[2], ref[2])
+
+
+@pytest.mark.parametrize("wide,k", WIDE)
 def test_fit_by_rounds_validates_round_0_and_keeps_it_when_nothing_improves(wide, k, monkeypatch):
     """Scripted validation: round 0 has the best loss, so the selection keeps it; the returned
     model is the untrained one (the logistic regression), and the history says so."""
@@ -313,7 +329,9 @@ def test_one_dp_step_with_privacy_engine_keeps_the_layout(wide, k):
     model, plain = SAFN(MODS, conf, seed=0), SAFN(MODS, conf, seed=0)
     model.set_wide([0.4, -0.2, 0.1, 0.9, -0.3], 0.2)
     before = {n: v.clone() for n, v in model.state_dict().items()}
-    opt = local.make_optimizer(model, TRAIN)
+    # the wide path in a parameter group of its own (train.wide_weight_decay)
+    opt = local.make_optimizer(model, TRAIN.model_copy(update={"wide_weight_decay": 30.0}))
+    assert len(opt.param_groups) == 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = PrivacyEngine()
@@ -352,3 +370,60 @@ def test_a_seed_gives_the_same_fit(wide, k):
     other = fit_by_rounds(TR, VA, MODS, cfg(wide, k), TRAIN, 8, rounds=3, epochs_per_round=1,
                           select="val_loss", patience=None).model.state_dict()
     assert not all(torch.equal(a[n], other[n]) for n in a)
+
+
+# ---- the fading wide path and the calibrated selection loss -----------------------------------
+
+def test_a_trained_wide_path_gets_its_own_weight_decay():
+    model = make_model(MODS, cfg("trained", 4), 0)
+    same = local.make_optimizer(model, TRAIN.model_copy(update={"wide_weight_decay": None}))
+    assert len(same.param_groups) == 1 and same.param_groups[0]["weight_decay"] == 1e-4
+    assert len(local.make_optimizer(make_model(MODS, cfg("off"), 0), TRAIN).param_groups) == 1
+    opt = local.make_optimizer(model, TRAIN.model_copy(update={"wide_weight_decay": 30.0}))
+    wide, rest = opt.param_groups[1], opt.param_groups[0]
+    assert wide["weight_decay"] == 30.0 and rest["weight_decay"] == TRAIN.weight_decay
+    assert {id(p) for p in wide["params"]} == {id(model.wide.weight), id(model.wide.bias)}
+    assert len(rest["params"]) + 2 == len(list(model.parameters()))
+    # decoupled decay: with no gradient reaching the wide path, one step shrinks it by lr * wd
+    model.set_wide(np.ones(5), 1.0)
+    model.wide.weight.grad = torch.zeros_like(model.wide.weight)
+    model.wide.bias.grad = torch.zeros_like(model.wide.bias)
+    opt.step()
+    assert torch.allclose(model.wide.weight[1], torch.full((5,), 1 - 0.01 * 30.0))
+
+
+def test_the_fading_wide_path_shrinks_as_training_goes_on():
+    conf = TRAIN.model_copy(update={"wide_weight_decay": 30.0, "select": "last",
+                                    "max_epochs": 6})
+    fit = fit_with_early_stopping(TR, VA, MODS, cfg("trained", 1), conf, 0)
+    start = np.linalg.norm(fit.logistic.coef)
+    assert np.linalg.norm(fit.model.wide.weight[1].detach().numpy()) < 0.5 * start
+
+
+def test_calibrated_log_loss_is_blind_to_the_scale_of_the_logits():
+    from safn_core.training.local import calibrated_log_loss
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=200)
+    y = (z + rng.normal(size=200) > 0.3).astype(int)
+    base = calibrated_log_loss(z, y)
+    assert calibrated_log_loss(5 * z, y) == pytest.approx(base, rel=1e-6)
+    # it is the class-balanced log loss at the best scale found by brute force
+    grid = np.linspace(0, 10, 20001)
+    brute = min(np.mean([np.logaddexp(0, -s * np.where(y == 1, 1, -1) * z)[y == c].mean()
+                         for c in (0, 1)]) for s in grid)
+    assert base == pytest.approx(brute, abs=1e-6)
+    assert calibrated_log_loss(-z, y) == pytest.approx(np.log(2))  # ranked the wrong way: s = 0
+    assert np.isnan(calibrated_log_loss(z, np.ones_like(y)))
+
+
+def test_select_val_loss_calibrated_is_the_val_loss_rule_on_the_calibrated_loss():
+    from safn_core.training.local import calibrated_log_loss
+
+    conf = TRAIN.model_copy(update={"select": "val_loss_calibrated", "max_epochs": 4,
+                                    "patience": 4})
+    fit = fit_with_early_stopping(TR, VA, MODS, cfg("frozen", 1), conf, 0)
+    losses = [h["val_loss"] for h in fit.history]
+    assert fit.best_val_loss == min(losses) and fit.history[0]["round"] == 0
+    z = local.scores(fit.model, VA)[0]
+    assert calibrated_log_loss(z, VA.y) == pytest.approx(fit.best_val_loss, abs=1e-6)

@@ -14,7 +14,9 @@ class ModelConfig(Section):
 
     Ablations: ``cross_attention: false`` (tokens skip the cross-attention, FFN sublayer only),
     ``sparsity_lambda: 0`` (no entropy penalty on the gate), ``loss: ce`` (plain cross-entropy),
-    ``gate: sparsemax | entmax15`` (sparse gates with exact zeros).
+    ``gate: sparsemax | entmax15`` (sparse gates with exact zeros). The paper's SAFN is
+    ``wide: off`` with ``ensemble_size: 1`` (and ``train.select: val_loss``); the defaults add the
+    wide path and 8 ensemble members, chosen by benchmarks/safn_quality.py (issue #27).
     """
 
     d_model: int = Field(64, ge=1, description="token width D of every modality encoder")
@@ -43,20 +45,22 @@ class ModelConfig(Section):
     linear_path: bool = Field(False, description="add a gated linear path from each "
                               "modality's features to the logits (wide and deep)")
     wide: Literal["off", "trained", "frozen"] = Field(
-        "off", description="the wide path: one ungated linear layer from all features to the "
-                           "logits, added to every member's deep logits, set to the exact "
-                           "logistic regression before training (safn_core.logistic; "
-                           "fit_by_rounds), with the deep path's output layer at zero so the "
-                           "untrained model IS that regression. off = no wide path (the "
-                           "paper's SAFN); trained = the wide path then trains with the rest; "
-                           "frozen = it stays at the regression and only the deep path trains "
-                           "(on its residual)")
+        "trained", description="the wide path: one ungated linear layer from all features to the "
+                               "logits, added to every member's deep logits and set to the exact "
+                               "logistic regression before training (safn_core.logistic; "
+                               "fit_by_rounds), the deep output starting at zero, so the "
+                               "untrained model IS that regression (round/epoch 0). off = no wide "
+                               "path (the paper's SAFN); trained = it trains with the rest, with "
+                               "its own decay train.wide_weight_decay (the default lets the "
+                               "regression fade as the deep path takes over); frozen = it stays "
+                               "the regression and only the deep path trains")
     feature_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a "
                                    "feature is zeroed (its training mean) in training")
     feature_noise: float = Field(0.0, ge=0.0, description="SD of Gaussian noise added to every "
                                  "scaled feature in training (0 = none)")
-    ensemble_size: int = Field(1, ge=1, le=64, description="k ensemble members sharing every "
-                               "weight but an input adapter (TabM-mini); 1 = a single model")
+    ensemble_size: int = Field(8, ge=1, le=64, description="k ensemble members sharing every "
+                               "weight but an input adapter and the output layer (TabM-mini); "
+                               "1 = a single model (the paper's)")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -74,10 +78,13 @@ class TrainConfig(Section):
     seed: int = 0
     max_epochs: int = Field(150, ge=1, description="upper bound; early stopping usually ends sooner")
     patience: int = Field(15, ge=1, description="epochs without validation improvement to stop")
-    select: Literal["val_loss", "val_roc_auc", "last"] = Field(
+    select: Literal["val_loss", "val_roc_auc", "val_loss_calibrated", "last"] = Field(
         "val_loss", description="what early stopping keeps (centralised fits): the epoch with the "
-                                "lowest validation loss or the highest validation ROC-AUC; last = "
-                                "no early stopping, train.max_epochs epochs")
+                                "lowest validation loss or the highest validation ROC-AUC; "
+                                "val_loss_calibrated = the lowest class-balanced validation log "
+                                "loss at its best temperature (blind to the logits' scale, which "
+                                "temperature scaling sets afterwards); last = no early stopping, "
+                                "train.max_epochs epochs")
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -88,6 +95,11 @@ class TrainConfig(Section):
     warmup_epochs: int = Field(0, ge=0, description="linear warm-up of the learning rate over "
                                                     "the first epochs (either lr_schedule)")
     weight_decay: float = Field(1e-4, ge=0)
+    wide_weight_decay: float | None = Field(
+        30.0, ge=0, description="decoupled weight decay of a trained wide path (model.wide: "
+                                "trained); null = train.weight_decay. A strong one lets the "
+                                "logistic regression the model starts from fade unless the data "
+                                "hold it up, so the deep path takes over where it can")
     weight_averaging: Literal["none", "ema"] = Field(
         "none", description="ema: validate, select and keep an exponential moving average of "
                             "the weights (centralised and comparator fits, fit_by_rounds)")

@@ -315,7 +315,7 @@ class SAFN(nn.Module):
     # ----------------------------------------------------------------------------------------
 
     def forward(self, x, mask: Tensor | None = None, return_weights: bool = False,
-                members: bool = False):
+                members: bool = False, wide_logits: Tensor | None = None):
         """Logits (B, n_classes), and with ``return_weights`` also α (B, M).
 
         ``x``: a dict {modality name: (B, n_m)} (a modality missing from the dict is masked for
@@ -348,7 +348,8 @@ class SAFN(nn.Module):
             wide = torch.stack([lin(xm) for lin, xm in zip(self.linear, xs)], dim=-2)  # (.., M, C)
             logits = logits + (alpha.unsqueeze(-1) * wide).sum(dim=-2)
         if self.cfg.wide != "off":  # ungated, added to every member's logits
-            wide = self.wide(torch.cat(flat, dim=1))  # (B, C)
+            wide = self.wide(torch.cat(flat, dim=1)) if wide_logits is None \
+                else wide_logits.to(logits.dtype)  # (B, C)
             logits = logits + (wide.unsqueeze(1) if ensemble else wide)
         if ensemble and not members:
             logits = torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=1) \

@@ -88,9 +88,24 @@ def make_loader(data: Arrays, batch_size: int, seed: int, shuffle: bool = True) 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, fused: one kernel updates every parameter tensor. (PyTorch's CPU default loops
     over the tensors in Python; SAFN has ~60 small ones, so that loop cost more than the
-    forward pass.) Opacus' DP optimizer wraps it unchanged."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=True)
+    forward pass.) Opacus' DP optimizer wraps it unchanged.
+
+    A trained wide path (``model.wide: trained``) gets its own decoupled weight decay,
+    ``train.wide_weight_decay`` (None: ``train.weight_decay``): a strong one makes the logistic
+    regression the model starts from fade step by step unless the data hold it up, so that
+    the deep path takes over where it can (docs/model.md)."""
+    wide, rest = [], []
+    for name, p in model.named_parameters():
+        (wide if name.endswith(WIDE_PARAMETERS) else rest).append(p)
+    decay = cfg.weight_decay if cfg.wide_weight_decay is None else cfg.wide_weight_decay
+    if not wide or decay == cfg.weight_decay:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=True)
+    return torch.optim.AdamW([{"params": rest}, {"params": wide, "weight_decay": decay}],
+                             lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+WIDE_PARAMETERS = ("wide.weight", "wide.bias")
 
 
 def run_epochs(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
@@ -158,15 +173,19 @@ def validation_metrics(model: nn.Module, data: Arrays, model_cfg: ModelConfig, c
                        loss: str = "objective") -> tuple[float, float | None]:
     """Validation loss and ROC-AUC of P(positive) from one forward pass, in eval mode.
 
-    ``loss``: ``"objective"`` (the training loss, class-weighted / focal as configured) or
+    ``loss``: ``"objective"`` (the training loss, class-weighted / focal as configured),
     ``"cross_entropy"`` (the mean binary cross-entropy of P(positive): what a federation's
-    sites sum for the coordinator's pooled validation loss, `Site.evaluate`). The ROC-AUC is
-    ``None`` when ``data`` lacks one of the classes (it is undefined).
+    sites sum for the coordinator's pooled validation loss, `Site.evaluate`) or
+    ``"calibrated"`` (`calibrated_log_loss`: the class-balanced log loss at the temperature
+    that suits ``data`` best, blind to the logits' scale). The ROC-AUC is ``None`` when
+    ``data`` lacks one of the classes (it is undefined).
     """
     model.eval()
     logits = model(torch.from_numpy(data.x), torch.from_numpy(data.mask))
     if loss == "cross_entropy":
         loss = cross_entropy_sum(data.y, torch.softmax(logits, dim=1)[:, 1].numpy()) / len(data.y)
+    elif loss == "calibrated":
+        loss = calibrated_log_loss((logits[:, 1] - logits[:, 0]).double().numpy(), data.y)
     else:
         loss = float(classification_loss(logits, torch.from_numpy(data.y), model_cfg,
                                          class_counts))
@@ -174,6 +193,43 @@ def validation_metrics(model: nn.Module, data: Arrays, model_cfg: ModelConfig, c
     if len(np.unique(data.y)) == 2:
         auc = float(roc_auc_score(data.y, torch.softmax(logits, dim=1)[:, 1].numpy()))
     return loss, auc
+
+
+def calibrated_log_loss(z: np.ndarray, y: np.ndarray) -> float:
+    """The class-balanced log loss of σ(s·z) at the best scale s ≥ 0 for these logits ``z`` and
+    labels ``y`` (the mean loss of each class, averaged over the classes).
+
+    What safn-train ships is σ(z/T) with T fitted on the validation split
+    (``train.temperature_scaling``), so a round's worth is its validation loss *after* such a
+    fit: a change of the logits' scale alone (which the focal loss rewards and the temperature
+    undoes) does not count, the ranking and the shape of the scores do. The loss is convex in
+    s; golden-section search on [0, 100] (s = 0: every P = 1/2, log 2). NaN when a class is
+    absent.
+    """
+    z, y = np.asarray(z, dtype=np.float64), np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    sign = np.where(y == 1, 1.0, -1.0)
+    groups = [y == 0, y == 1]
+
+    def loss(s: float) -> float:
+        each = np.logaddexp(0.0, -s * sign * z)
+        return float(np.mean([each[g].mean() for g in groups]))
+
+    lo, hi = 0.0, 100.0
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(60):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return min(fa, fb, loss(0.0))
 
 
 @dataclass
@@ -363,7 +419,12 @@ def fit_with_early_stopping(train: Arrays, val: Arrays, modalities: tuple[Modali
 
     Epoch-wise early stopping (``train.max_epochs``, ``train.patience``) of centralised
     cross-validation: `fit_by_rounds` with one-epoch rounds selected by ``train.select``
-    (validation loss, or validation ROC-AUC).
+    (validation loss, validation ROC-AUC, or ``val_loss_calibrated``: the lowest
+    `calibrated_log_loss`, by the rule ``val_loss`` with ``val_loss="calibrated"``).
     """
+    select, loss = cfg.select, "objective"
+    if select == "val_loss_calibrated":
+        select, loss = "val_loss", "calibrated"
     return fit_by_rounds(train, val, modalities, model_cfg, cfg, seed, rounds=cfg.max_epochs,
-                         epochs_per_round=1, select=cfg.select, patience=cfg.patience)
+                         epochs_per_round=1, select=select, patience=cfg.patience,
+                         val_loss=loss)
