@@ -129,3 +129,10 @@ def test_shipped_mapping_example_validates():
     from safn_core.data.table_loader import read_mapping
     mapping = read_mapping(CONFIGS / "mapping.example.yaml")
     assert mapping.label.positive == "PD" and "thickness" in mapping.modalities
+
+
+def test_a_bare_off_switches_the_wide_path_off():
+    """YAML reads ``off`` as false; ``model.wide: off`` still means the paper's SAFN."""
+    assert load_config(None, ["model.wide=off"]).model.wide == "off"
+    with pytest.raises(ConfigError, match="model.wide"):
+        load_config(None, ["model.wide=true"])

@@ -106,8 +106,15 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
                                 "class-0"} & set(rec["values"])
     assert "round 2 sites:" in out  # progress per site
     history = fed.history()
-    assert [e["round"] for e in history] == [1, 2]
-    assert all(sorted(e["sites_trained"]) == list(SITES) for e in history)
+    # round 0 evaluates the exact federated logistic regression SAFN starts from, untrained
+    assert [e["round"] for e in history] == [0, 1, 2]
+    assert all(sorted(e["sites_trained"]) == list(SITES) for e in history[1:])
+    assert "sites_trained" not in history[0] and history[0]["pooled"] is not None
+    assert ("logistic regression floor: fitted on the training splits of 3 sites in" in out
+            and "securely summed" in out)
+    floor = json.loads((fed.run_dir / "logistic.json").read_text())
+    assert floor["secure_aggregation"] and floor["fit"]["converged"]
+    assert sorted(floor["sites"]) == list(SITES)
 
     from safn_core.bundle import load_bundle
 
@@ -204,9 +211,9 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins(federation):
     server.wait_for_output(rf"round {r}: site_c reconnected after \d+ s", 300)  # ... and rejoins
     assert server.wait(600) == 0, server.output()[-4000:]
     history = fed.history()
-    assert [e["round"] for e in history] == [1, 2, 3, 4, 5]
-    trained = {e["round"]: set(e["sites_trained"]) for e in history}
-    evaluated = {e["round"]: set(e.get("sites") or {}) for e in history}
+    assert [e["round"] for e in history] == [0, 1, 2, 3, 4, 5]  # 0: the floor, untrained
+    trained = {e["round"]: set(e["sites_trained"]) for e in history if e["round"]}
+    evaluated = {e["round"]: set(e.get("sites") or {}) for e in history if e["round"]}
     assert all({"site_a", "site_b"} <= trained[i] for i in trained)
     # away between the kill and its return: some round went on without its update or its test
     away = [i for i in trained if not {"site_c"} <= trained[i] & evaluated[i]]
@@ -228,7 +235,7 @@ def test_a_killed_coordinator_resumes_without_losing_or_repeating_a_round(federa
     resumed = fed.server("--resume")
     assert resumed.wait(600) == 0, resumed.output()[-4000:]
     assert f"resuming after round {done}" in resumed.output()
-    assert [e["round"] for e in fed.history()] == [1, 2, 3]
+    assert [e["round"] for e in fed.history()] == [0, 1, 2, 3]
     ckpts = sorted(p.name for p in (fed.run_dir / "checkpoints").iterdir())
     assert len(ckpts) >= 3
 
@@ -279,7 +286,7 @@ def test_a_nan_update_is_rejected_and_reported_by_site(federation, tmp_path):
     assert server.wait(300) == 0, server.output()[-4000:]
     out = server.output()
     assert "rejected update from site site_c: non-finite values" in out
-    for entry in fed.history():
+    for entry in fed.history()[1:]:  # round 0 evaluates the floor; nothing trains there
         assert [x["site"] for x in entry["rejected"]] == ["site_c"]
         assert "site_c" not in entry.get("sites_trained", [])
     from safn_core.bundle import load_bundle
@@ -300,7 +307,11 @@ def test_a_held_out_site_only_evaluates_and_a_dp_site_reports_its_epsilon(federa
     out = server.output()
     assert "held-out sites (evaluation only): site_c" in out
     assert "held-out site_c: ROC-AUC" in out
+    # a DP-SGD site never sends the floor's exact sums: the run goes without it, and says why
+    assert "logistic regression floor: not fitted, site site_a cannot take part: this site " \
+        "trains under DP-SGD" in out
     history = fed.history()
+    assert [e["round"] for e in history] == [1, 2]
     n_c = len(pd.read_parquet(fed.folder / "state_site_c" / "cohort" / "cohort.parquet"))
     for entry in history:
         assert "site_c" not in entry["sites_trained"]

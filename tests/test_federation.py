@@ -257,13 +257,18 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(cohort, tmp_path, s
     assert resumed.round == full.round == 4
     for k in full.weights:
         np.testing.assert_array_equal(resumed.weights[k], full.weights[k])
-    assert [e["round"] for e in resumed.history] == [1, 2, 3, 4]
+    # round 0: the logistic regression floor SAFN's wide path starts from, evaluated untrained
+    assert [e["round"] for e in resumed.history] == [0, 1, 2, 3, 4]
     assert resumed.history[-1]["pooled"] == full.history[-1]["pooled"]
 
 
 def test_federated_training_learns(cohort):
-    state = run_in_process(sites_of(cohort), cfg_of("federation.rounds=5", "train.lr=0.005"),
+    """From random weights (the paper's SAFN: no wide path, one member) the federation learns;
+    the default model starts at the logistic regression floor instead (round 0)."""
+    state = run_in_process(sites_of(cohort), cfg_of("federation.rounds=5", "train.lr=0.005",
+                                                    "model.wide=off", "model.ensemble_size=1"),
                            report=lambda s: None)
+    assert [e["round"] for e in state.history] == [1, 2, 3, 4, 5]
     assert state.history[-1]["pooled"]["roc_auc"] > 0.8
     assert state.history[-1]["pooled"]["roc_auc"] > state.history[0]["pooled"]["roc_auc"]
     assert state.history[-1]["train_loss"] < state.history[0]["train_loss"]

@@ -65,7 +65,9 @@ def test_safn_sim_end_to_end(table, tmp_path):
     text = done.out
     assert "INFO" not in text and "Traceback" not in done.err  # no Flower/Ray log flood
     assert "virtual sites (natural partition of 400 participants)" in text
-    assert text.count("pooled ROC-AUC") == 3 and "round 3/3" in text
+    # round 0 (the logistic regression floor, untrained) and rounds 1-3
+    assert text.count("pooled ROC-AUC") == 4 and "round 3/3" in text
+    assert "round 0/3 (the initial model, the logistic regression floor" in text
     assert "union of the 3 sites' test splits" in text
     bundle = load_bundle(out / "model")
     assert bundle.meta["kind"] == "federated" and bundle.meta["training"]["rounds"] == 3
@@ -88,11 +90,12 @@ def test_safn_sim_end_to_end(table, tmp_path):
     # the federation's pooled test metrics: intervals from the summed histograms' counts
     assert all(e["pooled_ci"]["roc_auc"][0] <= e["pooled"]["roc_auc"]
                <= e["pooled_ci"]["roc_auc"][1] for e in history)
-    assert [e["round"] for e in history] == [1, 2, 3]
+    assert [e["round"] for e in history] == [0, 1, 2, 3]  # 0: the floor, untrained
     # plain evaluation replies carry the validation loss sums: the run selects by them
     assert all(e["val_loss"] > 0 and 0 <= e["val_roc_auc"] <= 1 for e in history)
     chosen = history[-1]["selected_round"]
-    assert history[chosen - 1]["val_loss"] == min(e["val_loss"] for e in history)
+    by_round = {e["round"]: e for e in history}
+    assert by_round[chosen]["val_loss"] == min(e["val_loss"] for e in history)
     assert bundle.meta["training"]["selected_round"] == chosen
     assert set(history[-1]["sites"]) == {"site_A", "site_B", "site_C"}
     # the card says what each virtual site said its data is, and what the metrics rest on
@@ -101,7 +104,7 @@ def test_safn_sim_end_to_end(table, tmp_path):
     card = (out / "model" / "model_card.md").read_text()
     assert "site_B: table" in card and "synthetic" not in card.lower()
     basis = training["test_evaluation"]
-    assert basis["participants"] == history[chosen - 1]["n_test"] > 0
+    assert basis["participants"] == by_round[chosen]["n_test"] > 0
     assert basis["sites"] == ["site_A", "site_B", "site_C"] and not basis["withheld"]
     assert (f"rest on {basis['participants']} test participants from 3 of 3 training sites"
             in card)
@@ -114,12 +117,12 @@ def test_safn_sim_end_to_end(table, tmp_path):
     assert sorted(personal["sites"]) == ["site_A", "site_B", "site_C"]
     assert personal["pooled_basis"] == "sum over the 3 sites whose test split passes min_cell"
     assert personal["pooled"]["n"] == sum(s["n"] for s in personal["sites"].values()) \
-        == history[chosen - 1]["n_test"]
+        == by_round[chosen]["n_test"]
     for name, s in personal["sites"].items():
         assert 0 <= s["selected"] <= 3 and "confusion" not in s
         # the global model at the federation's threshold: the figure of the selected round
         assert s["global"]["balanced_accuracy"] == pytest.approx(
-            history[chosen - 1]["sites"][name]["balanced_accuracy"], abs=1e-9)
+            by_round[chosen]["sites"][name]["balanced_accuracy"], abs=1e-9)
         kept = tmp_path / "state" / name / "personal"
         assert len(list(kept.glob("*/selected.npz"))) == 1
     assert "personalisation (fine_tune): pooled balanced accuracy" in text
@@ -213,15 +216,17 @@ def test_the_bundle_is_the_round_with_the_best_pooled_validation_loss_and_resume
     assert done.code == 0, done.out[-3000:] + done.err[-3000:]
     history = json.loads((full / "history.json").read_text())
     losses = {e["round"]: e["val_loss"] for e in history}
+    by_round = {e["round"]: e for e in history}  # round 0: the floor, untrained
     chosen = history[-1]["selected_round"]
     assert losses[chosen] == min(losses.values())
-    assert len(history) < 8, "expected early stopping (patience 2, FedAdam η 0.3)"
-    assert len(history) == chosen + 2  # stopped exactly `patience` rounds after the best
-    assert f"early stopping after round {len(history)}" in done.out
+    last = history[-1]["round"]
+    assert last < 8, "expected early stopping (patience 2, FedAdam η 0.3)"
+    assert last == chosen + 2  # stopped exactly `patience` rounds after the best
+    assert f"early stopping after round {last}" in done.out
     bundle = load_bundle(full / "model")
     assert bundle.meta["training"]["selected_round"] == chosen
     assert bundle.meta["training"]["selection"]["stopped_early"] is True
-    assert bundle.threshold == pytest.approx(history[chosen - 1]["threshold"])
+    assert bundle.threshold == pytest.approx(by_round[chosen]["threshold"])
     best = _round_weights(full, chosen)
     state = bundle.model.state_dict()
     for k, v in best.items():  # the bundle's model is float32 (FedAdam's weights are float64)
@@ -250,7 +255,7 @@ def test_the_bundle_is_the_round_with_the_best_pooled_validation_loss_and_resume
         np.testing.assert_array_equal(other[k].numpy(), v.numpy())
     # ... and the same last round: weights and FedAdam's moments, bit for bit
     a, b = load_checkpoint(full), load_checkpoint(resumed)
-    assert a.round == b.round == len(history) and "round 1/8" not in done.out
+    assert a.round == b.round == history[-1]["round"] and "round 1/8" not in done.out
     for k in a.weights:
         np.testing.assert_array_equal(a.weights[k], b.weights[k])
     for group in ("m_t", "v_t"):

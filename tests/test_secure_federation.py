@@ -170,17 +170,20 @@ def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_r
     rec = recorders[0]
     assert rec.dropped == 1  # its train reply; the redone aggregation never asks it again
     history = json.loads((run_dir / "history.json").read_text())
-    second = history[1]
+    by_round = {e["round"]: e for e in history}  # round 0: the floor, evaluated untrained
+    assert sorted(by_round) == [0, 1, 2, 3]
+    second = by_round[2]
     assert second["secure_sum"]["sites_trained"] == 3
     assert second["secure_sum"]["retries"] and second["secure_sum"]["retries"][0]["lost"] == 1
-    assert history[0]["secure_sum"]["sites_trained"] == 4
+    assert by_round[1]["secure_sum"]["sites_trained"] == 4
+    assert by_round[0]["secure_sum"]["sites_trained"] is None
     training_sites = [s for s in _sites(cohort, parts, cfg) if s.name != "site_05"]
     n_test = sum(len(s.split.test) for s in training_sites)
     for entry in history:  # pooled metrics every round, on every training site's test split
         assert entry["pooled"] is not None and entry["n_test"] == n_test
         # the held-out site evaluates alone, on all its participants, in plain text
         assert entry["held_out"]["site_05"]["n"] == len(parts["site_05"])
-        assert "site_05" not in entry["sites_trained"]
+        assert "site_05" not in entry.get("sites_trained", [])
     # nothing per site in plain text: only masked uint64 vectors, no counts or histograms
     assert len(rec.replies) > 10
     held_out = {r.metadata.src_node_id for r in rec.replies

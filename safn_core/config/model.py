@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from safn_core.config.base import Section
 
@@ -54,6 +54,13 @@ class ModelConfig(Section):
                                "its own decay train.wide_weight_decay (the default lets the "
                                "regression fade as the deep path takes over); frozen = it stays "
                                "the regression and only the deep path trains")
+
+    @field_validator("wide", mode="before")
+    @classmethod
+    def _off_is_off(cls, value):
+        """YAML reads a bare ``off`` (``--set model.wide=off``, ``wide: off``) as false."""
+        return "off" if value is False else value
+
     feature_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a "
                                    "feature is zeroed (its training mean) in training")
     feature_noise: float = Field(0.0, ge=0.0, description="SD of Gaussian noise added to every "
