@@ -68,3 +68,31 @@ def test_no_step_without_a_strength():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     proximal_step(model, 0.0)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_site_s_round_and_a_centralised_fit_take_the_step():
+    """``model.feature_lasso`` reaches every engine: a federated site's round and fit_by_rounds
+    (a DP site's goes through the same run_epochs hook, safn_core.privacy.engine)."""
+    from safn_core.config import load_config
+    from safn_core.data.sources import load_cohort
+    from safn_core.federation.aggregate import global_preprocessing
+    from safn_core.federation.site import Site
+    from safn_core.training.local import fit_by_rounds, make_model
+
+    cfg = load_config(None, ["synth.n_pd=80", "synth.n_hc=60", "synth.n_without_mri=0",
+                             "synth.n_swedd=0", "synth.n_prodromal=0", "model.feature_lasso=50",
+                             "model.d_model=16", "model.n_heads=2", "model.encoder_hidden=16",
+                             "model.ensemble_size=2"])
+    cohort = load_cohort(cfg.data, cfg.synth)
+    site = Site("s", cohort, cfg)
+    stats, counts = site.describe(check_cells=False)
+    pre, class_counts = global_preprocessing(cohort.modalities, [stats], [counts])
+    names = list(pre.features)
+    model = make_model(cohort.modalities, cfg.model, 0)
+    weights, _, _ = site.train({k: v.detach().numpy() for k, v in model.state_dict().items()},
+                               pre, class_counts, model_cfg=cfg.model, epochs=3, seed=0)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+    assert len(kept_features(model, names)) < len(names)
+    fit = fit_by_rounds(site.arrays(pre, "train"), site.arrays(pre, "val"), cohort.modalities,
+                        cfg.model, cfg.train, 0, rounds=3, epochs_per_round=1)
+    assert len(kept_features(fit.model, names)) < len(names)

@@ -49,6 +49,7 @@ from safn_core.federation.personal_plan import personal_seed
 from safn_core.federation.personal_store import PersonalStore
 from safn_core.federation.site import Site, state_to_numpy
 from safn_core.federation.site_privacy import site_dp
+from safn_core.model.feature_sparsity import lasso_step
 from safn_core.preprocess import Preprocessor
 from safn_core.training.local import (make_loader, make_model, make_optimizer,
                                       parameters_like, run_epochs, validation_metrics)
@@ -113,7 +114,8 @@ class _Trainer:
         if self.dp is None:
             run_epochs(self.model, self.loader, self.optimizer, epochs, cfg.model,
                        self.class_counts, proximal_mu=self.mu if self.anchor_params else 0.0,
-                       global_params=self.anchor_params)
+                       global_params=self.anchor_params,
+                       after_step=lasso_step(self.model, self.optimizer, cfg.model.feature_lasso))
             self.weights = state_to_numpy(self.model)
             return self.weights
         from safn_core.privacy import PrivacyError  # Opacus: only where DP is used

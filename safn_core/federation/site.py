@@ -16,6 +16,7 @@ from sklearn.model_selection import train_test_split
 from safn_core.config import ModelConfig, SafnConfig
 from safn_core.data.cohort import LABEL, Cohort
 from safn_core.metrics import cross_entropy_sum, score_histogram
+from safn_core.model.feature_sparsity import lasso_step
 from safn_core.preprocess import FeatureStats, Preprocessor
 from safn_core.training.local import (Arrays, make_loader, make_model, make_optimizer, predict,
                                       run_epochs)
@@ -113,7 +114,8 @@ class Site:
         optimizer = make_optimizer(model, self.cfg.train)
         loader = make_loader(data, self.cfg.train.batch_size, seed)
         loss = run_epochs(model, loader, optimizer, epochs, model_cfg, class_counts,
-                          proximal_mu=proximal_mu, global_params=global_params)
+                          proximal_mu=proximal_mu, global_params=global_params,
+                          after_step=lasso_step(model, optimizer, model_cfg.feature_lasso))
         return state_to_numpy(model), len(data), loss
 
     def evaluate(self, state: dict, pre: Preprocessor, model_cfg: ModelConfig,

@@ -56,6 +56,7 @@ import safn_core.privacy.grad_samplers  # noqa: F401  (Opacus learns SAFN's own 
 from safn_core.config import ModelConfig, PrivacyConfig, TrainConfig
 from safn_core.data.cohort import Modality
 from safn_core.federation.protocol import WITHHELD, Metric
+from safn_core.model.feature_sparsity import lasso_step
 from safn_core.privacy.budget import SiteBudget
 from safn_core.privacy.calibration import calibrate_noise, sample_rate_for, steps_per_epoch
 from safn_core.privacy.errors import BudgetExhausted, PrivacyError
@@ -366,8 +367,11 @@ class SitePrivacy(SiteBudget):
         with warnings.catch_warnings():
             # Opacus' hooks on the first layers, whose inputs need no gradient: harmless
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+            # the group-lasso step on the released weights: post-processing, no privacy cost
             loss = local.run_epochs(dp_model, _NoiseStepOnEmptyBatch(dp_loader, dp_opt), dp_opt,
-                                    epochs, model_cfg, class_counts)
+                                    epochs, model_cfg, class_counts,
+                                    after_step=lasso_step(dp_model, dp_opt,
+                                                          model_cfg.feature_lasso))
         taken = [(float(s), float(r), int(n)) for s, r, n in engine.accountant.history]
         if any(s != sigma or r != q for s, r, _ in taken):
             raise PrivacyError(f"{self._who}Opacus accounted releases {taken} that differ from "
