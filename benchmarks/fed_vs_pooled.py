@@ -36,7 +36,8 @@ one). Targets, each printed MET / MISSED with its figures:
   * federated > best local-only (mean over seeds) in every row;
   * the DP row's federated ROC-AUC within 0.03 of the synthetic row's (mean of the per-seed
     paired drop synthetic − DP ≤ 0.03);
-  * issue #27, every non-DP row: federated SAFN ≥ federated LR, and |federated − pooled| ≤ 0.01.
+  * issue #27, every non-DP row: federated SAFN ≥ federated LR, and federated SAFN within 0.01
+    of pooled SAFN (federated − pooled ≥ −0.01; a federation above the pooled model is no miss).
 
     .venv/bin/python benchmarks/fed_vs_pooled.py                        # 6 rows × 3 seeds
     .venv/bin/python benchmarks/fed_vs_pooled.py --rows synthetic dp_eps3 --seeds 0 1
@@ -206,10 +207,10 @@ def targets(summary: dict, runs: dict) -> list[dict]:
                     "met": all(f is not None and f >= 0 for f in floor.values()),
                     "figures": ", ".join(f"{n} " + ("no floor" if f is None else f"{f:+.3f}")
                                          for n, f in floor.items())})
-        near = {n: gaps[n] for n in plain}
-        out.append({"target": f"federated SAFN within {FLOOR_GAP} of pooled SAFN in every non-DP "
-                              "row",
-                    "met": all(abs(g) <= FLOOR_GAP for g in near.values()),
+        near = {n: gaps[n] for n in plain}  # not below pooled by more (above is no miss)
+        out.append({"target": f"federated SAFN within {FLOOR_GAP} of pooled SAFN (federated − "
+                              f"pooled ≥ −{FLOOR_GAP}) in every non-DP row",
+                    "met": all(g >= -FLOOR_GAP for g in near.values()),
                     "figures": ", ".join(f"{n} {g:+.3f}" for n, g in near.items())})
     if "dp_eps3" in done and "synthetic" in done:
         base = {r["seed"]: r["federated"] for r in runs["synthetic"] if "failed" not in r}
