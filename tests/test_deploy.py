@@ -127,11 +127,14 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
     assert runs[0]["app_sha256"] == fed.m["app_hash"]
 
     # nothing participant-level left a site: every reply a site sent is a masked vector of one
-    # of the run's secure sums (statistics, scaled statistics, training update, evaluation)
+    # of the run's secure sums (statistics, scaled statistics, the floor's Newton rounds, training
+    # update, evaluation)
     n_params = sum(v.numel() for v in bundle.model.state_dict().values())
     n_features = len(bundle.preprocessor.mean_)
     from safn_core.config import load_config
     from safn_core.federation import secure_records as sr
+    from safn_core.logistic import PENALTIES
+    from safn_core.logistic.packing import newton_packing
 
     fed_cfg = load_config(fed.server_yaml).federation
     sums = [sr.statistics_packing(n_features, fed_cfg, 3).size,
@@ -139,7 +142,10 @@ def test_three_sites_with_tls_and_authentication_train_to_a_bundle(federation):
             sr.train_packing(n_params, fed_cfg, 3).size,
             sr.evaluate_packing(fed_cfg.histogram_bins, fed_cfg, 3).size,
             sr.personalise_packing(3).size,  # the second run's personalised comparison
-            *harmonise_sizes(fed_cfg, bundle)]  # ... and its ComBat sums
+            *harmonise_sizes(fed_cfg, bundle),  # ... and its ComBat sums
+            # the logistic regression floor's Newton rounds (its size: features, candidates)
+            newton_packing(n_features, len(PENALTIES), (1.0, 1.0), fed_cfg.secagg.max_site_examples,
+                           3).size]
     for site in SITES:
         entries = _audit(fed, site)
         assert {e["type"] for e in entries} >= {"query", "train", "evaluate"}
