@@ -57,7 +57,7 @@ from safn_core.training.crossval import cross_validate  # noqa: E402
 # defaults: "paper" is the paper's SAFN (no wide path, one member, validation-loss stopping) with
 # everything else at today's defaults.
 PAPER = {"model.wide": "off", "model.ensemble_size": 1, "train.select": "val_loss",
-         "train.wide_weight_decay": None}
+         "train.wide_weight_decay": None, "train.round0_margin": 0.0}
 # "fading": a trained wide path with a strong decoupled weight decay of its own
 # (train.wide_weight_decay): the regression fades unless the data hold it up
 FADING = {**PAPER, "model.wide": "trained", "train.wide_weight_decay": 30.0}
@@ -143,6 +143,12 @@ VARIANTS: dict[str, dict] = {
     "no_ffn+select_roc_auc": {"model.ffn_hidden": 0, "train.select": "val_roc_auc"},
     "select_roc_auc": {"train.select": "val_roc_auc"},
     "select_calibrated": CALIBRATED,
+    "round0_margin0": {"train.round0_margin": 0.0},
+    "round0_margin1": {"train.round0_margin": 1.0},
+    "round0_margin2": {"train.round0_margin": 2.0},
+    "wide_fading+tabm8+margin1": {**FADING, "model.ensemble_size": 8, "train.round0_margin": 1.0},
+    "wide_trained+tabm8+margin1": {**PAPER, "model.wide": "trained", "model.ensemble_size": 8,
+                                   "train.round0_margin": 1.0},
     "tiny+ema": {"model.d_model": 16, "model.n_heads": 2, "model.encoder_hidden": 32,
                  "model.ffn_hidden": 32, "model.head_hidden": 16,
                  "train.weight_averaging": "ema"},

@@ -148,7 +148,7 @@ def test_without_a_wide_path_nothing_changes():
     a, b = off.state_dict(), on.state_dict()
     assert set(b) - set(a) == {"wide.weight", "wide.bias"}
     for name in a:  # every other layer draws the same initial weights
-        if name.startswith("head.3."):
+        if name.startswith(("head.3.", "gate.score.")):  # the deep output and the gate's scores
             assert torch.all(b[name] == 0) and not torch.all(a[name] == 0), name
         else:
             assert torch.equal(a[name], b[name]), name
@@ -427,3 +427,59 @@ def test_select_val_loss_calibrated_is_the_val_loss_rule_on_the_calibrated_loss(
     assert fit.best_val_loss == min(losses) and fit.history[0]["round"] == 0
     z = local.scores(fit.model, VA)[0]
     assert calibrated_log_loss(z, VA.y) == pytest.approx(fit.best_val_loss, abs=1e-6)
+
+
+# ---- the gate at the start, and the margin round 0 must be beaten by ---------------------------
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_gate_starts_uniform_and_nothing_moves_it_before_the_deep_output_grows(k):
+    """With the deep output at zero the task sends the gate no gradient; the gate's scores start
+    at zero, where the entropy penalty's gradient is zero as well (it would otherwise collapse
+    the gate onto whichever modality its first steps favour)."""
+    conf = cfg("trained", k, sparsity_lambda=0.5)
+    model = SAFN(MODS, conf, seed=0)
+    assert torch.all(model.gate.score.weight == 0)
+    x, mask = torch.from_numpy(TE.x[:8]).float(), torch.ones(8, 2, dtype=torch.bool)
+    mask[0, 1] = False
+    logits, alpha = model(x, mask, return_weights=True, members=True)
+    expected = mask.float() / mask.sum(1, keepdim=True)  # uniform over present modalities
+    assert torch.allclose(alpha if k == 1 else alpha[:, 0], expected)
+    total_loss(logits, torch.from_numpy(TE.y[:8]), alpha, conf, [30, 60]).backward()
+    for p in model.gate.parameters():
+        assert torch.all(p.grad == 0)
+    assert not torch.all(model.head[-1].weight.grad == 0)  # the output layer learns first
+    # without a wide path the gate is initialised as before
+    assert not torch.all(SAFN(MODS, cfg("off", k), seed=0).gate.score.weight == 0)
+
+
+@pytest.mark.parametrize("loss", ["objective", "cross_entropy", "calibrated"])
+def test_validation_losses_are_each_participants_part(loss):
+    from safn_core.training.local import validation_losses
+
+    model = make_model(MODS, cfg("trained", 4), 0)
+    start_from_logistic(model, TR, VA)
+    with torch.no_grad():
+        model.head[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    each = validation_losses(model, VA, model.cfg, TR.class_counts(), loss)
+    mean, _ = validation_metrics(model, VA, model.cfg, TR.class_counts(), loss)
+    assert each.shape == (len(VA),) and float(each.mean()) == pytest.approx(mean, rel=1e-5)
+
+
+def test_a_margin_keeps_round_0_unless_a_trained_round_beats_it_beyond_noise():
+    conf = TRAIN.model_copy(update={"max_epochs": 6, "patience": 6})
+    plain = fit_with_early_stopping(TR, VA, MODS, cfg("trained", 4), conf, 0)
+    assert plain.round0_test is None and plain.selected_round > 0
+    strict = fit_with_early_stopping(TR, VA, MODS, cfg("trained", 4),
+                                     conf.model_copy(update={"round0_margin": 1e6}), 0)
+    test = strict.round0_test
+    assert test["round"] == plain.selected_round and test["keep_round0"]
+    assert test["margin"] == 1e6 and test["se"] > 0
+    assert strict.selected_round == strict.best_epoch == 0
+    assert strict.best_val_loss == strict.history[0]["val_loss"]
+    p, _ = predict(strict.model, TE)
+    np.testing.assert_allclose(p, strict.logistic.predict_proba(TE.x), atol=2e-6)
+    loose = fit_with_early_stopping(TR, VA, MODS, cfg("trained", 4),
+                                    conf.model_copy(update={"round0_margin": 1e-9}), 0)
+    if loose.round0_test["gain"] > 0:  # a real improvement passes a tiny margin
+        assert loose.selected_round == plain.selected_round
+        assert not loose.round0_test["keep_round0"]

@@ -61,6 +61,12 @@ class ModelConfig(Section):
         """YAML reads a bare ``off`` (``--set model.wide=off``, ``wide: off``) as false."""
         return "off" if value is False else value
 
+    feature_lasso: float = Field(
+        0.0, ge=0.0, description="group-lasso strength λ on each feature's first-layer weights "
+                                 "of the deep path, applied as a proximal step after every "
+                                 "optimizer step (safn_core.model.feature_sparsity): features "
+                                 "whose weights reach zero are no longer read by the deep path; "
+                                 "0 = off")
     feature_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a "
                                    "feature is zeroed (its training mean) in training")
     feature_noise: float = Field(0.0, ge=0.0, description="SD of Gaussian noise added to every "
@@ -92,6 +98,12 @@ class TrainConfig(Section):
                                 "loss at its best temperature (blind to the logits' scale, which "
                                 "temperature scaling sets afterwards); last = no early stopping, "
                                 "train.max_epochs epochs")
+    round0_margin: float = Field(
+        0.0, ge=0, description="with a wide path, a trained epoch replaces epoch 0 (the "
+                               "logistic regression) only if its validation loss is lower by "
+                               "more than this many standard errors of the paired "
+                               "per-participant difference (centralised fits, select val_loss "
+                               "or val_loss_calibrated); 0 = the plain rule")
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = Field(

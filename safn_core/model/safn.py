@@ -243,10 +243,16 @@ class SAFN(nn.Module):
         self.n_classes = n_classes
         if cfg.wide != "off":
             # built last, so that every other layer draws the same initial weights as without
-            # it; the deep output starts at zero: the untrained model is the wide path alone
+            # it; the deep output starts at zero: the untrained model is the wide path alone.
+            # The gate's scores start at zero too (α uniform): until the deep output has grown,
+            # no task gradient reaches the gate, and at uniform α the entropy penalty's
+            # gradient is zero as well, so the penalty alone cannot collapse the gate onto one
+            # modality (with Adam, which rescales any gradient, it otherwise does in a few
+            # epochs, onto whichever modality its first steps favour)
             with torch.no_grad():
                 out.weight.zero_()
                 out.bias.zero_()
+                self.gate.score.weight.zero_()
             self.wide = nn.Linear(sum(self.n_features), n_classes)
             with torch.no_grad():
                 self.wide.weight.zero_()
@@ -315,7 +321,7 @@ class SAFN(nn.Module):
     # ----------------------------------------------------------------------------------------
 
     def forward(self, x, mask: Tensor | None = None, return_weights: bool = False,
-                members: bool = False, wide_logits: Tensor | None = None):
+                members: bool = False):
         """Logits (B, n_classes), and with ``return_weights`` also α (B, M).
 
         ``x``: a dict {modality name: (B, n_m)} (a modality missing from the dict is masked for
@@ -348,8 +354,7 @@ class SAFN(nn.Module):
             wide = torch.stack([lin(xm) for lin, xm in zip(self.linear, xs)], dim=-2)  # (.., M, C)
             logits = logits + (alpha.unsqueeze(-1) * wide).sum(dim=-2)
         if self.cfg.wide != "off":  # ungated, added to every member's logits
-            wide = self.wide(torch.cat(flat, dim=1)) if wide_logits is None \
-                else wide_logits.to(logits.dtype)  # (B, C)
+            wide = self.wide(torch.cat(flat, dim=1))  # (B, C)
             logits = logits + (wide.unsqueeze(1) if ensemble else wide)
         if ensemble and not members:
             logits = torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=1) \

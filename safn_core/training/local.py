@@ -32,7 +32,8 @@ from safn_core.data.cohort import LABEL, Modality
 from safn_core.logistic import LogisticFit, fit_pooled
 from safn_core.model import SAFN, total_loss
 from safn_core.metrics import cross_entropy_sum
-from safn_core.model.losses import classification_loss
+from safn_core.model.feature_sparsity import lasso_step
+from safn_core.model.losses import class_balanced_weights, classification_loss
 from safn_core.training.selection import RoundSelection, Select
 
 
@@ -209,27 +210,31 @@ def calibrated_log_loss(z: np.ndarray, y: np.ndarray) -> float:
     z, y = np.asarray(z, dtype=np.float64), np.asarray(y)
     if len(np.unique(y)) < 2:
         return float("nan")
-    sign = np.where(y == 1, 1.0, -1.0)
-    groups = [y == 0, y == 1]
+    return _balanced_loss_at(z, y, _best_scale(z, y))
 
-    def loss(s: float) -> float:
-        each = np.logaddexp(0.0, -s * sign * z)
-        return float(np.mean([each[g].mean() for g in groups]))
 
+def _balanced_loss_at(z: np.ndarray, y: np.ndarray, s: float) -> float:
+    each = np.logaddexp(0.0, -s * np.where(y == 1, 1.0, -1.0) * z)
+    return float(np.mean([each[y == c].mean() for c in (0, 1)]))
+
+
+def _best_scale(z: np.ndarray, y: np.ndarray) -> float:
+    """The scale s in [0, 100] minimising `_balanced_loss_at` (golden-section search; the loss
+    is convex in s)."""
     lo, hi = 0.0, 100.0
     ratio = (math.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = loss(a), loss(b)
+    fa, fb = _balanced_loss_at(z, y, a), _balanced_loss_at(z, y, b)
     for _ in range(60):
         if fa <= fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = loss(a)
+            fa = _balanced_loss_at(z, y, a)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = loss(b)
-    return min(fa, fb, loss(0.0))
+            fb = _balanced_loss_at(z, y, b)
+    return min([(fa, a), (fb, b), (_balanced_loss_at(z, y, 0.0), 0.0)])[1]
 
 
 @dataclass
@@ -245,7 +250,8 @@ class FitResult:
     (`safn_core.logistic.LogisticFit`; None without a wide path, or where it could not be
     fitted: ``logistic_note`` says why), and ``history`` starts with round 0 (epoch 0,
     ``train_loss`` None): that untrained model, which the selection may keep
-    (``selected_round`` = ``best_epoch`` = 0: the model is the logistic regression).
+    (``selected_round`` = ``best_epoch`` = 0: the model is the logistic regression);
+    ``round0_test`` is the margin test of `keep_round0` where it ran (None elsewhere).
     """
 
     model: SAFN
@@ -256,12 +262,14 @@ class FitResult:
     selected_round: int | None = None
     logistic: LogisticFit | None = None
     logistic_note: str | None = None
+    round0_test: dict | None = None
 
 
 def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
                   model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, *, rounds: int,
                   epochs_per_round: int, select: Select = "val_loss",
-                  patience: int | None = None, val_loss: str = "objective") -> FitResult:
+                  patience: int | None = None, val_loss: str = "objective",
+                  round0_margin: float = 0.0) -> FitResult:
     """Train one model on ``train`` the way a federation trains: by rounds, selected by a rule.
 
     Up to ``rounds`` rounds of ``epochs_per_round`` epochs (AdamW, loader and learning-rate
@@ -277,7 +285,9 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
 
     With a wide path (``model.wide`` not off) the model starts as the exact logistic regression
     of ``train`` (penalty chosen on ``val``, `start_from_logistic`), validated as round 0
-    before any training; the selection keeps it unless a later round improves on it.
+    before any training; the selection keeps it unless a later round improves on it. With
+    ``round0_margin`` > 0 (rule ``"val_loss"``) a trained round must improve on it by more than
+    that many standard errors (`keep_round0`); the test is in ``FitResult.round0_test``.
     """
     if rounds < 1 or epochs_per_round < 1:
         raise ValueError(f"rounds and epochs_per_round must be >= 1 (got {rounds}, "
@@ -291,9 +301,10 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
     averaged, average_step = _weight_average(model, train_cfg)
     schedule = lr_schedule(optimizer, train_cfg, steps_per_epoch=len(loader),
                            epochs=rounds * epochs_per_round)
-    after_step = _each(average_step, schedule.step if schedule is not None else None)
+    after_step = _each(lasso_step(model, optimizer, model_cfg.feature_lasso), average_step,
+                       schedule.step if schedule is not None else None)
     kept = averaged if averaged is not None else model  # what is validated and returned
-    best_state, history = None, []
+    best_state, history, start_state = None, [], None
     first = 0 if model_cfg.wide != "off" else 1  # round 0: the logistic regression itself
     for r in range(first, rounds + 1):
         train_loss = None
@@ -305,13 +316,72 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
                         "val_loss": loss, "val_roc_auc": val_auc})
         if selection.update(r, val_loss=loss, val_roc_auc=val_auc):
             best_state = copy.deepcopy(kept.state_dict())
+        if r == 0:
+            start_state = best_state
         if selection.should_stop:
             break
+    best, test = selection.best_round_, None
+    if start_state is not None and best != 0 and round0_margin > 0 and select == "val_loss":
+        test = keep_round0(kept, start_state, best_state, val, model_cfg, counts, val_loss,
+                           round0_margin)
+        test["round"] = best
+        if test["keep_round0"]:
+            best, best_state = 0, start_state
     model.load_state_dict(best_state)
-    best = selection.best_round_
     return FitResult(model, history[-1]["round"] * epochs_per_round, best * epochs_per_round,
                      float(history[best - first]["val_loss"]), history, selected_round=best,
-                     logistic=logistic, logistic_note=note)
+                     logistic=logistic, logistic_note=note, round0_test=test)
+
+
+def keep_round0(model: nn.Module, start_state: dict, best_state: dict, val: Arrays,
+                model_cfg: ModelConfig, class_counts, loss: str, margin: float) -> dict:
+    """Whether the selected trained round improves on round 0 (the logistic regression) by
+    more than ``margin`` standard errors: the paired difference of the two models'
+    per-participant validation losses (`validation_losses`), its mean and standard error.
+
+    On a few hundred participants the lowest of many noisy validation losses is optimistic:
+    where the data hold little beyond the regression, some trained epoch beats it on the
+    validation split by chance. Asking for a margin on the same split keeps the regression
+    unless the split shows more than noise (the "one standard error" rule, with the simpler
+    model the regression). Loads each state into ``model`` in turn; the caller loads the one
+    it keeps.
+    """
+    losses = []
+    for state in (start_state, best_state):
+        model.load_state_dict(state)
+        losses.append(validation_losses(model, val, model_cfg, class_counts, loss))
+    diff = losses[0] - losses[1]  # > 0: the trained round is better
+    n = len(diff)
+    se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else float("inf")
+    gain = float(diff.mean()) if n else 0.0
+    return {"gain": gain, "se": se, "margin": float(margin),
+            "keep_round0": not gain > margin * se}
+
+
+@torch.no_grad()
+def validation_losses(model: nn.Module, data: Arrays, model_cfg: ModelConfig, class_counts,
+                      loss: str = "objective") -> np.ndarray:
+    """Each participant's part of `validation_metrics`' loss (n,): their mean is that loss
+    (``"objective"``: the class-weighted focal or plain cross-entropy of each participant;
+    ``"cross_entropy"``: binary cross-entropy; ``"calibrated"``: the log loss at the best
+    scale, weighted n / (2 n_c) by class so that the mean is the class-balanced loss)."""
+    model.eval()
+    logits = model(torch.from_numpy(data.x), torch.from_numpy(data.mask))
+    y = torch.from_numpy(data.y)
+    if loss == "cross_entropy":
+        p = np.clip(torch.softmax(logits, dim=1)[:, 1].double().numpy(), 1e-7, 1 - 1e-7)
+        return -(data.y * np.log(p) + (1 - data.y) * np.log(1 - p))
+    if loss == "calibrated":
+        z = (logits[:, 1] - logits[:, 0]).double().numpy()
+        s = _best_scale(z, data.y)
+        counts = np.bincount(data.y, minlength=2).astype(np.float64)
+        weight = (len(data.y) / (2.0 * counts))[data.y]
+        return weight * np.logaddexp(0.0, -s * np.where(data.y == 1, 1.0, -1.0) * z)
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    if model_cfg.loss == "ce":
+        return ce.double().numpy()
+    w = class_balanced_weights(class_counts, model_cfg.cb_beta)[y]
+    return (w * (1.0 - torch.exp(-ce)) ** model_cfg.focal_gamma * ce).double().numpy()
 
 
 def start_from_logistic(model: SAFN, train: Arrays, val: Arrays
@@ -427,4 +497,4 @@ def fit_with_early_stopping(train: Arrays, val: Arrays, modalities: tuple[Modali
         select, loss = "val_loss", "calibrated"
     return fit_by_rounds(train, val, modalities, model_cfg, cfg, seed, rounds=cfg.max_epochs,
                          epochs_per_round=1, select=select, patience=cfg.patience,
-                         val_loss=loss)
+                         val_loss=loss, round0_margin=cfg.round0_margin)
