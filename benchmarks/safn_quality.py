@@ -109,6 +109,8 @@ VARIANTS: dict[str, dict] = {
     "wide_fading+tabm32+select_calibrated": {**FADING, "model.ensemble_size": 32, **CALIBRATED},
     "wide_fading+tabm32": {**FADING, "model.ensemble_size": 32},
     "paper+tabm32": {**PAPER, "model.ensemble_size": 32},
+    # issue #13's rows: one change each against the default model (measured in #13 against the
+    # paper's; since #27 the default has the fading wide path and 8 members, so "tabm8" = "SAFN")
     "periodic": {"model.numeric_embedding": "periodic"},
     "periodic_sigma0.02": {"model.numeric_embedding": "periodic", "model.frequency_sigma": 0.02},
     "feature_dropout": {"model.feature_dropout": 0.1},
