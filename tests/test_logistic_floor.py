@@ -16,19 +16,14 @@ from tests.helpers import SMALL_MODEL, write_toy
 pytestmark = pytest.mark.timeout(600)
 
 
-def _simulate_synthetic(tmp_path, *overrides):
-    """A small synthetic federation (5 natural sites) with the floor."""
+def _run(tmp_path, cfg):
+    """A Flower simulation of ``cfg`` in ``tmp_path/run``: (run folder, cfg, cohort, sites)."""
     from safn_core.data.sources import load_cohort
     from safn_core.federation.run_folder import write_config
     from safn.simulations.compare import build_sites
     from safn.simulations.engine import run_flower_simulation
     from safn.simulations.virtual_sites import write_virtual_sites
 
-    cfg = load_config(None, ["synth.n_pd=260", "synth.n_hc=140", "synth.n_without_mri=0",
-                             "synth.n_swedd=0", "synth.n_prodromal=0", "synth.min_site_size=60",
-                             "federation.rounds=1", "model.wide=trained",
-                             f"simulation.site_state_dir={tmp_path / 'state'}", *SMALL_MODEL,
-                             *overrides])
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)
     cohort = load_cohort(cfg.data, cfg.synth)
@@ -36,7 +31,17 @@ def _simulate_synthetic(tmp_path, *overrides):
     write_config(run_dir, dump_config(cfg))
     write_virtual_sites(run_dir, cohort, parts)
     run_flower_simulation(run_dir, cfg, len(parts))
-    return run_dir
+    return run_dir, cfg, cohort, parts
+
+
+def _simulate_synthetic(tmp_path, *overrides):
+    """A small synthetic federation (5 natural sites) with the floor."""
+    cfg = load_config(None, ["synth.n_pd=260", "synth.n_hc=140", "synth.n_without_mri=0",
+                             "synth.n_swedd=0", "synth.n_prodromal=0", "synth.min_site_size=60",
+                             "federation.rounds=1", "model.wide=trained",
+                             f"simulation.site_state_dir={tmp_path / 'state'}", *SMALL_MODEL,
+                             *overrides])
+    return _run(tmp_path, cfg)[0]
 
 
 def test_under_harmonisation_the_floor_is_fitted_on_the_harmonised_data(tmp_path):
@@ -55,26 +60,13 @@ def test_under_harmonisation_the_floor_is_fitted_on_the_harmonised_data(tmp_path
 
 
 def _simulate(tmp_path, *overrides):
-    from safn_core.data.sources import load_cohort
-    from safn_core.federation.run_folder import write_config
-    from safn.simulations.compare import build_sites
-    from safn.simulations.engine import run_flower_simulation
-    from safn.simulations.virtual_sites import write_virtual_sites
-
     csv, mapping = write_toy(tmp_path, n=320)
     cfg = load_config(None, ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}",
                              "simulation.partition=iid", "simulation.n_sites=4",
                              "federation.rounds=2", "federation.select=val_loss",
                              f"simulation.site_state_dir={tmp_path / 'state'}",
                              "model.wide=trained", *SMALL_MODEL, *overrides])
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cohort = load_cohort(cfg.data, cfg.synth)
-    parts = build_sites(cohort, cfg)
-    write_config(run_dir, dump_config(cfg))
-    write_virtual_sites(run_dir, cohort, parts)
-    run_flower_simulation(run_dir, cfg, len(parts))
-    return run_dir, cfg, cohort, parts
+    return _run(tmp_path, cfg)
 
 
 def _pooled(run_dir, cfg, cohort, parts):
