@@ -8,6 +8,9 @@ Three message types, each answered from the site's own data:
   server in the train config), FedProx's proximal term when the strategy asks for it;
 - ``evaluate``: per-class score histograms of the validation and test splits (zeros and a flag
   when a class has fewer than ``min_cell`` people there);
+- ``dp-plan`` (a query, distributed DP runs): the noise multiplier the site's budget needs
+  (`safn.client.distributed_replies`, which also answers such a run's ``train`` messages with a
+  noise share);
 - ``logistic`` (a query, plain runs): a Newton round's sums of the logistic regression floor
   (`safn.client.logistic_replies`; under secure aggregation inside a secure sum);
 - ``personalise`` (a query, personalised runs only): the site's personal model against the
@@ -31,6 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from safn.client import distributed_replies as distributed
 from safn.client import harmonisation_replies as harmonisation
 from safn.client import logistic_replies as logistic
 from safn.client import personal_replies as personal
@@ -77,6 +81,8 @@ def query(msg: Message, context: Context) -> Message:
         return harmonisation.harmonise_reply(msg, context)
     if task == Task.LOGISTIC:
         return logistic.logistic_reply(msg, context)
+    if task == Task.DP_PLAN:
+        return distributed.dp_plan_reply(msg, context)
     reply = describe(msg, context)
     said = reply.content[SITE]
     say("statistics round: " + ("described this site's data" if said[Describe.OK] else
@@ -141,6 +147,8 @@ def train(msg: Message, context: Context) -> Message:
     only its metrics (ε so far) and its one-line reason."""
     config = msg.content[CONFIG]
     site = sc.site_for(context, config)
+    if Config.NOISE_SHARES in config:  # distributed DP: one noise share, no local epochs
+        return distributed.train_reply(msg, context, site, config)
     server_round = int(config[Config.SERVER_ROUND])
     global_weights = sc.global_weights(site, msg.content[ARRAYS], config)
     out = train_round(

@@ -43,7 +43,7 @@ def sums(site: Site, config: ConfigRecord, step: str) -> tuple[dict | None, str 
     """This site's sums of ``step`` (``"means"`` / ``"residuals"``) as arrays, or the one-line
     reason it sends none."""
     shared = shared_config(str(config[Config.SAFN_CONFIG]))
-    if site.cfg.privacy.mode == "dp-sgd" and site.cfg.privacy.statistics == "gaussian":
+    if site.cfg.privacy.dp and site.cfg.privacy.statistics == "gaussian":
         return None, ("this site releases its statistics only through the Gaussian mechanism "
                       "(privacy.statistics: gaussian), and ComBat's sums are exact statistics")
     try:

@@ -63,12 +63,23 @@ def _cache(state_dir: Path, name: str) -> Path:
     return Path(state_dir) / "secagg" / f"{name}.npz"
 
 
-def keep(state_dir: Path, ctx: AggregationContext, values: dict) -> None:
+MIN_PEERS = "__min_peers__"
+"""Kept beside a noise share: the fewest participants a retry may have (n − t: with fewer, the
+honest shares in the sum would carry less noise than the guarantee needs)."""
+
+
+class TooFewShares(Exception):
+    """A retried sum would hold fewer honest noise shares than distributed DP needs."""
+
+
+def keep(state_dir: Path, ctx: AggregationContext, values: dict,
+         min_peers: int | None = None) -> None:
     """Keep what this site sums under ``ctx`` (its own disk; replaced by the next one)."""
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, __context__=np.frombuffer(_which(ctx), dtype=np.uint8),
+    extra = {} if min_peers is None else {MIN_PEERS: np.asarray(int(min_peers))}
+    np.savez(buf, __context__=np.frombuffer(_which(ctx), dtype=np.uint8), **extra,
              **{k: np.asarray(v) for k, v in values.items()})
     path = _cache(state_dir, ctx.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,10 +103,12 @@ def _which(ctx: AggregationContext) -> bytes:
     return ctx.with_attempt(0).info()
 
 
-def mask(sess: SiteSession, state_dir: Path, config: ConfigRecord, values: dict) -> np.ndarray:
-    """``values`` kept on disk, then encoded and masked for the message's context and peers."""
+def mask(sess: SiteSession, state_dir: Path, config: ConfigRecord, values: dict,
+         min_peers: int | None = None) -> np.ndarray:
+    """``values`` kept on disk, then encoded and masked for the message's context and peers.
+    ``min_peers``: a retry of this sum needs at least that many participants (noise shares)."""
     ctx = context_of(str(config[CONTEXT]))
-    keep(state_dir, ctx, values)
+    keep(state_dir, ctx, values, min_peers)
     return sess.masked(values, Packing.from_dict(json.loads(str(config[PACKING]))), ctx,
                        peers_of(config))
 
@@ -105,5 +118,11 @@ def remask(sess: SiteSession, state_dir: Path, config: ConfigRecord) -> np.ndarr
     coordinator redoes an aggregation another site dropped out of)."""
     ctx = context_of(str(config[CONTEXT]))
     values = kept(state_dir, ctx)
+    floor = values.pop(MIN_PEERS, None)
+    parties = len(set(peers_of(config)) | {sess.own_id})
+    if floor is not None and parties < int(floor):
+        raise TooFewShares(f"secure sum {ctx.name} of round {ctx.round}: a retry with {parties} "
+                           f"sites would hold fewer than the {int(floor)} noise shares "
+                           f"distributed DP needs; this site's share is not sent again")
     return sess.masked(values, Packing.from_dict(json.loads(str(config[PACKING]))), ctx,
                        peers_of(config))

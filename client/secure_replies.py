@@ -49,6 +49,9 @@ def secagg_mask(msg: Message, context: Context) -> Message:
     content = {}
     try:
         vector = secure.remask(sess, state, config)
+    except secure.TooFewShares as exc:
+        say(str(exc))
+        raise
     except ValueError:
         step = harmonisation.step_of(ctx.name)
         if step is not None:  # federated ComBat's sums (or zeros and the site's reason)

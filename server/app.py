@@ -35,11 +35,12 @@ from safn_core.federation.federated_bundle import (FederatedRun, NoSiteTrained, 
 from safn_core.federation.protocol import MODEL, Config, RunEnd
 from safn_core.federation.run_folder import load_run_config, run_dir_from, write_data_sources
 from safn_core.federation.sampling import sites_per_round
-from safn_core.federation.secure_records import evaluate_packing, train_packing
+from safn_core.federation.secure_records import evaluate_packing, share_packing, train_packing
 from safn_core.io import write_json
 from safn_core.preprocess import Preprocessor
 from safn_core.secagg import SecureAggregationRefused, SecureSumFailed
 from safn.server.central_dp import CentralDP
+from safn.server.distributed_dp import DistributedDP, DistributedDPStopped, plan_distributed
 from safn.server.logistic_floor import fit_floor, floor_record, floor_wanted
 from safn.server.round_book import RoundBook
 from safn.server.run_context import RunContext
@@ -47,10 +48,12 @@ from safn.server.run_end import tell_sites_run_ended
 from safn.server.run_setup import RunSetup, prepare_run
 from safn.server.secure_strategy import SecureSum
 from safn.server.site_waits import SitesMissing
-from safn.server.strategies import flower_strategy, optimizer_state, restore_optimizer_state
+from safn.server.strategies import (distributed_optimizer, flower_strategy, optimizer_state,
+                                    restore_optimizer_state)
 from safn.server.strategy import SafnStrategy, StrategyOptions
 
-RUN_STOPPERS = (SitesMissing, SecureAggregationRefused, SecureSumFailed, NoSiteTrained)
+RUN_STOPPERS = (SitesMissing, SecureAggregationRefused, SecureSumFailed, NoSiteTrained,
+                DistributedDPStopped)
 """What ends a run as failed (with its checkpoint intact), not as a crash."""
 
 
@@ -80,9 +83,14 @@ class Coordinator:
     def _train(self, setup: RunSetup, book: RoundBook, evaluate_first: bool = False) -> None:
         run, fed, seed = self.run, self.run.cfg.federation, self.run.cfg.train.seed
         state = book.state
-        base = flower_strategy(fed)
+        sites, distributed = setup.sites, None
+        if run.cfg.privacy.mode == "distributed":  # σ for the run, and who can pay for it
+            plan, sites = plan_distributed(run, setup.sites)
+            distributed = DistributedDP(plan, book.layout.size, fed.secagg.max_site_examples)
+        base = (distributed_optimizer(run.cfg.privacy, fed) if distributed is not None
+                else flower_strategy(fed))
         restore_optimizer_state(base, state.strategy_state)
-        parties = len(setup.sites.eligible)
+        parties = len(sites.eligible)
         m = sites_per_round(parties, fed.fraction_train, fed.min_sites)
         # a simulation seeds central DP's noise from the run's seed (reproducible); a
         # deployment never does (the seed is public: the noise could be regenerated)
@@ -91,13 +99,15 @@ class Coordinator:
         secure = None
         if setup.secure is not None:
             secure = SecureSum(setup.secure, {
-                "train": train_packing(book.layout.size, fed, parties),
+                "train": (share_packing(book.layout.size, parties) if distributed is not None
+                          else train_packing(book.layout.size, fed, parties)),
                 "evaluate": evaluate_packing(fed.histogram_bins, fed, parties)})
         # without secure aggregation the coordinator clips (Flower's DP wrapper); under it the
         # sites clip and the strategy noises the securely summed mean
         inner = central.wrap(base) if central is not None and secure is None else base
-        strategy = SafnStrategy(inner, StrategyOptions.from_config(fed, seed), setup.sites,
-                                secure=secure, central_dp=central, events=run.events)
+        strategy = SafnStrategy(inner, StrategyOptions.from_config(fed, seed), sites,
+                                secure=secure, central_dp=central, distributed=distributed,
+                                events=run.events)
         pre = Preprocessor.from_state(state.preprocessing)
         config = ConfigRecord({
             Config.PRE_MEAN: pre.mean_.tolist(), Config.PRE_SCALE: pre.scale_.tolist(),

@@ -67,6 +67,9 @@ def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:
     names = {n: setup.sites.name(n) for n in nodes}
     n_features = len(pre.features)
     try:
+        if run.cfg.privacy.mode == "distributed":
+            raise FloorSkipped("distributed DP (privacy.mode: distributed): the floor's exact "
+                               "sums of the training splits are outside the guarantee")
         if run.cfg.federation.central_dp.enabled:
             raise FloorSkipped("central DP (federation.central_dp) releases only noised models, "
                                "and an exact logistic regression in the model would bypass it")

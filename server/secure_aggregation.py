@@ -92,9 +92,11 @@ class SecureAggregation:
     # -- sums ---------------------------------------------------------------------------------
 
     def finish(self, ctx: AggregationContext, packing: Packing, participants: list[int],
-               vectors: dict[int, np.ndarray]) -> SecureSumResult:
+               vectors: dict[int, np.ndarray], min_parties: int | None = None
+               ) -> SecureSumResult:
         """The sum of the participants' masked vectors; when some are missing, the aggregation
-        is redone with the survivors and fresh keys (bounded attempts)."""
+        is redone with the survivors and fresh keys (bounded attempts), with at least
+        ``min_parties`` of them (default: the run's minimum)."""
         ok = {n: v for n, v in vectors.items()
               if isinstance(v, np.ndarray) and v.dtype == np.uint64 and v.shape == (packing.size,)}
         if set(ok) == set(participants):
@@ -104,8 +106,10 @@ class SecureAggregation:
         lost = sorted(set(participants) - set(ok))
         self.events.emit(Event.SECURE_RETRY, aggregation=ctx.name, round=ctx.round,
                          lost=len(lost), others=len(ok))
+        floor = self.min_parties if min_parties is None else max(self.min_parties,
+                                                                  int(min_parties))
         result = secure_sum(sorted(ok), self._request(packing), packing,
-                            lambda attempt: ctx.with_attempt(attempt + 1), self.min_parties,
+                            lambda attempt: ctx.with_attempt(attempt + 1), floor,
                             self.max_attempts)
         self.retries.append({"aggregation": ctx.name, "round": ctx.round, "lost": len(lost),
                              "attempts": result.attempts + 1})

@@ -66,7 +66,7 @@ class SecureSum:
         self._open[name] = (ctx, ids)
         return OnlyNodes(grid, ids)
 
-    def _sum(self, name: str, replies: list[Message]):
+    def _sum(self, name: str, replies: list[Message], min_parties: int | None = None):
         ctx, ids = self._open.pop(name)
         vectors = {}
         for m in replies:
@@ -76,7 +76,12 @@ class SecureSum:
             arr = m.content.array_records.get(ARRAYS)
             if arr is not None and MASKED in arr:
                 vectors[m.metadata.src_node_id] = arr[MASKED].numpy()
-        return self.driver.finish(ctx, self.packings[name], ids, vectors)
+        return self.driver.finish(ctx, self.packings[name], ids, vectors, min_parties)
+
+    def shares_sum(self, replies: list[Message], min_parties: int) -> dict:
+        """Distributed DP: the decoded sum of the sites' noise shares, their training-split
+        sizes and count; a retry after a dropout needs ``min_parties`` (n − t) sites."""
+        return self._sum("train", replies, min_parties).values
 
     def train_mean(self, replies: list[Message]) -> SecureTrainResult:
         """FedAvg's example-weighted mean from the sums of the sites' ``n·w`` and ``n``."""

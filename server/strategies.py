@@ -14,14 +14,14 @@ what a checkpoint must keep of a strategy: `optimizer_state` / `restore_optimize
 from __future__ import annotations
 
 import numpy as np
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
-from safn_core.config import FederationConfig
+from safn_core.config import FederationConfig, PrivacyConfig
 from safn.server.screening import evaluate_metrics, train_metrics
 
 FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam,
                      "fedyogi": FedYogi}
-OPTIMIZER_STATE = ("m_t", "v_t")
+OPTIMIZER_STATE = ("m_t", "v_t", "momentum_vector")
 
 
 def flower_strategy(fed: FederationConfig) -> Strategy:
@@ -37,11 +37,28 @@ def flower_strategy(fed: FederationConfig) -> Strategy:
     return FLOWER_STRATEGIES[fed.strategy](**kwargs)
 
 
+def distributed_optimizer(privacy: PrivacyConfig, fed: FederationConfig) -> Strategy:
+    """Distributed DP's step on the noised mean gradient (`safn.server.distributed_dp`):
+    Flower's FedAdam (``adam``: η the learning rate, β₁ the momentum, β₂ and τ from
+    ``federation``) or FedAvgM (``sgd``: server learning rate and momentum)."""
+    d = privacy.distributed
+    kwargs = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                  min_evaluate_nodes=1, min_available_nodes=1,
+                  train_metrics_aggr_fn=train_metrics, evaluate_metrics_aggr_fn=evaluate_metrics)
+    if d.optimizer == "adam":
+        return FedAdam(eta=d.learning_rate, beta_1=d.momentum, beta_2=fed.beta_2, tau=fed.tau,
+                       **kwargs)
+    return FedAvgM(server_learning_rate=d.learning_rate, server_momentum=d.momentum, **kwargs)
+
+
 def optimizer_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
-    """FedAdam/FedYogi's moments (empty for FedAvg/FedProx and before the first step)."""
+    """FedAdam/FedYogi's moments, FedAvgM's momentum (empty for FedAvg/FedProx and before the
+    first step)."""
     state = {}
     for name in OPTIMIZER_STATE:
         value = getattr(strategy, name, None)
+        if isinstance(value, list):  # FedAvgM's momentum: a list of arrays
+            value = {str(i): v for i, v in enumerate(value)}
         if value:
             state[name] = {k: np.asarray(v) for k, v in value.items()}
     return state
@@ -52,4 +69,7 @@ def restore_optimizer_state(strategy: Strategy, state: dict[str, dict[str, np.nd
     them ignores them, as Flower's FedAvg would)."""
     for name, value in state.items():
         if name in OPTIMIZER_STATE and hasattr(strategy, name):
-            setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})
+            if isinstance(getattr(strategy, name), list) or name == "momentum_vector":
+                setattr(strategy, name, [np.asarray(value[k]) for k in sorted(value, key=int)])
+            else:
+                setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})

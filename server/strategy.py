@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 from logging import INFO
 
@@ -43,12 +44,15 @@ from safn_core.config import FederationConfig
 from safn_core.federation.events import EventLog
 from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, WITHHELD, Config, Metric,
                                            evaluation_from_metrics)
-from safn_core.federation.round_record import RoundRecord
+from safn_core.federation.round_record import RoundRecord, SecureTrainSum
 from safn_core.federation.sampling import sample_sites
 from safn.server import screening
 from safn.server.central_dp import CentralDP
 from safn.server.secure_strategy import SecureSum
 from safn.server.site_waits import OnlyNodes, await_rejoin, wait_for_nodes
+
+if TYPE_CHECKING:
+    from safn.server.distributed_dp import DistributedDP
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ class _Round:
     evaluated: dict = field(default_factory=dict)
     secure_evaluation: object = None
     central_dp: dict | None = None
+    shares: object = None  # distributed DP: the round's noise plan (`NoiseShares`)
+    distributed_dp: dict | None = None
 
 
 class SafnStrategy(Strategy):
@@ -118,6 +124,7 @@ class SafnStrategy(Strategy):
 
     def __init__(self, inner: Strategy, options: StrategyOptions, sites: RunSites, *,
                  secure: SecureSum | None = None, central_dp: CentralDP | None = None,
+                 distributed: "DistributedDP | None" = None,
                  events: EventLog | None = None, expected: Mapping[str, tuple] | None = None):
         if central_dp is not None and secure is None \
                 and not hasattr(inner, "num_sampled_clients"):
@@ -128,6 +135,9 @@ class SafnStrategy(Strategy):
         self.sites = sites
         self.secure = secure
         self.central_dp = central_dp
+        if distributed is not None and (secure is None or central_dp is not None):
+            raise ValueError("distributed DP needs secure aggregation and no central DP")
+        self.distributed = distributed
         self.events = events if events is not None else EventLog(None, None)
         self._expected = None if expected is None else dict(expected)
         self._away: set[int] = set()  # sites of the run no longer waited for (await_rejoin)
@@ -142,6 +152,11 @@ class SafnStrategy(Strategy):
             o.min_sites, o.wait_for_sites, o.rejoin_wait)
         log(INFO, "\t│\t└──Held-out sites (evaluation only): %d", len(self.sites.held_out))
         log(INFO, "\t├──> Secure aggregation: %s", "on" if self.secure else "off")
+        if self.distributed is not None:
+            p = self.distributed.plan
+            log(INFO, "\t├──> Distributed DP-SGD: σ %.4g, q %s, C %s, against %d colluding "
+                "sites; one noised gradient step per round", p.noise_multiplier, p.sample_rate,
+                p.clipping_norm, p.colluding)
         if self.central_dp is not None:
             log(INFO, "\t├──> Central DP: σ %s, C %s, %d sites per round",
                 self.central_dp.noise_multiplier, self.central_dp.clipping_norm,
@@ -224,7 +239,7 @@ class SafnStrategy(Strategy):
             held_out=self.sites.held_out_names,
             secure_train=w.secure_train, secure_evaluation=w.secure_evaluation,
             retries=self.secure.retries(w.r) if secure else (), central_dp=w.central_dp,
-            secure=secure)
+            distributed_dp=w.distributed_dp, secure=secure)
 
     # -- choosing sites -----------------------------------------------------------------------
 
@@ -265,6 +280,8 @@ class SafnStrategy(Strategy):
         if self.secure is not None:
             chosen = self.secure.start(grid, "train", r, chosen.get_node_ids(), config,
                                        next_name="evaluate")
+        if self.distributed is not None:  # the round's noise plan, sized for its secure sum
+            self._round.shares = self.distributed.configure(config, len(chosen.get_node_ids()))
         self._round.sent = list(self.inner.configure_train(r, arrays, config, chosen))
         return self._round.sent
 
@@ -297,6 +314,8 @@ class SafnStrategy(Strategy):
         w = self._round
         for m in replies:
             screening.note_reply(m, self._site(m), w.train)
+        if self.distributed is not None:
+            return self._aggregate_shares(r, replies)
         total = self.secure.train_mean(replies)
         w.secure_train = total.summary
         if total.summary.sites < self.options.min_sites or total.mean is None:
@@ -314,6 +333,24 @@ class SafnStrategy(Strategy):
                 Metric.NUM_EXAMPLES: total.summary.examples,
                 Metric.TRAIN_LOSS: (WITHHELD if total.summary.train_loss is None
                                     else total.summary.train_loss)})}),
+            dst_node_id=0, message_type=MessageType.TRAIN)
+        return self.inner.aggregate_train(r, [reply])
+
+    def _aggregate_shares(self, r: int, replies: list[Message]):
+        """Distributed DP: the noised mean gradient from the sum of noise shares (a retry needs
+        n − t of them), then Flower's optimiser step on it (handed ``w − g`` as the mean)."""
+        w = self._round
+        values = self.secure.shares_sum(replies, w.shares.honest)
+        grad, w.distributed_dp = self.distributed.gradient(w.shares, values)
+        w.secure_train = SecureTrainSum(int(values["sites"]), int(values["examples"]), None)
+        if grad is None:
+            w.train.rejected.append(screening.too_few(int(values["sites"]), w.shares.honest))
+            return None, None
+        key = next(iter(self._expected))
+        reply = Message(RecordDict({
+            ARRAYS: ArrayRecord({key: Array(w.current - grad)}),
+            METRICS: MetricRecord({Metric.NUM_EXAMPLES: int(values["examples"]),
+                                   Metric.TRAIN_LOSS: WITHHELD})}),
             dst_node_id=0, message_type=MessageType.TRAIN)
         return self.inner.aggregate_train(r, [reply])
 

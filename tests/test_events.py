@@ -67,6 +67,8 @@ EXAMPLES = {
                               covariates=["AGE"], secure=True),
     Event.LOGISTIC: dict(code="fitted", sites=3, participants=200, iterations=9, penalty=10.0,
                          converged=True, clipped=0, secure=True),
+    Event.DP_PLAN: dict(code="planned", noise_multiplier=1.62, sample_rate=0.2,
+                        clipping_norm=1.0, colluding=1, rounds=30, sites=5),
     Event.REJOIN: dict(code="back", round=4, sites=["b"], seconds=3.0),
     Event.SECURE_RETRY: dict(aggregation="train", round=2, lost=1, others=3),
     Event.ROUND: dict(entry={"round": 1, "train_loss": 0.5,

@@ -10,6 +10,23 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from safn_core.config.base import Section
 
 
+class DistributedDPConfig(Section):
+    """Distributed DP-SGD (``privacy.mode: distributed``; docs/privacy.md): every round is one
+    DP-SGD step over the union of the sites' Poisson samples, each site adding a share of the
+    noise inside the secure sum. Run-level settings: the coordinator's apply to every site."""
+
+    sample_rate: float = Field(
+        0.2, gt=0, le=1, description="Poisson sampling rate q of every site's training split")
+    colluding_sites: int = Field(
+        1, ge=0, description="t: the guarantee holds against the coordinator with up to t "
+                             "colluding or dropped-out sites (a round needs max(3, t + 2) sites)")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="the coordinator's step on the noised mean gradient: adam "
+                            "(Flower's FedAdam) or sgd with momentum (Flower's FedAvgM)")
+    learning_rate: float = Field(0.01, gt=0, description="the coordinator's step size")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's momentum; adam's β₁")
+
+
 class PrivacyConfig(Section):
     """A site's differential privacy (docs/privacy.md): DP-SGD through Opacus, its own budget.
 
@@ -21,7 +38,11 @@ class PrivacyConfig(Section):
     top level applies to every virtual site not listed).
     """
 
-    mode: Literal["off", "dp-sgd"] = "off"
+    mode: Literal["off", "dp-sgd", "distributed"] = Field(
+        "off", description="off; dp-sgd (each site noises its own updates: holds against "
+                           "everyone); distributed (noise shares under secure aggregation: "
+                           "holds against the coordinator with up to privacy.distributed."
+                           "colluding_sites sites)")
     epsilon: float | None = Field(
         None, gt=0, description="total ε budget of the site's ledger; required for dp-sgd")
     delta: float | None = Field(
@@ -47,6 +68,7 @@ class PrivacyConfig(Section):
     secure_rng: bool = Field(
         False, description="Opacus' secure mode (a CSPRNG for noise and sampling; needs "
                            "torchcsprng, refused where it cannot be imported)")
+    distributed: DistributedDPConfig = Field(default_factory=DistributedDPConfig)
     sites: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="simulation only: per-virtual-site overrides of the keys above")
@@ -59,13 +81,13 @@ class PrivacyConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PrivacyConfig":
-        if self.mode == "dp-sgd" and self.epsilon is None:
-            raise ValueError("privacy.epsilon is required when privacy.mode is 'dp-sgd' "
+        if self.mode != "off" and self.epsilon is None:
+            raise ValueError(f"privacy.epsilon is required when privacy.mode is '{self.mode}' "
                              "(the site's total budget, e.g. epsilon: 3.0)")
         if self.statistics == "gaussian":
-            if self.mode != "dp-sgd":
-                raise ValueError("privacy.statistics 'gaussian' needs privacy.mode 'dp-sgd' "
-                                 "(its spend is kept in the DP ledger)")
+            if self.mode == "off":
+                raise ValueError("privacy.statistics 'gaussian' needs privacy.mode 'dp-sgd' or "
+                                 "'distributed' (its spend is kept in the DP ledger)")
             if self.statistics_epsilon is None:
                 raise ValueError("privacy.statistics_epsilon is required when "
                                  "privacy.statistics is 'gaussian' (e.g. 0.1 · epsilon)")
@@ -83,6 +105,11 @@ class PrivacyConfig(Section):
         for name in self.sites:
             self.for_site(name)  # every override must give a valid configuration
         return self
+
+    @property
+    def dp(self) -> bool:
+        """Whether the site trains under a DP guarantee (either mode)."""
+        return self.mode != "off"
 
     def for_site(self, name: str | None) -> "PrivacyConfig":
         """The settings of site ``name``: the top level updated by its ``sites`` entry."""

@@ -38,3 +38,33 @@ class SafnConfig(Section):
                 "each site's values to the other. Add sites, or set "
                 "federation.secure_aggregation: false explicitly if you accept that exposure")
         return self
+
+    @model_validator(mode="after")
+    def _distributed_dp(self) -> "SafnConfig":
+        from safn_core.privacy.noise_shares import min_sites
+
+        if self.privacy.mode != "distributed":
+            return self
+        problems = []
+        if not self.federation.secure_aggregation:
+            problems.append("federation.secure_aggregation must be true (the noise shares "
+                            "protect only inside a secure sum); use privacy.mode: dp-sgd "
+                            "without secure aggregation")
+        if self.federation.central_dp.enabled:
+            problems.append("federation.central_dp must be off (distributed DP already noises "
+                            "every round's sum)")
+        if self.personalisation.enabled:
+            problems.append("personalisation must be off (personal models would need local "
+                            "DP-SGD of their own; not supported with distributed DP)")
+        need = min_sites(self.privacy.distributed.colluding_sites)
+        if self.federation.min_sites < need:
+            problems.append(f"federation.min_sites must be at least {need} = max(3, "
+                            f"privacy.distributed.colluding_sites + 2)")
+        training = set(self.server.sites) - set(self.server.held_out_sites)
+        if self.server.sites and len(training) < need:
+            problems.append(f"server.sites lists {len(training)} training sites; distributed DP "
+                            f"against {self.privacy.distributed.colluding_sites} colluding "
+                            f"sites needs at least {need}")
+        if problems:
+            raise ValueError("privacy.mode 'distributed': " + "; ".join(problems))
+        return self

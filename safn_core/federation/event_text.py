@@ -65,6 +65,21 @@ def _harmonisation(e: dict) -> str:
             + ("; securely summed)" if e.get("secure") else ")"))
 
 
+def _dp_plan(e: dict) -> str:
+    code = e["code"]
+    if code == "declined":
+        return f"distributed DP: site {e['site']} takes no part: {e['reason']}"
+    if code == "stopped":
+        return f"distributed DP: the run cannot start: {e['reason']}"
+    if code == "kept":
+        return (f"distributed DP: the run's plan kept (σ {e['noise_multiplier']:.4g}, "
+                f"{e['sites']} sites)")
+    return (f"distributed DP: σ {e['noise_multiplier']:.4g} (the largest any of the "
+            f"{e['sites']} sites' remaining budgets needs for {e['rounds']} rounds), sampling "
+            f"rate {e['sample_rate']:g}, clipping norm {e['clipping_norm']:g}; the guarantee "
+            f"holds against the coordinator with up to {e['colluding']} colluding sites")
+
+
 def _logistic(e: dict) -> str:
     code = e["code"]
     if code == "kept":
@@ -135,6 +150,7 @@ _TEXT: dict[str, Callable[[dict], str]] = {
     Event.NOTE: _note,
     Event.HARMONISATION: _harmonisation,
     Event.LOGISTIC: _logistic,
+    Event.DP_PLAN: _dp_plan,
     Event.REJOIN: _rejoin,
     Event.SECURE_RETRY: lambda e: (f"secure aggregation {e['aggregation']} round {e['round']}: "
                                    f"{e['lost']} site(s) did not answer; redoing it with the "

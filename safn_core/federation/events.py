@@ -37,6 +37,7 @@ class Event:
     NOTE = "note"  # a resume's note (code): data changed, selection rule kept
     HARMONISATION = "harmonisation"  # ComBat fitted / kept / clipped (code)
     LOGISTIC = "logistic"  # the logistic regression floor fitted / kept / skipped (code)
+    DP_PLAN = "dp_plan"  # distributed DP: planned / kept / a site declined / stopped (code)
     REJOIN = "rejoin"  # a round's wait for reconnecting sites (code: waiting/back/gone)
     SECURE_RETRY = "secure_retry"  # a secure sum redone without the sites that dropped out
     ROUND = "round"  # a round's history entry

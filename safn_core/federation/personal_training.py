@@ -86,7 +86,7 @@ class _Trainer:
         self.lr = site.cfg.personalisation.lr or site.cfg.train.lr
         self.calls = 0
         self.dp = None
-        if privacy.mode == "dp-sgd":
+        if privacy.dp:
             self.dp = site_dp(site, pre, privacy, state_dir=state_dir, run_id=run_id,
                               rounds=site.cfg.federation.rounds,
                               epochs=site.cfg.federation.local_epochs, lr=self.lr)

@@ -74,6 +74,7 @@ class Task:
     PERSONALISE = "personalise"    # personalisation: each site's personal vs the global model
     HARMONISE = "harmonise"        # federated ComBat, plain: a site's sums (Config.HARMONISE_STEP)
     LOGISTIC = "logistic"          # the logistic regression floor, plain: a Newton round's sums
+    DP_PLAN = "dp-plan"            # distributed DP: the noise multiplier a site's budget needs
 
 
 class RunEnd:
@@ -115,6 +116,9 @@ class Config:
     # the logistic regression floor (`safn_core.federation.site_logistic`)
     LOGISTIC_BETAS = "logistic-betas"      # every candidate's coefficients, flat (K × (1 + F))
     LOGISTIC_WEIGHTS = "logistic-weights"  # the balanced class weights (HC, PD)
+    # distributed DP (`safn_core.federation.site_distributed`): the round's noise plan (JSON
+    # `NoiseShares`); a training message that carries it asks for a noise share, not local epochs
+    NOISE_SHARES = "noise-shares"
 
 
 class SecAgg:
@@ -157,6 +161,8 @@ class Metric:
     NOISE_MULTIPLIER = "noise-multiplier"
     DP_STEPS = "dp-steps"
     REFUSED = "refused"                # 1: the site did not train (reason in ``REFUSAL``)
+    # distributed DP's plan (``dp-plan``): the smallest σ the site's remaining budget allows
+    NEEDED_SIGMA = "needed-noise-multiplier"
     # evaluation, plain: per-class score histograms
     VAL_NEG = "val-neg"
     VAL_POS = "val-pos"

@@ -54,6 +54,7 @@ class RoundRecord:
     secure_evaluation: SecureEvaluation | None = None
     retries: tuple[dict, ...] = ()  # secure sums redone without sites that dropped out
     central_dp: dict | None = None  # the central DP release of this round
+    distributed_dp: dict | None = None  # distributed DP: the round's mechanism and sum
     secure: bool = False  # the round's sums were secure sums
 
 
@@ -83,6 +84,8 @@ def round_entry(record: RoundRecord, history: list[dict], min_cell: int,
         entry["refused"] = refused
     if record.central_dp is not None:
         entry["central_dp"] = central_entry(record.central_dp, history, central_delta)
+    if record.distributed_dp is not None:
+        entry["distributed_dp"] = dict(record.distributed_dp)
     hists = dict(record.evaluated)
     external = {k: hists.pop(k) for k in list(hists) if k in record.held_out}
     if record.secure_evaluation is not None:

@@ -144,6 +144,19 @@ def train_values(vector: np.ndarray | None, n: int, loss: float | None, bound: f
             "loss_examples": int(n) if reported else 0, "sites": 1}
 
 
+def share_packing(n_weights: int, parties: int) -> Packing:
+    """Distributed DP's training sum (`safn_core.privacy.noise_shares`): each site's noised
+    clipped gradient sum as integers on the plan's grid (a ``ring`` field: never clipped, its
+    Gaussian tails intact), its training-split size and 1 (0 when it sends zeros)."""
+    return Packing((Field.ring("share", (n_weights,)), Field.count("examples"),
+                    Field.count("sites")), max_parties=parties)
+
+
+def share_zeros(n_weights: int) -> dict:
+    """What a site that sends no share puts in the sum (so every other site's masks cancel)."""
+    return {"share": np.zeros(n_weights, dtype=np.int64), "examples": 0, "sites": 0}
+
+
 def evaluate_packing(bins: int, fed: FederationConfig, parties: int) -> Packing:
     b = fed.secagg
     return Packing((Field.count("val", (2, bins)), Field.count("test", (2, bins)),

@@ -43,7 +43,7 @@ def betas_from(flat, n_features: int) -> np.ndarray:
 
 def refusal(site, secure: bool) -> str | None:
     """Why this site does not send the floor's sums (None: it does)."""
-    if site.cfg.privacy.mode == "dp-sgd":
+    if site.cfg.privacy.dp:
         return REFUSAL_DP
     if not secure:
         counts = np.bincount(site.cohort.table.loc[site.split.train, LABEL].to_numpy(),

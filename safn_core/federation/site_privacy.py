@@ -138,7 +138,7 @@ def site_statistics(site: Site, *, request: PrivacyConfig | None, state_dir: Pat
         privacy = effective_privacy(site, request)
     except (SafnError, ValueError) as exc:
         return StatisticsOutcome(None, None, None, _reason(site, exc))
-    if privacy.mode != "dp-sgd" or privacy.statistics != "gaussian":
+    if not privacy.dp or privacy.statistics != "gaussian":
         try:
             stats, counts = site.describe(check_cells=check_cells)
         except SmallCell as exc:
@@ -177,7 +177,7 @@ def train_round(site: Site, state: dict, pre: Preprocessor, class_counts: list[i
         privacy = effective_privacy(site, request)
     except (SafnError, ValueError) as exc:  # PrivacyError is a SafnError
         return _refused(_reason(site, exc), None, True)
-    if privacy.mode != "dp-sgd":
+    if not privacy.dp:  # a distributed-mode site outside a distributed run: local DP-SGD
         weights, n, loss = site.train(state, pre, class_counts, model_cfg=site.cfg.model,
                                       epochs=epochs, seed=seed, proximal_mu=proximal_mu)
         return RoundOutcome(weights, _off_metrics(n, loss), None, loss)

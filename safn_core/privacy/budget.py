@@ -36,7 +36,7 @@ class SiteBudget:
         self.site = site
         self.n_train = int(n_train)
         who = self._who = f"site {site}: " if site else ""
-        if self.cfg.mode != "dp-sgd":
+        if not self.cfg.dp:
             raise PrivacyError(f"{who}privacy.mode is 'off' at this site: it has no privacy "
                                f"budget and no DP release")
         if self.n_train < 2:

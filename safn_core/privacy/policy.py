@@ -21,7 +21,13 @@ def resolve_privacy(site: PrivacyConfig, req: PrivacyConfig | None = None) -> Pr
 
     - A request for ``mode: off`` never turns a site's DP off.
     - A request for ``dp-sgd`` turns DP on at a site that has it off (the request's ε, δ and
-      clipping norm), and at a DP site can only lower ε and δ (the smaller of the two wins).
+      clipping norm), and at a DP site can only lower ε and δ (the smaller of the two wins). A
+      site on ``distributed`` then trains with local DP-SGD: a stronger guarantee than it asked.
+    - A request for ``distributed`` (a run of noise shares under secure aggregation) turns DP
+      on at a site that has it off, and lowers ε and δ at a ``distributed`` site; the run's
+      mechanism (``privacy.distributed``, the clipping norm) is the request's, the same at every
+      site. A site on ``dp-sgd`` refuses it: its updates would be protected only against the
+      coordinator with up to t colluding sites, not against everyone.
     - ``statistics: gaussian`` may be requested (its ε share is the smaller one), and so may
       ``secure_rng: true``.
     - Everything else (the ledger location, the accountant, ``accept_ledger_change``,
@@ -30,11 +36,23 @@ def resolve_privacy(site: PrivacyConfig, req: PrivacyConfig | None = None) -> Pr
     site = site.model_copy(update={"sites": {}})
     if req is None or req.mode == "off":
         return site
+    if req.mode == "distributed" and site.mode == "dp-sgd":
+        raise PrivacyError(
+            "this site trains only with local DP-SGD (privacy.mode: dp-sgd in its site "
+            "config), and this run uses distributed DP (noise shares under secure "
+            "aggregation, a guarantee against the coordinator with up to "
+            f"{req.distributed.colluding_sites} colluding sites); the site takes no part. "
+            "To join, the site sets privacy.mode: distributed")
     if site.mode == "off":
-        update = {"mode": "dp-sgd", "epsilon": req.epsilon, "delta": req.delta,
+        update = {"mode": req.mode, "epsilon": req.epsilon, "delta": req.delta,
                   "max_grad_norm": req.max_grad_norm}
     else:
         update = {"epsilon": _min(site.epsilon, req.epsilon), "delta": _min(site.delta, req.delta)}
+        if req.mode == "dp-sgd":
+            update["mode"] = "dp-sgd"
+    if req.mode == "distributed":
+        update.update(max_grad_norm=req.max_grad_norm,
+                      distributed=req.distributed.model_dump())
     if req.statistics == "gaussian" or site.statistics == "gaussian":
         share = _min(site.statistics_epsilon if site.statistics == "gaussian" else None,
                      req.statistics_epsilon if req.statistics == "gaussian" else None)

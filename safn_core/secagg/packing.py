@@ -1,8 +1,11 @@
 """Named arrays in and out of one flat uint64 vector, so one masked message carries everything.
 
 A `Packing` is the spec both sides agree on: an ordered list of fields, each a ``count`` (non-
-negative integers, summed exactly) or a ``real`` (floats, clipped to ``[-clip, clip]`` and summed in
-fixed point, see `fixed_point`), and ``max_parties``, the most vectors that will ever be added.
+negative integers, summed exactly), a ``real`` (floats, clipped to ``[-clip, clip]`` and summed in
+fixed point, see `fixed_point`) or a ``ring`` (signed integers the site has already put on a
+fixed-point grid of its own, added modulo 2^64 and read back as int64 without any clipping:
+distributed DP's noised gradient shares, `safn_core.privacy.noise_shares`, whose Gaussian tails
+must not be cut), and ``max_parties``, the most vectors that will ever be added.
 Counts travel inside the vector on purpose: a count sent beside it (``n``, class counts) would be
 visible per site. The layout is the fields in order, each flattened in C order, then one slot per
 real field holding how many of its values were clipped, so the coordinator learns the
@@ -24,12 +27,13 @@ import numpy as np
 from safn_core.secagg import fixed_point
 
 FORMAT = "safn-secagg-packing/1"
-KINDS = ("count", "real")
+KINDS = ("count", "real", "ring")
 
 
 @dataclass(frozen=True)
 class Field:
-    """One named array of a `Packing`: ``kind`` is ``"count"`` or ``"real"`` (then ``clip`` > 0)."""
+    """One named array of a `Packing`: ``kind`` is ``"count"``, ``"real"`` (then ``clip`` > 0) or
+    ``"ring"``."""
 
     name: str
     kind: str
@@ -60,7 +64,7 @@ class Field:
                                  f"number, got {self.clip!r}")
             object.__setattr__(self, "clip", clip)
         elif self.clip is not None:
-            raise ValueError(f"count field {self.name!r} takes no clip bound")
+            raise ValueError(f"{self.kind} field {self.name!r} takes no clip bound")
 
     @property
     def size(self) -> int:
@@ -73,6 +77,10 @@ class Field:
     @classmethod
     def real(cls, name: str, shape: Iterable[int] = (), *, clip: float) -> Field:
         return cls(name, "real", tuple(shape), clip)
+
+    @classmethod
+    def ring(cls, name: str, shape: Iterable[int] = ()) -> Field:
+        return cls(name, "ring", tuple(shape))
 
 
 class Encoded(NamedTuple):
@@ -128,9 +136,10 @@ class Packing:
         return fixed_point.scale_for(f.clip, self.max_parties)
 
     def error_bound(self, name: str) -> float:
-        """Per-coordinate bound on |decoded sum − exact sum of clipped values| (0 for counts)."""
+        """Per-coordinate bound on |decoded sum − exact sum of clipped values| (0 for counts and
+        ring fields: their integers add exactly)."""
         f = self.field(name)
-        if f.kind == "count":
+        if f.kind in ("count", "ring"):
             return 0.0
         return fixed_point.error_bound(f.clip, self.max_parties)
 
@@ -142,7 +151,7 @@ class Packing:
     def _real_field(self, name: str) -> Field:
         f = self.field(name)
         if f.kind != "real":
-            raise ValueError(f"field {name!r} is a count field; it has no scale")
+            raise ValueError(f"field {name!r} is a {f.kind} field; it has no scale")
         return f
 
     # -- encode / decode ------------------------------------------------------------------------
@@ -164,6 +173,8 @@ class Packing:
                 raise ValueError(f"field {f.name!r}: expected shape {f.shape}, got {array.shape}")
             if f.kind == "count":
                 parts.append(self._encode_count(f, array))
+            elif f.kind == "ring":
+                parts.append(self._encode_ring(f, array))
             else:
                 q, clipped[f.name] = self._encode_real(f, array)
                 parts.append(q)
@@ -181,6 +192,12 @@ class Packing:
                              f"{self.max_count}, the most one of {self.max_parties} parties "
                              "may send without the sum overflowing")
         return array.astype(np.uint64)
+
+    def _encode_ring(self, f: Field, array: np.ndarray) -> np.ndarray:
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"ring field {f.name!r} must hold integers (already on its "
+                             f"fixed-point grid), got dtype {array.dtype}")
+        return array.astype(np.int64).view(np.uint64)
 
     def _encode_real(self, f: Field, array: np.ndarray) -> tuple[np.ndarray, int]:
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
@@ -213,6 +230,8 @@ class Packing:
                     raise ValueError(f"count field {f.name!r} decoded negative: the masks did not "
                                      "cancel (a participant's vector is missing from the sum?)")
                 out[f.name] = counts.reshape(f.shape).copy()
+            elif f.kind == "ring":
+                out[f.name] = chunk.view(np.int64).reshape(f.shape).copy()
             else:
                 out[f.name] = fixed_point.dequantise(chunk, self.scale(f.name)).reshape(f.shape)
         return out

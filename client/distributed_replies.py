@@ -1,0 +1,97 @@
+"""A site's replies in a distributed DP run (``privacy.mode: distributed``): its needed noise
+multiplier (``dp-plan``) and, every round, its noise share inside the masked training sum.
+
+The share is computed once per round and kept on the site's own disk with the secure sum's
+values (`safn.client.secure_aggregation.keep`): a retry after a dropout re-masks the *same*
+noised vector, and a training message for a round already answered (a coordinator that
+restarted and resumed) gets the kept share again — a site never draws fresh noise for the same
+step. The retry itself is refused when fewer than n − t sites would remain in it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from safn.client import secure_aggregation as secure
+from safn.client import site_context as sc
+from safn.client.site_console import say
+from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, REFUSAL, Config,
+                                           Describe, Metric)
+from safn_core.federation.sampling import site_seed
+from safn_core.federation.secure_records import share_zeros
+from safn_core.federation.shared_config import shared_config
+from safn_core.federation.site_distributed import needed_sigma, noise_share, privacy_report
+from safn_core.privacy.noise_shares import NoiseShares
+
+PLAIN_ONLY = (Metric.NUM_EXAMPLES, Metric.TRAIN_LOSS)
+"""Per-site statistics that travel only inside the masked vector."""
+
+
+def dp_plan_reply(msg: Message, context: Context) -> Message:
+    """The smallest σ with which the run's rounds fit this site's remaining budget, or why it
+    takes no part (a one-line reason)."""
+    config = msg.content[CONFIG]
+    site = sc.site_for(context, config)
+    shared = shared_config(str(config[Config.SAFN_CONFIG]))
+    sigma, reason = needed_sigma(site, request=shared.privacy,
+                                 state_dir=sc.state_dir(site, context),
+                                 sample_rate=shared.privacy.distributed.sample_rate,
+                                 rounds=shared.federation.rounds)
+    if reason is not None:
+        say(f"distributed DP: not taking part in this run: {reason}")
+        return Message(RecordDict({REFUSAL: ConfigRecord({Describe.REASON: reason})}),
+                       reply_to=msg)
+    say(f"distributed DP: this site's budget allows the run's {shared.federation.rounds} "
+        f"rounds at noise multiplier {sigma:.3f} or more")
+    return Message(RecordDict({METRICS: MetricRecord({Metric.NEEDED_SIGMA: float(sigma)})}),
+                   reply_to=msg)
+
+
+def train_reply(msg: Message, context: Context, site, config: ConfigRecord) -> Message:
+    """This round's noise share, masked (masked zeros and the reason when it sends none)."""
+    shares = NoiseShares.from_dict(json.loads(str(config[Config.NOISE_SHARES])))
+    state = sc.state_dir(site, context)
+    sess = sc.session(site, context)
+    r = int(config[Config.SERVER_ROUND])
+    ctx = secure.context_of(str(config[secure.CONTEXT]))
+    parties = len(set(secure.peers_of(config)) | {sess.own_id})
+    layout = sc.layout(site, str(config[Config.MODEL_LAYOUT]))
+    refusal, metrics = None, {}
+    try:
+        values = secure.kept(state, ctx)  # this round was answered before: the same share
+        values.pop(secure.MIN_PEERS, None)
+        shared = shared_config(str(config[Config.SAFN_CONFIG]))
+        metrics = privacy_report(site, request=shared.privacy, state_dir=state,
+                                 sigma=shares.noise_multiplier)
+        say(f"round {r}: sending this round's kept noise share again (no new noise)")
+    except ValueError:
+        values = None
+    if values is None:
+        if parties != shares.sites:
+            refusal = (f"the round's noise plan is for {shares.sites} sites but {parties} take "
+                       f"part in its secure sum; no share sent")
+        else:
+            shared = shared_config(str(config[Config.SAFN_CONFIG]))
+            out = noise_share(
+                site, sc.global_weights(site, msg.content[ARRAYS], config),
+                sc.preprocessor(site, config), list(config[Config.CLASS_COUNTS]), layout, shares,
+                sample_rate=shared.privacy.distributed.sample_rate, request=shared.privacy,
+                state_dir=state, run_id=sc.run_id(msg, config), server_round=r,
+                seed=site_seed(int(config[Config.SEED]), r, sc.partition(context)))
+            values, refusal, metrics = out.values, out.refusal, out.metrics
+        if values is None:
+            values = share_zeros(layout.size)
+            say(f"round {r}: no noise share: {refusal} (masked zeros sent)")
+        else:
+            say(f"round {r}: sent a noise share (σ = {shares.noise_multiplier:.3f}, ε spent so "
+                f"far {metrics[Metric.EPSILON]:.3f})")
+    masked = secure.mask(sess, state, config, values, min_peers=shares.honest)
+    content = {ARRAYS: ArrayRecord({MASKED: Array(masked)}),
+               METRICS: MetricRecord({k: v for k, v in metrics.items() if k not in PLAIN_ONLY}
+                                     | ({Metric.REFUSED: 1} if refusal else {})),
+               secure.RECORD: secure.announce(sess, config)}
+    if refusal is not None:
+        content[REFUSAL] = ConfigRecord({Describe.REASON: refusal})
+    return Message(RecordDict(content), reply_to=msg)
