@@ -28,6 +28,15 @@ class SafnConfig(Section):
     site: SiteConfig | None = None
     server: ServerConfig = ServerConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dp_preset(cls, data):
+        """A distributed DP run takes the DP preset's values for the keys it does not set
+        (`safn_core.config.dp_preset`)."""
+        from safn_core.config.dp_preset import apply_preset
+
+        return apply_preset(data)
+
     @model_validator(mode="after")
     def _secure_aggregation_sites(self) -> "SafnConfig":
         training = set(self.server.sites) - set(self.server.held_out_sites)
