@@ -27,23 +27,41 @@ def _metric_lines(metrics: dict, indent: str = "") -> list[str]:
 
 
 def _privacy_lines(privacy: dict | None) -> list[str]:
-    """ε per site (DP-SGD at the sites) and central DP, as recorded in the run's history."""
+    """Distributed DP (its guarantee and against whom), ε per site (DP-SGD or distributed DP at
+    the sites) and central DP, as recorded in the run's history."""
     if not privacy:
         return ["- no differential privacy: the model's weights are not covered by any ε"]
     lines = []
+    distributed = privacy.get("distributed_dp")
+    if distributed:
+        t = distributed["colluding"]
+        lines += [
+            f"- {distributed['mechanism']}: one DP-SGD step over the union of the sites' "
+            f"Poisson samples per round, noise multiplier σ {distributed['noise_multiplier']:.4g}, "
+            f"sampling rate q {distributed['sample_rate']:g}, clipping norm C "
+            f"{distributed['clipping_norm']:g}, t = {t} colluding or dropped-out "
+            f"site{'' if t == 1 else 's'}; {distributed['rounds_applied']} of "
+            f"{distributed['rounds']} rounds took their step",
+            f"- guarantee: {distributed['guarantee']}",
+            f"- not against: a coordinator with more than {t} colluding site"
+            f"{'' if t == 1 else 's'}, one that invents sites, or sites running modified "
+            "software (docs/privacy.md, Distributed DP)"]
     site_dp = privacy.get("site_dp")
     if site_dp:
         lines.append(f"- {site_dp['mechanism']}:")
+        modes = {s.get("mode") for s in site_dp["sites"].values() if s.get("dp")}
         for name, s in sorted(site_dp["sites"].items()):
             if not s.get("dp"):
                 lines.append(f"  - {name}: no DP")
                 continue
             eps = s.get("epsilon")
             budget = s.get("epsilon_budget")
-            lines.append(f"  - {name}: ε {eps:.3f} of {budget:g} at δ {s.get('delta', 0):.2g}; "
-                         f"{s['rounds_trained']} rounds trained, {s['rounds_refused']} refused"
-                         if eps is not None else
-                         f"  - {name}: DP-SGD, no round trained ({s['rounds_refused']} refused)")
+            kind = "distributed DP" if s.get("mode") == "distributed" else "DP-SGD"
+            mark = f" ({kind})" if len(modes) > 1 else ""
+            lines.append(f"  - {name}{mark}: ε {eps:.3f} of {budget:g} at δ "
+                         f"{s.get('delta', 0):.2g}; {s['rounds_trained']} rounds trained, "
+                         f"{s['rounds_refused']} refused" if eps is not None else
+                         f"  - {name}: {kind}, no round trained ({s['rounds_refused']} refused)")
     central = privacy.get("central_dp")
     if central:
         lines.append(f"- {central['mechanism']}: ε {central['epsilon']:.3f} at δ "

@@ -238,9 +238,11 @@ def run(argv: list[str] | None = None) -> int:
     console.print(f"federated training finished in {flower_s:.1f} s; model bundle: "
                   f"{run_dir / 'model'}")
     print_privacy(state.history, cfg)
+    from safn_core.federation.privacy_report import strategy_label
+
     chosen = selected_entry(state.history)
     results = {"run_dir": str(run_dir), "flower_seconds": flower_s, "rounds": state.round,
-               "strategy": fed.strategy, "sites": summ.to_dict("records"),
+               "strategy": strategy_label(cfg), "sites": summ.to_dict("records"),
                "selection": {"rule": fed.select, "patience": fed.patience,
                              "stopped_early": stopped_early},
                "selected_round": chosen.get("round"),

@@ -119,17 +119,49 @@ def personalisation_section(rep: Report, run_dir: Path) -> None:
 
 
 def privacy_section(rep: Report, history: list[dict], run_dir: Path) -> None:
-    """ε per site per round (table and plot), refusals and central DP, when the run used DP."""
-    from safn_core.federation.privacy_report import (CENTRAL_DP, epsilon_table, epsilon_wide,
+    """The mode (distributed DP: σ, t, its guarantee and each round's step), ε per site per
+    round (table and plot), refusals and central DP, when the run used DP."""
+    from safn_core.federation.privacy_report import (CENTRAL_DP, distributed_applied,
+                                                     epsilon_table, epsilon_wide,
                                                      privacy_summary)
 
     summary = privacy_summary(history)
     if not summary:
         return
     rep.heading("Differential privacy")
-    rep.text("ε per site is what each DP-SGD site reports: spent so far over every run recorded "
-             "in its own ledger, at its δ (Opacus accountant). The statistics round and the "
-             "evaluation histograms are outside the guarantee by default (docs/privacy.md).")
+    distributed = summary.get("distributed_dp")
+    if distributed:
+        t = distributed["colluding"]
+        rep.text(f"Mode: distributed DP (privacy.mode: distributed), {distributed['mechanism']}. "
+                 f"Every round is one DP-SGD step over the union of the sites' Poisson samples: "
+                 f"each site clips every sampled participant's gradient to C = "
+                 f"{distributed['clipping_norm']:g} and adds its share of the noise inside the "
+                 f"secure sum, with noise multiplier σ = {distributed['noise_multiplier']:.4g} "
+                 f"(the largest any taking-part site's remaining budget needed), sampling rate "
+                 f"q = {distributed['sample_rate']:g}, t = {t} colluding or dropped-out "
+                 f"site{'' if t == 1 else 's'}; {distributed['rounds_applied']} of "
+                 f"{distributed['rounds']} rounds took their step. Guarantee: "
+                 f"{distributed['guarantee']}. ε per site is what each site reports from its "
+                 "own ledger (every round recorded as (σ, q, 1 step)): spent so far over every "
+                 "run recorded in it, at its δ (Opacus accountant). The statistics round and the "
+                 "evaluation histograms are outside the guarantee by default (docs/privacy.md).")
+        steps = [{"round": h["round"], **{k: h["distributed_dp"].get(k) for k in (
+            "noise_multiplier", "sample_rate", "clipping_norm", "effective_clipping_norm",
+            "colluding", "sites_asked", "shares", "participants", "expected_batch")},
+            "noise_sd": f"{h['distributed_dp']['noise_sd']:.3g}",
+            "step taken": "yes" if distributed_applied(h["distributed_dp"])
+            else "no (fewer than n − t shares)"}
+            for h in history if h.get("distributed_dp")]
+        rep.table(pd.DataFrame(steps),
+                  "distributed DP per round: σ, q, C and C_eff (C plus the fixed-point grid's "
+                  "rounding), t, the sites asked (n) and the noise shares in the sum, the "
+                  "training participants N, the expected batch q·N and the SD of the noise on "
+                  "the mean gradient; a round with fewer than n − t shares takes no step")
+    else:
+        rep.text("ε per site is what each DP-SGD site reports: spent so far over every run "
+                 "recorded in its own ledger, at its δ (Opacus accountant). The statistics round "
+                 "and the evaluation histograms are outside the guarantee by default "
+                 "(docs/privacy.md).")
     png = plots.epsilon_per_round(history, Path(run_dir) / "epsilon.png")
     if png is not None:
         rep.figure(png, "ε spent so far per site and round; × marks a refused round; dotted "
@@ -137,7 +169,8 @@ def privacy_section(rep: Report, history: list[dict], run_dir: Path) -> None:
     wide = epsilon_wide(history)
     if not wide.empty:
         rep.table(wide, "ε per site per round ('off': no DP at that site)")
-        rep.table(epsilon_table(history), "per site and round: δ, budget, noise multiplier σ, "
+        rep.table(epsilon_table(history), "per site and round: the mechanism (dp: dp-sgd or "
+                                          "distributed), δ, budget, noise multiplier σ, "
                                           "DP-SGD steps, refusals")
     refused = [{"round": h["round"], **x} for h in history for x in h.get("refused", [])]
     if refused:
