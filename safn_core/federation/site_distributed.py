@@ -54,6 +54,11 @@ def _budget(site: Site, privacy: PrivacyConfig, state_dir: Path | None):
 
 def _privacy(site: Site, request: PrivacyConfig | None) -> PrivacyConfig:
     privacy = effective_privacy(site, request)
+    if privacy.mode == "dp-sgd":  # a virtual site's own settings (a deployed one's: policy)
+        from safn_core.privacy.errors import PrivacyError
+        from safn_core.privacy.policy import local_only
+
+        raise PrivacyError(local_only(privacy.distributed.colluding_sites))
     if privacy.mode != "distributed":
         raise SafnError(f"site {site.name}: privacy.mode is '{privacy.mode}' here, not "
                         f"'distributed'; the coordinator's request and this site's settings "

@@ -43,7 +43,8 @@ class DistributedBudget(SiteBudget):
             spent = self.accountant.epsilon(history)
             raise BudgetExhausted(
                 f"{self._who}the run's {rounds} distributed DP-SGD steps at q = "
-                f"{sample_rate:.4g} would need noise σ = {sigma:.3g} from this site's budget "
+                f"{sample_rate:.4g} would need noise σ = {sigma:.3g} from what is left of this site's "
+                f"privacy budget "
                 f"(ε spent {spent:.4g} of {self.epsilon_budget:g}), above "
                 f"privacy.max_noise_multiplier = {self.cfg.max_noise_multiplier:g}; plan fewer "
                 f"rounds or a smaller sampling rate. Ledger: {self.ledger.path}",

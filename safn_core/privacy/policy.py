@@ -16,6 +16,14 @@ def _min(a: float | None, b: float | None) -> float | None:
     return min(a, b)
 
 
+def local_only(colluding: int) -> str:
+    """Why a site on local DP-SGD takes no part in a distributed DP run."""
+    return ("this site trains only with local DP-SGD (privacy.mode: dp-sgd in its settings), "
+            "and this run uses distributed DP (noise shares under secure aggregation, a "
+            f"guarantee against the coordinator with up to {colluding} colluding sites); the "
+            "site takes no part. To join, the site sets privacy.mode: distributed")
+
+
 def resolve_privacy(site: PrivacyConfig, req: PrivacyConfig | None = None) -> PrivacyConfig:
     """The settings a site trains with: its own, tightened by the coordinator's request.
 
@@ -37,12 +45,7 @@ def resolve_privacy(site: PrivacyConfig, req: PrivacyConfig | None = None) -> Pr
     if req is None or req.mode == "off":
         return site
     if req.mode == "distributed" and site.mode == "dp-sgd":
-        raise PrivacyError(
-            "this site trains only with local DP-SGD (privacy.mode: dp-sgd in its site "
-            "config), and this run uses distributed DP (noise shares under secure "
-            "aggregation, a guarantee against the coordinator with up to "
-            f"{req.distributed.colluding_sites} colluding sites); the site takes no part. "
-            "To join, the site sets privacy.mode: distributed")
+        raise PrivacyError(local_only(req.distributed.colluding_sites))
     if site.mode == "off":
         update = {"mode": req.mode, "epsilon": req.epsilon, "delta": req.delta,
                   "max_grad_norm": req.max_grad_norm}
