@@ -382,3 +382,30 @@ def test_a_spent_budget_declines_and_too_few_sites_stop_the_run_cleanly(tmp_path
     plan = json.loads((tmp_path / "again" / "distributed_dp.json").read_text())
     assert plan["sites"] == ["site_01", "site_02", "site_04"]
     assert "site_03" in plan["declined"]
+
+
+def test_a_resumed_run_keeps_its_plan_and_resends_the_kept_shares(tmp_path):
+    """A run stopped after round 2 whose sites had already sent round 3's shares: resumed, it
+    keeps σ, every site sends its kept round-3 share again (no second draw, no second ledger
+    entry), and round 3's model is the uninterrupted run's, bit for bit."""
+    from safn_core.federation.checkpoint import load_checkpoint
+    from tests.helpers import truncate_checkpoints
+
+    run_dir = tmp_path / "run"
+    _sim(tmp_path, run_dir, "privacy.epsilon=3", "federation.rounds=3", "federation.patience=null")
+    uninterrupted = load_checkpoint(run_dir)
+    assert uninterrupted.round == 3
+    truncate_checkpoints(run_dir, 2)
+    proc = subprocess.run([str(BIN / "safn-sim"), "--resume", str(run_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    progress = (run_dir / "progress.log").read_text()
+    assert "distributed DP: the run's plan kept" in progress
+    resumed = load_checkpoint(run_dir)
+    assert resumed.round == 3
+    for name, value in uninterrupted.weights.items():
+        np.testing.assert_array_equal(resumed.weights[name], value, err_msg=name)
+    for site in ("site_01", "site_02", "site_03", "site_04"):
+        ledger = json.loads((tmp_path / "state" / site / "privacy_ledger.json").read_text())
+        rounds = [e["round"] for e in ledger["entries"] if e["kind"] == "distributed"]
+        assert rounds == [1, 2, 3], (site, rounds)
