@@ -43,9 +43,9 @@ def _privacy_lines(privacy: dict | None) -> list[str]:
             f"site{'' if t == 1 else 's'}; {distributed['rounds_applied']} of "
             f"{distributed['rounds']} rounds took their step",
             f"- guarantee: {distributed['guarantee']}",
-            f"- not against: a coordinator with more than {t} colluding site"
-            f"{'' if t == 1 else 's'}, one that invents sites, or sites running modified "
-            "software (docs/privacy.md, Distributed DP)"]
+            f"- not against: more than {t} colluding or dropped-out site"
+            f"{'' if t == 1 else 's'}, a coordinator that invents sites, or sites running "
+            "modified software (docs/privacy.md, Distributed DP)"]
     site_dp = privacy.get("site_dp")
     if site_dp:
         lines.append(f"- {site_dp['mechanism']}:")
