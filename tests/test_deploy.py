@@ -357,3 +357,47 @@ def harmonise_sizes(fed_cfg, bundle) -> list[int]:
                        bundle.preprocessor.modalities)
     n = fed_cfg.secagg.max_site_examples
     return [means_packing(spec, n, 3).size, residuals_packing(spec, n, 3).size]
+
+
+def test_distributed_dp_across_deployed_sites_with_noise_shares(federation):
+    """privacy.mode: distributed through real processes, harmonised: site_a has DP off (the
+    request turns it on), site_b asks for distributed DP with a smaller budget of its own,
+    site_c has its default. σ is the largest the sites need; every site's ledger records the
+    same mechanism per round; what leaves a site in training is one masked vector."""
+    fed = federation(rounds=2, min_sites=3)
+    cfg = yaml.safe_load(fed.server_yaml.read_text())
+    cfg["privacy"] = {"mode": "distributed", "epsilon": 4.0, "delta": 1e-5,
+                      "distributed": {"sample_rate": 0.3}}
+    cfg["harmonisation"] = {"method": "combat"}
+    fed.server_yaml.write_text(yaml.safe_dump(cfg))
+    fed.site_yaml("site_b", privacy={"mode": "distributed", "epsilon": 2.0, "delta": 1e-5})
+    server, sites = fed.start()
+    assert server.wait(300) == 0, server.output()[-4000:]
+    out = server.output()
+    assert "distributed DP: σ" in out and "against the coordinator with up to 1 colluding" in out
+    plan = json.loads((fed.run_dir / "distributed_dp.json").read_text())
+    assert plan["sites"] == list(SITES)
+    history = fed.history()
+    assert [e["round"] for e in history] == [1, 2]
+    for entry in history:
+        assert entry["distributed_dp"]["shares"] == 3
+        assert entry["distributed_dp"]["noise_multiplier"] == plan["noise_multiplier"]
+    last = history[-1]["privacy"]
+    assert last["site_b"]["epsilon"] <= 2.0 and last["site_b"]["epsilon_budget"] == 2.0
+    assert last["site_a"]["epsilon_budget"] == 4.0
+    for site in SITES:
+        ledger = json.loads((fed.folder / f"state_{site}" / "privacy_ledger.json").read_text())
+        assert [(e["round"], e["noise_multiplier"], e["sample_rate"], e["steps"])
+                for e in ledger["entries"] if e["kind"] == "distributed"] == [
+            (1, plan["noise_multiplier"], 0.3, 1), (2, plan["noise_multiplier"], 0.3, 1)]
+        trained = [e for e in _audit(fed, site) if e["type"] == "train"]
+        assert len(trained) == 2
+        for e in trained:  # one masked vector, and no per-site count or loss beside it
+            assert set(e["records"]) <= {"arrays", "metrics", "secagg"}, e
+            assert list(e["records"]["arrays"]["arrays"]) == ["masked"]
+            assert not {"num-examples", "train-loss"} & set(e["records"]["metrics"]["values"])
+    assert all(site.wait(120) == 0 for site in sites)
+    from safn_core.bundle import load_bundle
+
+    weights = load_bundle(fed.run_dir / "model").model.state_dict()
+    assert all(np.isfinite(v.numpy()).all() for v in weights.values())
