@@ -20,9 +20,9 @@ from safn.client.site_console import say
 from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, REFUSAL, Config,
                                            Describe, Metric)
 from safn_core.federation.sampling import site_seed
-from safn_core.federation.secure_records import share_zeros
 from safn_core.federation.shared_config import shared_config
-from safn_core.federation.site_distributed import needed_sigma, noise_share, privacy_report
+from safn_core.federation.site_distributed import (needed_sigma, noise_only, noise_share,
+                                                   privacy_report)
 from safn_core.privacy.noise_shares import NoiseShares
 
 PLAIN_ONLY = (Metric.NUM_EXAMPLES, Metric.TRAIN_LOSS)
@@ -81,9 +81,11 @@ def train_reply(msg: Message, context: Context, site, config: ConfigRecord) -> M
                 state_dir=state, run_id=sc.run_id(msg, config), server_round=r,
                 seed=site_seed(int(config[Config.SEED]), r, sc.partition(context)))
             values, refusal, metrics = out.values, out.refusal, out.metrics
-        if values is None:
-            values = share_zeros(layout.size)
-            say(f"round {r}: no noise share: {refusal} (masked zeros sent)")
+        if values is None:  # no data from this site, but its share of the noise
+            values = noise_only(shares, site_seed(int(config[Config.SEED]), r,
+                                                  sc.partition(context))
+                                if site.cfg.site is None else None)
+            say(f"round {r}: not training: {refusal} (its share of the noise only sent)")
         else:
             say(f"round {r}: sent a noise share (σ = {shares.noise_multiplier:.3f}, ε spent so "
                 f"far {metrics[Metric.EPSILON]:.3f})")

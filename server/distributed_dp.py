@@ -149,7 +149,7 @@ class DistributedDP:
         """The noised mean gradient (None when no participant is in the sum) and the round's
         record: σ, q, C_eff, t, the shares in the sum, N and the expected batch size q·N."""
         n = int(values["examples"])
-        contributed = int(values["sites"])
+        contributed = int(values["noise_shares"])
         expected = self.plan.sample_rate * n
         record = {"mechanism": "distributed DP-SGD (noise shares under secure aggregation)",
                   "noise_multiplier": shares.noise_multiplier,
@@ -157,7 +157,8 @@ class DistributedDP:
                   "clipping_norm": shares.clipping_norm,
                   "effective_clipping_norm": shares.sensitivity,
                   "colluding": shares.colluding, "sites_asked": shares.sites,
-                  "shares": contributed, "participants": n, "expected_batch": expected,
+                  "shares": contributed, "sites_with_data": int(values["sites"]),
+                  "participants": n, "expected_batch": expected,
                   "noise_sd": shares.total_std(contributed) / max(expected, 1e-12)}
         if n <= 0 or contributed < shares.honest:
             return None, record

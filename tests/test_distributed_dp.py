@@ -60,7 +60,7 @@ def test_the_unmasked_sum_is_the_clipped_sums_plus_every_share_of_noise(tmp_path
     for i in sums:  # a clipped sum over ≤ 40 participants
         sums[i] *= min(1.0, 40 * c / np.linalg.norm(sums[i]))
     values = {i: {"share": shares.encode(sums[i], np.random.default_rng([7, i])),
-                  "examples": 100 + i, "sites": 1} for i in sums}
+                  "examples": 100 + i, "sites": 1, "noise_shares": 1} for i in sums}
     sessions = _sessions(tmp_path, n)
     packing = share_packing(d, n)
     base = AggregationContext("run", 3, "train", 0)
@@ -105,6 +105,20 @@ def test_shares_scale_with_colluding_sites_and_the_grid_costs_almost_nothing():
     with pytest.raises(ValueError, match="not clipped"):
         one.encode(np.full(120_000, 1000.0), np.random.default_rng(0))
     assert NoiseShares.from_dict(one.to_dict()) == one
+
+
+def test_a_site_that_does_not_train_still_sends_its_share_of_the_noise():
+    """A refusal mid-run must not thin the noise below the guarantee: the site sends a share of
+    pure noise (no data, nothing charged), counted in ``noise_shares`` but not in ``sites``."""
+    from safn_core.federation.site_distributed import noise_only
+
+    shares = NoiseShares.plan(noise_multiplier=1.0, clipping_norm=1.0, sites=4, colluding=1,
+                              dimension=50_000, max_site_examples=100)
+    values = noise_only(shares, seed=3)
+    assert (values["sites"], values["examples"], values["noise_shares"]) == (0, 0, 1)
+    noise = values["share"] / shares.scale
+    assert abs(noise.std() / shares.share_std - 1) < 5 / math.sqrt(2 * 50_000)
+    assert not np.array_equal(values["share"], noise_only(shares, seed=4)["share"])
 
 
 # ---------------------------------------------------------------------------------- budgets

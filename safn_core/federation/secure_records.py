@@ -147,14 +147,10 @@ def train_values(vector: np.ndarray | None, n: int, loss: float | None, bound: f
 def share_packing(n_weights: int, parties: int) -> Packing:
     """Distributed DP's training sum (`safn_core.privacy.noise_shares`): each site's noised
     clipped gradient sum as integers on the plan's grid (a ``ring`` field: never clipped, its
-    Gaussian tails intact), its training-split size and 1 (0 when it sends zeros)."""
+    Gaussian tails intact), its training-split size, 1 in ``sites`` when its data are in it and
+    1 in ``noise_shares`` when its noise is (a site that does not train still sends noise)."""
     return Packing((Field.ring("share", (n_weights,)), Field.count("examples"),
-                    Field.count("sites")), max_parties=parties)
-
-
-def share_zeros(n_weights: int) -> dict:
-    """What a site that sends no share puts in the sum (so every other site's masks cancel)."""
-    return {"share": np.zeros(n_weights, dtype=np.int64), "examples": 0, "sites": 0}
+                    Field.count("sites"), Field.count("noise_shares")), max_parties=parties)
 
 
 def evaluate_packing(bins: int, fed: FederationConfig, parties: int) -> Packing:

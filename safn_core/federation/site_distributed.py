@@ -153,4 +153,19 @@ def noise_share(site: Site, state: dict[str, np.ndarray], pre: Preprocessor,
     metrics = budget.metrics(shares.noise_multiplier, 1)
     metrics.update({Metric.NUM_EXAMPLES: len(data), Metric.TRAIN_LOSS: WITHHELD,
                     Metric.REFUSED: 0})
-    return ShareOutcome({"share": share, "examples": len(data), "sites": 1}, metrics)
+    return ShareOutcome({"share": share, "examples": len(data), "sites": 1, "noise_shares": 1},
+                        metrics)
+
+
+def noise_only(shares: NoiseShares, seed: int | None) -> dict:
+    """What a site that does not train this round sends: its share of the noise and no data.
+
+    Every other site's masks must cancel, and the honest shares in the sum must still carry the
+    guarantee's noise: masked zeros would leave a share out (like a dropout, which ``t``
+    covers once), a share of pure noise does not. It is independent of the site's data, so it
+    costs no privacy and is not charged. ``seed`` None: the operating system's entropy."""
+    from safn_core.privacy.randomness import NOISE, numpy_generator
+
+    rng = numpy_generator(None if seed is None else (seed, 0, 1), NOISE)
+    return {"share": shares.encode(np.zeros(shares.dimension), rng), "examples": 0, "sites": 0,
+            "noise_shares": 1}
