@@ -231,3 +231,20 @@ def test_results_name_the_distributed_optimiser_instead_of_the_strategy():
     assert strategy_label(load_config(None, ["federation.strategy=fedprox"])) == "fedprox"
     assert strategy_label(load_config(None, ["privacy.mode=dp-sgd", "privacy.epsilon=3",
                                              "federation.strategy=fedprox"])) == "fedprox"
+
+
+def test_a_round_whose_refusing_site_sent_noise_only_says_whose_data_are_in_the_sum(tmp_path):
+    import html
+
+    history = distributed_history()
+    for e in history:  # the newer record: every site's noise, data from those that trained
+        e["distributed_dp"]["sites_with_data"] = 3 if e["round"] == 3 else e["distributed_dp"][
+            "shares"]
+    history[2]["distributed_dp"]["shares"] = 4
+    line = privacy_lines(history[2])[0]
+    assert "4 of 4 shares in the sum, data from 3 sites" in line
+    assert "data from" not in privacy_lines(history[0])[0]  # every share carried data
+    page = html.unescape(privacy_html(history, tmp_path))
+    assert "<th>sites_with_data</th>" in page
+    assert "<th>sites_with_data</th>" not in html.unescape(
+        privacy_html(distributed_history(), tmp_path))  # older records: no such column

@@ -13,7 +13,9 @@ A round's history entry (`safn_core.federation.round_record.round_entry`) may ca
   shares under secure aggregation; `safn.server.distributed_dp`): ``mechanism``,
   ``noise_multiplier`` σ, ``sample_rate`` q, ``clipping_norm`` C, ``effective_clipping_norm``
   C_eff, ``colluding`` t, ``sites_asked`` n, ``shares`` (in the sum), ``participants`` N,
-  ``expected_batch`` q·N and ``noise_sd`` (of the noised mean gradient). Every site's ε is then
+  ``expected_batch`` q·N and ``noise_sd`` (of the noised mean gradient); where recorded,
+  ``sites_with_data`` (the sites whose clipped gradients are in the sum, when a site that does
+  not train still sends its share of the noise). Every site's ε is then
   in ``privacy`` as for DP-SGD: each site's ledger records the round as ``(σ, q, 1 step)``.
 
 This module turns those entries into ε tables, summaries for the bundle and round-line text.
@@ -200,11 +202,14 @@ def privacy_lines(entry: dict) -> list[str]:
     if d:
         taken = ("" if distributed_applied(d) else
                  "; fewer than n − t shares: no step taken, the model is unchanged")
+        data = d.get("sites_with_data")  # sites whose data are in the sum (the others: noise)
+        data = (f", data from {data} site{'' if data == 1 else 's'}"
+                if data is not None and data != d["shares"] else "")
         lines.append(f"  {DISTRIBUTED_DP}: σ {d['noise_multiplier']:.3g}, q "
                      f"{d['sample_rate']:.3g}, C {d['clipping_norm']:.3g}, t {d['colluding']} "
                      f"(colluding or dropped-out sites); {d['shares']} of {d['sites_asked']} "
-                     f"shares in the sum ({d['participants']} participants, expected batch "
-                     f"{d['expected_batch']:.1f}){taken}")
+                     f"shares in the sum{data} ({d['participants']} participants, expected "
+                     f"batch {d['expected_batch']:.1f}){taken}")
     priv = entry.get("privacy")
     if priv:
         parts = []

@@ -145,18 +145,24 @@ def privacy_section(rep: Report, history: list[dict], run_dir: Path) -> None:
                  "own ledger (every round recorded as (σ, q, 1 step)): spent so far over every "
                  "run recorded in it, at its δ (Opacus accountant). The statistics round and the "
                  "evaluation histograms are outside the guarantee by default (docs/privacy.md).")
-        steps = [{"round": h["round"], **{k: h["distributed_dp"].get(k) for k in (
-            "noise_multiplier", "sample_rate", "clipping_norm", "effective_clipping_norm",
-            "colluding", "sites_asked", "shares", "participants", "expected_batch")},
-            "noise_sd": f"{h['distributed_dp']['noise_sd']:.3g}",
-            "step taken": "yes" if distributed_applied(h["distributed_dp"])
-            else "no (fewer than n − t shares)"}
-            for h in history if h.get("distributed_dp")]
+        records = [h for h in history if h.get("distributed_dp")]
+        keys = ["noise_multiplier", "sample_rate", "clipping_norm", "effective_clipping_norm",
+                "colluding", "sites_asked", "shares", "participants", "expected_batch"]
+        if any("sites_with_data" in h["distributed_dp"] for h in records):
+            keys.insert(keys.index("shares") + 1, "sites_with_data")
+        steps = [{"round": h["round"], **{k: h["distributed_dp"].get(k) for k in keys},
+                  "noise_sd": f"{h['distributed_dp']['noise_sd']:.3g}",
+                  "step taken": "yes" if distributed_applied(h["distributed_dp"])
+                  else "no (fewer than n − t shares)"} for h in records]
         rep.table(pd.DataFrame(steps),
                   "distributed DP per round: σ, q, C and C_eff (C plus the fixed-point grid's "
-                  "rounding), t, the sites asked (n) and the noise shares in the sum, the "
-                  "training participants N, the expected batch q·N and the SD of the noise on "
-                  "the mean gradient; a round with fewer than n − t shares takes no step")
+                  "rounding), t, the sites asked (n) and the noise shares in the sum"
+                  + (" (sites_with_data: those whose clipped gradients are in it; a site that "
+                     "does not train sends its share of the noise only)"
+                     if "sites_with_data" in keys else "")
+                  + ", the training participants N, the expected batch q·N and the SD of the "
+                  "noise on the mean gradient; a round with fewer than n − t shares takes no "
+                  "step")
     else:
         rep.text("ε per site is what each DP-SGD site reports: spent so far over every run "
                  "recorded in its own ledger, at its δ (Opacus accountant). The statistics round "
