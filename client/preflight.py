@@ -118,6 +118,11 @@ def check_privacy(cfg: SafnConfig, origin: Path) -> str:
     check_ledger(cfg, origin)
     if p.mode == "off":
         return "off (the coordinator may still ask for DP; this site would then apply it)"
+    if p.mode == "distributed":
+        return (f"distributed DP (noise shares under secure aggregation; local DP-SGD in a run "
+                f"without it), total budget ε = {p.epsilon:g}"
+                + (f", δ = {p.delta:g}" if p.delta else ", δ = 1/(10·n_train)")
+                + f", noise cap σ ≤ {p.max_noise_multiplier:g}, accountant {p.accountant}")
     return (f"DP-SGD, total budget ε = {p.epsilon:g}"
             + (f", δ = {p.delta:g}" if p.delta else ", δ = 1/(10·n_train)")
             + f", C = {p.max_grad_norm:g}, accountant {p.accountant}")

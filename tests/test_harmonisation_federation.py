@@ -21,7 +21,7 @@ from safn_core.data.cohort import ID, SITE
 from safn_core.federation.site import Site
 from safn_core.harmonisation.record import complete_cases
 from safn_core.federation.site_harmonisation import (harmonise_site, mean_sums,
-                                                     residual_sums, scaled, unscale_fit)
+                                                     residual_sums, unscale_fit)
 from safn_core.harmonisation import (CombatSpec, MeanSums, ResidualSums, solve_means,
                                      solve_variance)
 from safn_core.harmonisation.setup import combat_spec

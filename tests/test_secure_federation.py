@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from safn_core.config import load_config
-from safn_core.errors import ConfigError
 from safn_core.federation.secure_records import train_packing, train_values
 from tests.helpers import SMALL_MODEL, write_toy
 
@@ -67,7 +66,6 @@ def test_central_dp_under_secure_aggregation_clips_at_the_sites_and_noises_the_m
     history = json.loads((out / "history.json").read_text())
     from safn_core.federation.checkpoint import load_checkpoint
 
-    previous = None
     for entry in history:
         c = entry["central_dp"]
         assert c["clipped_at"] == "sites (secure aggregation)"
