@@ -49,8 +49,23 @@ def dp_plan_reply(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
+def reusable(kept: dict, plan_text: str, server_round: int) -> tuple[dict | None, str | None]:
+    """A kept share (`secure_aggregation.kept`) as it may be sent again for the round's plan
+    ``plan_text``: the values, or None and why not. A share drawn for another plan (another
+    grid, another number of shares: a resumed round with other sites) is never sent for this
+    one, and never re-drawn: the site then sends its share of the noise only."""
+    values = dict(kept)
+    values.pop(secure.MIN_PEERS, None)
+    drawn_for = values.pop(secure.PLAN, None)
+    if drawn_for is not None and bytes(drawn_for.tobytes()).decode() == plan_text:
+        return values, None
+    return None, (f"round {server_round}'s share was drawn for another noise plan than this "
+                  f"one; its data are not sent again")
+
+
 def train_reply(msg: Message, context: Context, site, config: ConfigRecord) -> Message:
-    """This round's noise share, masked (masked zeros and the reason when it sends none)."""
+    """This round's noise share, masked; when the site does not train, its share of the noise
+    only (no data, nothing charged) and the reason."""
     shares = NoiseShares.from_dict(json.loads(str(config[Config.NOISE_SHARES])))
     state = sc.state_dir(site, context)
     sess = sc.session(site, context)
@@ -59,19 +74,24 @@ def train_reply(msg: Message, context: Context, site, config: ConfigRecord) -> M
     parties = len(set(secure.peers_of(config)) | {sess.own_id})
     layout = sc.layout(site, str(config[Config.MODEL_LAYOUT]))
     refusal, metrics = None, {}
+    plan_text = json.dumps(shares.to_dict(), sort_keys=True)
     try:
         values = secure.kept(state, ctx)  # this round was answered before: the same share
-        values.pop(secure.MIN_PEERS, None)
+    except ValueError:
+        values = None
+    if values is not None:
+        values, refusal = reusable(values, plan_text, r)
         shared = shared_config(str(config[Config.SAFN_CONFIG]))
         metrics = privacy_report(site, request=shared.privacy, state_dir=state,
                                  sigma=shares.noise_multiplier)
-        say(f"round {r}: sending this round's kept noise share again (no new noise)")
-    except ValueError:
-        values = None
+        if values is not None:
+            say(f"round {r}: sending this round's kept noise share again (no new noise)")
     if values is None:
-        if parties != shares.sites:
+        if refusal is not None:
+            pass
+        elif parties != shares.sites:
             refusal = (f"the round's noise plan is for {shares.sites} sites but {parties} take "
-                       f"part in its secure sum; no share sent")
+                       f"part in its secure sum; its data are not sent")
         else:
             shared = shared_config(str(config[Config.SAFN_CONFIG]))
             out = noise_share(
@@ -89,7 +109,7 @@ def train_reply(msg: Message, context: Context, site, config: ConfigRecord) -> M
         else:
             say(f"round {r}: sent a noise share (σ = {shares.noise_multiplier:.3f}, ε spent so "
                 f"far {metrics[Metric.EPSILON]:.3f})")
-    masked = secure.mask(sess, state, config, values, min_peers=shares.honest)
+    masked = secure.mask(sess, state, config, values, min_peers=shares.honest, plan=plan_text)
     content = {ARRAYS: ArrayRecord({MASKED: Array(masked)}),
                METRICS: MetricRecord({k: v for k, v in metrics.items() if k not in PLAIN_ONLY}
                                      | ({Metric.REFUSED: 1} if refusal else {})),

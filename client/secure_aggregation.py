@@ -68,17 +68,23 @@ MIN_PEERS = "__min_peers__"
 honest shares in the sum would carry less noise than the guarantee needs)."""
 
 
+PLAN = "__noise_plan__"
+"""Kept beside a noise share: the round's noise plan it was drawn for (JSON, as bytes)."""
+
+
 class TooFewShares(Exception):
     """A retried sum would hold fewer honest noise shares than distributed DP needs."""
 
 
 def keep(state_dir: Path, ctx: AggregationContext, values: dict,
-         min_peers: int | None = None) -> None:
+         min_peers: int | None = None, plan: str | None = None) -> None:
     """Keep what this site sums under ``ctx`` (its own disk; replaced by the next one)."""
     import io
 
     buf = io.BytesIO()
     extra = {} if min_peers is None else {MIN_PEERS: np.asarray(int(min_peers))}
+    if plan is not None:
+        extra[PLAN] = np.frombuffer(plan.encode(), dtype=np.uint8)
     np.savez(buf, __context__=np.frombuffer(_which(ctx), dtype=np.uint8), **extra,
              **{k: np.asarray(v) for k, v in values.items()})
     path = _cache(state_dir, ctx.name)
@@ -104,11 +110,12 @@ def _which(ctx: AggregationContext) -> bytes:
 
 
 def mask(sess: SiteSession, state_dir: Path, config: ConfigRecord, values: dict,
-         min_peers: int | None = None) -> np.ndarray:
+         min_peers: int | None = None, plan: str | None = None) -> np.ndarray:
     """``values`` kept on disk, then encoded and masked for the message's context and peers.
-    ``min_peers``: a retry of this sum needs at least that many participants (noise shares)."""
+    ``min_peers``: a retry of this sum needs at least that many participants (noise shares);
+    ``plan``: the noise plan a share was drawn for (kept beside it)."""
     ctx = context_of(str(config[CONTEXT]))
-    keep(state_dir, ctx, values, min_peers)
+    keep(state_dir, ctx, values, min_peers, plan)
     return sess.masked(values, Packing.from_dict(json.loads(str(config[PACKING]))), ctx,
                        peers_of(config))
 
@@ -119,6 +126,7 @@ def remask(sess: SiteSession, state_dir: Path, config: ConfigRecord) -> np.ndarr
     ctx = context_of(str(config[CONTEXT]))
     values = kept(state_dir, ctx)
     floor = values.pop(MIN_PEERS, None)
+    values.pop(PLAN, None)
     parties = len(set(peers_of(config)) | {sess.own_id})
     if floor is not None and parties < int(floor):
         raise TooFewShares(f"secure sum {ctx.name} of round {ctx.round}: a retry with {parties} "

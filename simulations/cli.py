@@ -69,7 +69,9 @@ def print_privacy(history: list[dict], cfg: SafnConfig) -> None:
         return
     wide = epsilon_wide(history)
     if not wide.empty:
-        t = Table(title="DP-SGD at the sites: ε spent so far per round (every run in each "
+        mode = ("distributed DP (noise shares under secure aggregation)"
+                if cfg.privacy.mode == "distributed" else "DP-SGD at the sites")
+        t = Table(title=f"{mode}: ε spent so far per round (every run in each "
                         f"site's ledger; ledgers under {cfg.simulation.site_state_dir})")
         for c in wide.columns:
             t.add_column(str(c), justify="right")
@@ -219,8 +221,10 @@ def run(argv: list[str] | None = None) -> int:
         write_virtual_sites(run_dir, cohort, parts)
         summ.to_csv(run_dir / "sites.csv", index=False)
     fed = cfg.federation
-    console.print(f"federated training: {fed.strategy}, {fed.rounds} rounds x "
-                  f"{fed.local_epochs} local epochs, {len(parts)} sites (Flower Simulation "
+    work = (f"distributed DP ({cfg.privacy.distributed.optimizer}), {fed.rounds} rounds of one "
+            f"noised gradient step" if cfg.privacy.mode == "distributed" else
+            f"{fed.strategy}, {fed.rounds} rounds x {fed.local_epochs} local epochs")
+    console.print(f"federated training: {work}, {len(parts)} sites (Flower Simulation "
                   f"Engine, Ray backend, {cfg.simulation.num_cpus_per_site:g} CPU per site)")
     flower_s = run_flower_simulation(run_dir, cfg, len(parts))
     state = load_checkpoint(run_dir)

@@ -304,7 +304,11 @@ def test_a_distributed_run_sees_only_noised_sums_and_a_retry_reuses_the_same_sha
         content = reply.content
         for name, arrays in content.array_records.items():
             assert list(arrays.keys()) == ["masked"], (name, list(arrays.keys()))
-            assert arrays["masked"].numpy().dtype == np.uint64
+            masked = arrays["masked"].numpy()
+            assert masked.dtype == np.uint64
+            if masked.size > 1000:  # a share: its masked words look uniform on 2^64
+                top = (masked >> np.uint64(63)).mean()
+                assert abs(top - 0.5) < 5 * 0.5 / math.sqrt(masked.size), top
         for metrics in content.metric_records.values():
             assert not PLAIN_PER_SITE & set(metrics.keys()), set(metrics.keys())
     # the retry re-masked the kept shares: round 2's unmasked sum is exactly the four
@@ -423,3 +427,26 @@ def test_a_resumed_run_keeps_its_plan_and_resends_the_kept_shares(tmp_path):
         ledger = json.loads((tmp_path / "state" / site / "privacy_ledger.json").read_text())
         rounds = [e["round"] for e in ledger["entries"] if e["kind"] == "distributed"]
         assert rounds == [1, 2, 3], (site, rounds)
+
+
+def test_a_kept_share_is_sent_again_only_for_the_plan_it_was_drawn_for(tmp_path):
+    """A resumed round with other sites has another plan (grid, shares): the kept share is not
+    sent for it (its noise would be too little and its scale wrong), nor is a new one drawn."""
+    from safn.client import secure_aggregation as secure
+    from safn.client.distributed_replies import reusable
+
+    kw = dict(noise_multiplier=1.0, clipping_norm=1.0, colluding=1, dimension=10,
+              max_site_examples=100_000)
+    six, five = NoiseShares.plan(sites=6, **kw), NoiseShares.plan(sites=5, **kw)
+    assert six.scale != five.scale
+    ctx = AggregationContext("run", 4, "train", 0)
+    share = {"share": np.arange(10, dtype=np.int64), "examples": 7, "sites": 1,
+             "noise_shares": 1}
+    plan6 = json.dumps(six.to_dict(), sort_keys=True)
+    secure.keep(tmp_path, ctx, share, min_peers=six.honest, plan=plan6)
+    kept = secure.kept(tmp_path, ctx.with_attempt(1))
+    values, reason = reusable(kept, plan6, 4)
+    assert reason is None and set(values) == set(share)
+    np.testing.assert_array_equal(values["share"], share["share"])
+    values, reason = reusable(kept, json.dumps(five.to_dict(), sort_keys=True), 4)
+    assert values is None and "another noise plan" in reason

@@ -146,5 +146,8 @@ def save_federated_bundle(run_dir: Path, cfg: SafnConfig, state: RunState, run: 
                    "selection": {"rule": run.selection_rule, "patience": run.patience,
                                  "stopped_early": run.stopped_early},
                    "logistic_floor": run.logistic_floor,
-                   "strategy": cfg.federation.strategy,
-                   "local_epochs": cfg.federation.local_epochs}})
+                   "strategy": (f"distributed DP ({cfg.privacy.distributed.optimizer})"
+                                if cfg.privacy.mode == "distributed"
+                                else cfg.federation.strategy),
+                   "local_epochs": (None if cfg.privacy.mode == "distributed"
+                                    else cfg.federation.local_epochs)}})

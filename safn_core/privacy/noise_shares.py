@@ -35,8 +35,10 @@ wrap in practice (`decode` checks it).
 
 ``C_eff`` exceeds ``C`` by about ``√d / s`` — below 1e-8 relative for SAFN's ~10^5 weights at the
 scales used here (`rounding_slack`); the shares are drawn against ``C_eff``, so it costs noise, not
-privacy. Drawing continuous Gaussians in float64 and snapping them to a grid 2^40 times coarser
-than their spacing also removes the low-order bits Mironov's floating-point attack reads.
+privacy. The shares are float64 Gaussians snapped to the integer grid, which is coarser than
+their float64 spacing (about 2^10 times at the defaults, less for a small
+``max_site_examples`` with a large σ): the same kind of defence as Mironov's snapping mechanism
+against floating-point attacks on the low-order bits, without its formal analysis here.
 """
 
 from __future__ import annotations
