@@ -80,3 +80,37 @@ def shifted_arrays(n: int, seed: int) -> Arrays:
     y = (rng.random(n) < 0.6).astype(np.int64)
     x = rng.normal(size=(n, 5)).astype(np.float32) + 0.8 * y[:, None]
     return Arrays(x, np.ones((n, 2), dtype=bool), y)
+
+
+class DroppingRecorder:
+    """The coordinator's Grid, recording every message sent and reply received; it loses one training site's replies in
+    round 2's training and in every retry of that sum (the site dropped out after the key
+    exchange). ``lost_site_index``: which of the round's sites (by node id order) drops."""
+
+    def __init__(self, grid, lost_site_index: int = 0):
+        self._grid, self._lost_index = grid, lost_site_index
+        self.replies, self.sent, self.lost, self.dropped = [], [], None, 0
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *args, **kwargs):
+        messages = list(messages)
+        self.sent.extend(messages)
+        drop = False
+        for m in messages:
+            cfg = m.content.config_records.get("config")
+            if cfg is None:
+                continue
+            ctx = json.loads(str(cfg["secagg-context"])) if "secagg-context" in cfg else {}
+            drop = drop or (ctx.get("name") == "train" and ctx.get("round") == 2)
+        if drop and self.lost is None:
+            self.lost = sorted(m.metadata.dst_node_id for m in messages)[self._lost_index]
+        out = []
+        for reply in self._grid.send_and_receive(messages, *args, **kwargs):
+            if drop and reply.metadata.src_node_id == self.lost:
+                self.dropped += 1
+                continue
+            self.replies.append(reply)
+            out.append(reply)
+        return out

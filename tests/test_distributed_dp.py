@@ -29,7 +29,7 @@ from safn_core.privacy import BudgetExhausted, PrivacyError, data_fingerprint, r
 from safn_core.privacy.distributed_budget import DistributedBudget
 from safn_core.privacy.noise_shares import NoiseShares, min_sites
 from safn_core.secagg import AggregationContext, SiteSecret, SiteSession, secure_sum
-from tests.helpers import SMALL_MODEL, write_toy
+from tests.helpers import SMALL_MODEL, DroppingRecorder, write_toy
 
 pytestmark = pytest.mark.timeout(400)
 BIN = Path(sys.executable).parent
@@ -200,37 +200,6 @@ def test_configuration_errors_name_the_key_and_the_preset_yields_to_the_user():
 # ------------------------------------------------------------------------------ simulations
 
 
-class Recorder:
-    """The coordinator's Grid, recording every reply; it loses one training site's reply in
-    round 2's training and in the retry after it (the site dropped after the key exchange)."""
-
-    def __init__(self, grid):
-        self._grid, self.replies, self.lost, self.dropped = grid, [], None, 0
-
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages, *args, **kwargs):
-        messages = list(messages)
-        drop = False
-        for m in messages:
-            cfg = m.content.config_records.get("config")
-            if cfg is None:
-                continue
-            ctx = json.loads(str(cfg["secagg-context"])) if "secagg-context" in cfg else {}
-            drop = drop or (ctx.get("name") == "train" and ctx.get("round") == 2)
-        if drop and self.lost is None:
-            self.lost = sorted(m.metadata.dst_node_id for m in messages)[0]
-        out = []
-        for reply in self._grid.send_and_receive(messages, *args, **kwargs):
-            if drop and reply.metadata.src_node_id == self.lost:
-                self.dropped += 1
-                continue
-            self.replies.append(reply)
-            out.append(reply)
-        return out
-
-
 PLAIN_PER_SITE = {"num-examples", "train-loss", "val-neg", "val-pos", "test-neg", "test-pos",
                   "class-0", "class-1", "n-train"}
 
@@ -265,7 +234,7 @@ def test_a_distributed_run_sees_only_noised_sums_and_a_retry_reuses_the_same_sha
 
     class Recorded(server_app.Coordinator):
         def __init__(self, grid, *args, **kwargs):
-            recorders.append(Recorder(grid))
+            recorders.append(DroppingRecorder(grid))
             super().__init__(recorders[-1], *args, **kwargs)
 
     gradient = ddp.DistributedDP.gradient
@@ -345,7 +314,7 @@ def test_a_distributed_run_sees_only_noised_sums_and_a_retry_reuses_the_same_sha
     assert all(np.isfinite(v.numpy()).all() for v in weights.values())
 
 
-def _name_of(rec: Recorder, run_dir: Path, node_id: int) -> str:
+def _name_of(rec: DroppingRecorder, run_dir: Path, node_id: int) -> str:
     """The site name a node id had (from the statistics round's replies)."""
     for reply in rec.replies:
         if reply.metadata.src_node_id == node_id and "site" in reply.content.config_records:

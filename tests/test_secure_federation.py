@@ -19,7 +19,7 @@ import pytest
 
 from safn_core.config import load_config
 from safn_core.federation.secure_records import train_packing, train_values
-from tests.helpers import SMALL_MODEL, write_toy
+from tests.helpers import SMALL_MODEL, DroppingRecorder, write_toy
 
 pytestmark = pytest.mark.timeout(400)
 BIN = Path(sys.executable).parent
@@ -94,41 +94,6 @@ def test_two_sites_are_refused_clearly(tmp_path):
     assert "federation.secure_aggregation=false" in message
 
 
-class Recorder:
-    """The coordinator's Grid, recording every reply; it loses one site's replies in round 2's
-    training and in the redone aggregation after it (the site dropped after the key exchange)."""
-
-    def __init__(self, grid, lost_site_index: int = 0):
-        self._grid, self.replies, self.lost, self._lost_index = grid, [], None, lost_site_index
-        self.dropped, self.sent = 0, []
-
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages, *args, **kwargs):
-        messages = list(messages)
-        self.sent.extend(messages)
-        drop = False
-        for m in messages:
-            cfg = m.content.config_records.get("config")
-            if cfg is None:
-                continue
-            is_train2 = (str(m.metadata.message_type) == "train" and int(cfg.get("server-round", 0)) == 2)
-            ctx = json.loads(str(cfg["secagg-context"])) if "secagg-context" in cfg else {}
-            redo = ctx.get("name") == "train" and ctx.get("round") == 2 and ctx.get("attempt", 0) > 0
-            drop = drop or is_train2 or redo
-        if drop and self.lost is None:
-            self.lost = sorted(m.metadata.dst_node_id for m in messages)[self._lost_index]
-        out = []
-        for reply in self._grid.send_and_receive(messages, *args, **kwargs):
-            if drop and reply.metadata.src_node_id == self.lost:
-                self.dropped += 1
-                continue
-            self.replies.append(reply)
-            out.append(reply)
-        return out
-
-
 def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_round(
         tmp_path, monkeypatch):
     import safn.server.app as server_app
@@ -157,7 +122,7 @@ def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_r
 
     class Recorded(server_app.Coordinator):
         def __init__(self, grid, *args, **kwargs):
-            recorders.append(Recorder(grid))
+            recorders.append(DroppingRecorder(grid))
             super().__init__(recorders[-1], *args, **kwargs)
 
     monkeypatch.setattr(server_app, "Coordinator", Recorded)
