@@ -32,7 +32,7 @@ from safn_core.federation.protocol import CONFIG, METRICS, REFUSAL, Config, Desc
 from safn_core.io import write_json
 from safn_core.privacy.noise_shares import NoiseShares, min_sites
 from safn.server.run_context import RunContext
-from safn.server.strategy import RunSites
+from safn.server.run_sites import RunSites
 
 FILE = "distributed_dp.json"
 GUARANTEE = ("record-level (ε, δ)-DP for every participant, at each site's own δ, against the "

@@ -22,7 +22,7 @@ from safn.server.run_context import RunContext
 from safn.server.secure_aggregation import SecureAggregation
 from safn.server.statistics_round import (Described, secure_statistics_round, statistics_round,
                                      wait_for_sites)
-from safn.server.strategy import RunSites
+from safn.server.run_sites import RunSites
 
 
 @dataclass(frozen=True)

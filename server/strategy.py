@@ -49,6 +49,7 @@ from safn_core.federation.sampling import sample_sites
 from safn.server import screening
 from safn.server.central_dp import CentralDP
 from safn.server.secure_strategy import SecureSum
+from safn.server.run_sites import RunSites
 from safn.server.site_waits import OnlyNodes, await_rejoin, wait_for_nodes
 
 if TYPE_CHECKING:
@@ -71,23 +72,6 @@ class StrategyOptions:
         return cls(seed=int(seed), min_sites=fed.min_sites, fraction_train=fed.fraction_train,
                    fraction_evaluate=fed.fraction_evaluate, wait_for_sites=fed.wait_for_sites,
                    rejoin_wait=fed.rejoin_wait)
-
-
-@dataclass(frozen=True)
-class RunSites:
-    """The run's sites after the statistics round: node id -> name, who trains (``eligible``),
-    who only evaluates (``held_out``)."""
-
-    names: Mapping[int, str]
-    eligible: frozenset[int]
-    held_out: frozenset[int] = frozenset()
-
-    def name(self, node_id: int) -> str:
-        return self.names.get(node_id, f"node {node_id}")
-
-    @property
-    def held_out_names(self) -> frozenset[str]:
-        return frozenset(self.name(n) for n in self.held_out)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
     t0 = time.perf_counter()
     backend = backend_config(cfg)
     cluster = None
+    saved_path = os.environ.get("PYTHONPATH")  # start_ray widens it for Ray's workers
     with sim_patches.prepare(server_app, fast_polling=cfg.simulation.fast_polling,
                              many_sites_dispatcher=cfg.simulation.many_sites_dispatcher,
                              ray_cluster=bool(cfg.simulation.ray_address)) as app:
@@ -97,6 +98,12 @@ def run_flower_simulation(run_dir: Path, cfg: SafnConfig, n_sites: int) -> float
                       file=sys.stderr)
             finally:
                 _stop_ray()
+                # the caller's environment as it was: a later subprocess of this process
+                # (a test's, an embedding program's) must not inherit the checkout's path
+                if saved_path is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = saved_path
     return time.perf_counter() - t0
 
 
