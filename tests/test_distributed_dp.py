@@ -419,3 +419,18 @@ def test_a_kept_share_is_sent_again_only_for_the_plan_it_was_drawn_for(tmp_path)
     np.testing.assert_array_equal(values["share"], share["share"])
     values, reason = reusable(kept, json.dumps(five.to_dict(), sort_keys=True), 4)
     assert values is None and "another noise plan" in reason
+
+
+def test_the_preset_is_the_coordinators_not_a_sites_own():
+    """A deployed site's site.yaml on distributed DP keeps its own accountant (its ledger is
+    bound to it); the coordinator's configuration takes the preset."""
+    from safn_core.config.dp_preset import DISTRIBUTED_PRESET
+
+    coordinator = load_config(None, ["privacy.mode=distributed", "privacy.epsilon=3"])
+    preset = DISTRIBUTED_PRESET.get("privacy", {})
+    if "accountant" in preset:
+        assert coordinator.privacy.accountant == preset["accountant"]
+    site = load_config(None, ["privacy.mode=distributed", "privacy.epsilon=3",
+                              "site.name=a", "site.superlink=127.0.0.1:9092"])
+    assert site.privacy.accountant == "rdp"  # the schema's default, the site's own
+    assert site.federation.rounds == 20

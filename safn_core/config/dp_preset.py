@@ -7,7 +7,9 @@ one that suits DP. `DISTRIBUTED_PRESET` was chosen by `benchmarks/dp_recipe_sear
 pooled *validation* splits only (the test splits never steered it; the search's size and cost
 are in docs/benchmarks.md). `apply_preset` fills in every preset key the user's configuration
 does not set itself, when ``privacy.mode`` is ``distributed``: a key given in the YAML file or
-with ``--set`` always wins. The run's ``config.yaml`` records the values used.
+with ``--set`` always wins. The run's ``config.yaml`` records the values used. A deployed site's
+own ``site.yaml`` takes no preset: the recipe reaches it from the coordinator, and what is the
+site's own (``privacy.accountant``, ``privacy.max_noise_multiplier``) keeps its own defaults.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def apply_preset(tree: Any) -> Any:
         return tree
     privacy = tree.get("privacy")
     if not isinstance(privacy, dict) or privacy.get("mode") != "distributed":
+        return tree
+    if tree.get("site") is not None:
+        # a deployed site's own site.yaml: the run's recipe comes from the coordinator, and
+        # the site's own keys (its accountant, its noise cap) keep the site's own defaults
         return tree
     out = dict(tree)
     _fill(out, DISTRIBUTED_PRESET)

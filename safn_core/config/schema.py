@@ -52,8 +52,8 @@ class SafnConfig(Section):
     def _distributed_dp(self) -> "SafnConfig":
         from safn_core.privacy.noise_shares import min_sites
 
-        if self.privacy.mode != "distributed":
-            return self
+        if self.privacy.mode != "distributed" or self.site is not None:
+            return self  # a deployed site's own file: the run's settings are the coordinator's
         problems = []
         if not self.federation.secure_aggregation:
             problems.append("federation.secure_aggregation must be true (the noise shares "
