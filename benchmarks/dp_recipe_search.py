@@ -122,7 +122,7 @@ def run_trial(p: dict, cohort: str, args, work: Path, cache: dict) -> dict:
     cmd = [str(BIN / "safn-sim"), "--config", str(CONFIG), "--out", str(out),
            *[x for s in sets for x in ("--set", s)]]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
     try:
         if proc.returncode or not (out / "history.json").is_file():
