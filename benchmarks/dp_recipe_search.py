@@ -46,11 +46,9 @@ BIN = Path(sys.executable).parent
 CONFIG = ROOT / "configs" / "simulation.yaml"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-COHORTS = {
-    "no_motor": ["data.exclude_motor=true"],
-    "synthetic": [],
-    "ad_data": ["simulation.partition=iid", "simulation.n_sites=4"],  # + the exported table
-}
+# the benchmark's own cohorts and their overrides: the search runs what the table measures
+from privacy_utility import COHORTS, cohort_overrides  # noqa: E402
+
 FIXED = ["privacy.mode=distributed", "privacy.accountant=prv",
          "privacy.max_noise_multiplier=30", "federation.patience=null",
          "simulation.compare=false"]
@@ -87,19 +85,6 @@ def recipe_sets(p: dict) -> list[str]:
             f"federation.rounds={p['rounds']}"]
 
 
-def cohort_sets(name: str, work: Path, cache: dict) -> list[str]:
-    sets = list(COHORTS[name])
-    if name == "ad_data":
-        if "ad_data" not in cache:
-            from cohorts import export
-
-            out = export("ad_data", work / "cohorts" / "ad_data", CONFIG, [])
-            cache["ad_data"] = ["data.source=table", f"data.path={out['path']}",
-                                f"data.mapping={out['mapping']}"]
-        sets += cache["ad_data"]
-    return sets
-
-
 def selected_validation(run_dir: Path) -> dict:
     """The selected round's pooled validation loss and ROC-AUC (never the test metrics)."""
     history = json.loads((run_dir / "history.json").read_text())
@@ -118,7 +103,7 @@ def run_trial(p: dict, cohort: str, args, work: Path, cache: dict) -> dict:
     sets = [f"train.seed={args.seed}", f"federation.split_seed={args.seed}",
             f"simulation.seed={args.seed}", f"simulation.site_state_dir={run_work / 'ledgers'}",
             f"privacy.epsilon={args.epsilon:g}", f"privacy.delta={args.delta:g}", *FIXED,
-            *cohort_sets(cohort, work, cache), *recipe_sets(p)]
+            *cohort_overrides(cohort, work, cache), *recipe_sets(p)]
     cmd = [str(BIN / "safn-sim"), "--config", str(CONFIG), "--out", str(out),
            *[x for s in sets for x in ("--set", s)]]
     t0 = time.perf_counter()
