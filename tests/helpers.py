@@ -114,3 +114,21 @@ class DroppingRecorder:
             self.replies.append(reply)
             out.append(reply)
         return out
+
+
+def virtual_run(tmp_path: Path, cfg):
+    """A run folder for an in-process simulation of ``cfg``: its config and virtual sites
+    written as safn-sim writes them; returns (run folder, cohort, the sites' participants)."""
+    from safn_core.config import dump_config
+    from safn_core.data.sources import load_cohort
+    from safn_core.federation.run_folder import write_config
+    from safn.simulations.compare import build_sites
+    from safn.simulations.virtual_sites import write_virtual_sites
+
+    run_dir = Path(tmp_path) / "run"
+    run_dir.mkdir()
+    cohort = load_cohort(cfg.data, cfg.synth)
+    parts = build_sites(cohort, cfg)
+    write_config(run_dir, dump_config(cfg))
+    write_virtual_sites(run_dir, cohort, parts)
+    return run_dir, cohort, parts

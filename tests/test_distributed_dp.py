@@ -30,7 +30,7 @@ from safn_core.privacy import BudgetExhausted, PrivacyError, data_fingerprint, r
 from safn_core.privacy.distributed_budget import DistributedBudget
 from safn_core.privacy.noise_shares import NoiseShares, min_sites
 from safn_core.secagg import AggregationContext, SiteSecret, SiteSession, secure_sum
-from tests.helpers import SMALL_MODEL, DroppingRecorder, write_toy
+from tests.helpers import SMALL_MODEL, DroppingRecorder, virtual_run, write_toy
 
 pytestmark = pytest.mark.timeout(400)
 BIN = Path(sys.executable).parent
@@ -209,12 +209,8 @@ def test_a_distributed_run_sees_only_noised_sums_and_a_retry_reuses_the_same_sha
         tmp_path, monkeypatch):
     import safn.server.app as server_app
     import safn.server.distributed_dp as ddp
-    from safn_core.config import dump_config
-    from safn_core.data.sources import load_cohort
-    from safn_core.federation.run_folder import write_config
-    from safn.simulations.compare import build_sites
     from safn.simulations.engine import run_flower_simulation
-    from safn.simulations.virtual_sites import virtual_site_state_dir, write_virtual_sites
+    from safn.simulations.virtual_sites import virtual_site_state_dir
 
     csv, mapping = write_toy(tmp_path, n=400)
     cfg = load_config(None, ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}",
@@ -224,12 +220,7 @@ def test_a_distributed_run_sees_only_noised_sums_and_a_retry_reuses_the_same_sha
                              "privacy.mode=distributed", "privacy.epsilon=4",
                              "privacy.delta=1e-5", "privacy.accountant=rdp",
                              "privacy.distributed.sample_rate=0.3", *SMALL_MODEL])
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cohort = load_cohort(cfg.data, cfg.synth)
-    parts = build_sites(cohort, cfg)
-    write_config(run_dir, dump_config(cfg))
-    write_virtual_sites(run_dir, cohort, parts)
+    run_dir, cohort, parts = virtual_run(tmp_path, cfg)
 
     recorders, sums = [], {}
 

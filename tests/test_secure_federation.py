@@ -19,7 +19,7 @@ import pytest
 
 from safn_core.config import load_config
 from safn_core.federation.secure_records import train_packing, train_values
-from tests.helpers import SMALL_MODEL, DroppingRecorder, write_toy
+from tests.helpers import SMALL_MODEL, DroppingRecorder, virtual_run, write_toy
 
 pytestmark = pytest.mark.timeout(400)
 BIN = Path(sys.executable).parent
@@ -97,12 +97,7 @@ def test_two_sites_are_refused_clearly(tmp_path):
 def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_round(
         tmp_path, monkeypatch):
     import safn.server.app as server_app
-    from safn_core.config import dump_config
-    from safn_core.data.sources import load_cohort
-    from safn_core.federation.run_folder import write_config
-    from safn.simulations.compare import build_sites
     from safn.simulations.engine import run_flower_simulation
-    from safn.simulations.virtual_sites import write_virtual_sites
 
     csv, mapping = write_toy(tmp_path, n=320)
     cfg = load_config(None, ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}",
@@ -111,12 +106,7 @@ def test_the_coordinator_sees_no_per_site_values_and_a_dropout_does_not_stop_a_r
                              "federation.rounds=3", "federation.local_epochs=1",
                              f"simulation.site_state_dir={tmp_path / 'state'}",
                              "personalisation.method=ditto", *SMALL_MODEL])
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cohort = load_cohort(cfg.data, cfg.synth)
-    parts = build_sites(cohort, cfg)
-    write_config(run_dir, dump_config(cfg))
-    write_virtual_sites(run_dir, cohort, parts)
+    run_dir, cohort, parts = virtual_run(tmp_path, cfg)
 
     recorders = []
 
