@@ -67,48 +67,40 @@ def train_reply(msg: Message, context: Context, site, config: ConfigRecord) -> M
     """This round's noise share, masked; when the site does not train, its share of the noise
     only (no data, nothing charged) and the reason."""
     shares = NoiseShares.from_dict(json.loads(str(config[Config.NOISE_SHARES])))
+    shared = shared_config(str(config[Config.SAFN_CONFIG]))
     state = sc.state_dir(site, context)
     sess = sc.session(site, context)
     r = int(config[Config.SERVER_ROUND])
-    ctx = secure.context_of(str(config[secure.CONTEXT]))
+    seed = site_seed(int(config[Config.SEED]), r, sc.partition(context))
     parties = len(set(secure.peers_of(config)) | {sess.own_id})
-    layout = sc.layout(site, str(config[Config.MODEL_LAYOUT]))
-    refusal, metrics = None, {}
     plan_text = json.dumps(shares.to_dict(), sort_keys=True)
-    try:
-        values = secure.kept(state, ctx)  # this round was answered before: the same share
-    except ValueError:
-        values = None
-    if values is not None:
-        values, refusal = reusable(values, plan_text, r)
-        shared = shared_config(str(config[Config.SAFN_CONFIG]))
+    ctx = secure.context_of(str(config[secure.CONTEXT]))
+    try:  # this round was answered before: the same share, if drawn for this plan
+        values, refusal = reusable(secure.kept(state, ctx), plan_text, r)
         metrics = privacy_report(site, request=shared.privacy, state_dir=state,
                                  sigma=shares.noise_multiplier)
-        if values is not None:
-            say(f"round {r}: sending this round's kept noise share again (no new noise)")
-    if values is None:
-        if refusal is not None:
-            pass
-        elif parties != shares.sites:
+        kept = values is not None
+    except ValueError:  # nothing kept: a new share
+        values, refusal, metrics, kept = None, None, {}, False
+        if parties != shares.sites:
             refusal = (f"the round's noise plan is for {shares.sites} sites but {parties} take "
                        f"part in its secure sum; its data are not sent")
         else:
-            shared = shared_config(str(config[Config.SAFN_CONFIG]))
             out = noise_share(
                 site, sc.global_weights(site, msg.content[ARRAYS], config),
-                sc.preprocessor(site, config), list(config[Config.CLASS_COUNTS]), layout, shares,
+                sc.preprocessor(site, config), list(config[Config.CLASS_COUNTS]),
+                sc.layout(site, str(config[Config.MODEL_LAYOUT])), shares,
                 sample_rate=shared.privacy.distributed.sample_rate, request=shared.privacy,
-                state_dir=state, run_id=sc.run_id(msg, config), server_round=r,
-                seed=site_seed(int(config[Config.SEED]), r, sc.partition(context)))
+                state_dir=state, run_id=sc.run_id(msg, config), server_round=r, seed=seed)
             values, refusal, metrics = out.values, out.refusal, out.metrics
-        if values is None:  # no data from this site, but its share of the noise
-            values = noise_only(shares, site_seed(int(config[Config.SEED]), r,
-                                                  sc.partition(context))
-                                if site.cfg.site is None else None)
-            say(f"round {r}: not training: {refusal} (its share of the noise only sent)")
-        else:
-            say(f"round {r}: sent a noise share (σ = {shares.noise_multiplier:.3f}, ε spent so "
-                f"far {metrics[Metric.EPSILON]:.3f})")
+    if kept:
+        say(f"round {r}: sending this round's kept noise share again (no new noise)")
+    elif values is None:  # no data from this site, but its share of the noise
+        values = noise_only(shares, seed if site.cfg.site is None else None)
+        say(f"round {r}: not training: {refusal} (its share of the noise only sent)")
+    else:
+        say(f"round {r}: sent a noise share (σ = {shares.noise_multiplier:.3f}, ε spent so "
+            f"far {metrics[Metric.EPSILON]:.3f})")
     masked = secure.mask(sess, state, config, values, min_peers=shares.honest, plan=plan_text)
     content = {ARRAYS: ArrayRecord({MASKED: Array(masked)}),
                METRICS: MetricRecord({k: v for k, v in metrics.items() if k not in PLAIN_ONLY}
