@@ -310,13 +310,17 @@ class SafnStrategy(Strategy):
         if self.central_dp is not None:
             noisy, w.central_dp = self.central_dp.noised(r, mean, total.summary.sites)
             mean = w.current + noisy
+        return self._inner_step(r, mean.astype(np.float32), total.summary.examples,
+                                total.summary.train_loss)
+
+    def _inner_step(self, r: int, mean: np.ndarray, examples: int, loss: float | None):
+        """Flower's strategy's own step on ``mean``, handed to it as if one site had sent it
+        (FedAvg keeps it, FedAdam/FedYogi/FedAvgM step from the current model towards it)."""
         key = next(iter(self._expected))
         reply = Message(RecordDict({
-            ARRAYS: ArrayRecord({key: Array(mean.astype(np.float32))}),
-            METRICS: MetricRecord({
-                Metric.NUM_EXAMPLES: total.summary.examples,
-                Metric.TRAIN_LOSS: (WITHHELD if total.summary.train_loss is None
-                                    else total.summary.train_loss)})}),
+            ARRAYS: ArrayRecord({key: Array(mean)}),
+            METRICS: MetricRecord({Metric.NUM_EXAMPLES: int(examples),
+                                   Metric.TRAIN_LOSS: WITHHELD if loss is None else loss})}),
             dst_node_id=0, message_type=MessageType.TRAIN)
         return self.inner.aggregate_train(r, [reply])
 
@@ -330,13 +334,7 @@ class SafnStrategy(Strategy):
         if grad is None:
             w.train.rejected.append(screening.too_few(int(values["sites"]), w.shares.honest))
             return None, None
-        key = next(iter(self._expected))
-        reply = Message(RecordDict({
-            ARRAYS: ArrayRecord({key: Array(w.current - grad)}),
-            METRICS: MetricRecord({Metric.NUM_EXAMPLES: int(values["examples"]),
-                                   Metric.TRAIN_LOSS: WITHHELD})}),
-            dst_node_id=0, message_type=MessageType.TRAIN)
-        return self.inner.aggregate_train(r, [reply])
+        return self._inner_step(r, w.current - grad, int(values["examples"]), None)
 
     # -- evaluation ---------------------------------------------------------------------------
 
