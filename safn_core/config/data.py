@@ -38,6 +38,10 @@ class DataConfig(Section):
     source: Literal["synthetic", "ppmi", "table"] = "synthetic"
     path: Path | None = Field(None, description="PPMI download folder, or the CSV/Parquet table")
     mapping: Path | None = Field(None, description="YAML column mapping for source: table")
+    target: Literal["pd_vs_hc", "hc_prodromal_pd", "hy_stage"] = Field(
+        "pd_vs_hc", description="what the model predicts (safn_core/targets.py): pd_vs_hc, "
+                                "hc_prodromal_pd (3 ordered classes) or hy_stage (HC, H&Y 1, "
+                                "H&Y >= 2); a table's mapping declares its own label instead")
     exclude_motor: bool = Field(False, description="drop MDS-UPDRS I-III totals and H&Y")
     require_all_modalities: bool = Field(
         True, description="keep only participants with every modality (the paper's cohort)")
@@ -50,4 +54,8 @@ class DataConfig(Section):
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
         if self.source == "table" and self.mapping is None:
             raise ValueError("data.mapping is required when data.source is 'table'")
+        if self.source == "table" and self.target != "pd_vs_hc":
+            raise ValueError(f"data.target {self.target!r} is a PPMI target; a table's mapping "
+                             "declares its own label (label.values, label.ordered): remove "
+                             "data.target")
         return self

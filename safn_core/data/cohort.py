@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from safn_core.targets import PD_VS_HC, Target
+
 ID = "participant_id"
 SITE = "site"
 LABEL = "label"
@@ -51,18 +53,24 @@ class Cohort:
     """Participants × features with label and site.
 
     ``table`` is indexed by participant id (string) and has the columns ``site`` (string, may be
-    missing), ``label`` (1 = positive class, e.g. PD; 0 = negative, e.g. HC) and every feature of
+    missing), ``label`` (0..K-1, the classes of ``target``; binary: 1 = positive class, e.g. PD,
+    0 = negative, e.g. HC) and every feature of
     every modality, as floats with NaN for missing.
     """
 
     table: pd.DataFrame
     modalities: tuple[Modality, ...]
     report: LoadReport
-    label_names: tuple[str, str] = ("HC", "PD")  # names of label 0 and label 1
+    label_names: tuple[str, ...] = ("HC", "PD")  # names of labels 0..K-1 (= target.classes)
     plausible_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     # a categorical column -> its declared categories; its features are the indicators
     # "column=category" (safn_core.data.table_loader)
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    target: Target = PD_VS_HC
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.label_names)
 
     @property
     def features(self) -> list[str]:
@@ -93,7 +101,7 @@ class Cohort:
     def subset(self, index) -> "Cohort":
         """The cohort restricted to the given participant ids (same modalities and report)."""
         return Cohort(self.table.loc[index], self.modalities, self.report, self.label_names,
-                      self.plausible_ranges, self.categories)
+                      self.plausible_ranges, self.categories, self.target)
 
     def export(self) -> pd.DataFrame:
         """One row per participant: id, site, label, every feature under its column name."""
