@@ -193,6 +193,8 @@ def run(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
     check_cohort(cohort, cfg.data.min_cell).raise_if_failed("run safn-check for the full report")
+    if not cohort.target.binary:
+        return _run_kclass(cfg, cohort, out, t0)
     n_pos = int(cohort.y.sum())
     console.print(f"[bold]cohort[/]: {cohort.report.source}: {len(cohort)} participants, "
                   f"{n_pos} {cohort.label_names[1]} / {len(cohort) - n_pos} "
@@ -277,6 +279,32 @@ def run(argv: list[str] | None = None) -> int:
         "seconds": elapsed,
     })
     write_report(out, cfg, cohort, summary, first, w_all, d_all, majority, elapsed, temperature)
+    console.print(f"run folder: {out} ({elapsed:.0f} s); report: {out / 'report.html'}")
+    return 0
+
+
+def _run_kclass(cfg, cohort, out: Path, t0: float) -> int:
+    """safn-train for a target of K > 2 classes (`safn_core.cli.train_kclass`)."""
+    from safn_core.cli import train_kclass
+    from safn_core.training.crossval import cross_validate, final_model
+
+    counts = ", ".join(f"{int((cohort.y == k).sum())} {c}"
+                       for k, c in enumerate(cohort.label_names))
+    console.print(f"[bold]cohort[/]: {cohort.report.source}: {len(cohort)} participants, "
+                  f"target {cohort.target.name}: {counts}; modalities "
+                  + ", ".join(f"{m.name} ({len(m.features)})" for m in cohort.modalities))
+    write_atomic(out / "config.yaml", dump_config(cfg))
+    write_json(out / "load_report.json", cohort.report.to_dict())
+    with Progress(TextColumn("[bold]cross-validation"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("folds"), TimeElapsedColumn(), console=console,
+                  transient=False) as bar:
+        task = bar.add_task("cv", total=cfg.train.folds * cfg.train.repeats)
+        res = cross_validate(cohort, cfg, lambda done, total: bar.update(task, completed=done))
+    kclass = train_kclass.write_outputs(out, cfg, cohort, res, time.perf_counter() - t0)
+    console.print("final fit of SAFN on all participants …")
+    final = final_model(cohort, cfg)
+    elapsed = time.perf_counter() - t0
+    train_kclass.save(out, cfg, cohort, final, kclass["summary"], elapsed, kclass)
     console.print(f"run folder: {out} ({elapsed:.0f} s); report: {out / 'report.html'}")
     return 0
 

@@ -140,10 +140,12 @@ class TrainConfig(Section):
         default_factory=lambda: ["all", "no_motor", "imaging_demographics"])
     baselines: list[Literal["majority", "logistic_regression", "exact_logistic_regression",
                             "random_forest", "hist_gradient_boosting",
-                            "hist_gradient_boosting_es", "mlp"]] = Field(
+                            "hist_gradient_boosting_es", "mlp", "ordinal_logistic"]] = Field(
         default_factory=lambda: ["majority", "logistic_regression", "exact_logistic_regression",
                                  "random_forest", "hist_gradient_boosting",
-                                 "hist_gradient_boosting_es", "mlp"])
+                                 "hist_gradient_boosting_es", "mlp", "ordinal_logistic"],
+        description="baselines fitted on the same folds; ordinal_logistic (proportional odds) "
+                    "only for an ordered target of K > 2 classes, skipped otherwise")
     ablations: list[Literal["no_cross_attention", "no_sparsity", "plain_ce"]] = Field(
         default_factory=lambda: ["no_cross_attention", "no_sparsity", "plain_ce"])
     modality_drop: bool = Field(True, description="modality-drop ablation at test time")

@@ -44,6 +44,7 @@ from safn_core.harmonisation.setup import combat_spec
 from safn_core.metrics import binary_metrics, calibration_slope, choose_threshold
 from safn_core.preprocess import Preprocessor
 from safn_core.recalibration import TrainingTemperature, fit_training_temperature
+from safn_core.training import kclass_folds
 from safn_core.training.local import (Arrays, FitResult, fit_with_early_stopping, predict,
                                       scores)
 
@@ -136,14 +137,19 @@ def _score(y, p_val, y_val, p_test) -> tuple[dict, float]:
 def _modality_drop(model, test: Arrays, modalities) -> dict[str, float]:
     """ROC-AUC lost when one modality is replaced by its training mean (0 after scaling), both
     ROC-AUCs of the model's own probabilities."""
-    base_auc = binary_metrics(test.y, predict(model, test)[0])["roc_auc"]
+    def auc(p):
+        if p.ndim == 2:  # K > 2 classes: macro one-vs-rest
+            return kclass_folds.macro_auc(test.y, p, p.shape[1])
+        return binary_metrics(test.y, p)["roc_auc"]
+
+    base_auc = auc(predict(model, test)[0])
     out, start = {}, 0
     for m in modalities:
         stop = start + len(m.features)
         x = test.x.copy()
         x[:, start:stop] = 0.0
         p, _ = predict(model, Arrays(x, test.mask, test.y))
-        out[m.name] = base_auc - binary_metrics(test.y, p)["roc_auc"]
+        out[m.name] = base_auc - auc(p)
         start = stop
     return out
 
@@ -198,16 +204,25 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
     # harmonised (fitted on split.train only) before anything is fitted on it
     table = harmonise_fold(cohort, split, cfg).table if cfg.harmonisation.enabled \
         else cohort.table
-    rows, preds, weights, drops, shares = [], [], [], [], []
+    rows, preds, weights, drops, shares, by_class = [], [], [], [], [], []
     seed = cfg.train.seed + 7919 * split.repeat + 31 * split.fold
+    target = cohort.target
+    multi = not target.binary
+    majority = int(np.bincount(cohort.table.loc[split.train, "label"].to_numpy(dtype=int),
+                               minlength=target.n_classes).argmax())
 
     def record(model_name, fs_name, p_val, y_val, p_test, y_test, extra=None):
+        meta = {"repeat": split.repeat, "fold": split.fold, "feature_set": fs_name,
+                "model": model_name}
+        if multi:
+            rows.append({**meta, **kclass_folds.score_fold(target, p_val, y_val, p_test, y_test,
+                                                            majority), **(extra or {})})
+            preds.append(kclass_folds.prediction_frame(target, meta, split.test, y_test, p_test))
+            return
         m, _ = _score(y_test, p_val, y_val, p_test)
-        rows.append({"repeat": split.repeat, "fold": split.fold, "feature_set": fs_name,
-                     "model": model_name, **m, **(extra or {})})
-        preds.append(pd.DataFrame({"repeat": split.repeat, "fold": split.fold,
-                                   "feature_set": fs_name, "model": model_name,
-                                   "participant_id": split.test, "y": y_test, "p": p_test}))
+        rows.append({**meta, **m, **(extra or {})})
+        preds.append(pd.DataFrame({**meta, "participant_id": split.test, "y": y_test,
+                                   "p": p_test}))
 
     for fs_name in cfg.train.feature_sets:
         mods = feature_set(cohort, fs_name)
@@ -218,18 +233,22 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
                       for ids in (split.train, split.val, split.test))
         for name, model_cfg, *own in (variants or model_variants(cfg, fs_name)):
             train_cfg = own[0] if own else cfg.train
-            fit = fit_with_early_stopping(tr, va, mods, model_cfg, train_cfg, seed)
+            fit = fit_with_early_stopping(tr, va, mods, model_cfg, train_cfg, seed,
+                                          target=target)
             p_val, p_test, alpha, extra = safn_predictions(
-                fit.model, va, te, train_cfg.temperature_scaling, cfg.data.min_cell)
+                fit.model, va, te, train_cfg.temperature_scaling and not multi,
+                cfg.data.min_cell)
             extra = {"epochs": fit.epochs_run, "best_epoch": fit.best_epoch, **extra}
             if fit.logistic is not None:
                 extra["lr_penalty"] = fit.logistic.penalty
             record(name, fs_name, p_val, va.y, p_test, te.y, extra)
             if name == "SAFN":
-                weights.append({"repeat": split.repeat, "fold": split.fold,
-                                "feature_set": fs_name,
-                                **{m.name: float(a) for m, a in zip(mods, alpha.mean(0))}})
-                if model_cfg.wide != "off":
+                where = {"repeat": split.repeat, "fold": split.fold, "feature_set": fs_name}
+                weights.append({**where, **{m.name: float(a) for m, a in zip(mods, alpha.mean(0))}})
+                if multi:
+                    by_class.extend({**where, **w} for w in kclass_folds.weights_by_class(
+                        alpha, te.y, target, [m.name for m in mods]))
+                if model_cfg.wide != "off" and not multi:
                     shares.append({"repeat": split.repeat, "fold": split.fold,
                                    "feature_set": fs_name,
                                    **fit.model.wide_shares(torch.from_numpy(te.x),
@@ -239,10 +258,12 @@ def run_fold(cohort: Cohort, split: Split, cfg: SafnConfig,
                                   "feature_set": fs_name,
                                   **_modality_drop(fit.model, te, mods)})
         for b in cfg.train.baselines:
+            if b == "ordinal_logistic" and (target.binary or not target.ordered):
+                continue  # a cumulative-link model needs K > 2 ordered classes
             p_val, p_test = fit_predict(b, tr.x, tr.y, [va.x, te.x], seed, val=(va.x, va.y))
             record(b, fs_name, p_val, va.y, p_test, te.y)
     return {"rows": rows, "preds": pd.concat(preds, ignore_index=True), "weights": weights,
-            "drops": drops, "wide_shares": shares}
+            "drops": drops, "wide_shares": shares, "weights_by_class": by_class}
 
 
 def _worker_init() -> None:
@@ -288,6 +309,8 @@ def cross_validate(cohort: Cohort, cfg: SafnConfig,
         "weights": pd.DataFrame([w for res in results for w in res["weights"]]),
         "modality_drop": pd.DataFrame([d for res in results for d in res["drops"]]),
         "wide_shares": pd.DataFrame([w for res in results for w in res["wide_shares"]]),
+        "weights_by_class": pd.DataFrame([w for res in results
+                                          for w in res["weights_by_class"]]),
         "n_splits": len(splits),
     }
 
@@ -305,7 +328,7 @@ class FinalModel:
 
     fit: FitResult
     preprocessor: Preprocessor
-    threshold: float
+    threshold: float | None  # None for a target of K > 2 classes (decision rule: argmax)
     class_counts: list[int]
     harmonisation: HarmonisationRecord | None = None
     calibration: TrainingTemperature | None = None
@@ -341,7 +364,9 @@ def final_model(cohort: Cohort, cfg: SafnConfig,
     tr_a = Arrays.from_table(pre, table.loc[tr])
     va_a = Arrays.from_table(pre, table.loc[va])
     fit = fit_with_early_stopping(tr_a, va_a, cohort.modalities, model_cfg or cfg.model,
-                                  cfg.train, cfg.train.seed)
+                                  cfg.train, cfg.train.seed, target=cohort.target)
+    if not cohort.target.binary:  # K classes: argmax (or the bundle's cut points), no threshold
+        return FinalModel(fit, pre, None, tr_a.class_counts(), record, None)
     z_val, p_val, _ = scores(fit.model, va_a)
     calibration = None
     if cfg.train.temperature_scaling:
