@@ -29,9 +29,12 @@ def print_load_report(cohort: Cohort) -> None:
         for reason, n in rep.excluded.items():
             t.add_row(reason, str(n))
         console.print(t)
-    n_pos = int(cohort.y.sum())
-    console.print(f"kept {len(cohort)} participants: {n_pos} {cohort.label_names[1]}, "
-                  f"{len(cohort) - n_pos} {cohort.label_names[0]}")
+    counts = [int((cohort.y == k).sum()) for k in range(cohort.n_classes)]
+    order = (1, 0) if cohort.n_classes == 2 else range(cohort.n_classes)  # binary: as before
+    console.print(f"kept {len(cohort)} participants: "
+                  + ", ".join(f"{counts[k]} {cohort.label_names[k]}" for k in order)
+                  + (f" (target {cohort.target.name})" if cohort.target.name != "pd_vs_hc"
+                     else ""))
     t = Table(title="modalities")
     for col in ("modality", "side", "features", "participants with data", "mean missing rate"):
         t.add_column(col, justify="left" if col in ("modality", "side") else "right")
@@ -47,6 +50,19 @@ def print_load_report(cohort: Cohort) -> None:
         console.print("most missing features: " + ", ".join(f"{k} {v:.1%}" for k, v in worst))
     for note in rep.notes:
         console.print(f"note: {note}")
+
+
+def print_site_classes(report: ContractReport, min_cell: int) -> None:
+    """Participants per class at each site (several sites only); below min_cell in red."""
+    if not report.site_class_counts:
+        return
+    t = Table(title=f"participants per class and site (min_cell = {min_cell})")
+    t.add_column("site")
+    for name in report.class_counts:
+        t.add_column(name, justify="right")
+    for site, per in report.site_class_counts.items():
+        t.add_row(site, *(f"[red]{n}[/]" if n < min_cell else str(n) for n in per.values()))
+    console.print(t)
 
 
 def print_contract(report: ContractReport, min_cell: int) -> None:
@@ -81,6 +97,7 @@ def run(argv: list[str] | None = None) -> int:
     cohort = load_path(args.data, cfg.data) if args.data else load_cohort(cfg.data, cfg.synth)
     print_load_report(cohort)
     report = check_cohort(cohort, cfg.data.min_cell)
+    print_site_classes(report, cfg.data.min_cell)
     print_contract(report, cfg.data.min_cell)
     if args.out is not None:
         from safn_core.cli.common import fresh_output_dir

@@ -15,6 +15,14 @@ class SynthConfig(Section):
 
     ``n_pd`` and ``n_hc`` count participants with all four modalities; the generator adds
     participants without MRI and SWEDD/prodromal participants around them, as a real download has.
+
+    Severity targets (``data.target``): the defaults are PPMI's original de novo cohort, with few
+    prodromal participants (65, ≈65 % with MRI). For ``hc_prodromal_pd`` use
+    ``synth.n_prodromal: 300`` (≈ a PPMI 2.0-like share of prodromal enrolment; with the default
+    5 sites and seed 0 that gives 195 prodromal participants with every modality, 18-83 per
+    site). ``hy_stage`` needs no change: PD's H&Y is drawn with PPMI's baseline shares (stage 1
+    ≈44 %, 2 ≈55 %, 3 <1 %, `safn_core.synth.instruments.HOEHN_YAHR`); stage 3 joins class
+    "H&Y >=2". The defaults stay as they are so that every pd_vs_hc figure stays reproducible.
     """
 
     seed: int = 0

@@ -15,6 +15,7 @@ import pandas as pd
 
 from safn_core.data.cohort import Cohort, LoadReport, Modality
 from safn_core.io import write_json
+from safn_core.targets import PD_VS_HC, TARGETS, Target
 
 META = "cohort.json"
 TABLE = "cohort.parquet"
@@ -32,6 +33,7 @@ def write_cohort(folder: Path, cohort: Cohort, source: str | None = None) -> Pat
     write_json(folder / META, {
         "source": source or cohort.report.source, "table": table.name,
         "label_names": list(cohort.label_names),
+        "target": cohort.target.to_dict(),
         "modalities": [{"name": m.name, "features": list(m.features), "side": m.side}
                        for m in cohort.modalities],
         # public plausible ranges (the data contract's; `privacy.statistics: gaussian` needs them)
@@ -52,4 +54,14 @@ def read_cohort(meta_path: Path) -> Cohort:
               meta.get("plausible_ranges", {}).items()}
     categories = {c: tuple(v) for c, v in meta.get("categories", {}).items()}
     return Cohort(table, mods, LoadReport(meta["source"]), tuple(meta["label_names"]), ranges,
-                  categories)
+                  categories, stored_target(meta.get("target")))
+
+
+def stored_target(d: dict | None) -> Target:
+    """The target of a stored cohort: a built-in one by name (with its cohorts and description)
+    when the classes match, else as stored; a file from before targets is pd_vs_hc."""
+    if d is None:
+        return PD_VS_HC
+    target = Target.from_dict(d)
+    known = TARGETS.get(target.name)
+    return known if known is not None and known.to_dict() == target.to_dict() else target

@@ -1,8 +1,10 @@
 """The site data contract: is a loaded cohort fit to train on?
 
 Checked before a site trains anything (`safn-check`, `safn-client`): features numeric, values within
-plausible ranges, one row per participant, at least ``min_cell`` participants per class, missing
-rates, modalities entirely absent. Fatal problems stop the site with a message naming the column
+plausible ranges, one row per participant, at least ``min_cell`` participants of each of the K
+classes, missing rates, modalities entirely absent. With several sites in one cohort (a pooled
+download, the synthetic cohort) the class counts per site are reported too, a site below
+``min_cell`` in a class as a warning naming site and class. Fatal problems stop the site with a message naming the column
 and rows; warnings are reported and training may go on.
 """
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from safn_core.data.cohort import LABEL, Cohort
+from safn_core.data.cohort import LABEL, SITE, Cohort
 
 HIGH_MISSING = 0.5
 """Missing rate above which a feature is flagged (a warning, not fatal)."""
@@ -40,6 +42,7 @@ class ContractReport:
     n_participants: int
     class_counts: dict[str, int]
     problems: list[Problem] = field(default_factory=list)
+    site_class_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # ≥ 2 sites only
 
     @property
     def fatal(self) -> list[Problem]:
@@ -67,6 +70,7 @@ class ContractReport:
         return {
             "source": self.source, "ok": self.ok, "n_participants": self.n_participants,
             "class_counts": self.class_counts,
+            **({"site_class_counts": self.site_class_counts} if self.site_class_counts else {}),
             "problems": [{"severity": p.severity, "message": p.message, "column": p.column,
                           "rows": p.rows} for p in self.problems],
         }
@@ -75,9 +79,10 @@ class ContractReport:
 def check_cohort(cohort: Cohort, min_cell: int = 5) -> ContractReport:
     """Run every contract check on ``cohort`` and return the findings (raises nothing)."""
     table = cohort.table
-    counts = {cohort.label_names[k]: int((table[LABEL] == k).sum()) for k in (0, 1)}
+    counts = {name: int((table[LABEL] == k).sum()) for k, name in enumerate(cohort.label_names)}
     report = ContractReport(cohort.report.source, len(table), counts)
     add = report.problems.append
+    report.site_class_counts = site_class_counts(cohort)
 
     dup = table.index[table.index.duplicated(keep=False)]
     if len(dup):
@@ -96,6 +101,13 @@ def check_cohort(cohort: Cohort, min_cell: int = 5) -> ContractReport:
         if n < min_cell:
             add(Problem("fatal", f"class {name} has {n} participant(s), fewer than min_cell = "
                         f"{min_cell}; a site needs at least min_cell people of each class"))
+
+    for site, per in report.site_class_counts.items():
+        small = [f"{name} {n}" for name, n in per.items() if n < min_cell]
+        if small:
+            add(Problem("warning", f"site {site} has fewer than min_cell = {min_cell} "
+                        f"participants of class(es) {', '.join(small)}; in a federation that "
+                        "site cannot report statistics of those classes"))
 
     for col in cohort.features:
         values = table[col]
@@ -124,3 +136,14 @@ def check_cohort(cohort: Cohort, min_cell: int = 5) -> ContractReport:
         elif len(finite) > 1 and finite.nunique() == 1:
             add(Problem("warning", f"column '{col}' has the same value for everyone", column=col))
     return report
+
+
+def site_class_counts(cohort: Cohort) -> dict[str, dict[str, int]]:
+    """Participants per class at each site (empty for a cohort of one site)."""
+    table = cohort.table
+    site = table[SITE].astype(str)
+    if site.nunique() < 2:
+        return {}
+    return {str(s): {name: int(((site == s) & (table[LABEL] == k)).sum())
+                     for k, name in enumerate(cohort.label_names)}
+            for s in sorted(site.unique(), key=lambda v: (len(v), v))}

@@ -1,9 +1,13 @@
 """Who is in a PPMI cohort: label, exclusions and site of each participant.
 
-The label comes from the status table (``Participant_Status.COHORT`` or the older
-``Patient_Status.ENROLL_CAT``): PD → 1, HC → 0; every other cohort and every screen-failed,
-declined or excluded enrolment is left out and counted by reason. The site is the centre
-number (``CNO``) of the centre list, else of the status table.
+The enrolment cohort comes from the status table (``Participant_Status.COHORT`` or the older
+``Patient_Status.ENROLL_CAT``). The target (`safn_core.targets`) keeps the cohorts it needs
+(``target.cohorts``); a kept cohort that is one of its classes is labelled by its place in
+``target.classes`` (pd_vs_hc: HC → 0, PD → 1; hc_prodromal_pd: HC 0, Prodromal 1, PD 2). For
+hy_stage PD is labelled by its baseline H&Y (`hy_labels`: 1 → 1, ≥ 2 → 2; missing, 101 or 0 →
+excluded and counted). Every other cohort and every screen-failed, declined or excluded enrolment
+is left out and counted by reason. The site is the centre number (``CNO``) of the centre list,
+else of the status table.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ import numpy as np
 import pandas as pd
 
 from safn_core.data.cohort import ID
-from safn_core.data.ppmi_catalog import COHORT_CODES, LABELS, LEGACY_COHORT_LABELS, TABLES
+from safn_core.data.ppmi_catalog import COHORT_CODES, LEGACY_COHORT_LABELS, TABLES
 from safn_core.data.ppmi_download import PATNO, PpmiDownload, norm_ids, plural
 from safn_core.data.ppmi_visits import STATIC_EVENTS, baseline, pick
 from safn_core.errors import DataError
+from safn_core.targets import PD_VS_HC, Target, hy_class
 
 _EXCLUDED_ENROLL_STATUS = re.compile(r"screen|declin|exclud", re.IGNORECASE)
 
 
 def read_status(dl: PpmiDownload) -> pd.DataFrame:
-    """The status table, one row per participant, with ``cohort`` and ``label`` columns."""
+    """The status table, one row per participant, with a ``cohort`` column (PD, HC, SWEDD,
+    Prodromal, …, ``missing``)."""
     if "status" not in dl.found:
         names = " or ".join(TABLES["status"].names)
         raise DataError(f"no participant status table under {dl.root}: searched all "
@@ -54,7 +60,6 @@ def read_status(dl: PpmiDownload) -> pd.DataFrame:
         raise DataError(f"{shown}: has neither a COHORT nor an ENROLL_CAT column; the label "
                         "(PD or HC) comes from one of them")
     st["cohort"] = cohort.fillna("missing")
-    st["label"] = st["cohort"].map(LABELS)
     return st
 
 
@@ -63,14 +68,20 @@ def _legacy_cohort(s: pd.Series) -> pd.Series:
     return text.map(lambda t: LEGACY_COHORT_LABELS.get(t, t) if t else np.nan)
 
 
-def pd_hc_participants(status: pd.DataFrame) -> tuple[pd.DataFrame, pd.Index, dict[str, int]]:
-    """The PD and HC participants whose enrolment stands: their status rows, their ids (sorted
-    by length, then text) and the count of everyone left out, by reason."""
+def target_participants(status: pd.DataFrame, target: Target = PD_VS_HC
+                        ) -> tuple[pd.DataFrame, pd.Index, dict[str, int]]:
+    """The participants of ``target``'s cohorts whose enrolment stands: their status rows (with
+    ``label``: the class index of the cohort, NaN for a cohort the label of which comes from
+    elsewhere, e.g. PD for hy_stage), their ids (sorted by length, then text) and the count of
+    everyone left out, by reason."""
     excluded: dict[str, int] = {}
-    not_pdhc = status["label"].isna()
-    for name, n in status.loc[not_pdhc, "cohort"].value_counts().items():
+    status = status.assign(label=status["cohort"].map(
+        {c: float(target.classes.index(c)) if c in target.classes else np.nan
+         for c in target.cohorts}))
+    other = ~status["cohort"].isin(target.cohorts)
+    for name, n in status.loc[other, "cohort"].value_counts().items():
         excluded[f"cohort {name}"] = int(n)
-    keep = status[~not_pdhc]
+    keep = status[~other]
     if "ENROLL_STATUS" in keep.columns:
         es = keep["ENROLL_STATUS"].astype(object).fillna("").astype(str)
         bad = es.str.contains(_EXCLUDED_ENROLL_STATUS)
@@ -79,6 +90,34 @@ def pd_hc_participants(status: pd.DataFrame) -> tuple[pd.DataFrame, pd.Index, di
         keep = keep[~bad]
     ids = pd.Index(sorted(keep.index, key=lambda s: (len(s), s)), name=ID)
     return keep, ids, excluded
+
+
+def pd_hc_participants(status: pd.DataFrame) -> tuple[pd.DataFrame, pd.Index, dict[str, int]]:
+    """`target_participants` of pd_vs_hc."""
+    return target_participants(status, PD_VS_HC)
+
+
+def hy_labels(dl: PpmiDownload, keep: pd.DataFrame, ids: pd.Index, excluded: dict[str, int],
+              nhy: pd.Series) -> tuple[pd.DataFrame, pd.Index]:
+    """hy_stage: PD labelled by baseline H&Y (``nhy``, 101 already missing): 1 → 1, ≥ 2 → 2
+    (stages 3+ join 2); PD without a stage (missing, 101) or at stage 0 are excluded and counted
+    (``"H&Y not recorded"``, ``"H&Y 0 (PD)"``). Adds the class counts of PD to the report."""
+    is_pd = keep["cohort"].reindex(ids) == "PD"
+    stage = pd.to_numeric(nhy.reindex(ids), errors="coerce")
+    cls = stage.map(hy_class)
+    label = keep["label"].reindex(ids).where(~is_pd, cls)
+    for reason, mask in (("H&Y not recorded", is_pd & stage.isna()),
+                         ("H&Y 0 (PD)", is_pd & stage.notna() & cls.isna())):
+        if mask.any():
+            excluded[reason] = int(mask.sum())
+    n3 = int((is_pd & (stage >= 3)).sum())
+    if n3:
+        dl.note(f"{plural(n3, 'PD participant')} at H&Y stage 3 or above: class H&Y >=2")
+    for k, name in ((1, "H&Y 1"), (2, "H&Y >=2")):
+        dl.report.cohorts[name] = int((is_pd & (cls == k)).sum())
+    keep = keep.assign(label=label.reindex(keep.index))
+    ids = ids[label.notna().to_numpy()]
+    return keep, ids
 
 
 def sites(dl: PpmiDownload, ids: pd.Index, status: pd.DataFrame) -> pd.Series:

@@ -3,6 +3,8 @@
 ``data.source`` selects a PPMI download (``ppmi``), a generic table with its mapping (``table``)
 or the built-in synthetic cohort (``synthetic``), which is written as a PPMI-style download to a
 temporary folder and read back through the real PPMI loader: there is no special path for it.
+``data.target`` chooses the PPMI target (`safn_core.targets`); a table declares its own label in
+its mapping.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def load_ppmi_folder(path: Path, data: DataConfig) -> Cohort:
 
     cohort = load_ppmi(path, exclude_motor=data.exclude_motor,
                        require_all_modalities=data.require_all_modalities,
-                       normalise_volumes_by_etiv=data.normalise_volumes_by_etiv)
+                       normalise_volumes_by_etiv=data.normalise_volumes_by_etiv,
+                       target=data.target)
     if not cohort.plausible_ranges:
         ranges = dict(PLAUSIBLE_RANGES)
         if data.normalise_volumes_by_etiv:  # regional volumes become fractions of eTIV

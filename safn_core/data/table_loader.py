@@ -15,7 +15,16 @@ an optional site column, and the modalities as lists of column names or glob pat
       apoe: [E2E2, E2E3, E2E4, E3E3, E3E4, E4E4]
 
 Rows whose label is neither value are excluded and counted in the load report, as PPMI's other
-cohorts are.
+cohorts are. Instead of ``positive``/``negative`` the label may declare K values, in class order
+(label k = ``values[k]``)::
+
+    label: {column: stage, values: [HC, early, late], ordered: true,
+            names: [healthy, early PD, late PD],  # optional display names
+            defined_by: [hy]}                      # optional: columns the label is derived from
+
+Rows with any other value are excluded and counted. A column in ``defined_by`` can never be a
+feature (label leakage: an error naming it). The cohort's `Target` is named ``label``; its
+classes are ``names`` (or the values as text; binary: negative, positive).
 
 A categorical column (listed in a modality like any other) becomes one indicator feature per
 declared category, ``apoe=E3E4`` (1 where the participant has that category, else 0; NaN in every
@@ -36,10 +45,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safn_core.data.cohort import ID, LABEL, SITE, Cohort, LoadReport, Modality
 from safn_core.errors import DataError
+from safn_core.targets import Target, check_inputs
 
 MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "none", "."}
 
@@ -50,10 +60,44 @@ class _Strict(BaseModel):
 
 class LabelMapping(_Strict):
     column: str
-    positive: str | int | float | bool
+    positive: str | int | float | bool | None = None
     negative: str | int | float | bool | None = Field(
         None, description="the negative class value; absent = every other non-empty value")
-    names: tuple[str, str] | None = Field(None, description="display names of (negative, positive)")
+    values: list[str | int | float | bool] | None = Field(
+        None, description="K label values in class order (instead of positive/negative)")
+    ordered: bool = Field(False, description="the values are ordered (an ordinal target)")
+    names: tuple[str, ...] | None = Field(
+        None, description="display names of (negative, positive), or of each of ``values``")
+    defined_by: list[str] = Field(default_factory=list,
+                                  description="columns the label is derived from: never inputs")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "LabelMapping":
+        if (self.positive is None) == (self.values is None):
+            raise ValueError("give either 'positive' (and optionally 'negative') or 'values' "
+                             "(K label values in class order)")
+        if self.values is not None:
+            if self.negative is not None:
+                raise ValueError("'negative' belongs to a positive/negative label; with "
+                                 "'values' list every class there")
+            names = [category_name(v) for v in self.values]
+            if len(names) < 2 or len(set(names)) != len(names):
+                raise ValueError(f"'values' needs at least two distinct values, got {names}")
+        k = 2 if self.values is None else len(self.values)
+        if self.names is not None and len(self.names) != k:
+            raise ValueError(f"'names' needs {k} display names (one per class), got "
+                             f"{len(self.names)}")
+        return self
+
+    def target(self) -> Target:
+        """The `Target` of this label: named ``label``, classes = names, else the values."""
+        if self.values is not None:
+            classes = self.names or tuple(category_name(v) for v in self.values)
+        else:
+            classes = self.names or (
+                str(self.negative) if self.negative is not None else "negative",
+                str(self.positive))
+        return Target("label", tuple(classes), self.ordered, tuple(self.defined_by))
 
 
 class ModalityMapping(_Strict):
@@ -231,6 +275,26 @@ def _value_matches(values: pd.Series, target) -> pd.Series:
     return text.isin(candidates)
 
 
+def _labels(raw: pd.Series, lab: LabelMapping, path: Path) -> pd.Series:
+    """Class index of each row (0..K-1), -1 for a row of no class."""
+    if lab.values is not None:
+        label = pd.Series(-1, index=raw.index)
+        for k, value in enumerate(lab.values):
+            label[(label < 0) & _value_matches(raw, value)] = k
+        declared = f"values {[category_name(v) for v in lab.values]}"
+    else:
+        is_pos = _value_matches(raw, lab.positive)
+        is_neg = (_value_matches(raw, lab.negative) if lab.negative is not None
+                  else ~is_pos & ~_is_missing(raw))
+        label = pd.Series(np.where(is_pos, 1, np.where(is_neg, 0, -1)), index=raw.index)
+        declared = f"positive {lab.positive!r}, negative {lab.negative!r}"
+    if not (label >= 0).any():
+        found = ", ".join(map(str, raw.astype(str).str.strip().unique()[:6]))
+        raise DataError(f"{path}: no row of column '{lab.column}' holds the label values "
+                        f"of the mapping ({declared}); values found: {found}")
+    return label
+
+
 def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
     """Load a generic table into a `Cohort` following its mapping."""
     path = Path(path)
@@ -248,6 +312,7 @@ def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
     categories = {str(c): [category_name(v) for v in cats]
                   for c, cats in mapping.categorical.items()}
     named = [("id", mapping.id), ("label.column", mapping.label.column), ("site", mapping.site),
+             *(("label.defined_by", c) for c in mapping.label.defined_by),
              *((f"categorical.{c}", c) for c in categories),
              *((f"ranges.{c}", c) for c in mapping.ranges)]
     for key, col in named:
@@ -273,6 +338,8 @@ def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
             used[c] = name
         features = [f for c in cols for f in ([indicator(c, k) for k in categories[c]]
                                               if c in categories else [c])]
+        check_inputs(mapping.label.target(), cols,
+                     f"{path}: modality '{name}' (mapping key 'label.defined_by')")
         modalities.append(Modality(str(name), tuple(features), mod.side))
     for col in categories:
         if col not in used:
@@ -294,31 +361,23 @@ def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
                         f"({int(ids[dup].nunique())} ids repeated; e.g. '{first}' in file lines "
                         f"{', '.join(map(str, rows))}); keep one row per participant")
 
+    target = mapping.label.target()
+    label = _labels(df[mapping.label.column], mapping.label, path)
+    keep = label >= 0
     label_raw = df[mapping.label.column]
-    is_pos = _value_matches(label_raw, mapping.label.positive)
-    if mapping.label.negative is not None:
-        is_neg = _value_matches(label_raw, mapping.label.negative)
-    else:
-        is_neg = ~is_pos & ~_is_missing(label_raw)
-    keep = is_pos | is_neg
-    if not keep.any():
-        found = ", ".join(map(str, label_raw.astype(str).str.strip().unique()[:6]))
-        raise DataError(f"{path}: no row of column '{mapping.label.column}' holds the label values "
-                        f"of the mapping (positive {mapping.label.positive!r}, negative "
-                        f"{mapping.label.negative!r}); values found: {found}")
     for value, count in label_raw[~keep].astype(str).str.strip().replace("", "(empty)") \
             .value_counts().items():
         report.excluded[f"label {value}"] = int(count)
-    neg_name, pos_name = mapping.label.names or (
-        str(mapping.label.negative) if mapping.label.negative is not None else "negative",
-        str(mapping.label.positive))
-    report.cohorts = {pos_name: int(is_pos.sum()), neg_name: int(is_neg.sum()),
-                      **{k.removeprefix("label "): v for k, v in report.excluded.items()}}
+    counts = {name: int((label == k).sum()) for k, name in enumerate(target.classes)}
+    if target.binary:  # as before: positive first
+        counts = dict(reversed(counts.items()))
+    report.cohorts = {**counts, **{k.removeprefix("label "): v
+                                   for k, v in report.excluded.items()}}
 
     table = pd.DataFrame(index=pd.Index(ids[keep].to_numpy(), name=ID))
     table[SITE] = (df.loc[keep, mapping.site].astype(str).str.strip().to_numpy()
                    if mapping.site else "all")
-    table[LABEL] = is_pos[keep].astype(np.int64).to_numpy()
+    table[LABEL] = label[keep].astype(np.int64).to_numpy()
     feats = {}
     for c in used:
         if c in categories:
@@ -327,7 +386,7 @@ def load_table(path: Path, mapping: TableMapping | Path) -> Cohort:
             feats[c] = _to_numeric(df.loc[keep, c], c, path, lines[keep]).to_numpy()
     table = pd.concat([table, pd.DataFrame(feats, index=table.index)], axis=1)
 
-    cohort = Cohort(table, tuple(modalities), report, label_names=(neg_name, pos_name),
+    cohort = Cohort(table, tuple(modalities), report, label_names=target.classes, target=target,
                     plausible_ranges={**{k: tuple(v) for k, v in mapping.ranges.items()},
                                       **{indicator(c, k): (0.0, 1.0) for c, cats in
                                          categories.items() for k in cats}},

@@ -58,6 +58,7 @@ def _summary(sim: Simulation, files: list[DownloadFile], per_site: bool) -> dict
             "complete_PD": int((m & P["complete"] & (coh == "PD")).sum()),
             "complete_HC": int((m & P["complete"] & (coh == "HC")).sum()),
             "without_mri": int((m & pdhc & ~P["has_mri"]).sum()),
+            "Prodromal_with_mri": int((m & P["has_mri"] & (coh == "Prodromal")).sum()),
         }
     rels = [f.rel for f in files]
     if per_site:
@@ -69,6 +70,8 @@ def _summary(sim: Simulation, files: list[DownloadFile], per_site: bool) -> dict
         "complete": {c: int((P["complete"] & (coh == c)).sum()) for c in ("PD", "HC")},
         "n_complete": int(P["complete"].sum()),
         "without_mri": {c: int((~P["has_mri"] & (coh == c)).sum()) for c in ("PD", "HC")},
+        # prodromal participants with MRI: the hc_prodromal_pd target's third class
+        "Prodromal_with_mri": int((P["has_mri"] & (coh == "Prodromal")).sum()),
         "per_site": {k: v["participants"] for k, v in site_info.items()},
         "complete_per_site": {k: v["complete_PD"] + v["complete_HC"]
                               for k, v in site_info.items()},
