@@ -16,19 +16,22 @@ from safn.client import site_context as sc
 from safn.client.site_console import say
 from safn_core.federation.protocol import ARRAYS, CONFIG, REFUSAL, SITE, Config, Describe
 from safn_core.federation.site import Site
-from safn_core.federation.site_logistic import (betas_from, logistic_values, refusal,
+from safn_core.federation.site_logistic import (KIND, betas_from, logistic_values, refusal,
                                                 zero_values)
 
 
 def values(site: Site, config: ConfigRecord, secure: bool) -> tuple[dict, str | None]:
-    """The site's sums for the message's coefficients (zeros when it refuses) and its reason."""
+    """The site's sums for the message's coefficients (zeros when it refuses) and its reason;
+    the regression's kind from the message (absent: binary), K from its class weights."""
     n_features = len(site.cohort.features)
-    betas = betas_from(config[Config.LOGISTIC_BETAS], n_features)
-    reason = refusal(site, secure)
-    if reason is not None:
-        return zero_values(len(betas), n_features), reason
+    kind = str(config.get(KIND, "binary"))
     weights = [float(w) for w in config[Config.LOGISTIC_WEIGHTS]]
-    return logistic_values(site, sc.preprocessor(site, config), betas, weights, secure), None
+    betas = betas_from(config[Config.LOGISTIC_BETAS], n_features, kind, len(weights))
+    reason = refusal(site, secure, len(weights))
+    if reason is not None:
+        return zero_values(len(betas), n_features, kind, len(weights)), reason
+    return logistic_values(site, sc.preprocessor(site, config), betas, weights, secure,
+                           kind), None
 
 
 def logistic_reply(msg: Message, context: Context) -> Message:

@@ -15,6 +15,14 @@ the run goes without it, and so does a run under central DP (its released models
 an exact regression inside them would bypass that). The run says so (`Event.LOGISTIC`, code
 ``skipped``) and SAFN's wide path starts at zero. The fit is kept in ``<run folder>/logistic.json`` (a resumed run reuses it, and
 the bundle and report read it).
+
+K classes: the floor is the regression of SAFN's head (`safn_core.logistic.family.kind_for`:
+binary for K = 2, else ordinal for ``model.head: ordinal`` or ``auto`` with an ordered target,
+multinomial otherwise); K is the number of class counts of the statistics round, the order the
+run's target (``data.target``; a table's label is taken as unordered unless ``model.head`` says
+ordinal). The kind travels in every request (`site_logistic.KIND`), the sums have the same
+fields with K classes, and under secure aggregation their layout is
+`safn_core.logistic.packing.kclass_packing`. ``logistic.json`` records the kind.
 """
 
 from __future__ import annotations
@@ -29,9 +37,9 @@ from safn_core.federation.events import Event
 from safn_core.federation.protocol import (ARRAYS, CONFIG, REFUSAL, Aggregation, Config,
                                            Describe, Task)
 from safn_core.io import write_json
-from safn_core.logistic import PENALTIES, LogisticFit, class_weights, solve
+from safn_core.federation.site_logistic import KIND
+from safn_core.logistic import PENALTIES, LogisticFit, family
 from safn_core.logistic.newton import FIELDS
-from safn_core.logistic.packing import newton_packing
 from safn_core.secagg import SecureSumFailed
 from safn.server.run_context import RunContext
 
@@ -50,13 +58,27 @@ def floor_record(run_dir: Path) -> dict | None:
 
 
 def load_floor(run_dir: Path) -> LogisticFit | None:
-    """The run's fit from ``logistic.json`` (None: not fitted, or skipped)."""
+    """The run's fit from ``logistic.json`` (None: not fitted, or skipped): a `LogisticFit`,
+    or for K > 2 a `MultinomialFit` / `OrdinalFit` (`family.fit_from_dict`)."""
     record = floor_record(run_dir)
-    return LogisticFit.from_dict(record["fit"]) if record and record.get("fit") else None
+    return family.fit_from_dict(record["fit"]) if record and record.get("fit") else None
 
 
-def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:
-    """The run's floor: kept from the run folder, fitted now, or None (skipped, with why)."""
+def floor_kind(cfg, n_classes: int, ordered: bool | None = None) -> str:
+    """The floor's kind for K = ``n_classes`` (`family.kind_for`); ``ordered`` None: from the
+    run's built-in target (a table's label: unordered)."""
+    if ordered is None:
+        from safn_core.targets import TARGETS
+
+        target = TARGETS.get(cfg.data.target)
+        ordered = bool(target.ordered) if cfg.data.source != "table" and target else False
+    return family.kind_for(n_classes, ordered, cfg.model.head)
+
+
+def fit_floor(run: RunContext, setup, pre, class_counts, ordered: bool | None = None
+              ) -> LogisticFit | None:
+    """The run's floor: kept from the run folder, fitted now, or None (skipped, with why).
+    K = len(class_counts); ``ordered``: whether the target's classes are (`floor_kind`)."""
     path = Path(run.run_dir) / FILE
     if path.is_file():
         fit = load_floor(run.run_dir)
@@ -73,14 +95,15 @@ def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:
         if run.cfg.federation.central_dp.enabled:
             raise FloorSkipped("central DP (federation.central_dp) releases only noised models, "
                                "and an exact logistic regression in the model would bypass it")
-        weights = class_weights(class_counts)
+        kind = floor_kind(run.cfg, len(class_counts), ordered)
+        weights = family.class_weights(kind, class_counts)
         # (under harmonisation the sites must fit on their harmonised data: the plain queries
         # carry the fit, `setup.extra`; the secure driver's base config already does)
-        sums = _SecureRounds(run, setup.secure, nodes, names, pre, weights, n_features) \
+        sums = _SecureRounds(run, setup.secure, nodes, names, pre, weights, n_features, kind) \
             if setup.secure is not None else _PlainRounds(run, nodes, names, pre, weights,
-                                                          dict(setup.extra))
-        fit = solve(sums, n_features, weights, PENALTIES, max_rounds=MAX_ROUNDS,
-                    gradient_floor=getattr(sums, "gradient_floor", 0.0))
+                                                          dict(setup.extra), kind)
+        fit = family.solve(kind, sums, n_features, weights, PENALTIES, max_rounds=MAX_ROUNDS,
+                           gradient_floor=getattr(sums, "gradient_floor", 0.0))
         expected = [int(c) for c in class_counts]
         if list(fit.n_train) != expected:
             raise FloorSkipped(f"its sums cover {sum(fit.n_train)} training participants, the "
@@ -90,7 +113,7 @@ def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:
         write_json(path, {"fit": None, "skipped": reason})
         run.events.emit(Event.LOGISTIC, code="skipped", reason=reason)
         return None
-    write_json(path, {"fit": fit.to_dict(), "sites": sorted(names.values()),
+    write_json(path, {"fit": fit.to_dict(), "kind": kind, "sites": sorted(names.values()),
                       "secure_aggregation": setup.secure is not None,
                       "clipped": sums.clipped, "features": list(pre.features)})
     run.events.emit(Event.LOGISTIC, code="fitted", sites=len(nodes),
@@ -100,17 +123,22 @@ def fit_floor(run: RunContext, setup, pre, class_counts) -> LogisticFit | None:
     return fit
 
 
-def _request(pre, betas: np.ndarray, weights) -> dict:
-    return {Config.PRE_MEAN: pre.mean_.tolist(), Config.PRE_SCALE: pre.scale_.tolist(),
-            Config.LOGISTIC_BETAS: np.asarray(betas, dtype=np.float64).ravel().tolist(),
-            Config.LOGISTIC_WEIGHTS: [float(w) for w in weights]}
+def _request(pre, betas: np.ndarray, weights, kind: str = "binary") -> dict:
+    out = {Config.PRE_MEAN: pre.mean_.tolist(), Config.PRE_SCALE: pre.scale_.tolist(),
+           Config.LOGISTIC_BETAS: np.asarray(betas, dtype=np.float64).ravel().tolist(),
+           Config.LOGISTIC_WEIGHTS: [float(w) for w in weights]}
+    if kind != "binary":  # a binary request is as it always was
+        out[KIND] = kind
+    return out
 
 
 class _PlainRounds:
     """A Newton round as ``logistic`` queries: the sum of the sites' replies."""
 
-    def __init__(self, run: RunContext, nodes, names, pre, weights, extra: dict):
+    def __init__(self, run: RunContext, nodes, names, pre, weights, extra: dict,
+                 kind: str = "binary"):
         self.run, self.nodes, self.names, self.pre, self.weights = run, nodes, names, pre, weights
+        self.kind = kind
         self.extra = extra  # what every message of the run carries (the harmonisation fit)
         self.clipped = 0
 
@@ -119,7 +147,7 @@ class _PlainRounds:
         config = {Config.TASK: Task.LOGISTIC, Config.SAFN_CONFIG: run.shared_text,
                   Config.RUN_ID: run.run_id,
                   Config.HELD_OUT_SITES: list(run.cfg.server.held_out_sites),
-                  **self.extra, **_request(self.pre, betas, self.weights)}
+                  **self.extra, **_request(self.pre, betas, self.weights, self.kind)}
         messages = [Message(RecordDict({CONFIG: ConfigRecord(dict(config))}), dst_node_id=n,
                             message_type=MessageType.QUERY) for n in self.nodes]
         parts, answered = [], set()
@@ -145,10 +173,11 @@ class _PlainRounds:
 class _SecureRounds:
     """A Newton round as one secure sum among the training sites."""
 
-    def __init__(self, run: RunContext, secure, nodes, names, pre, weights, n_features: int):
+    def __init__(self, run: RunContext, secure, nodes, names, pre, weights, n_features: int,
+                 kind: str = "binary"):
         self.run, self.secure, self.nodes, self.names = run, secure, nodes, names
-        self.pre, self.weights = pre, weights
-        self.packing = newton_packing(n_features, len(PENALTIES), weights,
+        self.pre, self.weights, self.kind = pre, weights, kind
+        self.packing = family.packing(kind, n_features, len(PENALTIES), weights,
                                       run.cfg.federation.secagg.max_site_examples, len(nodes))
         self.iteration = 0
         self.clipped = 0
@@ -159,7 +188,7 @@ class _SecureRounds:
         self.iteration += 1
         ctx = self.secure.context(self.iteration, Aggregation.LOGISTIC)
         result = self.secure.sum_now(ctx, self.packing, self.nodes,
-                                     _request(self.pre, betas, self.weights),
+                                     _request(self.pre, betas, self.weights, self.kind),
                                      next_ctx=self.secure.context(self.iteration + 1,
                                                                   Aggregation.LOGISTIC))
         refused = {self.names.get(nid, str(nid)): str(content[REFUSAL][Describe.REASON])

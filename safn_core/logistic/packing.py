@@ -38,6 +38,30 @@ def newton_packing(n_features: int, n_candidates: int, weights, max_site_example
     ), int(parties))
 
 
+def kclass_packing(n_params: int, n_candidates: int, weights, max_site_examples: int,
+                   parties: int) -> Packing:
+    """The layout of a K-class Newton round (`safn_core.logistic.multinomial` or `ordinal`):
+    K = len(weights) class counts, P = ``n_params`` parameters. Per participant the gradient is
+    at most s·`FEATURE_BOUND` in a coefficient (|∂ℓ/∂η| ≤ 1 for softmax and cumulative logit
+    alike) and a Hessian entry at most s·`FEATURE_BOUND`²/2; an ordinal threshold's terms grow
+    as its neighbours close in (1/(1 − e^{−gap})), far inside these bounds unless two
+    thresholds are within 0.01 (a sum beyond a bound is reported clipped, and the floor is then
+    skipped)."""
+    k = len(weights)
+    n = float(max_site_examples)
+    s = max(float(w) for w in weights)
+    return Packing((
+        Field.count("n", (k,)),
+        Field.real("grad", (n_candidates, n_params), clip=n * s * FEATURE_BOUND),
+        Field.real("hess", (n_candidates, n_params * (n_params + 1) // 2),
+                   clip=0.5 * n * s * FEATURE_BOUND ** 2),
+        Field.real("objective", (n_candidates,), clip=n * s * LOSS_CAP),
+        Field.real("val_loss", (n_candidates, k), clip=n * LOSS_CAP),
+        Field.count("val_n", (k,)),
+        Field.count("clipped", (1,)),
+    ), int(parties))
+
+
 def clipped_features(x, bound: float = FEATURE_BOUND):
     """``x`` with every value clipped to ±``bound`` and how many were: a site applies it before
     `site_sums` under secure aggregation (so that the sums it sends are the sums of what it
