@@ -205,3 +205,60 @@ def test_kinds_layouts_and_the_binary_path_unchanged():
     a, b = family.fit_pooled("binary", x, y, xv, yv), newton.fit_pooled(x, y, xv, yv)
     np.testing.assert_array_equal(a.coefs_all, b.coefs_all)
     assert family.fit_from_dict(a.to_dict()).penalty == a.penalty
+
+
+class _Site:
+    """What `site_logistic` reads of a site: its settings, its labels and its arrays."""
+
+    def __init__(self, x, y, xv, yv, min_cell=2):
+        import pandas as pd
+        from types import SimpleNamespace as NS
+
+        from safn_core.data.cohort import LABEL
+
+        self.cfg = NS(privacy=NS(dp=False))
+        self.min_cell = min_cell
+        ids = [f"p{i}" for i in range(len(y))]
+        self.cohort = NS(table=pd.DataFrame({LABEL: y}, index=ids))
+        self.split = NS(train=ids)
+        self.parts = {"train": NS(x=x, y=y), "val": NS(x=xv, y=yv)}
+
+    def arrays(self, pre, part):
+        return self.parts[part]
+
+
+@pytest.mark.parametrize("kind", ["multinomial", "ordinal"])
+def test_sites_floor_values_add_up_to_the_pooled_fit(kind):
+    """The sites' side of the federated floor (`site_logistic.logistic_values`, what a site's
+    ClientApp replies, plain) at the coordinator's flat request (`server/logistic_floor`'s
+    `_request`, which names the kind) sums to the pooled fit; a site with a class below
+    ``min_cell`` refuses."""
+    from safn.server.logistic_floor import _request, floor_kind
+    from safn_core.config import load_config
+    from safn_core.federation.protocol import Config
+    from safn_core.federation.site_logistic import KIND, logistic_values, refusal
+
+    cfg = load_config(None, ["data.target=hc_prodromal_pd"])
+    assert floor_kind(cfg, 3) == "ordinal" and floor_kind(cfg, 2) == "binary"
+    assert floor_kind(load_config(None, ["data.target=hc_prodromal_pd", "model.head=softmax"]),
+                      3) == "multinomial"
+    x, y, xv, yv = DATA[kind]
+    sites = [_Site(*s) for s in _sites(kind)]
+    assert all(refusal(s, secure=False, n_classes=3) is None for s in sites)
+    weights = family.class_weights(kind, np.bincount(y))
+    pre = type("Pre", (), {"mean_": np.zeros(5), "scale_": np.ones(5)})()
+
+    def round_sums(betas):
+        request = _request(pre, betas, weights, kind)
+        assert request[KIND] == kind
+        w = request[Config.LOGISTIC_WEIGHTS]
+        flat = betas_from(request[Config.LOGISTIC_BETAS], 5, kind, len(w))
+        return add_sums(logistic_values(s, pre, flat, w, False, kind)
+                        for s in sites)
+
+    fed = family.solve(kind, round_sums, 5, weights)
+    pooled = family.fit_pooled(kind, x, y, xv, yv, 3)
+    np.testing.assert_allclose(fed.coefs_all, pooled.coefs_all, atol=1e-8)
+    assert KIND not in _request(pre, np.zeros((1, 6)), (1.0, 1.0))  # binary: as before
+    few = _Site(x[:12], y[:12], xv[:5], yv[:5], min_cell=5)
+    assert "fewer than min_cell" in refusal(few, secure=False, n_classes=3)
