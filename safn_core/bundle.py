@@ -18,6 +18,15 @@ Before it predicts, the bundle harmonises the table it is given: each site in it
 own adjustment from its own participants with the bundle's fit, without labels
 (`Bundle.harmonise`, `Bundle.arrays`). `Bundle.scores` and `Bundle.predict` refuse arrays that
 were not prepared that way, so a harmonised model is never fed raw features.
+
+A bundle records its **target** in ``bundle.json`` (``target``: `Target.to_dict`, its name, K
+classes in label order, whether they are ordered and the features that define it; a bundle
+written before targets existed is ``pd_vs_hc``) and `load_bundle` rebuilds the model with K
+outputs and the head its config names. For K > 2 `Bundle.scores` gives the K logits and the
+class probabilities (n, K), a calibration map is a `MultiClassMap`, and the predicted class is
+the argmax, or, where the bundle carries ordinal cut points (``decision.cutpoints``, fitted on
+validation data), the class whose interval of the expected class index holds the participant
+(`Bundle.decide`, `safn_core.multiclass.predict_classes`).
 """
 
 from __future__ import annotations
@@ -45,6 +54,9 @@ from safn_core.model import SAFN
 from safn_core.modelcard import model_card
 from safn_core.preprocess import Preprocessor
 from safn_core.recalibration import CalibrationMap, TrainingTemperature
+from safn_core.bundle_target import bundle_target, build_model, kclass_scores, read_map
+from safn_core.recalibration_multiclass import MultiClassMap
+from safn_core.targets import PD_VS_HC, Target
 from safn_core.training.local import Arrays, scores
 
 FORMAT = "safn-bundle"
@@ -93,20 +105,45 @@ class Bundle:
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"])
+        """The binary decision threshold (NaN for a K-class bundle, which has none)."""
+        t = self.meta.get("threshold")
+        return float("nan") if t is None else float(t)
 
     @property
-    def label_names(self) -> tuple[str, str]:
-        return tuple(self.meta.get("label_names", ("HC", "PD")))
+    def target(self) -> Target:
+        """What the model predicts (`bundle_target`)."""
+        return bundle_target(self.meta)
 
     @property
-    def calibration_map(self) -> CalibrationMap | None:
+    def n_classes(self) -> int:
+        return self.target.n_classes
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.target.classes
+
+    @property
+    def cutpoints(self) -> list[float] | None:
+        """The ordinal cut points of a K-class bundle's decision rule (None: argmax)."""
+        cuts = (self.meta.get("decision") or {}).get("cutpoints")
+        return None if cuts is None else [float(c) for c in cuts]
+
+    @property
+    def decision_rule(self) -> str:
+        """``threshold`` (binary), ``argmax`` or ``cutpoints`` (K > 2)."""
+        if self.n_classes == 2:
+            return "threshold"
+        return "cutpoints" if self.cutpoints is not None else "argmax"
+
+    @property
+    def calibration_map(self) -> CalibrationMap | MultiClassMap | None:
         """The map every prediction goes through: a site's recalibration map where the bundle
         was recalibrated (it replaces any map from training), else the temperature fitted at
         training (``calibration``), else None (the model's own probabilities)."""
         for key in ("recalibration", "calibration"):
             if self.meta.get(key):
-                return CalibrationMap.from_dict(self.meta[key].get("map"), f"bundle.json {key}.map")
+                return read_map(self.meta[key].get("map"), f"bundle.json {key}.map",
+                                self.n_classes)
         return None
 
     @property
@@ -164,29 +201,52 @@ class Bundle:
         """The model's own outputs, before any calibration map: the logit of P(PD) (float64,
         the difference of the two output logits), P(PD) as `training.local.predict` gives it
         (softmax, float32), and the gate weights α (n, M) (`training.local.scores`).
-        ``arrays``: a table (harmonised and preprocessed here, `arrays`) or arrays from
-        `arrays`."""
-        return scores(self.model, self._model_input(arrays), batch_size)
+        K > 2 classes: the K logits (n, K) and their softmax, the class probabilities (n, K),
+        both float64 (`kclass_scores`). ``arrays``: a table (harmonised and preprocessed here,
+        `arrays`) or arrays from `arrays`."""
+        data = self._model_input(arrays)
+        if self.n_classes > 2:
+            return kclass_scores(self.model, data, batch_size)
+        return scores(self.model, data, batch_size)
 
     def calibrate(self, z: np.ndarray, p_raw: np.ndarray) -> np.ndarray:
-        """P(PD) as this bundle reports it: the map applied to the logits ``z``, or the model's
-        own ``p_raw`` when there is no map."""
+        """P(PD) (K > 2: the class probabilities) as this bundle reports it: the map applied to
+        the logits ``z``, or the model's own ``p_raw`` when there is no map."""
         cmap = self.calibration_map
         return p_raw if cmap is None else cmap(z)
 
     def predict(self, arrays) -> tuple[np.ndarray, np.ndarray]:
-        """P(PD) with the bundle's calibration map (if any) and the gate weights α, for a table
-        or arrays (as `scores`)."""
+        """P(PD) (K > 2: the class probabilities (n, K)) with the bundle's calibration map (if
+        any) and the gate weights α, for a table or arrays (as `scores`)."""
         z, p_raw, alpha = self.scores(arrays)
         return self.calibrate(z, p_raw), alpha
 
+    def decide(self, p: np.ndarray) -> np.ndarray:
+        """The predicted label of each participant: P(PD) ≥ the threshold (binary); for K > 2
+        the argmax of the class probabilities, or the bundle's ordinal cut points."""
+        p = np.asarray(p)
+        if p.ndim == 1:
+            return (p >= self.threshold).astype(int)
+        from safn_core.multiclass import predict_classes
+
+        cuts = self.cutpoints
+        return np.asarray(predict_classes(p, rule="argmax" if cuts is None else "cutpoints",
+                                          cutpoints=cuts)).astype(int)
+
 
 def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: SafnConfig, *,
-                threshold: float, class_counts, label_names=("HC", "PD"), kind: str,
+                threshold: float | None, class_counts, label_names=None, kind: str,
                 metrics: dict | None = None, extra: dict | None = None,
                 harmonisation: HarmonisationRecord | None = None,
-                calibration: TrainingTemperature | None = None) -> Path:
+                calibration: TrainingTemperature | None = None,
+                target: Target | None = None, cutpoints=None) -> Path:
     """Write a bundle folder at ``dest`` (which must not exist).
+
+    ``target``: what the model predicts (recorded under ``target``; its classes are the label
+    names). None: ``pd_vs_hc`` under ``label_names`` (default HC, PD). ``cutpoints``: the
+    ordinal cut points of a K-class bundle's decision rule, fitted on validation data
+    (`safn_core.multiclass.fit_cutpoints`; None: argmax), under ``decision``. For K > 2
+    ``threshold`` is not used (None is recorded as null).
 
     ``harmonisation``: the harmonisation the model's training features went through (fitted on
     training data only); written to ``harmonisation.json`` and applied before every prediction.
@@ -201,6 +261,21 @@ def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: Saf
     if calibration is not None and not isinstance(calibration, TrainingTemperature):
         raise TypeError("save_bundle(calibration=...) takes a TrainingTemperature, not a "
                         f"{type(calibration).__name__}")
+    if target is None:
+        names = tuple(label_names or PD_VS_HC.classes)
+        target = PD_VS_HC if names == PD_VS_HC.classes else Target(PD_VS_HC.name, names)
+    elif label_names is not None and tuple(label_names) != target.classes:
+        raise ValueError(f"save_bundle: label_names {tuple(label_names)} are not the target's "
+                         f"classes {target.classes}")
+    if target.binary and threshold is None:
+        raise ValueError("save_bundle: a binary bundle needs its decision threshold")
+    k_out = getattr(model, "n_classes", target.n_classes)
+    if k_out != target.n_classes:
+        raise ValueError(f"save_bundle: the model has {k_out} outputs, the target "
+                         f"{target.name!r} {target.n_classes} classes")
+    if cutpoints is not None and len(cutpoints) != target.n_classes - 1:
+        raise ValueError(f"save_bundle: {target.n_classes} classes need "
+                         f"{target.n_classes - 1} cut points, got {list(cutpoints)}")
     if dest.exists():
         raise DataError(f"{dest}: a bundle already exists there; it was not overwritten")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -213,8 +288,13 @@ def save_bundle(dest: Path, model: SAFN, preprocessor: Preprocessor, config: Saf
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "safn_version": _safn_version(), "threshold": float(threshold),
-            "class_counts": [int(c) for c in class_counts], "label_names": list(label_names),
+            "safn_version": _safn_version(),
+            "threshold": None if threshold is None else float(threshold),
+            "class_counts": [int(c) for c in class_counts],
+            "label_names": list(target.classes), "target": target.to_dict(),
+            **({} if target.binary else {"decision": {
+                "rule": "argmax" if cutpoints is None else "cutpoints",
+                "cutpoints": None if cutpoints is None else [float(c) for c in cutpoints]}}),
             "modalities": [{"name": m.name, "n_features": len(m.features), "side": m.side}
                            for m in preprocessor.modalities],
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
@@ -285,7 +365,8 @@ def load_bundle(path: Path) -> Bundle:
     except Exception as exc:  # any unpickling failure means a damaged file  # noqa: BLE001
         raise DataError(f"{path}: the model bundle is incomplete or damaged (weights.pt: "
                         f"{type(exc).__name__})") from None
-    model = SAFN([(m.name, len(m.features), m.side) for m in pre.modalities], config.model)
+    target = bundle_target(meta)
+    model = build_model(pre, config, target)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -295,8 +376,8 @@ def load_bundle(path: Path) -> Bundle:
     for key in ("recalibration", "calibration"):
         rec = meta.get(key)
         if rec is not None:
-            CalibrationMap.from_dict(rec.get("map") if isinstance(rec, dict) else None,
-                                     f"{meta_file} {key}.map")
+            read_map(rec.get("map") if isinstance(rec, dict) else None,
+                     f"{meta_file} {key}.map", target.n_classes)
     return Bundle(model, pre, config, meta, _load_harmonisation(path, meta))
 
 

@@ -182,6 +182,72 @@ def _calibration_lines(meta: dict) -> list[str]:
             "refitted from the model's own logits, its map replaces this one"]
 
 
+def _target_lines(meta: dict, config: SafnConfig) -> list[str]:
+    """The Target section of a K-class bundle (or of one whose target is defined by a
+    feature): the target, its classes and their order, the decision rule, the features the
+    target removed from the inputs. Empty for a plain binary bundle (its card is unchanged)."""
+    target, decision = meta.get("target") or {}, meta.get("decision") or {}
+    classes = list(target.get("classes") or meta.get("label_names") or [])
+    defined_by = list(target.get("defined_by") or [])
+    if len(classes) <= 2 and not defined_by:
+        return []
+    cuts = decision.get("cutpoints")
+    rule = ("ordinal cut points " + ", ".join(f"{c:.3f}" for c in cuts) + " on the expected "
+            "class index Σ k·P_k (fitted on validation data)" if cuts else
+            "argmax (the most probable class)")
+    lines = ["", "## Target",
+             f"- {target.get('name', 'label')}: {len(classes)} classes, label k = class k: "
+             + ", ".join(f"{k} {c}" for k, c in enumerate(classes))
+             + (" (ordered)" if target.get("ordered") else " (unordered)"),
+             f"- output head: {config.model.head} ({_head_text(meta, config)}); the model "
+             "gives the K class probabilities (softmax of its K logits)",
+             f"- decision rule: {rule}"]
+    lines.append("- features the target removed from the inputs (they define the label): "
+                 + (", ".join(defined_by) if defined_by else "none"))
+    return lines
+
+
+def _head_text(meta: dict, config: SafnConfig) -> str:
+    head, ordered = config.model.head, (meta.get("target") or {}).get("ordered")
+    if head == "auto":
+        head = "ordinal" if ordered else "softmax"
+    return ("cumulative link, proportional odds" if head == "ordinal"
+            else "multi-class softmax")
+
+
+def _per_class_lines(metrics: dict) -> list[str]:
+    """Per-class figures, confusion counts and majority-class baseline of a K-class bundle's
+    metrics (a section's ``per_class``, ``confusion`` and ``majority``)."""
+    lines = []
+    for section, values in metrics.items():
+        per_class = values.get("per_class") if isinstance(values, dict) else None
+        if not isinstance(per_class, dict) or not per_class:
+            continue
+        title = section.replace("_", " ")
+        lines.append(f"- **{title}, per class (one vs rest)**:")
+        for name, v in per_class.items():
+            figs = [f"{k.replace('_', '-')} {v[k]:.3f}" for k in ("roc_auc", "pr_auc", "recall",
+                                                                  "precision")
+                    if isinstance(v, dict) and isinstance(v.get(k), (int, float))]
+            lines.append(f"  - {name}: " + (", ".join(figs) or "n/a"))
+        confusion = values.get("confusion")
+        if confusion:
+            lines.append(f"- **{title}, confusion matrix** (rows true, columns predicted "
+                         + " / ".join(per_class) + "): " + "; ".join(
+                             f"{name}: " + " ".join(str(int(c)) for c in row)
+                             for name, row in zip(per_class, confusion)))
+        majority = values.get("majority")
+        if isinstance(majority, dict):
+            figs = [f"{k.replace('_', ' ')} {majority[k]:.3f}" for k in
+                    ("balanced_accuracy", "accuracy", "qwk", "mae")
+                    if isinstance(majority.get(k), (int, float))]
+            cls = majority.get("class")
+            who = list(per_class)[cls] if isinstance(cls, int) and cls < len(per_class) else cls
+            lines.append(f"- **{title}, majority-class baseline** (always {who}): "
+                         + ", ".join(figs))
+    return lines
+
+
 def model_card(meta: dict, config: SafnConfig) -> str:
     """Markdown model card from a bundle's metadata and configuration."""
     data = config.data
@@ -192,19 +258,26 @@ def model_card(meta: dict, config: SafnConfig) -> str:
     source_lines, synthetic_limits = _source_lines(training, data)
     # a federation's count is the statistics round's: the training sites' training splits
     counted = " in the training sites' training splits" if meta.get("kind") == "federated" else ""
-    neg, pos = meta.get("label_names", ["HC", "PD"])
+    names = list(meta.get("label_names", ["HC", "PD"]))
+    if len(names) == 2:
+        neg, pos = names
+        task = f"{pos} vs {neg}"
+        threshold = f"{meta.get('threshold', 0.5):.3f} (chosen on validation data)"
+    else:
+        task = f"participants into {len(names)} classes ({', '.join(names)})"
+        threshold = "none (K classes: see Target for the decision rule)"
     lines = [
         "# Model card: SAFN",
         "",
         "## Intended use",
-        f"Research on classifying {pos} vs {neg} from baseline MRI (cortical thickness, "
+        f"Research on classifying {task} from baseline MRI (cortical thickness, "
         "subcortical volumes), clinical assessments and demographics, and on federated training "
         "across sites. **Not a medical device**: not for diagnosing or managing individual "
         "patients.",
         "",
         "## Model",
         f"- kind: {meta.get('kind')} training; {meta.get('n_parameters', 0):,} parameters; "
-        f"decision threshold {meta.get('threshold', 0.5):.3f} (chosen on validation data)",
+        f"decision threshold {threshold}",
         f"- gate {config.model.gate}, cross-attention {'on' if config.model.cross_attention else 'off'}, "
         f"loss {config.model.loss} (β {config.model.cb_beta}, γ {config.model.focal_gamma})",
         *_run_lines(meta),
@@ -213,7 +286,7 @@ def model_card(meta: dict, config: SafnConfig) -> str:
         *source_lines,
         f"- participants: {training.get('participants', 'n/a')}{counted}; class counts used "
         f"by the loss "
-        f"({neg}, {pos}): {meta.get('class_counts')}",
+        f"({', '.join(names)}): {meta.get('class_counts')}",
     ]
     if training.get("selected_round") is not None:
         sel = training.get("selection") or {}
@@ -235,6 +308,7 @@ def model_card(meta: dict, config: SafnConfig) -> str:
     if sites:
         lines.append("- sites: " + ", ".join(f"{s} ({n})" if n is not None else str(s)
                                               for s, n in sites.items()))
+    lines += _target_lines(meta, config)
     lines += ["", "## Features and exclusions"]
     for m in meta.get("modalities", []):
         lines.append(f"- {m['name']} ({m['side']} side): {m['n_features']} features")
@@ -254,6 +328,7 @@ def model_card(meta: dict, config: SafnConfig) -> str:
     metric_lines = _metric_lines(meta.get("metrics", {}))
     lines += _basis_lines(meta, config)
     lines += metric_lines or ["- no evaluation recorded in this bundle"]
+    lines += _per_class_lines(meta.get("metrics", {}))
     lines += ["", "## Privacy", *_privacy_lines(meta.get("privacy"))]
     lines += [
         "",

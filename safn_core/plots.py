@@ -116,16 +116,18 @@ def learning_curves(history: list[dict], path: Path) -> Path:
 def learning_curves_figure(history: list[dict]) -> Figure:
     """The figure of `learning_curves` (open; the caller saves or closes it)."""
     fig, (ax_p, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
-    rounds = [h["round"] for h in history if h.get("pooled")]
+    # K classes: macro one-vs-rest ROC-AUC, balanced accuracy and (ordered) QWK
     for key, label in (("roc_auc", "ROC-AUC"), ("balanced_accuracy", "balanced accuracy"),
-                       ("pr_auc_hc", "PR-AUC (HC positive)")):
-        ax_p.plot(rounds, [h["pooled"][key] for h in history if h.get("pooled")], marker=".",
-                  label=label)
+                       ("pr_auc_hc", "PR-AUC (HC positive)"), ("qwk", "quadratic weighted κ")):
+        pts = [(h["round"], h["pooled"].get(key)) for h in history if h.get("pooled")]
+        if any(v is not None for _, v in pts):
+            ax_p.plot([r for r, v in pts if v is not None], [v for _, v in pts if v is not None],
+                      marker=".", label=label)
     ax_p.set(xlabel="round", ylabel="pooled metric", title="Pooled (from summed histograms)")
     sites = sorted({s for h in history for s in h.get("sites", {})})
     for s in sites:
         vals = [(h["round"], h["sites"][s]["roc_auc"]) for h in history
-                if h.get("sites", {}).get(s)]
+                if (h.get("sites", {}).get(s) or {}).get("roc_auc") is not None]
         if vals:
             ax_s.plot(*zip(*vals), marker=".", label=s)
     ax_s.set(xlabel="round", ylabel="ROC-AUC", title="Per site (test split)")
@@ -175,3 +177,54 @@ def epsilon_figure(history: list[dict]) -> Figure | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
+
+
+def confusion_matrices(confusion, classes, path: Path, title: str = "") -> Path:
+    """A K-class confusion matrix (rows = true class, columns = predicted) twice: counts and
+    row-normalised (each true class's share predicted as each class: its recall on the
+    diagonal)."""
+    counts = np.asarray(confusion, dtype=float)
+    rows = counts.sum(1, keepdims=True)
+    shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    k = len(classes)
+    fig, axes = plt.subplots(1, 2, figsize=(4.2 * 2 + 0.4 * k, 3.4 + 0.35 * k))
+    for ax, m, what, fmt in ((axes[0], counts, "counts", "{:.0f}"),
+                             (axes[1], shares, "row-normalised (share of each true class)",
+                              "{:.2f}")):
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=max(float(m.max()), 1e-9))
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=9,
+                        color="white" if m[i, j] > 0.6 * m.max() else "black")
+        ax.set_xticks(range(k), classes, rotation=20)
+        ax.set_yticks(range(k), classes)
+        ax.set(xlabel="predicted class", ylabel="true class", title=what)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def ovr_roc_curves(y, p, classes, path: Path, title: str = "", p_other=None,
+                   other_label: str = "") -> Path:
+    """One-vs-rest ROC curve of each class from class probabilities ``p`` (n, K), its AUC in
+    the legend; ``p_other`` (same shape) adds dashed curves (e.g. after recalibration)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y).astype(int)
+    fig, ax = plt.subplots(figsize=(5.6, 4.8))
+    for k, name in enumerate(classes):
+        pos = y == k
+        if not pos.any() or pos.all():
+            continue
+        for probs, style, suffix in ((p, "-", ""), (p_other, "--", f" {other_label}")):
+            if probs is None:
+                continue
+            fpr, tpr, _ = roc_curve(pos, probs[:, k])
+            ax.plot(fpr, tpr, style, color=f"C{k % 10}", lw=1.4,
+                    label=f"{name} vs rest{suffix} (AUC {roc_auc_score(pos, probs[:, k]):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    ax.set(xlabel="1 − specificity", ylabel="sensitivity",
+           title=title or "One-vs-rest ROC per class")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -26,6 +26,10 @@ map replaces the old one rather than being stacked on it.
 (`fit_training_temperature`: on its validation split, the one early stopping and the
 threshold use; T = 1 where that split cannot give one). safn-train's bundle carries it under
 ``calibration`` in ``bundle.json``; a site's recalibration, fitted on the raw logits, replaces it.
+
+A K-class bundle (K > 2) is recalibrated by temperature or vector scaling on its K logits
+(`safn_core.recalibration_multiclass`); the split and the part sizes here serve it too (every
+class stratified, every class at least ``data.min_cell`` in each part).
 """
 
 from __future__ import annotations
@@ -40,11 +44,15 @@ from safn_core.errors import DataError
 from safn_core.metrics import MIN_OVERLAP, _logistic_mle, _overlap, choose_threshold
 
 METHODS = ("temperature", "platt")
+"""The maps of a binary bundle."""
+ALL_METHODS = ("temperature", "platt", "vector")
+"""Every ``--calibration`` choice: vector scaling is for a K-class bundle (K > 2,
+`safn_core.recalibration_multiclass`), platt for a binary one; temperature for both."""
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise DataError(f"--calibration {method}: choose one of {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise DataError(f"--calibration {method}: choose one of {', '.join(ALL_METHODS)}")
 
 
 def _check_fraction(fraction: float) -> None:
@@ -199,7 +207,9 @@ def fit_map(method: str, z: np.ndarray, y: np.ndarray, *,
     or, for a temperature, scores that rank the classes the wrong way round (the best s = 1/T
     is ≤ 0).
     """
-    _check_method(method)
+    if method not in METHODS:
+        raise DataError(f"--calibration {method}: a binary bundle is recalibrated by "
+                        f"{' or '.join(METHODS)} (vector scaling is for K > 2 classes)")
 
     def none(reason: dict) -> NoCalibrationMap:
         return NoCalibrationMap(method, reason, at_training=at_training)
@@ -322,7 +332,7 @@ def split_participants(ids, y, fraction: float, seed: int) -> np.ndarray:
                             "participant is needed to split by participant")
     rng = np.random.default_rng(seed)
     chosen: set[str] = set()
-    for c in (0, 1):
+    for c in range(max(2, int(y.max(initial=0)) + 1)):  # binary: (0, 1) as always
         members = np.array(sorted(i for i, label in first.items() if label == c))
         k = int(np.floor(fraction * len(members) + 0.5))
         chosen.update(members[rng.permutation(len(members))[:k]].tolist())
@@ -335,7 +345,7 @@ def check_parts(y, in_recal: np.ndarray, min_cell: int, fraction: float,
     fewer); otherwise say how many there are and what fraction, or how much data, would do."""
     y = np.asarray(y).astype(int)
     counts = {c: (int(((y == c) & in_recal).sum()), int(((y == c) & ~in_recal).sum()))
-              for c in (0, 1)}
+              for c in range(len(label_names))}
     short = [c for c, (r, e) in counts.items() if min(r, e) < min_cell]
     if not short:
         return
@@ -347,17 +357,25 @@ def check_parts(y, in_recal: np.ndarray, min_cell: int, fraction: float,
     fix = (f"a --recalibration-fraction between {np.ceil(lo * 100) / 100:.2f} and "
            f"{np.floor(hi * 100) / 100:.2f} would work" if np.ceil(lo * 100) <= np.floor(hi * 100)
            else f"the site needs at least {2 * min_cell} of each class (2 × data.min_cell); "
-                f"it has {totals[0]} {label_names[0]} and {totals[1]} {label_names[1]}")
+                f"it has {_and(f'{totals[k]} {label_names[k]}' for k in totals)}")
     raise DataError(
         f"--recalibration-fraction {fraction:g} puts {r} {label_names[c]} in the recalibration "
         f"part and {e} in the evaluation part ({totals[c]} {label_names[c]} at the site); each "
         f"part needs at least data.min_cell = {min_cell} of each class: {fix}")
 
 
+def _and(parts) -> str:
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def counts(y, names=("HC", "PD")) -> dict:
-    """Participants per class, by class name, and in all."""
+    """Participants per class, by class name, and in all (binary: the positive class first,
+    as always; K classes: in class order)."""
     y = np.asarray(y).astype(int)
-    return {"n": int(len(y)), names[1]: int(y.sum()), names[0]: int(len(y) - y.sum())}
+    if len(names) == 2:
+        return {"n": int(len(y)), names[1]: int(y.sum()), names[0]: int(len(y) - y.sum())}
+    return {"n": int(len(y)), **{name: int((y == k).sum()) for k, name in enumerate(names)}}
 
 
 def recalibrate(z: np.ndarray, y: np.ndarray, in_recal: np.ndarray, method: str

@@ -10,6 +10,9 @@ participants with the bundle's fit, without labels (`load_site_data`).
 - `validate`: the full metric set with bootstrap 95 % CIs, calibration and the modality weights
   on the site's population, at the bundle's threshold and through its calibration map
   (`Bundle.predict`), as a frozen `Validation`.
+- a bundle of K > 2 classes (`safn_core.validation_multiclass`): the same, with the K-class
+  metrics, the majority-class baseline and the decision rule (argmax or the bundle's ordinal
+  cut points); data whose classes are not the bundle's target's is refused (`check_target`).
 - `recalibrate_at_site`: the site's participants split into a recalibration and an evaluation
   part, a calibration map and threshold fitted on the first only (`safn_core.recalibration`),
   before/after figures on the second only, as a frozen `Recalibration` whose `site_meta` is
@@ -35,7 +38,10 @@ from safn_core.errors import DataError, SafnError
 from safn_core.metrics import METRICS, binary_metrics, bootstrap_ci, calibration
 from safn_core.recalibration import (CalibrationMap, RecalibrationOptions, check_parts, counts,
                                      recalibrate, recalibration_record, split_participants)
-from safn_core.validation_scope import is_no_site, validation_scope
+from safn_core.validation_multiclass import (check_target, recalibrate_multiclass,
+                                             validate_multiclass)
+from safn_core.validation_scope import (is_no_site, modality_weights, scope_record,
+                                        validation_scope)
 
 
 # ------------------------------------------------------------------------------ the site's data
@@ -139,6 +145,7 @@ def load_site_data(model: Path, source: DataSource, bundle: Bundle | None = None
     data_cfg = bundle.config.data.model_copy(update={"mapping": mapping, "path": path,
                                                      "min_cell": site_cfg.data.min_cell})
     cohort = load_path(path, data_cfg)
+    check_target(bundle.target, cohort, Path(model))
     check_cohort(cohort, data_cfg.min_cell).raise_if_failed("run safn-check for the full report")
     table = align_to_bundle(cohort, bundle.preprocessor.features, cohort.report.source,
                             bundle.harmonisation.columns if bundle.harmonisation else ())
@@ -167,18 +174,6 @@ def figures(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000,
             "calibration": calibration(y, p), "threshold": float(threshold)}
 
 
-def modality_weights(bundle: Bundle, alpha: np.ndarray) -> dict[str, float]:
-    """The mean weight of each modality over the rows of ``alpha``."""
-    mods = [m.name for m in bundle.preprocessor.modalities]
-    return {m: float(a) for m, a in zip(mods, alpha.mean(0))}
-
-
-def _scope_record(site: SiteData) -> dict:
-    scope = site.scope
-    return {"validation": scope["validation"], "validation_note": scope["note"],
-            "training_sites": scope["training_sites"], "held_out_sites": scope["held_out_sites"],
-            "validated_sites": scope["validated_sites"], "sites_matched_by": scope["by"],
-            "model": str(site.model), "data": site.source}
 
 
 @dataclass(frozen=True)
@@ -201,7 +196,7 @@ class Validation:
     def record(self) -> dict:
         """``validation.json``."""
         bundle, n, n_pos = self.site.bundle, len(self.y), self.n_positive
-        return {**_scope_record(self.site), "n": n, "positive": n_pos,
+        return {**scope_record(self.site), "n": n, "positive": n_pos,
                 "threshold": bundle.threshold, "metrics": self.figures["metrics"],
                 "calibration": self.figures["calibration"],
                 "modality_weights": self.modality_weights,
@@ -219,6 +214,8 @@ def validate(site: SiteData, *, n_boot: int = 1000, seed: int = 0) -> Validation
     """The bundle's predictions on the site's data (through its harmonisation and calibration
     map, where it has them) and every reported figure."""
     bundle = site.bundle
+    if bundle.n_classes > 2:
+        return validate_multiclass(site, n_boot=n_boot, seed=seed)
     arrays = bundle.arrays(site.table, adjustments=site.adjustments)
     p, alpha = bundle.predict(arrays)
     return Validation(site, site.table.index.to_numpy(), arrays.y, p,
@@ -264,7 +261,7 @@ class Recalibration:
 
     def record_for(self, site_bundle: Path) -> dict:
         """``validation.json``, naming the site bundle written at ``site_bundle``."""
-        return {**_scope_record(self.site), "n": len(self.y),
+        return {**scope_record(self.site), "n": len(self.y),
                 "parts": {"recalibration": self.record["recalibration_part"],
                           "evaluation": self.record["evaluation_part"]},
                 "recalibration": self.record, "before": self.before, "after": self.after,
@@ -296,8 +293,11 @@ def recalibrate_at_site(site: SiteData, options: RecalibrationOptions, *,
     """Split the site's participants, fit the map and threshold on one part, and report
     before/after on the other. A harmonising bundle's features are harmonised first by the
     site's own adjustments (from all its participants here, without labels; as a plain
-    validation). Too few participants of a class in a part is a one-line `DataError`."""
+    validation). Too few participants of a class in a part is a one-line `DataError`.
+    A K-class bundle: `validation_multiclass.recalibrate_multiclass`."""
     bundle = site.bundle
+    if bundle.n_classes > 2:
+        return recalibrate_multiclass(site, options, n_boot=n_boot)
     arrays = bundle.arrays(site.table, adjustments=site.adjustments)
     z, p_raw, alpha = bundle.scores(arrays)  # the model's own logits: any old map is dropped
     y, names = arrays.y, bundle.label_names

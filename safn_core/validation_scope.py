@@ -10,6 +10,8 @@ match no table's sites: the label is then unknown.
 
 from __future__ import annotations
 
+import numpy as np
+
 # site values that name no site: a table without a site column ("all"), a PPMI participant
 # whose site is unknown
 NO_SITE = {"all", "nan", "none", ""}
@@ -133,3 +135,19 @@ def scope_note(bundle, scope: dict, same_data: bool) -> str:
                 f"unseen participants. {risk} Validate each site's data on its own for separate "
                 "internal and external figures.")
     return f"Internal validation: {seen}. {risk}"
+
+
+def modality_weights(bundle, alpha: np.ndarray) -> dict[str, float]:
+    """The mean weight of each modality over the rows of ``alpha``."""
+    mods = [m.name for m in bundle.preprocessor.modalities]
+    return {m: float(a) for m, a in zip(mods, alpha.mean(0))}
+
+
+def scope_record(site) -> dict:
+    """What ``validation.json`` says of the evaluation's scope, model and data (``site``: a
+    `validation.SiteData`)."""
+    scope = site.scope
+    return {"validation": scope["validation"], "validation_note": scope["note"],
+            "training_sites": scope["training_sites"], "held_out_sites": scope["held_out_sites"],
+            "validated_sites": scope["validated_sites"], "sites_matched_by": scope["by"],
+            "model": str(site.model), "data": site.source}

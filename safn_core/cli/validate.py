@@ -26,6 +26,14 @@ from safn-train may carry a temperature fitted at training on its validation spl
 (``calibration``); plain validation applies it, and ``--recalibrate`` refits from the model's
 own logits, so the site's map replaces it (the record keeps it under ``replaces``).
 
+A bundle of K > 2 classes (``bundle.json`` ``target``) is validated with the K-class metrics
+(`safn_core.multiclass`) beside the majority-class baseline, its confusion matrix and
+one-vs-rest ROC curves; ``predictions.csv`` has one probability column per class
+(``p_<class>``) and the predicted class, by the bundle's decision rule (argmax, or its ordinal
+cut points where it carries them); ``--recalibrate`` fits temperature or vector scaling on the
+K logits (`safn_core.cli.validate_outputs_multiclass`). Data whose classes are not the bundle's
+target's is refused with one line naming both.
+
 A bundle whose model takes ComBat-harmonised MRI features (``harmonisation.json``) harmonises
 the data first: each site of the data adjusts itself from its own participants with the
 bundle's fit, without labels (a table without a site column is one site), also with
@@ -39,6 +47,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from safn_core.cli import validate_outputs_multiclass as kclass
 from safn_core.cli.common import base_parser, console, entry, fresh_output_dir, write_json
 from safn_core.cli.validate_outputs import (before_after_rows, harmonisation_line, map_line,
                                             parts_line, recalibration_card, replaces_line,
@@ -46,9 +55,10 @@ from safn_core.cli.validate_outputs import (before_after_rows, harmonisation_lin
                                             write_validation_card, write_validation_report)
 from safn_core.errors import SafnError
 from safn_core.metrics import calibration_text
-from safn_core.recalibration import METHODS, RecalibrationOptions
+from safn_core.recalibration import ALL_METHODS, RecalibrationOptions
 from safn_core.validation import (DataSource, Recalibration, Validation, load_site_data,
                                   recalibrate_at_site, validate)
+from safn_core.validation_multiclass import MultiClassRecalibration, MultiClassValidation
 
 RECAL_DEFAULTS = {"calibration": "temperature", "recalibration_fraction": 0.5, "split_seed": 0}
 
@@ -72,9 +82,10 @@ def run(argv: list[str] | None = None) -> int:
         "site's participants, report before/after on the rest, write <out>/site_bundle")
     recal.add_argument("--recalibrate", action="store_true",
                        help="recalibrate the bundle at this site (see above)")
-    recal.add_argument("--calibration", choices=METHODS,
-                       help="the calibration map: temperature (one T, keeps rankings; default) "
-                            "or platt (a + b·logit)")
+    recal.add_argument("--calibration", choices=ALL_METHODS,
+                       help="the calibration map: temperature (one T, keeps rankings; default), "
+                            "platt (a + b·logit; binary bundles) or vector (a scale and a bias "
+                            "per class on the K logits; bundles of K > 2 classes)")
     recal.add_argument("--recalibration-fraction", type=float, metavar="F",
                        help="share of the site's participants (per class) that recalibrate; "
                             "the others are evaluated (default 0.5)")
@@ -94,15 +105,20 @@ def run(argv: list[str] | None = None) -> int:
         _say(line)
     if options is not None:
         res = recalibrate_at_site(site, options, n_boot=args.bootstrap)
-        _print_recalibration(res)
+        if isinstance(res, MultiClassRecalibration):
+            kclass.print_recalibration(res)
+        else:
+            _print_recalibration(res)
         _write_recalibration(out, res)
         return 0
     res = validate(site, n_boot=args.bootstrap)
-    _print_validation(res)
+    k = isinstance(res, MultiClassValidation)
+    (kclass.print_validation if k else _print_validation)(res)
     write_json(out / "validation.json", res.record())
     res.predictions().to_csv(out / "predictions.csv", index=False)
-    write_validation_card(out, res)  # the report embeds it
-    write_validation_report(out, res)
+    # the report embeds the card
+    (kclass.write_validation_card if k else write_validation_card)(out, res)
+    (kclass.write_validation_report if k else write_validation_report)(out, res)
     console.print(f"written to {out}; report: {out / 'report.html'}")
     return 0
 
@@ -178,12 +194,13 @@ def _write_recalibration(out: Path, res: Recalibration) -> None:
     from safn_core.bundle import save_site_bundle
 
     model = res.site.model
+    k = isinstance(res, MultiClassRecalibration)
     site_bundle = save_site_bundle(out / "site_bundle", model, res.site_meta(),
-                                   recalibration_card(res))
+                                   (kclass.recalibration_card if k else recalibration_card)(res))
     res.split().to_csv(out / "recalibration_split.csv", index=False)
     res.predictions().to_csv(out / "predictions.csv", index=False)
     write_json(out / "validation.json", res.record_for(site_bundle))
-    write_recalibration_report(out, res)
+    (kclass.write_recalibration_report if k else write_recalibration_report)(out, res)
     console.print(f"site bundle: {site_bundle} (the input bundle {model} is unchanged); "
                   f"report: {out / 'report.html'}; which participant is in which part: "
                   f"{out / 'recalibration_split.csv'} (keep it at the site)")

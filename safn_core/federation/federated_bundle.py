@@ -5,6 +5,11 @@ weights, preprocessing, config, metrics, model card) for the selected round, wit
 threshold and metrics, the privacy summary, and where the training and test data came from.
 `rounds_table` is ``rounds.csv``. A run in which no site ever trained has no model:
 `NoSiteTrained`.
+
+A K-class run (K > 2) records its target in the bundle and the selected round's K-class
+figures (`federation.aggregate_multiclass`): the scalar metrics with their intervals, the
+confusion counts, the per-class figures and the majority-class baseline; its decision rule is
+argmax (the sites' confusion counts), so it has no threshold.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from safn_core.federation.provenance import evaluation_basis
 from safn_core.federation.run_folder import run_identity
 from safn_core.metrics import METRICS
 from safn_core.preprocess import Preprocessor
+from safn_core.targets import PD_VS_HC, Target
 from safn_core.training.local import make_model
 
 
@@ -47,6 +53,14 @@ class FederatedRun:
     patience: int
     stopped_early: bool
     logistic_floor: dict | None = None  # `floor_summary`: the floor SAFN started from, or why not
+    target: Target | None = None  # what the model predicts; None: from label_names
+
+    def run_target(self) -> Target:
+        """The run's target: ``target``, else ``pd_vs_hc`` under ``label_names``."""
+        if self.target is not None:
+            return self.target
+        names = tuple(self.label_names)
+        return PD_VS_HC if names == PD_VS_HC.classes else Target(PD_VS_HC.name, names)
 
 
 def no_site_trained_reason(history: list[dict], withheld: dict[str, str], rounds: int) -> str:
@@ -107,6 +121,27 @@ def rounds_table(history: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _scalars(m: dict, cis: dict) -> dict:
+    """A figure dict's numbers as ``{key: {"value", "ci"}}`` (K-class dicts also hold the
+    confusion counts and per-class figures, kept apart)."""
+    return {k: {"value": v, "ci": cis.get(k)} for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}
+
+
+def kclass_metrics(last: dict) -> dict:
+    """The bundle's metrics of a K-class run's selected round: the pooled test figures (with
+    their confusion counts, per-class figures and majority baseline) and each held-out site's."""
+    pooled = last.get("pooled") or {}
+    out = {"federated_pooled_test": {
+        **_scalars(pooled, last.get("pooled_ci") or {}),
+        **{k: pooled[k] for k in ("confusion", "per_class", "majority") if k in pooled}}}
+    for name, m in (last.get("held_out") or {}).items():
+        if m:
+            out[f"held_out_{name}"] = {**_scalars(m, m.get("ci") or {}),
+                                       **{k: m[k] for k in ("confusion", "per_class") if k in m}}
+    return out
+
+
 def save_federated_bundle(run_dir: Path, cfg: SafnConfig, state: RunState, run: FederatedRun,
                           harmonisation=None) -> Path:
     """The selected round's model bundle at ``<run_dir>/model`` (which must not exist)."""
@@ -116,20 +151,23 @@ def save_federated_bundle(run_dir: Path, cfg: SafnConfig, state: RunState, run: 
         raise NoSiteTrained(no_site_trained_reason(state.history, run.withheld,
                                                    cfg.federation.rounds))
     pre = Preprocessor.from_state(state.preprocessing)
-    model = make_model(pre.modalities, cfg.model, 0)
+    target = run.run_target()
+    model = (make_model(pre.modalities, cfg.model, 0) if target.binary
+             else make_model(pre.modalities, cfg.model, 0, target=target))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.selected_weights().items()})
     last = selected_entry(state.history)  # the selected round: threshold, metrics
     pooled = last.get("pooled") or {}
     training_sites = sorted(set(state.sites.values()) - run.held_out)
     return save_bundle(
         Path(run_dir) / "model", model, pre, cfg, harmonisation=harmonisation,
-        threshold=last.get("threshold", 0.5), class_counts=state.class_counts,
-        label_names=run.label_names, kind="federated",
+        threshold=last.get("threshold", 0.5) if target.binary else None,
+        class_counts=state.class_counts, target=target, kind="federated",
         # each figure with its 95 % interval from the pooled test histograms (round's pooled_ci)
         metrics={"federated_pooled_test": {k: {"value": v, "ci": (last.get("pooled_ci") or {})
                                                .get(k)} for k, v in pooled.items()},
                  **{f"held_out_{name}": {k: {"value": m[k], "ci": m["ci"][k]} for k in METRICS}
-                    for name, m in (last.get("held_out") or {}).items() if m}},
+                    for name, m in (last.get("held_out") or {}).items() if m}}
+        if target.binary else kclass_metrics(last),
         extra={"privacy": privacy_summary(state.history, run.gaussian),
                "run_id": run_identity(run_dir),
                # Flower's run ids of this run: one per submission (safn-server --resume submits

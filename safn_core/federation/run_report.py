@@ -1,5 +1,10 @@
 """The HTML report of a federated run (`safn-server`), and the sections a simulation's report
-shares with it: learning curves, rejected updates, differential privacy."""
+shares with it: learning curves, rejected updates, differential privacy.
+
+A K-class run (K > 2; its history entries carry ``decision_rule`` and K-class ``pooled``
+figures, `federation.aggregate_multiclass`) gets the K-class block instead of the binary
+table (`kclass_block`): the scalar metrics with their intervals beside the majority-class
+baseline, the confusion matrix (counts and row-normalised) and the per-class figures."""
 
 from __future__ import annotations
 
@@ -30,7 +35,10 @@ def learning_section(rep: Report, history: list[dict], run_dir: Path, curves_cap
                  f"by pooled validation (val loss {chosen.get('val_loss', float('nan')):.4f}, "
                  f"val ROC-AUC {chosen.get('val_roc_auc', float('nan')):.3f}); its test metrics "
                  "below are reported, not used to choose it.")
-    if chosen.get("pooled"):
+    if chosen.get("pooled") and is_kclass(chosen["pooled"]):
+        kclass_block(rep, chosen["pooled"], chosen.get("pooled_ci") or {}, run_dir,
+                     final_caption)
+    elif chosen.get("pooled"):
         cis = chosen.get("pooled_ci") or {}
         rep.table({k: interval_text(v, cis.get(k)) if k in cis else v
                    for k, v in chosen["pooled"].items()},
@@ -38,6 +46,42 @@ def learning_section(rep: Report, history: list[dict], run_dir: Path, curves_cap
                                    "histograms' counts: participants resampled within each "
                                    "class)" if cis else ""))
     floor_comparison(rep, history)
+
+
+def is_kclass(m: dict | None) -> bool:
+    """Whether a figure dict is K-class (it has per-class figures)."""
+    return isinstance(m, dict) and isinstance(m.get("per_class"), dict)
+
+
+KCLASS_KEYS = ("roc_auc", "pr_auc", "balanced_accuracy", "accuracy", "macro_f1", "qwk", "mae",
+               "log_loss", "brier")
+
+
+def kclass_block(rep: Report, m: dict, cis: dict, run_dir: Path, caption: str,
+                 stem: str = "confusion") -> None:
+    """The K-class figures of a run: metrics with intervals beside the majority class, the
+    confusion matrix (table and figure, counts and row-normalised), the per-class figures."""
+    classes = list(m["per_class"])
+    maj = m.get("majority") or {}
+    cls = maj.get("class")
+    who = classes[cls] if isinstance(cls, int) and cls < len(classes) else cls
+    rows = [{"metric": k, "value": interval_text(m[k], cis.get(k)),
+             "majority class": maj.get(k) if maj.get(k) is not None else "—"}
+            for k in KCLASS_KEYS if m.get(k) is not None]
+    rep.table(pd.DataFrame(rows), caption + f"; decision rule argmax; majority class: always "
+                                            f"{who}" + ("; 95 % interval in brackets" if cis
+                                                        else ""))
+    confusion = m.get("confusion")
+    if confusion:
+        rep.table(pd.DataFrame([{"true \\ predicted": name, **dict(zip(classes, map(int, row)))}
+                                for name, row in zip(classes, confusion)]),
+                  "confusion matrix (counts): rows true class, columns predicted class")
+        png = plots.confusion_matrices(confusion, classes, Path(run_dir) / f"{stem}.png")
+        rep.figure(png, "confusion matrix: counts and row-normalised")
+    rep.table(pd.DataFrame([{"class": name, **{k: v.get(k) for k in ("n", "roc_auc", "pr_auc",
+                                                                       "recall", "precision")}}
+                            for name, v in m["per_class"].items()]),
+              "per class, one vs rest")
 
 
 FLOOR_METRICS = ("roc_auc", "balanced_accuracy", "pr_auc_pd", "sensitivity", "specificity")
@@ -229,10 +273,16 @@ def write_server_report(run_dir: Path, cfg: SafnConfig, history: list[dict],
         if external:
             rep.heading("External validation at held-out sites")
             rows = []
+            kclass = any(is_kclass(m) for m in external.values())
+            keys = (("roc_auc", "balanced_accuracy", "qwk", "mae", "macro_f1") if kclass else
+                    ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "pr_auc_pd",
+                     "mcc"))
             for site, m in external.items():
                 row = {"site": site, "n": (m or {}).get("n")}
-                for k in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity",
-                          "pr_auc_pd", "mcc"):
+                for k in keys:
+                    if m and m.get(k) is None and kclass:
+                        row[k] = "—"
+                        continue
                     row[k] = (interval_text(m[k], (m.get("ci") or {}).get(k)) if m
                               else "withheld (min_cell)")
                 rows.append(row)
