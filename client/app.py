@@ -2,8 +2,8 @@
 
 Three message types, each answered from the site's own data:
 
-- ``query`` (describe): training-split statistics, class counts and the data structure (the
-  statistics round); refused with a reason when a class has fewer than ``min_cell`` people;
+- ``query`` (describe): training-split statistics, class counts (one per class of the site's
+  target, which the reply names) and the data structure (the statistics round); refused with a reason when a class has fewer than ``min_cell`` people;
 - ``train``: local epochs from the global weights with the global preprocessing (sent by the
   server in the train config), FedProx's proximal term when the strategy asks for it;
 - ``evaluate``: per-class score histograms of the validation and test splits (zeros and a flag
@@ -28,6 +28,7 @@ simulation's is built in `safn.simulations.client_app` (virtual sites, their fil
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -46,8 +47,8 @@ from safn.client.run_end import record_run_end
 from safn.client.site_console import say
 from safn_core.federation.sampling import site_seed
 from safn_core.federation.protocol import (ARRAYS, CONFIG, METRICS, REFUSAL, SITE, STATS, Config,
-                                           Describe, Metric, Task, evaluation_to_metrics,
-                                           modalities_to_record)
+                                           Describe, Metric, Task, class_counts_to_metrics,
+                                           evaluation_to_metrics, modalities_to_record)
 from safn_core.federation.shared_config import shared_config
 from safn_core.federation.site_privacy import site_statistics, train_round
 
@@ -95,7 +96,10 @@ def describe(msg: Message, context: Context) -> Message:
     site = sc.site_for(context, config)
     # what kind of data it is (synthetic, ppmi, table) travels in every branch: the model card
     # names each site's, never a default of the coordinator's own configuration
-    source = {Describe.DATA_SOURCE: sc.data_source(site, context)}
+    source = {Describe.DATA_SOURCE: sc.data_source(site, context),
+              # what its labels mean (classes, order): the coordinator stops a run whose sites
+              # predict different targets
+              Describe.TARGET: json.dumps(site.cohort.target.to_dict())}
     if bool(config.get(Config.SECURE_AGGREGATION, False)) \
             and site.name not in list(config.get(Config.HELD_OUT_SITES, [])):
         # under secure aggregation the statistics travel only masked (`secagg_mask`): here the
@@ -136,8 +140,7 @@ def describe(msg: Message, context: Context) -> Message:
         STATS: ArrayRecord({"count": Array(stats.count), "total": Array(stats.total),
                               "total_sq": Array(stats.total_sq)}),
         METRICS: MetricRecord({Metric.N_TRAIN: count(sum(counts)),
-                               Metric.CLASS_0: count(counts[0]),
-                               Metric.CLASS_1: count(counts[1])}),
+                               **class_counts_to_metrics(counts, count)}),
     }), reply_to=msg)
 
 

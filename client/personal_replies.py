@@ -40,9 +40,9 @@ def reason_text(reason: dict, *, short: bool = False) -> str:
     """A code of `personal_training` (why the site keeps the global model or trains no
     personal model) in words; ``short``: without what follows from it."""
     if reason["code"] == VALIDATION_TOO_SMALL:
-        n0, n1 = reason["class_counts"]
-        text = (f"its validation split has {n0} / {n1} participants per class, fewer than "
-                f"min_cell = {reason['min_cell']}")
+        counts = reason["class_counts"]
+        text = ("its validation split has " + " / ".join(str(c) for c in counts) +
+                f" participants per class, fewer than min_cell = {reason['min_cell']}")
         return text if short else (text + ", too few to choose a personal model: it keeps the "
                                           "global model")
     if reason["code"] == PRIVACY_REFUSED:

@@ -94,7 +94,8 @@ def statistics_values_of(msg: Message, context: Context, site: Site, config: Con
     if out.refusal is not None:
         n = len(site.cohort.features)
         zeros = FeatureStats(tuple(site.cohort.features), np.zeros(n), np.zeros(n), np.zeros(n))
-        values = (released_values(zeros, [0, 0]) | {"sites": 0} if scales is None
+        values = (released_values(zeros, [0] * site.cohort.n_classes) | {"sites": 0}
+                  if scales is None
                   else released_scaled(zeros, scales))
         return values, {Describe.STATISTICS: Describe.REFUSED, Describe.REASON: out.refusal}
     if out.mechanism[Describe.STATISTICS] == Describe.EXACT:

@@ -209,13 +209,15 @@ def layout(site: Site, fingerprint: str) -> Layout:
     """This site's model layout (built from its own model), checked against the coordinator's.
 
     Cached by what a layout depends on (the modalities' names, sizes and sides, the model
-    settings), not by site: an actor serving hundreds of virtual sites builds it once."""
+    settings, the target's classes and order), not by site: an actor serving hundreds of virtual sites builds it once."""
+    target = site.cohort.target  # K outputs and the head: the coordinator's model must match
     key = (tuple((m.name, len(m.features), m.side) for m in site.cohort.modalities),
-           site.cfg.model.model_dump_json(), fingerprint)
+           site.cfg.model.model_dump_json(), target, fingerprint)
     if key not in _LAYOUTS:
         if len(_LAYOUTS) > 8:
             _LAYOUTS.clear()
-        found = Layout.of(state_to_numpy(make_model(site.cohort.modalities, site.cfg.model, 0)))
+        found = Layout.of(state_to_numpy(make_model(site.cohort.modalities, site.cfg.model, 0,
+                                                    target=target)))
         found.check(fingerprint)
         _LAYOUTS[key] = found
     return _LAYOUTS[key]

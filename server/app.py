@@ -47,13 +47,14 @@ from safn.server.run_context import RunContext
 from safn.server.run_end import tell_sites_run_ended
 from safn.server.run_setup import RunSetup, prepare_run
 from safn.server.secure_strategy import SecureSum
+from safn.server.site_targets import TargetMismatch
 from safn.server.site_waits import SitesMissing
 from safn.server.strategies import (distributed_optimizer, flower_strategy, optimizer_state,
                                     restore_optimizer_state)
 from safn.server.strategy import SafnStrategy, StrategyOptions
 
-RUN_STOPPERS = (SitesMissing, SecureAggregationRefused, SecureSumFailed, NoSiteTrained,
-                DistributedDPStopped)
+RUN_STOPPERS = (SitesMissing, TargetMismatch, SecureAggregationRefused, SecureSumFailed,
+                NoSiteTrained, DistributedDPStopped)
 """What ends a run as failed (with its checkpoint intact), not as a crash."""
 
 
@@ -101,7 +102,8 @@ class Coordinator:
             secure = SecureSum(setup.secure, {
                 "train": (share_packing(book.layout.size, parties) if distributed is not None
                           else train_packing(book.layout.size, fed, parties)),
-                "evaluate": evaluate_packing(fed.histogram_bins, fed, parties)})
+                "evaluate": evaluate_packing(fed.histogram_bins, fed, parties,
+                                             setup.target.n_classes)})
         # without secure aggregation the coordinator clips (Flower's DP wrapper); under it the
         # sites clip and the strategy noises the securely summed mean
         inner = central.wrap(base) if central is not None and secure is None else base

@@ -47,7 +47,8 @@ class RoundBook:
         desc = setup.described
         state = load_checkpoint(run_dir)
         if state is None:
-            model = make_model(setup.modalities, cfg.model, cfg.train.seed)
+            model = make_model(setup.modalities, cfg.model, cfg.train.seed,
+                               target=setup.target)
             if floor is not None:
                 model.set_wide(floor.coef, floor.intercept)
             events.emit(Event.STATISTICS, participants=sum(class_counts),

@@ -3,7 +3,9 @@
 `prepare_run` waits (bounded) for the sites, runs the statistics round (plain, or as secure sums
 under ``federation.secure_aggregation``), fits federated ComBat when harmonisation is on (and
 then runs the statistics round again on the harmonised training splits, so the preprocessing is
-fitted on harmonised data) and reports what the sites said. Everything later in the run reads
+fitted on harmonised data) and reports what the sites said. The sites' one target
+(`safn.server.site_targets`: checked against each other and the coordinator's ``data.target``)
+sets the model's K outputs and head on both ends. Everything later in the run reads
 the returned `RunSetup`; nothing writes to it.
 """
 
@@ -20,9 +22,11 @@ from safn_core.federation.protocol import Config, Describe, Metric, modalities_f
 from safn_core.federation.run_folder import expected_sites
 from safn.server.run_context import RunContext
 from safn.server.secure_aggregation import SecureAggregation
+from safn.server.site_targets import configured_target
 from safn.server.statistics_round import (Described, secure_statistics_round, statistics_round,
                                      wait_for_sites)
 from safn.server.run_sites import RunSites
+from safn_core.targets import Target
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class RunSetup:
     sites: RunSites
     modalities: tuple
     label_names: tuple[str, ...]
+    target: Target  # what the sites predict (K classes, order): `make_model`'s target
     secure: SecureAggregation | None  # the run's secure-sum driver (keys across phases)
     harmonisation: object | None  # the run's ComBat fit (`CombatFit`), if harmonised
     extra: Mapping[str, str]  # what every later message carries (the harmonisation fit)
@@ -85,21 +90,22 @@ def prepare_run(run: RunContext) -> RunSetup:
         described=desc,
         sites=RunSites(dict(desc.names), frozenset(desc.eligible), frozenset(desc.held_out)),
         modalities=modalities_from_record(desc.structure),
-        label_names=tuple(desc.structure[Describe.LABEL_NAMES]), secure=secure,
+        label_names=tuple(desc.structure[Describe.LABEL_NAMES]), target=desc.target,
+        secure=secure,
         harmonisation=fit, extra=dict(extra), timing=timing)
 
 
 def _statistics(run: RunContext, nodes: list[int], secure: SecureAggregation | None,
                 extra: dict) -> Described:
     """One statistics round (again after harmonisation: ``extra`` carries the fit)."""
-    fed = run.cfg.federation
+    fed, configured = run.cfg.federation, configured_target(run.cfg)
     if secure is None:
         return statistics_round(run.grid, nodes, fed.round_timeout, run.shared_text,
                                 fed.min_sites, tuple(run.cfg.server.held_out_sites),
-                                run_id=run.run_id, extra=extra or None)
+                                run_id=run.run_id, extra=extra or None, configured=configured)
     saved = load_checkpoint(run.run_dir)
     first_round = (saved.round if saved is not None else 0) + 1
     # the second statistics round (after harmonisation) sums under contexts of its own
     return secure_statistics_round(secure, nodes, run.cfg, run.shared_text, first_round,
                                    run.events, context_round=1 if extra else 0,
-                                   extra=extra or None)
+                                   extra=extra or None, configured=configured)

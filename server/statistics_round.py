@@ -1,8 +1,10 @@
 """The statistics round: before training, what every site describes of its training split.
 
 Plain (`statistics_round`): each site sends its counts, sums and sums of squares (exact, or
-noised by the Gaussian mechanism where the site chose ``privacy.statistics: gaussian``) and
-withholds them below ``min_cell``. Under secure aggregation (`secure_statistics_round`) it sends
+noised by the Gaussian mechanism where the site chose ``privacy.statistics: gaussian``), the
+count of each class of its target, and withholds them below ``min_cell``. Every reply names the
+site's target; sites that predict different targets, or not the coordinator's, stop the run at
+once (`safn.server.site_targets`). Under secure aggregation (`secure_statistics_round`) it sends
 only its data structure and a public key, and the sums follow as secure sums.
 """
 
@@ -14,13 +16,17 @@ from flwr.serverapp import Grid
 from safn_core.config import SafnConfig
 from safn_core.federation.events import Event, EventLog
 from safn_core.federation.protocol import (CONFIG, METRICS, SITE, STATISTICS, STATS, Aggregation,
-                                           Config, Describe, Metric, Task)
+                                           Config, Describe, Metric, Task,
+                                           class_counts_from_metrics)
+from safn_core.federation.site import small_class_text
 from safn_core.federation.secure_records import (scaled_packing, scales_from_sum,
                                                  statistics_from_sum, statistics_packing)
 from safn_core.preprocess import FeatureStats
 from safn_core.secagg import SecureAggregationRefused
 from safn.server.secure_aggregation import NEXT, context_json
+from safn.server.site_targets import reply_target, run_target
 from safn.server.site_waits import SitesMissing, wait_for_nodes
+from safn_core.targets import PD_VS_HC, Target
 
 
 GAUSSIAN_KEYS = (Metric.NOISE_MULTIPLIER, Metric.EPSILON, Metric.DELTA)
@@ -66,6 +72,9 @@ class Described:
         # under secure aggregation: each feature's federation-wide mean |value| (the second
         # sum's divisors; federated ComBat sums on data divided by them too)
         self.scales = None
+        # site → the target its reply names; the run's one target (`site_targets.run_target`)
+        self.targets: dict[str, Target] = {}
+        self.target: Target = PD_VS_HC
 
 
 def refuse_if_too_few_for_secure_sum(n: int, what: str) -> None:
@@ -79,10 +88,12 @@ def refuse_if_too_few_for_secure_sum(n: int, what: str) -> None:
 def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: str,
                      min_sites: int = 1, held_out_sites: tuple[str, ...] = (), secure=None,
                      next_ctx=None, run_id: str | None = None,
-                     extra: dict | None = None) -> Described:
+                     extra: dict | None = None, configured: Target | None = None) -> Described:
     """Ask every site for its training-split statistics (a QUERY message, before training);
     under secure aggregation (``secure``) only for its data structure and a public key for the
-    statistics' secure sum (``next_ctx``), the sums following in `Coordinator`."""
+    statistics' secure sum (``next_ctx``), the sums following in `Coordinator`. The sites'
+    targets must agree with each other and with ``configured`` (the coordinator's
+    ``data.target``; None: not checked), else `TargetMismatch` stops the run."""
     config = {Config.TASK: Task.DESCRIBE, Config.SAFN_CONFIG: shared_text,
               Config.HELD_OUT_SITES: list(held_out_sites)}
     if run_id:  # a DP site charges a noised statistics round to this run (privacy.statistics)
@@ -101,6 +112,7 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
         site = reply.content[SITE]
         out.names[nid] = name = str(site[Describe.NAME])
         out.sources[name] = str(site.get(Describe.DATA_SOURCE, NOT_REPORTED))
+        out.targets[name] = reply_target(site)
         if not site[Describe.OK]:
             out.refused[name] = str(site[Describe.REASON])
             continue
@@ -119,12 +131,13 @@ def statistics_round(grid: Grid, nodes: list[int], timeout: float, shared_text: 
         out.stats.append(FeatureStats(tuple(site["features"]), arr["count"].numpy(),
                                       arr["total"].numpy(), arr["total_sq"].numpy()))
         m = reply.content[METRICS]
-        # noised (privacy.statistics: gaussian): not integers
-        out.counts.append([float(m[Metric.CLASS_0]), float(m[Metric.CLASS_1])])
+        # one per class of the target; noised (privacy.statistics: gaussian): not integers
+        out.counts.append(class_counts_from_metrics(m))
         if site.get(Describe.STATISTICS) == Describe.GAUSSIAN:
             out.gaussian[name] = {k: float(site[Describe.STATISTICS_PREFIX + k])
                                   for k in GAUSSIAN_KEYS}
         out.eligible.add(nid)
+    out.target = run_target(out.targets, configured)
     if len(out.stats) < min_sites:
         raise SitesMissing(f"{len(out.stats)} sites sent statistics, fewer than min_sites = "
                            f"{min_sites}" + refusals_in_brief(out.refused))
@@ -143,24 +156,26 @@ def refusals_in_brief(refused: dict[str, str], shown: int = 10) -> str:
 
 def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_text: str,
                             first_round: int, events: EventLog, context_round: int = 0,
-                            extra: dict | None = None) -> Described:
+                            extra: dict | None = None, configured: Target | None = None
+                            ) -> Described:
     """The statistics round under secure aggregation: each site describes its data structure
     and announces a key (QUERY ``describe``); then the training sites' counts, sums and sums of
     absolute values, and (scaled per feature) their sums and sums of squares, are summed
     securely (`safn_core.federation.secure_records`); ``min_cell`` applies to the sums. The
-    last sum's replies announce the sites' keys for round ``first_round``'s training."""
+    last sum's replies announce the sites' keys for round ``first_round``'s training. The class
+    counts are summed for each of the K classes of the sites' one target."""
     fed = cfg.federation
     held = tuple(cfg.server.held_out_sites)
     ctx = secure.context(context_round, Aggregation.STATISTICS)
     desc = statistics_round(secure.grid, nodes, fed.round_timeout, shared_text, 0, held,
-                            secure=secure, next_ctx=ctx, extra=extra)
+                            secure=secure, next_ctx=ctx, extra=extra, configured=configured)
     training = sorted(set(desc.names) - desc.held_out - set(
         n for n, name in desc.names.items() if name in desc.refused))
     refuse_if_too_few_for_secure_sum(len(training), "sites described their data")
     features = tuple(desc.structure["features"])
     scaled_ctx = secure.context(context_round, Aggregation.STATISTICS_SCALED)
-    result = secure.sum_now(ctx, statistics_packing(len(features), fed, len(training)),
-                            training, {NEXT: context_json(scaled_ctx)})
+    packing = statistics_packing(len(features), fed, len(training), desc.target.n_classes)
+    result = secure.sum_now(ctx, packing, training, {NEXT: context_json(scaled_ctx)})
     for nid, content in secure.last_contents.items():
         rec = content.config_records.get(STATISTICS)
         if rec is None:
@@ -181,10 +196,10 @@ def secure_statistics_round(secure, nodes: list[int], cfg: SafnConfig, shared_te
     stats, counts, withheld = statistics_from_sum(features, result.values, second.values,
                                                   scales, cfg.data.min_cell)
     result = second
-    if min(counts) < cfg.data.min_cell:
-        raise SitesMissing(f"the federation's training splits have {counts[0]} / "
-                           f"{counts[1]} participants per class, fewer than min_cell = "
-                           f"{cfg.data.min_cell}: nothing can be trained safely")
+    small = small_class_text(counts, desc.target.classes, cfg.data.min_cell)
+    if small is not None:
+        raise SitesMissing(f"the federation's training splits have {small}: nothing can be "
+                           "trained safely")
     if withheld:
         events.emit(Event.FEATURES_WITHHELD, features=len(withheld))
     desc.stats, desc.counts = [stats], [counts]

@@ -31,7 +31,8 @@ model (the federation goes on).
 Why a site keeps the global model, or trains no personal model, is a code with its counts, never
 a sentence (the site's terminal renders it, `safn.client.personal_replies`):
 
-- ``{"code": "validation_too_small", "class_counts": [n0, n1], "min_cell": m}``
+- ``{"code": "validation_too_small", "class_counts": [n0, n1, …] (one per class of the target),
+  "min_cell": m}``
 - ``{"code": "privacy_refused", "reason": "<the ledger's or budget's one line>"}``
 """
 
@@ -96,7 +97,8 @@ class _Trainer:
     def _plain_setup(self) -> None:
         cfg = self.site.cfg
         torch.manual_seed(self.seed)
-        self.model = make_model(self.pre.modalities, cfg.model, self.seed)
+        self.model = make_model(self.pre.modalities, cfg.model, self.seed,
+                                target=self.site.cohort.target)
         self.model.load_state_dict({k: torch.from_numpy(np.array(v))
                                     for k, v in self.weights.items()})
         self.anchor_params = (parameters_like(self.model, self.anchor)
@@ -124,7 +126,8 @@ class _Trainer:
             self.weights, _ = self.dp.train_round(
                 self.weights, self.pre.modalities, cfg.model, self.class_counts,
                 server_round=self.server_round, seed=self.seed + 7 * self.calls,
-                proximal_mu=self.mu, epochs=epochs, kind="personal", anchor=self.anchor)
+                proximal_mu=self.mu, epochs=epochs, kind="personal", anchor=self.anchor,
+                target=self.site.cohort.target)
         except PrivacyError as exc:
             raise PersonalRefused(" ".join(str(exc).split())) from None
         return self.weights
@@ -132,7 +135,7 @@ class _Trainer:
 
 def load_model(site: Site, pre: Preprocessor, weights: dict):
     """The site's model architecture with ``weights``."""
-    model = make_model(pre.modalities, site.cfg.model, 0)
+    model = make_model(pre.modalities, site.cfg.model, 0, target=site.cohort.target)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
     return model
 
@@ -147,12 +150,14 @@ def validation_scores(site: Site, pre: Preprocessor, weights: dict, class_counts
 
 def unfit_validation(site: Site) -> dict | None:
     """Why the site's validation split cannot choose a personal model (None when it can), as
-    ``{"code": "validation_too_small", "class_counts": [n0, n1], "min_cell": m}``: the choice
+    ``{"code": "validation_too_small", "class_counts": [n0, n1, …], "min_cell": m}`` (one
+    count per class of the site's target): the choice
     of epoch or round and the threshold are statistics of that split, and with fewer than
     ``min_cell`` people of a class they say nothing reliable (with one class, a model that
     predicts that class for everyone looks best). Such a site keeps the global model."""
+    k = site.cohort.n_classes
     counts = np.bincount(site.cohort.table.loc[site.split.val, "label"].to_numpy(dtype=int),
-                         minlength=2).tolist()
+                         minlength=k)[:k].tolist()
     if min(counts) < site.min_cell:
         return {"code": VALIDATION_TOO_SMALL, "class_counts": [int(c) for c in counts],
                 "min_cell": int(site.min_cell)}

@@ -41,6 +41,7 @@ __all__ = ["ARRAYS", "CONFIG", "METRICS", "SITE", "STATS", "STATISTICS", "REFUSA
            "MASKED", "WITHHELD", "Task", "Config", "Metric", "Describe", "SecAgg", "Aggregation", "NodeConfig",
            "Layout",
            "modalities_to_record", "modalities_from_record", "is_withheld",
+           "class_counts_to_metrics", "class_counts_from_metrics",
            "evaluation_to_metrics", "evaluation_from_metrics"]
 
 # -- records --------------------------------------------------------------------------------
@@ -169,6 +170,13 @@ class Metric:
     TEST_NEG = "test-neg"
     TEST_POS = "test-pos"
     WITHHELD = "withheld"              # 1: a class below min_cell, the histograms are zeros
+    # evaluation, plain, K > 2 classes (instead of the four above): the (K, K, bins) histograms
+    # (true class × scored class × bins) and the (K, K) argmax confusion counts, flat
+    N_CLASSES = "n-classes"
+    VAL_HIST = "val-hist"
+    TEST_HIST = "test-hist"
+    VAL_CONFUSION = "val-confusion"
+    TEST_CONFUSION = "test-confusion"
     # evaluation, secure: a site's own metrics, only where its own counts pass min_cell
     SITE_REPORTED = "site-reported"
     SITE_ROC_AUC = "site-roc-auc"
@@ -190,10 +198,17 @@ class Metric:
     PERSONAL_PREFIX = "personal-"
     GLOBAL_CONFUSION = "global-confusion"
     PERSONAL_CONFUSION = "personal-confusion"
-    # statistics round, plain
+    # statistics round, plain: the training split's size and its count of each class k as
+    # ``class-<k>`` (`class_key`; K classes, binary: CLASS_0 and CLASS_1 only)
     N_TRAIN = "n-train"
     CLASS_0 = "class-0"
     CLASS_1 = "class-1"
+    CLASS_PREFIX = "class-"
+
+    @staticmethod
+    def class_key(k: int) -> str:
+        """The statistics round's key of class ``k``'s count (``class-0``, ``class-1``, …)."""
+        return f"{Metric.CLASS_PREFIX}{int(k)}"
 
 
 class Describe:
@@ -204,6 +219,8 @@ class Describe:
     HELD_OUT = "held-out"
     REASON = "reason"
     LABEL_NAMES = "label-names"
+    TARGET = "target"                  # JSON `Target.to_dict` of the site's cohort: what its
+    # labels mean (classes, order); the coordinator stops a run whose sites differ
     DATA_SOURCE = "data-source"        # the kind of data the site's own `data.source` names
     # (synthetic | ppmi | table): what its participants are, not a statistic about them
     PUBLIC_KEY = "public-key"          # the site's key for the first secure sum
@@ -243,6 +260,26 @@ def modalities_from_record(rec) -> tuple[Modality, ...]:
     return tuple(out)
 
 
+# -- class counts of the plain statistics round --------------------------------------------
+
+
+def class_counts_to_metrics(counts, cast=int) -> dict:
+    """A site's training-split class counts as ``METRICS`` keys (`Metric.class_key`), one per
+    class (a binary site's: ``class-0`` and ``class-1``, as always); ``cast``: `float` for
+    noised counts."""
+    return {Metric.class_key(k): cast(c) for k, c in enumerate(counts)}
+
+
+def class_counts_from_metrics(m) -> list[float]:
+    """Inverse of `class_counts_to_metrics`: the counts of classes 0, 1, … in order (as
+    floats: noised counts are not integers)."""
+    out, k = [], 0
+    while Metric.class_key(k) in m:
+        out.append(float(m[Metric.class_key(k)]))
+        k += 1
+    return out
+
+
 # -- a plain evaluation reply -----------------------------------------------------------------
 
 
@@ -250,22 +287,53 @@ def evaluation_to_metrics(res: dict) -> dict:
     """A site's plain evaluation (`Site.evaluate`) as ``METRICS``: per-class score histograms,
     the withheld flag, and the validation loss sum and size (zeros where anything is withheld).
     Every site sends the same keys: Flower's strategies refuse to aggregate metric records
-    whose keys differ."""
+    whose keys differ. A binary target's histograms are (2, bins): ``val-neg`` … ``test-pos``;
+    K > 2 classes' are (K, K, bins) with (K, K) confusion counts, flat under ``val-hist``,
+    ``test-hist``, ``val-confusion``, ``test-confusion`` with ``n-classes``."""
     sent = not res["withheld"] and "val_loss_sum" in res
-    return {Metric.NUM_EXAMPLES: int(res["test"].sum()),
-            Metric.VAL_NEG: res["val"][0].tolist(), Metric.VAL_POS: res["val"][1].tolist(),
-            Metric.TEST_NEG: res["test"][0].tolist(), Metric.TEST_POS: res["test"][1].tolist(),
-            Metric.WITHHELD: int(res["withheld"]),
-            Metric.VAL_LOSS_SUM: float(res["val_loss_sum"]) if sent else 0.0,
-            Metric.VAL_EXAMPLES: int(res["val_examples"]) if sent else 0}
+    out = {Metric.NUM_EXAMPLES: _examples(res["test"])}
+    if np.ndim(res["test"]) == 3:
+        k = int(np.shape(res["test"])[0])
+        out.update({Metric.N_CLASSES: k,
+                    Metric.VAL_HIST: _flat(res["val"]), Metric.TEST_HIST: _flat(res["test"]),
+                    Metric.VAL_CONFUSION: _flat(res.get("val_confusion", np.zeros((k, k)))),
+                    Metric.TEST_CONFUSION: _flat(res.get("test_confusion", np.zeros((k, k))))})
+    else:
+        out.update({Metric.VAL_NEG: res["val"][0].tolist(), Metric.VAL_POS: res["val"][1].tolist(),
+                    Metric.TEST_NEG: res["test"][0].tolist(),
+                    Metric.TEST_POS: res["test"][1].tolist()})
+    out.update({Metric.WITHHELD: int(res["withheld"]),
+                Metric.VAL_LOSS_SUM: float(res["val_loss_sum"]) if sent else 0.0,
+                Metric.VAL_EXAMPLES: int(res["val_examples"]) if sent else 0})
+    return out
+
+
+def _examples(test) -> int:
+    """Test participants behind a histogram: (2, bins) counts each once; (K, K, bins) K times
+    (one row of scores per class), so one scored class's slice counts them."""
+    test = np.asarray(test)
+    return int(test.sum() if test.ndim == 2 else test[:, 0].sum())
+
+
+def _flat(a) -> list[int]:
+    return np.asarray(a, dtype=np.int64).ravel().tolist()
 
 
 def evaluation_from_metrics(m) -> dict:
-    """Inverse of `evaluation_to_metrics`: ``val`` / ``test`` histograms (2, bins), ``withheld``
-    and, where sent, ``val_loss_sum`` / ``val_examples``."""
-    out = {"val": np.array([m[Metric.VAL_NEG], m[Metric.VAL_POS]], dtype=np.int64),
-           "test": np.array([m[Metric.TEST_NEG], m[Metric.TEST_POS]], dtype=np.int64),
-           "withheld": bool(m[Metric.WITHHELD])}
+    """Inverse of `evaluation_to_metrics`: ``val`` / ``test`` histograms ((2, bins), or
+    (K, K, bins) with ``val_confusion`` / ``test_confusion`` (K, K)), ``withheld`` and, where
+    sent, ``val_loss_sum`` / ``val_examples``."""
+    if Metric.N_CLASSES in m:
+        k = int(m[Metric.N_CLASSES])
+        out = {part: np.asarray(m[key], dtype=np.int64).reshape(k, k, -1)
+               for part, key in (("val", Metric.VAL_HIST), ("test", Metric.TEST_HIST))}
+        out.update({part: np.asarray(m[key], dtype=np.int64).reshape(k, k) for part, key in
+                    (("val_confusion", Metric.VAL_CONFUSION),
+                     ("test_confusion", Metric.TEST_CONFUSION))})
+    else:
+        out = {"val": np.array([m[Metric.VAL_NEG], m[Metric.VAL_POS]], dtype=np.int64),
+               "test": np.array([m[Metric.TEST_NEG], m[Metric.TEST_POS]], dtype=np.int64)}
+    out["withheld"] = bool(m[Metric.WITHHELD])
     if Metric.VAL_LOSS_SUM in m:
         out["val_loss_sum"] = float(m[Metric.VAL_LOSS_SUM])
         out["val_examples"] = int(m[Metric.VAL_EXAMPLES])

@@ -44,14 +44,16 @@ SCALED_BOUND = 1e3
 value (larger ones are clipped and counted)."""
 
 
-def statistics_packing(n_features: int, fed: FederationConfig, parties: int) -> Packing:
-    """First sum: counts, sums and sums of absolute values (at most ``feature_bound`` each)."""
+def statistics_packing(n_features: int, fed: FederationConfig, parties: int,
+                       n_classes: int = 2) -> Packing:
+    """First sum: counts, sums and sums of absolute values (at most ``feature_bound`` each),
+    and the counts of each of the target's ``n_classes`` classes."""
     b = fed.secagg
     bound = b.max_site_examples * b.feature_bound
     return Packing((Field.count("count", (n_features,)),
                     Field.real("total", (n_features,), clip=bound),
                     Field.real("abs_total", (n_features,), clip=bound),
-                    Field.count("class_counts", (2,)), Field.count("sites")),
+                    Field.count("class_counts", (int(n_classes),)), Field.count("sites")),
                    max_parties=parties)
 
 

@@ -48,6 +48,22 @@ def split_participants(ids: np.ndarray, y: np.ndarray, val_fraction: float,
     return SiteSplit(np.sort(train), np.sort(val), np.sort(test))
 
 
+def small_class_text(counts, names, min_cell: int) -> str | None:
+    """``counts`` per class in words when a class is below ``min_cell`` (None otherwise): a
+    binary split's as always (``"12 / 3 participants per class, fewer than min_cell = 5"``),
+    with K classes each class named (``"HC 12 / Prodromal 3 / PD 40 participants per class;
+    Prodromal fewer than min_cell = 5"``)."""
+    if min(counts) >= min_cell:
+        return None
+    if len(counts) == 2:
+        return (f"{counts[0]} / {counts[1]} participants per class, fewer than min_cell = "
+                f"{min_cell}")
+    names = list(names) if len(names) == len(counts) else [f"class {k}" for k in range(len(counts))]
+    each = " / ".join(f"{n} {c:g}" for n, c in zip(names, counts))
+    small = ", ".join(n for n, c in zip(names, counts) if c < min_cell)
+    return f"{each} participants per class; {small} fewer than min_cell = {min_cell}"
+
+
 def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
@@ -69,7 +85,13 @@ class Site:
         return self.cfg.data.min_cell
 
     def _class_counts(self, ids) -> list[int]:
-        return np.bincount(self.cohort.table.loc[ids, LABEL].to_numpy(), minlength=2).tolist()
+        """The count of each of the target's K classes among ``ids`` (zeros included)."""
+        k = self.cohort.n_classes
+        return np.bincount(self.cohort.table.loc[ids, LABEL].to_numpy(), minlength=k)[:k].tolist()
+
+    def small_classes(self, counts: list[int]) -> str | None:
+        """Which classes of ``counts`` are below ``min_cell``, in words (None: none is)."""
+        return small_class_text(counts, self.cohort.label_names, self.min_cell)
 
     def describe(self, check_cells: bool = True) -> tuple[FeatureStats, list[int]]:
         """Sufficient statistics and class counts of the TRAIN split (never val/test).
@@ -81,9 +103,9 @@ class Site:
             stats = FeatureStats.from_frame(self.cohort.table.loc[self.split.train],
                                             self.cohort.features)
             return stats, counts
-        if min(counts) < self.min_cell:
-            raise SmallCell(f"site {self.name}: its training split has {counts[0]} / {counts[1]} "
-                            f"participants per class, fewer than min_cell = {self.min_cell}")
+        small = self.small_classes(counts)
+        if small is not None:
+            raise SmallCell(f"site {self.name}: its training split has {small}")
         stats = FeatureStats.from_frame(self.cohort.table.loc[self.split.train],
                                         self.cohort.features)
         # a feature observed in fewer than min_cell people would describe them: withhold it
@@ -108,7 +130,7 @@ class Site:
         """One round of local training from the global weights; returns new weights."""
         torch.manual_seed(seed)
         data = self.arrays(pre, "train")
-        model = make_model(pre.modalities, model_cfg, seed)
+        model = make_model(pre.modalities, model_cfg, seed, target=self.cohort.target)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
         global_params = [p.detach().clone() for p in model.parameters()]
         optimizer = make_optimizer(model, self.cfg.train)

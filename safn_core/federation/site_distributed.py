@@ -147,7 +147,8 @@ def noise_share(site: Site, state: dict[str, np.ndarray], pre: Preprocessor,
     data = site.arrays(pre, "train")
     sampled = poisson_sample(len(data), sample_rate, numpy_generator(material, SAMPLING))
     total, _ = clipped_gradient_sum(state, pre.modalities, site.cfg.model, data, sampled,
-                                    shares.clipping_norm, class_counts, layout, seed=seed)
+                                    shares.clipping_norm, class_counts, layout, seed=seed,
+                                    target=site.cohort.target)
     share = shares.encode(total, numpy_generator(material, NOISE))
     budget.ledger.confirm(seq, 1)
     metrics = budget.metrics(shares.noise_multiplier, 1)

@@ -153,7 +153,8 @@ def site_statistics(site: Site, *, request: PrivacyConfig | None, state_dir: Pat
                             fingerprint=data_fingerprint(site.split.train, site.cohort.features))
         stats, counts, info = release_statistics(
             budget, run_id, train, site.cohort.features, train[LABEL].to_numpy(),
-            site.cohort.plausible_ranges, seed_material=(seed,) if _seeded(site) else None)
+            site.cohort.plausible_ranges, seed_material=(seed,) if _seeded(site) else None,
+            n_classes=site.cohort.n_classes)
     except PrivacyError as exc:
         return StatisticsOutcome(None, None, None, _reason(site, exc))
     return StatisticsOutcome(stats, counts, {
@@ -190,7 +191,7 @@ def train_round(site: Site, state: dict, pre: Preprocessor, class_counts: list[i
         sp.check_round(server_round)
         weights, report = sp.train_round(state, pre.modalities, site.cfg.model, class_counts,
                                          server_round=server_round, seed=seed,
-                                         proximal_mu=proximal_mu)
+                                         proximal_mu=proximal_mu, target=site.cohort.target)
     except PrivacyError as exc:
         return _refused(_reason(site, exc), sp, True)
     metrics = _off_metrics(report.n_train, WITHHELD)  # a DP site's loss stays at the site

@@ -40,18 +40,19 @@ def poisson_sample(n: int, sample_rate: float, rng: np.random.Generator) -> np.n
 def clipped_gradient_sum(state: dict[str, np.ndarray], modalities: Sequence[Modality],
                          model_cfg: ModelConfig, data: Arrays, sampled: np.ndarray,
                          clipping_norm: float, class_counts, layout: Layout, *,
-                         seed: int) -> tuple[np.ndarray, int]:
+                         seed: int, target=None) -> tuple[np.ndarray, int]:
     """Σ over the sampled participants of their gradients clipped to ``clipping_norm``, at the
     weights ``state``, in ``layout`` order (zeros for buffers); and how many were clipped.
 
-    ``seed`` seeds the model's dropout (training mode, as in DP-SGD at a site)."""
+    ``seed`` seeds the model's dropout (training mode, as in DP-SGD at a site); ``target``: the
+    site's `safn_core.targets.Target` (K outputs; None: the binary pd_vs_hc model)."""
     from opacus import GradSampleModule
 
     out = np.zeros(layout.size, dtype=np.float64)
     if len(sampled) == 0:
         return out, 0
     torch.manual_seed(seed)
-    model = make_model(tuple(modalities), model_cfg, seed)
+    model = make_model(tuple(modalities), model_cfg, seed, target=target)
     model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
     model.train()
     with warnings.catch_warnings():

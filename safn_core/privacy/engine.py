@@ -306,7 +306,7 @@ class SitePrivacy(SiteBudget):
                     model_cfg: ModelConfig, class_counts, *, server_round: int | None,
                     seed: int, proximal_mu: float = 0.0,
                     epochs: int | None = None, kind: str = "train",
-                    anchor: Mapping[str, object] | None = None
+                    anchor: Mapping[str, object] | None = None, target=None
                     ) -> tuple[dict[str, np.ndarray], RoundReport]:
         """One DP-SGD round of local training from the global weights ``state``.
 
@@ -315,13 +315,14 @@ class SitePrivacy(SiteBudget):
         anything is trained or spent. ``kind`` names the ledger entry (``"train"``: the
         federation's model; ``"personal"``: the site's own, `safn_core.federation.personal_training`).
         ``anchor``: the weights the proximal term pulls towards (default ``state``; Ditto
-        starts from the personal model and pulls it towards the global one).
+        starts from the personal model and pulls it towards the global one). ``target``: the
+        site's `safn_core.targets.Target` (K outputs; None: the binary pd_vs_hc model).
         """
         from opacus import PrivacyEngine
 
         epochs = int(epochs or self.local_epochs)
         torch.manual_seed(seed)
-        model = make_model(tuple(modalities), model_cfg, seed)
+        model = make_model(tuple(modalities), model_cfg, seed, target=target)
         load_federation_state(model, state)
         optimizer = make_optimizer(model, self.train_cfg)
         plan = self.plan()

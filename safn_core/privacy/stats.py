@@ -2,10 +2,11 @@
 
 What a site releases in the statistics round is the vector, over its TRAINING split,
 
-    per feature f:  c_f = #observed,  s_f = Σ x'_f,  q_f = Σ x'_f²        and the class counts k_0, k_1
+    per feature f:  c_f = #observed,  s_f = Σ x'_f,  q_f = Σ x'_f²    and the class counts k_0 … k_{K-1}
 
 where ``x'_f = clip((x_f − mid_f) / half_f, −1, 1)`` rescales feature f by its *public* plausible
-range ``[mid_f − half_f, mid_f + half_f]`` (the data contract's ranges; never computed from data).
+range ``[mid_f − half_f, mid_f + half_f]`` (the data contract's ranges; never computed from data),
+and K is the target's number of classes (`safn_core.targets`; 2 for PD vs HC).
 Adding or removing one participant changes each c_f by ≤ 1, each s_f by ≤ 1 in absolute value, each
 q_f by ≤ 1 and one class count by 1, so the L2 sensitivity of the whole vector is
 
@@ -66,29 +67,32 @@ def _ranges(features: Sequence[str], ranges: Mapping[str, tuple[float, float]]):
 
 
 def exact_clipped_statistics(frame: pd.DataFrame, features: Sequence[str], labels: np.ndarray,
-                             ranges: Mapping[str, tuple[float, float]]):
-    """The noise-free vector (c, s, q, k) in range units, before the Gaussian mechanism."""
+                             ranges: Mapping[str, tuple[float, float]], n_classes: int = 2):
+    """The noise-free vector (c, s, q, k) in range units, before the Gaussian mechanism; k has
+    one count per class (``n_classes``)."""
     mid, half = _ranges(features, ranges)
     x = frame[list(features)].to_numpy(dtype=np.float64)
     observed = ~np.isnan(x)
     z = np.clip((np.where(observed, x, mid) - mid) / half, -1.0, 1.0) * observed
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2)[:2].astype(np.float64)
+    k = int(n_classes)
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)[:k].astype(np.float64)
     return observed.sum(0).astype(np.float64), z.sum(0), (z * z).sum(0), counts, mid, half
 
 
 def privatise_statistics(frame: pd.DataFrame, features: Sequence[str], labels: np.ndarray,
                          ranges: Mapping[str, tuple[float, float]], noise_multiplier: float,
-                         rng: np.random.Generator) -> tuple[FeatureStats, list[float]]:
+                         rng: np.random.Generator, n_classes: int = 2
+                         ) -> tuple[FeatureStats, list[float]]:
     """The statistics of ``frame`` (the TRAINING split) through the Gaussian mechanism.
 
     Returns `FeatureStats` in raw units (additive across sites, as the exact ones) and the noisy
-    class counts. The caller must record ``(noise_multiplier, 1.0, 1)`` in the site's ledger
+    class counts (``n_classes`` of them). The caller must record ``(noise_multiplier, 1.0, 1)`` in the site's ledger
     *before* releasing the result (`release_statistics` does both).
     """
     if not noise_multiplier > 0:
         raise ValueError("the noise multiplier must be > 0")
     features = list(features)
-    c, s, q, k, mid, half = exact_clipped_statistics(frame, features, labels, ranges)
+    c, s, q, k, mid, half = exact_clipped_statistics(frame, features, labels, ranges, n_classes)
     std = noise_multiplier * statistics_sensitivity(len(features))
     c = c + rng.normal(0.0, std, c.shape)
     s = s + rng.normal(0.0, std, s.shape)
@@ -108,7 +112,7 @@ def privatise_statistics(frame: pd.DataFrame, features: Sequence[str], labels: n
 def release_statistics(budget: SiteBudget, run_id: str, frame: pd.DataFrame,
                        features: Sequence[str], labels,
                        ranges: Mapping[str, tuple[float, float]], *,
-                       seed_material: Sequence[int] | None = None
+                       seed_material: Sequence[int] | None = None, n_classes: int = 2
                        ) -> tuple[FeatureStats, list[float], dict]:
     """The statistics round of run ``run_id`` through the Gaussian mechanism, charged first.
 
@@ -116,7 +120,7 @@ def release_statistics(budget: SiteBudget, run_id: str, frame: pd.DataFrame,
     plan composes with it). A run that already released re-sends what it released (the ledger
     keeps it; no new charge). Randomness: `randomness` (``seed_material`` for a simulation's
     virtual site, the ledger entry's number added; None: the operating system's entropy).
-    Returns the noisy `FeatureStats`, the noisy class counts and ``{noise_multiplier,
+    Returns the noisy `FeatureStats`, the noisy class counts (``n_classes``) and ``{noise_multiplier,
     epsilon (spent so far), delta, repeated}``.
     """
     who, ledger, features = budget._who, budget.ledger, list(features)
@@ -128,6 +132,10 @@ def release_statistics(budget: SiteBudget, run_id: str, frame: pd.DataFrame,
             if event["features"] != features:
                 raise PrivacyError(f"{who}run {run_id} released statistics of other features; "
                                    f"start a new run")
+            if len(event["class_counts"]) != int(n_classes):
+                raise PrivacyError(f"{who}run {run_id} released the counts of "
+                                   f"{len(event['class_counts'])} classes, not {n_classes} (another "
+                                   f"target); start a new run")
             stats = FeatureStats(tuple(features), *(np.asarray(event[k], dtype=np.float64)
                                                     for k in ("count", "total", "total_sq")))
             return stats, list(event["class_counts"]), {
@@ -153,7 +161,7 @@ def release_statistics(budget: SiteBudget, run_id: str, frame: pd.DataFrame,
                              note=f"{len(features)} features, Gaussian mechanism")
     material = None if seed_material is None else (*seed_material, seq)
     stats, counts = privatise_statistics(frame, features, np.asarray(labels), ranges, sigma,
-                                         numpy_generator(material, STATISTICS))
+                                         numpy_generator(material, STATISTICS), n_classes)
     with ledger.transaction():
         ledger.confirm(seq, 1)
         ledger.add_event(RELEASED, run_id=str(run_id), seq=seq, noise_multiplier=sigma,

@@ -1,0 +1,284 @@
+"""The federation's plumbing for K-class targets (issue #32): class counts through the plain and
+the secure statistics round and the Gaussian release, the target each site names and the
+coordinator checks, and one K-class federation end to end."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from safn_core.config import SafnConfig, load_config
+from safn_core.data.cohort import Cohort, LoadReport, Modality
+from safn_core.federation.protocol import (Metric, class_counts_from_metrics,
+                                           class_counts_to_metrics, evaluation_from_metrics,
+                                           evaluation_to_metrics)
+from safn_core.federation.site import Site, SmallCell
+from safn_core.targets import HC_PRODROMAL_PD, HY_STAGE, PD_VS_HC, Target
+
+BIN = Path(sys.executable).parent
+
+
+def kclass_cohort(n: int = 150, target: Target = HC_PRODROMAL_PD, seed: int = 0,
+                  site: str = "a", probs=None) -> Cohort:
+    """A small in-memory cohort whose labels are ``target``'s classes."""
+    rng = np.random.default_rng(seed)
+    k = target.n_classes
+    y = rng.choice(k, n, p=probs) if probs is not None else np.arange(n) % k
+    table = pd.DataFrame({"site": site, "label": y.astype(np.int64),
+                          "ct_0": rng.normal(2.5, 0.2, n) + 0.1 * y,
+                          "cl_0": rng.normal(10, 3, n) + 2 * y},
+                         index=[f"{site}{i:04d}" for i in range(n)])
+    mods = (Modality("imaging", ("ct_0",), "imaging"), Modality("clinical", ("cl_0",)))
+    return Cohort(table, mods, LoadReport("synthetic"), target.classes,
+                  {"ct_0": (0.0, 5.0), "cl_0": (-10.0, 40.0)}, target=target)
+
+
+# ------------------------------------------------------------------ the wire
+
+
+def test_binary_class_counts_keep_their_keys_and_k_classes_add_theirs():
+    assert class_counts_to_metrics([12, 30]) == {Metric.CLASS_0: 12, Metric.CLASS_1: 30}
+    assert list(class_counts_to_metrics([12, 30])) == ["class-0", "class-1"]
+    m = class_counts_to_metrics([4.5, 6.0, 7.25], float)
+    assert list(m) == ["class-0", "class-1", "class-2"]
+    assert class_counts_from_metrics(m) == [4.5, 6.0, 7.25]
+    assert class_counts_from_metrics({"n-train": 3, **class_counts_to_metrics([1, 2])}) == [1, 2]
+
+
+def test_plain_evaluation_keys_binary_as_before_and_k_classes_round_trip():
+    binary = {"val": np.arange(8).reshape(2, 4), "test": np.ones((2, 4), int), "withheld": False,
+              "val_loss_sum": 1.5, "val_examples": 28}
+    m = evaluation_to_metrics(binary)
+    assert list(m) == ["num-examples", "val-neg", "val-pos", "test-neg", "test-pos", "withheld",
+                       "val-loss-sum", "val-examples"]
+    assert m["num-examples"] == 8
+    back = evaluation_from_metrics(m)
+    assert np.array_equal(back["val"], binary["val"]) and back["val_examples"] == 28
+    k, bins = 3, 4
+    test = np.zeros((k, k, bins), int)
+    test[:, :, 0] = [[5, 5, 5], [2, 2, 2], [7, 7, 7]]  # 14 participants, each in every slice
+    res = {"val": test.copy(), "test": test, "withheld": False, "val_loss_sum": 3.0,
+           "val_examples": 14, "val_confusion": np.eye(3, dtype=int),
+           "test_confusion": 2 * np.eye(3, dtype=int)}
+    m = evaluation_to_metrics(res)
+    assert m[Metric.N_CLASSES] == 3 and m["num-examples"] == 14 and "val-neg" not in m
+    back = evaluation_from_metrics(m)
+    assert back["test"].shape == (3, 3, 4) and np.array_equal(back["test"], test)
+    assert np.array_equal(back["test_confusion"], 2 * np.eye(3))
+
+
+# ------------------------------------------------------------------ a site's statistics
+
+
+def test_a_site_describes_k_class_counts_and_names_a_small_class():
+    cohort = kclass_cohort(150)
+    site = Site("a", cohort, SafnConfig())
+    stats, counts = site.describe()
+    assert len(counts) == 3 and sum(counts) == len(site.split.train)
+    # few prodromal participants: the site withholds its statistics and names the class
+    small = kclass_cohort(150, probs=[0.49, 0.02, 0.49], seed=1)
+    site = Site("a", small, load_config(None, ["data.min_cell=5"]))
+    with pytest.raises(SmallCell, match=r"HC \d+ / Prodromal \d / PD \d+ participants per "
+                                        r"class; Prodromal fewer than min_cell = 5"):
+        site.describe()
+    # binary: the message as before
+    binary = kclass_cohort(150, PD_VS_HC, probs=[0.97, 0.03], seed=2)
+    with pytest.raises(SmallCell, match=r"has \d+ / \d participants per class, fewer than "
+                                        r"min_cell = 5$"):
+        Site("a", binary, SafnConfig()).describe()
+
+
+def test_gaussian_statistics_release_k_class_counts():
+    from safn_core.privacy import exact_clipped_statistics, privatise_statistics
+
+    cohort = kclass_cohort(90)
+    frame, y = cohort.table, cohort.y
+    *_, k, _, _ = exact_clipped_statistics(frame, ["ct_0", "cl_0"], y, cohort.plausible_ranges,
+                                           n_classes=3)
+    assert k.tolist() == [30, 30, 30]
+    _, counts = privatise_statistics(frame, ["ct_0", "cl_0"], y, cohort.plausible_ranges, 1e-9,
+                                     np.random.default_rng(0), n_classes=3)
+    assert np.allclose(counts, [30, 30, 30], atol=1e-3)
+    _, binary = privatise_statistics(frame, ["ct_0", "cl_0"], (y > 0).astype(int),
+                                     cohort.plausible_ranges, 1e-9, np.random.default_rng(0))
+    assert np.allclose(binary, [30, 60], atol=1e-3)
+
+
+def test_the_secure_statistics_sum_carries_k_class_counts():
+    from safn_core.federation.secure_records import (scaled_packing, scaled_values,
+                                                     scales_from_sum, statistics_from_sum,
+                                                     statistics_packing, statistics_values)
+
+    fed = SafnConfig().federation
+    assert statistics_packing(2, fed, 3).field("class_counts").shape == (2,)  # binary as before
+    sites = [Site(s, kclass_cohort(120, seed=i, site=s), SafnConfig())
+             for i, s in enumerate("abc")]
+    packing = statistics_packing(2, fed, 3, n_classes=3)
+    first, frames, expected = [], [], np.zeros(3, int)
+    for site in sites:
+        stats, counts = site.describe(check_cells=False)
+        frame = site.cohort.table.loc[site.split.train, ["ct_0", "cl_0"]]
+        frames.append(frame)
+        first.append(packing.encode(statistics_values(stats, counts, frame)).vector)
+        expected += counts
+    total = packing.decode(np.sum(first, axis=0, dtype=np.uint64))
+    scales = scales_from_sum(total)
+    second = scaled_packing(2, fed, 3)
+    scaled = second.decode(np.sum([second.encode(scaled_values(f, scales)).vector
+                                   for f in frames], axis=0, dtype=np.uint64))
+    _, counts, _ = statistics_from_sum(("ct_0", "cl_0"), total, scaled, scales, 5)
+    assert counts == expected.tolist() and len(counts) == 3
+
+
+# ------------------------------------------------------------------ the statistics round
+
+
+class _Grid:
+    """The coordinator's Grid over in-process sites: each QUERY answered by the ClientApp's
+    ``describe`` for the site of its node."""
+
+    def __init__(self, sites: dict[int, Site], monkeypatch):
+        from flwr.supercore.task_identity import TaskIdentity
+
+        import safn.client.site_context as sc
+
+        for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+            monkeypatch.setattr(TaskIdentity, key, value)
+        self.sites, self.sc = sites, sc
+
+    def get_node_ids(self):
+        return sorted(self.sites)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Context, Message, RecordDict
+        from flwr.app import Metadata
+
+        from safn.client.app import describe
+
+        out = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            site = self.sites[nid]
+
+            class Source:
+                def site(self, context, shared_text):
+                    return site
+
+                def state_dir(self, s, context):
+                    return None
+
+                def data_source(self, s, context):
+                    return "synthetic"
+
+            token = self.sc._SOURCE.set(Source())
+            try:
+                reply = describe(msg, Context(run_id=1, node_id=nid, node_config={},
+                                              state=RecordDict(), run_config={}))
+            finally:
+                self.sc._SOURCE.reset(token)
+            meta = Metadata(run_id=1, message_id=f"m{nid}", src_node_id=nid, dst_node_id=0,
+                            reply_to_message_id="", group_id="1", created_at=time.time(),
+                            ttl=60.0, message_type="query")
+            out.append(Message(reply.content, metadata=meta))
+        return out
+
+
+def _round(sites: dict[int, Site], monkeypatch, configured: Target | None):
+    from safn_core.federation.shared_config import shared_config_text
+    from safn.server.statistics_round import statistics_round
+
+    cfg = SafnConfig()
+    return statistics_round(_Grid(sites, monkeypatch), sorted(sites), 10.0,
+                            shared_config_text(cfg), 1, configured=configured)
+
+
+def test_the_plain_statistics_round_carries_k_class_counts_and_the_target(monkeypatch):
+    sites = {i + 1: Site(s, kclass_cohort(120, seed=i, site=s), SafnConfig())
+             for i, s in enumerate("abc")}
+    desc = _round(sites, monkeypatch, HC_PRODROMAL_PD)
+    assert desc.target == HC_PRODROMAL_PD
+    assert [len(c) for c in desc.counts] == [3, 3, 3]
+    assert desc.counts[0] == [float(c) for c in sites[1].describe()[1]]
+    from safn_core.federation.aggregate import global_preprocessing
+
+    _, counts = global_preprocessing(sites[1].cohort.modalities, desc.stats, desc.counts)
+    assert len(counts) == 3
+    # binary sites: two counts, as before
+    binary = {i + 1: Site(s, kclass_cohort(120, PD_VS_HC, seed=i, site=s), SafnConfig())
+              for i, s in enumerate("ab")}
+    desc = _round(binary, monkeypatch, PD_VS_HC)
+    assert [len(c) for c in desc.counts] == [2, 2] and desc.target == PD_VS_HC
+
+
+def test_sites_with_other_targets_stop_the_run_with_one_line(monkeypatch):
+    from safn.server.site_targets import TargetMismatch
+
+    mixed = {1: Site("a", kclass_cohort(120, site="a"), SafnConfig()),
+             2: Site("b", kclass_cohort(120, HY_STAGE, site="b"), SafnConfig()),
+             3: Site("c", kclass_cohort(120, site="c"), SafnConfig())}
+    with pytest.raises(TargetMismatch) as err:
+        _round(mixed, monkeypatch, None)
+    text = str(err.value)
+    assert "\n" not in text
+    assert text == ("the sites predict different targets (a, c: hc_prodromal_pd (HC / "
+                    "Prodromal / PD, ordered); b: hy_stage (HC / H&Y 1 / H&Y >=2, ordered)): "
+                    "every site's data.target (or its table mapping's label) must be the same")
+    same = {i + 1: Site(s, kclass_cohort(120, seed=i, site=s), SafnConfig())
+            for i, s in enumerate("ab")}
+    with pytest.raises(TargetMismatch, match=r"^the sites \(a, b\) predict hc_prodromal_pd "
+                       r"\(HC / Prodromal / PD, ordered\) but the coordinator's configuration "
+                       r"has data.target: pd_vs_hc \(HC / PD\): set data.target: "
+                       r"hc_prodromal_pd in the coordinator's configuration, or each site's "
+                       r"data.target to pd_vs_hc$"):
+        _round(same, monkeypatch, PD_VS_HC)
+
+
+def test_the_coordinator_checks_its_own_target_unless_it_reads_a_table():
+    from safn.server.site_targets import TargetMismatch, configured_target, run_target
+
+    assert configured_target(load_config(None, ["data.target=hy_stage"])) == HY_STAGE
+    table = load_config(None, ["data.source=table", "data.path=x.csv", "data.mapping=m.yaml"])
+    assert configured_target(table) is None
+    labelled = Target("label", ("HC", "early", "late"), ordered=True)
+    assert run_target({"a": labelled, "b": labelled}, None) == labelled
+    # a binary table's sites and the default binary coordinator agree, as before targets
+    binary_table = Target("label", ("HC", "PD"))
+    assert run_target({"a": binary_table}, PD_VS_HC) == binary_table
+    with pytest.raises(TargetMismatch, match="give the coordinator the sites' table"):
+        run_target({"a": labelled}, PD_VS_HC)
+    from safn.server.app import RUN_STOPPERS
+
+    assert any(issubclass(TargetMismatch, s) for s in RUN_STOPPERS)
+
+
+# ------------------------------------------------------------------ personalisation's codes
+
+
+def test_a_validation_split_too_small_is_named_with_every_class():
+    from safn.client.personal_replies import reason_text
+
+    binary = {"code": "validation_too_small", "class_counts": [3, 12], "min_cell": 5}
+    assert reason_text(binary, short=True) == ("its validation split has 3 / 12 participants "
+                                               "per class, fewer than min_cell = 5")
+    three = dict(binary, class_counts=[9, 2, 14])
+    assert reason_text(three, short=True).startswith("its validation split has 9 / 2 / 14 ")
+
+
+def test_the_partition_summary_counts_every_class():
+    from safn.simulations.partition import partition, summary
+
+    cohort = kclass_cohort(300)
+    parts = partition(cohort, "dirichlet", 3, alpha=1.0, seed=0)
+    assert sum(len(v) for v in parts.values()) == 300
+    table = summary(cohort, parts)
+    assert list(table.columns) == ["site", "participants", "HC", "Prodromal", "PD", "% HC",
+                                   "% Prodromal", "% PD"]
+    assert table[["HC", "Prodromal", "PD"]].sum().tolist() == [100, 100, 100]
+    binary = kclass_cohort(100, PD_VS_HC)
+    assert list(summary(binary, partition(binary, "iid", 2)).columns) == [
+        "site", "participants", "PD", "HC", "% PD"]
