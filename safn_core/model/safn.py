@@ -7,9 +7,18 @@ Reference design: docs/model.md. For modalities m = 1..M (any number, each on th
     I = [h_m : imaging],  C = [h_m : clinical]
     I' = Block(q=I, kv=C);  C' = Block(q=C, kv=I)        two blocks of the same shape
     Z = [I'; C']  (kept in modality order)
-    α = gate(Z) (B, M), f = Σ_m α_m z_m, logits = Head(f) (B, 2)
+    α = gate(Z) (B, M), f = Σ_m α_m z_m, logits = Head(f) (B, K)
     [+ Σ_m α_m L_m(x_m)]                  cfg.linear_path: a gated linear path
     [+ W x + b]                           cfg.wide: the ungated wide path (logistic regression)
+    [logits = log P(y = k | η)]           ordinal head: the paths above give one score η
+
+K classes (``n_classes``; 2 = HC/PD) and the head (``cfg.head``, resolved by
+`safn_core.model.ordinal.head_for` from the target's order): with the softmax head every path
+ends in K logits; with the ordinal head (K > 2 ordered classes) every path — the deep head's
+output layer (each ensemble member's), the gated linear path, the wide path — ends in one score
+η, and `safn_core.model.ordinal.OrdinalLink` turns η and K − 1 ordered thresholds into the log
+class probabilities, returned as the logits. Either way softmax(logits) is the class
+probabilities, so every loss, mixture and calibration downstream is the same code.
 
 With ``cfg.ensemble_size`` k > 1 (TabM-mini, `safn_core.model.embeddings.EnsembleAdapter`) the
 whole network runs k members at once: each modality's features enter as ``x_m ⊙ r_{m,i}``
@@ -33,11 +42,12 @@ counts, now for both paths.
 
 With ``cfg.wide`` ("trained" or "frozen") one more linear layer, ``wide``, maps all features
 concatenated (the preprocessed z-scores; an absent modality's features are zeros, its training
-mean) straight to the logits, ungated, and is *added* to the deep logits (to every member's,
-with ensemble members). The deep path's output layer then starts at zero, so the untrained model
-is exactly the wide path; `set_wide` puts a logistic regression there (row 0 = 0, row 1 = the
-coefficients, bias [0, intercept]), after which P(positive) = σ(intercept + coef·x) before any
-training: SAFN starts where logistic regression ends (`safn_core.training.local.fit_by_rounds`
+mean) straight to the logits (η for the ordinal head), ungated, and is *added* to the deep
+logits (to every member's, with ensemble members). The deep path's output layer then starts at
+zero, so the untrained model is exactly the wide path; `set_wide` puts a logistic regression
+there (binary: row 0 = 0, row 1 = the coefficients, bias [0, intercept], after which
+P(positive) = σ(intercept + coef·x); multinomial and ordinal regressions:
+`safn_core.model.wide`) before any training: SAFN starts where logistic regression ends (`safn_core.training.local.fit_by_rounds`
 fits it). "frozen" keeps the wide path's weights fixed (``requires_grad`` False: the parameter
 names and shapes stay those of "trained", and Opacus skips it), "trained" trains it with the
 rest. The gate weights α describe the deep path; `wide_shares` says how much each modality
@@ -87,6 +97,8 @@ from safn_core.model.embeddings import (EnsembleAdapter, FeatureDropout, Feature
                                         PeriodicEmbedding)
 from safn_core.model.gating import GatingFusion
 from safn_core.model.grouped import FastDropout, GroupedLayerNorm, GroupedLinear
+from safn_core.model.ordinal import OrdinalLink, head_for
+from safn_core.model import wide as wide_path
 
 SIDES = ("imaging", "clinical")
 
@@ -184,13 +196,15 @@ class SAFN(nn.Module):
         cfg: the ``model`` section of the configuration (defaults if None).
         seed: if given, parameters are initialised from this seed without touching the global
             RNG (same seed → identical initial weights).
-        n_classes: number of logits (2: HC = 0, PD = 1).
+        n_classes: K, the number of classes (2: HC = 0, PD = 1); the output is K logits.
+        ordered: whether the K classes are ordered (the target's ``ordered``): with
+            ``cfg.head`` auto, K > 2 ordered classes get the ordinal head (``head_kind``).
 
     Forward: ``model(x, mask=None, return_weights=False)``; see `forward`.
     """
 
     def __init__(self, modalities: Sequence, cfg: ModelConfig | None = None,
-                 seed: int | None = None, n_classes: int = 2) -> None:
+                 seed: int | None = None, n_classes: int = 2, ordered: bool = False) -> None:
         super().__init__()
         cfg = cfg if cfg is not None else ModelConfig()
         specs = tuple(_spec(m) for m in modalities)
@@ -206,6 +220,7 @@ class SAFN(nn.Module):
         self.imaging_idx = [i for i, s in enumerate(specs) if s.side == "imaging"]
         self.clinical_idx = [i for i, s in enumerate(specs) if s.side == "clinical"]
         self.last_weights: Tensor | None = None
+        self.head_kind = head_for(cfg.head, n_classes, ordered)
 
         if seed is None:
             self._build(cfg, n_classes)
@@ -216,6 +231,8 @@ class SAFN(nn.Module):
 
     def _build(self, cfg: ModelConfig, n_classes: int) -> None:
         d, m_count = cfg.d_model, len(self.specs)
+        ordinal = self.head_kind == "ordinal"
+        outputs = 1 if ordinal else n_classes  # the ordinal head's paths give one score η
         self.encoders = nn.ModuleList(_encoder_input(n, cfg) for n in self.n_features)
         self.encoder_tail = _encoder_tail(m_count, cfg)
         query, key, back = _token_routes(self.imaging_idx, self.clinical_idx, m_count)
@@ -234,11 +251,11 @@ class SAFN(nn.Module):
             self.adapters = nn.ModuleList(EnsembleAdapter(n, self.ensemble_size)
                                           for n in self.n_features)
         if cfg.linear_path:
-            self.linear = nn.ModuleList(nn.Linear(n, n_classes) for n in self.n_features)
+            self.linear = nn.ModuleList(nn.Linear(n, outputs) for n in self.n_features)
         hidden = nn.Linear(d, cfg.head_hidden)
         # with ensemble members, each has its own output layer (TabM): (B, k, h) -> (B, k, C)
-        out = nn.Linear(cfg.head_hidden, n_classes) if self.ensemble_size == 1 \
-            else GroupedLinear(self.ensemble_size, cfg.head_hidden, n_classes)
+        out = nn.Linear(cfg.head_hidden, outputs) if self.ensemble_size == 1 \
+            else GroupedLinear(self.ensemble_size, cfg.head_hidden, outputs)
         self.head = nn.Sequential(hidden, nn.GELU(), FastDropout(cfg.dropout), out)
         self.n_classes = n_classes
         if cfg.wide != "off":
@@ -253,12 +270,14 @@ class SAFN(nn.Module):
                 out.weight.zero_()
                 out.bias.zero_()
                 self.gate.score.weight.zero_()
-            self.wide = nn.Linear(sum(self.n_features), n_classes)
+            self.wide = nn.Linear(sum(self.n_features), outputs)
             with torch.no_grad():
                 self.wide.weight.zero_()
                 self.wide.bias.zero_()
             if cfg.wide == "frozen":
                 self.wide.requires_grad_(False)
+        # the thresholds draw no random numbers: the layers above are those of the softmax head
+        self.link = OrdinalLink(n_classes) if ordinal else None
 
     # ----------------------------------------------------------------------------------------
     # Inputs
@@ -322,7 +341,8 @@ class SAFN(nn.Module):
 
     def forward(self, x, mask: Tensor | None = None, return_weights: bool = False,
                 members: bool = False):
-        """Logits (B, n_classes), and with ``return_weights`` also α (B, M).
+        """Logits (B, n_classes), and with ``return_weights`` also α (B, M) (ordinal head: the
+        log class probabilities).
 
         ``x``: a dict {modality name: (B, n_m)} (a modality missing from the dict is masked for
         every sample), a list of (B, n_m) tensors in modality order, or one (B, Σ n_m) tensor of
@@ -356,6 +376,8 @@ class SAFN(nn.Module):
         if self.cfg.wide != "off":  # ungated, added to every member's logits
             wide = self.wide(torch.cat(flat, dim=1))  # (B, C)
             logits = logits + (wide.unsqueeze(1) if ensemble else wide)
+        if self.link is not None:  # η (B, [k,] 1) → log class probabilities (B, [k,] K)
+            logits = self.link(logits)
         if ensemble and not members:
             logits = torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=1) \
                 - math.log(self.ensemble_size)
@@ -402,54 +424,30 @@ class SAFN(nn.Module):
             raise ValueError("this SAFN has no wide path (model.wide is 'off')")
         return self.wide
 
-    @torch.no_grad()
-    def set_wide(self, coef, intercept: float) -> None:
-        """Put a binary logistic regression in the wide path: ``coef`` (F,) on the features
-        concatenated in modality order (as the model receives them), ``intercept`` a number.
+    def set_wide(self, coef, intercept) -> None:
+        """Put a fitted regression in the wide path (`safn_core.model.wide`): binary ``coef``
+        (F,) and ``intercept`` a number; multinomial ``coef`` (K, F) / (K − 1, F) and
+        ``intercept`` (K,) / (K − 1,) (class 0 the reference); ordinal ``coef`` (F,) and the
+        K − 1 cut points θ as ``intercept``. The coefficients are on the features concatenated
+        in modality order (as the model receives them).
 
-        With two classes the logits' difference is what a probability reads, so row 0 (HC) is
-        set to 0 and row 1 (PD) to ``coef``, the bias to [0, intercept]: the wide path's
-        P(PD) is σ(intercept + coef·x). While the deep path's output is still zero (a model
-        as built), the model's P(PD) is exactly that — with ensemble members too, every member
+        While the deep path's output is still zero (a model as built), the model's class
+        probabilities are exactly the regression's — with ensemble members too, every member
         starting there. Works whether the wide path is frozen or trained (``requires_grad``
-        is left as it is); only ``n_classes`` = 2.
+        is left as it is).
         """
-        layer = self._wide_layer()
-        if self.n_classes != 2:
-            raise ValueError(f"set_wide sets a binary logistic regression; this SAFN has "
-                             f"{self.n_classes} classes")
-        coef = torch.as_tensor(coef, dtype=layer.weight.dtype).reshape(-1)
-        if coef.numel() != layer.in_features:
-            raise ValueError(f"set_wide: {coef.numel()} coefficients for "
-                             f"{layer.in_features} features")
-        if not bool(torch.isfinite(coef).all()) or not math.isfinite(float(intercept)):
-            raise ValueError("set_wide: the coefficients and intercept must be finite")
-        layer.weight.zero_()
-        layer.weight[1].copy_(coef)
-        layer.bias.zero_()
-        layer.bias[1] = float(intercept)
+        wide_path.set_wide(self, self._wide_layer(), coef, intercept)
 
-    @torch.no_grad()
     def wide_parts(self, x, mask: Tensor | None = None) -> Tensor:
-        """Each modality's part of the wide path's logit of PD (logit 1 − logit 0), (B, M):
-        ``x_m · (w_1 − w_0)_m``, absent modalities 0; the row sums plus the bias difference
-        are the wide logit."""
+        """Each modality's part of the wide path's logit of class 1 (logit 1 − logit 0) (B, M)
+        for a binary model, of η (B, M) for the ordinal head, of logit c − logit 0 (B, M, K − 1)
+        for the multinomial head: ``x_m · w_m`` of the contrast, absent modalities 0 (the row
+        sums plus the bias' contrast are the wide contrast)."""
         layer = self._wide_layer()
-        if self.n_classes != 2:
-            raise ValueError(f"wide_parts reads the logit of the positive class of a binary "
-                             f"model; this SAFN has {self.n_classes} classes")
         xs, mask = self._split_inputs(x, mask)
-        w = layer.weight[1] - layer.weight[0]
-        parts, start = [], 0
-        for m, xm in enumerate(xs):
-            stop = start + xm.shape[1]
-            xm = torch.where(mask[:, m:m + 1], xm, torch.zeros_like(xm))
-            parts.append(xm @ w[start:stop])
-            start = stop
-        return torch.stack(parts, dim=1)
+        return wide_path.wide_parts(self, layer, xs, mask)
 
-    @torch.no_grad()
-    def wide_shares(self, x, mask: Tensor | None = None) -> dict[str, float]:
+    def wide_shares(self, x, mask: Tensor | None = None) -> dict:
         """Each modality's share of the wide logit's variance on the given participants.
 
         With ``c_m`` = modality m's part of the wide logit (`wide_parts`) and ``s = Σ_m c_m``,
@@ -457,19 +455,13 @@ class SAFN(nn.Module):
         of a sum is the sum of each part's covariance with it) and a modality whose part
         works against the others can get a negative share. All shares are 0 when the wide
         logit does not vary (e.g. a wide path still at zero). The gate weights α describe the
-        deep path; these describe the wide one.
+        deep path; these describe the wide one. Binary and ordinal head: {modality: share}
+        (ordinal: of η); multinomial head: {modality: [share of logit c − logit 0, c = 1..K−1]}.
         """
-        parts = self.wide_parts(x, mask).double()
-        total = parts.sum(dim=1)
-        centred, total_c = parts - parts.mean(dim=0), total - total.mean()
-        var = float((total_c * total_c).sum())
-        if len(total) < 2 or var <= 1e-12 * max(1.0, float((total * total).sum())):
-            return {name: 0.0 for name in self.modality_names}
-        cov = (centred * total_c.unsqueeze(1)).sum(dim=0) / var
-        return {name: float(v) for name, v in zip(self.modality_names, cov)}
+        return wide_path.wide_shares(self.wide_parts(x, mask), self.modality_names)
 
     def extra_repr(self) -> str:
         mods = ", ".join(f"{s.name}:{s.n_features}:{s.side}" for s in self.specs)
         return (f"modalities=[{mods}], gate={self.cfg.gate}, "
                 f"cross_attention={self.cfg.cross_attention}, members={self.ensemble_size}, "
-                f"wide={self.cfg.wide}")
+                f"wide={self.cfg.wide}, classes={self.n_classes}, head={self.head_kind}")

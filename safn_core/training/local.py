@@ -13,6 +13,14 @@ class-balanced logistic regression on its own training split, the penalty chosen
 validation split (`safn_core.logistic.fit_pooled`), sets the wide path to it and validates that
 untrained model as round 0: the selection can keep the logistic regression itself when no round
 of training improves on it.
+
+K classes (``target``: `safn_core.targets.Target`; default ``pd_vs_hc``): `make_model` builds
+SAFN with K outputs and the head the target's order and ``model.head`` call for. Scores follow
+one convention: a binary model's are P(class 1) (n,) as always; with K > 2 they are the class
+probabilities (n, K), the "logits" z the model's K logits (n, K) (for the ordinal head: the log
+class probabilities), the ROC-AUC the macro one-vs-rest one, the cross-entropy the multi-class
+one, and the calibrated loss the class-balanced multi-class log loss at the best temperature.
+A K-class regression start is taken from ``logistic_start`` (`start_from_logistic`).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from safn_core.model import SAFN, total_loss
 from safn_core.metrics import cross_entropy_sum
 from safn_core.model.feature_sparsity import lasso_step
 from safn_core.model.losses import class_balanced_weights, classification_loss
+from safn_core.targets import PD_VS_HC, Target
 from safn_core.training.selection import RoundSelection, Select
 
 
@@ -63,14 +72,41 @@ class Arrays:
         return TensorDataset(torch.from_numpy(self.x), torch.from_numpy(self.mask),
                              torch.from_numpy(self.y))
 
-    def class_counts(self) -> list[int]:
-        return np.bincount(self.y, minlength=2).tolist()
+    def class_counts(self, n_classes: int = 2) -> list[int]:
+        """Participants per class 0..K-1 (K = ``n_classes``, or more if the labels go higher):
+        pass the target's K, so that a class absent here still has its (zero) count."""
+        return np.bincount(self.y, minlength=n_classes).tolist()
 
 
-def make_model(modalities: tuple[Modality, ...], model_cfg: ModelConfig, seed: int) -> SAFN:
-    """SAFN with deterministic initial weights for ``seed``."""
+def make_model(modalities: tuple[Modality, ...], model_cfg: ModelConfig, seed: int,
+               target: Target | None = None) -> SAFN:
+    """SAFN with deterministic initial weights for ``seed``, with K = ``target``'s classes and
+    the head its order and ``model.head`` call for (`safn_core.model.ordinal.head_for`);
+    ``target`` None = ``pd_vs_hc`` (the binary model). A bundle or a federation's state is
+    rebuilt by the same call with the same target."""
+    target = PD_VS_HC if target is None else target
     torch.manual_seed(seed)
-    return SAFN([(m.name, len(m.features), m.side) for m in modalities], model_cfg)
+    return SAFN([(m.name, len(m.features), m.side) for m in modalities], model_cfg,
+                n_classes=target.n_classes, ordered=target.ordered)
+
+
+def modality_weights_by_class(model: nn.Module, data: Arrays,
+                              class_names=None) -> dict[str, dict[str, float]]:
+    """Mean gate weights α of each class's participants (in eval mode): {class name: {modality:
+    mean α}} — the "modality weights per class" of a K-class target (α is per participant; a
+    class without participants gets NaN). ``class_names`` default: "0".."K-1"."""
+    net = getattr(model, "_module", model)
+    k = net.n_classes
+    names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for a model of {k} classes")
+    alpha = scores(model, data)[2]
+    out = {}
+    for c, name in enumerate(names):
+        rows = alpha[data.y == c]
+        mean = rows.mean(axis=0) if len(rows) else np.full(alpha.shape[1], np.nan)
+        out[name] = {m: float(a) for m, a in zip(net.modality_names, mean)}
+    return out
 
 
 def parameters_like(model: nn.Module, weights) -> list[Tensor]:
@@ -145,22 +181,32 @@ def scores(model: nn.Module, data: Arrays,
            batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model's logit of P(positive) (n,) (float64, the difference of the two output logits:
     what a calibration map takes), P(positive) (n,) (softmax, float32) and gate weights α
-    (n, M), in eval mode."""
+    (n, M), in eval mode.
+
+    With K > 2 classes: the K logits (n, K) (float64; ordinal head: the log class
+    probabilities), the class probabilities (n, K) (float64 softmax of them) and α."""
     model.eval()
     z, probs, weights = [], [], []
     x, m = torch.from_numpy(data.x), torch.from_numpy(data.mask)
+    k = getattr(model, "_module", model).n_classes
     for i in range(0, len(data), batch_size):
         logits, alpha = model(x[i:i + batch_size], m[i:i + batch_size], return_weights=True)
-        z.append((logits[:, 1].double() - logits[:, 0].double()).numpy())
-        probs.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+        if k == 2:
+            z.append((logits[:, 1].double() - logits[:, 0].double()).numpy())
+            probs.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+        else:
+            z.append(logits.double().numpy())
+            probs.append(torch.softmax(logits.double(), dim=1).numpy())
         weights.append(alpha.numpy())
     if not probs:
-        return np.zeros(0), np.zeros(0), np.zeros((0, data.mask.shape[1]))
+        shape = (0,) if k == 2 else (0, k)
+        return np.zeros(shape), np.zeros(shape), np.zeros((0, data.mask.shape[1]))
     return np.concatenate(z), np.concatenate(probs), np.concatenate(weights)
 
 
 def predict(model: nn.Module, data: Arrays, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """P(positive class) (n,) and gate weights α (n, M), in eval mode."""
+    """P(positive class) (n,) (K > 2: class probabilities (n, K)) and gate weights α (n, M),
+    in eval mode."""
     return scores(model, data, batch_size)[1:]
 
 
@@ -180,9 +226,16 @@ def validation_metrics(model: nn.Module, data: Arrays, model_cfg: ModelConfig, c
     ``"calibrated"`` (`calibrated_log_loss`: the class-balanced log loss at the temperature
     that suits ``data`` best, blind to the logits' scale). The ROC-AUC is ``None`` when
     ``data`` lacks one of the classes (it is undefined).
+
+    With K > 2 classes: ``"cross_entropy"`` is the mean multi-class cross-entropy of the class
+    probabilities (clipped at 1e-7 like the binary one), ``"calibrated"`` the class-balanced
+    multi-class log loss at the best temperature, and the ROC-AUC the macro one-vs-rest one
+    (``None`` unless every class is present).
     """
     model.eval()
     logits = model(torch.from_numpy(data.x), torch.from_numpy(data.mask))
+    if logits.shape[-1] > 2:
+        return _kclass_metrics(logits, data, model_cfg, class_counts, loss)
     if loss == "cross_entropy":
         loss = cross_entropy_sum(data.y, torch.softmax(logits, dim=1)[:, 1].numpy()) / len(data.y)
     elif loss == "calibrated":
@@ -196,6 +249,30 @@ def validation_metrics(model: nn.Module, data: Arrays, model_cfg: ModelConfig, c
     return loss, auc
 
 
+def _kclass_metrics(logits: Tensor, data: Arrays, model_cfg: ModelConfig, class_counts,
+                    loss: str) -> tuple[float, float | None]:
+    """`validation_metrics` for K > 2 classes (see there)."""
+    k = logits.shape[-1]
+    p = torch.softmax(logits.double(), dim=1).numpy()
+    if loss == "cross_entropy":
+        value = float(_kclass_cross_entropy(p, data.y).mean())
+    elif loss == "calibrated":
+        value = calibrated_log_loss(logits.double().numpy(), data.y)
+    else:
+        value = float(classification_loss(logits, torch.from_numpy(data.y), model_cfg,
+                                          class_counts))
+    auc = None
+    if len(np.unique(data.y)) == k:
+        auc = float(roc_auc_score(data.y, p, multi_class="ovr", average="macro",
+                                  labels=list(range(k))))
+    return value, auc
+
+
+def _kclass_cross_entropy(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """−log P(y) per participant (n,) from class probabilities (n, K), P clipped at 1e-7."""
+    return -np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1.0))
+
+
 def calibrated_log_loss(z: np.ndarray, y: np.ndarray) -> float:
     """The class-balanced log loss of σ(s·z) at the best scale s ≥ 0 for these logits ``z`` and
     labels ``y`` (the mean loss of each class, averaged over the classes).
@@ -206,6 +283,10 @@ def calibrated_log_loss(z: np.ndarray, y: np.ndarray) -> float:
     undoes) does not count, the ranking and the shape of the scores do. The loss is convex in
     s; golden-section search on [0, 100] (s = 0: every P = 1/2, log 2). NaN when a class is
     absent.
+
+    K > 2 classes: ``z`` (n, K) the model's logits and the loss the multi-class log loss of
+    softmax(s·z) (temperature 1/s; s = 0: every P = 1/K), balanced over the classes present
+    (NaN when fewer than two are).
     """
     z, y = np.asarray(z, dtype=np.float64), np.asarray(y)
     if len(np.unique(y)) < 2:
@@ -213,9 +294,20 @@ def calibrated_log_loss(z: np.ndarray, y: np.ndarray) -> float:
     return _balanced_loss_at(z, y, _best_scale(z, y))
 
 
+def _losses_at(z: np.ndarray, y: np.ndarray, s: float) -> np.ndarray:
+    """Each participant's log loss at scale ``s``: binary z (n,), or K-class logits (n, K)."""
+    if z.ndim == 1:
+        return np.logaddexp(0.0, -s * np.where(y == 1, 1.0, -1.0) * z)
+    sz = s * z
+    top = sz.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(sz - top).sum(axis=1))
+    return log_norm - sz[np.arange(len(y)), y]
+
+
 def _balanced_loss_at(z: np.ndarray, y: np.ndarray, s: float) -> float:
-    each = np.logaddexp(0.0, -s * np.where(y == 1, 1.0, -1.0) * z)
-    return float(np.mean([each[y == c].mean() for c in (0, 1)]))
+    each = _losses_at(z, y, s)
+    classes = (0, 1) if z.ndim == 1 else np.unique(y)
+    return float(np.mean([each[y == c].mean() for c in classes]))
 
 
 def _best_scale(z: np.ndarray, y: np.ndarray) -> float:
@@ -247,7 +339,7 @@ class FitResult:
     round (``round``, ``epoch``, ``train_loss``, ``val_loss``, ``val_roc_auc``).
 
     With a wide path (``model.wide``) ``logistic`` is the logistic regression it started from
-    (`safn_core.logistic.LogisticFit`; None without a wide path, or where it could not be
+    (`safn_core.logistic.LogisticFit`, or the K-class ``logistic_start``; None without a wide path, or where it could not be
     fitted: ``logistic_note`` says why), and ``history`` starts with round 0 (epoch 0,
     ``train_loss`` None): that untrained model, which the selection may keep
     (``selected_round`` = ``best_epoch`` = 0: the model is the logistic regression);
@@ -269,7 +361,8 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
                   model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int, *, rounds: int,
                   epochs_per_round: int, select: Select = "val_loss",
                   patience: int | None = None, val_loss: str = "objective",
-                  round0_margin: float = 0.0) -> FitResult:
+                  round0_margin: float = 0.0, target: Target | None = None,
+                  logistic_start=None) -> FitResult:
     """Train one model on ``train`` the way a federation trains: by rounds, selected by a rule.
 
     Up to ``rounds`` rounds of ``epochs_per_round`` epochs (AdamW, loader and learning-rate
@@ -288,14 +381,17 @@ def fit_by_rounds(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
     before any training; the selection keeps it unless a later round improves on it. With
     ``round0_margin`` > 0 (rule ``"val_loss"``) a trained round must improve on it by more than
     that many standard errors (`keep_round0`); the test is in ``FitResult.round0_test``.
+
+    ``target``: the classes (`make_model`; None = ``pd_vs_hc``); ``logistic_start``: a K-class
+    regression to start from (`start_from_logistic`'s ``start``).
     """
     if rounds < 1 or epochs_per_round < 1:
         raise ValueError(f"rounds and epochs_per_round must be >= 1 (got {rounds}, "
                          f"{epochs_per_round})")
     selection = RoundSelection(select, patience)
-    model = make_model(modalities, model_cfg, seed)
-    counts = train.class_counts()
-    logistic, note = start_from_logistic(model, train, val)
+    model = make_model(modalities, model_cfg, seed, target)
+    counts = train.class_counts(model.n_classes)
+    logistic, note = start_from_logistic(model, train, val, logistic_start)
     optimizer = make_optimizer(model, train_cfg)
     loader = make_loader(train, train_cfg.batch_size, seed)
     averaged, average_step = _weight_average(model, train_cfg)
@@ -364,10 +460,19 @@ def validation_losses(model: nn.Module, data: Arrays, model_cfg: ModelConfig, cl
     """Each participant's part of `validation_metrics`' loss (n,): their mean is that loss
     (``"objective"``: the class-weighted focal or plain cross-entropy of each participant;
     ``"cross_entropy"``: binary cross-entropy; ``"calibrated"``: the log loss at the best
-    scale, weighted n / (2 n_c) by class so that the mean is the class-balanced loss)."""
+    scale, weighted n / (2 n_c) by class so that the mean is the class-balanced loss). With
+    K > 2 classes the multi-class counterparts (weights n / (K' n_c), K' the classes present)."""
     model.eval()
     logits = model(torch.from_numpy(data.x), torch.from_numpy(data.mask))
     y = torch.from_numpy(data.y)
+    if logits.shape[-1] > 2 and loss in ("cross_entropy", "calibrated"):
+        if loss == "cross_entropy":
+            return _kclass_cross_entropy(torch.softmax(logits.double(), dim=1).numpy(), data.y)
+        z = logits.double().numpy()
+        present, counts = np.unique(data.y, return_counts=True)
+        weight = np.zeros(int(present.max()) + 1)
+        weight[present] = len(data.y) / (len(present) * counts)
+        return weight[data.y] * _losses_at(z, data.y, _best_scale(z, data.y))
     if loss == "cross_entropy":
         p = np.clip(torch.softmax(logits, dim=1)[:, 1].double().numpy(), 1e-7, 1 - 1e-7)
         return -(data.y * np.log(p) + (1 - data.y) * np.log(1 - p))
@@ -384,7 +489,7 @@ def validation_losses(model: nn.Module, data: Arrays, model_cfg: ModelConfig, cl
     return (w * (1.0 - torch.exp(-ce)) ** model_cfg.focal_gamma * ce).double().numpy()
 
 
-def start_from_logistic(model: SAFN, train: Arrays, val: Arrays
+def start_from_logistic(model: SAFN, train: Arrays, val: Arrays, start=None
                         ) -> tuple[LogisticFit | None, str | None]:
     """Set ``model``'s wide path to the exact logistic regression of ``train`` (penalty chosen
     on ``val``'s class-balanced log loss, `safn_core.logistic.fit_pooled`).
@@ -393,16 +498,65 @@ def start_from_logistic(model: SAFN, train: Arrays, val: Arrays
     ``train``: the wide path then stays at zero and training starts from there); ``(None,
     None)`` without a wide path. The regression sees the features as the wide path does: an
     absent modality's are 0, its training mean.
+
+    ``start`` (the hook for K classes, any K): a fitted regression, or a callable
+    ``start(x_train, y_train, x_val, y_val)`` returning one (the features as the wide path sees
+    them), used instead of `fit_pooled`. It is read by attribute (`regression_parts`):
+    ``coef``/``coef_`` and ``intercept``/``intercept_``, or for the ordinal head
+    ``thresholds``/``thresholds_``/``cutpoints`` (the K − 1 cut points, P(y ≤ k) = σ(θ_k −
+    coef·x)); forms as `SAFN.set_wide`. With K > 2 and no ``start`` the pooled multinomial or
+    ordinal fit of `safn_core.logistic.family` (the kind of the model's head) is used where that
+    module exists; otherwise the wide path stays at zero and ``why`` says so.
     """
     if model.cfg.wide == "off":
         return None, None
-    counts = train.class_counts()
+    counts = train.class_counts(model.n_classes)
     if min(counts) < 1:
         return None, (f"no logistic regression start: the training split has class counts "
                       f"{counts}")
-    fit = fit_pooled(_as_seen(model, train), train.y, _as_seen(model, val), val.y)
-    model.set_wide(fit.coef, fit.intercept)
+    if start is None and model.n_classes > 2:
+        start = _kclass_start(model)
+        if start is None:
+            kind = "ordinal" if model.head_kind == "ordinal" else "multinomial"
+            return None, (f"no logistic regression start: no {kind} regression is available "
+                          f"for {model.n_classes} classes (pass logistic_start); the wide path "
+                          f"starts at zero")
+    x_tr, x_va = _as_seen(model, train), _as_seen(model, val)
+    if start is None:
+        fit = fit_pooled(x_tr, train.y, x_va, val.y)
+    else:
+        fit = start(x_tr, train.y, x_va, val.y) if callable(start) else start
+    model.set_wide(*regression_parts(fit, model.head_kind))
     return fit, None
+
+
+def _kclass_start(model: SAFN):
+    """The pooled K-class fit of the model head's kind (`safn_core.logistic.family`), as a
+    ``start`` callable; None where that module is not there."""
+    try:
+        from safn_core.logistic import family
+    except ImportError:
+        return None
+    kind = "ordinal" if model.head_kind == "ordinal" else "multinomial"
+    k = model.n_classes
+    return lambda x, y, x_val, y_val: family.fit_pooled(kind, x, y, x_val, y_val, n_classes=k)
+
+
+def regression_parts(fit, head: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
+    """``(coef, intercept)`` of a fitted regression for `SAFN.set_wide`: ``coef``/``coef_`` and,
+    for the ordinal head, the cut points (``thresholds``/``thresholds_``/``cutpoints``, else
+    ``intercept``), otherwise ``intercept``/``intercept_``."""
+    def first(*names):
+        for name in names:
+            value = getattr(fit, name, None)
+            if value is not None:
+                return np.asarray(value, dtype=np.float64)
+        raise ValueError(f"the logistic start {type(fit).__name__} has none of {names}")
+
+    coef = first("coef", "coef_")
+    if head == "ordinal":
+        return coef, first("thresholds", "thresholds_", "cutpoints", "intercept", "intercept_")
+    return coef, first("intercept", "intercept_")
 
 
 def _as_seen(model: SAFN, data: Arrays) -> np.ndarray:
@@ -484,17 +638,20 @@ def _each(*hooks):
 
 
 def fit_with_early_stopping(train: Arrays, val: Arrays, modalities: tuple[Modality, ...],
-                            model_cfg: ModelConfig, cfg: TrainConfig, seed: int) -> FitResult:
+                            model_cfg: ModelConfig, cfg: TrainConfig, seed: int, *,
+                            target: Target | None = None, logistic_start=None) -> FitResult:
     """Train on ``train`` until the validation metric stops improving; keep the best weights.
 
     Epoch-wise early stopping (``train.max_epochs``, ``train.patience``) of centralised
     cross-validation: `fit_by_rounds` with one-epoch rounds selected by ``train.select``
     (validation loss, validation ROC-AUC, or ``val_loss_calibrated``: the lowest
     `calibrated_log_loss`, by the rule ``val_loss`` with ``val_loss="calibrated"``).
+    ``target`` and ``logistic_start``: as `fit_by_rounds`.
     """
     select, loss = cfg.select, "objective"
     if select == "val_loss_calibrated":
         select, loss = "val_loss", "calibrated"
     return fit_by_rounds(train, val, modalities, model_cfg, cfg, seed, rounds=cfg.max_epochs,
                          epochs_per_round=1, select=select, patience=cfg.patience,
-                         val_loss=loss, round0_margin=cfg.round0_margin)
+                         val_loss=loss, round0_margin=cfg.round0_margin, target=target,
+                         logistic_start=logistic_start)
