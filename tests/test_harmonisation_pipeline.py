@@ -148,13 +148,13 @@ def test_validation_test_and_baselines_get_the_training_folds_harmonised_feature
     given = {}
     real_fp, real_es = crossval.fit_predict, crossval.fit_with_early_stopping
 
-    def fp_spy(name, x, y, xs, seed, val=None):
+    def fp_spy(name, x, y, xs, seed, val=None, **kw):
         given["baseline"] = (x, xs)
-        return real_fp(name, x, y, xs, seed, val=val)
+        return real_fp(name, x, y, xs, seed, val=val, **kw)
 
-    def es_spy(tr, va, *args):
+    def es_spy(tr, va, *args, **kw):
         given["safn"] = (tr.x, va.x)
-        return real_es(tr, va, *args)
+        return real_es(tr, va, *args, **kw)
 
     monkeypatch.setattr(crossval, "fit_predict", fp_spy)
     monkeypatch.setattr(crossval, "fit_with_early_stopping", es_spy)
