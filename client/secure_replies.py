@@ -155,11 +155,16 @@ def secure_evaluate_reply(msg: Message, context: Context, site: Site, config: Co
     """Histograms and the validation loss sum inside one masked vector; beside it only this
     site's own ROC-AUC and test size, and only where its own counts pass ``min_cell``."""
     from safn_core.metrics import metrics_from_histogram
+    from safn_core.multiclass import class_counts_from_histogram, roc_auc_from_class_histogram
 
     sess = sc.session(site, context)
     masked = secure.mask(sess, sc.state_dir(site, context), config, evaluate_values(res))
     own = {}
-    if not res["test_withheld"]:
+    if not res["test_withheld"] and res["test"].ndim == 3:  # K > 2: macro one-vs-rest
+        auc = roc_auc_from_class_histogram(res["test"])
+        own = {Metric.SITE_ROC_AUC: float("nan") if auc is None else auc,
+               Metric.SITE_N: int(class_counts_from_histogram(res["test"]).sum())}
+    elif not res["test_withheld"]:
         own = {Metric.SITE_ROC_AUC: float(metrics_from_histogram(res["test"], 0.5)["roc_auc"]),
                Metric.SITE_N: int(res["test"].sum())}
     return Message(RecordDict({ARRAYS: ArrayRecord({MASKED: Array(masked)}),

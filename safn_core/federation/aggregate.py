@@ -2,6 +2,11 @@
 
 Everything here is plain NumPy so that the Flower ServerApp, the tests and their in-process
 reference loop (`tests/reference_loop.py`) compute exactly the same thing.
+
+A K-class target (K > 2) sends (K, K, bins) histograms and (K, K) confusion counts; the
+evaluation functions below hand those to `safn_core.federation.aggregate_multiclass` (``target``:
+the run's `safn_core.targets.Target`, for the class names and order) and keep everything binary
+exactly as it was.
 """
 
 from __future__ import annotations
@@ -9,9 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from safn_core.data.cohort import Modality
+from safn_core.federation import aggregate_multiclass as kclass
 from safn_core.metrics import (bootstrap_histogram_ci, interval_lists, metrics_from_histogram,
                                 threshold_from_histogram)
 from safn_core.preprocess import FeatureStats, Preprocessor
+from safn_core.targets import Target
 
 # ------------------------------------------------------------------ statistics round
 
@@ -55,7 +62,7 @@ def pooled_intervals(test: np.ndarray, threshold: float) -> dict[str, list[float
     return interval_lists(bootstrap_histogram_ci(test, threshold))
 
 
-def round_metrics(site_hists: dict[str, dict]) -> dict:
+def round_metrics(site_hists: dict[str, dict], target: Target | None = None) -> dict:
     """Pooled metrics (threshold from the pooled validation histogram) and per-site metrics.
 
     ``site_hists``: site → {"val": (2, bins), "test": (2, bins), "withheld": bool, and
@@ -65,8 +72,11 @@ def round_metrics(site_hists: dict[str, dict]) -> dict:
     from the summed confusion counts at the threshold. The pooled validation loss and ROC-AUC
     (``val_loss``, ``val_roc_auc``: what the coordinator selects a round by) come from the same
     reporting sites' sums. ``pooled_ci``: the pooled test metrics' 95 % intervals
-    (`pooled_intervals`), where there are pooled test metrics.
+    (`pooled_intervals`), where there are pooled test metrics. K > 2:
+    `aggregate_multiclass.round_metrics`.
     """
+    if kclass.is_multiclass(next(iter(site_hists.values()))["test"]):
+        return kclass.round_metrics(site_hists, target)
     reported = {k: h for k, h in site_hists.items() if not h["withheld"]}
     bins = next(iter(site_hists.values()))["test"].shape[1]
     val = sum((h["val"] for h in reported.values()), np.zeros((2, bins), dtype=np.int64))
@@ -100,7 +110,8 @@ def validation_metrics(val: np.ndarray, loss_sum: float, examples: int,
 
 
 def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
-                         min_cell: int, summed_sites: list[str] | None = None) -> dict:
+                         min_cell: int, summed_sites: list[str] | None = None,
+                         target: Target | None = None) -> dict:
     """Pooled metrics from a securely summed evaluation (`safn_core.federation.secure_records`).
 
     ``pooled``: the federation-wide sums (``val``, ``test`` histograms, ``val_loss_sum``,
@@ -110,8 +121,11 @@ def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
     ``summed_sites``: the names of the sites whose values are in the sum (``sites_summed``,
     recorded with the pooled metrics: which sites they rest on, not how many people each has).
     ``pooled_ci``: the pooled test metrics' 95 % intervals from the summed histograms
-    (`pooled_intervals`), where the pooled test metrics pass ``min_cell``.
+    (`pooled_intervals`), where the pooled test metrics pass ``min_cell``. K > 2 (``min_cell``
+    per class): `aggregate_multiclass.secure_round_metrics`.
     """
+    if kclass.is_multiclass(pooled["test"]):
+        return kclass.secure_round_metrics(pooled, site_metrics, min_cell, summed_sites, target)
     val, test = np.asarray(pooled["val"]), np.asarray(pooled["test"])
     val_ok = val.sum(axis=1).min() >= min_cell
     test_ok = test.sum(axis=1).min() >= min_cell
@@ -135,10 +149,14 @@ def secure_round_metrics(pooled: dict, site_metrics: dict[str, dict | None],
     return out
 
 
-def held_out_metrics(site_hists: dict[str, dict], threshold: float) -> dict:
+def held_out_metrics(site_hists: dict[str, dict], threshold: float,
+                     target: Target | None = None) -> dict:
     """External validation: each held-out site's metrics on all its participants at the
     training sites' threshold, with bootstrap 95 % CIs from its histograms (`ci`: metric →
-    [low, high]); None where it withheld them for small cells."""
+    [low, high]); None where it withheld them for small cells. K > 2 (no threshold: argmax):
+    `aggregate_multiclass.held_out_metrics`."""
+    if site_hists and kclass.is_multiclass(next(iter(site_hists.values()))["test"]):
+        return kclass.held_out_metrics(site_hists, target)
     out = {}
     for name, h in site_hists.items():
         if h["withheld"]:

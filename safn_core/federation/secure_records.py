@@ -155,17 +155,30 @@ def share_packing(n_weights: int, parties: int) -> Packing:
                     Field.count("sites"), Field.count("noise_shares")), max_parties=parties)
 
 
-def evaluate_packing(bins: int, fed: FederationConfig, parties: int) -> Packing:
+def evaluate_packing(bins: int, fed: FederationConfig, parties: int,
+                     n_classes: int = 2) -> Packing:
+    """The evaluation sum: per-class score histograms of the validation and test splits ((2,
+    bins) for a binary target; (K, K, bins) and beside them the (K, K) argmax confusion counts
+    ``val_confusion`` / ``test_confusion`` for K = ``n_classes`` > 2, `Site.evaluate`), the
+    validation loss sum and size, and the number of sites."""
     b = fed.secagg
-    return Packing((Field.count("val", (2, bins)), Field.count("test", (2, bins)),
+    K = int(n_classes)
+    hist = (2, bins) if K == 2 else (K, K, bins)
+    confusion = () if K == 2 else (Field.count("val_confusion", (K, K)),
+                                   Field.count("test_confusion", (K, K)))
+    return Packing((Field.count("val", hist), Field.count("test", hist), *confusion,
                     Field.real("val_loss_sum", clip=b.max_site_examples * LOSS_BOUND),
                     Field.count("val_examples"), Field.count("sites")),
                    max_parties=parties)
 
 
 def evaluate_values(res: dict) -> dict:
+    """A site's evaluation contribution (`Site.evaluate`'s result), the confusion counts too
+    where it has them (K > 2)."""
+    confusion = {k: np.asarray(res[k]).astype(np.int64)
+                 for k in ("val_confusion", "test_confusion") if k in res}
     return {"val": res["val"].astype(np.int64), "test": res["test"].astype(np.int64),
-            "val_loss_sum": float(res.get("val_loss_sum", 0.0)),
+            **confusion, "val_loss_sum": float(res.get("val_loss_sum", 0.0)),
             "val_examples": int(res.get("val_examples", 0)), "sites": 1}
 
 

@@ -17,6 +17,8 @@ from safn_core.config import ModelConfig, SafnConfig
 from safn_core.data.cohort import LABEL, Cohort
 from safn_core.metrics import cross_entropy_sum, score_histogram
 from safn_core.model.feature_sparsity import lasso_step
+from safn_core.multiclass import (class_score_histogram, confusion_counts,
+                                  cross_entropy_sum_multiclass)
 from safn_core.preprocess import FeatureStats, Preprocessor
 from safn_core.training.local import (Arrays, make_loader, make_model, make_optimizer, predict,
                                       run_epochs)
@@ -152,25 +154,44 @@ class Site:
         their federation-wide sum is revealed, to which ``min_cell`` then applies; the flags
         still say whether the site's own counts pass, for its own metrics. Also returns the
         validation split's summed cross-entropy and size (``val_loss_sum``, ``val_examples``).
+
+        Binary target (K = 2): ``val`` / ``test`` are (2, bins) histograms of P(class 1). K > 2
+        (``self.cohort.n_classes``): ``val`` / ``test`` are (K, K, bins) histograms ([true class,
+        class j, bin of P_j], `safn_core.multiclass.class_score_histogram`), beside them
+        ``val_confusion`` / ``test_confusion`` (K, K) counts at the argmax rule (a site applies
+        no fitted cutpoints), and the loss sum is the K-class cross-entropy; every class of a
+        split needs ``min_cell`` people (a class absent from the split withholds it too).
         """
-        model = make_model(pre.modalities, model_cfg, 0)
+        K = self.cohort.n_classes
+        model = make_model(pre.modalities, model_cfg, 0, target=self.cohort.target)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+        shape = (2, bins) if K == 2 else (K, K, bins)
         out = {}
         if held_out:
-            out["val"], out["val_withheld"] = np.zeros((2, bins), dtype=np.int64), False
+            out["val"], out["val_withheld"] = np.zeros(shape, dtype=np.int64), False
+            if K > 2:
+                out["val_confusion"] = np.zeros((K, K), dtype=np.int64)
         for part in ("test",) if held_out else ("val", "test"):
             data = self.arrays(pre, "all" if held_out else part)
-            counts = np.bincount(data.y, minlength=2)
+            counts = np.bincount(data.y, minlength=K)
             small = bool(counts.min() < self.min_cell)
             if small and withhold:
-                out[part] = np.zeros((2, bins), dtype=np.int64)
+                out[part] = np.zeros(shape, dtype=np.int64)
+                if K > 2:
+                    out[f"{part}_confusion"] = np.zeros((K, K), dtype=np.int64)
                 out[f"{part}_withheld"] = True
                 continue
-            p, _ = predict(model, data)
-            out[part] = score_histogram(data.y, p, bins)
+            p, _ = predict(model, data)  # K > 2: class probabilities (n, K)
+            if K == 2:
+                out[part] = score_histogram(data.y, p, bins)
+                loss = cross_entropy_sum(data.y, p) if part == "val" else None
+            else:
+                out[part] = class_score_histogram(data.y, p, K, bins)
+                out[f"{part}_confusion"] = confusion_counts(data.y, p, K, "argmax")
+                loss = cross_entropy_sum_multiclass(data.y, p) if part == "val" else None
             out[f"{part}_withheld"] = small
             if part == "val":
-                out["val_loss_sum"] = cross_entropy_sum(data.y, p)
+                out["val_loss_sum"] = loss
                 out["val_examples"] = int(len(data.y))
         out["withheld"] = out["val_withheld"] or out["test_withheld"]
         return out
