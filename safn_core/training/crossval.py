@@ -174,6 +174,8 @@ def safn_predictions(model, val: Arrays, test: Arrays, temperature_scaling: bool
     """
     z_val, p_val, _ = scores(model, val)
     z_test, p_test, alpha = scores(model, test)
+    if p_test.ndim == 2:  # K > 2 classes: no binary calibration slope, no training temperature
+        return p_val, p_test, alpha, {}
     if not temperature_scaling:
         return p_val, p_test, alpha, {"calibration_slope": _slope(test.y, p_test)}
     t = fit_training_temperature(z_val, val.y, min_cell)
