@@ -59,8 +59,9 @@ class RoundRecord:
 
 
 def round_entry(record: RoundRecord, history: list[dict], min_cell: int,
-                central_delta: float) -> dict:
-    """The round's history entry (without ``seconds`` and ``selected_round``)."""
+                central_delta: float, target=None) -> dict:
+    """The round's history entry (without ``seconds`` and ``selected_round``); ``target``: the
+    run's `safn_core.targets.Target` (a K-class run's class names and order)."""
     r = record.round
     entry: dict = {"round": r}
     if record.secure_train is not None:
@@ -91,9 +92,9 @@ def round_entry(record: RoundRecord, history: list[dict], min_cell: int,
     if record.secure_evaluation is not None:
         s = record.secure_evaluation
         entry.update(secure_round_metrics(s.pooled, dict(s.site_metrics), min_cell,
-                                          list(s.sites)))
+                                          list(s.sites), target=target))
     elif hists:
-        entry.update(round_metrics(hists))
+        entry.update(round_metrics(hists, target=target))
     if external:  # external validation at the pooled threshold of the training sites
         entry["held_out"] = held_out_metrics(external, entry.get("threshold", 0.5))
     entry["rejected"] = [{"round": r, **x} for x in record.rejected]
