@@ -148,7 +148,8 @@ class Coordinator:
                 setup.harmonisation, run.cfg.harmonisation, fitted_on(run.run_dir))
         desc, selection = setup.described, book.selection
         save_federated_bundle(run.run_dir, run.cfg, state, FederatedRun(
-            label_names=setup.label_names, held_out=setup.held_out, sources=desc.sources,
+            label_names=setup.label_names, target=setup.target, held_out=setup.held_out,
+            sources=desc.sources,
             gaussian=desc.gaussian, withheld=desc.refused, selection_rule=selection.select,
             patience=selection.patience,
             stopped_early=selection.should_stop and state.round < run.cfg.federation.rounds,

@@ -23,7 +23,7 @@ from safn_core.federation.wire import Layout
 from safn_core.federation.round_record import RoundRecord, round_entry
 from safn_core.federation.site import state_to_numpy
 from safn_core.io import write_json
-from safn_core.training.local import make_model
+from safn_core.training.local import make_model, regression_parts
 from safn_core.training.selection import RoundSelection
 
 
@@ -31,8 +31,9 @@ class RoundBook:
     """A run's state through its rounds (``state``), its model selection and its checkpoints."""
 
     def __init__(self, run_dir: Path, cfg: SafnConfig, events: EventLog, state: RunState,
-                 selection: RoundSelection):
+                 selection: RoundSelection, target=None):
         self.run_dir, self.cfg, self.events = Path(run_dir), cfg, events
+        self.target = target  # the run's target (`RunSetup.target`): K-class metrics' classes
         self.state, self.selection = state, selection
         self.layout = Layout.of(state.weights)  # the model travels as one vector
         self._t_last = time.perf_counter()
@@ -49,8 +50,10 @@ class RoundBook:
         if state is None:
             model = make_model(setup.modalities, cfg.model, cfg.train.seed,
                                target=setup.target)
-            if floor is not None:
+            if floor is not None and setup.target.binary:
                 model.set_wide(floor.coef, floor.intercept)
+            elif floor is not None:  # multinomial, or the ordinal head's cut points
+                model.set_wide(*regression_parts(floor, model.head_kind))
             events.emit(Event.STATISTICS, participants=sum(class_counts),
                         sites=len(desc.eligible), class_counts=list(class_counts))
             state = RunState(0, state_to_numpy(model), pre.state_dict(), class_counts)
@@ -60,7 +63,7 @@ class RoundBook:
             if saved.shape != pre.mean_.shape or not np.allclose(pre.mean_, saved):
                 events.emit(Event.NOTE, code="data_changed")
         state.sites = {str(k): v for k, v in desc.names.items()}
-        return cls(run_dir, cfg, events, state, _selection(state, cfg, events))
+        return cls(run_dir, cfg, events, state, _selection(state, cfg, events), setup.target)
 
     @property
     def stopped(self) -> bool:
@@ -73,7 +76,7 @@ class RoundBook:
         optimiser state (FedAdam/FedYogi's moments); True: stop the run."""
         r, fed = record.round, self.cfg.federation
         entry = round_entry(record, self.state.history, self.cfg.data.min_cell,
-                            fed.central_dp.delta)
+                            fed.central_dp.delta, target=self.target)
         now = time.perf_counter()
         entry["seconds"], self._t_last = now - self._t_last, now
         best = (None if self.selection.update(r, entry.get("val_loss"), entry.get("val_roc_auc"))

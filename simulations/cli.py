@@ -32,7 +32,18 @@ SHOWN = ("roc_auc", "pr_auc_pd", "pr_auc_hc", "balanced_accuracy", "sensitivity"
          "f1", "mcc", "brier")
 
 
+def shown_metrics(df: pd.DataFrame) -> tuple[str, ...]:
+    """The comparison's columns: the binary metrics, or a K-class target's
+    (`compare_kclass.SHOWN`)."""
+    if "pr_auc_pd" in df.columns or df.empty:
+        return SHOWN
+    from safn.simulations.compare_kclass import SHOWN as SHOWN_K
+
+    return SHOWN_K
+
+
 def print_comparison(df: pd.DataFrame, n_test: int, n_sites: int) -> None:
+    shown = shown_metrics(df)
     t = Table(show_lines=True,
               title=f"Evaluated on the pooled test set: the union of the {n_sites} sites' test "
                     f"splits ({n_test} participants). Each model's threshold from its own "
@@ -41,12 +52,12 @@ def print_comparison(df: pd.DataFrame, n_test: int, n_sites: int) -> None:
     t.add_column("model")
     t.add_column("n train", justify="right")
     t.add_column("round", justify="right")  # the selected round (same rule for every model)
-    for k in SHOWN:
+    for k in shown:
         t.add_column(k, justify="right")
     for _, r in df.iterrows():
         rnd = r.get("selected_round")
         t.add_row(str(r.model), str(r.n_train), "-" if pd.isna(rnd) else str(int(rnd)),
-                  *[interval_text(r[k], r.get(f"{k}_ci"), sep="\n") for k in SHOWN])
+                  *[interval_text(r[k], r.get(f"{k}_ci"), sep="\n") for k in shown])
     console.print(t)
 
 
@@ -199,6 +210,10 @@ def run(argv: list[str] | None = None) -> int:
         cfg.simulation.site_state_dir = Path(ledgers).resolve()
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
+    if cfg.simulation.loso and cohort.n_classes > 2:
+        raise SafnError(f"simulation.loso scores binary targets only; the target "
+                        f"{cohort.target.name!r} has {cohort.n_classes} classes: set "
+                        "simulation.loso=false")
     parts = build_sites(cohort, cfg)
     if cfg.federation.secure_aggregation and cfg.simulation.loso and len(parts) == 3:
         from safn_core.errors import ConfigError

@@ -71,16 +71,21 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None,
     without it). With ``harmonisation.method: combat`` every model trains and is scored on the
     data as the federation harmonised it (`harmonised_table`): the same fit, the same per-site
     adjustments from the training splits, preprocessing fitted on harmonised training data.
+
+    A K-class target (K > 2) trains K-output models and scores every row by
+    `safn.simulations.compare_kclass` (argmax rule, no threshold); a binary one as above.
     """
     import torch
 
     from safn_core.federation.site import Site
-    from safn_core.logistic import LogisticFit, fit_pooled
+    from safn_core.logistic import fit_pooled
     from safn_core.metrics import binary_metrics, bootstrap_ci, choose_threshold
     from safn_core.preprocess import Preprocessor
     from safn_core.training.local import Arrays, fit_by_rounds, predict
 
     torch.set_num_threads(1)
+    target = cohort.target
+    kclass = cohort.n_classes > 2
     sites = {name: Site(name, cohort.subset(ids), cfg) for name, ids in parts.items()}
     ids = {part: np.concatenate([getattr(s.split, part) for s in sites.values()])
            for part in ("train", "val", "test")}
@@ -93,17 +98,32 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None,
         return fit_by_rounds(train, val, cohort.modalities, cfg.model, cfg.train, cfg.train.seed,
                              rounds=fed.rounds, epochs_per_round=fed.local_epochs,
                              select=fed.select, patience=fed.patience,
-                             val_loss="cross_entropy")  # the federation's validation loss
+                             val_loss="cross_entropy",  # the federation's validation loss
+                             **({"target": target} if kclass else {}))
+
+    def lr(tr, va):
+        if kclass:
+            from safn.simulations.compare_kclass import fit_logistic
+
+            return fit_logistic(target, cfg.model.head, tr, va)
+        return fit_pooled(tr.x, tr.y, va.x, va.y)
 
     def score(name, kind, model, pre, val_ids, n_train, sites_used, selected_round):
         """A row for ``model``: SAFN, or a `LogisticFit` (its probabilities on the same
         preprocessed features)."""
         val = Arrays.from_table(pre, table.loc[val_ids])
         test = Arrays.from_table(pre, table.loc[ids["test"]])
-        if isinstance(model, LogisticFit):
+        if not isinstance(model, torch.nn.Module):  # a logistic regression (`LogisticFit`, …)
             p_val, p_test = (model.predict_proba(a.x.astype(np.float64)) for a in (val, test))
         else:
             p_val, p_test = predict(model, val)[0], predict(model, test)[0]
+        if kclass:
+            from safn.simulations.compare_kclass import kclass_row
+
+            rows.append({"model": name, "kind": kind, "n_train": int(n_train),
+                         "sites": sites_used, "selected_round": selected_round,
+                         **kclass_row(test.y, p_test, target, N_BOOT, cfg.train.seed)})
+            return
         t = choose_threshold(val.y, p_val)
         ci = bootstrap_ci(test.y, p_test, t, n_boot=N_BOOT, seed=cfg.train.seed)
         rows.append({"model": name, "kind": kind, "n_train": int(n_train), "sites": sites_used,
@@ -123,10 +143,10 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None,
         if floor is not None:
             score("federated logistic regression (the floor)", "federated-lr", floor, pre,
                   ids["val"], len(tr), len(sites), None)
-    score("pooled logistic regression", "pooled-lr", fit_pooled(tr.x, tr.y, va.x, va.y),
+    score("pooled logistic regression", "pooled-lr", lr(tr, va),
           pooled_pre, ids["val"], len(tr), len(sites), None)
     for name, site in sites.items():
-        counts = np.bincount(table.loc[site.split.train, "label"], minlength=2)
+        counts = np.bincount(table.loc[site.split.train, "label"], minlength=cohort.n_classes)
         if counts.min() < 2 or len(np.unique(table.loc[site.split.val, "label"])) < 2:
             continue
         pre = Preprocessor(cohort.modalities).fit(table.loc[site.split.train])
@@ -136,7 +156,7 @@ def compare(cohort, parts: dict, cfg: SafnConfig, federated=None,
         score(f"local-only {name}", "local", own.model, pre, site.split.val, len(tr_s), 1,
               own.selected_round)
         score(f"local-only logistic regression {name}", "local-lr",
-              fit_pooled(tr_s.x, tr_s.y, va_s.x, va_s.y), pre, site.split.val, len(tr_s), 1,
+              lr(tr_s, va_s), pre, site.split.val, len(tr_s), 1,
               None)
     df = pd.DataFrame(rows)
     for kind, best_kind, prefix, label in (

@@ -13,6 +13,13 @@ from safn_core.metrics import METRICS
 from safn_core.report import Report, interval_text
 
 
+def kclass_metrics() -> tuple[str, ...]:
+    """A K-class comparison's columns (`compare_kclass.SHOWN`)."""
+    from safn.simulations.compare_kclass import SHOWN
+
+    return SHOWN
+
+
 def with_intervals(df: pd.DataFrame, metric: str) -> list[str]:
     """A metric's column with its 95 % interval (``{metric}_ci``) beside each figure."""
     cis = df[f"{metric}_ci"] if f"{metric}_ci" in df else [None] * len(df)
@@ -40,7 +47,8 @@ def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.Data
         rep.heading("Pooled vs federated vs local-only (pooled test set)")
         shown = comparison[["model", "n_train", *(["selected_round"] if "selected_round" in
                                                   comparison else [])]].copy()
-        for k in METRICS:
+        metrics = METRICS if "pr_auc_pd" in comparison else kclass_metrics()
+        for k in metrics:
             shown[k] = with_intervals(comparison, k)
         rep.table(shown, f"every model selected by {cfg.federation.select} on its own "
                          f"validation data, patience {cfg.federation.patience} rounds of "

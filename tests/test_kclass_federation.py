@@ -4,6 +4,8 @@ coordinator checks, and one K-class federation end to end."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -282,3 +284,44 @@ def test_the_partition_summary_counts_every_class():
     binary = kclass_cohort(100, PD_VS_HC)
     assert list(summary(binary, partition(binary, "iid", 2)).columns) == [
         "site", "participants", "PD", "HC", "% PD"]
+
+
+# ------------------------------------------------------------------ end to end
+
+
+SMALL = ["model.d_model=16", "model.n_heads=2", "model.encoder_hidden=16", "model.ffn_hidden=16",
+         "model.head_hidden=16", "federation.local_epochs=1", "data.min_cell=3"]
+
+
+def test_a_three_class_federation_runs_end_to_end_on_flower(tmp_path):
+    """safn-sim with ``data.target: hc_prodromal_pd`` on 5 natural sites, under secure
+    aggregation (the default): the sites' summed class counts, K-output models on both ends,
+    K-class pooled metrics per round, the bundle's target and the comparison's K-class rows."""
+    out = tmp_path / "run"
+    sets = ["data.target=hc_prodromal_pd", "synth.n_prodromal=300", "federation.rounds=2",
+            f"simulation.site_state_dir={tmp_path / 'state'}", *SMALL]
+    proc = subprocess.run([str(BIN / "safn-sim"), "--out", str(out),
+                           *[x for s in sets for x in ("--set", s)]],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "securely summed" in proc.stdout and "QWK" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["sites"][0])[:5] == ["site", "participants", "HC", "Prodromal", "PD"]
+    history = json.loads((out / "history.json").read_text())
+    assert [e["round"] for e in history] == [0, 1, 2]  # round 0: the logistic floor
+    for entry in history:
+        pooled = entry["pooled"]
+        assert np.array(pooled["confusion"]).shape == (3, 3)
+        assert list(pooled["per_class"]) == ["HC", "Prodromal", "PD"]
+        assert 0.5 < pooled["roc_auc"] <= 1 and pooled["qwk"] is not None
+    chosen = results["federated_selected_round"]["pooled"]
+    assert chosen["qwk"] is not None and chosen["balanced_accuracy"] > 1 / 3
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    stats = next(e for e in events if e["event"] == "statistics")
+    assert len(stats["class_counts"]) == 3
+    bundle = json.loads((out / "model" / "bundle.json").read_text())
+    assert bundle["target"]["name"] == "hc_prodromal_pd"
+    rows = {r["kind"]: r for r in results["comparison"]["rows"]}
+    assert {"pooled", "federated", "federated-lr", "pooled-lr"} <= set(rows)
+    assert all(rows[k]["qwk"] is not None and rows[k]["roc_auc_ci"] for k in
+               ("pooled", "federated"))

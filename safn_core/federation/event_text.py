@@ -201,6 +201,11 @@ def rejection_text(x: dict) -> str:
     return str(x.get("reason", code))  # a history written before codes
 
 
+def _figure(value) -> str:
+    """A metric to 3 decimals ("n/a" where a K-class metric is undefined: None)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def round_line(entry: dict, rounds: int) -> str:
     """One readable progress line per round (pooled metrics, sites that reported), then
     indented lines for ε per site, central DP, refusals and rejected updates."""
@@ -211,8 +216,11 @@ def round_line(entry: dict, rounds: int) -> str:
         text += f"  train loss {entry['train_loss']:.4f}"
     p = entry.get("pooled")
     if p:
-        text += (f"  pooled ROC-AUC {p['roc_auc']:.3f}  PR-AUC {p['pr_auc_pd']:.3f}  "
-                 f"bal acc {p['balanced_accuracy']:.3f}  ({entry['n_test']} test participants "
+        pr_auc = p["pr_auc_pd"] if "pr_auc_pd" in p else p["pr_auc"]  # K classes: macro
+        text += (f"  pooled ROC-AUC {_figure(p['roc_auc'])}  PR-AUC {_figure(pr_auc)}  "
+                 f"bal acc {_figure(p['balanced_accuracy'])}"
+                 + (f"  QWK {_figure(p['qwk'])}" if p.get("qwk") is not None else "")
+                 + f"  ({entry['n_test']} test participants "
                  f"at {entry['sites_reported']} sites")
         if entry.get("sites_withheld") and entry.get("secure_aggregation"):
             text += (f", securely summed; {len(entry['sites_withheld'])} sites' own metrics "
