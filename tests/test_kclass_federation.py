@@ -325,3 +325,50 @@ def test_a_three_class_federation_runs_end_to_end_on_flower(tmp_path):
     assert {"pooled", "federated", "federated-lr", "pooled-lr"} <= set(rows)
     assert all(rows[k]["qwk"] is not None and rows[k]["roc_auc_ci"] for k in
                ("pooled", "federated"))
+
+
+@pytest.mark.slow  # ~90 s: certificates, three downloads, a SuperLink and three SuperNodes
+def test_a_three_class_federation_through_real_flower_processes(tmp_path):
+    """safn-server (flower-superlink, TLS, site authentication) and three safn-client sites
+    (flower-supernode), each with ``data.target: hc_prodromal_pd`` on its own PPMI-format
+    download, as is the coordinator: the run completes with K-class metrics and bundle."""
+    import yaml
+
+    from tests.deploy_harness import ROOT, SITES, env, federations
+
+    root = tmp_path / "material"
+    subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), "--out",
+                    str(root / "certs"), "--sites", *SITES, "--hosts", "127.0.0.1",
+                    "localhost"], check=True, capture_output=True, env=env())
+    subprocess.run([str(BIN / "safn-synth"), "--out", str(root / "data"), "--per-site",
+                    "--set", "synth.n_sites=3", "--set", "synth.min_site_size=60",
+                    "--set", "synth.n_prodromal=150"], check=True, capture_output=True,
+                   env=env())
+    app_hash = subprocess.run([str(BIN / "safn-server"), "--app-hash"], check=True,
+                              capture_output=True, text=True, env=env()).stdout.strip()
+    material = {"root": root, "certs": root / "certs", "app_hash": app_hash,
+                "downloads": dict(zip(SITES, sorted(p for p in (root / "data").iterdir()
+                                                    if p.is_dir())))}
+
+    def with_target(path: Path) -> None:
+        tree = yaml.safe_load(path.read_text())
+        tree.setdefault("data", {})["target"] = "hc_prodromal_pd"
+        path.write_text(yaml.safe_dump(tree))
+
+    with federations(material, tmp_path / "deploy") as make:
+        fed = make(rounds=2)
+        with_target(fed.server_yaml)
+        for name in SITES:
+            with_target(fed.site_yaml(name))
+        server = fed.server()
+        server.wait_for_output(r"run \d+ submitted", 240)
+        sites = [fed.site(name) for name in SITES]
+        assert server.wait(300) == 0, server.output()[-4000:]
+        assert all(site.wait(120) == 0 for site in sites)
+    out = server.output()
+    assert "run completed after round 2" in out and "QWK" in out
+    history = fed.history()
+    assert [e["round"] for e in history] == [0, 1, 2]
+    assert all(list(e["pooled"]["per_class"]) == ["HC", "Prodromal", "PD"] for e in history)
+    bundle = json.loads((fed.run_dir / "model" / "bundle.json").read_text())
+    assert bundle["target"]["classes"] == ["HC", "Prodromal", "PD"]
