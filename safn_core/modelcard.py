@@ -208,9 +208,7 @@ def _target_lines(meta: dict, config: SafnConfig) -> list[str]:
 
 
 def _head_text(meta: dict, config: SafnConfig) -> str:
-    head, ordered = config.model.head, (meta.get("target") or {}).get("ordered")
-    if head == "auto":
-        head = "ordinal" if ordered else "softmax"
+    head = config.model.head
     return ("cumulative link, proportional odds" if head == "ordinal"
             else "multi-class softmax")
 

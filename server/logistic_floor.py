@@ -17,8 +17,7 @@ an exact regression inside them would bypass that). The run says so (`Event.LOGI
 the bundle and report read it).
 
 K classes: the floor is the regression of SAFN's head (`safn_core.logistic.family.kind_for`:
-binary for K = 2, else ordinal for ``model.head: ordinal`` or ``auto`` with an ordered target,
-multinomial otherwise); K is the number of class counts of the statistics round, the order the
+binary for K = 2, else ordinal for ``model.head: ordinal``, multinomial otherwise); K is the number of class counts of the statistics round, the order the
 run's target (``data.target``; a table's label is taken as unordered unless ``model.head`` says
 ordinal). The kind travels in every request (`site_logistic.KIND`), the sums have the same
 fields with K classes, and under secure aggregation their layout is

@@ -189,7 +189,9 @@ def test_secure_sums_through_the_packing_equal_the_pooled_fit(kind):
 
 def test_kinds_layouts_and_the_binary_path_unchanged():
     assert family.kind_for(2, True, "ordinal") == "binary"
-    assert family.kind_for(3, True) == "ordinal" and family.kind_for(3, False) == "multinomial"
+    assert family.kind_for(3, True) == "multinomial"  # the default head: softmax
+    assert family.kind_for(3, True, "ordinal") == "ordinal"
+    assert family.kind_for(3, False) == "multinomial"
     assert family.kind_for(3, True, "softmax") == "multinomial"
     assert family.kind_for(3, False, "ordinal") == "ordinal"
     assert [family.n_params(k, 5, 3) for k in family.KINDS] == [6, 12, 7]
@@ -238,7 +240,7 @@ def test_sites_floor_values_add_up_to_the_pooled_fit(kind):
     from safn_core.federation.protocol import Config
     from safn_core.federation.site_logistic import KIND, logistic_values, refusal
 
-    cfg = load_config(None, ["data.target=hc_prodromal_pd"])
+    cfg = load_config(None, ["data.target=hc_prodromal_pd", "model.head=ordinal"])
     assert floor_kind(cfg, 3) == "ordinal" and floor_kind(cfg, 2) == "binary"
     assert floor_kind(load_config(None, ["data.target=hc_prodromal_pd", "model.head=softmax"]),
                       3) == "multinomial"

@@ -47,11 +47,13 @@ def three_class(n: int, seed: int, shift: float = 2.0) -> Arrays:
 # ------------------------------------------------------------------------------------------------
 
 def test_head_for():
-    assert head_for("auto", 2, True) == "softmax"  # binary: one head
+    assert head_for("softmax", 2, True) == "softmax"  # binary: one head
     assert head_for("ordinal", 2, True) == "softmax"
-    assert head_for("auto", 3, True) == "ordinal"
-    assert head_for("auto", 3, False) == "softmax"
+    assert head_for("ordinal", 3, True) == "ordinal"
+    assert head_for("softmax", 3, False) == "softmax"
     assert head_for("softmax", 3, True) == "softmax"
+    with pytest.raises(ValueError, match="softmax or ordinal"):
+        head_for("auto", 3, True)
     with pytest.raises(ValueError, match="not ordered"):
         head_for("ordinal", 3, False)
 
@@ -107,7 +109,7 @@ def test_stochastic_ordering():
 @pytest.mark.parametrize("kw", [{}, dict(ensemble_size=3, wide="trained"),
                                 dict(linear_path=True)])
 def test_safn_ordinal_head_shapes(kw):
-    model = SAFN(SPECS, cfg(**kw), seed=0, n_classes=3, ordered=True)
+    model = SAFN(SPECS, cfg(head="ordinal", **kw), seed=0, n_classes=3, ordered=True)
     assert model.head_kind == "ordinal"
     x = torch.randn(6, 5)
     logits = model(x)
@@ -125,9 +127,9 @@ def test_make_model_target_and_binary_unchanged():
     for a, b, c in zip(binary.state_dict().values(), same.state_dict().values(),
                        plain.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
-    ordinal = make_model(MODS, cfg(), 0, HC_PRODROMAL_PD)
+    ordinal = make_model(MODS, cfg(head="ordinal"), 0, HC_PRODROMAL_PD)
     assert ordinal.n_classes == 3 and ordinal.head_kind == "ordinal"
-    soft = make_model(MODS, cfg(head="softmax"), 0, HC_PRODROMAL_PD)
+    soft = make_model(MODS, cfg(), 0, HC_PRODROMAL_PD)  # the default head: softmax
     assert soft.head_kind == "softmax" and soft.head[-1].out_features == 3
     assert make_model(MODS, cfg(), 0, UNORDERED3).head_kind == "softmax"
 
@@ -165,7 +167,8 @@ def test_untrained_wide_model_is_the_ordinal_regression(k):
         method="bfgs", disp=False, maxiter=2000)
     beta = np.asarray(res.params[:5])
     cuts = np.asarray(res.model.transform_threshold_params(res.params))[1:-1]
-    model = make_model(MODS, cfg(wide="frozen", ensemble_size=k), 0, HC_PRODROMAL_PD)
+    model = make_model(MODS, cfg(wide="frozen", ensemble_size=k, head="ordinal"), 0,
+                       HC_PRODROMAL_PD)
     model.set_wide(beta, cuts)
     _, p, _ = scores(model, data)
     assert np.allclose(p, res.model.predict(res.params, exog=data.x.astype(np.float64)),
@@ -201,7 +204,8 @@ def test_default_kclass_start(target, monkeypatch):
     """Without a start: the pooled fit of safn_core.logistic.family where it exists (the
     untrained model then equals it), else no start and a note saying why."""
     tr, va = three_class(90, 2, 0.8), three_class(60, 3, 0.8)
-    model = make_model(MODS, cfg(wide="trained"), 0, target)
+    head = "ordinal" if target.ordered else "softmax"
+    model = make_model(MODS, cfg(wide="trained", head=head), 0, target)
     kind = "ordinal" if target.ordered else "multinomial"
     try:
         from safn_core.logistic import family  # noqa: F401
@@ -222,7 +226,7 @@ def test_default_kclass_start(target, monkeypatch):
             p /= p.sum(1, keepdims=True)
         assert np.allclose(scores(model, va)[1], p, atol=1e-5)
     monkeypatch.setattr(local, "_kclass_start", lambda model: None)
-    fresh = make_model(MODS, cfg(wide="trained"), 0, target)
+    fresh = make_model(MODS, cfg(wide="trained", head=head), 0, target)
     fit, note = start_from_logistic(fresh, tr, va)
     assert fit is None and kind in note and torch.all(fresh.wide.weight == 0)
 
@@ -306,7 +310,7 @@ def test_opacus_per_sample_gradients_of_the_ordinal_head(kw):
     from opacus import GradSampleModule
 
     import safn_core.privacy.grad_samplers  # noqa: F401
-    model_cfg = cfg(dropout=0.0, sparsity_lambda=0.05, **kw)
+    model_cfg = cfg(dropout=0.0, sparsity_lambda=0.05, head="ordinal", **kw)
     model = SAFN(SPECS, model_cfg, seed=3, n_classes=3, ordered=True)
     ref = SAFN(SPECS, model_cfg, seed=3, n_classes=3, ordered=True)
     with torch.no_grad():  # off the initial zeros, so that every path carries gradient

@@ -4,7 +4,7 @@
 * ``multinomial`` (K > 2, unordered, or ``model.head: softmax``): `safn_core.logistic.multinomial`;
 * ``ordinal`` (K > 2, ordered, or ``model.head: ordinal``): `safn_core.logistic.ordinal`.
 
-The kind follows SAFN's head (``model.head``: ``auto`` = ordinal for an ordered target), so the
+The kind follows SAFN's head (``model.head``: softmax or ordinal), so the
 regression its wide path starts from has the head's form. Every kind's sites send the same
 fields (``n``, ``grad``, ``hess``, ``objective``, ``val_loss``, ``val_n``), so the federation
 (`safn_core.federation.site_logistic`, ``server/logistic_floor.py``) is the same for all.
@@ -21,14 +21,14 @@ from safn_core.logistic.packing import kclass_packing, newton_packing
 KINDS = ("binary", "multinomial", "ordinal")
 
 
-def kind_for(n_classes: int, ordered: bool = False, head: str = "auto") -> str:
-    """``binary`` for K = 2; otherwise ``ordinal`` for ``head`` ordinal (or auto and ordered),
-    else ``multinomial``."""
+def kind_for(n_classes: int, ordered: bool = False, head: str = "softmax") -> str:
+    """``binary`` for K = 2; otherwise ``ordinal`` for ``head`` ordinal, else
+    ``multinomial``."""
     if n_classes == 2:
         return "binary"
     if n_classes < 2:
         raise ValueError(f"a logistic regression needs 2 classes or more, not {n_classes}")
-    return "ordinal" if head == "ordinal" or (head == "auto" and ordered) else "multinomial"
+    return "ordinal" if head == "ordinal" else "multinomial"
 
 
 def _module(kind: str):

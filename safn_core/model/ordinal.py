@@ -1,6 +1,6 @@
 """SAFN's output heads for K classes: which head a model has, and the ordinal (cumulative link) link.
 
-Two heads (``model.head``; `head_for` resolves ``auto``):
+Two heads (``model.head``; `head_for` says which a model gets):
 
 * ``softmax``: every path ends in K logits (multi-class softmax; K = 2 is the binary model).
 * ``ordinal`` (K > 2 ordered classes, cumulative link / proportional odds, McCullagh 1980): every
@@ -45,19 +45,17 @@ def head_for(head: str, n_classes: int, ordered: bool) -> str:
     """The head a model with ``n_classes`` classes gets for ``model.head`` = ``head``.
 
     Binary targets always get ``softmax`` (one head: P(class 1), the model of before). For
-    K > 2: ``auto`` → ``ordinal`` for an ordered target, ``softmax`` otherwise; ``ordinal`` on an
-    unordered target is refused (its classes have no order to exploit)."""
-    if head not in ("auto", *HEADS):
-        raise ValueError(f"model.head must be auto, softmax or ordinal, not {head!r}")
+    K > 2 the configured head; ``ordinal`` on an unordered target is refused (its classes have
+    no order to exploit)."""
+    if head not in HEADS:
+        raise ValueError(f"model.head must be softmax or ordinal, not {head!r}")
     if n_classes < 2:
         raise ValueError(f"a model needs at least 2 classes, got {n_classes}")
     if n_classes == 2:
         return "softmax"
-    if head == "auto":
-        return "ordinal" if ordered else "softmax"
     if head == "ordinal" and not ordered:
         raise ValueError("model.head is 'ordinal' but the target's classes are not ordered; "
-                         "use head 'softmax' (or 'auto')")
+                         "use head 'softmax'")
     return head
 
 

@@ -198,7 +198,7 @@ class SAFN(nn.Module):
             RNG (same seed → identical initial weights).
         n_classes: K, the number of classes (2: HC = 0, PD = 1); the output is K logits.
         ordered: whether the K classes are ordered (the target's ``ordered``): with
-            ``cfg.head`` auto, K > 2 ordered classes get the ordinal head (``head_kind``).
+            ``cfg.head`` ordinal, K > 2 ordered classes get the ordinal head (``head_kind``).
 
     Forward: ``model(x, mask=None, return_weights=False)``; see `forward`.
     """
