@@ -17,10 +17,11 @@ an exact regression inside them would bypass that). The run says so (`Event.LOGI
 the bundle and report read it).
 
 K classes: the floor is the regression of SAFN's head (`safn_core.logistic.family.kind_for`:
-binary for K = 2, else ordinal for ``model.head: ordinal``, multinomial otherwise); K is the number of class counts of the statistics round, the order the
-run's target (``data.target``; a table's label is taken as unordered unless ``model.head`` says
-ordinal). The kind travels in every request (`site_logistic.KIND`), the sums have the same
-fields with K classes, and under secure aggregation their layout is
+binary for K = 2, else ordinal for ``model.head: ordinal`` or ``auto`` with an ordered target,
+multinomial otherwise). K is the number of class counts of the statistics round, the order the
+run's target's (``setup.target``, what the sites reported; without it ``data.target``'s). The
+kind travels in every request (`site_logistic.KIND`), the sums have the same fields with K
+classes, and under secure aggregation their layout is
 `safn_core.logistic.packing.kclass_packing`. ``logistic.json`` records the kind.
 """
 
@@ -77,7 +78,8 @@ def floor_kind(cfg, n_classes: int, ordered: bool | None = None) -> str:
 def fit_floor(run: RunContext, setup, pre, class_counts, ordered: bool | None = None
               ) -> LogisticFit | None:
     """The run's floor: kept from the run folder, fitted now, or None (skipped, with why).
-    K = len(class_counts); ``ordered``: whether the target's classes are (`floor_kind`)."""
+    K = len(class_counts); ``ordered``: whether the target's classes are (None: the setup's
+    target's order, `floor_kind`)."""
     path = Path(run.run_dir) / FILE
     if path.is_file():
         fit = load_floor(run.run_dir)
@@ -94,6 +96,8 @@ def fit_floor(run: RunContext, setup, pre, class_counts, ordered: bool | None = 
         if run.cfg.federation.central_dp.enabled:
             raise FloorSkipped("central DP (federation.central_dp) releases only noised models, "
                                "and an exact logistic regression in the model would bypass it")
+        if ordered is None and getattr(setup, "target", None) is not None:
+            ordered = bool(setup.target.ordered)  # the sites' target (a table's label too)
         kind = floor_kind(run.cfg, len(class_counts), ordered)
         weights = family.class_weights(kind, class_counts)
         # (under harmonisation the sites must fit on their harmonised data: the plain queries

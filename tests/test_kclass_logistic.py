@@ -264,3 +264,42 @@ def test_sites_floor_values_add_up_to_the_pooled_fit(kind):
     assert KIND not in _request(pre, np.zeros((1, 6)), (1.0, 1.0))  # binary: as before
     few = _Site(x[:12], y[:12], xv[:5], yv[:5], min_cell=5)
     assert "fewer than min_cell" in refusal(few, secure=False, n_classes=3)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("secure,head", [(True, "ordinal"), (False, "softmax")],
+                         ids=["secure-ordinal", "plain-multinomial"])
+def test_a_flower_federation_fits_the_k_class_floor_equal_to_the_pooled_fit(tmp_path, secure,
+                                                                            head):
+    """``hc_prodromal_pd`` (3 ordered classes) on 5 natural synthetic sites through a real
+    Flower simulation: the floor is the head's kind, and equals the pooled fit on the union of
+    the training splits (penalty chosen on the pooled validation splits)."""
+    from safn_core.config import load_config
+    from safn_core.federation.checkpoint import load_checkpoint
+    from safn_core.federation.site import Site
+    from safn_core.preprocess import Preprocessor
+    from tests.helpers import SMALL_MODEL
+    from tests.test_logistic_floor import _run
+
+    cfg = load_config(None, [
+        "synth.n_pd=260", "synth.n_hc=140", "synth.n_prodromal=120", "synth.n_without_mri=0",
+        "synth.n_swedd=0", "synth.min_site_size=60", "federation.rounds=1", "model.wide=trained",
+        "data.target=hc_prodromal_pd", f"model.head={head}",
+        f"federation.secure_aggregation={str(secure).lower()}",
+        f"simulation.site_state_dir={tmp_path / 'state'}", *SMALL_MODEL])
+    run_dir, cfg, cohort, parts = _run(tmp_path, cfg)
+    record = json.loads((run_dir / "logistic.json").read_text())
+    kind = "ordinal" if head == "ordinal" else "multinomial"
+    assert record["kind"] == kind and record["secure_aggregation"] is secure
+    fed = family.fit_from_dict(record["fit"])
+    pre = Preprocessor.from_state(load_checkpoint(run_dir).preprocessing)
+    sites = [Site(name, cohort.subset(ids), cfg) for name, ids in parts.items()]
+    train = [s.arrays(pre, "train") for s in sites]
+    val = [s.arrays(pre, "val") for s in sites]
+    x = np.concatenate([a.x for a in train]).astype(np.float64)
+    pooled = family.fit_pooled(kind, x, np.concatenate([a.y for a in train]),
+                               np.concatenate([a.x for a in val]).astype(np.float64),
+                               np.concatenate([a.y for a in val]), 3)
+    assert fed.converged and fed.penalty == pooled.penalty and fed.n_train == pooled.n_train
+    np.testing.assert_allclose(fed.coef_, pooled.coef_, atol=1e-6)
+    np.testing.assert_allclose(fed.predict_proba(x), pooled.predict_proba(x), atol=1e-6)
