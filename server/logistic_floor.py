@@ -17,9 +17,8 @@ an exact regression inside them would bypass that). The run says so (`Event.LOGI
 the bundle and report read it).
 
 K classes: the floor is the regression of SAFN's head (`safn_core.logistic.family.kind_for`:
-binary for K = 2, else ordinal for ``model.head: ordinal`` or ``auto`` with an ordered target,
-multinomial otherwise). K is the number of class counts of the statistics round, the order the
-run's target's (``setup.target``, what the sites reported; without it ``data.target``'s). The
+binary for K = 2, else ordinal for ``model.head: ordinal``, multinomial for ``softmax``). K is
+the number of class counts of the statistics round. The
 kind travels in every request (`site_logistic.KIND`), the sums have the same fields with K
 classes, and under secure aggregation their layout is
 `safn_core.logistic.packing.kclass_packing`. ``logistic.json`` records the kind.
