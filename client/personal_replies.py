@@ -109,7 +109,8 @@ def personalise_reply(msg: Message, context: Context) -> Message:
         reason = comparison.refusal
         say(comparison_line(comparison))
     else:
-        comparison = Comparison.refused(site.name, shared.personalisation.method, reason)
+        comparison = Comparison.refused(site.name, shared.personalisation.method, reason,
+                                        site.cohort.n_classes)
         say(f"personalisation: no personal model: {reason}")
     safe = secure.is_secure(config)
     content = {METRICS: MetricRecord(comparison_to_metrics(comparison, secure=safe))}
@@ -118,7 +119,8 @@ def personalise_reply(msg: Message, context: Context) -> Message:
     if safe:
         sess = sc.session(site, context)
         masked = secure.mask(sess, state, config,
-                             personalise_values(comparison.confusion, reason is None))
+                             personalise_values(comparison.confusion, reason is None,
+                                                site.cohort.n_classes))
         content[ARRAYS] = ArrayRecord({MASKED: Array(masked)})
         content[secure.RECORD] = secure.announce(sess, config)
     return Message(RecordDict(content), reply_to=msg)

@@ -7,7 +7,9 @@ the federation's threshold to every training site in one ``personalise`` query
 pass ``min_cell``; the pooled comparison comes from the sites' confusion counts, summed by
 secure aggregation when the run uses it (``personalise``, `secure_records.personalise_packing`;
 ``min_cell`` then applies to the pooled class totals) and otherwise from the sites that
-reported. The result is ``<run folder>/personalisation.json``, in the run's reports. The
+reported. With K > 2 classes the counts are each model's K × K confusion matrix at the argmax
+rule and the pooled comparison is balanced accuracy, accuracy (and QWK, MAE for an ordered
+target). The result is ``<run folder>/personalisation.json``, in the run's reports. The
 personal models stay at the sites; nothing here can read them.
 """
 
@@ -19,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from safn_core.federation.personal_comparison import COMPARED, pooled_from_confusion
+from safn_core.federation.personal_comparison import (COMPARED, confusion_size,
+                                                       pooled_from_confusion)
 from safn_core.federation.personal_text import basis_text
 from safn_core.federation.personal_wire import comparison_from_metrics
 from safn_core.federation.protocol import (ARRAYS, CONFIG, MASKED, METRICS, MODEL, REFUSAL,
@@ -60,7 +63,7 @@ def personalise_sites(run: RunContext, setup: RunSetup, state: RunState, weights
     ctx = packing = None
     if secure is not None:
         ctx = secure.context(state.round + 1, "personalise")
-        packing = personalise_packing(len(nodes))
+        packing = personalise_packing(len(nodes), setup.target.n_classes)
         entries, nodes = secure.start(ctx, packing, nodes, None)
         if len(nodes) < secure.min_parties:
             return _write(run.run_dir, _unavailable(
@@ -72,6 +75,7 @@ def personalise_sites(run: RunContext, setup: RunSetup, state: RunState, weights
                                     ARRAYS: ArrayRecord({MODEL: Array(vector)})}),
                         dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     names = setup.described.names
+    ordered = setup.target.ordered and not setup.target.binary  # QWK of a K-class target
     sites, vectors, refused, failed = {}, {}, {}, []
     answered = set()
     for reply in run.grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
@@ -104,14 +108,15 @@ def personalise_sites(run: RunContext, setup: RunSetup, state: RunState, weights
                                                         "reason": str(exc)}, record))
             return _write(run.run_dir, record)
         total = {k: np.asarray(result.values[k]).tolist() for k in ("global", "personal")}
-        record["pooled"] = pooled_from_confusion(total, cfg.data.min_cell)
+        record["pooled"] = pooled_from_confusion(total, cfg.data.min_cell, ordered)
         record["pooled_from"] = {"code": "secure_sum", "sites": int(result.values["sites"]),
                                  "min_cell": cfg.data.min_cell}
     else:
         reported = [s for s in sites.values() if s["reported"] and "confusion" in s]
         total = {k: np.sum([s["confusion"][k] for s in reported], axis=0).tolist()
-                 if reported else [0, 0, 0, 0] for k in ("global", "personal")}
-        record["pooled"] = pooled_from_confusion(total, cfg.data.min_cell)
+                 if reported else [0] * confusion_size(setup.target.n_classes)
+                 for k in ("global", "personal")}
+        record["pooled"] = pooled_from_confusion(total, cfg.data.min_cell, ordered)
         record["pooled_from"] = {"code": "reported_sites", "sites": len(reported),
                                  "min_cell": cfg.data.min_cell}
         for s in sites.values():  # the counts served the pooled sum; the record keeps metrics

@@ -271,6 +271,37 @@ def test_a_validation_split_too_small_is_named_with_every_class():
     assert reason_text(three, short=True).startswith("its validation split has 9 / 2 / 14 ")
 
 
+def test_a_k_class_personal_comparison_travels_and_pools_as_k_by_k_counts():
+    from safn_core.federation.personal_comparison import Comparison, pooled_from_confusion
+    from safn_core.federation.personal_wire import (comparison_from_metrics,
+                                                    comparison_to_metrics)
+    from safn_core.federation.secure_records import personalise_packing, personalise_values
+
+    assert personalise_packing(3).field("global").shape == (4,)  # binary as before
+    assert personalise_packing(3, n_classes=3).field("global").shape == (9,)
+    c = np.array([[5, 1, 0], [1, 6, 1], [0, 1, 9]])
+    metrics = {"balanced_accuracy": 0.8, "accuracy": 0.83, "qwk": 0.9, "roc_auc": 0.95}
+    comp = Comparison("a", "fine_tune", [6, 8, 10], True, {"global": metrics,
+                                                          "personal": metrics},
+                      {"global": c.ravel().tolist(), "personal": c.ravel().tolist()}, {})
+    m = comparison_to_metrics(comp, secure=False)
+    assert "global-sensitivity" not in m and m["global-qwk"] == 0.9
+    back = comparison_from_metrics(m)
+    assert back["personal"] == metrics and back["confusion"]["global"] == c.ravel().tolist()
+    refused = Comparison.refused("b", "fine_tune", "no budget", 3)
+    assert comparison_to_metrics(refused, secure=False)["global-confusion"] == [0] * 9
+    assert personalise_values(refused.confusion, False, 3)["global"].shape == (9,)
+    pooled = pooled_from_confusion({"global": (2 * c).ravel().tolist(),
+                                    "personal": c.ravel().tolist()}, 5, ordered=True)
+    assert pooled["n"] == 48 and pooled["global"]["qwk"] is not None
+    assert pooled["global"]["balanced_accuracy"] == pytest.approx(
+        np.mean([5 / 6, 6 / 8, 9 / 10]))
+    assert pooled_from_confusion({"global": c.ravel().tolist(),
+                                  "personal": c.ravel().tolist()}, 7) is None  # HC: 6 < 7
+    binary = pooled_from_confusion({"global": [8, 2, 9, 1], "personal": [9, 1, 9, 1]}, 5)
+    assert set(binary["global"]) == {"balanced_accuracy", "sensitivity", "specificity"}
+
+
 def test_the_partition_summary_counts_every_class():
     from safn.simulations.partition import partition, summary
 

@@ -206,6 +206,17 @@ def _figure(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _held_out_kclass(m: dict) -> str:
+    """A held-out site's K-class metrics (argmax rule: no sensitivity or specificity)."""
+    ci = (m.get("ci") or {}).get("roc_auc")
+    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    text = (f"ROC-AUC {_figure(m.get('roc_auc'))}{interval}  "
+            f"bal acc {_figure(m.get('balanced_accuracy'))}")
+    if m.get("qwk") is not None:
+        text += f"  QWK {_figure(m['qwk'])}"
+    return text + (f"  ({m['n']} participants)" if "n" in m else "")
+
+
 def round_line(entry: dict, rounds: int) -> str:
     """One readable progress line per round (pooled metrics, sites that reported), then
     indented lines for ε per site, central DP, refusals and rejected updates."""
@@ -239,6 +250,7 @@ def round_line(entry: dict, rounds: int) -> str:
                  else f"  [selected: round {entry['selected_round']}]")
     for name, m in (entry.get("held_out") or {}).items():
         text += (f"\n  held-out {name}: " + (
+            _held_out_kclass(m) if m and "sensitivity" not in m else
             f"ROC-AUC {m['roc_auc']:.3f} [{m['ci']['roc_auc'][0]:.3f}, "
             f"{m['ci']['roc_auc'][1]:.3f}]  bal acc {m['balanced_accuracy']:.3f}  "
             f"sens {m['sensitivity']:.3f}  spec {m['specificity']:.3f}  ({m['n']} participants)"

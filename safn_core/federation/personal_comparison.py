@@ -19,7 +19,12 @@ it comes from (``threshold_from``):
 ``federation_one_class``    the federation's: the site's validation split has one class
 ``federation_kept_global``  the federation's: the site keeps the global model
                             (`personal_training.unfit_validation`)
+``argmax``                  a K-class target (K > 2): no threshold, the most probable class
 ==========================  ===============================================================
+
+With K > 2 classes both models are compared at the argmax rule by `COMPARED_K` (macro
+one-vs-rest ROC-AUC, balanced accuracy, accuracy, and QWK for an ordered target), and the
+confusion counts are the K × K matrix (rows = true class), flat.
 """
 
 from __future__ import annotations
@@ -40,6 +45,19 @@ from safn_core.training.local import predict
 
 COMPARED = ("balanced_accuracy", "sensitivity", "specificity", "roc_auc")
 """The metrics of the global-vs-personal comparison."""
+
+COMPARED_K = ("balanced_accuracy", "accuracy", "qwk", "roc_auc")
+"""The metrics of a K-class target's comparison (K > 2; ``qwk`` only for an ordered one)."""
+
+
+def compared(n_classes: int) -> tuple[str, ...]:
+    """The comparison's metrics for a target of ``n_classes`` classes."""
+    return COMPARED if n_classes == 2 else COMPARED_K
+
+
+def confusion_size(n_classes: int) -> int:
+    """Length of a model's confusion counts: [TP, FN, TN, FP], or the K × K matrix flat."""
+    return 4 if n_classes == 2 else n_classes * n_classes
 
 SELECTED_KEYS = ("epoch", "round", "epochs_trained", "kept", "because", "stopped")
 """What a comparison keeps of the personal model's choice (`fine_tune`'s or Ditto's record)."""
@@ -68,10 +86,11 @@ class Comparison:
     refusal: str | None = None
 
     @classmethod
-    def refused(cls, site: str, method: str, reason: str) -> "Comparison":
+    def refused(cls, site: str, method: str, reason: str, n_classes: int = 2) -> "Comparison":
         """A site without a personal model: nothing compared, its one-line reason."""
-        return cls(site, method, [0, 0], False, {}, {"global": [0] * 4, "personal": [0] * 4},
-                   {}, refusal=reason)
+        size = confusion_size(n_classes)
+        return cls(site, method, [0] * n_classes, False, {},
+                   {"global": [0] * size, "personal": [0] * size}, {}, refusal=reason)
 
     @property
     def kept_global(self) -> bool:
@@ -96,6 +115,8 @@ def compare_on_test(site: Site, pre: Preprocessor, global_weights: dict, persona
                     thresholds: dict[str, float]) -> tuple[dict, dict, list[int]]:
     """Both models' metrics and confusion counts on the site's test split."""
     data = site.arrays(pre, "test")
+    if site.cohort.n_classes > 2:
+        return _compare_kclass(site, pre, data, global_weights, personal_weights)
     metrics, counts = {}, {}
     for which, weights in (("global", global_weights), ("personal", personal_weights)):
         p, _ = predict(load_model(site, pre, weights), data)
@@ -105,9 +126,25 @@ def compare_on_test(site: Site, pre: Preprocessor, global_weights: dict, persona
     return metrics, counts, np.bincount(data.y, minlength=2).tolist()
 
 
+def _compare_kclass(site: Site, pre: Preprocessor, data, global_weights: dict,
+                    personal_weights: dict) -> tuple[dict, dict, list[int]]:
+    from safn_core.multiclass import multiclass_metrics
+
+    target, k = site.cohort.target, site.cohort.n_classes
+    metrics, counts = {}, {}
+    for which, weights in (("global", global_weights), ("personal", personal_weights)):
+        p, _ = predict(load_model(site, pre, weights), data)
+        full = multiclass_metrics(data.y, p, target.ordered, site.cohort.label_names)
+        metrics[which] = {m: (None if full[m] is None else float(full[m])) for m in COMPARED_K}
+        counts[which] = [int(c) for c in np.asarray(full["confusion"]).ravel()]
+    return metrics, counts, np.bincount(data.y, minlength=k)[:k].tolist()
+
+
 def personal_threshold(site: Site, pre: Preprocessor, weights: dict,
                        federation_threshold: float) -> tuple[float, str]:
     """The personal model's decision threshold and the code of where it comes from."""
+    if site.cohort.n_classes > 2:  # the argmax rule: no threshold
+        return float(federation_threshold), "argmax"
     if site.cfg.personalisation.threshold == "global":
         return float(federation_threshold), "federation"
     data = site.arrays(pre, "val")
@@ -140,7 +177,7 @@ def personalise(site: Site, global_weights: dict, pre: Preprocessor, class_count
                 raise PersonalRefused("no personal model: the site trained its personal model "
                                       "in no round of this run")
     except PersonalRefused as exc:
-        out = Comparison.refused(site.name, method, str(exc))
+        out = Comparison.refused(site.name, method, str(exc), site.cohort.n_classes)
         store.save_evaluation(out.record())
         return out
     if unfit is not None:
@@ -159,9 +196,14 @@ def personalise(site: Site, global_weights: dict, pre: Preprocessor, class_count
     return out
 
 
-def pooled_from_confusion(total: dict[str, list[int]], min_cell: int) -> dict | None:
+def pooled_from_confusion(total: dict[str, list[int]], min_cell: int,
+                          ordered: bool = False) -> dict | None:
     """Pooled balanced accuracy, sensitivity and specificity of each model from summed
-    confusion counts; None when a class of the pooled test participants is below min_cell."""
+    confusion counts; None when a class of the pooled test participants is below min_cell.
+    K × K counts (K > 2, flat): balanced accuracy, accuracy, and QWK and MAE when ``ordered``
+    (`safn_core.multiclass.confusion_metrics`)."""
+    if len(total["global"]) != 4:
+        return _pooled_kclass(total, min_cell, ordered)
     g = np.asarray(total["global"], dtype=float)
     pos, neg = g[0] + g[1], g[2] + g[3]
     if min(pos, neg) < min_cell:
@@ -172,4 +214,19 @@ def pooled_from_confusion(total: dict[str, list[int]], min_cell: int) -> dict | 
         sens, spec = tp / (tp + fn), tn / (tn + fp)
         out[which] = {"balanced_accuracy": (sens + spec) / 2, "sensitivity": sens,
                       "specificity": spec}
+    return out
+
+
+def _pooled_kclass(total: dict[str, list[int]], min_cell: int, ordered: bool) -> dict | None:
+    from safn_core.multiclass import confusion_metrics
+
+    k = int(round(np.sqrt(len(total["global"]))))
+    matrices = {w: np.asarray(total[w], dtype=float).reshape(k, k) for w in ("global", "personal")}
+    counts = matrices["global"].sum(1)
+    if counts.min() < min_cell:
+        return None
+    out = {"n": int(counts.sum())}
+    for which, c in matrices.items():
+        m = confusion_metrics(c, ordered)
+        out[which] = {key: m[key] for key in ("balanced_accuracy", "accuracy", "qwk", "mae")}
     return out

@@ -96,7 +96,7 @@ def round_entry(record: RoundRecord, history: list[dict], min_cell: int,
     elif hists:
         entry.update(round_metrics(hists, target=target))
     if external:  # external validation at the pooled threshold of the training sites
-        entry["held_out"] = held_out_metrics(external, entry.get("threshold", 0.5))
+        entry["held_out"] = held_out_metrics(external, entry.get("threshold", 0.5), target)
     entry["rejected"] = [{"round": r, **x} for x in record.rejected]
     if record.secure:
         entry["secure_sum"] = {

@@ -146,7 +146,8 @@ def personalisation_section(rep: Report, run_dir: Path) -> None:
     pooled = record.get("pooled")
     if pooled:
         rows.append({"site": "pooled", "test participants": pooled["n"], "kept": "-",
-                     **{f"{w} {k.replace('_', ' ')}": f"{pooled[w][k]:.3f}"
+                     **{f"{w} {k.replace('_', ' ')}": (f"{pooled[w][k]:.3f}" if pooled[w].get(k)
+                                                       is not None else "-")
                         for w in ("global", "personal")
                         for k in ("balanced_accuracy", "sensitivity", "specificity")}})
     rep.table(pd.DataFrame(rows),

@@ -182,18 +182,22 @@ def evaluate_values(res: dict) -> dict:
             "val_examples": int(res.get("val_examples", 0)), "sites": 1}
 
 
-def personalise_packing(parties: int) -> Packing:
+def personalise_packing(parties: int, n_classes: int = 2) -> Packing:
     """The personalised comparison: [TP, FN, TN, FP] of the global and of the personal model
-    on each site's test split, and the number of sites that had a personal model."""
-    return Packing((Field.count("global", (4,)), Field.count("personal", (4,)),
+    on each site's test split (K > 2 classes: the K × K confusion matrix, flat), and the
+    number of sites that had a personal model."""
+    size = 4 if n_classes == 2 else n_classes * n_classes
+    return Packing((Field.count("global", (size,)), Field.count("personal", (size,)),
                     Field.count("sites")), max_parties=parties)
 
 
-def personalise_values(confusion: dict[str, list[int]], has_model: bool) -> dict:
+def personalise_values(confusion: dict[str, list[int]], has_model: bool,
+                       n_classes: int = 2) -> dict:
     """A site's contribution: its counts whatever their size (only the sum is revealed, to
     which min_cell then applies); zeros when it has no personal model."""
     if not has_model:
-        return {"global": np.zeros(4, dtype=np.int64), "personal": np.zeros(4, dtype=np.int64),
-                "sites": 0}
+        size = 4 if n_classes == 2 else n_classes * n_classes
+        return {"global": np.zeros(size, dtype=np.int64),
+                "personal": np.zeros(size, dtype=np.int64), "sites": 0}
     return {"global": np.asarray(confusion["global"], dtype=np.int64),
             "personal": np.asarray(confusion["personal"], dtype=np.int64), "sites": 1}
