@@ -106,7 +106,7 @@ def load_federated(run_dir: Path):
 
 def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.DataFrame:
     """Leave-one-site-out: one federation per held-out site, then the external table."""
-    from safn.simulations.loso import leave_one_site_out, summarise_loso
+    from safn.simulations.loso import leave_one_site_out, loso_metrics, summarise_loso
 
     if cfg.federation.secure_aggregation and len(parts) - 1 < 3:
         from safn_core.errors import ConfigError
@@ -116,8 +116,8 @@ def run_loso(cohort, parts, cfg: SafnConfig, run_dir: Path, comparison) -> pd.Da
                           "set federation.secure_aggregation=false explicitly, or use more sites")
     loso = leave_one_site_out(cohort, parts, cfg, run_dir, run_flower_simulation,
                               report=console.print)
-    cols = ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "sensitivity",
-            "specificity")
+    cols = (("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "sensitivity",
+             "specificity") if cohort.n_classes == 2 else loso_metrics(loso))
     t = Table(show_lines=True,
               title="leave-one-site-out: federation trained on the other sites, tested on all "
                     "of the held-out site (bootstrap 95% CI)")
@@ -210,10 +210,6 @@ def run(argv: list[str] | None = None) -> int:
         cfg.simulation.site_state_dir = Path(ledgers).resolve()
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
-    if cfg.simulation.loso and cohort.n_classes > 2:
-        raise SafnError(f"simulation.loso scores binary targets only; the target "
-                        f"{cohort.target.name!r} has {cohort.n_classes} classes: set "
-                        "simulation.loso=false")
     parts = build_sites(cohort, cfg)
     if cfg.federation.secure_aggregation and cfg.simulation.loso and len(parts) == 3:
         from safn_core.errors import ConfigError

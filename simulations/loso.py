@@ -8,6 +8,10 @@ high], participants of the held-out site resampled within each class, seed ``tra
 summary is the mean and SD across held-out sites. Each row also has the federation's logistic
 regression floor on the same participants (``floor_{metric}``), the linear model SAFN started
 from, where the run fitted one.
+
+A K-class target (K > 2) is scored at the argmax rule by `safn.simulations.compare_kclass`
+(`LOSO_KCLASS`: macro ROC-AUC, balanced accuracy, QWK, macro F1, MAE; intervals of the first
+three), with each held-out site's class counts instead of its positives.
 """
 
 from __future__ import annotations
@@ -26,6 +30,28 @@ from safn_core.metrics import METRICS, binary_metrics, bootstrap_ci
 from safn.simulations.compare import interval_columns
 
 
+LOSO_KCLASS = ("roc_auc", "balanced_accuracy", "qwk", "macro_f1", "mae")
+"""A K-class target's leave-one-site-out metrics, in table order."""
+
+
+def loso_metrics(df: pd.DataFrame) -> tuple[str, ...]:
+    """The metrics of a leave-one-site-out table: binary (`METRICS`) or K-class."""
+    return METRICS if "sensitivity" in df else LOSO_KCLASS
+
+
+def _kclass(data, p, target, n_boot: int, seed: int, prefix: str = "") -> dict:
+    from safn.simulations.compare_kclass import kclass_row
+
+    row = kclass_row(data.y, p, target, n_boot, seed)
+    counts = np.bincount(data.y, minlength=target.n_classes)[:target.n_classes]
+    out = {f"{prefix}{k}": row[k] for k in LOSO_KCLASS}
+    out.update({f"{prefix}{k}_ci": row[f"{k}_ci"] for k in LOSO_KCLASS if f"{k}_ci" in row})
+    if not prefix:
+        out = {"n": len(data), **{f"n {c}": int(n) for c, n in zip(target.classes, counts)},
+               **out}
+    return out
+
+
 def evaluate_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
                       n_boot: int = 1000, seed: int = 0) -> dict:
     """Metrics (with CIs) of a finished federation's model bundle (its selected round, at that
@@ -36,6 +62,8 @@ def evaluate_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
     bundle = load_bundle(Path(run_dir) / "model")
     data = bundle.arrays(table, min_cell=cfg.data.min_cell)
     p, _ = bundle.predict(data)
+    if not bundle.target.binary:  # the argmax rule: no threshold
+        return _kclass(data, p, bundle.target, n_boot, seed)
     threshold = float(bundle.threshold)
     point = binary_metrics(data.y, p, threshold)
     ci = bootstrap_ci(data.y, p, threshold, n_boot=n_boot, seed=seed)
@@ -59,8 +87,11 @@ def evaluate_floor_held_out(run_dir: Path, cfg: SafnConfig, table: pd.DataFrame,
     round0 = next((e for e in history if e.get("round") == 0), None)
     if fit is None or round0 is None:
         return {}
-    data = load_bundle(Path(run_dir) / "model").arrays(table, min_cell=cfg.data.min_cell)
+    bundle = load_bundle(Path(run_dir) / "model")
+    data = bundle.arrays(table, min_cell=cfg.data.min_cell)
     p = fit.predict_proba(data.x.astype(np.float64))
+    if not bundle.target.binary:
+        return _kclass(data, p, bundle.target, n_boot, seed, prefix="floor_")
     threshold = float(round0.get("threshold", 0.5))
     point = binary_metrics(data.y, p, threshold)
     ci = bootstrap_ci(data.y, p, threshold, n_boot=n_boot, seed=seed)
@@ -89,9 +120,14 @@ def leave_one_site_out(cohort: Cohort, parts: dict[str, np.ndarray], cfg: SafnCo
 
 def summarise_loso(df: pd.DataFrame, prefix: str = "") -> dict[str, dict[str, float]]:
     """Mean and SD across held-out sites of each metric (``prefix="floor_"``: the logistic
-    regression floor's; {} when the runs had none)."""
-    if f"{prefix}{METRICS[0]}" not in df:
+    regression floor's; {} when the runs had none; K classes: `LOSO_KCLASS`, an undefined
+    value (None) left out)."""
+    keys = loso_metrics(df)
+    if f"{prefix}{keys[0]}" not in df:
         return {}
-    return {k: {"mean": float(df[f"{prefix}{k}"].mean()),
-                "sd": float(df[f"{prefix}{k}"].std(ddof=1)) if len(df) > 1 else 0.0}
-            for k in METRICS}
+    out = {}
+    for k in keys:
+        values = pd.to_numeric(df[f"{prefix}{k}"], errors="coerce")
+        out[k] = {"mean": float(values.mean()),
+                  "sd": float(values.std(ddof=1)) if len(df) > 1 else 0.0}
+    return out

@@ -58,13 +58,17 @@ def write_sim_report(run_dir: Path, cfg: SafnConfig, source: str, sites: pd.Data
                          "the difference between them may be chance")
     if loso is not None and not loso.empty:
         rep.heading("Leave-one-site-out external validation")
-        shown = loso[["held_out", "n", "positive"]].copy()
-        for k in ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "mcc"):
+        binary = "positive" in loso
+        counts = ["positive"] if binary else [c for c in loso.columns if c.startswith("n ")]
+        metrics = (("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "mcc") if binary
+                   else ("roc_auc", "balanced_accuracy", "qwk", "macro_f1", "mae"))
+        shown = loso[["held_out", "n", *counts]].copy()
+        for k in metrics:
             shown[k] = with_intervals(loso, k)
         rep.table(shown, "per held-out site, bootstrap 95 % CI in brackets")
         if "floor_roc_auc" in loso:
             floor = loso[["held_out", "n"]].copy()
-            for k in ("roc_auc", "balanced_accuracy", "pr_auc_pd", "pr_auc_hc", "mcc"):
+            for k in metrics:
                 floor[k] = with_intervals(loso, f"floor_{k}")
             rep.table(floor, "the same held-out sites, the federation's logistic regression "
                              "floor (the model SAFN started from, at its round-0 threshold)")

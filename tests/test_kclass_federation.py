@@ -403,3 +403,17 @@ def test_a_three_class_federation_through_real_flower_processes(tmp_path):
     assert all(list(e["pooled"]["per_class"]) == ["HC", "Prodromal", "PD"] for e in history)
     bundle = json.loads((fed.run_dir / "model" / "bundle.json").read_text())
     assert bundle["target"]["classes"] == ["HC", "Prodromal", "PD"]
+
+
+def test_leave_one_site_out_summarises_k_class_metrics_leaving_undefined_ones_out():
+    from safn.simulations.loso import LOSO_KCLASS, summarise_loso
+
+    df = pd.DataFrame({"held_out": ["a", "b", "c"], "n": [10, 12, 9],
+                       "roc_auc": [0.9, 0.8, 0.7], "balanced_accuracy": [0.6, 0.7, 0.8],
+                       "qwk": [0.5, None, 0.7], "macro_f1": [0.5, 0.6, 0.7],
+                       "mae": [0.2, 0.3, 0.4]})
+    summary = summarise_loso(df)
+    assert list(summary) == list(LOSO_KCLASS)
+    assert summary["qwk"]["mean"] == pytest.approx(0.6)
+    assert summary["roc_auc"]["sd"] == pytest.approx(0.1)
+    assert summarise_loso(df, "floor_") == {}
