@@ -281,14 +281,14 @@ def run(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--site {args.site}: file not found; pass the site's own YAML "
                           "(see deploy/examples/site_a.yaml)")
     cfg = load_config(args.site, args.overrides)
-    from safn.client.preflight import preflight
+    from safn.client.preflight import counts_text, preflight
 
     if args.insecure:
         err_console.print(f"[bold red]{INSECURE_WARNING}[/]")
     found = preflight(cfg, args.site, args.insecure)
     site = cfg.site
     console.print(f"site {site.name}: {found.participants} participants pass the data contract "
-                  f"(class counts {found.label_counts[0]} / {found.label_counts[1]}); "
+                  f"(class counts {counts_text(found)}); "
                   f"privacy: {found.privacy}")
     _note_app_approval(site)
     if args.check:

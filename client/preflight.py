@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from safn_core.config import SafnConfig
 from safn_core.deploy_checks import (check_address, check_site_name, check_site_private_key,
                                      load_certificates)
@@ -23,7 +25,7 @@ class Preflight:
     """What the checks found, for the site's console."""
 
     participants: int
-    label_counts: tuple[int, int]
+    label_counts: tuple[int, ...]  # per class of the site's target (binary: HC, PD)
     privacy: str
     cohort: object
 
@@ -137,5 +139,15 @@ def preflight(cfg: SafnConfig, origin: Path, insecure: bool) -> Preflight:
     report.raise_if_failed(f"site {cfg.site.name} does not join; `safn-check --config {origin}` "
                            "prints the full report")
     privacy = check_privacy(cfg, origin)  # (last: reading a ledger loads the DP libraries)
-    n_pos = int(cohort.y.sum())
-    return Preflight(len(cohort), (len(cohort) - n_pos, n_pos), privacy, cohort)
+    k = cohort.n_classes
+    counts = tuple(int(c) for c in np.bincount(cohort.y, minlength=k)[:k])
+    return Preflight(len(cohort), counts, privacy, cohort)
+
+
+def counts_text(found: Preflight) -> str:
+    """The class counts in the site's start line: ``40 / 100`` (binary, as always), with K
+    classes each named (``HC 40 / Prodromal 12 / PD 100``)."""
+    counts = found.label_counts
+    if len(counts) == 2:
+        return f"{counts[0]} / {counts[1]}"
+    return " / ".join(f"{n} {c}" for n, c in zip(found.cohort.label_names, counts))

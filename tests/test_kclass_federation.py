@@ -5,6 +5,7 @@ coordinator checks, and one K-class federation end to end."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -396,6 +397,8 @@ def test_a_three_class_federation_through_real_flower_processes(tmp_path):
         sites = [fed.site(name) for name in SITES]
         assert server.wait(300) == 0, server.output()[-4000:]
         assert all(site.wait(120) == 0 for site in sites)
+    assert all(re.search(r"class counts HC \d+ / Prodromal \d+ / PD \d+\)", site.output())
+               for site in sites)
     out = server.output()
     assert "run completed after round 2" in out and "QWK" in out
     history = fed.history()
