@@ -286,8 +286,9 @@ def run(argv: list[str] | None = None) -> int:
 def _run_kclass(cfg, cohort, out: Path, t0: float) -> int:
     """safn-train for a target of K > 2 classes (`safn_core.cli.train_kclass`)."""
     from safn_core.cli import train_kclass
-    from safn_core.training.crossval import cross_validate, final_model
+    from safn_core.training.crossval import check_decision_rule, cross_validate, final_model
 
+    check_decision_rule(cohort, cfg)
     counts = ", ".join(f"{int((cohort.y == k).sum())} {c}"
                        for k, c in enumerate(cohort.label_names))
     console.print(f"[bold]cohort[/]: {cohort.report.source}: {len(cohort)} participants, "

@@ -164,8 +164,10 @@ def write_outputs(out, cfg, cohort, res: dict, elapsed: float) -> dict:
             "summary": summary.replace({np.nan: None}).to_dict("records"),
             "modality_weights_by_class": weights_by_class,
             "confusion": None if confusion is None else confusion.to_numpy().tolist(),
-            "decision_rule": "argmax (ordered targets: also cut points fitted on validation, "
-                             "*_cut columns)"}
+            "decision_rule": {
+                "folds": "argmax; ordered targets also cut points fitted on each fold's "
+                         "validation split (*_cut columns)",
+                "bundle": cfg.train.decision_rule}}
 
 
 def save(out, cfg, cohort, final, summary_records: list[dict], elapsed: float,
@@ -184,6 +186,7 @@ def save(out, cfg, cohort, final, summary_records: list[dict], elapsed: float,
                                     "epochs": final.fit.epochs_run,
                                     "sites": pd.Series(cohort.sites).value_counts()
                                     .sort_index().to_dict()}},
-                harmonisation=final.harmonisation, calibration=None, target=cohort.target)
+                harmonisation=final.harmonisation, calibration=None, target=cohort.target,
+                cutpoints=final.cutpoints)
     write_json(out / "results.json", {"cohort": {"n": len(cohort)}, **kclass,
                                       "seconds": elapsed})

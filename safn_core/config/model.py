@@ -134,6 +134,12 @@ class TrainConfig(Section):
     temperature_scaling: bool = Field(
         True, description="fit a temperature T on the validation split's logits after early "
                           "stopping (safn-train's folds and bundle): p = σ(z/T), rankings kept")
+    decision_rule: Literal["argmax", "cutpoints"] = Field(
+        "argmax", description="K > 2 classes: the class safn-train's bundle predicts: the most "
+                              "probable (argmax) or, for an ordered target, the class between "
+                              "cut points on the expected class index fitted on the final "
+                              "fit's validation split to maximise QWK; binary targets use the "
+                              "threshold")
     folds: int = Field(5, ge=2)
     repeats: int = Field(3, ge=1)
     workers: int = Field(2, ge=1, description="parallel fold fits (processes)")

@@ -334,7 +334,28 @@ class FinalModel:
     class_counts: list[int]
     harmonisation: HarmonisationRecord | None = None
     calibration: TrainingTemperature | None = None
+    cutpoints: list[float] | None = None  # K > 2, train.decision_rule cutpoints
 
+
+def check_decision_rule(cohort: Cohort, cfg: SafnConfig) -> None:
+    """``train.decision_rule: cutpoints`` needs ordered classes (a `DataError` otherwise): said
+    before any fold is fitted."""
+    if cfg.train.decision_rule == "cutpoints" and not cohort.target.binary \
+            and not cohort.target.ordered:
+        from safn_core.errors import DataError
+
+        raise DataError(f"train.decision_rule is 'cutpoints' but the target "
+                        f"{cohort.target.name!r} has unordered classes; use argmax")
+
+
+def _cutpoints(cohort: Cohort, cfg: SafnConfig, model, val: Arrays) -> list[float] | None:
+    """The ordinal cut points of ``train.decision_rule: cutpoints``, fitted on the final fit's
+    validation split (None for argmax)."""
+    if cfg.train.decision_rule != "cutpoints":
+        return None
+    from safn_core.multiclass import fit_cutpoints
+
+    return [float(c) for c in fit_cutpoints(val.y, scores(model, val)[1])]
 
 def _sites_text(table: pd.DataFrame, ids) -> str:
     counts = table.loc[ids, SITE].astype(str).value_counts().sort_index()
@@ -349,6 +370,7 @@ def final_model(cohort: Cohort, cfg: SafnConfig,
     With harmonisation, ComBat is fitted on the training part only and applied to the
     validation part first, as in every fold; the returned record is that fit."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    check_decision_rule(cohort, cfg)
     ids, y = cohort.ids, cohort.y
     tr, va = train_test_split(ids, test_size=cfg.train.val_fraction, stratify=y,
                               random_state=cfg.train.seed)
@@ -367,8 +389,9 @@ def final_model(cohort: Cohort, cfg: SafnConfig,
     va_a = Arrays.from_table(pre, table.loc[va])
     fit = fit_with_early_stopping(tr_a, va_a, cohort.modalities, model_cfg or cfg.model,
                                   cfg.train, cfg.train.seed, target=cohort.target)
-    if not cohort.target.binary:  # K classes: argmax (or the bundle's cut points), no threshold
-        return FinalModel(fit, pre, None, tr_a.class_counts(), record, None)
+    if not cohort.target.binary:  # K classes: argmax or cut points, no threshold
+        return FinalModel(fit, pre, None, tr_a.class_counts(cohort.n_classes), record, None,
+                          _cutpoints(cohort, cfg, fit.model, va_a))
     z_val, p_val, _ = scores(fit.model, va_a)
     calibration = None
     if cfg.train.temperature_scaling:
