@@ -188,7 +188,7 @@ def run(argv: list[str] | None = None) -> int:
     out = fresh_output_dir(args.out or Path("runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}")
 
     from safn_core.data.sources import load_cohort
-    from safn_core.training.crossval import cross_validate, final_model
+    from safn_core.training.crossval import final_model
 
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
@@ -196,21 +196,8 @@ def run(argv: list[str] | None = None) -> int:
     if not cohort.target.binary:
         return _run_kclass(cfg, cohort, out, t0)
     n_pos = int(cohort.y.sum())
-    console.print(f"[bold]cohort[/]: {cohort.report.source}: {len(cohort)} participants, "
-                  f"{n_pos} {cohort.label_names[1]} / {len(cohort) - n_pos} "
-                  f"{cohort.label_names[0]}; modalities "
-                  + ", ".join(f"{m.name} ({len(m.features)})" for m in cohort.modalities))
-    harmonisation = harmonisation_line(cohort, cfg)
-    if harmonisation:
-        console.print(harmonisation, markup=False, highlight=False)
-    write_atomic(out / "config.yaml", dump_config(cfg))
-    write_json(out / "load_report.json", cohort.report.to_dict())
-
-    with Progress(TextColumn("[bold]cross-validation"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("folds"), TimeElapsedColumn(), console=console,
-                  transient=False) as bar:
-        task = bar.add_task("cv", total=cfg.train.folds * cfg.train.repeats)
-        res = cross_validate(cohort, cfg, lambda done, total: bar.update(task, completed=done))
+    harmonisation = _start(cohort, cfg, out)
+    res = _cross_validate(cohort, cfg)
 
     folds = res["folds"]
     summary = summary_table(folds)
@@ -283,24 +270,47 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_kclass(cfg, cohort, out: Path, t0: float) -> int:
-    """safn-train for a target of K > 2 classes (`safn_core.cli.train_kclass`)."""
-    from safn_core.cli import train_kclass
-    from safn_core.training.crossval import check_decision_rule, cross_validate, final_model
-
-    check_decision_rule(cohort, cfg)
-    counts = ", ".join(f"{int((cohort.y == k).sum())} {c}"
-                       for k, c in enumerate(cohort.label_names))
+def _start(cohort, cfg, out: Path) -> str | None:
+    """The cohort's line (and the harmonisation's) on the console, the configuration and the
+    load report in the run folder; returns the harmonisation line (None without one)."""
+    if cohort.target.binary:
+        n_pos = int(cohort.y.sum())
+        counts = (f"{n_pos} {cohort.label_names[1]} / {len(cohort) - n_pos} "
+                  f"{cohort.label_names[0]}")
+    else:
+        counts = f"target {cohort.target.name}: " + ", ".join(
+            f"{int((cohort.y == k).sum())} {c}" for k, c in enumerate(cohort.label_names))
     console.print(f"[bold]cohort[/]: {cohort.report.source}: {len(cohort)} participants, "
-                  f"target {cohort.target.name}: {counts}; modalities "
+                  f"{counts}; modalities "
                   + ", ".join(f"{m.name} ({len(m.features)})" for m in cohort.modalities))
+    harmonisation = harmonisation_line(cohort, cfg)
+    if harmonisation:
+        console.print(harmonisation, markup=False, highlight=False)
     write_atomic(out / "config.yaml", dump_config(cfg))
     write_json(out / "load_report.json", cohort.report.to_dict())
+    return harmonisation
+
+
+def _cross_validate(cohort, cfg) -> dict:
+    """`cross_validate` under a progress bar of folds."""
+    from safn_core.training.crossval import cross_validate
+
     with Progress(TextColumn("[bold]cross-validation"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("folds"), TimeElapsedColumn(), console=console,
                   transient=False) as bar:
         task = bar.add_task("cv", total=cfg.train.folds * cfg.train.repeats)
-        res = cross_validate(cohort, cfg, lambda done, total: bar.update(task, completed=done))
+        return cross_validate(cohort, cfg,
+                              lambda done, total: bar.update(task, completed=done))
+
+
+def _run_kclass(cfg, cohort, out: Path, t0: float) -> int:
+    """safn-train for a target of K > 2 classes (`safn_core.cli.train_kclass`)."""
+    from safn_core.cli import train_kclass
+    from safn_core.training.crossval import check_decision_rule, final_model
+
+    check_decision_rule(cohort, cfg)
+    _start(cohort, cfg, out)
+    res = _cross_validate(cohort, cfg)
     kclass = train_kclass.write_outputs(out, cfg, cohort, res, time.perf_counter() - t0)
     console.print("final fit of SAFN on all participants …")
     final = final_model(cohort, cfg)
