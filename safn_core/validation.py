@@ -36,8 +36,9 @@ from safn_core.data.cohort import LABEL, SITE, Cohort
 from safn_core.data.contract import check_cohort
 from safn_core.errors import DataError, SafnError
 from safn_core.metrics import METRICS, binary_metrics, bootstrap_ci, calibration
-from safn_core.recalibration import (CalibrationMap, RecalibrationOptions, check_parts, counts,
-                                     recalibrate, recalibration_record, split_participants)
+from safn_core.recalibration import (CalibrationMap, RecalibrationOptions, counts, recalibrate,
+                                     recalibration_record)
+from safn_core.recalibration_parts import SplitParts, split_site, validation_record
 from safn_core.validation_multiclass import (check_target, recalibrate_multiclass,
                                              validate_multiclass)
 from safn_core.validation_scope import (is_no_site, modality_weights, scope_record,
@@ -227,7 +228,7 @@ def validate(site: SiteData, *, n_boot: int = 1000, seed: int = 0) -> Validation
 
 
 @dataclass(frozen=True)
-class Recalibration:
+class Recalibration(SplitParts):
     """A recalibration at the site (`recalibrate_at_site`): who went to which part
     (``in_recal`` over ``participant_ids``), the fitted ``cmap`` and ``threshold``, and on the
     evaluation part only: ``before`` (the bundle as it is) and ``after`` (map + threshold)
@@ -249,10 +250,6 @@ class Recalibration:
     modality_weights: dict[str, float]
     record: dict
 
-    @property
-    def evaluated(self) -> np.ndarray:
-        return ~self.in_recal
-
     def site_meta(self) -> dict:
         """The site bundle's ``bundle.json``: the bundle's, with the new threshold and the
         ``recalibration`` record."""
@@ -261,17 +258,7 @@ class Recalibration:
 
     def record_for(self, site_bundle: Path) -> dict:
         """``validation.json``, naming the site bundle written at ``site_bundle``."""
-        return {**scope_record(self.site), "n": len(self.y),
-                "parts": {"recalibration": self.record["recalibration_part"],
-                          "evaluation": self.record["evaluation_part"]},
-                "recalibration": self.record, "before": self.before, "after": self.after,
-                "majority_class": self.majority, "modality_weights": self.modality_weights,
-                "site_bundle": str(site_bundle), "harmonisation": self.site.harmonisation}
-
-    def split(self) -> pd.DataFrame:
-        """``recalibration_split.csv``: which participant went where (stays at the site)."""
-        return pd.DataFrame({"participant_id": self.participant_ids, "y": self.y,
-                             "part": np.where(self.in_recal, "recalibration", "evaluation")})
+        return validation_record(self, site_bundle)
 
     def predictions(self) -> pd.DataFrame:
         """``predictions.csv``: the evaluation part's scores before and after."""
@@ -298,12 +285,8 @@ def recalibrate_at_site(site: SiteData, options: RecalibrationOptions, *,
     bundle = site.bundle
     if bundle.n_classes > 2:
         return recalibrate_multiclass(site, options, n_boot=n_boot)
-    arrays = bundle.arrays(site.table, adjustments=site.adjustments)
-    z, p_raw, alpha = bundle.scores(arrays)  # the model's own logits: any old map is dropped
-    y, names = arrays.y, bundle.label_names
-    ids = site.table.index.to_numpy()
-    in_recal = split_participants(ids, y, options.fraction, options.split_seed)
-    check_parts(y, in_recal, site.min_cell, options.fraction, names)
+    z, p_raw, alpha, y, ids, in_recal = split_site(site, options)
+    names = bundle.label_names
     cmap, threshold = recalibrate(z, y, in_recal, options.method)
     ev = ~in_recal
     p_before, p_after = bundle.calibrate(z, p_raw), cmap(z)

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from safn_core.errors import DataError
-from safn_core.recalibration import (RecalibrationOptions, check_parts, counts,
-                                     split_participants)
+from safn_core.recalibration import RecalibrationOptions, counts
+from safn_core.recalibration_parts import SplitParts, split_site, validation_record
 from safn_core.recalibration_multiclass import MultiClassMap, fit_multiclass_map
 from safn_core.targets import Target
 from safn_core.validation_scope import modality_weights, scope_record
@@ -156,7 +156,7 @@ def validate_multiclass(site, *, n_boot: int = 1000, seed: int = 0) -> MultiClas
 
 
 @dataclass(frozen=True)
-class MultiClassRecalibration:
+class MultiClassRecalibration(SplitParts):
     """A K-class recalibration at the site: the split, the fitted ``cmap`` (and refitted cut
     points, None: argmax), ``before`` / ``after`` figures on the evaluation part only (each
     with the majority-class baseline: the recalibration part's majority class), their
@@ -177,10 +177,6 @@ class MultiClassRecalibration:
     record: dict
 
     @property
-    def evaluated(self) -> np.ndarray:
-        return ~self.in_recal
-
-    @property
     def majority(self) -> dict:
         return self.after["majority"]
 
@@ -194,18 +190,7 @@ class MultiClassRecalibration:
 
     def record_for(self, site_bundle: Path) -> dict:
         """``validation.json``, naming the site bundle written at ``site_bundle``."""
-        return {**scope_record(self.site), "n": len(self.y),
-                "target": self.site.bundle.target.to_dict(),
-                "parts": {"recalibration": self.record["recalibration_part"],
-                          "evaluation": self.record["evaluation_part"]},
-                "recalibration": self.record, "before": self.before, "after": self.after,
-                "majority_class": self.majority, "modality_weights": self.modality_weights,
-                "site_bundle": str(site_bundle), "harmonisation": self.site.harmonisation}
-
-    def split(self) -> pd.DataFrame:
-        """``recalibration_split.csv``: which participant went where (stays at the site)."""
-        return pd.DataFrame({"participant_id": self.participant_ids, "y": self.y,
-                             "part": np.where(self.in_recal, "recalibration", "evaluation")})
+        return validation_record(self, site_bundle, target=self.site.bundle.target.to_dict())
 
     def predictions(self) -> pd.DataFrame:
         """``predictions.csv``: the evaluation part's class probabilities before and after."""
@@ -225,11 +210,7 @@ def recalibrate_multiclass(site, options: RecalibrationOptions, *,
 
     bundle = site.bundle
     target, names = bundle.target, bundle.label_names
-    arrays = bundle.arrays(site.table, adjustments=site.adjustments)
-    z, p_raw, alpha = bundle.scores(arrays)  # the model's own logits: any old map is dropped
-    y, ids = arrays.y, site.table.index.to_numpy()
-    in_recal = split_participants(ids, y, options.fraction, options.split_seed)
-    check_parts(y, in_recal, site.min_cell, options.fraction, names)
+    z, p_raw, alpha, y, ids, in_recal = split_site(site, options)
     cmap = fit_multiclass_map(options.method, z[in_recal], y[in_recal], target.n_classes)
     p_before, p_after = bundle.calibrate(z, p_raw), cmap(z)
     cuts = (None if bundle.cutpoints is None

@@ -49,8 +49,10 @@ from rich.table import Table
 
 from safn_core.cli import validate_outputs_multiclass as kclass
 from safn_core.cli.common import base_parser, console, entry, fresh_output_dir, write_json
-from safn_core.cli.validate_outputs import (before_after_rows, harmonisation_line, map_line,
-                                            parts_line, recalibration_card, replaces_line,
+from safn_core.cli.validate_outputs import (before_after_rows, before_after_table,
+                                            harmonisation_line, map_line, parts_line,
+                                            print_recalibration_head, print_weights,
+                                            recalibration_card, replaces_line, say,
                                             threshold_source, write_recalibration_report,
                                             write_validation_card, write_validation_report)
 from safn_core.errors import SafnError
@@ -102,7 +104,7 @@ def run(argv: list[str] | None = None) -> int:
     out = fresh_output_dir(args.out or Path("runs") / f"validate-{datetime.now():%Y%m%d-%H%M%S}")
     site = load_site_data(args.model, source, bundle)
     if (line := harmonisation_line(site.harmonisation)) is not None:
-        _say(line)
+        say(line)
     if options is not None:
         res = recalibrate_at_site(site, options, n_boot=args.bootstrap)
         if isinstance(res, MultiClassRecalibration):
@@ -140,17 +142,13 @@ def _recalibration_options(args) -> RecalibrationOptions | None:
                                 split_seed=value["split_seed"])
 
 
-def _say(line: str) -> None:
-    console.print(line, markup=False, highlight=False)
-
-
 def _print_validation(res: Validation) -> None:
     site, bundle = res.site, res.site.bundle
     label, n, n_pos = site.scope["validation"], len(res.y), res.n_positive
     console.print(f"[bold]{label} validation[/] of {site.model} ({bundle.meta.get('kind')}) on "
                   f"{site.source}: {n} participants, {n_pos} {bundle.label_names[1]} / "
                   f"{n - n_pos} {bundle.label_names[0]}")
-    _say(site.scope["note"])
+    say(site.scope["note"])
     t = Table(title=f"{label} validation (threshold {bundle.threshold:.3f} "
                     f"{threshold_source(bundle)}; 95% bootstrap CIs)")
     for c in ("metric", "value", "95% CI"):
@@ -158,34 +156,23 @@ def _print_validation(res: Validation) -> None:
     for k, v in res.figures["metrics"].items():
         t.add_row(k, f"{v['value']:.3f}", f"{v['ci'][0]:.3f} – {v['ci'][1]:.3f}")
     console.print(t)
-    _say(f"calibration: {calibration_text(res.figures['calibration'])}")
-    console.print("modality weights on this population: " + ", ".join(
-        f"{m} {w:.2f}" for m, w in res.modality_weights.items()))
+    say(f"calibration: {calibration_text(res.figures['calibration'])}")
+    print_weights(res.modality_weights)
 
 
 def _print_recalibration(res: Recalibration) -> None:
     site, record = res.site, res.record
-    console.print(f"[bold]{site.scope['validation']} validation with recalibration[/] of "
-                  f"{site.model} ({site.bundle.meta.get('kind')}) at {record['site']} on "
-                  f"{site.source}: {len(res.y)} participants")
-    _say(site.scope["note"])
-    for line in (parts_line(record, site.bundle.label_names), map_line(record),
-                 replaces_line(record)):
-        if line:
-            _say(line)
-    t = Table(title=f"evaluation part only ({record['evaluation_part']['n']} participants "
-                    "never used to recalibrate; 95% bootstrap CIs): before = the bundle as it "
-                    f"is (threshold {record['threshold_before']:.3f}), after = "
-                    f"{record['method']} map + threshold {record['threshold']:.3f}; majority "
-                    f"class = always {res.majority['class']}")
-    rows = before_after_rows(res)
-    for c in rows[0]:
-        t.add_column(c, justify="left" if c == "metric" else "right")
-    for r in rows:
-        t.add_row(*(v if isinstance(v, str) else f"{v:.3f}" for v in r.values()))
-    console.print(t)
+    print_recalibration_head(res, site.bundle.meta.get("kind"),
+                             (parts_line(record, site.bundle.label_names), map_line(record),
+                              replaces_line(record)))
+    console.print(before_after_table(
+        f"evaluation part only ({record['evaluation_part']['n']} participants never used to "
+        "recalibrate; 95% bootstrap CIs): before = the bundle as it is (threshold "
+        f"{record['threshold_before']:.3f}), after = {record['method']} map + threshold "
+        f"{record['threshold']:.3f}; majority class = always {res.majority['class']}",
+        before_after_rows(res), lambda v: f"{v:.3f}"))
     for when, fig in (("before", res.before), ("after", res.after)):
-        _say(f"calibration {when}: {calibration_text(fig['calibration'])}")
+        say(f"calibration {when}: {calibration_text(fig['calibration'])}")
 
 
 def _write_recalibration(out: Path, res: Recalibration) -> None:

@@ -9,8 +9,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+from rich.table import Table
 
-from safn_core.cli.common import write_atomic
+from safn_core.cli.common import console, write_atomic
 from safn_core.metrics import METRICS, calibration_text
 from safn_core.recalibration import CalibrationMap
 from safn_core.validation import Recalibration, Validation
@@ -69,6 +70,102 @@ def _ci(m: dict) -> str:
     return f"{m['ci'][0]:.3f} – {m['ci'][1]:.3f}"
 
 
+# ----------------------------------------------------------------- shared with K classes
+# (`safn_core.cli.validate_outputs_multiclass` and the console of `safn_core.cli.validate`)
+
+
+def say(line: str) -> None:
+    """A console line as it is: no rich markup, no highlighting."""
+    console.print(line, markup=False, highlight=False)
+
+
+def print_weights(weights: dict) -> None:
+    console.print("modality weights on this population: " + ", ".join(
+        f"{m} {w:.2f}" for m, w in weights.items()))
+
+
+def print_recalibration_head(res, what: str, lines) -> None:
+    """The first console lines of a recalibration: who, where, ``what`` model, the scope's
+    note, then each of ``lines`` that is not None."""
+    site, record = res.site, res.record
+    console.print(f"[bold]{site.scope['validation']} validation with recalibration[/] of "
+                  f"{site.model} ({what}) at {record['site']} on "
+                  f"{site.source}: {len(res.y)} participants")
+    say(site.scope["note"])
+    for line in lines:
+        if line:
+            say(line)
+
+
+def before_after_table(title: str, rows: list[dict], num) -> Table:
+    """The console table of `before_after_rows`: strings as they are, numbers by ``num``."""
+    t = Table(title=title)
+    for c in rows[0]:
+        t.add_column(c, justify="left" if c == "metric" else "right")
+    for r in rows:
+        t.add_row(*(v if isinstance(v, str) else num(v) for v in r.values()))
+    return t
+
+
+def validation_card_head(site) -> list[str]:
+    """The first lines of a card's "Validation at ..." section: scope and its note."""
+    scope = site.scope
+    return ["", f"## Validation at {site.source}", "",
+            f"- **{scope['validation']} validation** ({datetime.now():%Y-%m-%d}, safn-validate)",
+            f"- {scope['note']}",
+            *(f"- {k}: {v}" for k, v in scope_rows(scope).items() if k != "validation")]
+
+
+def recalibration_card_head(record: dict, applies: str) -> list[str]:
+    """The first lines of a site bundle card's "Recalibration at <site>" section; ``applies``:
+    what the bundle applies besides the map."""
+    return ["", f"## Recalibration at {record['site']}", "",
+            f"- **recalibrated at {record['site']}** ({record['date'][:10]}, safn-validate "
+            f"--recalibrate) on {record['data']}; weights and preprocessing unchanged from "
+            f"{record['source_bundle']}. This bundle applies the map below to every "
+            f"prediction{applies}: its figures hold for this site's population, not for the "
+            "training sites'"]
+
+
+def card_with(model_path: Path, bundle, lines: list[str]) -> str:
+    """The bundle's model card followed by ``lines``."""
+    text = _bundle_card(model_path, bundle)
+    return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+
+
+def write_card(out: Path, text: str) -> Path:
+    """``model_card.md`` in the output folder (never in the bundle folder)."""
+    write_atomic(out / "model_card.md", text)
+    return out / "model_card.md"
+
+
+def scope_section(rep, scope: dict) -> None:
+    """The report's first section: the validation's scope."""
+    rep.heading(f"{scope['validation'].capitalize()} validation")
+    rep.text(scope["note"])
+    rep.table(scope_rows(scope))
+
+
+def recalibration_section(rep, record: dict, parts: str, map_text: str) -> None:
+    rep.heading(f"Recalibration at {record['site']}")
+    rep.text(parts)
+    rep.text(map_text)
+    if record.get("replaces"):
+        rep.text(replaces_line(record), note=True)
+
+
+def finish_report(rep, out: Path, weights: dict, population: str, card: Path,
+                  card_heading: str) -> Path:
+    """The report's last sections (the modality weights on ``population``, then the model
+    card at ``card`` where there is one) and ``report.html`` written."""
+    rep.heading(f"Modality weights on {population}")
+    rep.table(weights)
+    if card.is_file():
+        rep.heading(card_heading)
+        rep.code(card.read_text())
+    return rep.write(out / "report.html")
+
+
 # ------------------------------------------------------------------------------ validation
 
 
@@ -76,13 +173,10 @@ def validation_card(res: Validation) -> str:
     """The bundle's model card (its text, or one made from its metadata when the file is
     missing) followed by a "Validation at ..." section on this evaluation."""
     site, bundle = res.site, res.site.bundle
-    scope, y, n_pos = site.scope, res.y, res.n_positive
+    y, n_pos = res.y, res.n_positive
     neg, pos = bundle.label_names
     lines = [
-        "", f"## Validation at {site.source}", "",
-        f"- **{scope['validation']} validation** ({datetime.now():%Y-%m-%d}, safn-validate)",
-        f"- {scope['note']}",
-        *(f"- {k}: {v}" for k, v in scope_rows(scope).items() if k != "validation"),
+        *validation_card_head(site),
         f"- participants: {len(y)} ({n_pos} {pos}, {len(y) - n_pos} {neg}); decision threshold "
         f"{bundle.threshold:.3f} {threshold_source(bundle)}",
         *([f"- {h}"] if (h := harmonisation_text(site.harmonisation)) else []),
@@ -91,14 +185,12 @@ def validation_card(res: Validation) -> str:
     for k, v in res.figures["metrics"].items():
         lines.append(f"  - {k}: {v['value']:.3f} (95% CI {v['ci'][0]:.3f}–{v['ci'][1]:.3f})")
     lines.append(f"- calibration: {calibration_text(res.figures['calibration'])}")
-    text = _bundle_card(site.model, bundle)
-    return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+    return card_with(site.model, bundle, lines)
 
 
 def write_validation_card(out: Path, res: Validation) -> Path:
     """``model_card.md`` in the output folder (never in the bundle folder)."""
-    write_atomic(out / "model_card.md", validation_card(res))
-    return out / "model_card.md"
+    return write_card(out, validation_card(res))
 
 
 def write_validation_report(out: Path, res: Validation) -> Path:
@@ -112,9 +204,7 @@ def write_validation_report(out: Path, res: Validation) -> Path:
     plots.reliability(res.figures["calibration"], out / "calibration.png")
     n, n_pos = len(res.y), res.n_positive
     rep = Report(f"safn-validate: {label} validation", f"model {site.model} on {site.source}")
-    rep.heading(f"{label.capitalize()} validation")
-    rep.text(site.scope["note"])
-    rep.table(scope_rows(site.scope))
+    scope_section(rep, site.scope)
     rep.heading("Data")
     rep.table({"participants": n, bundle.label_names[1]: n_pos,
                bundle.label_names[0]: n - n_pos,
@@ -126,13 +216,8 @@ def write_validation_report(out: Path, res: Validation) -> Path:
     rep.heading("Calibration")
     rep.text(calibration_text(res.figures["calibration"]))
     rep.figure(out / "calibration.png", "reliability curve")
-    rep.heading("Modality weights on this population")
-    rep.table(res.modality_weights)
-    card = out / "model_card.md"
-    if card.is_file():
-        rep.heading("Model card (the bundle's, with this validation)")
-        rep.code(card.read_text())
-    return rep.write(out / "report.html")
+    return finish_report(rep, out, res.modality_weights, "this population",
+                         out / "model_card.md", "Model card (the bundle's, with this validation)")
 
 
 # ------------------------------------------------------------------------------ recalibration
@@ -187,12 +272,7 @@ def recalibration_card(res: Recalibration) -> str:
     section (what was fitted, on whom, and the before/after figures on the evaluation part)."""
     site, record = res.site, res.record
     lines = [
-        "", f"## Recalibration at {record['site']}", "",
-        f"- **recalibrated at {record['site']}** ({record['date'][:10]}, safn-validate "
-        f"--recalibrate) on {record['data']}; weights and preprocessing unchanged from "
-        f"{record['source_bundle']}. This bundle applies the map below to every prediction and "
-        "uses the new threshold: its figures hold for this site's population, not for the "
-        "training sites'",
+        *recalibration_card_head(record, " and uses the new threshold"),
         f"- {map_line(record)}",
         f"- {parts_line(record, site.bundle.label_names)}; the figures below are on the "
         "evaluation part only, never used to recalibrate",
@@ -207,8 +287,7 @@ def recalibration_card(res: Recalibration) -> str:
                      f"({_ci(a[k])})")
     lines += [f"- calibration before: {calibration_text(res.before['calibration'])}",
               f"- calibration after: {calibration_text(res.after['calibration'])}"]
-    text = _bundle_card(site.model, site.bundle)
-    return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+    return card_with(site.model, site.bundle, lines)
 
 
 def write_recalibration_report(out: Path, res: Recalibration) -> Path:
@@ -226,14 +305,9 @@ def write_recalibration_report(out: Path, res: Recalibration) -> Path:
                           f"{when} recalibration")
     rep = Report(f"safn-validate: recalibration at {record['site']}",
                  f"model {site.model} on {site.source}")
-    rep.heading(f"{site.scope['validation'].capitalize()} validation")
-    rep.text(site.scope["note"])
-    rep.table(scope_rows(site.scope))
-    rep.heading(f"Recalibration at {record['site']}")
-    rep.text(parts_line(record, site.bundle.label_names))
-    rep.text(map_line(record))
-    if record.get("replaces"):
-        rep.text(replaces_line(record), note=True)
+    scope_section(rep, site.scope)
+    recalibration_section(rep, record, parts_line(record, site.bundle.label_names),
+                          map_line(record))
     rep.heading("Before and after, on the evaluation part (95% bootstrap CI)")
     rep.text(f"before: the bundle as it is (threshold {record['threshold_before']:.3f}); after: "
              f"{record['method']} map and threshold {record['threshold']:.3f}; majority class: "
@@ -245,10 +319,5 @@ def write_recalibration_report(out: Path, res: Recalibration) -> Path:
     for when, fig in (("before", res.before), ("after", res.after)):
         rep.text(f"{when}: {calibration_text(fig['calibration'])}")
         rep.figure(out / f"calibration_{when}.png", f"reliability curve {when} recalibration")
-    rep.heading("Modality weights on the evaluation part")
-    rep.table(res.modality_weights)
-    card = out / "site_bundle" / "model_card.md"
-    if card.is_file():
-        rep.heading("Model card of the site bundle")
-        rep.code(card.read_text())
-    return rep.write(out / "report.html")
+    return finish_report(rep, out, res.modality_weights, "the evaluation part",
+                         out / "site_bundle" / "model_card.md", "Model card of the site bundle")

@@ -8,21 +8,19 @@ and one-vs-rest ROC curves."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 from rich.table import Table
 
-from safn_core.cli.common import console, write_atomic
-from safn_core.cli.validate_outputs import (_bundle_card, harmonisation_text, replaces_line,
-                                            scope_rows)
+from safn_core.cli.common import console
+from safn_core.cli.validate_outputs import (before_after_table, card_with, finish_report,
+                                            harmonisation_text, print_recalibration_head,
+                                            print_weights, recalibration_card_head,
+                                            recalibration_section, replaces_line, say,
+                                            scope_section, validation_card_head, write_card)
 from safn_core.recalibration_multiclass import MultiClassMap
 from safn_core.validation_multiclass import MultiClassRecalibration, MultiClassValidation
-
-
-def _say(line: str) -> None:
-    console.print(line, markup=False, highlight=False)
 
 
 def _ci_text(m: dict) -> str:
@@ -91,15 +89,14 @@ def print_validation(res: MultiClassValidation) -> None:
     console.print(f"[bold]{label} validation[/] of {site.model} ({bundle.meta.get('kind')}, "
                   f"target {bundle.target.name}) on {site.source}: "
                   f"{counts_text(res.class_counts())} participants")
-    _say(site.scope["note"])
-    _say(f"decision rule: {res.figures['rule_text']}")
+    say(site.scope["note"])
+    say(f"decision rule: {res.figures['rule_text']}")
     console.print(_metric_table(f"{label} validation, {len(res.classes)} classes (95% "
                                 f"bootstrap CIs; majority class = {majority_text(res.figures)})",
                                 res.figures))
     for line in _confusion_lines(res.figures):
-        _say(line)
-    console.print("modality weights on this population: " + ", ".join(
-        f"{m} {w:.2f}" for m, w in res.modality_weights.items()))
+        say(line)
+    print_weights(res.modality_weights)
 
 
 def _figure_lines(figures: dict) -> list[str]:
@@ -121,25 +118,20 @@ def _figure_lines(figures: dict) -> list[str]:
 
 def validation_card(res: MultiClassValidation) -> str:
     """The bundle's model card followed by a "Validation at ..." section (K classes)."""
-    site, bundle, scope = res.site, res.site.bundle, res.site.scope
+    site, bundle = res.site, res.site.bundle
     lines = [
-        "", f"## Validation at {site.source}", "",
-        f"- **{scope['validation']} validation** ({datetime.now():%Y-%m-%d}, safn-validate)",
-        f"- {scope['note']}",
-        *(f"- {k}: {v}" for k, v in scope_rows(scope).items() if k != "validation"),
+        *validation_card_head(site),
         f"- target {bundle.target.name}: classes {', '.join(res.classes)}"
         f"{' (ordered)' if bundle.target.ordered else ''}; participants "
         f"{counts_text(res.class_counts())}",
         *([f"- {h}"] if (h := harmonisation_text(site.harmonisation)) else []),
         *_figure_lines(res.figures),
     ]
-    text = _bundle_card(site.model, bundle)
-    return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+    return card_with(site.model, bundle, lines)
 
 
 def write_validation_card(out: Path, res: MultiClassValidation) -> Path:
-    write_atomic(out / "model_card.md", validation_card(res))
-    return out / "model_card.md"
+    return write_card(out, validation_card(res))
 
 
 def _figures_section(rep, figures: dict, out: Path, stem: str, what: str) -> None:
@@ -164,9 +156,7 @@ def write_validation_report(out: Path, res: MultiClassValidation) -> Path:
     rep = Report(f"safn-validate: {label} validation",
                  f"model {site.model} on {site.source}; target {bundle.target.name} "
                  f"({len(res.classes)} classes)")
-    rep.heading(f"{label.capitalize()} validation")
-    rep.text(site.scope["note"])
-    rep.table(scope_rows(site.scope))
+    scope_section(rep, site.scope)
     rep.heading("Data")
     rep.table({"participants": len(res.y), **{k: v for k, v in res.class_counts().items()
                                               if k != "n"}})
@@ -174,13 +164,8 @@ def write_validation_report(out: Path, res: MultiClassValidation) -> Path:
     _figures_section(rep, res.figures, out, "", f"{label} validation")
     plots.ovr_roc_curves(res.y, res.p, res.classes, out / "roc_ovr.png")
     rep.figure(out / "roc_ovr.png", "one-vs-rest ROC curve of each class")
-    rep.heading("Modality weights on this population")
-    rep.table(res.modality_weights)
-    card = out / "model_card.md"
-    if card.is_file():
-        rep.heading("Model card (the bundle's, with this validation)")
-        rep.code(card.read_text())
-    return rep.write(out / "report.html")
+    return finish_report(rep, out, res.modality_weights, "this population",
+                         out / "model_card.md", "Model card (the bundle's, with this validation)")
 
 
 # ------------------------------------------------------------------------------ recalibration
@@ -210,23 +195,13 @@ def before_after_rows(res: MultiClassRecalibration) -> list[dict]:
 
 
 def print_recalibration(res: MultiClassRecalibration) -> None:
-    site, record = res.site, res.record
-    console.print(f"[bold]{site.scope['validation']} validation with recalibration[/] of "
-                  f"{site.model} (target {site.bundle.target.name}) at {record['site']} on "
-                  f"{site.source}: {len(res.y)} participants")
-    _say(site.scope["note"])
-    for line in (parts_line(record), map_line(record), replaces_line(record)):
-        if line:
-            _say(line)
-    t = Table(title=f"evaluation part only ({record['evaluation_part']['n']} participants; "
-                    f"95% bootstrap CIs): before = the bundle as it is, after = "
-                    f"{record['method']} map; majority class = {majority_text(res.after)}")
-    rows = before_after_rows(res)
-    for c in rows[0]:
-        t.add_column(c, justify="left" if c == "metric" else "right")
-    for r in rows:
-        t.add_row(*(v if isinstance(v, str) else _num(v) for v in r.values()))
-    console.print(t)
+    record = res.record
+    print_recalibration_head(res, f"target {res.site.bundle.target.name}",
+                             (parts_line(record), map_line(record), replaces_line(record)))
+    console.print(before_after_table(
+        f"evaluation part only ({record['evaluation_part']['n']} participants; 95% bootstrap "
+        f"CIs): before = the bundle as it is, after = {record['method']} map; majority class = "
+        f"{majority_text(res.after)}", before_after_rows(res), _num))
 
 
 def recalibration_card(res: MultiClassRecalibration) -> str:
@@ -234,11 +209,7 @@ def recalibration_card(res: MultiClassRecalibration) -> str:
     section."""
     site, record = res.site, res.record
     lines = [
-        "", f"## Recalibration at {record['site']}", "",
-        f"- **recalibrated at {record['site']}** ({record['date'][:10]}, safn-validate "
-        f"--recalibrate) on {record['data']}; weights and preprocessing unchanged from "
-        f"{record['source_bundle']}. This bundle applies the map below to every prediction: "
-        "its figures hold for this site's population, not for the training sites'",
+        *recalibration_card_head(record, ""),
         f"- {map_line(record)}",
         f"- {parts_line(record)}; the figures below are on the evaluation part only",
         *([f"- {replaces_line(record)}"] if record.get("replaces") else []),
@@ -249,8 +220,7 @@ def recalibration_card(res: MultiClassRecalibration) -> str:
         lines.append(f"  - {r['metric']}: {_num(r['before'])} ({r['before CI']}) → "
                      f"{_num(r['after'])} ({r['after CI']})")
     lines += ["- after recalibration:", *("  " + x for x in _figure_lines(res.after))]
-    text = _bundle_card(site.model, site.bundle)
-    return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+    return card_with(site.model, site.bundle, lines)
 
 
 def write_recalibration_report(out: Path, res: MultiClassRecalibration) -> Path:
@@ -262,14 +232,8 @@ def write_recalibration_report(out: Path, res: MultiClassRecalibration) -> Path:
     y_ev = res.y[res.evaluated]
     rep = Report(f"safn-validate: recalibration at {record['site']}",
                  f"model {site.model} on {site.source}; target {site.bundle.target.name}")
-    rep.heading(f"{site.scope['validation'].capitalize()} validation")
-    rep.text(site.scope["note"])
-    rep.table(scope_rows(site.scope))
-    rep.heading(f"Recalibration at {record['site']}")
-    rep.text(parts_line(record))
-    rep.text(map_line(record))
-    if record.get("replaces"):
-        rep.text(replaces_line(record), note=True)
+    scope_section(rep, site.scope)
+    recalibration_section(rep, record, parts_line(record), map_line(record))
     rep.heading("Before and after, on the evaluation part (95% bootstrap CI)")
     rep.table(pd.DataFrame(before_after_rows(res)),
               f"majority class: {majority_text(res.after)} (the recalibration part's majority)")
@@ -280,10 +244,5 @@ def write_recalibration_report(out: Path, res: MultiClassRecalibration) -> Path:
                          "One-vs-rest ROC, before (solid) and after (dashed)", res.p_after,
                          "after")
     rep.figure(out / "roc_ovr.png", "one-vs-rest ROC curves (a temperature keeps them)")
-    rep.heading("Modality weights on the evaluation part")
-    rep.table(res.modality_weights)
-    card = out / "site_bundle" / "model_card.md"
-    if card.is_file():
-        rep.heading("Model card of the site bundle")
-        rep.code(card.read_text())
-    return rep.write(out / "report.html")
+    return finish_report(rep, out, res.modality_weights, "the evaluation part",
+                         out / "site_bundle" / "model_card.md", "Model card of the site bundle")
