@@ -19,13 +19,14 @@ coordinate (or its gradient below ``gradient_floor``, the fixed-point precision 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from safn_core.logistic.newton import FIELDS, balanced_val_loss, triangle
+from safn_core.logistic.newton import FIELDS, balanced_val_loss, newton_step, triangle
 
-__all__ = ["FIELDS", "KState", "run_newton", "select", "balanced_weights"]
+__all__ = ["FIELDS", "KClassFit", "KState", "run_newton", "select", "balanced_weights", "solve",
+           "fit_pooled"]
 
 
 def balanced_weights(counts, n_classes: int | None = None) -> tuple[float, ...]:
@@ -92,10 +93,7 @@ class KState:
             if gradient_floor > 0 and float(np.max(np.abs(grad))) <= gradient_floor:
                 self.converged[k] = True
                 continue
-            try:
-                step = np.linalg.solve(hess, grad)
-            except np.linalg.LinAlgError:
-                step = np.linalg.lstsq(hess, grad, rcond=None)[0]
+            step = newton_step(hess, grad)
             if self.feasible is not None:
                 for _ in range(60):
                     if self.feasible(beta - step):
@@ -127,6 +125,83 @@ def select(sums, state: KState) -> tuple[int, list[float | None]]:
     return (min(scored)[1] if scored else len(state.penalties) // 2), val
 
 
+def solve(round_sums: Callable[[np.ndarray], Mapping[str, np.ndarray]], state: KState, weights,
+          *, tol: float, gradient_floor: float, max_rounds: int) -> tuple[np.ndarray, dict]:
+    """A K-class fit's iterations and choice: the chosen candidate's parameters and the
+    `KClassFit` fields after the fit's own two (penalty … coefs_all), as keywords."""
+    sums, rounds = run_newton(round_sums, state, tol=tol, gradient_floor=gradient_floor,
+                              max_rounds=max_rounds)
+    best, val = select(sums, state)
+    n = tuple(int(v) for v in sums["n"]) if sums is not None else (0,) * len(weights)
+    return state.betas[best], {
+        "penalty": float(state.penalties[best]),
+        "penalties": tuple(float(p) for p in state.penalties), "val_loss": tuple(val),
+        "iterations": rounds, "converged": bool(state.converged[best]),
+        "class_weight": tuple(float(w) for w in weights), "n_train": n,
+        "coefs_all": state.betas.copy()}
+
+
+def fit_pooled(solve_kind, site_sums, x, y, x_val, y_val, n_classes: int | None, penalties,
+               tol: float, weights):
+    """A K-class kind's pooled fit through its ``solve`` and ``site_sums`` on one participant set
+    (K: ``n_classes``, else the largest label + 1; ``weights``: balanced from ``y`` unless
+    given)."""
+    y = np.asarray(y, dtype=np.int64)
+    k = int(n_classes) if n_classes is not None else int(max(y.max(), np.max(y_val)) + 1)
+    if weights is None:
+        weights = balanced_weights(np.bincount(y, minlength=k), k)
+    return solve_kind(lambda betas: site_sums(x, y, x_val, y_val, betas, weights),
+                      np.asarray(x).shape[1], weights, penalties, tol=tol)
+
+
+@dataclass
+class KClassFit:
+    """What the multinomial and ordinal fits share: the fields after their own leading two
+    (``coef_`` and ``intercept_`` / ``thresholds_``), ``coef`` and the ``to_dict`` /
+    ``from_dict`` JSON. A fit class lists a dataclass of its two leading fields after this one
+    among its bases (the fields of the last base come first) and ends with its ``kind`` field;
+    ``KIND``, ``SECOND`` (the second field's JSON name, the field being ``SECOND + "_"``) and
+    ``WHAT`` (for errors) are its class constants."""
+
+    KIND = SECOND = WHAT = ""
+
+    penalty: float
+    penalties: tuple[float, ...]
+    val_loss: tuple[float | None, ...]
+    iterations: int
+    converged: bool
+    class_weight: tuple[float, ...]
+    n_train: tuple[int, ...] = ()
+    coefs_all: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def coef(self) -> np.ndarray:
+        return self.coef_
+
+    def to_dict(self) -> dict:
+        return {"kind": self.KIND, "coef": np.asarray(self.coef_).tolist(),
+                self.SECOND: np.asarray(getattr(self, self.SECOND + "_")).tolist(),
+                "penalty": self.penalty,
+                "penalties": list(self.penalties), "val_loss": list(self.val_loss),
+                "iterations": int(self.iterations), "converged": bool(self.converged),
+                "class_weight": list(self.class_weight), "n_train": list(self.n_train)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping):
+        try:
+            if d.get("kind") != cls.KIND:
+                raise ValueError(f"kind is {d.get('kind')!r}")
+            return cls(np.asarray(d["coef"], dtype=np.float64),
+                       np.asarray(d[cls.SECOND], dtype=np.float64), float(d["penalty"]),
+                       tuple(float(v) for v in d["penalties"]),
+                       tuple(None if v is None else float(v) for v in d["val_loss"]),
+                       int(d["iterations"]), bool(d["converged"]),
+                       tuple(float(v) for v in d["class_weight"]),
+                       tuple(int(v) for v in d.get("n_train", ())))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not {cls.WHAT}: {exc}") from None
+
+
 def per_class(loss: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
     """Summed loss (C, n) per class of ``y``: (C, K)."""
     return np.stack([loss[:, y == c].sum(axis=1) for c in range(n_classes)], axis=1)
@@ -134,6 +209,15 @@ def per_class(loss: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
 
 def counts(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes).astype(np.int64)
+
+
+def site_statistics(y: np.ndarray, y_val: np.ndarray, grads, hesses, objectives, val: np.ndarray,
+                    n_classes: int) -> dict[str, np.ndarray]:
+    """A K-class ``site_sums``' result from its per-candidate lists and validation losses
+    ``val`` (C, n_val): ``n``, ``grad``, ``hess``, ``objective``, ``val_loss``, ``val_n``."""
+    return {"n": counts(y, n_classes), "grad": np.asarray(grads), "hess": np.asarray(hesses),
+            "objective": np.asarray(objectives), "val_loss": per_class(val, y_val, n_classes),
+            "val_n": counts(y_val, n_classes)}
 
 
 def upper(h: np.ndarray) -> np.ndarray:

@@ -20,13 +20,13 @@ over classes of each class's mean loss), summed over sites the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp
 
-from safn_core.logistic.engine import (KState, balanced_weights, counts, per_class,
-                                       run_newton, select, upper)
+from safn_core.logistic import engine
+from safn_core.logistic.engine import KClassFit, KState, site_statistics, upper
 from safn_core.logistic.newton import LOSS_CAP, PENALTIES
 
 KIND = "multinomial"
@@ -87,36 +87,29 @@ def site_sums(x, y, x_val, y_val, betas, weights) -> dict[str, np.ndarray]:
     val = np.stack([np.minimum(-_log_proba(xv, b, k_classes)[np.arange(len(y_val)), y_val],
                                LOSS_CAP) for b in betas]) if len(y_val) \
         else np.zeros((len(betas), 0))
-    return {"n": counts(y, k_classes), "grad": np.asarray(grads), "hess": np.asarray(hesses),
-            "objective": np.asarray(objectives), "val_loss": per_class(val, y_val, k_classes),
-            "val_n": counts(y_val, k_classes)}
+    return site_statistics(y, y_val, grads, hesses, objectives, val, k_classes)
 
 
 @dataclass
-class MultinomialFit:
-    """The selected multinomial solution: ``coef_`` (K, F) with row 0 = 0, ``intercept_`` (K,)
-    with entry 0 = 0, on the preprocessed features; logits are ``x @ coef_.T + intercept_``.
-    ``coefs_all`` (C, P): every candidate's parameters (reference layout)."""
-
+class _Parameters:
     coef_: np.ndarray
     intercept_: np.ndarray
-    penalty: float
-    penalties: tuple[float, ...]
-    val_loss: tuple[float | None, ...]
-    iterations: int
-    converged: bool
-    class_weight: tuple[float, ...]
-    n_train: tuple[int, ...] = ()
-    coefs_all: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class MultinomialFit(KClassFit, _Parameters):
+    """The selected multinomial solution: ``coef_`` (K, F) with row 0 = 0, ``intercept_`` (K,)
+    with entry 0 = 0, on the preprocessed features; logits are ``x @ coef_.T + intercept_``.
+    ``coefs_all`` (C, P): every candidate's parameters (reference layout). Fields (in order):
+    ``coef_``, ``intercept_``, then `engine.KClassFit`'s, then ``kind``."""
+
+    KIND, SECOND, WHAT = KIND, "intercept", "a multinomial logistic regression fit"
+
     kind: str = KIND
 
     @property
     def n_classes(self) -> int:
         return len(self.intercept_)
-
-    @property
-    def coef(self) -> np.ndarray:
-        return self.coef_
 
     @property
     def intercept(self) -> np.ndarray:
@@ -131,28 +124,6 @@ class MultinomialFit:
         z = self.decision_function(x)
         return np.exp(z - logsumexp(z, axis=1, keepdims=True))
 
-    def to_dict(self) -> dict:
-        return {"kind": KIND, "coef": np.asarray(self.coef_).tolist(),
-                "intercept": np.asarray(self.intercept_).tolist(), "penalty": self.penalty,
-                "penalties": list(self.penalties), "val_loss": list(self.val_loss),
-                "iterations": int(self.iterations), "converged": bool(self.converged),
-                "class_weight": list(self.class_weight), "n_train": list(self.n_train)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "MultinomialFit":
-        try:
-            if d.get("kind") != KIND:
-                raise ValueError(f"kind is {d.get('kind')!r}")
-            return cls(np.asarray(d["coef"], dtype=np.float64),
-                       np.asarray(d["intercept"], dtype=np.float64), float(d["penalty"]),
-                       tuple(float(v) for v in d["penalties"]),
-                       tuple(None if v is None else float(v) for v in d["val_loss"]),
-                       int(d["iterations"]), bool(d["converged"]),
-                       tuple(float(v) for v in d["class_weight"]),
-                       tuple(int(v) for v in d.get("n_train", ())))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a multinomial logistic regression fit: {exc}") from None
-
 
 def solve(round_sums: Callable[[np.ndarray], Mapping[str, np.ndarray]], n_features: int,
           weights, penalties=PENALTIES, *, tol: float = 1e-10, gradient_floor: float = 0.0,
@@ -162,26 +133,16 @@ def solve(round_sums: Callable[[np.ndarray], Mapping[str, np.ndarray]], n_featur
     k_classes = len(weights)
     state = KState.start(np.zeros(n_params(n_features, k_classes)), penalties,
                          penalty_matrix(n_features, k_classes))
-    sums, rounds = run_newton(round_sums, state, tol=tol, gradient_floor=gradient_floor,
-                              max_rounds=max_rounds)
-    best, val = select(sums, state)
-    b = state.betas[best].reshape(k_classes - 1, n_features + 1)
-    coef = np.vstack([np.zeros(n_features), b[:, 1:]])
-    intercept = np.r_[0.0, b[:, 0]]
-    n = tuple(int(v) for v in sums["n"]) if sums is not None else (0,) * k_classes
-    return MultinomialFit(coef, intercept, float(state.penalties[best]),
-                          tuple(float(p) for p in state.penalties), tuple(val), rounds,
-                          bool(state.converged[best]), tuple(float(w) for w in weights), n,
-                          state.betas.copy())
+    beta, chosen = engine.solve(round_sums, state, weights, tol=tol,
+                                gradient_floor=gradient_floor, max_rounds=max_rounds)
+    b = beta.reshape(k_classes - 1, n_features + 1)
+    return MultinomialFit(np.vstack([np.zeros(n_features), b[:, 1:]]), np.r_[0.0, b[:, 0]],
+                          **chosen)
 
 
 def fit_pooled(x, y, x_val, y_val, n_classes: int | None = None, penalties=PENALTIES,
                tol: float = 1e-10, weights=None) -> MultinomialFit:
     """The same solver on one participant set (K: ``n_classes``, else the largest label + 1;
     ``weights``: balanced from ``y`` unless given, e.g. all 1 for an unweighted fit)."""
-    y = np.asarray(y, dtype=np.int64)
-    k = int(n_classes) if n_classes is not None else int(max(y.max(), np.max(y_val)) + 1)
-    if weights is None:
-        weights = balanced_weights(np.bincount(y, minlength=k), k)
-    return solve(lambda betas: site_sums(x, y, x_val, y_val, betas, weights),
-                 np.asarray(x).shape[1], weights, penalties, tol=tol)
+    return engine.fit_pooled(solve, site_sums, x, y, x_val, y_val, n_classes, penalties, tol,
+                             weights)

@@ -153,6 +153,14 @@ def balanced_val_loss(val_loss: np.ndarray, val_n: np.ndarray) -> list[float | N
     return [float(np.mean(np.asarray(row) / val_n)) for row in val_loss]
 
 
+def newton_step(hess: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """The Newton step H⁻¹g (least squares where H is singular); shared with `engine`."""
+    try:
+        return np.linalg.solve(hess, grad)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(hess, grad, rcond=None)[0]
+
+
 @dataclass
 class NewtonState:
     """The coordinator's side of the iterations, one row per candidate penalty."""
@@ -199,10 +207,7 @@ class NewtonState:
                 self.previous[k], self.previous_objective[k] = beta, objective
                 self.converged[k] = True
                 continue
-            try:
-                step = np.linalg.solve(hess, grad)
-            except np.linalg.LinAlgError:
-                step = np.linalg.lstsq(hess, grad, rcond=None)[0]
+            step = newton_step(hess, grad)
             self.previous[k], self.previous_objective[k] = beta, objective
             self.last_step[k] = float(np.max(np.abs(step)))
             self.betas[k] = beta - step
