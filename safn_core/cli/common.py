@@ -24,8 +24,9 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def base_parser(prog: str, description: str, *, default_config: str | None = None,
-                out: bool = True) -> argparse.ArgumentParser:
-    """An argument parser with the options every command takes."""
+                out: bool = True, tracking: bool = False) -> argparse.ArgumentParser:
+    """An argument parser with the options every command takes (``tracking``: and
+    ``--tracking [URI]``, MLflow experiment tracking; docs/tracking.md)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", metavar="FILE", default=default_config,
                         help="YAML configuration (see configs/); defaults apply where absent")
@@ -35,11 +36,22 @@ def base_parser(prog: str, description: str, *, default_config: str | None = Non
     if out:
         parser.add_argument("--out", metavar="DIR", type=Path,
                             help="folder for this command's outputs (must be new or empty)")
+    if tracking:
+        parser.add_argument("--tracking", metavar="URI", nargs="?", const="", default=None,
+                            help="log the run to MLflow at URI (without URI: the embedded store "
+                                 "next to the run folders); same as --set tracking.enabled=true "
+                                 "[--set tracking.uri=URI]")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> SafnConfig:
-    return load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    uri = getattr(args, "tracking", None)
+    if uri is not None:
+        overrides.append("tracking.enabled=true")
+        if uri:
+            overrides.append(f"tracking.uri={uri}")
+    return load_config(args.config, overrides)
 
 
 def fresh_output_dir(path: Path, what: str = "--out", hint: str = "") -> Path:

@@ -11,6 +11,7 @@ from safn_core.config.federation import FederationConfig
 from safn_core.config.model import ModelConfig, TrainConfig
 from safn_core.config.privacy import PrivacyConfig
 from safn_core.config.site_differences import HarmonisationConfig, PersonalisationConfig
+from safn_core.config.tracking import TrackingConfig
 
 
 class SafnConfig(Section):
@@ -27,6 +28,7 @@ class SafnConfig(Section):
     harmonisation: HarmonisationConfig = HarmonisationConfig()
     site: SiteConfig | None = None
     server: ServerConfig = ServerConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
     @classmethod
