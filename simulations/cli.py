@@ -24,6 +24,7 @@ from safn_core.config import SafnConfig, dump_config
 from safn_core.errors import SafnError
 from safn_core.federation.aggregate import selected_entry
 from safn_core.report import interval_text
+from safn_core.tracking import Tracker
 from safn_core.training.selection import RoundSelection
 from safn.simulations.compare import N_BOOT, build_sites, compare, flat_intervals
 from safn.simulations.engine import run_flower_simulation
@@ -167,7 +168,7 @@ def run(argv: list[str] | None = None) -> int:
         "safn-sim",
         "Federated simulation: shard a cohort into virtual sites and train SAFN across them on "
         "Flower's Simulation Engine, next to pooled and local-only models.",
-        default_config=None)
+        default_config=None, tracking=True)
     parser.add_argument("--resume", metavar="RUN_DIR", type=Path,
                         help="continue an interrupted run from its last checkpoint")
     parser.add_argument("--loso", action="store_true",
@@ -182,11 +183,8 @@ def run(argv: list[str] | None = None) -> int:
         args.overrides.append(f"simulation.ray_address={args.ray_address}")
     if args.loso and not args.resume:
         args.overrides.append("simulation.loso=true")
-    from safn_core.data.sources import load_cohort
-    from safn_core.federation.checkpoint import load_checkpoint
-    from safn_core.federation.run_folder import load_run_config, write_config
-    from safn.simulations.partition import summary
-    from safn.simulations.virtual_sites import SIM_SITE_STATE, write_virtual_sites
+    from safn_core.federation.run_folder import load_run_config
+    from safn.simulations.virtual_sites import SIM_SITE_STATE
 
     if args.resume:
         run_dir = args.resume
@@ -199,15 +197,33 @@ def run(argv: list[str] | None = None) -> int:
         if args.ray_address:  # where it runs, not what it computes: may change on resume
             cfg = cfg.model_copy(deep=True)
             cfg.simulation.ray_address = args.ray_address
+        if args.tracking is not None:  # where it is logged, too
+            cfg = cfg.model_copy(deep=True)
+            cfg.tracking.enabled, cfg.tracking.uri = True, args.tracking or cfg.tracking.uri
+        Tracker.check(cfg.tracking)
         check_cluster(cfg)
     else:
         cfg = config_from_args(args)
+        Tracker.check(cfg.tracking)
         check_cluster(cfg)
         run_dir = fresh_output_dir(args.out or Path("runs") / f"sim-{datetime.now():%Y%m%d-%H%M%S}")
         # the virtual sites' ledgers live outside the run folder (a later run finds the spent
         # budget); fixed as an absolute path in config.yaml so resume and LOSO use the same
         ledgers = cfg.simulation.site_state_dir or run_dir.resolve().parent / SIM_SITE_STATE
         cfg.simulation.site_state_dir = Path(ledgers).resolve()
+    with Tracker(cfg.tracking, run_dir) as tracker:
+        return simulate(cfg, run_dir, bool(args.resume), tracker)
+
+
+def simulate(cfg: SafnConfig, run_dir: Path, resumed: bool, tracker: Tracker) -> int:
+    """The run in ``run_dir`` (new, or ``resumed``), logged by ``tracker``."""
+    from safn_core.data.sources import load_cohort
+    from safn_core.federation.checkpoint import load_checkpoint
+    from safn_core.federation.run_folder import write_config
+    from safn.simulations import tracking
+    from safn.simulations.partition import summary
+    from safn.simulations.virtual_sites import write_virtual_sites
+
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
     parts = build_sites(cohort, cfg)
@@ -227,10 +243,11 @@ def run(argv: list[str] | None = None) -> int:
                           "exposure")
     summ = summary(cohort, parts)
     print_sites(cohort, cfg, summ)
-    if not args.resume:
+    if not resumed:
         write_config(run_dir, dump_config(cfg))
         write_virtual_sites(run_dir, cohort, parts)
         summ.to_csv(run_dir / "sites.csv", index=False)
+    tracking.start(tracker, cfg, run_dir)
     fed = cfg.federation
     work = (f"distributed DP ({cfg.privacy.distributed.optimizer}), {fed.rounds} rounds of one "
             f"noised gradient step" if cfg.privacy.mode == "distributed" else
@@ -287,6 +304,9 @@ def run(argv: list[str] | None = None) -> int:
 
     write_sim_report(run_dir, cfg, cohort.report.source, summ, state.history,
                      df if cfg.simulation.compare else None, loso)
+    note = tracking.finish(tracker, run_dir, df if cfg.simulation.compare else None, loso)
+    if note is not None:
+        results["tracking"] = note
     results["seconds"] = time.perf_counter() - t0
     write_json(run_dir / "results.json", results)
     console.print(f"run folder: {run_dir} ({results['seconds']:.0f} s); report: "

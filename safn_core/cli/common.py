@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from safn_core.config import SafnConfig, load_config
 from safn_core.errors import SafnError
@@ -74,7 +75,8 @@ def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
         code = fn(argv)
         return int(code or 0)
     except SafnError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        # the message as written: a bracket in it (e.g. '.[tracking]') is not Rich markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -24,6 +24,8 @@ from safn_core.config import dump_config
 from safn_core.data.contract import check_cohort
 from safn_core.metrics import METRICS, summarise
 from safn_core.recalibration import training_calibration_text
+from safn_core.tracking import Tracker
+from safn_core.tracking import crossval as tracking
 
 TABLE_METRICS = ("balanced_accuracy", "roc_auc", "pr_auc_pd", "pr_auc_hc", "mcc", "sensitivity",
                  "specificity", "accuracy", "f1", "brier")
@@ -177,7 +179,7 @@ def run(argv: list[str] | None = None) -> int:
         "safn-train",
         "Centralised evaluation: repeated subject-wise stratified K-fold CV of SAFN, its "
         "ablations and baselines on the same folds; saves the final model bundle.",
-        default_config=None)
+        default_config=None, tracking=True)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 folds x 1 repeat, 20 epochs, feature set 'all' only")
     args = parser.parse_args(argv)
@@ -185,7 +187,14 @@ def run(argv: list[str] | None = None) -> int:
         args.overrides = ["train.folds=3", "train.repeats=1", "train.max_epochs=20",
                           "train.feature_sets=[all]", *args.overrides]
     cfg = config_from_args(args)
+    Tracker.check(cfg.tracking)
     out = fresh_output_dir(args.out or Path("runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}")
+    with Tracker(cfg.tracking, out) as tracker:
+        return _train(cfg, out, tracker)
+
+
+def _train(cfg, out: Path, tracker: Tracker) -> int:
+    """Cross-validation, the final fit and the outputs in ``out``, logged by ``tracker``."""
 
     from safn_core.data.sources import load_cohort
     from safn_core.training.crossval import final_model
@@ -193,8 +202,11 @@ def run(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cohort = load_cohort(cfg.data, cfg.synth)
     check_cohort(cohort, cfg.data.min_cell).raise_if_failed("run safn-check for the full report")
+    tracking.start(tracker, cfg, out)
     if not cohort.target.binary:
-        return _run_kclass(cfg, cohort, out, t0)
+        _run_kclass(cfg, cohort, out, t0)
+        _tracking_note(tracker, out)
+        return 0
     n_pos = int(cohort.y.sum())
     harmonisation = _start(cohort, cfg, out)
     res = _cross_validate(cohort, cfg)
@@ -255,7 +267,7 @@ def run(argv: list[str] | None = None) -> int:
         console.print("final model: " + training_calibration_text(final.calibration.to_dict()),
                       markup=False, highlight=False)
     elapsed = time.perf_counter() - t0
-    write_json(out / "results.json", {
+    results = {
         "cohort": {"n": len(cohort), "positive": n_pos, "majority_accuracy": majority},
         "summary": summary.replace({np.nan: None}).to_dict("records"),
         "modality_weights": {m: float(w_all[m].mean()) for m in mods} if not w_all.empty else {},
@@ -264,10 +276,24 @@ def run(argv: list[str] | None = None) -> int:
         "temperature_scaling": {"folds": temperature, "final_model": final.calibration.to_dict()}
         if final.calibration is not None else None,
         "seconds": elapsed,
-    })
+    }
     write_report(out, cfg, cohort, summary, first, w_all, d_all, majority, elapsed, temperature)
+    note = tracking.finish(tracker, out)
+    if note is not None:
+        results["tracking"] = note
+    write_json(out / "results.json", results)
     console.print(f"run folder: {out} ({elapsed:.0f} s); report: {out / 'report.html'}")
     return 0
+
+
+def _tracking_note(tracker: Tracker, out: Path) -> None:
+    """Log the finished run; its note under ``tracking`` in the results.json already written."""
+    import json
+
+    note = tracking.finish(tracker, out)
+    if note is not None:
+        results = json.loads((out / "results.json").read_text())
+        write_json(out / "results.json", {**results, "tracking": note})
 
 
 def _start(cohort, cfg, out: Path) -> str | None:

@@ -1,0 +1,277 @@
+"""Experiment tracking with MLflow (#30; docs/tracking.md): safn-sim against a real ``mlflow
+server`` process (parameters, per-round metrics equal to history.json, artifacts, nothing
+per site), safn-train's folds as nested runs in the embedded SQLite store, a tracking server
+that is down (the run completes, one warning, results.json says what was not logged), MLflow
+missing (one clear error), and the live round follower."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from safn_core.cli.common import run_main
+from safn_core.config import load_config
+from safn_core.federation.events import Event, EventLog
+from safn_core.processes import wait_until
+from safn_core.tracking.guard import Guard
+from safn_core.tracking.rounds import RoundFollower, round_metrics
+from tests.helpers import SMALL_MODEL, write_toy
+
+pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+BIN = Path(sys.executable).parent
+TRAIN = ["train.folds=2", "train.repeats=1", "train.max_epochs=4", "train.patience=2",
+         "train.workers=1", "model.ensemble_size=2", "model.d_model=16", "model.n_heads=2",
+         "model.encoder_hidden=16", "model.ffn_hidden=16", "model.head_hidden=8",
+         "train.baselines=[majority]", "train.feature_sets=[all]", "train.modality_drop=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    csv, mapping = write_toy(tmp_path_factory.mktemp("cohort"), n=240)
+    return ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on a free local port, ended (its process group) at the end."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"),
+        start_new_session=True)
+    try:
+        assert wait_until(lambda: healthy(url) or proc.poll() is not None, 90), "no server"
+        assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def sets(*overrides: str) -> list[str]:
+    return [x for s in overrides for x in ("--set", s)]
+
+
+def metric_values(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def lookup(entry: dict, key: str):
+    value = entry
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def test_safn_sim_logs_to_a_tracking_server(table, mlflow_server, tmp_path):
+    out = tmp_path / "sim"
+    proc = subprocess.run(
+        [str(BIN / "safn-sim"), "--out", str(out), "--tracking", mlflow_server,
+         *sets(*table, *SMALL_MODEL, "train.max_epochs=5", "federation.rounds=2",
+               "simulation.num_cpus_per_site=1", f"simulation.site_state_dir={tmp_path / 's'}",
+               "tracking.experiment=sim-test")],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "warning" not in proc.stderr.lower()
+    note = json.loads((out / "results.json").read_text())["tracking"]
+    assert note["uri"] == mlflow_server and note["not_logged"] == [] and note["error"] is None
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(note["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "sim-test"
+    params, tags = run.data.params, run.data.tags
+    assert params["config.federation.rounds"] == "2" and params["data_source"] == "table"
+    assert {"version.safn", "version.flwr", "version.torch", "version.opacus"} <= set(params)
+    assert params["data_source.site_A"] == "table"
+    assert tags["safn.mode"] == "simulation" and tags["safn.target"] == "pd_vs_hc"
+    assert tags["safn.run_folder"] == str(out.resolve())
+    assert tags["safn.run_id"] == (out / "run_id").read_text().strip()
+    # every round's metrics equal history.json's, under the entry's own dotted path
+    history = json.loads((out / "history.json").read_text())
+    by_round = {e["round"]: e for e in history}
+    round_keys = set().union(*(round_metrics(e) for e in history))
+    assert {"val_loss", "val_roc_auc", "selected_round", "pooled.roc_auc",
+            "secure_sum.retries"} <= round_keys
+    for key in round_keys:
+        logged = metric_values(client, run.info.run_id, key)
+        expected = {r: v for r, e in by_round.items() if (v := round_metrics(e).get(key))
+                    is not None}
+        assert logged == pytest.approx(expected), key
+    # nothing per site: every metric is a pooled round figure of history.json or the
+    # comparison table's (models on the pooled test set); no site's own metric
+    sites = set(history[-1]["sites"])
+    for key in run.data.metrics:
+        if key.startswith("comparison."):
+            continue
+        assert key in round_keys and not key.startswith("sites."), key
+        assert not any(site in key for site in sites), key
+        for r, v in metric_values(client, run.info.run_id, key).items():
+            assert lookup(by_round[r], key) == pytest.approx(v) or (
+                key == "secure_sum.retries" and len(by_round[r]["secure_sum"]["retries"]) == v)
+    assert run.data.metrics["comparison.pooled.roc_auc"] == pytest.approx(
+        next(r["roc_auc"] for r in json.loads((out / "results.json").read_text())
+             ["comparison"]["rows"] if r["kind"] == "pooled"))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "comparison.csv", "history.json", "model"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == \
+        ["model/model_card.md"]
+
+
+def test_safn_train_folds_are_nested_runs_in_the_embedded_store(table, tmp_path):
+    from safn_core.cli.train import run as train
+
+    out = tmp_path / "runs" / "train"
+    assert run_main(train, ["--out", str(out), "--tracking", *sets(*table, *TRAIN)]) == 0
+    note = json.loads((out / "results.json").read_text())["tracking"]
+    db = tmp_path / "runs" / "mlflow.db"
+    assert note["uri"] == f"sqlite:///{db}" and db.is_file() and note["not_logged"] == []
+    client = MlflowClient(note["uri"])
+    parent = client.get_run(note["run_id"])
+    assert parent.data.tags["safn.mode"] == "centralised"
+    assert parent.data.params["config.train.folds"] == "2"
+    assert parent.data.metrics["cv.all.SAFN.roc_auc_mean"] == pytest.approx(
+        next(r["roc_auc_mean"] for r in json.loads((out / "results.json").read_text())
+             ["summary"] if r["model"] == "SAFN"))
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{note['run_id']}'")
+    assert sorted(c.info.run_name for c in children) == ["repeat 1 fold 1", "repeat 1 fold 2"]
+    import pandas as pd
+
+    folds = pd.read_csv(out / "folds.csv")
+    for child in children:
+        fold = int(child.data.tags["safn.fold"]) - 1
+        row = folds[(folds.fold == fold) & (folds.model == "SAFN")].iloc[0]
+        assert child.data.metrics["test.all.SAFN.roc_auc"] == pytest.approx(row.roc_auc)
+        assert child.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(note["run_id"])}
+    assert {"report.html", "results.csv", "folds.csv", "model"} <= artifacts
+    assert (tmp_path / "runs" / "mlartifacts").is_dir()  # next to the run folders, not in cwd
+
+
+def test_a_tracking_server_that_is_down_never_fails_the_run(table, tmp_path):
+    out = tmp_path / "train"
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.run([str(BIN / "safn-train"), "--out", str(out), "--tracking", down,
+                           *sets(*table, *TRAIN)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.count("warning: MLflow tracking at") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    note = json.loads((out / "results.json").read_text())["tracking"]
+    assert note["uri"] == down and note["run_id"] is None and note["error"]
+    assert {"the run", "parameters", "the artifact report.html"} <= set(note["not_logged"])
+    assert (out / "model" / "model_card.md").is_file() and (out / "report.html").is_file()
+
+
+def test_tracking_on_without_mlflow_is_one_clear_error(table, tmp_path, monkeypatch, capsys):
+    from safn_core.cli.train import run as train
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow fails as if not installed
+    out = tmp_path / "train"
+    assert run_main(train, ["--out", str(out), "--tracking", *sets(*table, *TRAIN)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install -e '.[tracking]'" in err and "Traceback" not in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_tracking_off_never_imports_mlflow():
+    code = ("import sys; from safn_core.config.tracking import TrackingConfig\n"
+            "from safn_core.tracking import Tracker\n"
+            "t = Tracker(TrackingConfig(), '.'); t.start('x', {}, {}); t.log_round({'round': 1})\n"
+            "assert t.finish() is None and 'mlflow' not in sys.modules\n"
+            "import safn.simulations.cli, safn_core.cli.train\n"
+            "assert 'mlflow' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_guard_warns_once_then_notes_what_was_not_logged():
+    warnings: list[str] = []
+    guard = Guard("http://x", warnings.append)
+    assert guard.call("a", lambda: 1) == 1
+
+    def fail():
+        raise ConnectionError("refused")
+
+    assert guard.call("b", fail) is None and guard.call("c", lambda: 1) is None
+    assert len(warnings) == 1 and "refused" in warnings[0]
+    assert guard.not_logged == ["b", "c"]
+
+
+def test_rounds_are_logged_as_the_coordinator_books_them(tmp_path):
+    events = EventLog(tmp_path / "events.jsonl")
+    seen: list[dict] = []
+    follower = RoundFollower(tmp_path, seen.append).start()
+    try:
+        events.emit(Event.ROUND, entry={"round": 1, "val_loss": 0.5, "sites": {"A": None}})
+        # logged while the run goes on (before round 2 exists), not at its end
+        assert wait_until(lambda: len(seen) == 1, 30, interval=0.05)
+        events.emit(Event.ROUND, entry={"round": 2, "val_loss": 0.4})
+    finally:
+        follower.stop()
+    assert [e["round"] for e in seen] == [1, 2]
+    assert round_metrics(seen[0]) == {"val_loss": 0.5}  # never a site's own figures
+
+
+def test_tracking_config_from_the_flag():
+    cfg = load_config(None, ["tracking.enabled=true"])
+    assert cfg.tracking.enabled and cfg.tracking.uri is None
+
+
+def test_leave_one_site_out_federations_are_nested_runs(tmp_path):
+    """safn-sim's end of run on a folder as LOSO leaves it (the federations themselves:
+    tests/test_federation_flower.py): one nested run per held-out site."""
+    import pandas as pd
+
+    from safn_core.config.tracking import TrackingConfig
+    from safn_core.tracking import Tracker
+    from safn.simulations import tracking
+
+    run_dir = tmp_path / "runs" / "sim"
+    for held, loss in (("site_A", 0.6), ("site_B", 0.7)):
+        (run_dir / "loso" / held).mkdir(parents=True)
+        (run_dir / "loso" / held / "history.json").write_text(json.dumps(
+            [{"round": 1, "val_loss": loss, "sites": {"site_C": {"roc_auc": 0.9, "n": 4}}}]))
+    loso = pd.DataFrame({"held_out": ["site_A", "site_B"], "n": [50, 60],
+                         "roc_auc": [0.8, 0.7], "roc_auc_ci": [[0.7, 0.9], [0.6, 0.8]]})
+    tracker = Tracker(TrackingConfig(enabled=True), run_dir)
+    tracker.start("sim", {}, {})
+    note = tracking.finish(tracker, run_dir, None, loso)
+    client = MlflowClient(note["uri"])
+    children = client.search_runs([tracker.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{note['run_id']}'")
+    by_site = {c.data.tags["safn.held_out"]: c for c in children}
+    assert set(by_site) == {"site_A", "site_B"}
+    assert by_site["site_B"].data.metrics == {"held_out.site_B.roc_auc": 0.7, "val_loss": 0.7}
