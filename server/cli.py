@@ -32,7 +32,9 @@ from safn_core.federation.events import EVENTS_FILE, Event, EventFollower
 from safn_core.federation.run_folder import RUN_ID_FILE, run_identity, write_config
 from safn_core.io import write_json
 from safn_core.processes import LogFollower
+from safn_core.tracking import Tracker
 from safn_flower.fab import app_dir, app_hash
+from safn.server import tracking
 from safn.server.superlink import (DeploymentError, SuperLink, certificate_paths,
                               openssh_fingerprint, refusal)
 
@@ -121,16 +123,20 @@ class Deployment:
         self.prepare_run_dir()
         self.link = SuperLink(self.cfg.server, self.run_dir, self.insecure, self.origin)
         self.superlink_log = LogFollower(self.link.log, from_end=True)
-        try:
-            self.link.start()
-            console.print(f"SuperLink listening on {self.link.address} "
-                          f"({'INSECURE' if self.insecure else 'TLS, site authentication on'}); "
-                          f"log: {self.link.log}")
-            self.register_sites()
-            run_id = self.submit()
-            return self.follow(run_id)
-        finally:
-            self.link.stop()
+        with Tracker(self.cfg.tracking, self.run_dir) as tracker:
+            try:
+                tracking.start(tracker, self.cfg, self.run_dir)
+                self.link.start()
+                mode = "INSECURE" if self.insecure else "TLS, site authentication on"
+                console.print(f"SuperLink listening on {self.link.address} ({mode}); "
+                              f"log: {self.link.log}")
+                self.register_sites()
+                run_id = self.submit()
+                code = self.follow(run_id)
+                tracking.finish(tracker, self.run_dir, code)
+                return code
+            finally:
+                self.link.stop()
 
     def register_sites(self) -> None:
         """Register every listed key; the node id Flower gives each site is kept in
@@ -373,7 +379,8 @@ def _read_json(path: Path, default=None):
 def run(argv: list[str] | None = None) -> int:
     parser = base_parser("safn-server", "Coordinate a multi-site SAFN run: a Flower SuperLink "
                                         "with TLS and site authentication, the SAFN ServerApp, "
-                                        "progress per round and site.", out=False)
+                                        "progress per round and site.", out=False,
+                         tracking=True)
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in server.run_dir from its checkpoint")
     parser.add_argument("--status", action="store_true", help="show the run's state and exit")
@@ -391,6 +398,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.status:
         return show_status(cfg)
     validate_server(cfg, args.config, args.insecure)
+    Tracker.check(cfg.tracking)
     # SIGTERM (e.g. docker stop) ends like Ctrl-C: the SuperLink is stopped, checkpoints stay
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     return Deployment(cfg, args.config, args.insecure, args.resume).run()

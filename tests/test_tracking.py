@@ -275,3 +275,36 @@ def test_leave_one_site_out_federations_are_nested_runs(tmp_path):
     by_site = {c.data.tags["safn.held_out"]: c for c in children}
     assert set(by_site) == {"site_A", "site_B"}
     assert by_site["site_B"].data.metrics == {"held_out.site_B.roc_auc": 0.7, "val_loss": 0.7}
+
+
+@pytest.mark.slow
+def test_safn_server_logs_a_deployed_run_from_the_coordinator_only(tmp_path):
+    """A real deployment (SuperLink, three safn-client sites with TLS): the coordinator's
+    process logs to the embedded store next to its run folder; the sites have no say."""
+    from tests.deploy_harness import SITES, federations, make_material
+
+    material = make_material(tmp_path / "material")
+    with federations(material, tmp_path / "fed") as make:
+        fed = make(rounds=2)
+        server = fed.server("--tracking")
+        server.wait_for_output(r"run \d+ submitted", 240)
+        sites = [fed.site(s) for s in SITES]
+        assert server.wait(300) == 0, server.output()[-4000:]
+        assert all(site.wait(120) == 0 for site in sites)
+    note = json.loads((fed.run_dir / "results.json").read_text())["tracking"]
+    assert note["uri"] == f"sqlite:///{fed.folder.resolve() / 'mlflow.db'}"
+    assert note["not_logged"] == []
+    client = MlflowClient(note["uri"])
+    run = client.get_run(note["run_id"])
+    tags = run.data.tags
+    assert tags["safn.mode"] == "deployment" and run.info.status == "FINISHED"
+    flower_runs = json.loads((fed.run_dir / "flower_runs.json").read_text())["runs"]
+    assert tags["safn.flower_runs"] == ", ".join(str(r["run_id"]) for r in flower_runs)
+    assert run.data.params["data_source.site_a"] == "ppmi"
+    history = json.loads((fed.run_dir / "history.json").read_text())
+    for key in ("val_loss", "val_roc_auc", "selected_round"):
+        assert metric_values(client, run.info.run_id, key) == pytest.approx(
+            {e["round"]: e[key] for e in history if e.get(key) is not None}), key
+    assert not any(k.startswith("sites.") for k in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "history.json", "model"} <= artifacts

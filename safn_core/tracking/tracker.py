@@ -54,8 +54,12 @@ class Tracker:
         self.log_params(params)
 
     def _start(self, name: str, tags: dict[str, str]) -> None:
+        import logging
+
         from mlflow.tracking import MlflowClient
 
+        for name in ("mlflow.store.db.utils", "alembic"):  # a new store's schema set-up lines
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
