@@ -1,8 +1,8 @@
 """Experiment tracking with MLflow (#30; docs/tracking.md): safn-sim against a real ``mlflow
 server`` process (parameters, per-round metrics equal to history.json, artifacts, nothing
 per site), safn-train's folds as nested runs in the embedded SQLite store, a tracking server
-that is down (the run completes, one warning, results.json says what was not logged), MLflow
-missing (one clear error), and the live round follower."""
+that is down or killed mid-run (the run completes, one warning, results.json says what was not
+logged), MLflow missing (one clear error), and the live round follower."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from safn_core.cli.common import run_main
 from safn_core.config import load_config
-from safn_core.federation.events import Event, EventLog
+from safn_core.federation.events import EVENTS_FILE, Event, EventLog
 from safn_core.processes import wait_until
 from safn_core.tracking.guard import Guard
 from safn_core.tracking.rounds import RoundFollower, round_metrics
@@ -56,29 +57,42 @@ def table(tmp_path_factory):
     return ["data.source=table", f"data.path={csv}", f"data.mapping={mapping}"]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server on a free local port, ended (its process group) at the end."""
-    folder = tmp_path_factory.mktemp("mlflow_server")
+@contextmanager
+def serve_mlflow(folder: Path):
+    """A real tracking server on a free local port: (its URL, its process), its process group
+    ended on leaving (also when a test has killed it already)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts")],
-        cwd=folder, stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"),
-        start_new_session=True)
+    with open(folder / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+             "--artifacts-destination", str(folder / "artifacts")],
+            cwd=folder, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         assert wait_until(lambda: healthy(url) or proc.poll() is not None, 90), "no server"
         assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
-        yield url
+        yield url, proc
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        end_group(proc)
+
+
+def end_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """End ``proc``'s process group (``sig``, then SIGKILL after 20 s) and reap it."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        proc.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    with serve_mlflow(tmp_path_factory.mktemp("mlflow_server")) as (url, _):
+        yield url
 
 
 def sets(*overrides: str) -> list[str]:
@@ -192,6 +206,64 @@ def test_a_tracking_server_that_is_down_never_fails_the_run(table, tmp_path):
     assert note["uri"] == down and note["run_id"] is None and note["error"]
     assert {"the run", "parameters", "the artifact report.html"} <= set(note["not_logged"])
     assert (out / "model" / "model_card.md").is_file() and (out / "report.html").is_file()
+
+
+def booked_rounds(run_dir: Path) -> list[int]:
+    """The rounds of ``run_dir/events.jsonl``'s round events (each line is written whole)."""
+    path = run_dir / EVENTS_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [e["entry"]["round"] for e in map(json.loads, lines) if e.get("event") == "round"]
+
+
+def logged_rounds(client: MlflowClient, experiment: str) -> set[int]:
+    """The rounds whose val_loss the server holds for the experiment's run (none yet: empty)."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id]) if exp is not None else []
+    return {m.step for r in runs for m in client.get_metric_history(r.info.run_id, "val_loss")}
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_run_leaves_a_completed_run_and_one_warning(table, tmp_path):
+    """The server is killed (SIGKILL) once it holds round 1, while the federation goes on: the
+    run completes, one warning, and results.json names what was not logged."""
+    rounds, out = 8, tmp_path / "sim"
+    folder = tmp_path / "server"
+    folder.mkdir()
+    with serve_mlflow(folder) as (url, server), \
+            open(tmp_path / "sim.out", "w") as stdout, open(tmp_path / "sim.err", "w") as stderr:
+        sim = subprocess.Popen(
+            [str(BIN / "safn-sim"), "--out", str(out), "--tracking", url,
+             *sets(*table, *SMALL_MODEL, "train.max_epochs=5", f"federation.rounds={rounds}",
+                   "federation.patience=null", "simulation.compare=false",
+                   "simulation.num_cpus_per_site=1", f"simulation.site_state_dir={tmp_path / 's'}",
+                   "tracking.experiment=killed")],
+            stdout=stdout, stderr=stderr, start_new_session=True)
+        try:
+            client = MlflowClient(url)
+            # the event: the server holds the run's first round (its REST API, polled)
+            assert wait_until(lambda: 1 in logged_rounds(client, "killed") or
+                              sim.poll() is not None, 240, interval=0.1), "no round logged"
+            assert sim.poll() is None, (tmp_path / "sim.err").read_text()[-3000:]
+            end_group(server, signal.SIGKILL)
+            # read after the kill: the rounds booked when it happened are at most these
+            at_kill = booked_rounds(out)
+            assert at_kill and max(at_kill) < rounds, f"all rounds were booked: {at_kill}"
+            code = sim.wait(timeout=300)
+        finally:
+            if sim.poll() is None:
+                end_group(sim)
+    err = (tmp_path / "sim.err").read_text()
+    output = (tmp_path / "sim.out").read_text() + err
+    assert code == 0, output[-4000:]
+    assert output.count("warning: MLflow tracking at") == 1, output[-4000:]
+    assert "Traceback" not in err
+    history = json.loads((out / "history.json").read_text())
+    assert [e["round"] for e in history] == list(range(rounds + 1))  # round 0: the start
+    note = json.loads((out / "results.json").read_text())["tracking"]
+    assert note["uri"] == url and note["run_id"] and note["error"]
+    missing = set(note["not_logged"])
+    assert {f"metrics of round {rounds}", "the artifact report.html", "the run's end"} <= missing
+    assert "the run" not in missing and "metrics of round 1" not in missing
 
 
 def test_tracking_on_without_mlflow_is_one_clear_error(table, tmp_path, monkeypatch, capsys):
