@@ -36,6 +36,7 @@ def finish(tracker: Tracker, run_dir: Path, code: int) -> None:
     tracker.log_params({f"data_source.{site}": kind
                         for site, kind in data_sources(run_dir).items()})
     tracker.log_artifacts(ARTIFACTS)
+    tracker.log_model()
     tags = {}
     if (run_dir / RUN_ID_FILE).is_file():
         tags["safn.run_id"] = (run_dir / RUN_ID_FILE).read_text().strip()

@@ -66,6 +66,7 @@ def finish(tracker: Tracker, run_dir: Path, comparison: pd.DataFrame | None,
             tracker.log_history(run_dir / "loso" / held / "history.json", child)
             tracker.end(child)
     tracker.log_artifacts(ARTIFACTS)
+    tracker.log_model()
     run_id = (run_dir / RUN_ID_FILE)
     tags = {"safn.run_id": run_id.read_text().strip()} if run_id.is_file() else {}
     return tracker.finish(tags=tags)

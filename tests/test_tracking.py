@@ -163,7 +163,8 @@ def test_safn_sim_logs_to_a_tracking_server(table, mlflow_server, tmp_path):
         ["model/model_card.md"]
 
 
-def test_safn_train_folds_are_nested_runs_in_the_embedded_store(table, tmp_path):
+def test_safn_train_folds_are_nested_runs_in_the_embedded_store(table, tmp_path,
+                                                                   monkeypatch):
     from safn_core.cli.train import run as train
 
     out = tmp_path / "runs" / "train"
@@ -190,8 +191,24 @@ def test_safn_train_folds_are_nested_runs_in_the_embedded_store(table, tmp_path)
         assert child.data.metrics["test.all.SAFN.roc_auc"] == pytest.approx(row.roc_auc)
         assert child.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(note["run_id"])}
-    assert {"report.html", "results.csv", "folds.csv", "model"} <= artifacts
+    assert {"report.html", "results.csv", "folds.csv", "model", "mlflow_model"} <= artifacts
     assert (tmp_path / "runs" / "mlartifacts").is_dir()  # next to the run folders, not in cwd
+    # the bundle as an MLflow model in the run: the same probabilities as the bundle
+    import mlflow
+
+    from safn_core.bundle import load_bundle
+    from safn_core.bundle_frame import predict_frame
+    from safn_core.mlflow_model import input_example
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", note["uri"])
+    loaded = mlflow.pyfunc.load_model(f"runs:/{note['run_id']}/mlflow_model")
+    bundle = load_bundle(out / "model")
+    rows = input_example(bundle)
+    expected = predict_frame(bundle, rows)
+    got = loaded.predict(rows)
+    prob = [c for c in expected.columns if c.startswith("p_")]
+    assert prob and list(got[prob].columns) == prob
+    assert got[prob].to_numpy() == pytest.approx(expected[prob].to_numpy(), abs=1e-6)
 
 
 def test_a_tracking_server_that_is_down_never_fails_the_run(table, tmp_path):
@@ -224,9 +241,9 @@ def logged_rounds(client: MlflowClient, experiment: str) -> set[int]:
 
 @pytest.mark.slow
 def test_a_server_killed_mid_run_leaves_a_completed_run_and_one_warning(table, tmp_path):
-    """The server is killed (SIGKILL) once it holds round 1, while the federation goes on: the
-    run completes, one warning, and results.json names what was not logged."""
-    rounds, out = 8, tmp_path / "sim"
+    """The server is killed (SIGKILL) once it holds round 0 (the start), while the federation
+    goes on: the run completes, one warning, and results.json names what was not logged."""
+    rounds, out = 20, tmp_path / "sim"
     folder = tmp_path / "server"
     folder.mkdir()
     with serve_mlflow(folder) as (url, server), \
@@ -240,8 +257,8 @@ def test_a_server_killed_mid_run_leaves_a_completed_run_and_one_warning(table, t
             stdout=stdout, stderr=stderr, start_new_session=True)
         try:
             client = MlflowClient(url)
-            # the event: the server holds the run's first round (its REST API, polled)
-            assert wait_until(lambda: 1 in logged_rounds(client, "killed") or
+            # the event: the server holds the run's first round, round 0 (its REST API, polled)
+            assert wait_until(lambda: bool(logged_rounds(client, "killed")) or
                               sim.poll() is not None, 240, interval=0.1), "no round logged"
             assert sim.poll() is None, (tmp_path / "sim.err").read_text()[-3000:]
             end_group(server, signal.SIGKILL)
@@ -262,8 +279,9 @@ def test_a_server_killed_mid_run_leaves_a_completed_run_and_one_warning(table, t
     note = json.loads((out / "results.json").read_text())["tracking"]
     assert note["uri"] == url and note["run_id"] and note["error"]
     missing = set(note["not_logged"])
-    assert {f"metrics of round {rounds}", "the artifact report.html", "the run's end"} <= missing
-    assert "the run" not in missing and "metrics of round 1" not in missing
+    assert {f"metrics of round {rounds}", "the artifact report.html", "the run's end",
+            "the MLflow model mlflow_model"} <= missing
+    assert "the run" not in missing and "metrics of round 0" not in missing
 
 
 def test_tracking_on_without_mlflow_is_one_clear_error(table, tmp_path, monkeypatch, capsys):

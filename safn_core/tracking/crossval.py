@@ -49,4 +49,5 @@ def finish(tracker: Tracker, out: Path) -> dict | None:
                                     what=f"{name}'s metrics")
                 tracker.end(child)
     tracker.log_artifacts(ARTIFACTS)
+    tracker.log_model()
     return tracker.finish()

@@ -143,6 +143,16 @@ class Tracker:
             self._follower = None
             self.log_history(self.run_dir / "history.json")
 
+    def log_model(self, bundle: str = "model") -> None:
+        """The run folder's bundle ``bundle`` (where there is one) as an MLflow model
+        (`safn_core.tracking.model`), under the artifact path ``mlflow_model``."""
+        path = self.run_dir / bundle
+        if self.enabled and path.is_dir():
+            from safn_core.tracking.model import ARTIFACT_PATH, log_model
+
+            self._call(f"the MLflow model {ARTIFACT_PATH}", log_model, self.client, self.run_id,
+                       path)
+
     def log_artifacts(self, paths, run_id: str | None = None) -> None:
         """The files of ``paths`` that exist (relative to the run folder)."""
         for rel in paths:
