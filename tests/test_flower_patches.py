@@ -376,12 +376,12 @@ def test_the_warm_superexec_is_started_with_flowers_own_arguments():
 
 
 READY_SUPEREXEC = """
-import os, sys
+import os, signal, sys
 from pathlib import Path
 from safn.client.superexec import READY_FD_ENV
 Path(sys.argv[1]).write_text("imported")  # the preload, done before it says it is ready
 os.write(int(os.environ[READY_FD_ENV]), b"ready")
-sys.stdin.read()
+signal.pause()  # runs on until the test kills it (stdin may be /dev/null under xdist: EOF at once)
 """
 
 
