@@ -132,3 +132,19 @@ class PeakMemory(Sampler):
 
     def sample(self) -> None:
         self.peak_mb = max(self.peak_mb, tree_rss_mb(self.root))
+
+
+def safn_sim(config: Path, out: Path, sets: list[str]) -> tuple[dict | None, float, str | None]:
+    """One ``safn-sim --config config --out out --set …`` in a subprocess: (its results.json, or
+    None, the wall seconds, and why it failed: the tail of its output, or None)."""
+    import subprocess
+
+    cmd = [str(Path(sys.executable).parent / "safn-sim"), "--config", str(config), "--out",
+           str(out), *[x for s in sets for x in ("--set", s)]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode or not (Path(out) / "results.json").is_file():
+        tail = " ".join((proc.stderr.strip() or proc.stdout.strip()).split())[-600:]
+        return None, seconds, tail or f"exit status {proc.returncode}"
+    return json.loads((Path(out) / "results.json").read_text()), seconds, None

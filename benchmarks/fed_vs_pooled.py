@@ -54,17 +54,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from privacy_utility import DP_RECIPE  # noqa: E402  (benchmarks/ is on sys.path)
@@ -135,16 +132,11 @@ def one_run(row: Row, seed: int, work: Path, user: list[str], cache: dict) -> di
     sets = [f"train.seed={seed}", f"federation.split_seed={seed}", f"simulation.seed={seed}",
             f"simulation.site_state_dir={run_work / 'ledgers'}", "simulation.compare=true",
             *data_overrides(row, work, user, cache), *row.overrides, *user]
-    cmd = [str(BIN / "safn-sim"), "--config", str(CONFIG), "--out", str(out),
-           *[x for s in sets for x in ("--set", s)]]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode or not (out / "results.json").is_file():
-        tail = " ".join((proc.stderr.strip() or proc.stdout.strip()).split())[-600:]
-        return {"seed": seed, "failed": tail or f"exit status {proc.returncode}",
-                "seconds": seconds}
-    results = json.loads((out / "results.json").read_text())
+    from common import safn_sim
+
+    results, seconds, failed = safn_sim(CONFIG, out, sets)
+    if failed:
+        return {"seed": seed, "failed": failed, "seconds": seconds}
     comparison = results["comparison"]
     rows = comparison["rows"]
     auc = {r["kind"]: r["roc_auc"] for r in rows if r["kind"] not in ("local", "local-lr")}

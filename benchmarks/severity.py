@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +50,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "configs" / "severity.yaml"
@@ -119,16 +117,12 @@ def federated(target: str, seed: int, work: Path, user: list[str],
     sets = [f"data.target={target}", f"train.seed={seed}", f"federation.split_seed={seed}",
             f"simulation.seed={seed}", f"simulation.site_state_dir={out}-ledgers",
             "simulation.compare=true", *FED_VARIANTS[variant], *user]
-    cmd = [str(BIN / "safn-sim"), "--config", str(CONFIG), "--out", str(out),
-           *[x for s in sets for x in ("--set", s)]]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode or not (out / "results.json").is_file():
-        tail = " ".join((proc.stderr.strip() or proc.stdout.strip()).split())[-600:]
-        return {"seed": seed, "failed": tail or f"exit status {proc.returncode}",
-                "seconds": seconds}
-    rows = json.loads((out / "results.json").read_text())["comparison"]["rows"]
+    from common import safn_sim  # benchmarks/ is on sys.path when run as a script
+
+    results, seconds, failed = safn_sim(CONFIG, out, sets)
+    if failed:
+        return {"seed": seed, "failed": failed, "seconds": seconds}
+    rows = results["comparison"]["rows"]
     by_kind = {r["kind"]: r for r in rows}
     fed, pooled = by_kind["federated"], by_kind["pooled"]
     return {"seed": seed, "seconds": seconds,
