@@ -56,6 +56,14 @@ def _ovr(y: np.ndarray, P: np.ndarray, j: int) -> tuple[float | None, float | No
     return float(roc_auc_score(pos, P[:, j])), float(average_precision_score(pos, P[:, j]))
 
 
+def macro_roc_auc(y, P) -> float | None:
+    """`multiclass_metrics`' ``roc_auc`` alone: the mean one-vs-rest ROC-AUC over the classes
+    present in ``y`` (None with fewer than two)."""
+    y, P = np.asarray(y).astype(int), _probs(P)
+    aucs = [a for a, _ in (_ovr(y, P, j) for j in range(P.shape[1])) if a is not None]
+    return float(np.mean(aucs)) if aucs else None
+
+
 def multiclass_metrics(y, P, ordered: bool, class_names: Sequence[str], rule: str = "argmax",
                        cutpoints: Sequence[float] | None = None,
                        majority_class: int | None = None) -> dict:
@@ -179,7 +187,7 @@ def summarise_multiclass(rows: list[dict], keys: Sequence[str] = SCALARS) -> dic
     return out
 
 
-__all__ = ["SCALARS", "bootstrap_ci_multiclass", "class_counts_from_histogram",
+__all__ = ["SCALARS", "bootstrap_ci_multiclass", "macro_roc_auc", "class_counts_from_histogram",
            "class_score_histogram", "confusion_counts", "confusion_metrics",
            "cross_entropy_sum_multiclass", "expected_index", "fit_cutpoints",
            "majority_baseline", "metrics_from_class_histograms", "multiclass_metrics",

@@ -139,7 +139,10 @@ def _modality_drop(model, test: Arrays, modalities) -> dict[str, float]:
     ROC-AUCs of the model's own probabilities."""
     def auc(p):
         if p.ndim == 2:  # K > 2 classes: macro one-vs-rest
-            return kclass_folds.macro_auc(test.y, p, p.shape[1])
+            from safn_core.multiclass import macro_roc_auc
+
+            auc = macro_roc_auc(test.y, p)
+            return float("nan") if auc is None else auc
         return binary_metrics(test.y, p)["roc_auc"]
 
     base_auc = auc(predict(model, test)[0])

@@ -75,13 +75,3 @@ def weights_by_class(alpha: np.ndarray, y: np.ndarray, target: Target,
                                            zip(modality_names, alpha[sel].mean(0))}})
     return rows
 
-
-def macro_auc(y: np.ndarray, p: np.ndarray, n_classes: int) -> float:
-    """Macro one-vs-rest ROC-AUC over the classes present in ``y`` (NaN with fewer than 2)."""
-    from sklearn.metrics import roc_auc_score
-
-    present = np.unique(y)
-    if len(present) < 2:
-        return float("nan")
-    aucs = [roc_auc_score(y == k, p[:, k]) for k in range(n_classes) if k in present]
-    return float(np.mean(aucs))
