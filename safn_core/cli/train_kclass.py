@@ -92,11 +92,10 @@ def pooled_confusion(preds: pd.DataFrame, classes, model: str = "SAFN",
     sel = preds[(preds.model == model) & (preds.feature_set == feature_set)]
     if sel.empty:
         return None
-    p = sel[[f"p_{c}" for c in classes]].to_numpy()
-    pred = p.argmax(1)
-    k = len(classes)
-    counts = np.zeros((k, k), dtype=int)
-    np.add.at(counts, (sel.y.to_numpy(dtype=int), pred), 1)
+    from safn_core.multiclass import confusion_counts
+
+    counts = confusion_counts(sel.y.to_numpy(dtype=int),
+                              sel[[f"p_{c}" for c in classes]].to_numpy(), len(classes))
     return pd.DataFrame(counts, index=[f"true {c}" for c in classes],
                         columns=[f"predicted {c}" for c in classes])
 
