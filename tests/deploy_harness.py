@@ -41,18 +41,19 @@ def env() -> dict[str, str]:
     return e
 
 
-def make_material(root: Path) -> dict:
-    """Keys for three sites and an intruder, and one synthetic download per site."""
+def make_material(root: Path, sites=SITES, hosts=("127.0.0.1", "localhost")) -> dict:
+    """Keys for ``sites`` and an intruder, a coordinator certificate for ``hosts``, and one
+    synthetic download per site."""
     subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), "--out",
-                    str(root / "certs"), "--sites", *SITES, "intruder", "--hosts", "127.0.0.1",
-                    "localhost"], check=True, capture_output=True, env=env())
+                    str(root / "certs"), "--sites", *sites, "intruder", "--hosts", *hosts],
+                   check=True, capture_output=True, env=env())
     subprocess.run([str(BIN / "safn-synth"), "--out", str(root / "data"), "--per-site",
-                    "--set", "synth.n_sites=3", "--set", "synth.min_site_size=60"],
+                    "--set", f"synth.n_sites={len(sites)}", "--set", "synth.min_site_size=60"],
                    check=True, capture_output=True, env=env())
     downloads = sorted(p for p in (root / "data").iterdir() if p.is_dir())
     app_hash = subprocess.run([str(BIN / "safn-server"), "--app-hash"], check=True,
                               capture_output=True, text=True, env=env()).stdout.strip()
-    return {"root": root, "certs": root / "certs", "downloads": dict(zip(SITES, downloads)),
+    return {"root": root, "certs": root / "certs", "downloads": dict(zip(sites, downloads)),
             "app_hash": app_hash}
 
 
@@ -189,10 +190,12 @@ def federations(material: dict, folder: Path):
 class Federation:
     """Config files for one coordinator and its sites under ``folder``, and their processes."""
 
-    def __init__(self, material: dict, folder: Path, listed=SITES, **federation):
-        self.m, self.folder = material, folder
+    def __init__(self, material: dict, folder: Path, listed=SITES, net=None, **federation):
+        """``net``: a `tests.netbed.NetBed`; the coordinator and each site then run on hosts of
+        their own, the sites reaching the coordinator by name through their links."""
+        self.m, self.folder, self.net = material, folder, net
         folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = free_port() if net is None else net.port
         self.procs: list[Proc] = []
         self.run_dir = folder / "run"
         certs = material["certs"]
@@ -200,7 +203,8 @@ class Federation:
                "round_timeout": 120, **federation}
         self.server_yaml = folder / "server.yaml"
         self.server_yaml.write_text(yaml.safe_dump({
-            "server": {"host": "127.0.0.1", "port": self.port, "certificates": str(certs),
+            "server": {"host": "127.0.0.1" if net is None else net.coordinator_name,
+                       "port": self.port, "certificates": str(certs),
                        "sites": {s: str(certs / "sites" / f"{s}.pub") for s in listed},
                        "run_dir": str(self.run_dir)},
             "federation": fed, "data": {"min_cell": 3}, **SMALL}))
@@ -212,7 +216,8 @@ class Federation:
         certs = self.m["certs"]
         download = self.m["downloads"].get(name, self.m["downloads"]["site_a"])
         path.write_text(yaml.safe_dump({
-            "site": {"name": name, "superlink": f"127.0.0.1:{self.port}",
+            "site": {"name": name, "superlink": f"127.0.0.1:{self.port}" if self.net is None
+                     else f"{self.net.coordinator_name}:{self.port}",
                      "root_certificates": str(certs / "ca.pem"),
                      "private_key": str(certs / "sites" / f"{name}.key"),
                      "approved_apps": [self.m["app_hash"]],
@@ -222,15 +227,24 @@ class Federation:
             "privacy": privacy or {"mode": "off"}}))
         return path
 
+    def on(self, host: str, cmd: list[str]) -> list[str]:
+        """``cmd`` run on the coordinator's host or a site's (the same one without a test bed)."""
+        if self.net is None:
+            return cmd
+        return (self.net.coordinator if host == "coordinator" else self.net.sites[host]
+                ).command(cmd)
+
     def server(self, *args: str) -> Proc:
-        p = Proc("safn-server", [str(BIN / "safn-server"), "--config", str(self.server_yaml),
-                                 *args], self.folder / f"server{len(self.procs)}.log")
+        p = Proc("safn-server", self.on("coordinator", [
+            str(BIN / "safn-server"), "--config", str(self.server_yaml), *args]),
+            self.folder / f"server{len(self.procs)}.log")
         self.procs.append(p)
         return p
 
     def site(self, name: str, *args: str, **site) -> Proc:
-        p = Proc(name, [str(BIN / "safn-client"), "--site", str(self.site_yaml(name, **site)),
-                        *args], self.folder / f"{name}{len(self.procs)}.log")
+        p = Proc(name, self.on(name, [str(BIN / "safn-client"), "--site",
+                                      str(self.site_yaml(name, **site)), *args]),
+                 self.folder / f"{name}{len(self.procs)}.log")
         self.procs.append(p)
         return p
 
