@@ -227,3 +227,14 @@ def skip_or_fail(pytest, why: str):
     if os.environ.get(REQUIRED_ENV) == "1":
         pytest.fail(f"the network test bed is required here ({REQUIRED_ENV}=1): {why}")
     pytest.skip(f"no network test bed: {why}")
+
+
+@contextmanager
+def bed_or_skip(pytest, folder: Path, sites, aliases: dict[str, str] | None = None,
+                proxy: bool = True):
+    """`netbed` for a test: skipped where namespaces cannot be made, failed in CI."""
+    why = available()
+    if why is not None:
+        skip_or_fail(pytest, why)
+    with netbed(folder, sites, aliases, proxy) as bed:
+        yield bed
