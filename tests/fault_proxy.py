@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 CHUNK = 16384
 QUEUE_CHUNKS = 16  # at most 256 kB in flight per direction: the sender then feels backpressure
+NUMBERS = ("delay_ms", "up_rate", "down_rate")
 
 
 @dataclass
@@ -55,11 +56,25 @@ class Link:
         self.resumed.set()
 
     def update(self, settings: dict) -> None:
-        for key in ("delay_ms", "up_rate", "down_rate"):
+        """Apply ``settings`` (all of them, or none: a bad one raises before anything changes)."""
+        unknown = set(settings) - {"link", *NUMBERS, "stalled"}
+        if unknown:
+            raise KeyError(f"unknown setting(s) {sorted(unknown)}; known: "
+                           f"{[*NUMBERS, 'stalled']}")
+        numbers = {}
+        for key in NUMBERS:
             if key in settings:
-                setattr(self, key, max(0.0, float(settings[key])))
+                value = settings[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or value != value:
+                    raise TypeError(f"{key} must be a number, not {value!r}")
+                numbers[key] = max(0.0, float(value))
+        if "stalled" in settings and not isinstance(settings["stalled"], bool):
+            raise TypeError(f"stalled must be true or false, not {settings['stalled']!r}")
+        for key, value in numbers.items():
+            setattr(self, key, value)
         if "stalled" in settings:
-            self.stalled = bool(settings["stalled"])
+            self.stalled = settings["stalled"]
             (self.resumed.clear if self.stalled else self.resumed.set)()
 
     def stats(self) -> dict:
@@ -136,8 +151,14 @@ async def _control(links: dict[str, Link], reader, writer) -> None:
         while line := await reader.readline():
             try:
                 msg = json.loads(line)
+                if not isinstance(msg, dict):
+                    raise TypeError(f"a message is a JSON object, not {type(msg).__name__}")
                 if msg.get("stats"):
                     answer = {name: link.stats() for name, link in links.items()}
+                elif "link" not in msg:
+                    raise KeyError("no 'link' (or 'stats') in the message")
+                elif msg["link"] not in links:
+                    raise KeyError(f"no link {msg['link']!r}; links: {sorted(links)}")
                 else:
                     links[msg["link"]].update(msg)
                     answer = {"ok": True}
@@ -151,6 +172,8 @@ async def _control(links: dict[str, Link], reader, writer) -> None:
 
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
+    if not host or not 0 < int(port) < 65536:
+        raise ValueError(text)
     return host, int(port)
 
 

@@ -165,6 +165,7 @@ class NetBed:
                                                                   "fault_proxy.py"),
              "--control", str(sock), *links],
             stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+        log.close()  # the proxy has its own copy
         line = self._proxy.stdout.readline().decode()  # its first line: an event, not a delay
         if "fault proxy ready" not in line:
             raise RuntimeError(f"the fault proxy did not start: {line!r}; see "
@@ -177,7 +178,18 @@ class NetBed:
         _ip("-n", self.wan, "link", "set", self._port_of(site), "down")
 
     def mend(self, site: str) -> None:
+        """The cable is back: the port comes up, and the neighbour (ARP) entries the cut left
+        unresolved are forgotten on both ends, so that the next packet resolves afresh instead
+        of failing with "no route to host" when the stale resolution gives up."""
+        host = self.sites[site]
         _ip("-n", self.wan, "link", "set", self._port_of(site), "up")
+        deadline = time.monotonic() + 10  # a failure bound: the carrier comes up at once
+        while "LOWER_UP" not in _ip("-n", host.ns, "link", "show", "eth0").stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{site}: eth0 has no carrier after mend")
+            time.sleep(0.01)
+        _ip("-n", host.ns, "neigh", "flush", "dev", "eth0", check=False)
+        _ip("-n", self.wan, "neigh", "flush", "to", host.address, check=False)
 
     def _port_of(self, site: str) -> str:
         return self._ports[1 + list(self.sites).index(site)]
@@ -199,6 +211,7 @@ class NetBed:
                 self._proxy.wait(10)
             except subprocess.TimeoutExpired:
                 pass
+            self._proxy.stdout.close()
         for ns in self._namespaces():
             _ip("netns", "del", ns, check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
