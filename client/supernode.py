@@ -27,6 +27,16 @@ per message.
 between two pulls from the SuperLink; Flower hard-codes 3 s, which dominates the time per round
 of a small model.
 
+``SAFN_OBJECT_WORKERS`` (default 8) objects of a message pulled or pushed at once (0: Flower's
+own, 2 or the site's core count if fewer); ``SAFN_CONFIRM_IN_BACKGROUND`` (default 1) confirms a
+message's receipt while its ClientApp runs (0: before, as Flower does). Both cut round trips on a
+slow link (`safn_flower.patches.supernode`); the defaults are what a site should run, the other
+values are for comparisons (benchmarks/net_overhead.py).
+
+``SAFN_FLEET_REQUEST_LOG`` (optional, a file path): one JSON line per request to the SuperLink
+(`safn_flower.patches.supernode.REQUEST_LOG`), for measuring what a round costs on a slow link
+(benchmarks/net_overhead.py).
+
 ``SAFN_NODE_ID_FILE`` (set by `safn-client`: ``<site.state_dir>/node_id``) keeps the node id of
 the site's last activation, so that a SuperNode restarted after a crash ends its own previous
 session and is active again within seconds, instead of being refused until that session has
@@ -47,6 +57,8 @@ TRUSTED_ENV = "SAFN_TRUSTED_ENTITIES"
 POLL_ENV = "SAFN_POLL_INTERVAL"
 WARM_ENV = "SAFN_WARM_CLIENTAPPS"
 NODE_ID_ENV = "SAFN_NODE_ID_FILE"
+OBJECT_WORKERS_ENV = "SAFN_OBJECT_WORKERS"
+CONFIRM_ENV = "SAFN_CONFIRM_IN_BACKGROUND"
 
 
 def approved_hashes() -> set[str]:
@@ -144,7 +156,11 @@ def main() -> None:
         sys.exit("safn: no approved app (SAFN_APPROVED_APPS) and no trusted entities "
                  "(SAFN_TRUSTED_ENTITIES): refusing to start a SuperNode that would run any app")
     supernode_patches.prepare(app_approval(approved, trusted),
-                              float(os.environ.get(POLL_ENV, "3")), os.environ.get(NODE_ID_ENV))
+                              float(os.environ.get(POLL_ENV, "3")), os.environ.get(NODE_ID_ENV),
+                              os.environ.get(supernode_patches.REQUEST_LOG_ENV),
+                              int(os.environ.get(OBJECT_WORKERS_ENV,
+                                                 supernode_patches.OBJECT_WORKERS)),
+                              os.environ.get(CONFIRM_ENV, "1") != "0")
     argv = sys.argv[1:]
     if os.environ.get(WARM_ENV, "1") != "0" and "--isolation" not in argv:
         start_warm_superexec(superexec_command(argv))

@@ -15,7 +15,8 @@ process reaches it from outside the proxy's network namespace), one JSON object 
     {"link": "site_a", "stalled": true}                        -> {"ok": true}
     {"stats": true}                                            -> {"site_a": {"up": ..., ...}}
 
-``delay_ms`` is one way (each direction), ``up_rate`` / ``down_rate`` are bytes per second (0: no
+``delay_ms`` is one way (each direction; a new connection's first bytes also wait one round trip,
+the TCP handshake this proxy answers at once), ``up_rate`` / ``down_rate`` are bytes per second (0: no
 limit); ``up`` is site to coordinator. Run:
 
     python tests/fault_proxy.py --control /tmp/p.sock \
@@ -136,6 +137,9 @@ async def _serve(link: Link, site_reader, site_writer) -> None:
             up_reader, up_writer = await asyncio.open_connection(*link.upstream)
         except OSError:
             return
+        # a TCP handshake costs one round trip before the site may send; this proxy accepted
+        # at once, so the first bytes wait that round trip here
+        await asyncio.sleep(2 * link.delay_ms / 1000.0)
         try:
             await asyncio.gather(_pump(link, "up", site_reader, up_writer),
                                  _pump(link, "down", up_reader, site_writer))

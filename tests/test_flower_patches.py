@@ -5,6 +5,7 @@ are still logged in those words."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -354,13 +355,86 @@ def test_supernode_prepare_applies_its_patches_and_restore_gives_flower_back():
     names = sn.prepare(lambda fab, flower: True, 0.2)
     try:
         assert names == ("supernode_app_approval", "supernode_poll_interval",
-                         "supernode_heartbeat", "object_pull_backoff")
+                         "supernode_heartbeat", "object_pull_backoff",
+                         "supernode_object_concurrency", "supernode_confirm_in_background")
         assert sci._pull_and_store_message is not stock_pull
         assert iu.pull_objects.__kwdefaults__["initial_backoff"] == 0.02
     finally:
         core.restore(names)
     assert sci._pull_and_store_message is stock_pull
     assert iu.pull_objects.__kwdefaults__ == stock_defaults
+
+
+def test_a_messages_objects_are_pushed_all_at_once_not_two_at_a_time():
+    """Six objects whose pushes each wait until all six are in flight: Flower's own transfer
+    (2 at a time, at most the CPU count) cannot finish; with the patch, one wave does."""
+    import threading
+
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    def push_all(timeout: float) -> None:
+        barrier = threading.Barrier(6, timeout=timeout)
+        iu.push_object_contents_from_iterable(
+            [(f"o{i}", b"x") for i in range(6)], lambda oid, content: barrier.wait())
+
+    with pytest.raises(threading.BrokenBarrierError):
+        push_all(0.5)  # stock: never 6 at once (a negative check: a slow machine cannot pass it)
+    names = core.apply([(sn.OBJECT_CONCURRENCY, {"workers": 8})], announce=False)
+    try:
+        push_all(60)  # all six in flight together: the barrier opens
+    finally:
+        core.restore(names)
+
+
+def test_a_messages_receipt_is_confirmed_in_the_background():
+    import threading
+
+    from flwr.supernode import fleet_http_connection as conn
+
+    release, sent = threading.Event(), []
+
+    def confirm_protobuf(request):
+        release.wait(60)
+        sent.append(request)
+
+    names = core.apply([(sn.CONFIRM_IN_BACKGROUND, {})], announce=False)
+    try:
+        from flwr.proto.node_pb2 import Node
+
+        node = Node(node_id=7)
+        conn.make_confirm_message_received_fn_protobuf(confirm_protobuf, node, 3)("m1")
+        assert sent == []  # returned while the confirmation still waits for its answer
+        release.set()
+        deadline = time.monotonic() + 60
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sent and sent[0].message_object_id == "m1" and sent[0].run_id == 3
+    finally:
+        core.restore(names)
+
+
+def test_the_request_log_has_one_line_per_fleet_request(tmp_path):
+    import httpx
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
+    from flwr.supercore.protobuf.client import ProtobufClient
+
+    log = tmp_path / "requests.jsonl"
+    names = core.apply([(sn.REQUEST_LOG, {"path": str(log)})], announce=False)
+    try:
+        client = ProtobufClient("http://superlink.test")
+        answers = iter([200, 503])
+        client._client = httpx.Client(transport=httpx.MockTransport(
+            lambda request: httpx.Response(next(answers), content=b"")))
+        call = dict(path="/v1/fleet/pull-messages", rpc_method="PullMessages",
+                    request=PullMessagesRequest(), response_type=PullMessagesResponse)
+        client._unary_unary(**call)
+        with pytest.raises(httpx.HTTPStatusError):
+            client._unary_unary(**call)
+    finally:
+        core.restore(names)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["rpc"], e["ok"]) for e in lines] == [("PullMessages", True), ("PullMessages", False)]
+    assert all(e["s"] >= 0 and e["t"] > 1.7e9 for e in lines)
 
 
 # -- the warm SuperExec: started by safn.client.supernode, Flower's --isolation process --------------

@@ -7,7 +7,13 @@ Patches (each checked before it is applied, announced in one line, restorable):
   (Flower: 3 s) and looks for a ClientApp's reply every `LOCAL_WAIT` s (Flower: 0.5 s);
 - `HEARTBEAT`: a heartbeat every `HEARTBEAT_INTERVAL` s (Flower: 30 s);
 - `SESSION_TAKEOVER`: a SuperNode restarted after a crash ends its own previous session;
-- `core.OBJECT_PULL_BACKOFF`: a message's objects are retried after 20 ms, not 1 s.
+- `core.OBJECT_PULL_BACKOFF`: a message's objects are retried after 20 ms, not 1 s;
+- `OBJECT_CONCURRENCY`: all of a message's objects are pulled / pushed at once, not 2 at a time
+  (each wave of requests waits one round trip on a slow link);
+- `CONFIRM_IN_BACKGROUND`: the receipt of a message is confirmed while its ClientApp runs, not
+  before it starts (one round trip less per message);
+- `REQUEST_LOG`: with ``SAFN_FLEET_REQUEST_LOG`` set, one JSON line per Fleet request (a
+  diagnostic: how many requests a round costs, and how long each took).
 
 Warm ClientApps need no patch here: `safn.client.supernode` starts its own SuperExec
 (`safn.client.superexec`) and runs Flower's SuperNode with ``--isolation process`` (a public option).
@@ -107,6 +113,83 @@ def _install_heartbeat(interval: int = HEARTBEAT_INTERVAL) -> None:
 
     replace(HEARTBEAT, heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", interval)
     replace(HEARTBEAT, fleet_http_connection, "HEARTBEAT_DEFAULT_INTERVAL", interval)
+
+OBJECT_WORKERS = 8
+"""Objects of one message pulled or pushed at once (Flower: 2, and never more than the site's
+CPU cores). A message of safn's is 5 to 7 objects: at 2 at a time that is 3 waves of requests
+each way, each waiting one round trip; at 8 it is one. The requests mostly wait on the network,
+so the site's core count is no limit."""
+
+
+def _install_object_concurrency(workers: int = OBJECT_WORKERS) -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+
+    def get_num_workers(max_concurrent: int) -> int:
+        return max(1, workers)
+
+    replace(OBJECT_CONCURRENCY, inflatable_utils, "get_num_workers", get_num_workers)
+
+
+def _install_confirm_in_background() -> None:
+    """Flower confirms a pulled message with one more request, and waits for its answer before
+    the ClientApp starts. The confirmation only lets the SuperLink free its copy (the message
+    was already claimed when it was pulled), so it is sent from a background thread while the
+    ClientApp runs; a confirmation that fails is logged, nothing else depends on it."""
+    from concurrent.futures import ThreadPoolExecutor
+    from logging import WARNING
+
+    from flwr.common.logger import log
+    from flwr.supernode import fleet_http_connection as conn
+
+    flower_make = conn.make_confirm_message_received_fn_protobuf
+    worker = ThreadPoolExecutor(1, thread_name_prefix="safn-confirm")
+
+    def make(confirm_protobuf, node, run_id):
+        confirm = flower_make(confirm_protobuf, node, run_id)
+
+        def in_background(object_id: str) -> None:
+            def done(future):
+                if future.exception() is not None:
+                    log(WARNING, "safn: confirming the receipt of message %s failed (%s); the "
+                                 "coordinator frees its copy at the run's end", object_id,
+                        future.exception())
+            worker.submit(confirm, object_id).add_done_callback(done)
+
+        return in_background
+
+    replace(CONFIRM_IN_BACKGROUND, conn, "make_confirm_message_received_fn_protobuf", make)
+
+
+REQUEST_LOG_ENV = "SAFN_FLEET_REQUEST_LOG"
+
+
+def _install_request_log(path: str) -> None:
+    """One JSON line per Fleet HTTP request in ``path`` (appended): ``{"t": unix time at the
+    answer, "rpc": Flower's method name, "s": seconds, "ok": answered without an error}``.
+    Retries are requests of their own."""
+    import json
+    import threading
+
+    from flwr.supercore.protobuf import client as protobuf_client
+
+    fh = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (the process's life)
+    lock = threading.Lock()
+    flower_send = protobuf_client.ProtobufClient._send
+
+    def send(self, context, *args, **kwargs):
+        start, ok = time.perf_counter(), False
+        try:
+            response = flower_send(self, context, *args, **kwargs)
+            ok = not response.is_error
+            return response
+        finally:
+            line = json.dumps({"t": round(time.time(), 4), "rpc": context.rpc_method,
+                               "s": round(time.perf_counter() - start, 4), "ok": ok})
+            with lock:
+                fh.write(line + "\n")
+
+    replace(REQUEST_LOG, protobuf_client.ProtobufClient, "_send", send)
+
 
 def read_node_id(path: Path) -> int | None:
     """The node id a SuperNode of this site last activated as (None: never, or unreadable)."""
@@ -217,19 +300,61 @@ SESSION_TAKEOVER = Patch(
             if "node_id" in v.DESCRIPTOR.fields_by_name else "has no node_id field")),
     _install_session_takeover)
 
-PATCHES = (APP_APPROVAL, POLL_INTERVAL, HEARTBEAT, SESSION_TAKEOVER, core.OBJECT_PULL_BACKOFF)
+_IU = "flwr.supercore.inflatable.inflatable_utils"
+_CONN = "flwr.supernode.fleet_http_connection"
+
+OBJECT_CONCURRENCY = Patch(
+    "supernode_object_concurrency",
+    "a SuperNode pulls and pushes a message's objects 2 at a time (and never more than its CPU "
+    "cores), one round trip per 2 objects",
+    (target(_IU, "get_num_workers", core.params("max_concurrent")),
+     target(_IU, "pull_objects", core.calls("get_num_workers")),
+     target(_IU, "push_object_contents_from_iterable", core.calls("get_num_workers"))),
+    _install_object_concurrency)
+
+CONFIRM_IN_BACKGROUND = Patch(
+    "supernode_confirm_in_background",
+    "a SuperNode waits for the SuperLink to acknowledge the receipt of a message before its "
+    "ClientApp starts",
+    (target(_CONN, "make_confirm_message_received_fn_protobuf",
+            core.params("confirm_message_received_protobuf", "node", "run_id")),
+     target(_CONN, "http_request_response",
+            core.source_says("make_confirm_message_received_fn_protobuf(",
+                             "confirm_message_received,"))),
+    _install_confirm_in_background)
+
+REQUEST_LOG = Patch(
+    "supernode_request_log",
+    "a SuperNode keeps no account of its requests to the SuperLink",
+    (target("flwr.supercore.protobuf.client", "ProtobufClient._send",
+            core.params("self", "context", "stream")),),
+    _install_request_log)
+
+PATCHES = (APP_APPROVAL, POLL_INTERVAL, HEARTBEAT, SESSION_TAKEOVER, core.OBJECT_PULL_BACKOFF,
+           OBJECT_CONCURRENCY, CONFIRM_IN_BACKGROUND, REQUEST_LOG)
 """Every patch of this process (`tests/test_flower_patches.py` checks them)."""
 
 
 def prepare(verify: Callable[[object, Callable], bool], poll_interval: float,
-            node_id_file: str | None = None) -> tuple[str, ...]:
+            node_id_file: str | None = None, request_log: str | None = None,
+            object_workers: int = OBJECT_WORKERS,
+            confirm_in_background: bool = True) -> tuple[str, ...]:
     """Patch this SuperNode process: app bundles go through ``verify(fab, flower_verify)``, an
     idle SuperNode pulls every ``poll_interval`` s, heartbeats every `HEARTBEAT_INTERVAL` s,
-    quick object pulls, and, with ``node_id_file``, the takeover of its own previous session.
-    Checked first (`FlowerPatchError`), announced in one line; returns the names applied."""
+    quick object pulls, all of a message's objects at once, its receipt confirmed in the
+    background, with ``node_id_file`` the takeover of its own previous session, and with
+    ``request_log`` an account of every Fleet request (``object_workers`` 0 and
+    ``confirm_in_background`` False keep Flower's own transfers, for comparisons). Checked first
+    (`FlowerPatchError`), announced in one line; returns the names applied."""
     chosen = [(APP_APPROVAL, {"verify": verify}),
               (POLL_INTERVAL, {"interval": poll_interval}),
               (HEARTBEAT, {}), (core.OBJECT_PULL_BACKOFF, {})]
+    if object_workers:
+        chosen.append((OBJECT_CONCURRENCY, {"workers": object_workers}))
+    if confirm_in_background:
+        chosen.append((CONFIRM_IN_BACKGROUND, {}))
     if node_id_file:
         chosen.append((SESSION_TAKEOVER, {"node_id_file": node_id_file}))
+    if request_log:
+        chosen.append((REQUEST_LOG, {"path": request_log}))
     return core.apply(chosen)
