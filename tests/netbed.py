@@ -111,6 +111,7 @@ class NetBed:
 
     def __init__(self, folder: Path, sites: list[str], aliases: dict[str, str] | None = None):
         self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.id = f"{PREFIX}-{os.getpid()}-{time.monotonic_ns() % 10**8}"
         self.wan = f"{self.id}-wan"
         self.coordinator = Host("coordinator", f"{self.id}-coord", COORDINATOR_IP)
