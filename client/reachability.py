@@ -17,6 +17,7 @@ SuperNode will use, and tells the causes apart within seconds:
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import socket
 import ssl
@@ -146,10 +147,7 @@ def explain(reach: Reach, address: str, origin: str, root_certificates: Path | N
                    f"connection, or {where} names the wrong host; check both",
         "unreachable": f"cannot reach {address} ({reach.detail}): check the network and "
                        f"{where}",
-        "tls-name": f"the coordinator at {address} answers, but its TLS certificate is not "
-                    f"issued for {host!r} (it is for: {reach.detail}). Use one of those names "
-                    f"in {where}, or ask the coordinator to add {host!r} to its certificate "
-                    "(deploy/make_certs.py --hosts)",
+        "tls-name": _name_mismatch(reach.detail, address, origin),
         "tls-ca": f"the coordinator at {address} answers, but its TLS certificate is not signed "
                   f"by site.root_certificates = {root_certificates} ({reach.detail}): ask the "
                   "coordinator for the federation's ca.pem",
@@ -163,6 +161,29 @@ def explain(reach: Reach, address: str, origin: str, root_certificates: Path | N
                         "--insecure: drop --insecure and set site.root_certificates and "
                         "site.private_key",
     }[reach.kind]
+
+
+def _ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _name_mismatch(names: str, address: str, origin: str) -> str:
+    """The certificate does not name the host this site connects to: both, and what to write."""
+    host, port = split_address(address)
+    kind = "IP address" if _ip(host) else "host name"
+    listed = [n for n in names.split(", ") if n and n != "no names" and "*" not in n]
+    usable = [n for n in listed if not _ip(n)] + [n for n in listed if _ip(n)]
+    shown = f"[{usable[0]}]" if usable and ":" in usable[0] else (usable[0] if usable else "")
+    instead = (f"Write a name it is for in {origin}, e.g. site.superlink = {shown}:{port}, or "
+               "ask the " if usable else "Ask the ")
+    return (f"the coordinator at {address} answers, but its TLS certificate is not issued for "
+            f"{host!r} (it is for: {names}): this site connects by the {kind} {host} "
+            f"(site.superlink), which the certificate does not name. {instead}coordinator to "
+            f"add the {kind} {host} to its certificate (deploy/make_certs.py --hosts)")
 
 
 def wait_for_coordinator(address: str, root_certificates: Path | None, origin: str,

@@ -35,6 +35,7 @@ from safn_core.processes import LogFollower
 from safn_core.tracking import Tracker
 from safn_flower.fab import app_dir, app_hash
 from safn.server import tracking
+from safn.server.certificate_names import tools_host
 from safn.server.superlink import (DeploymentError, SuperLink, certificate_paths,
                               openssh_fingerprint, refusal)
 
@@ -82,6 +83,8 @@ def validate_server(cfg: SafnConfig, origin: str, insecure: bool) -> None:
         raise ConfigError(f"{origin}: 'server.database' = {server.database}: a folder; it names "
                           "the SuperLink's database file (e.g. superlink.db), or leave it out")
     check_can_listen(server.host, server.port, origin)
+    if certs is not None:  # the coordinator's own tools verify it for server.host
+        tools_host(server.host, certs["superlink.pem"], origin)
 
 
 class Deployment:

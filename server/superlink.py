@@ -23,6 +23,7 @@ from safn_core.config import ServerConfig
 from safn_core.errors import ConfigError, SafnError
 from safn_core.io import write_atomic
 from safn_core.processes import Child, flower_env, port_in_use
+from safn.server.certificate_names import WILDCARD_HOSTS, tools_host
 
 CONNECTION = "safn"
 CERT_FILES = ("ca.pem", "superlink.pem", "superlink.key")
@@ -109,6 +110,7 @@ class SuperLink:
 
     def __init__(self, server: ServerConfig, run_dir: Path, insecure: bool, origin: str):
         self.server, self.run_dir, self.insecure = server, Path(run_dir), insecure
+        self.origin = origin
         self.home = self.run_dir / "flower"
         self.log = self.run_dir / "superlink.log"
         self.certs = None if insecure else certificate_paths(server, origin)
@@ -135,7 +137,9 @@ class SuperLink:
 
     def write_connection(self) -> None:
         """``$FLWR_HOME/config.toml``: the ``safn`` connection for the stock ``flwr`` CLI."""
-        host = "127.0.0.1" if self.server.host in ("0.0.0.0", "::") else self.server.host
+        wildcard = self.server.host in WILDCARD_HOSTS
+        host = ("127.0.0.1" if wildcard else self.server.host) if self.insecure else \
+            tools_host(self.server.host, self.certs["superlink.pem"], self.origin)
         lines = ["[superlink]", f'default = "{CONNECTION}"', "",
                  f"[superlink.{CONNECTION}]", f'address = "{host}:{self.server.port}"']
         lines.append("insecure = true" if self.insecure else

@@ -483,3 +483,22 @@ def test_an_insecure_coordinator_skips_tls_but_not_the_other_checks(material, tm
     assert got.code == 2 and "Traceback" not in got.err, got.err
     assert got.err.count("\n") == 1 and "'server.host'" in got.err
     assert got.before == got.after and not got.leftovers
+
+
+def test_a_certificate_that_does_not_name_server_host_stops_the_coordinator_at_once(material,
+                                                                                    tmp_path):
+    """Its own health check and flwr CLI verify superlink.pem for server.host: a certificate
+    for other names ended in "flower-superlink did not answer ... within 60 s"; now one line
+    naming the file, server.host and the certificate's names, before anything starts."""
+    cfg = base_server(material)
+    cfg["server"]["host"] = "127.0.0.2"  # an address of this machine the certificate lacks
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump(cfg))
+    got = execute(["safn-server", "--config", str(tmp_path / "server.yaml")], tmp_path,
+                  [material["certs"]])
+    assert got.code == 2 and "Traceback" not in got.err + got.out, got.err
+    assert got.err.count("\n") == 1 and got.err.startswith("error: "), got.err
+    pem = material["certs"] / "superlink.pem"
+    assert (f"'server.host' = 127.0.0.2, but {pem} is not issued for the IP address 127.0.0.2 "
+            "(it is for: localhost, 127.0.0.1)") in got.err, got.err
+    assert "Set server.host to a name it is for (or to 0.0.0.0)" in got.err, got.err
+    assert got.before == got.after and not got.leftovers

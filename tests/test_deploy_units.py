@@ -698,3 +698,102 @@ def test_the_coordinator_follows_the_runs_events_not_its_printed_text(tmp_path, 
     # a ServerApp that emits no run end: federation_status.json as before
     assert run_outcome(None, {"status": "completed", "round": 2}) == {"status": "completed",
                                                                        "round": 2}
+
+
+# -- certificates that do not name the host (issue #29) -------------------------------------
+
+@pytest.mark.parametrize("names, host, ok", [
+    (["coordinator.safn.test"], "coordinator.safn.test", True),
+    (["Coordinator.SAFN.test"], "coordinator.safn.test.", True),
+    (["*.safn.test"], "coordinator.safn.test", True),
+    (["*.safn.test"], "a.coordinator.safn.test", False),
+    (["*.test"], "safn.test", False),
+    (["coordinator.safn.test"], "198.18.0.1", False),
+    (["198.18.0.1"], "198.18.0.1", True),
+    (["::1"], "[::1]", True),
+    (["0:0:0:0:0:0:0:1"], "::1", True),
+    (["198.18.0.1"], "coordinator.safn.test", False),
+    ([], "localhost", False),
+])
+def test_a_certificate_names_a_host_as_tls_verification_would(names, host, ok):
+    from safn.server.certificate_names import names_host
+
+    assert names_host(names, host) is ok
+
+
+def _coordinator_certs(folder: Path, *hosts: str) -> Path:
+    subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), "--out",
+                    str(folder), "--hosts", *hosts], check=True, capture_output=True)
+    return folder / "superlink.pem"
+
+
+def test_the_coordinator_refuses_a_certificate_that_does_not_name_server_host(tmp_path):
+    from safn.server.certificate_names import certificate_names, tools_host
+
+    other = _coordinator_certs(tmp_path / "other", "other.safn.test", "198.18.0.9")
+    assert certificate_names(other) == ["other.safn.test", "198.18.0.9"]
+    for host, called in (("coordinator.safn.test", "the host name coordinator.safn.test"),
+                         ("198.18.0.1", "the IP address 198.18.0.1")):
+        with pytest.raises(ConfigError) as caught:
+            tools_host(host, other, "server.yaml")
+        said = str(caught.value)
+        assert "\n" not in said
+        for part in (f"server.yaml: 'server.host' = {host}, but {other} is not issued for "
+                     f"{called} (it is for: other.safn.test, 198.18.0.9)",
+                     f"--hosts {host} other.safn.test 198.18.0.9"):
+            assert part in said, said
+        assert "0.0.0.0" not in said  # it names no loopback name: a wildcard would not do
+    assert tools_host("other.safn.test", other, "server.yaml") == "other.safn.test"
+    assert tools_host("198.18.0.9", other, "server.yaml") == "198.18.0.9"
+    # a wildcard listens everywhere; the coordinator's own tools verify the loopback name
+    with pytest.raises(ConfigError, match=r"'server.host' = 0.0.0.0 listens on every address.* "
+                       r"127.0.0.1 or localhost, but .*superlink.pem names neither \(it is "
+                       r"for: other.safn.test, 198.18.0.9\)"):
+        tools_host("0.0.0.0", other, "server.yaml")
+    local = _coordinator_certs(tmp_path / "local", "coordinator.safn.test", "localhost")
+    assert tools_host("::", local, "server.yaml") == "localhost"
+    both = _coordinator_certs(tmp_path / "both", "127.0.0.1", "localhost")
+    assert tools_host("0.0.0.0", both, "server.yaml") == "127.0.0.1"
+    with pytest.raises(ConfigError, match=r"Set server.host to a name it is for \(or to "
+                                          r"0.0.0.0\)"):
+        tools_host("coordinator.safn.test", both, "server.yaml")
+
+
+def test_the_coordinators_own_tools_connect_to_a_name_its_certificate_carries(tmp_path):
+    from types import SimpleNamespace
+
+    from safn.server.superlink import SuperLink
+
+    pem = _coordinator_certs(tmp_path / "certs", "coordinator.safn.test", "localhost")
+    link = SuperLink.__new__(SuperLink)
+    link.home, link.origin, link.insecure = tmp_path / "flower", "server.yaml", False
+    link.certs = {"ca.pem": pem.parent / "ca.pem", "superlink.pem": pem}
+    for host, used in (("0.0.0.0", "localhost"), ("coordinator.safn.test",
+                                                  "coordinator.safn.test")):
+        link.server = SimpleNamespace(host=host, port=9092)
+        link.write_connection()
+        assert f'address = "{used}:9092"' in (link.home / "config.toml").read_text()
+        assert link._health_host == used
+    link.insecure = True  # no certificate to verify: the loopback address, as before
+    link.server = SimpleNamespace(host="0.0.0.0", port=9092)
+    link.write_connection()
+    assert 'address = "127.0.0.1:9092"' in (link.home / "config.toml").read_text()
+
+
+def test_a_site_names_the_address_or_name_it_used_and_the_certificates_names():
+    from safn.client.reachability import Reach, explain
+
+    said = explain(Reach("tls-name", "coordinator.safn.test, 198.18.0.9"), "198.18.0.1:9092",
+                   "site.yaml", Path("ca.pem"))
+    assert "\n" not in said
+    for part in ("not issued for '198.18.0.1' (it is for: coordinator.safn.test, 198.18.0.9)",
+                 "connects by the IP address 198.18.0.1",
+                 "Write a name it is for in site.yaml, e.g. site.superlink = "
+                 "coordinator.safn.test:9092", "add the IP address 198.18.0.1"):
+        assert part in said, said
+    said = explain(Reach("tls-name", "*.safn.test, ::1"), "other.example:9092", "site.yaml",
+                   Path("ca.pem"))
+    assert "connects by the host name other.example" in said
+    assert "e.g. site.superlink = [::1]:9092" in said  # a wildcard name is no address to write
+    said = explain(Reach("tls-name", "no names"), "other.example:9092", "site.yaml", None)
+    assert "e.g." not in said and "Ask the coordinator to add the host name other.example" in said
