@@ -20,6 +20,8 @@ import signal
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from safn_core.cli.common import (base_parser, config_from_args, console, entry, err_console,
                                   fresh_output_dir)
 from safn_core.config import SafnConfig, dump_config
@@ -202,16 +204,29 @@ class Deployment:
             # when the ServerApp said the run ended
             now = time.monotonic()
             if last_listed is None or (not training and now - last_listed > 30):
-                online, last_listed = self._report_nodes(online), now
+                online, last_listed = self._unless_busy(self._report_nodes, online), now
             if now - last_check > 30 or finished:
                 last_check = now
-                info = self.link.cli.run_info(run_id)
+                info = self._unless_busy(self.link.cli.run_info, None, run_id)
                 if info and str(info.get("status", "")).startswith("finished"):
                     break
             time.sleep(0.3)
         for event in events.events():
             end = self._show(event) or end
         return self._outcome(info, end)
+
+    def _unless_busy(self, ask, otherwise, *args):
+        """A periodic look through the ``flwr`` CLI; one that does not answer in time (a
+        coordinator so loaded that a Python process takes a minute to start) is said once and
+        asked again at the next look, never a reason to stop the run."""
+        try:
+            return ask(*args)
+        except DeploymentError as exc:
+            if not getattr(self, "_told_busy", False):
+                err_console.print(f"[yellow]{escape(str(exc))}; asking again in 30 s (the run "
+                                  "goes on)[/]", soft_wrap=True)
+                self._told_busy = True
+            return otherwise
 
     @staticmethod
     def _show(event: dict) -> dict | None:

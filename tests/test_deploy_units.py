@@ -797,3 +797,22 @@ def test_a_site_names_the_address_or_name_it_used_and_the_certificates_names():
     assert "e.g. site.superlink = [::1]:9092" in said  # a wildcard name is no address to write
     said = explain(Reach("tls-name", "no names"), "other.example:9092", "site.yaml", None)
     assert "e.g." not in said and "Ask the coordinator to add the host name other.example" in said
+
+
+def test_a_periodic_flwr_look_that_times_out_does_not_stop_the_run(capsys):
+    """Under heavy load the ``flwr`` CLI can take over a minute to start: the coordinator's
+    periodic looks (run status, sites online) then say so once and go on."""
+    from types import SimpleNamespace
+
+    from safn.server.cli import Deployment
+    from safn.server.superlink import DeploymentError
+
+    def slow(*args):
+        raise DeploymentError("`flwr list safn` did not answer in 60 s")
+
+    me = SimpleNamespace()
+    assert Deployment._unless_busy(me, slow, None, "1") is None
+    assert Deployment._unless_busy(me, slow, {"x"}) == {"x"}
+    assert Deployment._unless_busy(me, lambda r: {"run-id": r}, None, "7") == {"run-id": "7"}
+    said = capsys.readouterr().err
+    assert said.count("did not answer in 60 s") == 1 and "the run goes on" in said
