@@ -204,7 +204,7 @@ class Deployment:
             # when the ServerApp said the run ended
             now = time.monotonic()
             if last_listed is None or (not training and now - last_listed > 30):
-                online, last_listed = self._unless_busy(self._report_nodes, online), now
+                online, last_listed = self._unless_busy(self._report_nodes, online, online), now
             if now - last_check > 30 or finished:
                 last_check = now
                 info = self._unless_busy(self.link.cli.run_info, None, run_id)
