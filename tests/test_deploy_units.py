@@ -812,7 +812,7 @@ def test_a_periodic_flwr_look_that_times_out_does_not_stop_the_run(capsys):
 
     me = SimpleNamespace()
     assert Deployment._unless_busy(me, slow, None, "1") is None
-    assert Deployment._unless_busy(me, slow, {"x"}) == {"x"}
+    assert Deployment._unless_busy(me, slow, {"x"}, {"x"}) == {"x"}
     assert Deployment._unless_busy(me, lambda r: {"run-id": r}, None, "7") == {"run-id": "7"}
     said = capsys.readouterr().err
     assert said.count("did not answer in 60 s") == 1 and "the run goes on" in said
