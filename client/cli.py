@@ -141,7 +141,7 @@ class SiteNode:
         wait_for_coordinator(site.superlink, None if self.insecure else site.root_certificates,
                              str(self.site_file), math.inf,
                              lambda line: console.print(f"site {site.name}: {line}",
-                                                        soft_wrap=True),
+                                                        soft_wrap=True, markup=False),
                              stopped=lambda: self.stopping)
 
     def _refusal(self, how_long: str) -> str:
@@ -169,10 +169,9 @@ class SiteNode:
                                      text=True, errors="replace", start_new_session=True,
                                      preexec_fn=end_with_parent)
         write_atomic(Path(self.cfg.site.state_dir) / "supernode.pid", f"{self.proc.pid}\n")
-        terminal = self.terminal = SiteConsole(
-            self.cfg.site.superlink, str(self.log),
-            lambda line: console.print(f"site {self.cfg.site.name}: {line}", soft_wrap=True,
-                                       highlight=False))
+        name = self.cfg.site.name
+        terminal = self.terminal = SiteConsole(self.cfg.site.superlink, str(self.log),
+                                               lambda line: show_site_line(name, line))
 
         def pump(stream, log_path=self.log):
             with log_path.open("a") as log:
@@ -183,7 +182,7 @@ class SiteNode:
                         sys.stdout.write(line)
                         sys.stdout.flush()
                     else:
-                        terminal.feed(line)
+                        _summarise(terminal, line)
                     if REFUSED_MARK in line:
                         refused.set()
 
@@ -228,6 +227,25 @@ class SiteNode:
             timer = threading.Timer(15, signal_group, args=(self.proc.pid,))
             timer.daemon = True
             timer.start()
+
+
+def show_site_line(name: str, line: str) -> None:
+    """A line of the site's terminal summary, as written: a bracket in Flower's words (an error
+    naming its route, "[/v1/runtime/send-task-heartbeat]") is not Rich markup."""
+    console.print(f"site {name}: {line}", soft_wrap=True, highlight=False, markup=False)
+
+
+def _summarise(terminal: SiteConsole, line: str) -> None:
+    """One SuperNode line to the site's terminal summary. The summary must never stop the
+    reader: it drains the SuperNode's output pipe, and a SuperNode whose pipe is full blocks."""
+    try:
+        terminal.feed(line)
+    except Exception as exc:  # noqa: BLE001 (any failure to show a line)
+        try:
+            sys.stderr.write(f"(could not show a line of Flower's output: {exc!r}; it is in "
+                             f"{terminal.log})\n")
+        except OSError:
+            pass
 
 
 def key_fingerprint(site) -> str:
@@ -312,7 +330,7 @@ def run(argv: list[str] | None = None) -> int:
     wait_for_coordinator(site.superlink, None if args.insecure else site.root_certificates,
                          str(args.site), site.connect_wait,
                          lambda line: err_console.print(f"site {site.name}: {line}",
-                                                        soft_wrap=True))
+                                                        soft_wrap=True, markup=False))
     node = SiteNode(cfg, site_file, args.insecure, stay=args.stay, verbose=args.verbose)
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)
