@@ -103,6 +103,7 @@ def test_compose_runs_the_guides_commands():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # a failure bound: 6-9 min here at loads of 20-80 on 2 cores
 def test_the_across_hosts_section_runs_on_separate_hosts(tmp_path, make_bed, monkeypatch):
     """Every bash block of "Across hosts" on the host it names (a block for each site's host on
     each of the three, with its site's name), the sites reaching the coordinator as
