@@ -28,6 +28,7 @@ class Rejection:
     NON_FINITE = "non_finite"  # array
     NO_EXAMPLES = "no_examples"
     TOO_FEW = "too_few"  # kept, min_sites: the model is unchanged this round (site "-")
+    NO_REPLY = "no_reply"  # no reply by the round's deadline (reason: in English, with it)
 
 
 PRIVACY_KEYS = {Metric.DP: "dp", Metric.EPSILON: "epsilon", Metric.DELTA: "delta",
@@ -128,6 +129,18 @@ def screen(replies, site_of, expected: dict[str, tuple] | None) -> TrainingRepli
         if expected is not None and list(arrays.keys()) != list(expected):
             m.content[ARRAYS] = ArrayRecord({k: arrays[k] for k in expected})
     return out
+
+
+def no_reply(sent, replies, site_of_node, timeout: float | None) -> list[dict]:
+    """The sites an instruction was ``sent`` to whose reply is not among ``replies`` (none came
+    by the round's deadline): the round went on without them. A reply that comes later is never
+    pulled (the Grid asks for the replies to the messages of the exchange it is collecting)."""
+    answered = {m.metadata.reply_to_message_id for m in replies}
+    limit = "" if timeout is None else f", {timeout:.0f} s"
+    return [{"site": site_of_node(m.metadata.dst_node_id), "code": Rejection.NO_REPLY,
+             "reason": f"no reply by the round's deadline (federation.round_timeout{limit}); "
+                       "the round went on without it"}
+            for m in sent if m.metadata.message_id not in answered]
 
 
 def too_few(kept: int, min_sites: int) -> dict:

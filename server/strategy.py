@@ -126,6 +126,7 @@ class SafnStrategy(Strategy):
         self._expected = None if expected is None else dict(expected)
         self._away: set[int] = set()  # sites of the run no longer waited for (await_rejoin)
         self._round = _Round(0)
+        self._timeout: float | None = None  # the rounds' deadline (`start`)
 
     def summary(self) -> None:
         o = self.options
@@ -162,6 +163,7 @@ class SafnStrategy(Strategy):
         round's record to ``on_round`` (True: stop here). ``evaluate_first``: before round 1,
         round 0 evaluates ``initial_arrays`` without training (the model SAFN starts from, so
         that the selection can keep it)."""
+        self._timeout = timeout
         log(INFO, "Starting %s strategy:", type(self).__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
@@ -298,6 +300,10 @@ class SafnStrategy(Strategy):
         w = self._round
         for m in replies:
             screening.note_reply(m, self._site(m), w.train)
+        # a site that did not answer by the deadline is named (its masks did not cancel: the
+        # sum is redone without it); its late reply is never pulled
+        w.train.rejected.extend(screening.no_reply(w.sent, replies, self.sites.name,
+                                                   self._timeout))
         if self.distributed is not None:
             return self._aggregate_shares(r, replies)
         total = self.secure.train_mean(replies)
