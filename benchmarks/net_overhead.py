@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,13 +51,21 @@ from deploy_overhead import local_compute  # noqa: E402
 from tests import netbed as nb  # noqa: E402
 from tests.deploy_harness import SITES, Federation, federations, make_material  # noqa: E402
 
-# name -> (label, the proxy's settings on every site's link; None: loopback, no test bed)
+FLOWER_TRANSFERS = {"SAFN_OBJECT_WORKERS": "0", "SAFN_CONFIRM_IN_BACKGROUND": "0",
+                    "SAFN_HELD_PULL_S": "0"}
+"""Flower's own message transfers, without #29's cuts (objects 2 at a time, the receipt
+confirmed before the ClientApp starts, empty pulls answered at once): the baseline."""
+
+# name -> (label, the proxy's settings on every site's link (None: loopback, no test bed),
+#          environment of every process of the run)
 CONFIGS = {
-    "bed0": ("bed 0 ms", {}),
-    "50ms": ("bed 50 ms RTT", {"delay_ms": 25}),
-    "200ms": ("bed 200 ms RTT", {"delay_ms": 100}),
-    "up10": ("bed 10 Mbit/s up", {"up_rate": 1.25e6}),
-    "loopback": ("loopback", None),
+    "bed0": ("bed 0 ms", {}, {}),
+    "50ms": ("bed 50 ms RTT", {"delay_ms": 25}, {}),
+    "200ms": ("bed 200 ms RTT", {"delay_ms": 100}, {}),
+    "up10": ("bed 10 Mbit/s up", {"up_rate": 1.25e6}, {}),
+    "loopback": ("loopback", None, {}),
+    "bed0-flower": ("bed 0 ms, Flower's transfers", {}, FLOWER_TRANSFERS),
+    "50ms-flower": ("bed 50 ms RTT, Flower's transfers", {"delay_ms": 25}, FLOWER_TRANSFERS),
 }
 REQUEST_LOG = "SAFN_FLEET_REQUEST_LOG"
 BOUND = 3600  # a failure bound for one run, never a synchronisation
@@ -135,7 +143,7 @@ def phases(events: list[dict], t_start: float, t_end: float) -> list[tuple[str, 
 
 def run_config(material: dict, folder: Path, config: str,
                rounds: int) -> tuple[Federation, dict]:
-    label, shape = CONFIGS[config]
+    label, shape, run_env = CONFIGS[config]
     (folder / "bed").mkdir(parents=True)
     bed_context = (nullcontext() if shape is None
                    else nb.netbed(folder / "bed", SITES))
@@ -148,7 +156,9 @@ def run_config(material: dict, folder: Path, config: str,
         if bed is not None and shape:
             bed.shape_all(**shape)
         sampler = ProxyBytes(bed) if bed is not None else nullcontext()
-        with sampler:
+        with sampler, ExitStack() as settings:
+            for key, value in run_env.items():
+                settings.enter_context(environment(key, value))
             t_start, t0 = time.time(), time.perf_counter()
             server = fed.server()
             server.wait_for_output(r"run \d+ submitted", 600)
@@ -341,8 +351,17 @@ def report(runs: dict[str, list[dict]], rounds: int, repeats: int, local: dict |
             ok = up[0] <= 1.05 and down[0] <= 1.05
             print(f"  bytes per round per site, {CONFIGS[config][0]} vs bed 0 ms: up {fmt(up)}×, "
                   f"down {fmt(down)}× ({'met' if ok else 'missed'}: unchanged within 5 %)")
-    print("  (the bytes target is against the code before #29's cuts: compare the up/down kB "
-          "per round per site above with an earlier run of this script)")
+    for ours, flowers in (("bed0", "bed0-flower"), ("50ms", "50ms-flower")):
+        t = ratio(runs, ours, flowers, "s/round")
+        if t is not None:
+            up, down = (ratio(runs, ours, flowers, k) for k in ("up kB/round", "down kB/round"))
+            req = ratio(runs, ours, flowers, "req/round")
+            print(f"  #29's cuts, {CONFIGS[ours][0]} vs Flower's transfers: s/round {fmt(t)}×, "
+                  f"bytes up {fmt(up)}× / down {fmt(down)}×, requests {fmt(req)}× "
+                  f"(bytes {'unchanged or lower' if up and down and max(up[0], down[0]) <= 1.05 else 'HIGHER'})")
+    t50 = ratio(runs, "50ms-flower", "bed0-flower", "s/round")
+    if t50 is not None:
+        print(f"  without the cuts, a round at 50 ms RTT / bed 0 ms: {fmt(t50)}×")
     print("\nrounds (s): " + "; ".join(
         f"{config} " + " | ".join(", ".join(f"{x:.1f}" for x in r["rounds_s"]) for r in rs)
         for config, rs in runs.items()))
