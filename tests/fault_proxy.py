@@ -15,7 +15,7 @@ process reaches it from outside the proxy's network namespace), one JSON object 
     {"link": "site_a", "stalled": true}                        -> {"ok": true}
     {"stats": true}                                            -> {"site_a": {"up": ..., ...}}
 
-``delay_ms`` is one way (each direction; a new connection's first bytes also wait one round trip,
+A rate is the link's, shared by all of the site's connections. ``delay_ms`` is one way (each direction; a new connection's first bytes also wait one round trip,
 the TCP handshake this proxy answers at once), ``up_rate`` / ``down_rate`` are bytes per second (0: no
 limit); ``up`` is site to coordinator. Run:
 
@@ -52,6 +52,9 @@ class Link:
     connections: int = 0
     open_connections: int = 0
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
+    free_at: dict = field(default_factory=lambda: {"up": 0.0, "down": 0.0})
+    """When the link is next free to send, per direction: one link, shared by all of the
+    site's connections (a rate limits the link, as a real upload does, not each connection)."""
 
     def __post_init__(self):
         self.resumed.set()
@@ -92,7 +95,6 @@ async def _pump(link: Link, direction: str, reader: asyncio.StreamReader,
     rate_key = "up_rate" if direction == "up" else "down_rate"
 
     async def receive():
-        link_free = time.monotonic()
         try:
             while True:
                 await link.resumed.wait()
@@ -102,9 +104,9 @@ async def _pump(link: Link, direction: str, reader: asyncio.StreamReader,
                 await link.resumed.wait()  # held while stalled: nothing is forwarded
                 now = time.monotonic()
                 rate = getattr(link, rate_key)
-                depart = max(now, link_free)
-                link_free = depart + (len(data) / rate if rate else 0.0)
-                await queue.put((link_free + link.delay_ms / 1000.0, data))
+                depart = max(now, link.free_at[direction])
+                link.free_at[direction] = depart + (len(data) / rate if rate else 0.0)
+                await queue.put((link.free_at[direction] + link.delay_ms / 1000.0, data))
         except (ConnectionError, OSError):
             pass
         await queue.put(None)

@@ -206,6 +206,24 @@ def test_up_rate_limits_the_upload(proxy, upstream):
     assert proxy.control.stats()["a"]["up"] == n
 
 
+def test_a_rate_limits_the_link_not_each_connection(proxy, upstream):
+    """Two connections uploading at once share the link's rate, as on a real upload: 2 x n
+    bytes at ``rate`` take 2 n / rate, not n / rate."""
+    rate, n = 400_000, 200_000  # 2 n / rate = 1 s
+    proxy.control.set("a", up_rate=rate)
+    with proxy.connect() as one, proxy.connect() as two:
+        start = time.monotonic()
+        senders = [threading.Thread(target=s.sendall, args=(b"u" * n,)) for s in (one, two)]
+        for sender in senders:
+            sender.start()
+        upstream.wait_for(lambda: len(upstream.received) == 2
+                          and all(len(r) == n for r in upstream.received))
+        assert max(upstream.last_byte_at) - start >= 2 * n / rate
+        assert recv_exactly(one, n) == recv_exactly(two, n) == b"u" * n
+        for sender in senders:
+            sender.join(BOUND)
+
+
 def test_down_rate_limits_the_download(proxy, upstream):
     rate, n = 400_000, 400_000
     proxy.control.set("a", down_rate=rate)
