@@ -635,3 +635,25 @@ def test_no_more_pulls_are_held_than_the_limit():
             core.restore(names)
     finally:
         fleet_handlers.pull_messages = stock
+
+
+def test_a_pending_confirmation_never_keeps_a_supernode_from_exiting(tmp_path):
+    """A confirmation stuck on a dead link (Flower retries it for minutes) must not hold the
+    process at exit: the interpreter ends while it is still waiting."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import threading\n"
+        "from safn_flower.patches import core, supernode as sn\n"
+        "from flwr.proto.node_pb2 import Node\n"
+        "from flwr.supernode import fleet_http_connection as conn\n"
+        "core.apply([(sn.CONFIRM_IN_BACKGROUND, {})], announce=False)\n"
+        "forever = threading.Event()\n"
+        "conn.make_confirm_message_received_fn_protobuf(lambda r: forever.wait(), Node(node_id=1),"
+        " 1)('m')\n"
+        "print('queued', flush=True)\n")
+    import subprocess
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0 and "queued" in done.stdout, done.stderr

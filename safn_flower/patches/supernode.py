@@ -135,25 +135,34 @@ def _install_confirm_in_background() -> None:
     the ClientApp starts. The confirmation only lets the SuperLink free its copy (the message
     was already claimed when it was pulled), so it is sent from a background thread while the
     ClientApp runs; a confirmation that fails is logged, nothing else depends on it."""
-    from concurrent.futures import ThreadPoolExecutor
+    import queue
+    import threading
     from logging import WARNING
 
     from flwr.common.logger import log
     from flwr.supernode import fleet_http_connection as conn
 
     flower_make = conn.make_confirm_message_received_fn_protobuf
-    worker = ThreadPoolExecutor(1, thread_name_prefix="safn-confirm")
+    pending: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        while True:
+            confirm, object_id = pending.get()
+            try:
+                confirm(object_id)
+            except Exception as exc:  # noqa: BLE001 (logged: nothing depends on it)
+                log(WARNING, "safn: confirming the receipt of message %s failed (%s); the "
+                             "coordinator frees its copy at the run's end", object_id, exc)
+
+    # a daemon: a confirmation that Flower keeps retrying (13 min on a dead link) must never
+    # keep a stopped SuperNode from exiting (a ThreadPoolExecutor's workers are joined at exit)
+    threading.Thread(target=work, name="safn-confirm", daemon=True).start()
 
     def make(confirm_protobuf, node, run_id):
         confirm = flower_make(confirm_protobuf, node, run_id)
 
         def in_background(object_id: str) -> None:
-            def done(future):
-                if future.exception() is not None:
-                    log(WARNING, "safn: confirming the receipt of message %s failed (%s); the "
-                                 "coordinator frees its copy at the run's end", object_id,
-                        future.exception())
-            worker.submit(confirm, object_id).add_done_callback(done)
+            pending.put((confirm, object_id))
 
         return in_background
 
