@@ -120,6 +120,16 @@ class SiteNode:
                     return 0
                 start = time.monotonic()
                 continue
+            if not refused and self.terminal is not None and self.terminal.gave_up \
+                    and self.ended is None:
+                # Flower gives up at once on a TLS error, which is what a load balancer or proxy
+                # in front of a coordinator that is down answers: wait for the coordinator, then
+                # a new SuperNode takes this site's session over (client/supernode.py)
+                self.reconnect()
+                if self.stopping:
+                    return 0
+                start = time.monotonic()
+                continue
             if not refused:
                 err_console.print(f"site {self.cfg.site.name}: Flower's SuperNode stopped (exit "
                                   f"status {code}); see {self.log}", soft_wrap=True)
@@ -143,6 +153,23 @@ class SiteNode:
                              lambda line: console.print(f"site {site.name}: {line}",
                                                         soft_wrap=True, markup=False),
                              stopped=lambda: self.stopping)
+
+    def reconnect(self) -> None:
+        """The SuperNode gave up on the coordinator in the middle of a run: wait (without a
+        limit; Ctrl-C ends it) until the coordinator answers with its TLS again. A proxy that
+        accepts the connection and closes it (the coordinator behind it is down) counts as not
+        answering yet: this site has spoken TLS with the coordinator at this address before."""
+        from safn.client.reachability import wait_for_coordinator
+
+        site = self.cfg.site
+        console.print(f"site {site.name}: Flower's SuperNode gave up on the coordinator at "
+                      f"{site.superlink}; waiting for it to answer again, then starting a new "
+                      "SuperNode (Ctrl-C to leave)", soft_wrap=True, markup=False)
+        wait_for_coordinator(site.superlink, None if self.insecure else site.root_certificates,
+                             str(self.site_file), math.inf,
+                             lambda line: console.print(f"site {site.name}: {line}",
+                                                        soft_wrap=True, markup=False),
+                             stopped=lambda: self.stopping, also_transient={"tls-plain"})
 
     def _refusal(self, how_long: str) -> str:
         """The coordinator answered with the expected TLS (`safn.client.reachability` checked) and

@@ -191,13 +191,16 @@ def wait_for_coordinator(address: str, root_certificates: Path | None, origin: s
                          clock: Callable[[], float] = time.monotonic,
                          sleep: Callable[[float], None] = time.sleep,
                          probe_fn: Callable[..., Reach] = probe,
-                         stopped: Callable[[], bool] = lambda: False) -> float:
+                         stopped: Callable[[], bool] = lambda: False,
+                         also_transient: frozenset[str] | set[str] = frozenset()) -> float:
     """Return once the coordinator answers with the expected TLS (the seconds it took).
 
     A TLS mismatch raises `CoordinatorUnreachable` at once. When nothing answers, the cause is
     reported at once and the probe repeated every second for up to ``wait`` seconds (the
     coordinator may be starting; ``math.inf``: without a limit), then it raises with the same
-    cause. ``stopped`` ends the wait early (the site is being stopped).
+    cause. ``stopped`` ends the wait early (the site is being stopped); ``also_transient``
+    names further causes to wait out (a reconnecting site: ``tls-plain``, a proxy whose
+    coordinator is down).
     """
     start = clock()
     reach = probe_fn(address, root_certificates)
@@ -205,8 +208,9 @@ def wait_for_coordinator(address: str, root_certificates: Path | None, origin: s
     while not reach.ok and not stopped():
         message = explain(reach, address, origin, root_certificates)
         waited = clock() - start
-        if not reach.transient or waited >= wait:
-            extra = f" (waited {waited:.0f} s: site.connect_wait)" if reach.transient else ""
+        transient = reach.transient or reach.kind in also_transient
+        if not transient or waited >= wait:
+            extra = f" (waited {waited:.0f} s: site.connect_wait)" if transient else ""
             raise CoordinatorUnreachable(message + extra)
         if not told:
             report(f"{message} (waiting up to {wait:.0f} s: site.connect_wait)"

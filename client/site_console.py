@@ -42,6 +42,7 @@ class SiteConsole:
     def __init__(self, address: str, log: str, show: Callable[[str], None] = print):
         self.address, self.log, self.show = address, log, show
         self.lost = False
+        self.gave_up = False           # Flower's retry gave up on the coordinator
         self._shown: set[str] = set()
         self.replies_sent = 0          # Flower's "Sent successfully", one per reply
         self._sent_before_end: int | None = None
@@ -74,6 +75,8 @@ class SiteConsole:
                 self.lost = True
                 self.show(f"lost contact with the coordinator at {self.address}; Flower keeps "
                           f"retrying (details in {self.log})")
+        elif message.startswith("Giving up reconnection after"):
+            self.gave_up = True
         elif message.startswith("Connection successful after") and self.lost:
             self.lost = False
             self.show(f"contact with the coordinator at {self.address} is back")

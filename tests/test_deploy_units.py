@@ -816,3 +816,29 @@ def test_a_periodic_flwr_look_that_times_out_does_not_stop_the_run(capsys):
     assert Deployment._unless_busy(me, lambda r: {"run-id": r}, None, "7") == {"run-id": "7"}
     said = capsys.readouterr().err
     assert said.count("did not answer in 60 s") == 1 and "the run goes on" in said
+
+
+def test_a_supernode_that_gave_up_is_noted_and_a_closing_proxy_is_waited_out():
+    """Flower gives up at once on a TLS error, which is what a proxy in front of a coordinator
+    that is down answers (it accepts, then closes): the site's console notes it, and a
+    reconnecting site waits such a proxy out instead of stopping."""
+    from safn.client.reachability import CoordinatorUnreachable, Reach, wait_for_coordinator
+    from safn.client.site_console import SiteConsole
+
+    console = SiteConsole("coordinator.example.org:9092", "supernode.log", lambda line: None)
+    assert not console.gave_up
+    console.feed("\x1b[93mWARNING \x1b[0m:   Giving up reconnection after 0.24 seconds and 2 "
+                 "tries.\n")
+    assert console.gave_up
+
+    answers = iter([Reach("tls-plain", "EOF"), Reach("tls-plain", "EOF"), Reach("ok")])
+    clock = iter(range(100))
+    said = []
+    waited = wait_for_coordinator("coordinator.example.org:9092", None, "site.yaml",
+                                  float("inf"), said.append, clock=lambda: next(clock),
+                                  sleep=lambda s: None, probe_fn=lambda *a: next(answers),
+                                  also_transient={"tls-plain"})
+    assert waited > 0 and len(said) == 2 and "answers at" in said[-1]
+    with pytest.raises(CoordinatorUnreachable):  # a first connection: not TLS is an error
+        wait_for_coordinator("coordinator.example.org:9092", None, "site.yaml", float("inf"),
+                             said.append, probe_fn=lambda *a: Reach("tls-plain", "EOF"))

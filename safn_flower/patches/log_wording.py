@@ -60,10 +60,11 @@ REPLY_SENT = Patch(
 CONTACT = Patch(
     "log_contact",
     "a site's terminal says once that contact with the coordinator was lost and once that it is "
-    "back (safn.client.site_console)",
+    "back, and safn-client starts a SuperNode again that gave up on it (safn.client.site_console)",
     (target("flwr.supercore.retry", "make_simple_http_retry_invoker", core.source_says(
         '"Connection attempt failed, retrying in %.2f seconds"',
-        '"Connection successful after %.2f seconds and %s tries."')),
+        '"Connection successful after %.2f seconds and %s tries."',
+        '"Giving up reconnection after %.2f seconds and %s tries."')),
      target("flwr.supernode.fleet_http_connection", "http_request_response",
             core.source_says("make_simple_http_retry_invoker()"))))
 
