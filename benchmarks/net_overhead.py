@@ -51,10 +51,9 @@ from deploy_overhead import local_compute  # noqa: E402
 from tests import netbed as nb  # noqa: E402
 from tests.deploy_harness import SITES, Federation, federations, make_material  # noqa: E402
 
-FLOWER_TRANSFERS = {"SAFN_OBJECT_WORKERS": "0", "SAFN_CONFIRM_IN_BACKGROUND": "0",
-                    "SAFN_HELD_PULL_S": "0"}
+FLOWER_TRANSFERS = {"SAFN_OBJECT_WORKERS": "0", "SAFN_CONFIRM_IN_BACKGROUND": "0"}
 """Flower's own message transfers, without #29's cuts (objects 2 at a time, the receipt
-confirmed before the ClientApp starts, empty pulls answered at once): the baseline."""
+confirmed before the ClientApp starts): the baseline."""
 
 # name -> (label, the proxy's settings on every site's link (None: loopback, no test bed),
 #          environment of every process of the run)
@@ -66,6 +65,11 @@ CONFIGS = {
     "loopback": ("loopback", None, {}),
     "bed0-flower": ("bed 0 ms, Flower's transfers", {}, FLOWER_TRANSFERS),
     "50ms-flower": ("bed 50 ms RTT, Flower's transfers", {"delay_ms": 25}, FLOWER_TRANSFERS),
+    "200ms-flower": ("bed 200 ms RTT, Flower's transfers", {"delay_ms": 100}, FLOWER_TRANSFERS),
+    # one cut at a time switched off: which of them pays
+    "bed0-2objects": ("bed 0 ms, objects 2 at a time", {}, {"SAFN_OBJECT_WORKERS": "0"}),
+    "50ms-2objects": ("bed 50 ms RTT, objects 2 at a time", {"delay_ms": 25},
+                      {"SAFN_OBJECT_WORKERS": "0"}),
 }
 REQUEST_LOG = "SAFN_FLEET_REQUEST_LOG"
 BOUND = 3600  # a failure bound for one run, never a synchronisation
@@ -351,7 +355,8 @@ def report(runs: dict[str, list[dict]], rounds: int, repeats: int, local: dict |
             ok = up[0] <= 1.05 and down[0] <= 1.05
             print(f"  bytes per round per site, {CONFIGS[config][0]} vs bed 0 ms: up {fmt(up)}×, "
                   f"down {fmt(down)}× ({'met' if ok else 'missed'}: unchanged within 5 %)")
-    for ours, flowers in (("bed0", "bed0-flower"), ("50ms", "50ms-flower")):
+    for ours, flowers in (("bed0", "bed0-flower"), ("50ms", "50ms-flower"),
+                          ("200ms", "200ms-flower")):
         t = ratio(runs, ours, flowers, "s/round")
         if t is not None:
             up, down = (ratio(runs, ours, flowers, k) for k in ("up kB/round", "down kB/round"))

@@ -23,7 +23,6 @@ from common import Sampler
 TICK = os.sysconf("SC_CLK_TCK")
 
 ROLES = (  # (substring of the command line, role); the first match wins
-    ("safn.server.superlink_main", "superlink"),
     ("flower-superlink", "superlink"),
     ("flwr-serverapp", "serverapp"),
     ("flower-superexec", "superexec (server)"),

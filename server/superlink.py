@@ -124,7 +124,7 @@ class SuperLink:
 
     def command(self) -> list[str]:
         db = self.server.database or self.run_dir / "superlink.db"
-        cmd = [sys.executable, "-m", "safn.server.superlink_main",  # flower-superlink, patched
+        cmd = [str(Path(sys.executable).parent / "flower-superlink"),
                "--host", self.server.host, "--port", str(self.server.port),
                "--database", str(Path(db).resolve()),
                "--disable-runtime-dependency-installation"]

@@ -14,11 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 from safn_flower.patches import core, log_wording, serverapp, simulation, superexec
-from safn_flower.patches import superlink as sl
 from safn_flower.patches import supernode as sn
 
 ALL = (serverapp.PATCHES + sn.PATCHES + superexec.PATCHES + simulation.PATCHES
-       + sl.PATCHES + log_wording.PATCHES)
+       + log_wording.PATCHES)
 
 
 def test_every_patch_target_is_where_and_what_the_patch_expects():
@@ -558,83 +557,6 @@ def test_the_warm_superexec_waits_for_its_supernodes_runtime_api():
     t = time.monotonic()
     wait_for_runtime_api(["--runtime-api-address", f"127.0.0.1:{port}"], 0.3)  # closed now
     assert 0.25 < time.monotonic() - t < 5
-
-
-# -- the coordinator's SuperLink: held pulls ------------------------------------------------------
-
-def _fake_pulls(stored: list, looked=None):
-    """Flower's pull_messages replaced by one answering what ``stored`` holds."""
-    class Response:
-        def __init__(self):
-            self.messages_list = list(stored)
-
-    def flower_pull(request, state, store):
-        if looked is not None:
-            looked.set()
-        return Response()
-
-    return flower_pull
-
-
-def test_a_pull_that_finds_no_message_is_held_until_one_is_stored():
-    """Flower answers an empty pull at once; held, the pull waits and returns the message that
-    is stored meanwhile, and a pull with nothing coming ends after the hold."""
-    import threading
-
-    from flwr.superlink.servicer.fleet import fleet_handlers
-
-    assert sl.HELD_PULLS in sl.PATCHES
-    stored, looked = [], threading.Event()
-    stock = fleet_handlers.pull_messages
-    fleet_handlers.pull_messages = _fake_pulls(stored, looked)
-    try:
-        names = core.apply([(sl.HELD_PULLS, {"hold": 60.0, "every": 0.01})], announce=False)
-        try:
-            # the message is stored only after the pull has looked once and found nothing
-            storing = threading.Thread(target=lambda: (looked.wait(60), stored.append("m1")))
-            storing.start()
-            got = fleet_handlers.pull_messages(None, None, None)
-            storing.join()
-            assert got.messages_list == ["m1"]
-        finally:
-            core.restore(names)
-        stored.clear()
-        names = core.apply([(sl.HELD_PULLS, {"hold": 0.2, "every": 0.01})], announce=False)
-        try:
-            start = time.monotonic()
-            assert fleet_handlers.pull_messages(None, None, None).messages_list == []
-            assert time.monotonic() - start >= 0.2  # held for the whole hold, then "nothing"
-        finally:
-            core.restore(names)
-    finally:
-        fleet_handlers.pull_messages = stock
-
-
-def test_no_more_pulls_are_held_than_the_limit():
-    import threading
-
-    from flwr.superlink.servicer.fleet import fleet_handlers
-
-    stock = fleet_handlers.pull_messages
-    fleet_handlers.pull_messages = _fake_pulls([])
-    try:
-        names = core.apply([(sl.HELD_PULLS, {"hold": 3.0, "every": 0.01, "max_held": 1})],
-                           announce=False)
-        try:
-            held = threading.Thread(target=lambda: fleet_handlers.pull_messages(1, 2, 3))
-            held.start()
-            answered_at_once = False
-            deadline = time.monotonic() + 60
-            while not answered_at_once and time.monotonic() < deadline:
-                start = time.monotonic()
-                fleet_handlers.pull_messages(1, 2, 3)  # held 3 s while the slot is free
-                answered_at_once = time.monotonic() - start < 1.0
-            held.join()
-            assert answered_at_once, "a second pull was held beyond the limit"
-        finally:
-            core.restore(names)
-    finally:
-        fleet_handlers.pull_messages = stock
 
 
 def test_a_pending_confirmation_never_keeps_a_supernode_from_exiting(tmp_path):
