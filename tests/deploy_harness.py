@@ -254,6 +254,14 @@ class Federation:
         server.wait_for_output(r"run \d+ submitted", 240)
         return server, [self.site(s) for s in sites]
 
+    def audit(self, site: str) -> list[dict]:
+        """The site's audit log of the replies it sent (none yet: empty)."""
+        path = self.folder / f"state_{site}" / "audit" / "outgoing.jsonl"
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except OSError:
+            return []
+
     def history(self) -> list[dict]:
         try:
             return json.loads((self.run_dir / "history.json").read_text())

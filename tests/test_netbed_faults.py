@@ -49,21 +49,13 @@ def material(tmp_path_factory):
                          hosts=(netbed.COORDINATOR,))
 
 
-def _audit(fed: Federation, site: str) -> list[dict]:
-    path = fed.folder / f"state_{site}" / "audit" / "outgoing.jsonl"
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except OSError:
-        return []
-
-
 def _wait_for_reply(fed: Federation, site: str, kind: str, round_: int, server: Proc,
                     timeout: float) -> dict:
     """The site's audit entry of its ``kind`` reply of round ``round_``, once its ClientApp has
     made it (before its SuperNode sends it)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [e for e in _audit(fed, site) if e["type"] == kind and e.get("round") == round_]
+        found = [e for e in fed.audit(site) if e["type"] == kind and e.get("round") == round_]
         if found:
             return found[0]
         if server.proc.poll() is not None:

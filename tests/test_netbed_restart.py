@@ -32,14 +32,6 @@ def material(tmp_path_factory):
                          hosts=(netbed.COORDINATOR,))
 
 
-def _audit(fed: Federation, site: str) -> list[dict]:
-    path = fed.folder / f"state_{site}" / "audit" / "outgoing.jsonl"
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except OSError:
-        return []
-
-
 def _weights(fed: Federation) -> dict[str, np.ndarray]:
     """The final model's arrays, as the run folder's bundle stores them (``model/weights.pt``)."""
     from safn_core.bundle import load_bundle
@@ -168,7 +160,7 @@ def _wait_for_audit(fed: Federation, site: str, kind: str, round_: int, server, 
     it (before its SuperNode sends it)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [e for e in _audit(fed, site) if e["type"] == kind and e.get("round") == round_]
+        found = [e for e in fed.audit(site) if e["type"] == kind and e.get("round") == round_]
         if found:
             return found[0]
         if server.proc.poll() is not None or time.monotonic() > deadline:
@@ -324,7 +316,7 @@ def test_a_straggler_on_a_slow_link_is_left_out_by_the_deadline_and_never_mixed_
         wall = time.monotonic() - started
         out = server.output()
         superlink_log = (fed.run_dir / "superlink.log").read_text(errors="replace")
-        audit_d = _audit(fed, STRAGGLER)
+        audit_d = fed.audit(STRAGGLER)
         said_d = sites[SITES.index(STRAGGLER)].output()
 
     from safn.server.screening import Rejection
