@@ -143,33 +143,31 @@ class SiteNode:
 
     def rejoin(self) -> None:
         """--stay, after a run ended: wait (without a limit) for the coordinator's next run."""
-        from safn.client.reachability import wait_for_coordinator
-
-        site = self.cfg.site
-        console.print(f"site {site.name}: the coordinator's session ended; waiting for its next "
-                      "run (--stay)", soft_wrap=True)
-        wait_for_coordinator(site.superlink, None if self.insecure else site.root_certificates,
-                             str(self.site_file), math.inf,
-                             lambda line: console.print(f"site {site.name}: {line}",
-                                                        soft_wrap=True, markup=False),
-                             stopped=lambda: self.stopping)
+        console.print(f"site {self.cfg.site.name}: the coordinator's session ended; waiting for "
+                      "its next run (--stay)", soft_wrap=True)
+        self._await_coordinator()
 
     def reconnect(self) -> None:
         """The SuperNode gave up on the coordinator in the middle of a run: wait (without a
         limit; Ctrl-C ends it) until the coordinator answers with its TLS again. A proxy that
         accepts the connection and closes it (the coordinator behind it is down) counts as not
         answering yet: this site has spoken TLS with the coordinator at this address before."""
-        from safn.client.reachability import wait_for_coordinator
-
         site = self.cfg.site
         console.print(f"site {site.name}: Flower's SuperNode gave up on the coordinator at "
                       f"{site.superlink}; waiting for it to answer again, then starting a new "
                       "SuperNode (Ctrl-C to leave)", soft_wrap=True, markup=False)
+        self._await_coordinator(also_transient={"tls-plain"})
+
+    def _await_coordinator(self, also_transient: frozenset[str] | set[str] = frozenset()):
+        """Until the coordinator answers with this site's TLS (no limit; Ctrl-C ends it)."""
+        from safn.client.reachability import wait_for_coordinator
+
+        site = self.cfg.site
         wait_for_coordinator(site.superlink, None if self.insecure else site.root_certificates,
                              str(self.site_file), math.inf,
                              lambda line: console.print(f"site {site.name}: {line}",
                                                         soft_wrap=True, markup=False),
-                             stopped=lambda: self.stopping, also_transient={"tls-plain"})
+                             stopped=lambda: self.stopping, also_transient=also_transient)
 
     def _refusal(self, how_long: str) -> str:
         """The coordinator answered with the expected TLS (`safn.client.reachability` checked) and

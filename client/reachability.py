@@ -17,7 +17,6 @@ SuperNode will use, and tells the causes apart within seconds:
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import socket
 import ssl
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safn_core.deploy_checks import ip_of
 from safn_core.errors import SafnError
 
 # OpenSSL's verification codes for a certificate issued for another name or address
@@ -163,20 +163,12 @@ def explain(reach: Reach, address: str, origin: str, root_certificates: Path | N
     }[reach.kind]
 
 
-def _ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _name_mismatch(names: str, address: str, origin: str) -> str:
     """The certificate does not name the host this site connects to: both, and what to write."""
     host, port = split_address(address)
-    kind = "IP address" if _ip(host) else "host name"
+    kind = "host name" if ip_of(host) is None else "IP address"
     listed = [n for n in names.split(", ") if n and n != "no names" and "*" not in n]
-    usable = [n for n in listed if not _ip(n)] + [n for n in listed if _ip(n)]
+    usable = sorted(listed, key=lambda n: ip_of(n) is not None)  # DNS names first
     shown = f"[{usable[0]}]" if usable and ":" in usable[0] else (usable[0] if usable else "")
     instead = (f"Write a name it is for in {origin}, e.g. site.superlink = {shown}:{port}, or "
                "ask the " if usable else "Ask the ")

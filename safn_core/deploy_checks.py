@@ -32,6 +32,14 @@ def check_site_name(name: str, key: str, origin: str) -> None:
                           "exactly as the coordinator lists it under server.sites")
 
 
+def ip_of(text: str):
+    """The IP address ``text`` is (brackets allowed, as in ``[::1]``), or None: a host name."""
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
 def _host_ok(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -14,9 +14,9 @@ by ``localhost`` when it names that (deploy/make_certs.py's default ``--hosts`` 
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
+from safn_core.deploy_checks import ip_of
 from safn_core.errors import ConfigError
 
 WILDCARD_HOSTS = ("0.0.0.0", "::")
@@ -36,23 +36,16 @@ def certificate_names(pem: Path) -> list[str]:
         [str(n) for n in san.get_values_for_type(x509.IPAddress)]
 
 
-def _ip(text: str):
-    try:
-        return ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return None
-
-
 def names_host(names: list[str], host: str) -> bool:
     """Whether a certificate for ``names`` passes TLS verification for ``host``, as Python's ssl
     (and gRPC) verify it: an address only against the IP addresses, a host name against the DNS
     names, case-insensitively, ``*`` standing for one whole leftmost label."""
-    address = _ip(host)
+    address = ip_of(host)
     if address is not None:
-        return any(_ip(n) == address for n in names)
+        return any(ip_of(n) == address for n in names)
     wanted = host.rstrip(".").lower().split(".")
     for name in names:
-        if _ip(name) is not None:
+        if ip_of(name) is not None:
             continue
         labels = name.rstrip(".").lower().split(".")
         if len(labels) != len(wanted):
@@ -65,7 +58,7 @@ def names_host(names: list[str], host: str) -> bool:
 
 def what(host: str) -> str:
     """``host`` as a reader should call it: an IP address or a host name."""
-    return f"the IP address {host}" if _ip(host) is not None else f"the host name {host}"
+    return f"the IP address {host}" if ip_of(host) is not None else f"the host name {host}"
 
 
 def remake(pem: Path, hosts: list[str]) -> str:
