@@ -262,6 +262,25 @@ class Federation:
         except OSError:
             return []
 
+    def wait_for_reply(self, site: str, kind: str, round_: int, server: Proc,
+                       timeout: float) -> dict:
+        """The site's audit entry of its ``kind`` reply of round ``round_``, once its ClientApp
+        has made it (before its SuperNode sends it); ``timeout`` bounds a failure (0: it must be
+        there already)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.audit(site)
+                     if e["type"] == kind and e.get("round") == round_]
+            if found:
+                return found[0]
+            if server.proc.poll() is not None:
+                raise AssertionError(f"safn-server exited before {site}'s {kind} reply of round "
+                                     f"{round_}:\n{server.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{site} made no {kind} reply of round {round_} in "
+                                     f"{timeout:.0f} s:\n{server.output()[-3000:]}")
+            time.sleep(0.05)
+
     def history(self) -> list[dict]:
         try:
             return json.loads((self.run_dir / "history.json").read_text())

@@ -27,7 +27,7 @@ import time
 import pytest
 
 from tests import netbed
-from tests.deploy_harness import Federation, Proc, federations, make_material
+from tests.deploy_harness import Proc, federations, make_material
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -47,24 +47,6 @@ COORDINATOR_BOUND = 60  # s: offline 20 s after the last heartbeat, then the rou
 def material(tmp_path_factory):
     return make_material(tmp_path_factory.mktemp("faults"), sites=SITES,
                          hosts=(netbed.COORDINATOR,))
-
-
-def _wait_for_reply(fed: Federation, site: str, kind: str, round_: int, server: Proc,
-                    timeout: float) -> dict:
-    """The site's audit entry of its ``kind`` reply of round ``round_``, once its ClientApp has
-    made it (before its SuperNode sends it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in fed.audit(site) if e["type"] == kind and e.get("round") == round_]
-        if found:
-            return found[0]
-        if server.proc.poll() is not None:
-            raise AssertionError(f"safn-server exited before {site}'s {kind} reply of round "
-                                 f"{round_}:\n{server.output()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{site} made no {kind} reply of round {round_} in "
-                                 f"{timeout:.0f} s:\n{server.output()[-3000:]}")
-        time.sleep(0.05)
 
 
 class Watch:
@@ -120,10 +102,10 @@ def test_a_site_cut_for_60_s_mid_round_reconnects_and_its_ledger_agrees(material
         faulty = sites[SITES.index(FAULTY)]
         # its upload is slowed from round 1 on (each connection ~10 s per masked update), so
         # that its reply of round 2 is still on the wire when the cable goes
-        first = _wait_for_reply(fed, FAULTY, "train", 1, server, 600)
+        first = fed.wait_for_reply(FAULTY, "train", 1, server, 600)
         size = first["records"]["arrays"]["arrays"]["masked"]["shape"][0] * 8
         bed.shape(FAULTY, up_rate=max(4000.0, size / 10))
-        _wait_for_reply(fed, FAULTY, "train", 2, server, 600)
+        fed.wait_for_reply(FAULTY, "train", 2, server, 600)
         pid = (fed.folder / f"state_{FAULTY}" / "supernode.pid").read_text()
         uploaded = bed.control.stats()[FAULTY]["up"]
         bed.cut(FAULTY)

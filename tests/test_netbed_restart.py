@@ -155,20 +155,6 @@ LATE_CODES = {"no_reply": "no reply by the round's deadline",
 UNAVAILABLE = "Reply message objects are unavailable"  # Flower's error reply for the latter
 
 
-def _wait_for_audit(fed: Federation, site: str, kind: str, round_: int, server, timeout: float):
-    """The site's audit entry of its ``kind`` reply of round ``round_``, once its ClientApp made
-    it (before its SuperNode sends it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in fed.audit(site) if e["type"] == kind and e.get("round") == round_]
-        if found:
-            return found[0]
-        if server.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{site} made no {kind} reply of round {round_}:\n"
-                                 + server.output()[-3000:])
-        time.sleep(0.05)
-
-
 class _LateReply:
     """site_d's ``n``-th training reply, followed from the test's wait loops: its instruction's
     and its own message ID and when (test clock) its SuperNode finished sending it, from its
@@ -276,8 +262,8 @@ def test_a_straggler_on_a_slow_link_is_left_out_by_the_deadline_and_never_mixed_
         # round 1; that small reply itself goes through the throttle), so it is in place before
         # round 2's instruction can reach site_d: waiting for round 1 in history.json instead
         # leaves a race (round 2 starts as soon as round 1 is booked)
-        _wait_for_audit(fed, STRAGGLER, "evaluate", 1, server, 900)
-        trained_1 = _wait_for_audit(fed, STRAGGLER, "train", 1, server, 0)
+        fed.wait_for_reply(STRAGGLER, "evaluate", 1, server, 900)
+        trained_1 = fed.wait_for_reply(STRAGGLER, "train", 1, server, 0)
         (masked,) = [a for rec in trained_1["records"].values() if rec["kind"] == "arrays"
                      for a in rec["arrays"].values()]
         assert masked["dtype"] == "uint64", masked
